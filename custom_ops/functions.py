@@ -1,0 +1,245 @@
+"""The ``ai.onnxft`` operators, defined as ONNX functions of standard operators.
+
+ONNX Runtime inlines model-local functions when it loads a model, so an injection graph that calls
+these operators runs on stock onnxruntime (CPU or CUDA) with no native library. ``BitCast`` needs
+default-domain opset 26, so injection graphs are upgraded to it.
+
+Operators (``FAULT_DOMAIN``, version 1):
+
+``FlipBits_<dtype>(Y, index, mask) -> Z``
+    ``Z`` equals ``Y`` except that element ``index[f]`` of the flattened ``Y`` has the bits of
+    ``mask[f]`` flipped (XOR on its bit pattern). Indices must be unique (the sampler merges the
+    masks of faults on the same element). dtype: float32, float16, int8, uint8.
+
+``GemmFaults_<fmt>(A, B, Y, a_base, a_off, b_base, b_off, out_index, column, is_sum, mask, prev, rank, rounds, [conv…], [int…]) -> Z``
+    Applies faults inside the products and partial sums of a matrix product or convolution
+    exactly, in ``O(faults x K)``: for each fault it gathers the ``K`` operand pairs of the faulted
+    output element, recomputes its products and running partial sums, flips the chosen bits of the
+    chosen intermediate value and adds the resulting change to the output element. Faults that hit
+    the same output element are applied in execution order (``rank``, via ``Loop``) so a later
+    partial-sum fault flips the already-faulty value.
+    Operand gather: ``A_flat[a_base + a_off]`` and ``B_flat[b_base + b_off]`` (``[F, K]``); for
+    convolutions, positions outside the input (padding) read as 0.
+    ``column`` indexes ``[p_0..p_{K-1}, s_0..s_{K-1}, s_K]`` where ``s_K`` is the bias add.
+    fmt: ``fp32``, ``fp16`` (products rounded to binary16 and flipped as 16-bit values, partial sums
+    in binary32), ``int`` (QDQ integer arithmetic; flips in ``w``-bit two's complement).
+"""
+from __future__ import annotations
+
+import onnx
+from onnx import TensorProto, helper
+
+FAULT_DOMAIN = "ai.onnxft"
+FAULT_DOMAIN_VERSION = 1
+OPSET = 26
+
+_FLOAT_BITS = {TensorProto.FLOAT: TensorProto.INT32, TensorProto.FLOAT16: TensorProto.INT16}
+FLIP_DTYPES = {
+    "float32": TensorProto.FLOAT,
+    "float16": TensorProto.FLOAT16,
+    "int8": TensorProto.INT8,
+    "uint8": TensorProto.UINT8,
+}
+GEMM_FORMATS = ("fp32", "fp16", "int")
+
+
+class _Body:
+    """Collects the nodes of one function body; ``op`` returns the output name."""
+
+    def __init__(self, prefix: str):
+        self.nodes: list[onnx.NodeProto] = []
+        self._n = 0
+        self._prefix = prefix
+
+    def op(self, op_type: str, *inputs: str, n_out: int = 1, **attrs):
+        outs = []
+        for _ in range(n_out):
+            self._n += 1
+            outs.append(f"{self._prefix}_{self._n}")
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, **attrs))
+        return outs[0] if n_out == 1 else outs
+
+    def const_ints(self, values: list[int]) -> str:
+        return self.op("Constant", value_ints=list(values))
+
+    def const_int(self, value: int) -> str:
+        return self.op("Constant", value_int=int(value))
+
+    def const_float(self, value: float) -> str:
+        return self.op("Constant", value_float=float(value))
+
+
+def _log(b: _Body, value: str, flipped: str) -> None:
+    """Second output ``log``: [F, 2] float64 of (value before the flip, value after it)."""
+    cols = [b.op("Unsqueeze", b.op("Cast", v, to=TensorProto.DOUBLE), b.const_ints([1])) for v in (value, flipped)]
+    b.nodes.append(helper.make_node("Concat", cols, ["log"], axis=1))
+
+
+def flip_bits_function(dtype: str) -> onnx.FunctionProto:
+    elem = FLIP_DTYPES[dtype]
+    b = _Body("fb")
+    shape = b.op("Shape", "Y")
+    flat = b.op("Reshape", "Y", b.const_ints([-1]))
+    vals = b.op("Gather", flat, "index")
+    if elem in _FLOAT_BITS:
+        bits = b.op("BitCast", vals, to=_FLOAT_BITS[elem])
+        flipped = b.op("BitCast", b.op("BitwiseXor", bits, "mask"), to=elem)
+    else:
+        flipped = b.op("BitwiseXor", vals, "mask")
+    _log(b, vals, flipped)
+    scattered = b.op("ScatterElements", flat, "index", flipped)
+    b.nodes.append(helper.make_node("Reshape", [scattered, shape], ["Z"]))
+    return helper.make_function(
+        FAULT_DOMAIN, f"FlipBits_{dtype}", ["Y", "index", "mask"], ["Z", "log"], b.nodes,
+        [helper.make_opsetid("", OPSET)],
+        doc_string="Flip the bits of mask[f] in element index[f] of the flattened Y.",
+    )
+
+
+GEMM_INPUTS = [
+    "A", "B", "Y", "a_base", "a_off", "b_base", "b_off", "out_index", "column", "is_sum",
+    "mask", "prev", "rank", "rounds", "channel",
+]
+CONV_INPUTS = ["bias", "ih0", "iw0", "dh", "dw"]
+INT_INPUTS = ["za", "zb", "sa", "sb", "width_mask"]
+
+
+def _flip_float32(b: _Body, v: str, mask: str) -> str:
+    return b.op("BitCast", b.op("BitwiseXor", b.op("BitCast", v, to=TensorProto.INT32), mask),
+                to=TensorProto.FLOAT)
+
+
+def _per_channel(b: _Body, vec: str, minus1: str) -> str:
+    """``vec[channel mod size(vec)]``: per-tensor (size 1) and per-channel vectors alike."""
+    flat = b.op("Reshape", vec, minus1)
+    return b.op("Gather", flat, b.op("Mod", "channel", b.op("Size", flat)))
+
+
+def gemm_faults_function(fmt: str, conv: bool) -> onnx.FunctionProto:
+    """Build ``GemmFaults_<fmt>`` (``conv=False``) or ``ConvFaults_<fmt>`` (``conv=True``)."""
+    if fmt not in GEMM_FORMATS:
+        raise ValueError(f"unknown gemm format {fmt!r}")
+    b = _Body("gf")
+    is_int = fmt == "int"
+    minus1 = b.const_ints([-1])
+    a_flat = b.op("Reshape", "A", minus1)
+    b_flat = b.op("Reshape", "B", minus1)
+    a_idx = b.op("Add", "a_base", "a_off")  # [F, K]
+    b_idx = b.op("Add", "b_base", "b_off")
+    if conv:
+        # Input positions outside the image are padding: read them as 0 (a real 0*w product).
+        x_shape = b.op("Shape", "A")
+        height = b.op("Gather", x_shape, b.const_int(2))
+        width = b.op("Gather", x_shape, b.const_int(3))
+        ih = b.op("Add", "ih0", "dh")
+        iw = b.op("Add", "iw0", "dw")
+        zero = b.const_int(0)
+        valid = b.op("And",
+                     b.op("And", b.op("GreaterOrEqual", ih, zero), b.op("Less", ih, height)),
+                     b.op("And", b.op("GreaterOrEqual", iw, zero), b.op("Less", iw, width)))
+        a_idx = b.op("Where", valid, a_idx, zero)
+    a_vals = b.op("Gather", a_flat, a_idx)
+    b_vals = b.op("Gather", b_flat, b_idx)
+    if is_int:
+        a_int = b.op("Sub", b.op("Cast", a_vals, to=TensorProto.INT64),
+                     b.op("Cast", "za", to=TensorProto.INT64))
+        zb_f = b.op("Unsqueeze", _per_channel(b, "zb", minus1), b.const_ints([1]))
+        b_int = b.op("Sub", b.op("Cast", b_vals, to=TensorProto.INT64),
+                     b.op("Cast", zb_f, to=TensorProto.INT64))
+        if conv:
+            a_int = b.op("Where", valid, a_int, b.op("Constant", value=helper.make_tensor("z", TensorProto.INT64, [], [0])))
+        prods = b.op("Mul", a_int, b_int)
+        acc_type = TensorProto.INT64
+    else:
+        a32 = b.op("Cast", a_vals, to=TensorProto.FLOAT)
+        if conv:
+            a32 = b.op("Where", valid, a32, b.const_float(0.0))
+        prods = b.op("Mul", a32, b.op("Cast", b_vals, to=TensorProto.FLOAT))
+        if fmt == "fp16":  # fp16 multiplier: the exact fp32 product rounded once to binary16
+            prods = b.op("Cast", b.op("Cast", prods, to=TensorProto.FLOAT16), to=TensorProto.FLOAT)
+        acc_type = TensorProto.FLOAT
+    sums = b.op("CumSum", prods, b.const_int(1))
+    last = b.op("Slice", sums, b.const_ints([-1]), b.const_ints([2**62]), b.const_ints([1]))  # [F,1]
+    if conv:
+        bias = _per_channel(b, "bias", minus1)
+        bias = b.op("Unsqueeze", b.op("Cast", bias, to=acc_type), b.const_ints([1]))
+        with_bias = b.op("Add", last, bias)
+    else:
+        with_bias = last
+    table = b.op("Concat", prods, sums, with_bias, axis=1)  # [F, 2K+1]
+    clean = b.op("Squeeze", b.op("GatherElements", table, b.op("Unsqueeze", "column", b.const_ints([1])),
+                                 axis=1), b.const_ints([1]))  # [F]
+
+    # Loop over ranks: cumulative change of the output element through each fault.
+    zero_slot = b.op("Constant", value=helper.make_tensor("zs", acc_type, [1], [0]))
+    cum0 = b.op("Concat", b.op("Sub", clean, clean), zero_slot, axis=0)  # [F+1] zeros
+    lb = _Body("lb")
+    before = lb.op("Gather", "cum_in", "prev")
+    zero_v = lb.op("Sub", before, before)
+    value = lb.op("Add", clean, lb.op("Where", "is_sum", before, zero_v))
+    if is_int:
+        # w-bit two's complement: x = v mod 2^w; signed(x') - signed(x) is the change.
+        wmask = "width_mask"
+        x = lb.op("BitwiseAnd", value, wmask)
+        x_new = lb.op("BitwiseXor", x, "mask")
+        one = lb.op("Constant", value=helper.make_tensor("one", TensorProto.INT64, [], [1]))
+        full = lb.op("Add", wmask, one)
+        half = lb.op("Div", full, lb.op("Constant", value=helper.make_tensor("two", TensorProto.INT64, [], [2])))
+        zero_i = lb.op("Sub", x, x)
+        sx = lb.op("Sub", x, lb.op("Where", lb.op("GreaterOrEqual", x, half), full, zero_i))
+        sxn = lb.op("Sub", x_new, lb.op("Where", lb.op("GreaterOrEqual", x_new, half), full, zero_i))
+        change = lb.op("Sub", sxn, sx)
+    elif fmt == "fp16":
+        flip32 = _flip_float32(lb, value, "mask")
+        v16 = lb.op("Cast", value, to=TensorProto.FLOAT16)
+        m16 = lb.op("Cast", "mask", to=TensorProto.INT16)
+        flip16 = lb.op("Cast", lb.op("BitCast", lb.op("BitwiseXor", lb.op("BitCast", v16, to=TensorProto.INT16), m16),
+                                     to=TensorProto.FLOAT16), to=TensorProto.FLOAT)
+        change = lb.op("Sub", lb.op("Where", "is_sum", flip32, flip16), value)
+    else:
+        change = lb.op("Sub", _flip_float32(lb, value, "mask"), value)
+    through = lb.op("Add", before, change)
+    through_ext = lb.op("Concat", through, lb.op("Slice", "cum_in", lb.const_ints([-1]), lb.const_ints([2**62])), axis=0)
+    this_rank = lb.op("Equal", "rank_ext", "iter")
+    body_nodes = lb.nodes + [
+        helper.make_node("Where", [this_rank, through_ext, "cum_in"], ["cum_out"]),
+        helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+    ]
+    body = helper.make_graph(
+        body_nodes, "rank_step",
+        [helper.make_tensor_value_info("iter", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("cum_in", acc_type, ["F1"])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("cum_out", acc_type, ["F1"])],
+    )
+    # rank of the zero slot is -1 so it never changes.
+    b.nodes.append(helper.make_node("Concat", ["rank", b.const_ints([-1])], ["rank_ext"], axis=0))
+    cum = b.op("Loop", "rounds", "", cum0, body=body)
+    after = b.op("Slice", cum, b.const_ints([0]), b.const_ints([-1]))
+    before = b.op("Gather", cum, "prev")
+    change = b.op("Sub", after, before)
+    value = b.op("Add", clean, b.op("Where", "is_sum", before, b.op("Sub", before, before)))
+    _log(b, value, b.op("Add", value, change))
+    if is_int:
+        scale = b.op("Mul", b.op("Reshape", "sa", minus1),
+                     _per_channel(b, "sb", minus1))
+        change = b.op("Mul", b.op("Cast", change, to=TensorProto.FLOAT), scale)
+    y_shape = b.op("Shape", "Y")
+    y_flat = b.op("Reshape", "Y", minus1)
+    y_type_change = b.op("CastLike", change, y_flat)
+    updated = b.op("ScatterElements", y_flat, "out_index", y_type_change, reduction="add")
+    b.nodes.append(helper.make_node("Reshape", [updated, y_shape], ["Z"]))
+
+    inputs = list(GEMM_INPUTS) + (CONV_INPUTS if conv else []) + (INT_INPUTS if is_int else [])
+    name = f"{'Conv' if conv else 'Gemm'}Faults_{fmt}"
+    return helper.make_function(
+        FAULT_DOMAIN, name, inputs, ["Z", "log"], b.nodes, [helper.make_opsetid("", OPSET)],
+        doc_string=f"Exact product/partial-sum faults of a {'convolution' if conv else 'matrix product'} ({fmt}).",
+    )
+
+
+def all_functions() -> dict[str, onnx.FunctionProto]:
+    fns = [flip_bits_function(d) for d in FLIP_DTYPES]
+    fns += [gemm_faults_function(f, conv) for f in GEMM_FORMATS for conv in (False, True)]
+    return {f.name: f for f in fns}

@@ -1,0 +1,123 @@
+"""Python twins of the CLI verbs. Each takes paths or ModelProtos and returns plain data.
+
+    import onnxft.api as ft
+    ft.samples()                                   # bundled models and data
+    ft.inspect("model.onnx")                       # sites, operation counts, GEMM shapes
+    ft.inject("model.onnx", "model.inject.onnx")   # write the injection graph
+    r = ft.evaluate(bers=[1e-9, 1e-8], trials=3)   # accuracy vs BER on the bundled ViT
+    ft.bench("model.onnx", ber=1e-8, batch=8)      # clean vs injected time
+    ft.replay("faults.jsonl", record=0)            # re-run one logged trial
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable
+
+import onnx
+
+from . import samples as _samples
+from .campaigns.bench import bench as _bench
+from .campaigns.evaluate import EvalResult
+from .campaigns.evaluate import evaluate as _evaluate
+from .campaigns.evaluate import replay as _replay
+from .campaigns.inspect import inspect_model
+from .passes.inject import SiteSelection, inject as _inject, selection_from_options
+from .runtime.data import Dataset, input_specs, load_npz
+from .runtime.model_io import check_writable, load_model, save_model
+
+__all__ = ["samples", "inspect", "inject", "evaluate", "bench", "replay", "load", "SiteSelection",
+           "selection_from_options"]
+
+
+def load(model: str | Path | onnx.ModelProto | None) -> tuple[onnx.ModelProto, str, str | None]:
+    """(model, display name, default data path) for a path, a sample name, a ModelProto or None."""
+    if isinstance(model, onnx.ModelProto):
+        return model, model.graph.name or "model", None
+    path, data = _samples.resolve_model(None if model is None else str(model))
+    return load_model(path), str(path), data
+
+
+def _dataset(model: onnx.ModelProto, data: str | Path | Dataset | None, default: str | None,
+             limit: int | None = None) -> Dataset:
+    if isinstance(data, Dataset):
+        ds = data
+    else:
+        path = data if data is not None else default
+        if path is None:
+            raise ValueError("this model has no bundled data: give --data D.npz")
+        ds = load_npz(path, input_specs(model))
+    if limit is not None:
+        if limit < 1:
+            raise ValueError("--limit must be at least 1")
+        ds = ds.head(limit)
+    return ds
+
+
+def samples() -> dict:
+    return _samples.manifest()
+
+
+def inspect(model, selection: SiteSelection | None = None, int_widths=(16, 32)) -> dict:
+    m, name, _ = load(model)
+    info = inspect_model(m, selection, int_widths)
+    info["model"] = name
+    return info
+
+
+def inject(model, output: str | Path, selection: SiteSelection | None = None, int_widths=(16, 32),
+           logging: bool = False) -> dict:
+    """Write the injection graph of ``model`` to ``output``; returns what the pass did."""
+    check_writable(output)
+    m, name, _ = load(model)
+    res = _inject(m, selection, int_widths=int_widths, logging=logging)
+    onnx.checker.check_model(res.model, full_check=True)
+    save_model(res.model, output)
+    from .faults.sites import SiteTable
+
+    table = SiteTable.from_model(res.model)
+    return {"model": name, "output": str(output), "sites": len(table.sites),
+            "inserted": res.inserted, "skipped": res.skipped}
+
+
+def evaluate(model=None, data=None, bers: Iterable[float] = (0.0, 1e-9, 1e-8, 1e-7), trials: int = 3,
+             seed: int = 0, metric: str = "top1", provider: str = "auto", batch: int = 64,
+             selection: SiteSelection | None = None, int_widths=(16, 32), limit: int | None = None,
+             progress=None, fault_log: str | Path | None = None, threads: int | None = None) -> EvalResult:
+    m, name, default = load(model)
+    ds = _dataset(m, data, default, limit)
+    if fault_log is not None:
+        check_writable(fault_log)
+    result = _evaluate(m, ds, list(bers), trials, seed, metric, provider, batch, selection, int_widths,
+                       name, progress, fault_log, threads)
+    result.extra["int_widths"] = list(int_widths)
+    return result
+
+
+def bench(model, ber: float = 1e-8, batch: int = 8, provider: str = "auto", repeats: int = 20,
+          seed: int = 0, data=None, threads: int | None = None) -> dict:
+    m, name, default = load(model)
+    feeds = None
+    if data is not None:
+        ds = _dataset(m, data, None)
+        feeds = ds.batch(0, batch)
+    out = _bench(m, ber, batch, provider, repeats, seed=seed, feeds=feeds, threads=threads)
+    out["model"] = name
+    return out
+
+
+def replay(log: str | Path, record: int = 0, model=None, data=None, provider: str = "cpu") -> dict:
+    lines = Path(log).read_text().splitlines() if Path(log).is_file() else None
+    if lines is None:
+        raise ValueError(f"fault log not found: {log}")
+    if not 0 <= record < len(lines):
+        raise ValueError(f"record {record} is out of range: the log holds {len(lines)} records")
+    rec = json.loads(lines[record])
+    m, name, default = load(model if model is not None else rec["model"])
+    ds = _dataset(m, data if data is not None else rec.get("data"), default)
+    sel_opts = rec.get("selection") or {}
+    sel = selection_from_options(sel_opts.get("op_types"), sel_opts.get("names"), sel_opts.get("formats"),
+                                 [tuple(x) for x in sel_opts.get("scales", [])]) if sel_opts else None
+    out = _replay(m, ds, rec, provider, sel, int_widths=tuple(rec.get("int_widths", (16, 32))))
+    out.update({"model": name, "record": record, "ber": rec["ber"], "trial": rec["trial"]})
+    return out

@@ -1,0 +1,263 @@
+"""The ``onnxft`` command line: thin verbs over ``onnxft.api``.
+
+User mistakes end with one line on stderr (``onnxft: error: …``) and exit status 1 (2 for a bad
+option), never a traceback.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import click
+
+from .. import api
+from ..passes.inject import InjectError
+
+USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError, OSError, InjectError)
+
+
+class UserError(click.ClickException):
+    exit_code = 1
+
+
+def _bers(text: str) -> list[float]:
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            v = float(part)
+        except ValueError:
+            raise click.BadParameter(f"{part!r} is not a number", param_hint="--ber") from None
+        if math.isnan(v) or not 0.0 <= v <= 1.0:
+            raise click.BadParameter(f"{part} is outside [0, 1]", param_hint="--ber")
+        out.append(v)
+    if not out:
+        raise click.BadParameter("give at least one BER", param_hint="--ber")
+    return out
+
+
+def _widths(text: str) -> tuple[int, int]:
+    try:
+        p, a = (int(v) for v in text.split(","))
+    except ValueError:
+        raise click.BadParameter("expected PRODUCT,ACCUM bits, e.g. 16,32 or 8,8", param_hint="--int-widths") from None
+    return p, a
+
+
+def _scales(values) -> tuple[tuple[str, float], ...]:
+    out = []
+    for v in values:
+        pattern, _, s = v.rpartition("=")
+        try:
+            scale = float(s)
+        except ValueError:
+            scale = float("nan")
+        if not pattern or math.isnan(scale) or scale < 0:
+            raise click.BadParameter(f"{v!r}: expected REGEX=SCALE with SCALE >= 0", param_hint="--scale")
+        out.append((pattern, scale))
+    return tuple(out)
+
+
+def site_options(f):
+    """Shared options choosing the fault sites."""
+    f = click.option("--sites", "names", default=None, help="Regex on node names: only matching nodes are sites.")(f)
+    f = click.option("--op-types", default=None, help="Comma-separated op types to fault (e.g. MatMul,Softmax).")(f)
+    f = click.option("--format", "formats", default=None, help="Comma-separated formats: fp32,fp16,int8.")(f)
+    f = click.option("--scale", "scales", multiple=True,
+                     help="REGEX=SCALE: multiply the BER of matching sites (0 = perfectly protected). Repeatable.")(f)
+    f = click.option("--int-widths", default="16,32", show_default=True,
+                     help="Bits of int8 products and accumulators (8,8 mirrors the seed paper).")(f)
+    return f
+
+
+def _selection(names, op_types, formats, scales):
+    return api.selection_from_options(
+        op_types=[t.strip() for t in op_types.split(",")] if op_types else None, names=names,
+        formats=[t.strip() for t in formats.split(",")] if formats else None, scales=_scales(scales))
+
+
+def _run(fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except click.ClickException:
+        raise
+    except USER_ERRORS as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+        raise UserError(msg) from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="onnxft")
+def cli():
+    """onnxft: exact bit-flip fault injection for ONNX models."""
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def samples(as_json):
+    """List the bundled sample models and data, with their clean accuracies."""
+    info = _run(api.samples)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    d = info["dataset"]
+    click.echo(f"data: {d['path']}  ({d.get('n', '?')} labelled images, {d.get('name', '')})")
+    for m in info["models"]:
+        click.echo(f"{m['name']:<12} {m['format']:<5} top-1 {m['clean_top1']:.4f}  {m['path']}")
+
+
+@cli.command()
+@click.argument("model")
+@site_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (every site).")
+def inspect(model, names, op_types, formats, scales, int_widths, as_json):
+    """Fault sites of MODEL: operation counts, GEMM shapes and totals."""
+    sel = _selection(names, op_types, formats, scales)
+    info = _run(api.inspect, model, sel, _widths(int_widths))
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+    else:
+        from ..campaigns.inspect import inspect_table
+
+        click.echo(inspect_table(info, limit=40))
+
+
+@cli.command()
+@click.argument("model")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the graph.")
+@click.option("--ber", default=None, help="Accepted for symmetry with eval; the BER is chosen when faults are fed.")
+@click.option("--seed", type=int, default=None, help="Unused by the graph itself (faults are fed at run time).")
+@click.option("--log/--no-log", "logging", default=False, help="Add per-site fault-log outputs.")
+@site_options
+def inject(model, output, ber, seed, logging, names, op_types, formats, scales, int_widths):
+    """Write the injection graph of MODEL to OUTPUT (runs on stock onnxruntime)."""
+    if ber is not None:
+        _bers(ber)
+    sel = _selection(names, op_types, formats, scales)
+    info = _run(api.inject, model, output, sel, _widths(int_widths), logging)
+    click.echo(f"wrote {info['output']}: {info['sites']} fault sites")
+    for node, reason in info["skipped"]:
+        click.echo(f"  skipped {node}: {reason}")
+
+
+@cli.command(name="eval")
+@click.argument("model", required=False)
+@click.option("--data", default=None, help=".npz with arrays named after the model inputs (or x) and labels y.")
+@click.option("--ber", "ber_text", default="0,1e-10,1e-9,1e-8,1e-7", show_default=True, help="Comma-separated BERs.")
+@click.option("--trials", default=3, show_default=True, type=click.IntRange(min=1))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--metric", type=click.Choice(["top1", "sdc"]), default="top1", show_default=True)
+@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--batch", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--limit", default=None, type=click.IntRange(min=1), help="Use only the first N items.")
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
+              help="Directory for results.json, results.csv and the plot.")
+@click.option("--fault-log", default=None, type=click.Path(dir_okay=False),
+              help="Write every trial's faults (JSON lines) for onnxft replay.")
+@click.option("--threads", default=None, type=click.IntRange(min=1), help="ORT intra-op threads.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@site_options
+def eval_(model, data, ber_text, trials, seed, metric, provider, batch, limit, out_dir, fault_log, threads,
+          quiet, names, op_types, formats, scales, int_widths):
+    """Accuracy (or SDC rate) of MODEL against BER, with 95% confidence intervals.
+
+    MODEL defaults to the bundled sample ViT and its Fashion-MNIST test data.
+    """
+    bers = _bers(ber_text)
+    sel = _selection(names, op_types, formats, scales)
+    if out_dir is not None:
+        _run(_check_out_dir, out_dir)
+    bars = []
+    progress = None
+    if not quiet:
+        from tqdm import tqdm
+
+        def progress(done, total):
+            if not bars:  # created on the first run, so errors before it leave no bar behind
+                bars.append(tqdm(total=total, unit="run", leave=False, file=sys.stderr))
+            bars[0].update(done - bars[0].n)
+
+    try:
+        result = _run(api.evaluate, model, data, bers, trials, seed, metric, provider, batch, sel,
+                      _widths(int_widths), limit, progress, fault_log, threads)
+    finally:
+        for bar in bars:
+            bar.close()
+    from ..report.outputs import eval_table, write_eval_outputs
+
+    d = result.to_dict()
+    click.echo(eval_table([d]))
+    if out_dir is not None:
+        for p in _run(write_eval_outputs, [d], out_dir):
+            click.echo(f"wrote {p}")
+
+
+def _check_out_dir(out_dir):
+    p = Path(out_dir)
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"--out {out_dir} exists and is not a directory")
+    p.mkdir(parents=True, exist_ok=True)
+    import os
+
+    if not os.access(p, os.W_OK):
+        raise ValueError(f"--out {out_dir} is not writable")
+
+
+@cli.command()
+@click.argument("model", required=False)
+@click.option("--ber", default="1e-8", show_default=True)
+@click.option("--batch", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--repeats", default=20, show_default=True, type=click.IntRange(min=1))
+@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--data", default=None, help="Use the first batch of this .npz instead of random inputs.")
+@click.option("--threads", default=None, type=click.IntRange(min=1))
+@click.option("--json", "as_json", is_flag=True)
+def bench(model, ber, batch, repeats, provider, data, threads, as_json):
+    """Clean and injected per-inference times (interleaved runs, medians) and their ratio."""
+    values = _bers(ber)
+    if len(values) != 1:
+        raise click.BadParameter("give one BER", param_hint="--ber")
+    b = values[0]
+    info = _run(api.bench, model, b, batch, provider, repeats, 0, data, threads)
+    if as_json:
+        click.echo(json.dumps(info))
+    else:
+        click.echo(f"{info['model']}: batch {batch}, BER {b:g}, {info['sites']} sites, provider {info['provider']}")
+        click.echo(f"  clean {info['clean_ms']:.2f} ms   injected {info['injected_ms']:.2f} ms   "
+                   f"ratio {info['ratio']:.3f}   ({info['faults_per_run']:.1f} flips per run, median of {repeats})")
+
+
+@cli.command()
+@click.argument("log", type=click.Path(dir_okay=False))
+@click.option("--record", default=0, show_default=True, type=click.IntRange(min=0), help="Line of the log.")
+@click.option("--model", default=None, help="Model path (default: the one named in the log).")
+@click.option("--data", default=None, help="Data path (default: the one named in the log).")
+@click.option("--json", "as_json", is_flag=True)
+def replay(log, record, model, data, as_json):
+    """Re-run one logged trial and check that its output is reproduced exactly."""
+    info = _run(api.replay, log, record, model, data)
+    if as_json:
+        click.echo(json.dumps(info))
+    else:
+        verdict = "reproduced exactly" if info["identical"] else "DIFFERENT output"
+        click.echo(f"record {record}: {info['faults']} flips, BER {info['ber']:g}, trial {info['trial']}: {verdict}")
+    if not info["identical"]:
+        sys.exit(1)
+
+
+def main(argv=None):
+    try:
+        rv = cli.main(args=argv, prog_name="onnxft", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("onnxft: aborted", err=True)
+        sys.exit(1)
+    except click.ClickException as exc:
+        click.echo(f"onnxft: error: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+    sys.exit(rv if isinstance(rv, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

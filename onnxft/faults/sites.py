@@ -1,0 +1,87 @@
+"""The site table: every fault site of an injection graph, as plain data.
+
+The inject pass writes it into the model (metadata ``onnxft.sites``, JSON) and the sampler and
+reports read it back, so an injection graph on disk is self-describing.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+import onnx
+
+SITES_KEY = "onnxft.sites"
+SHAPES_OUTPUT = "onnxft.shapes"
+
+# Columns of a gemm/conv site's fault table (int64 [F, C]); shared by the sampler and the pass.
+GEMM_COLUMNS = ("a_base", "b_base", "out_index", "column", "is_sum", "mask", "prev", "rank", "channel")
+CONV_COLUMNS = ("ih0", "iw0")
+INT_COLUMNS = ("width_mask",)
+ELEMENTWISE_COLUMNS = ("index", "mask")
+
+
+@dataclass
+class Site:
+    """One fault site. ``tensors`` names the graph tensors it reads (see ``inject``)."""
+
+    id: str
+    node: str
+    op_type: str
+    kind: str  # gemm | conv | elementwise
+    format: str  # fp32 | fp16 | int8
+    origin: str  # the op type before decomposition (Softmax, LayerNormalization...) or op_type
+    origin_node: str
+    output: str
+    dtype: str  # element type of the faulted tensor: float32 | float16 | int8 | uint8
+    widths: dict = field(default_factory=dict)  # gemm: product/sum bits; elementwise: element bits
+    shape_ranks: list = field(default_factory=list)  # ranks of [output, a, b] in the shapes vector
+    conv: dict = field(default_factory=dict)  # strides, pads, dilations, group, auto_pad
+    bias: bool = False
+    per_channel: bool = False  # int8: weight scale/zero point per output channel
+    scale: float = 1.0  # multiplies the BER at this site (0 = perfectly protected)
+
+    def columns(self) -> tuple[str, ...]:
+        if self.kind == "elementwise":
+            return ELEMENTWISE_COLUMNS
+        cols = GEMM_COLUMNS + (CONV_COLUMNS if self.kind == "conv" else ())
+        return cols + (INT_COLUMNS if self.format == "int8" else ())
+
+    def input_names(self) -> dict[str, str]:
+        """Graph inputs that carry this site's faults (all default to empty tensors)."""
+        names = {"faults": f"onnxft.{self.id}.faults"}
+        if self.kind != "elementwise":
+            names.update({k: f"onnxft.{self.id}.{k}" for k in ("a_off", "b_off")})
+        if self.kind == "conv":
+            names.update({k: f"onnxft.{self.id}.{k}" for k in ("dh", "dw")})
+        return names
+
+    def log_output(self) -> str:
+        return f"onnxft.{self.id}.log"
+
+
+@dataclass
+class SiteTable:
+    sites: list[Site]
+    opset: int = 26
+    int_widths: tuple[int, int] = (16, 32)
+    logging: bool = False
+
+    def to_json(self) -> str:
+        return json.dumps({"sites": [asdict(s) for s in self.sites], "opset": self.opset,
+                           "int_widths": list(self.int_widths), "logging": self.logging})
+
+    @classmethod
+    def from_json(cls, text: str) -> "SiteTable":
+        data = json.loads(text)
+        return cls([Site(**s) for s in data["sites"]], data.get("opset", 26),
+                   tuple(data.get("int_widths", (16, 32))), data.get("logging", False))
+
+    @classmethod
+    def from_model(cls, model: onnx.ModelProto) -> "SiteTable":
+        for prop in model.metadata_props:
+            if prop.key == SITES_KEY:
+                return cls.from_json(prop.value)
+        raise ValueError("this model is not an onnxft injection graph (no onnxft.sites metadata)")
+
+    def by_id(self) -> dict[str, Site]:
+        return {s.id: s for s in self.sites}

@@ -1,0 +1,524 @@
+"""Decompose fused ONNX operators into primitive standard ONNX ops.
+
+onnxft injects faults into every arithmetic operation of a model. A fused
+operator such as ``LayerNormalization`` or ``Softmax`` hides its multiplies,
+adds, divides and transcendental calls inside one kernel, so a fault injector
+working at node granularity would see only one site. This pass rewrites those
+operators into chains of primitive default-domain ONNX ops (``Mul``, ``Add``,
+``Sub``, ``Div``, ``Exp``, ``Sqrt``, ``ReduceMean`` ...), each of which then
+becomes its own fault site. The rewrites follow what real kernels do (e.g.
+softmax keeps the max-subtraction; a square is ``x*x``, never ``Pow``).
+
+What is inserted, per original node:
+
+* ``Softmax`` -> ReduceMax, Sub, Exp, ReduceSum, Div.
+* ``LogSoftmax`` -> ReduceMax, Sub, Exp, ReduceSum, Log, Sub.
+* ``LayerNormalization`` -> ReduceMean, Sub, Mul (x*x), ReduceMean, Add(eps),
+  Sqrt, Div, Mul(scale), Add(bias) (plus Cast nodes when ``stash_type`` differs
+  from the input type).
+* ``Gelu`` -> Div/Erf/Add/Mul/Mul (exact) or Mul/Mul/Mul/Add/Mul/Tanh/Add/Mul/Mul
+  (``approximate='tanh'``).
+* ``BatchNormalization`` (inference form, constant parameters) -> Mul + Add with
+  the per-channel factors ``a = scale/sqrt(var+eps)`` and ``c = B - mean*a``
+  precomputed offline as new initializers shaped ``[C, 1, ...]``.
+* ``Sigmoid`` -> Neg, Exp, Add(1), Reciprocal.
+* ``HardSigmoid`` -> Mul(alpha), Add(beta), Clip(0, 1).
+* ``HardSwish`` -> Mul(1/6), Add(0.5), Clip(0, 1), Mul(x).
+* ``Gemm`` -> [Transpose] MatMul [Mul(alpha)] [Add(beta*C)]; transposes and the
+  ``beta*C`` product are done offline when the operand is a constant initializer.
+
+The replacement's last node writes the original output tensor name, so
+consumers are untouched; replacement nodes are inserted where the original
+node was, keeping the graph topologically sorted. New nodes are named
+``<original node name>/<OpType>`` and carry ``metadata_props``
+``onnxft.origin`` (original op type) and ``onnxft.origin_node`` (original node
+name). New tensors are named ``<original output>/<suffix>``. Only the main
+graph is rewritten; matching nodes inside subgraphs are reported as skipped.
+
+The input model must use default-domain opset >= 18 (Reduce* ops take their
+axes as an input); upgrade with ``onnx.version_converter`` first.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper, shape_inference
+
+from .result import PassResult
+
+__all__ = ["decompose", "HANDLERS", "ORIGIN_KEY", "ORIGIN_NODE_KEY", "MIN_OPSET"]
+
+ORIGIN_KEY = "onnxft.origin"
+ORIGIN_NODE_KEY = "onnxft.origin_node"
+MIN_OPSET = 18
+
+_DEFAULT_DOMAINS = ("", "ai.onnx")
+_FLOAT_NP = {
+    TensorProto.FLOAT: np.float32,
+    TensorProto.FLOAT16: np.float16,
+    TensorProto.DOUBLE: np.float64,
+}
+
+
+class SkipNode(Exception):
+    """Raised by a handler that cannot rewrite its node; the message is the reason."""
+
+
+@dataclass
+class Replacement:
+    """What a handler returns: nodes replacing the original (in topological order),
+    new initializers, and notes (e.g. assumptions) to append to the inserted line."""
+
+    nodes: list[onnx.NodeProto]
+    initializers: list[onnx.TensorProto] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+class RewriteContext:
+    """Model-wide facts the handlers need: unique names, constants, types, usage."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        graph = model.graph
+        self.used_names: set[str] = set()
+        self.consumed: set[str] = {o.name for o in graph.output}
+        for g in _all_graphs(graph):
+            for n in g.node:
+                self.used_names.add(n.name)
+                self.used_names.update(n.output)
+                self.used_names.update(n.input)
+                self.consumed.update(i for i in n.input if i)
+            for coll in (g.input, g.output, g.value_info):
+                self.used_names.update(v.name for v in coll)
+            self.used_names.update(t.name for t in g.initializer)
+        graph_inputs = {i.name for i in graph.input}
+        # An initializer that is also a graph input is only a default: not constant.
+        self.constants = {t.name: t for t in graph.initializer if t.name not in graph_inputs}
+        self.types: dict[str, onnx.TypeProto] = {}
+        self.shape_inference_error: str | None = None
+        try:
+            inferred = shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+        except Exception as exc:  # custom ops, >2 GB models ...: fall back to what is declared
+            self.shape_inference_error = f"{type(exc).__name__}: {exc}"
+            inferred = model
+        for coll in (inferred.graph.input, inferred.graph.output, inferred.graph.value_info):
+            for vi in coll:
+                if vi.type.HasField("tensor_type"):
+                    self.types[vi.name] = vi.type
+
+        for t in graph.initializer:
+            self.types.setdefault(t.name, helper.make_tensor_type_proto(t.data_type, list(t.dims)))
+
+    def fresh(self, base: str) -> str:
+        """A name not yet used anywhere in the model, reserved on return."""
+        name, i = base, 1
+        while name in self.used_names:
+            name = f"{base}_{i}"
+            i += 1
+        self.used_names.add(name)
+        return name
+
+    def elem_type(self, name: str) -> int | None:
+        t = self.types.get(name)
+        if t is None or not t.tensor_type.elem_type:
+            return None
+        return t.tensor_type.elem_type
+
+    def rank(self, name: str) -> int | None:
+        t = self.types.get(name)
+        if t is None or not t.tensor_type.HasField("shape"):
+            return None
+        return len(t.tensor_type.shape.dim)
+
+    def const_array(self, name: str) -> np.ndarray | None:
+        """Value of ``name`` if it is a constant initializer of the main graph."""
+        t = self.constants.get(name)
+        return None if t is None else numpy_helper.to_array(t)
+
+    def is_used(self, name: str) -> bool:
+        return bool(name) and name in self.consumed
+
+    def builder(self, node: onnx.NodeProto) -> "_Builder":
+        return _Builder(self, node)
+
+
+class _Builder:
+    """Accumulates one node's replacement; nothing touches the model until commit."""
+
+    def __init__(self, ctx: RewriteContext, node: onnx.NodeProto) -> None:
+        self.ctx = ctx
+        self.node = node
+        self.origin_name = _node_label(node)
+        self.out = node.output[0]
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.notes: list[str] = []
+
+    def tensor(self, suffix: str) -> str:
+        return self.ctx.fresh(f"{self.out}/{suffix}")
+
+    def op(self, op_type: str, inputs: list[str], suffix: str | None = None, **attrs) -> str:
+        out = self.tensor(suffix or op_type.lower())
+        n = helper.make_node(op_type, inputs, [out], name=self.ctx.fresh(f"{self.origin_name}/{op_type}"), **attrs)
+        for k, v in ((ORIGIN_KEY, self.node.op_type), (ORIGIN_NODE_KEY, self.origin_name)):
+            e = n.metadata_props.add()
+            e.key, e.value = k, v
+        self.nodes.append(n)
+        return out
+
+    def init(self, array: np.ndarray, suffix: str) -> str:
+        name = self.tensor(suffix)
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def const(self, value: float, dtype: type, suffix: str) -> str:
+        return self.init(np.array(value, dtype=dtype), suffix)
+
+    def float_dtype(self, name: str) -> type:
+        """numpy float type of tensor ``name``; float32 (noted) if unknown."""
+        et = self.ctx.elem_type(name)
+        if et is None:
+            self.notes.append(f"elem type of {name!r} unknown, assumed float32")
+            return np.float32
+        if et not in _FLOAT_NP:
+            raise SkipNode(f"input {name!r} has elem type {TensorProto.DataType.Name(et)}; "
+                           "only float, float16 and double are handled")
+        return _FLOAT_NP[et]
+
+    def finish(self, final: str) -> Replacement:
+        """Rename the final tensor to the original output name and package the result."""
+        if not self.nodes:
+            raise SkipNode("handler produced no nodes")
+        if final != self.out:
+            for n in self.nodes:
+                for i, name in enumerate(n.input):
+                    if name == final:
+                        n.input[i] = self.out
+                for i, name in enumerate(n.output):
+                    if name == final:
+                        n.output[i] = self.out
+        return Replacement(self.nodes, self.inits, self.notes)
+
+
+Handler = Callable[[onnx.NodeProto, RewriteContext], Replacement]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _all_graphs(graph: onnx.GraphProto):
+    yield graph
+    for n in graph.node:
+        for g in _subgraphs(n):
+            yield from _all_graphs(g)
+
+
+def _subgraphs(node: onnx.NodeProto):
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            yield a.g
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            yield from a.graphs
+
+
+def _node_label(node: onnx.NodeProto) -> str:
+    if node.name:
+        return node.name
+    out = next((o for o in node.output if o), "")
+    return f"{node.op_type}({out})"
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _opt_input(node: onnx.NodeProto, i: int) -> str:
+    return node.input[i] if len(node.input) > i else ""
+
+
+def _check_extra_outputs(node: onnx.NodeProto, ctx: RewriteContext, what: str) -> None:
+    used = [o for o in node.output[1:] if ctx.is_used(o)]
+    if used:
+        raise SkipNode(f"optional output(s) {used} ({what}) are used")
+
+
+# ----------------------------------------------------------------------------- handlers
+
+def _softmax_common(node: onnx.NodeProto, ctx: RewriteContext, log: bool) -> Replacement:
+    b = ctx.builder(node)
+    x = node.input[0]
+    axes = b.init(np.array([_attr(node, "axis", -1)], dtype=np.int64), "axes")
+    m = b.op("ReduceMax", [x, axes], "max", keepdims=1)
+    d = b.op("Sub", [x, m], "shifted")
+    e = b.op("Exp", [d], "exp")
+    s = b.op("ReduceSum", [e, axes], "sum", keepdims=1)
+    if log:
+        ls = b.op("Log", [s], "logsum")
+        return b.finish(b.op("Sub", [d, ls], "out"))
+    return b.finish(b.op("Div", [e, s], "out"))
+
+
+def _softmax(node, ctx):
+    return _softmax_common(node, ctx, log=False)
+
+
+def _log_softmax(node, ctx):
+    return _softmax_common(node, ctx, log=True)
+
+
+def _layer_norm(node: onnx.NodeProto, ctx: RewriteContext) -> Replacement:
+    _check_extra_outputs(node, ctx, "Mean/InvStdDev")
+    b = ctx.builder(node)
+    x, scale, bias = node.input[0], _opt_input(node, 1), _opt_input(node, 2)
+    axis = _attr(node, "axis", -1)
+    eps = _attr(node, "epsilon", 1e-5)
+    stash = _attr(node, "stash_type", TensorProto.FLOAT)
+    rank = ctx.rank(x)
+    if axis >= 0:
+        if rank is None:
+            raise SkipNode(f"rank of {x!r} unknown (needed for non-negative axis={axis})")
+        axes = list(range(axis, rank))
+    else:
+        axes = list(range(axis, 0))
+    if rank is not None and not (-rank <= axis < rank):
+        raise SkipNode(f"axis={axis} out of range for rank {rank}")
+    xdt = b.float_dtype(x)
+    x_type = {v: k for k, v in _FLOAT_NP.items()}[xdt]
+    if stash not in _FLOAT_NP:
+        raise SkipNode(f"stash_type {stash} not handled")
+    axes_t = b.init(np.array(axes, dtype=np.int64), "axes")
+    xs = x if stash == x_type else b.op("Cast", [x], "stash", to=stash)
+    mean = b.op("ReduceMean", [xs, axes_t], "mean", keepdims=1)
+    d = b.op("Sub", [xs, mean], "centered")
+    sq = b.op("Mul", [d, d], "sq")
+    var = b.op("ReduceMean", [sq, axes_t], "var", keepdims=1)
+    ve = b.op("Add", [var, b.const(eps, _FLOAT_NP[stash], "eps")], "var_eps")
+    std = b.op("Sqrt", [ve], "std")
+    y = b.op("Div", [d, std], "normalized")
+    if stash != x_type:
+        y = b.op("Cast", [y], "normalized_cast", to=x_type)
+    if scale:
+        y = b.op("Mul", [y, scale], "scaled")
+    if bias:
+        y = b.op("Add", [y, bias], "biased")
+    return b.finish(y)
+
+
+def _gelu(node: onnx.NodeProto, ctx: RewriteContext) -> Replacement:
+    b = ctx.builder(node)
+    x = node.input[0]
+    dt = b.float_dtype(x)
+    approx = _attr(node, "approximate", b"none")
+    approx = approx.decode() if isinstance(approx, bytes) else approx
+    if approx == "none":
+        s = b.op("Div", [x, b.const(math.sqrt(2.0), dt, "sqrt2")], "scaled")
+        inner = b.op("Erf", [s], "erf")
+    elif approx == "tanh":
+        x2 = b.op("Mul", [x, x], "x2")
+        x3 = b.op("Mul", [x2, x], "x3")
+        c = b.op("Mul", [x3, b.const(0.044715, dt, "c")], "cubic")
+        p = b.op("Add", [x, c], "poly")
+        u = b.op("Mul", [p, b.const(math.sqrt(2.0 / math.pi), dt, "sqrt_2_over_pi")], "scaled")
+        inner = b.op("Tanh", [u], "tanh")
+    else:
+        raise SkipNode(f"unknown approximate={approx!r}")
+    one_plus = b.op("Add", [inner, b.const(1.0, dt, "one")], "one_plus")
+    xm = b.op("Mul", [x, one_plus], "x_mul")
+    return b.finish(b.op("Mul", [xm, b.const(0.5, dt, "half")], "out"))
+
+
+def _batch_norm(node: onnx.NodeProto, ctx: RewriteContext) -> Replacement:
+    if _attr(node, "training_mode", 0):
+        raise SkipNode("training_mode=1")
+    _check_extra_outputs(node, ctx, "running mean/var")
+    b = ctx.builder(node)
+    x = node.input[0]
+    params = [ctx.const_array(n) for n in node.input[1:5]]
+    if len(node.input) < 5 or any(p is None for p in params):
+        raise SkipNode("scale, B, mean and var must all be constant initializers")
+    rank = ctx.rank(x)
+    if rank is None:
+        raise SkipNode(f"rank of {x!r} unknown")
+    if rank < 2:
+        raise SkipNode(f"rank {rank} < 2")
+    dt = b.float_dtype(x)
+    eps = _attr(node, "epsilon", 1e-5)
+    scale, bias, mean, var = (p.astype(np.float64) for p in params)
+    a = scale / np.sqrt(var + eps)
+    c = bias - mean * a
+    shape = [a.size] + [1] * (rank - 2)
+    m = b.op("Mul", [x, b.init(a.astype(dt).reshape(shape), "a")], "scaled")
+    return b.finish(b.op("Add", [m, b.init(c.astype(dt).reshape(shape), "c")], "out"))
+
+
+def _sigmoid(node: onnx.NodeProto, ctx: RewriteContext) -> Replacement:
+    b = ctx.builder(node)
+    x = node.input[0]
+    dt = b.float_dtype(x)
+    n = b.op("Neg", [x], "neg")
+    e = b.op("Exp", [n], "exp")
+    d = b.op("Add", [b.const(1.0, dt, "one"), e], "denom")
+    return b.finish(b.op("Reciprocal", [d], "out"))
+
+
+def _hard_sigmoid_chain(b: _Builder, x: str, alpha: float, beta: float, dt) -> str:
+    m = b.op("Mul", [x, b.const(alpha, dt, "alpha")], "scaled")
+    a = b.op("Add", [m, b.const(beta, dt, "beta")], "shifted")
+    return b.op("Clip", [a, b.const(0.0, dt, "zero"), b.const(1.0, dt, "one")], "clipped")
+
+
+def _hard_sigmoid(node: onnx.NodeProto, ctx: RewriteContext) -> Replacement:
+    b = ctx.builder(node)
+    x = node.input[0]
+    dt = b.float_dtype(x)
+    return b.finish(_hard_sigmoid_chain(b, x, _attr(node, "alpha", 0.2), _attr(node, "beta", 0.5), dt))
+
+
+def _hard_swish(node: onnx.NodeProto, ctx: RewriteContext) -> Replacement:
+    b = ctx.builder(node)
+    x = node.input[0]
+    dt = b.float_dtype(x)
+    hs = _hard_sigmoid_chain(b, x, 1.0 / 6.0, 0.5, dt)
+    return b.finish(b.op("Mul", [x, hs], "out"))
+
+
+def _gemm(node: onnx.NodeProto, ctx: RewriteContext) -> Replacement:
+    b = ctx.builder(node)
+    a_in, b_in, c_in = node.input[0], node.input[1], _opt_input(node, 2)
+    alpha = _attr(node, "alpha", 1.0)
+    beta = _attr(node, "beta", 1.0)
+
+    def operand(name: str, trans: int, tag: str) -> str:
+        if not trans:
+            return name
+        arr = ctx.const_array(name)
+        if arr is not None:
+            if arr.ndim != 2:
+                raise SkipNode(f"constant {name!r} is not 2-D")
+            return b.init(arr.T, f"{tag}_T")
+        return b.op("Transpose", [name], f"{tag}_T", perm=[1, 0])
+
+    lhs = operand(a_in, _attr(node, "transA", 0), "A")
+    rhs = operand(b_in, _attr(node, "transB", 0), "B")
+    y = b.op("MatMul", [lhs, rhs], "matmul")
+    need_const = alpha != 1.0 or (c_in and beta not in (0.0, 1.0))
+    dt = b.float_dtype(a_in) if need_const else None
+    if alpha != 1.0:
+        y = b.op("Mul", [y, b.const(alpha, dt, "alpha")], "alpha_mul")
+    if c_in and beta == 0.0:
+        b.notes.append("beta=0: C dropped")
+    elif c_in:
+        c_arr = ctx.const_array(c_in)
+        if beta == 1.0:
+            c_term = c_in
+        elif c_arr is not None:
+            c_term = b.init((c_arr.astype(np.float64) * beta).astype(c_arr.dtype), "beta_C")
+        else:
+            c_term = b.op("Mul", [c_in, b.const(beta, dt, "beta")], "beta_C")
+        y = b.op("Add", [y, c_term], "out")
+    return b.finish(y)
+
+
+HANDLERS: dict[str, Handler] = {
+    "Softmax": _softmax,
+    "LogSoftmax": _log_softmax,
+    "LayerNormalization": _layer_norm,
+    "Gelu": _gelu,
+    "BatchNormalization": _batch_norm,
+    "Sigmoid": _sigmoid,
+    "HardSigmoid": _hard_sigmoid,
+    "HardSwish": _hard_swish,
+    "Gemm": _gemm,
+}
+
+
+# ----------------------------------------------------------------------------- the pass
+
+def _default_opset(model: onnx.ModelProto) -> int | None:
+    for o in model.opset_import:
+        if o.domain in _DEFAULT_DOMAINS:
+            return o.version
+    return None
+
+
+def decompose(model: onnx.ModelProto, op_types: Iterable[str] | None = None) -> PassResult:
+    """Rewrite fused ops of ``model`` (default: all in ``HANDLERS``) into primitive ops.
+
+    Returns a new model; ``model`` is not modified. Raises ``ValueError`` for an
+    unknown op type in ``op_types`` or a default-domain opset below 18.
+    """
+    wanted = set(HANDLERS) if op_types is None else set(op_types)
+    unknown = wanted - set(HANDLERS)
+    if unknown:
+        raise ValueError(f"no decomposition for {sorted(unknown)}; supported: {sorted(HANDLERS)}")
+    opset = _default_opset(model)
+    if opset is None or opset < MIN_OPSET:
+        raise ValueError(f"default-domain opset {opset} < {MIN_OPSET}; upgrade with onnx.version_converter first")
+
+    out = copy.deepcopy(model)
+    graph = out.graph
+    ctx = RewriteContext(out)
+    result = PassResult(model=out)
+
+    # Matching nodes inside subgraphs are left alone.
+    for parent in graph.node:
+        for sub in _subgraphs(parent):
+            for g in _all_graphs(sub):
+                for n in g.node:
+                    if n.op_type in wanted and n.domain in _DEFAULT_DOMAINS:
+                        result.skipped.append((_node_label(n), f"inside a subgraph of {parent.op_type} "
+                                               f"{_node_label(parent)!r}; subgraphs are not rewritten"))
+
+    new_nodes: list[onnx.NodeProto] = []
+    maybe_dead: set[str] = set()
+    dropped_outputs: set[str] = set()
+    for node in graph.node:
+        if node.op_type not in wanted:
+            new_nodes.append(node)
+            continue
+        label = _node_label(node)
+        if node.domain not in _DEFAULT_DOMAINS:
+            result.skipped.append((label, f"domain {node.domain!r} is not the default ONNX domain"))
+            new_nodes.append(node)
+            continue
+        try:
+            rep = HANDLERS[node.op_type](node, ctx)
+        except SkipNode as exc:
+            result.skipped.append((label, str(exc)))
+            new_nodes.append(node)
+            continue
+        new_nodes.extend(rep.nodes)
+        graph.initializer.extend(rep.initializers)
+        ctx.constants.update((t.name, t) for t in rep.initializers)
+        maybe_dead.update(i for i in node.input if i)
+        dropped_outputs.update(o for o in node.output[1:] if o)
+        line = f"{node.op_type} {label} -> {len(rep.nodes)} nodes"
+        if rep.notes:
+            line += f" ({'; '.join(rep.notes)})"
+        result.inserted.append(line)
+
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+
+    # Drop initializers only the rewritten nodes read (e.g. BatchNorm stats, a
+    # Gemm operand transposed offline), and value_info of dropped optional outputs.
+    if maybe_dead or dropped_outputs:
+        still_used = {o.name for o in graph.output} | {i.name for i in graph.input}
+        for g in _all_graphs(graph):
+            for n in g.node:
+                still_used.update(n.input)
+        keep = [t for t in graph.initializer if t.name not in maybe_dead or t.name in still_used]
+        if len(keep) != len(graph.initializer):
+            del graph.initializer[:]
+            graph.initializer.extend(keep)
+        vis = [v for v in graph.value_info if v.name not in dropped_outputs]
+        if len(vis) != len(graph.value_info):
+            del graph.value_info[:]
+            graph.value_info.extend(vis)
+    return result

@@ -1,0 +1,463 @@
+"""Inject pass: turn a model into an injection graph whose every arithmetic site can be faulted.
+
+What it inserts, and why:
+
+1. The model is upgraded to default-domain opset 26 (``BitCast`` flips bit patterns) and fused
+   non-linear ops and Gemm are decomposed into primitives (``decompose``), so that the multiplies
+   and adds inside Softmax, LayerNorm, GELU… are sites of their own.
+2. Every selected site node ``N`` is replaced by ``If(has_faults)``: the else branch is ``N``
+   alone (the fault-free path costs one ``If``, about 3 µs on CPU, and no copy); the then branch
+   is ``N`` followed by an ``ai.onnxft`` fault operator (``FlipBits_*``, ``GemmFaults_*``,
+   ``ConvFaults_*``; see ``custom_ops``) that applies the faults exactly.
+3. Each site gets graph inputs ``onnxft.<site>.faults`` (an int64 fault table, see
+   ``faults.sites``) and, for gemm/conv, operand offset vectors. They default to empty
+   initializers, so the graph runs fault-free when they are not fed.
+4. One extra output ``onnxft.shapes`` concatenates the shapes of every site's output and operands;
+   the sampler reads it from a fault-free run to know how many operations each site does.
+5. The site table is stored as metadata ``onnxft.sites``.
+
+The pass is pure: it returns a new model in a ``PassResult`` and never runs a session.
+"""
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper, shape_inference, version_converter
+
+from ..custom_ops import FAULT_DOMAIN, FAULT_DOMAIN_VERSION, OPSET, all_functions
+from ..faults.sites import SHAPES_OUTPUT, SITES_KEY, Site, SiteTable
+from ..ops.registry import handler_for
+from .decompose import ORIGIN_KEY, ORIGIN_NODE_KEY, decompose
+from .result import PassResult
+
+FORMATS = ("fp32", "fp16", "int8")
+_DTYPE_NAMES = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16",
+                TensorProto.INT8: "int8", TensorProto.UINT8: "uint8"}
+_ELEMENT_BITS = {"float32": 32, "float16": 16, "int8": 8, "uint8": 8}
+
+
+class InjectError(ValueError):
+    """A user-facing problem with the model or the site selection."""
+
+
+@dataclass(frozen=True)
+class SiteSelection:
+    """Which nodes become fault sites.
+
+    op_types: op types to fault (default: every type in the registry). ``names``: regular
+    expression searched in the node name (and in the fused op's name for decomposed nodes).
+    formats: subset of ``fp32``, ``fp16``, ``int8``. ``scales``: ``(regex, scale)`` pairs; the
+    last matching pattern sets a site's BER scale (0 = perfectly protected).
+    """
+
+    op_types: frozenset[str] | None = None
+    names: str | None = None
+    formats: frozenset[str] | None = None
+    scales: tuple[tuple[str, float], ...] = ()
+
+    def scale_for(self, label: str) -> float:
+        scale = 1.0
+        for pattern, value in self.scales:
+            if re.search(pattern, label):
+                scale = value
+        return scale
+
+
+@dataclass
+class _Graph:
+    """Lookup tables over the main graph, built once."""
+
+    model: onnx.ModelProto
+    producers: dict = field(default_factory=dict)
+    consumers: dict = field(default_factory=dict)
+    inits: dict = field(default_factory=dict)
+    types: dict = field(default_factory=dict)  # tensor -> (elem_type, rank or None)
+
+    def __post_init__(self):
+        g = self.model.graph
+        for n in g.node:
+            for o in n.output:
+                self.producers[o] = n
+            for i in n.input:
+                self.consumers.setdefault(i, []).append(n)
+        self.inits = {t.name: t for t in g.initializer}
+        for v in list(g.input) + list(g.output) + list(g.value_info):
+            t = v.type.tensor_type
+            rank = len(t.shape.dim) if t.HasField("shape") else None
+            self.types[v.name] = (t.elem_type, rank)
+        for name, t in self.inits.items():
+            self.types[name] = (t.data_type, len(t.dims))
+
+    def const_value(self, name: str):
+        if name in self.inits:
+            return numpy_helper.to_array(self.inits[name])
+        n = self.producers.get(name)
+        if n is not None and n.op_type == "Constant":
+            for a in n.attribute:
+                if a.name == "value":
+                    return numpy_helper.to_array(a.t)
+        return None
+
+
+def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Upgrade to opset 26 and run shape inference; raises InjectError with one clear line."""
+    model = copy.deepcopy(model)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is None:
+        raise InjectError("the model imports no default ONNX opset")
+    if opset < OPSET:
+        try:
+            model = version_converter.convert_version(model, OPSET)
+        except Exception as exc:  # the converter raises bare RuntimeErrors
+            raise InjectError(f"cannot upgrade the model from opset {opset} to {OPSET}: "
+                              f"{str(exc).splitlines()[0]}") from None
+    # The version converter stamps the newest IR; onnxruntime 1.31 reads IR <= 13, enough for opset 26.
+    model.ir_version = max(min(model.ir_version, 13), 10)
+    try:
+        model = shape_inference.infer_shapes(model, data_prop=True)
+    except Exception as exc:
+        raise InjectError(f"shape inference failed: {str(exc).splitlines()[0]}") from None
+    return model
+
+
+def _origin(node: onnx.NodeProto) -> tuple[str, str]:
+    props = {p.key: p.value for p in node.metadata_props}
+    return props.get(ORIGIN_KEY, node.op_type), props.get(ORIGIN_NODE_KEY, node.name)
+
+
+def _dq_source(g: _Graph, tensor: str):
+    """If ``tensor`` is DequantizeLinear(q, scale, zero) of an 8-bit tensor, return its parts."""
+    n = g.producers.get(tensor)
+    if n is None or n.op_type != "DequantizeLinear":
+        return None
+    q = n.input[0]
+    qtype = g.types.get(q, (None, None))[0]
+    if qtype not in (TensorProto.INT8, TensorProto.UINT8):
+        return None
+    zero = n.input[2] if len(n.input) > 2 and n.input[2] else None
+    return {"q": q, "scale": n.input[1], "zero": zero, "qtype": qtype}
+
+
+def _attr(node, name, default):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _find_sites(g: _Graph, sel: SiteSelection, int_widths, result: PassResult):
+    """Mark first: decide which nodes are sites and describe them. Nothing is built here."""
+    sites: list[tuple[Site, onnx.NodeProto, dict]] = []
+    for node in g.model.graph.node:
+        handler = handler_for(node.op_type)
+        if handler is None or node.domain not in ("", "ai.onnx"):
+            continue
+        label = node.name or node.output[0]
+        origin, origin_node = _origin(node)
+        if sel.op_types is not None and node.op_type not in sel.op_types and origin not in sel.op_types:
+            continue
+        if sel.names is not None and not (re.search(sel.names, label) or re.search(sel.names, origin_node)):
+            continue
+        out = node.output[0]
+        elem, out_rank = g.types.get(out, (None, None))
+        extra: dict = {}
+        wrapped = node
+        if handler.kind in ("gemm", "conv"):
+            da, db = _dq_source(g, node.input[0]), _dq_source(g, node.input[1])
+            if da and db:
+                fmt = "int8"
+                extra = {"da": da, "db": db}
+                widths = {"product": int(int_widths[0]), "sum": int(int_widths[1])}
+            elif elem in (TensorProto.FLOAT, TensorProto.FLOAT16):
+                fmt = "fp32" if elem == TensorProto.FLOAT else "fp16"
+                widths = {"product": 32 if fmt == "fp32" else 16, "sum": 32}
+            else:
+                result.skipped.append((label, f"{node.op_type} output type {elem} is not fp32/fp16/int8-QDQ"))
+                continue
+            ranks = [out_rank, g.types.get(node.input[0], (0, None))[1], g.types.get(node.input[1], (0, None))[1]]
+            if any(r is None for r in ranks):
+                result.skipped.append((label, "operand ranks unknown after shape inference"))
+                continue
+            conv = {}
+            bias = False
+            if handler.kind == "conv":
+                if ranks[1] != 4:
+                    result.skipped.append((label, "only 2-D convolutions are fault sites so far"))
+                    continue
+                conv = {"strides": list(_attr(node, "strides", [1, 1])),
+                        "pads": list(_attr(node, "pads", [0, 0, 0, 0])),
+                        "dilations": list(_attr(node, "dilations", [1, 1])),
+                        "group": int(_attr(node, "group", 1)),
+                        "auto_pad": _attr(node, "auto_pad", b"NOTSET").decode()
+                        if isinstance(_attr(node, "auto_pad", b"NOTSET"), bytes) else _attr(node, "auto_pad", "NOTSET")}
+                bias = len(node.input) > 2 and bool(node.input[2])
+                if bias and fmt == "int8":
+                    bsrc = g.producers.get(node.input[2])
+                    if bsrc is None or bsrc.op_type != "DequantizeLinear":
+                        result.skipped.append((label, "int8 conv bias is not a dequantized int32 tensor"))
+                        continue
+                    extra["bias_q"] = bsrc.input[0]
+            per_channel = False
+            if fmt == "int8":
+                sb = g.const_value(extra["db"]["scale"])
+                per_channel = sb is not None and np.size(sb) > 1
+            site = Site(id="", node=label, op_type=node.op_type, kind=handler.kind, format=fmt,
+                        origin=origin, origin_node=origin_node, output=out,
+                        dtype="float32" if elem == TensorProto.FLOAT else "float16",
+                        widths=widths, shape_ranks=ranks, conv=conv, bias=bias, per_channel=per_channel)
+        else:
+            # QDQ models: an elementwise op whose only consumer quantizes its result is an integer
+            # op; fault the quantized 8-bit result.
+            cons = g.consumers.get(out, [])
+            if (len(cons) == 1 and cons[0].op_type == "QuantizeLinear"
+                    and g.types.get(cons[0].output[0], (None,))[0] in (TensorProto.INT8, TensorProto.UINT8)):
+                wrapped = cons[0]
+                q_out = wrapped.output[0]
+                fmt, dtype = "int8", _DTYPE_NAMES[g.types[q_out][0]]
+                out, out_rank = q_out, g.types[q_out][1]
+            elif elem in (TensorProto.FLOAT, TensorProto.FLOAT16):
+                fmt, dtype = ("fp32", "float32") if elem == TensorProto.FLOAT else ("fp16", "float16")
+            else:
+                result.skipped.append((label, f"output type {elem} is not a float or quantized tensor"))
+                continue
+            if out_rank is None:
+                result.skipped.append((label, "output rank unknown after shape inference"))
+                continue
+            site = Site(id="", node=label, op_type=node.op_type, kind="elementwise", format=fmt,
+                        origin=origin, origin_node=origin_node, output=out, dtype=dtype,
+                        widths={"element": _ELEMENT_BITS[dtype]}, shape_ranks=[out_rank])
+        if sel.formats is not None and site.format not in sel.formats:
+            continue
+        site.scale = sel.scale_for(label + " " + origin_node)
+        site.id = f"s{len(sites):04d}"
+        sites.append((site, wrapped, extra))
+    return sites
+
+
+def _vi(name: str, elem: int, rank: int | None):
+    if rank is None:
+        return helper.make_tensor_value_info(name, elem, None)
+    return helper.make_tensor_value_info(name, elem, [f"{name}_d{i}" for i in range(rank)])
+
+
+class _Nodes:
+    """Node list with unique names under one prefix."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+        self.nodes: list[onnx.NodeProto] = []
+        self.n = 0
+
+    def op(self, op_type, *inputs, n_out=1, domain=None, outputs=None, **attrs):
+        if outputs is None:
+            outputs = []
+            for _ in range(n_out):
+                self.n += 1
+                outputs.append(f"{self.prefix}/t{self.n}")
+        kwargs = {"domain": domain} if domain else {}
+        self.nodes.append(helper.make_node(op_type, list(inputs), list(outputs),
+                                           name=f"{self.prefix}/n{len(self.nodes)}", **kwargs, **attrs))
+        return outputs[0] if len(outputs) == 1 else outputs
+
+
+def _clone(node: onnx.NodeProto, output: str, name: str) -> onnx.NodeProto:
+    n = copy.deepcopy(node)
+    n.output[0] = output
+    n.name = name
+    return n
+
+
+def _build_then(site: Site, node: onnx.NodeProto, extra: dict, g: _Graph, zero_bias: str, logging: bool):
+    """The then branch: the site's own node followed by its fault operator."""
+    p = _Nodes(f"onnxft.{site.id}")
+    names = site.input_names()
+    raw = f"onnxft.{site.id}/raw"
+    p.nodes.append(_clone(node, raw, f"{site.node}/faulty_path"))
+    cols = site.columns()
+    parts = p.op("Split", names["faults"], axis=1, num_outputs=len(cols), n_out=len(cols))
+    parts = [parts] if isinstance(parts, str) else parts
+    col = dict(zip(cols, parts))
+    sq = p.op("Constant", value_ints=[1])
+
+    def vec(c, to=None):
+        v = p.op("Squeeze", col[c], sq)
+        return p.op("Cast", v, to=to) if to is not None else v
+
+    fn_outputs = [f"onnxft.{site.id}/out", site.log_output() if logging else f"onnxft.{site.id}/log"]
+    if site.kind == "elementwise":
+        mask_type = {"float32": TensorProto.INT32, "float16": TensorProto.INT16,
+                     "int8": TensorProto.INT8, "uint8": TensorProto.UINT8}[site.dtype]
+        p.op(f"FlipBits_{site.dtype}", raw, vec("index"), vec("mask", mask_type),
+             domain=FAULT_DOMAIN, outputs=fn_outputs)
+    else:
+        fmt = {"fp32": "fp32", "fp16": "fp16", "int8": "int"}[site.format]
+        a, b = node.input[0], node.input[1]
+        if site.format == "int8":
+            a, b = extra["da"]["q"], extra["db"]["q"]
+        rounds = p.op("Add", p.op("ReduceMax", vec("rank"), keepdims=0), p.op("Constant", value_int=1))
+        mask_t = TensorProto.INT64 if site.format == "int8" else TensorProto.INT32
+        args = [a, b, raw, col["a_base"], names["a_off"], col["b_base"], names["b_off"],
+                vec("out_index"), vec("column"), vec("is_sum", TensorProto.BOOL), vec("mask", mask_t),
+                vec("prev"), vec("rank"), rounds, vec("channel")]
+        if site.kind == "conv":
+            bias = zero_bias
+            if site.bias:
+                bias = extra["bias_q"] if site.format == "int8" else node.input[2]
+            args += [bias, col["ih0"], col["iw0"], names["dh"], names["dw"]]
+        if site.format == "int8":
+            da, db = extra["da"], extra["db"]
+            args += [da["zero"] or extra["za0"], db["zero"] or extra["zb0"], da["scale"], db["scale"],
+                     vec("width_mask")]
+        op_name = ("Conv" if site.kind == "conv" else "Gemm") + f"Faults_{fmt}"
+        p.op(op_name, *args, domain=FAULT_DOMAIN, outputs=fn_outputs)
+    return p.nodes, fn_outputs
+
+
+def inject(model: onnx.ModelProto, selection: SiteSelection | None = None,
+           int_widths: tuple[int, int] = (16, 32), logging: bool = False,
+           prepared: bool = False) -> PassResult:
+    """Return the injection graph of ``model`` (see the module docstring)."""
+    selection = selection or SiteSelection()
+    for w in int_widths:
+        if not 2 <= int(w) <= 32:
+            raise InjectError(f"integer widths must be between 2 and 32 bits, got {w}")
+    base = model if prepared else prepare(model)
+    dec = decompose(base)
+    m = prepare(dec.model) if dec.inserted else dec.model
+    result = PassResult(model=m, inserted=list(dec.inserted), skipped=list(dec.skipped))
+    g = _Graph(m)
+    found = _find_sites(g, selection, int_widths, result)
+    if not found:
+        raise InjectError("no fault sites match the selection (check --sites / --format)")
+
+    graph = m.graph
+    by_node = {id(n): (s, e) for s, n, e in found}
+    new_nodes: list[onnx.NodeProto] = []
+    new_inputs, new_inits, shape_vecs = [], [], []
+    zero_bias = "onnxft.zero_bias"
+    new_inits.append(numpy_helper.from_array(np.zeros(1, np.float32), zero_bias))
+    int_zero_names = {}
+
+    def zero_point(qtype):
+        if qtype not in int_zero_names:
+            name = f"onnxft.zero_{_DTYPE_NAMES[qtype]}"
+            dt = np.int8 if qtype == TensorProto.INT8 else np.uint8
+            new_inits.append(numpy_helper.from_array(np.zeros((), dt), name))
+            int_zero_names[qtype] = name
+        return int_zero_names[qtype]
+
+    log_outputs = []
+    for node in graph.node:
+        if id(node) not in by_node:
+            new_nodes.append(node)
+            continue
+        site, extra = by_node[id(node)]
+        if site.format == "int8" and site.kind != "elementwise":
+            extra["za0"] = zero_point(extra["da"]["qtype"])
+            extra["zb0"] = zero_point(extra["db"]["qtype"])
+            if site.kind == "conv" and not site.bias:
+                pass
+        names = site.input_names()
+        n_cols = len(site.columns())
+        new_inputs.append(helper.make_tensor_value_info(names["faults"], TensorProto.INT64, [f"F_{site.id}", n_cols]))
+        new_inits.append(numpy_helper.from_array(np.zeros((0, n_cols), np.int64), names["faults"]))
+        for key, name in names.items():
+            if key == "faults":
+                continue
+            new_inputs.append(helper.make_tensor_value_info(name, TensorProto.INT64, [f"K_{site.id}"]))
+            new_inits.append(numpy_helper.from_array(np.zeros((0,), np.int64), name))
+
+        pre = _Nodes(f"onnxft.{site.id}/gate")
+        has = pre.op("Greater", pre.op("Size", names["faults"]), pre.op("Constant", value=helper.make_tensor("zero", TensorProto.INT64, [], [0])))
+        then_nodes, fn_outs = _build_then(site, node, extra, g, zero_bias, logging)
+        out_elem = g.types.get(node.output[0], (TensorProto.FLOAT, None))[0]
+        out_rank = g.types.get(node.output[0], (None, None))[1]
+        then_outputs = [_vi(fn_outs[0], out_elem, out_rank)]
+        else_name = f"onnxft.{site.id}/clean"
+        else_nodes = [_clone(node, else_name, f"{site.node}/clean_path")]
+        else_outputs = [_vi(else_name, out_elem, out_rank)]
+        if_outputs = [node.output[0]]
+        if logging:
+            empty_log = f"onnxft.{site.id}/nolog"
+            else_nodes.append(helper.make_node("Constant", [], [empty_log], name=f"{site.node}/nolog",
+                                               value=helper.make_tensor("e", TensorProto.DOUBLE, [0, 2], [])))
+            then_outputs.append(helper.make_tensor_value_info(fn_outs[1], TensorProto.DOUBLE, ["F", 2]))
+            else_outputs.append(helper.make_tensor_value_info(empty_log, TensorProto.DOUBLE, ["F", 2]))
+            if_outputs.append(site.log_output())
+            log_outputs.append(helper.make_tensor_value_info(site.log_output(), TensorProto.DOUBLE, ["F", 2]))
+        then_g = helper.make_graph(then_nodes, f"onnxft_{site.id}_faulty", [], then_outputs)
+        else_g = helper.make_graph(else_nodes, f"onnxft_{site.id}_clean", [], else_outputs)
+        new_nodes.extend(pre.nodes)
+        new_nodes.append(helper.make_node("If", [has], if_outputs, name=site.node,
+                                          then_branch=then_g, else_branch=else_g))
+        # Shapes for the sampler: output, and operands for gemm/conv.
+        shape_src = [node.output[0]]
+        if site.kind != "elementwise":
+            shape_src += [node.input[0], node.input[1]]
+        for t in shape_src:
+            shape_vecs.append(pre.op("Shape", t))
+        new_nodes.extend(pre.nodes[-len(shape_src):])
+        result.inserted.append(f"{site.id} {site.kind}/{site.format} {site.op_type} {site.node}")
+
+    shapes_node = helper.make_node("Concat", shape_vecs, [SHAPES_OUTPUT], name="onnxft/shapes", axis=0)
+    new_nodes.append(shapes_node)
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    graph.input.extend(new_inputs)
+    graph.initializer.extend(new_inits)
+    graph.output.append(helper.make_tensor_value_info(SHAPES_OUTPUT, TensorProto.INT64, ["S"]))
+    graph.output.extend(log_outputs)
+    # Value info of the replaced node outputs stays valid (same names, same types).
+    fns = all_functions()
+    used = {n.op_type for n in _all_nodes(graph) if n.domain == FAULT_DOMAIN}
+    m.functions.extend(fns[name] for name in sorted(used))
+    m.opset_import.append(helper.make_opsetid(FAULT_DOMAIN, FAULT_DOMAIN_VERSION))
+    table = SiteTable([s for s, _, _ in found], OPSET, tuple(int(w) for w in int_widths), logging)
+    _set_meta(m, SITES_KEY, table.to_json())
+    return result
+
+
+def _all_nodes(graph: onnx.GraphProto):
+    for n in graph.node:
+        yield n
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from _all_nodes(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for sub in a.graphs:
+                    yield from _all_nodes(sub)
+
+
+def _set_meta(model: onnx.ModelProto, key: str, value: str) -> None:
+    for p in model.metadata_props:
+        if p.key == key:
+            p.value = value
+            return
+    model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
+
+
+def site_table(model: onnx.ModelProto) -> SiteTable:
+    return SiteTable.from_model(model)
+
+
+def selection_from_options(op_types: Iterable[str] | None = None, names: str | None = None,
+                           formats: Iterable[str] | None = None,
+                           scales: Iterable[tuple[str, float]] = ()) -> SiteSelection:
+    fmts = None
+    if formats:
+        fmts = frozenset(formats)
+        bad = fmts - set(FORMATS)
+        if bad:
+            raise InjectError(f"unknown format(s) {sorted(bad)}; choose from {', '.join(FORMATS)}")
+    if names is not None:
+        try:
+            re.compile(names)
+        except re.error as exc:
+            raise InjectError(f"bad --sites pattern {names!r}: {exc}") from None
+    return SiteSelection(op_types=frozenset(op_types) if op_types else None, names=names,
+                         formats=fmts, scales=tuple(scales))

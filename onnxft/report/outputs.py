@@ -1,0 +1,94 @@
+"""Tables, JSON, CSV and plots for campaign results. All files are written atomically."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+
+
+def atomic_write(path: str | Path, data: bytes | str) -> Path:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def eval_table(results: list[dict]) -> str:
+    lines = []
+    for r in results:
+        name = "accuracy" if r["metric"] == "top1" else "SDC rate"
+        lines.append(f"{r['model']}  ({r['items']} items, {r['sites']} sites, clean top-1 "
+                     f"{r['clean']:.4f})" if r["metric"] == "top1" else
+                     f"{r['model']}  ({r['items']} items, {r['sites']} sites)")
+        lines.append(f"  {'BER':>10}  {name:>9}  {'95% CI':>17}  {'flips/item':>10}  trials")
+        for p in r["points"]:
+            lines.append(f"  {p['ber']:>10.3g}  {p['value']:>9.4f}  [{p['ci'][0]:.4f}, {p['ci'][1]:.4f}]  "
+                         f"{p['faults_per_item']:>10.3g}  {p['trials']}")
+    return "\n".join(lines)
+
+
+def eval_csv(results: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["model", "metric", "ber", "value", "ci_low", "ci_high", "trials", "n", "faults_per_item", "clean"])
+    for r in results:
+        for p in r["points"]:
+            w.writerow([r["model"], r["metric"], p["ber"], p["value"], p["ci"][0], p["ci"][1], p["trials"],
+                        p["n"], p["faults_per_item"], r["clean"]])
+    return buf.getvalue()
+
+
+def eval_plot(results: list[dict], path: str | Path, title: str | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    zero_ber = None
+    for r in results:
+        pts = [p for p in r["points"] if p["ber"] > 0]
+        if not pts:
+            continue
+        xs = [p["ber"] for p in pts]
+        ys = [p["value"] for p in pts]
+        lo = [p["value"] - p["ci"][0] for p in pts]
+        hi = [p["ci"][1] - p["value"] for p in pts]
+        ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=r["model"])
+        zero_ber = min(xs) if zero_ber is None else min(zero_ber, min(xs))
+        if r["metric"] == "top1":
+            ax.axhline(r["clean"], ls=":", lw=0.8, color=ax.lines[-1].get_color())
+    ax.set_xscale("log")
+    ax.set_xlabel("bit error rate (per bit of each operation result)")
+    metric = results[0]["metric"] if results else "top1"
+    ax.set_ylabel("top-1 accuracy" if metric == "top1" else "SDC rate (top-1 changed)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return atomic_write(path, buf.getvalue())
+
+
+def write_eval_outputs(results: list[dict], out_dir: str | Path, title: str | None = None) -> list[Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = results[0] if len(results) == 1 else {"results": results}
+    written = [atomic_write(out / "results.json", json.dumps(payload, indent=2)),
+               atomic_write(out / "results.csv", eval_csv(results))]
+    written.append(eval_plot(results, out / "accuracy_vs_ber.png", title))
+    return written
