@@ -115,6 +115,28 @@ def _per_channel(b: _Body, vec: str, minus1: str) -> str:
     return b.op("Gather", flat, b.op("Mod", "channel", b.op("Size", flat)))
 
 
+def _change(b: _Body, value: str, fmt: str) -> str:
+    """Change of ``value`` when the bits of ``mask`` flip (reads ``mask``, ``is_sum``, ``width_mask``)."""
+    if fmt == "int":
+        # w-bit two's complement: x = v mod 2^w; signed(x') - signed(x) is the change.
+        x = b.op("BitwiseAnd", value, "width_mask")
+        x_new = b.op("BitwiseXor", x, "mask")
+        full = b.op("Add", "width_mask", b.op("Constant", value=helper.make_tensor("one", TensorProto.INT64, [], [1])))
+        half = b.op("Div", full, b.op("Constant", value=helper.make_tensor("two", TensorProto.INT64, [], [2])))
+        zero = b.op("Sub", x, x)
+        sx = b.op("Sub", x, b.op("Where", b.op("GreaterOrEqual", x, half), full, zero))
+        sxn = b.op("Sub", x_new, b.op("Where", b.op("GreaterOrEqual", x_new, half), full, zero))
+        return b.op("Sub", sxn, sx)
+    if fmt == "fp16":  # products are binary16 values (16-bit masks), partial sums binary32
+        flip32 = _flip_float32(b, value, "mask")
+        v16 = b.op("Cast", value, to=TensorProto.FLOAT16)
+        m16 = b.op("Cast", "mask", to=TensorProto.INT16)
+        flip16 = b.op("Cast", b.op("BitCast", b.op("BitwiseXor", b.op("BitCast", v16, to=TensorProto.INT16), m16),
+                                   to=TensorProto.FLOAT16), to=TensorProto.FLOAT)
+        return b.op("Sub", b.op("Where", "is_sum", flip32, flip16), value)
+    return b.op("Sub", _flip_float32(b, value, "mask"), value)
+
+
 def gemm_faults_function(fmt: str, conv: bool) -> onnx.FunctionProto:
     """Build ``GemmFaults_<fmt>`` (``conv=False``) or ``ConvFaults_<fmt>`` (``conv=True``)."""
     if fmt not in GEMM_FORMATS:
@@ -170,35 +192,15 @@ def gemm_faults_function(fmt: str, conv: bool) -> onnx.FunctionProto:
     clean = b.op("Squeeze", b.op("GatherElements", table, b.op("Unsqueeze", "column", b.const_ints([1])),
                                  axis=1), b.const_ints([1]))  # [F]
 
-    # Loop over ranks: cumulative change of the output element through each fault.
-    zero_slot = b.op("Constant", value=helper.make_tensor("zs", acc_type, [1], [0]))
-    cum0 = b.op("Concat", b.op("Sub", clean, clean), zero_slot, axis=0)  # [F+1] zeros
+    # Faults of one output element must be applied in execution order. Chains are rare, so the
+    # loop over ranks runs only when some element has several faults (rounds > 1).
+    chained = _Body("ch")
+    zero_slot = chained.op("Constant", value=helper.make_tensor("zs", acc_type, [1], [0]))
+    cum0 = chained.op("Concat", chained.op("Sub", clean, clean), zero_slot, axis=0)  # [F+1] zeros
     lb = _Body("lb")
     before = lb.op("Gather", "cum_in", "prev")
-    zero_v = lb.op("Sub", before, before)
-    value = lb.op("Add", clean, lb.op("Where", "is_sum", before, zero_v))
-    if is_int:
-        # w-bit two's complement: x = v mod 2^w; signed(x') - signed(x) is the change.
-        wmask = "width_mask"
-        x = lb.op("BitwiseAnd", value, wmask)
-        x_new = lb.op("BitwiseXor", x, "mask")
-        one = lb.op("Constant", value=helper.make_tensor("one", TensorProto.INT64, [], [1]))
-        full = lb.op("Add", wmask, one)
-        half = lb.op("Div", full, lb.op("Constant", value=helper.make_tensor("two", TensorProto.INT64, [], [2])))
-        zero_i = lb.op("Sub", x, x)
-        sx = lb.op("Sub", x, lb.op("Where", lb.op("GreaterOrEqual", x, half), full, zero_i))
-        sxn = lb.op("Sub", x_new, lb.op("Where", lb.op("GreaterOrEqual", x_new, half), full, zero_i))
-        change = lb.op("Sub", sxn, sx)
-    elif fmt == "fp16":
-        flip32 = _flip_float32(lb, value, "mask")
-        v16 = lb.op("Cast", value, to=TensorProto.FLOAT16)
-        m16 = lb.op("Cast", "mask", to=TensorProto.INT16)
-        flip16 = lb.op("Cast", lb.op("BitCast", lb.op("BitwiseXor", lb.op("BitCast", v16, to=TensorProto.INT16), m16),
-                                     to=TensorProto.FLOAT16), to=TensorProto.FLOAT)
-        change = lb.op("Sub", lb.op("Where", "is_sum", flip32, flip16), value)
-    else:
-        change = lb.op("Sub", _flip_float32(lb, value, "mask"), value)
-    through = lb.op("Add", before, change)
+    value = lb.op("Add", clean, lb.op("Where", "is_sum", before, lb.op("Sub", before, before)))
+    through = lb.op("Add", before, _change(lb, value, fmt))
     through_ext = lb.op("Concat", through, lb.op("Slice", "cum_in", lb.const_ints([-1]), lb.const_ints([2**62])), axis=0)
     this_rank = lb.op("Equal", "rank_ext", "iter")
     body_nodes = lb.nodes + [
@@ -214,12 +216,26 @@ def gemm_faults_function(fmt: str, conv: bool) -> onnx.FunctionProto:
          helper.make_tensor_value_info("cum_out", acc_type, ["F1"])],
     )
     # rank of the zero slot is -1 so it never changes.
-    b.nodes.append(helper.make_node("Concat", ["rank", b.const_ints([-1])], ["rank_ext"], axis=0))
-    cum = b.op("Loop", "rounds", "", cum0, body=body)
-    after = b.op("Slice", cum, b.const_ints([0]), b.const_ints([-1]))
-    before = b.op("Gather", cum, "prev")
-    change = b.op("Sub", after, before)
-    value = b.op("Add", clean, b.op("Where", "is_sum", before, b.op("Sub", before, before)))
+    rank_ext = chained.op("Concat", "rank", chained.const_ints([-1]), axis=0)
+    chained.nodes.append(helper.make_node("Identity", [rank_ext], ["rank_ext"]))
+    cum = chained.op("Loop", "rounds", "", cum0, body=body)
+    before = chained.op("Gather", cum, "prev")
+    chained.nodes.append(helper.make_node(
+        "Sub", [chained.op("Slice", cum, chained.const_ints([0]), chained.const_ints([-1])), before], ["ch_change"]))
+    chained.nodes.append(helper.make_node(
+        "Add", [clean, chained.op("Where", "is_sum", before, chained.op("Sub", before, before))], ["ch_value"]))
+    single = _Body("sg")
+    single.nodes.append(helper.make_node("Identity", [clean], ["sg_value"]))
+    single.nodes.append(helper.make_node("Identity", [_change(single, clean, fmt)], ["sg_change"]))
+
+    def branch(body_: _Body, name: str, prefix: str):
+        return helper.make_graph(body_.nodes, name, [], [
+            helper.make_tensor_value_info(f"{prefix}_value", acc_type, ["F"]),
+            helper.make_tensor_value_info(f"{prefix}_change", acc_type, ["F"])])
+
+    is_chained = b.op("Greater", "rounds", b.op("Constant", value=helper.make_tensor("one", TensorProto.INT64, [], [1])))
+    value, change = b.op("If", is_chained, n_out=2, then_branch=branch(chained, "chained", "ch"),
+                         else_branch=branch(single, "single", "sg"))
     _log(b, value, b.op("Add", value, change))
     if is_int:
         scale = b.op("Mul", b.op("Reshape", "sa", minus1),

@@ -156,10 +156,7 @@ def _log_record(sess, model_name, data, start, batch, ber, seed, trial, batch_in
 
     for idx in np.unique(faults.site):
         idx = int(idx)
-        _, (o, t, masks) = site_tables(plans[idx], faults, idx)
-        if sites[idx].kind != "elementwise":
-            order = np.lexsort((np.where(t < plans[idx].k, np.maximum(2 * t - 1, 0), 2 * (t - plans[idx].k + 1)), o))
-            o, t, masks = o[order], t[order], masks[order]
+        _, (o, t, masks) = site_tables(plans[idx], faults, idx)  # rows in the graph's table order
         values = logs[sites[idx].log_output()]
         for r in range(len(o)):
             item, element = divmod(int(o[r]), plans[idx].elements)

@@ -73,7 +73,8 @@ def site_options(f):
 
 
 def _selection(names, op_types, formats, scales):
-    return api.selection_from_options(
+    return _run(
+        api.selection_from_options,
         op_types=[t.strip() for t in op_types.split(",")] if op_types else None, names=names,
         formats=[t.strip() for t in formats.split(",")] if formats else None, scales=_scales(scales))
 

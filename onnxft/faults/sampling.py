@@ -31,6 +31,7 @@ class SitePlan:
     a_shape: tuple = ()
     b_shape: tuple = ()
     conv: dict = field(default_factory=dict)
+    geometry: dict | None = None  # per-shape constants of the fault tables, filled on first use
 
     @property
     def bits_per_item(self) -> int:
@@ -125,34 +126,53 @@ class Faults:
 
 
 def sample_faults(plans: list[SitePlan], ber: float, rng: np.random.Generator) -> Faults:
-    """Draw the canonical faults of one trial (sites in graph order, items in batch order)."""
+    """Draw the canonical faults of one trial (sites in graph order, items in batch order).
+
+    One Binomial draw per (site, item); the positions of an item's ``k`` flips are drawn uniformly
+    with replacement and, in the rare case that two coincide, redrawn without replacement — both
+    give a uniformly random set of ``k`` distinct positions, so the result is exact.
+    """
     if not (0.0 <= ber <= 1.0):
         raise ValueError(f"BER must be in [0, 1], got {ber}")
-    parts = []
-    for idx, plan in enumerate(plans):
-        p = ber * plan.site.scale
-        n = plan.bits_per_item
-        if p <= 0 or n == 0:
-            continue
-        counts = rng.binomial(n, min(p, 1.0), size=plan.items)
-        for item in np.nonzero(counts)[0]:
-            pos = rng.choice(n, int(counts[item]), replace=False).astype(np.int64)
-            element, step, bit = _decode(plan, pos)
-            m = len(pos)
-            parts.append(Faults(np.full(m, idx, np.int64), np.full(m, item, np.int64), element, step, bit))
-    return Faults.concat(parts)
+    if ber == 0 or not plans:
+        return Faults.empty()
+    items = np.array([p.items for p in plans], np.int64)
+    n_site = np.array([p.bits_per_item for p in plans], np.int64)
+    p_site = np.minimum(np.array([ber * p.site.scale for p in plans], np.float64), 1.0)
+    owner_site = np.repeat(np.arange(len(plans)), items)
+    owner_item = np.concatenate([np.arange(k) for k in items])
+    counts = rng.binomial(n_site[owner_site], p_site[owner_site])
+    hit = np.nonzero(counts)[0]
+    if len(hit) == 0:
+        return Faults.empty()
+    owners = np.repeat(hit, counts[hit])
+    n_owner = n_site[owner_site[owners]]
+    pos = rng.integers(0, n_owner, dtype=np.int64)
+    order = np.lexsort((pos, owners))
+    owners, pos = owners[order], pos[order]
+    dup = (owners[1:] == owners[:-1]) & (pos[1:] == pos[:-1])
+    if dup.any():
+        for o in np.unique(owners[1:][dup]):
+            sel = owners == o
+            pos[sel] = np.sort(rng.choice(int(n_site[owner_site[o]]), int(sel.sum()), replace=False))
+    site = owner_site[owners]
+    element, step, bit = _decode(plans, site, pos)
+    return Faults(site.astype(np.int64), owner_item[owners].astype(np.int64), element, step, bit)
 
 
-def _decode(plan: SitePlan, pos: np.ndarray):
-    element, r = np.divmod(pos, plan.per_op_bits)
-    if plan.site.kind == "elementwise":
-        return element, np.zeros_like(element), r
-    wp, wa = plan.site.widths["product"], plan.site.widths["sum"]
-    kp = plan.k * wp
+def _decode(plans: list[SitePlan], site: np.ndarray, pos: np.ndarray):
+    """Position within one item's bits -> (element, step, bit), per docs/fault_model.md."""
+    per = np.array([p.per_op_bits for p in plans], np.int64)[site]
+    k = np.array([p.k for p in plans], np.int64)[site]
+    wp = np.array([p.site.widths.get("product", p.per_op_bits) for p in plans], np.int64)[site]
+    wa = np.array([p.site.widths.get("sum", 1) for p in plans], np.int64)[site]
+    gemm = np.array([p.site.kind != "elementwise" for p in plans])[site]
+    element, r = np.divmod(pos, per)
+    kp = k * wp
     in_products = r < kp
-    step = np.where(in_products, r // wp, plan.k + (r - kp) // wa)
+    step = np.where(in_products, r // wp, k + (r - kp) // wa)
     bit = np.where(in_products, r % wp, (r - kp) % wa)
-    return element, step, bit
+    return element, np.where(gemm, step, 0), np.where(gemm, bit, r)
 
 
 def _signed(mask: np.ndarray, width: int) -> np.ndarray:
@@ -166,44 +186,41 @@ def _op_time(step: np.ndarray, k: int) -> np.ndarray:
     return np.where(step < k, np.maximum(2 * step - 1, 0), 2 * (step - k + 1))
 
 
-def site_tables(plan: SitePlan, faults: Faults, site_index: int):
-    """Fault table and offset vectors of one site. Returns (feeds dict, merged op rows)."""
-    sel = faults.site == site_index
-    item, element, step, bit = faults.item[sel], faults.element[sel], faults.step[sel], faults.bit[sel]
+def site_tables(plan: SitePlan, faults: Faults, site_index: int | None = None):
+    """Fault table and offset vectors of one site. Returns (feeds dict, merged op rows).
+
+    ``faults`` holds this site's faults (or pass ``site_index`` to select them).
+    """
+    if site_index is not None:
+        sel = faults.site == site_index
+        item, element, step, bit = faults.item[sel], faults.element[sel], faults.step[sel], faults.bit[sel]
+    else:
+        item, element, step, bit = faults.item, faults.element, faults.step, faults.bit
     site = plan.site
     names = site.input_names()
+    k = plan.k
     out_index = item * plan.elements + element
-    # Merge flips of the same operation into one mask.
-    key = np.stack([out_index, step], axis=1)
-    uniq, inv = np.unique(key, axis=0, return_inverse=True)
-    inv = inv.reshape(-1)
+    # Merge flips of the same operation into one mask; order by element, then execution order.
+    op_key = out_index * (2 * k + 2) + (_op_time(step, k) if site.kind != "elementwise" else 0)
+    uniq, first, inv = np.unique(op_key, return_index=True, return_inverse=True)
     masks = np.zeros(len(uniq), np.int64)
-    np.bitwise_or.at(masks, inv, np.left_shift(np.int64(1), bit.astype(np.int64)))
-    o, t = uniq[:, 0], uniq[:, 1]
+    np.bitwise_or.at(masks, inv.reshape(-1), np.left_shift(np.int64(1), bit.astype(np.int64)))
+    o, t = out_index[first], step[first]
     feeds = {}
     if site.kind == "elementwise":
         width = site.widths["element"]
         m = masks if site.dtype == "uint8" else _signed(masks, width)
         feeds[names["faults"]] = np.stack([o, m], axis=1).astype(np.int64)
         return feeds, (o, t, masks)
-    k = plan.k
     is_sum = t >= k
     wp, wa = site.widths["product"], site.widths["sum"]
-    if site.format == "int8":
-        mask_col = masks
-    else:
-        mask_col = np.where(is_sum, _signed(masks, wa), _signed(masks, wp))
-    # Order by output element, then execution order; chain faults of the same element.
-    order = np.lexsort((_op_time(t, k), o))
-    o, t, masks, is_sum, mask_col = o[order], t[order], masks[order], is_sum[order], mask_col[order]
+    mask_col = masks if site.format == "int8" else np.where(is_sum, _signed(masks, wa), _signed(masks, wp))
     f = len(o)
     same = np.zeros(f, bool)
     same[1:] = o[1:] == o[:-1]
     prev = np.where(same, np.arange(f) - 1, f)
-    rank = np.zeros(f, np.int64)
-    for i in range(1, f):  # faults per element are few; this loop is over faults, not elements
-        if same[i]:
-            rank[i] = rank[i - 1] + 1
+    starts = np.flatnonzero(~same)
+    rank = np.arange(f) - np.repeat(starts, np.diff(np.append(starts, f)))
     column = np.where(is_sum, t + 1, t)
     if site.kind == "conv":
         a_base, b_base, channel, ih0, iw0, a_off, b_off, dh, dw = _conv_geometry(plan, o)
@@ -214,71 +231,74 @@ def site_tables(plan: SitePlan, faults: Faults, site_index: int):
         extra_cols = []
     if site.format == "int8":
         extra_cols.append(np.where(is_sum, (1 << wa) - 1, (1 << wp) - 1))
-    cols = [a_base, b_base, o, column, is_sum.astype(np.int64), mask_col, prev, rank, channel] + extra_cols
+    cols = [a_base, b_base, o, column, is_sum, mask_col, prev, rank, channel] + extra_cols
     feeds[names["faults"]] = np.stack([np.asarray(c, np.int64) for c in cols], axis=1)
     feeds[names["a_off"]], feeds[names["b_off"]] = a_off, b_off
     return feeds, (o, t, masks)
 
 
 def _matmul_geometry(plan: SitePlan, o: np.ndarray):
-    a, b, k = list(plan.a_shape), list(plan.b_shape), plan.k
-    a2 = a if len(a) >= 2 else [1, k]
-    b2 = b if len(b) >= 2 else [k, 1]
-    n = b2[-1]
-    m = a2[-2]
-    batch = np.broadcast_shapes(tuple(a2[:-2]), tuple(b2[:-2]))
-    y2 = tuple(batch) + (m, n)
-    idx = np.unravel_index(o, y2)
-    bidx = idx[:-2]
+    g = plan.geometry
+    if g is None:  # per-shape constants, computed once per plan
+        a, b, k = list(plan.a_shape), list(plan.b_shape), plan.k
+        a2 = a if len(a) >= 2 else [1, k]
+        b2 = b if len(b) >= 2 else [k, 1]
+        batch = tuple(np.broadcast_shapes(tuple(a2[:-2]), tuple(b2[:-2])))
+        y2 = batch + (a2[-2], b2[-1])
 
-    def base(shape2, row, col):
-        nb = len(shape2) - 2
-        off = len(batch) - nb
-        flat = np.zeros_like(o)
-        stride = 1
-        full = [row, col]
-        # strides of shape2, walking from the last axis
-        coords = [np.zeros_like(o) if shape2[i] == 1 else bidx[i + off] for i in range(nb)] + full
-        for axis in range(len(shape2) - 1, -1, -1):
-            flat = flat + coords[axis] * stride
-            stride *= shape2[axis]
-        return flat
+        def strides(shape2, row_axis_used):
+            # stride of each y2 axis inside this operand (0 where broadcast or not indexed)
+            own = np.cumprod([1] + list(shape2[::-1]))[:-1][::-1]
+            nb, off = len(shape2) - 2, len(batch) - (len(shape2) - 2)
+            out = [0] * len(y2)
+            for i in range(nb):
+                out[i + off] = 0 if shape2[i] == 1 else int(own[i])
+            if row_axis_used:
+                out[-2] = int(own[-2])  # A: row m
+            else:
+                out[-1] = int(own[-1])  # B: column n
+            return np.array(out, np.int64)
 
-    a_base = base(a2, idx[-2], np.zeros_like(o))
-    b_base = base(b2, np.zeros_like(o), idx[-1])
-    a_off = np.arange(k, dtype=np.int64)
-    b_off = np.arange(k, dtype=np.int64) * n
-    return a_base, b_base, idx[-1], a_off, b_off
+        g = plan.geometry = {"y2": y2, "a": strides(a2, True), "b": strides(b2, False),
+                             "a_off": np.arange(k, dtype=np.int64),
+                             "b_off": np.arange(k, dtype=np.int64) * b2[-1]}
+    coords = np.stack(np.unravel_index(o, g["y2"]), axis=1)
+    return coords @ g["a"], coords @ g["b"], coords[:, -1], g["a_off"], g["b_off"]
 
 
 def _conv_geometry(plan: SitePlan, o: np.ndarray):
-    n_, c, h, w = plan.a_shape
+    g = plan.geometry
+    _, c, h, w = plan.a_shape
     co, cg, kh, kw = plan.b_shape
-    _, _, oh, ow = plan.out_shape
-    c_ = plan.conv
-    sh, sw = c_["strides"]
-    dil_h, dil_w = c_["dilations"]
-    pt, pl = c_["pads2"]
-    group = c_["group"]
-    bn, bco, boh, bow = np.unravel_index(o, (plan.out_shape[0], co, oh, ow))
-    grp = bco // (co // group)
+    if g is None:
+        dil_h, dil_w = plan.conv["dilations"]
+        ci, ki, kj = np.meshgrid(np.arange(cg), np.arange(kh), np.arange(kw), indexing="ij")
+        dh = (ki * dil_h).reshape(-1).astype(np.int64)
+        dw = (kj * dil_w).reshape(-1).astype(np.int64)
+        g = plan.geometry = {"dh": dh, "dw": dw, "a_off": (ci.reshape(-1) * h * w + dh * w + dw).astype(np.int64),
+                             "b_off": np.arange(cg * kh * kw, dtype=np.int64)}
+    sh, sw = plan.conv["strides"]
+    pt, pl = plan.conv["pads2"]
+    bn, bco, boh, bow = np.unravel_index(o, plan.out_shape)
     ih0 = boh * sh - pt
     iw0 = bow * sw - pl
-    a_base = bn * c * h * w + grp * cg * h * w + ih0 * w + iw0
-    ci, ki, kj = np.meshgrid(np.arange(cg), np.arange(kh), np.arange(kw), indexing="ij")
-    dh = (ki * dil_h).reshape(-1).astype(np.int64)
-    dw = (kj * dil_w).reshape(-1).astype(np.int64)
-    a_off = (ci.reshape(-1) * h * w + dh * w + dw).astype(np.int64)
-    k = cg * kh * kw
-    b_base = bco * k
-    b_off = np.arange(k, dtype=np.int64)
-    return a_base, b_base, bco, ih0, iw0, a_off, b_off, dh, dw
+    grp = bco // (co // plan.conv["group"])
+    a_base = bn * (c * h * w) + grp * (cg * h * w) + ih0 * w + iw0
+    return a_base, bco * (cg * kh * kw), bco, ih0, iw0, g["a_off"], g["b_off"], g["dh"], g["dw"]
 
 
 def fault_feeds(plans: list[SitePlan], faults: Faults) -> dict[str, np.ndarray]:
     """All fault inputs for one trial; sites without faults are left out (they default to empty)."""
     feeds: dict[str, np.ndarray] = {}
-    for idx in np.unique(faults.site):
-        f, _ = site_tables(plans[int(idx)], faults, int(idx))
+    if len(faults) == 0:
+        return feeds
+    order = np.argsort(faults.site, kind="stable")
+    site_sorted = faults.site[order]
+    bounds = np.flatnonzero(np.diff(site_sorted)) + 1
+    for chunk in np.split(order, bounds):
+        idx = int(faults.site[chunk[0]])
+        part = Faults(faults.site[chunk], faults.item[chunk], faults.element[chunk], faults.step[chunk],
+                      faults.bit[chunk])
+        f, _ = site_tables(plans[idx], part)
         feeds.update(f)
     return feeds

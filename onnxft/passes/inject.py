@@ -278,14 +278,13 @@ def _build_then(site: Site, node: onnx.NodeProto, extra: dict, g: _Graph, zero_b
     names = site.input_names()
     raw = f"onnxft.{site.id}/raw"
     p.nodes.append(_clone(node, raw, f"{site.node}/faulty_path"))
-    cols = site.columns()
-    parts = p.op("Split", names["faults"], axis=1, num_outputs=len(cols), n_out=len(cols))
-    parts = [parts] if isinstance(parts, str) else parts
-    col = dict(zip(cols, parts))
-    sq = p.op("Constant", value_ints=[1])
+    cols = {c: i for i, c in enumerate(site.columns())}
 
-    def vec(c, to=None):
-        v = p.op("Squeeze", col[c], sq)
+    def column(c):  # [F, 1]
+        return p.op("Gather", names["faults"], p.op("Constant", value_ints=[cols[c]]), axis=1)
+
+    def vec(c, to=None):  # [F]
+        v = p.op("Gather", names["faults"], p.op("Constant", value_int=cols[c]), axis=1)
         return p.op("Cast", v, to=to) if to is not None else v
 
     fn_outputs = [f"onnxft.{site.id}/out", site.log_output() if logging else f"onnxft.{site.id}/log"]
@@ -301,14 +300,14 @@ def _build_then(site: Site, node: onnx.NodeProto, extra: dict, g: _Graph, zero_b
             a, b = extra["da"]["q"], extra["db"]["q"]
         rounds = p.op("Add", p.op("ReduceMax", vec("rank"), keepdims=0), p.op("Constant", value_int=1))
         mask_t = TensorProto.INT64 if site.format == "int8" else TensorProto.INT32
-        args = [a, b, raw, col["a_base"], names["a_off"], col["b_base"], names["b_off"],
+        args = [a, b, raw, column("a_base"), names["a_off"], column("b_base"), names["b_off"],
                 vec("out_index"), vec("column"), vec("is_sum", TensorProto.BOOL), vec("mask", mask_t),
                 vec("prev"), vec("rank"), rounds, vec("channel")]
         if site.kind == "conv":
             bias = zero_bias
             if site.bias:
                 bias = extra["bias_q"] if site.format == "int8" else node.input[2]
-            args += [bias, col["ih0"], col["iw0"], names["dh"], names["dw"]]
+            args += [bias, column("ih0"), column("iw0"), names["dh"], names["dw"]]
         if site.format == "int8":
             da, db = extra["da"], extra["db"]
             args += [da["zero"] or extra["za0"], db["zero"] or extra["zb0"], da["scale"], db["scale"],
