@@ -38,6 +38,15 @@ def load(model: str | Path | onnx.ModelProto | None) -> tuple[onnx.ModelProto, s
     return load_model(path), str(path), data
 
 
+def display_name(arg, path: str) -> str:
+    """Short label for tables and plots: the sample name, or the file name."""
+    if arg is None:
+        return _samples.DEFAULT_MODEL
+    if isinstance(arg, onnx.ModelProto):
+        return path
+    return str(arg) if _samples.sample_model_name(str(arg)) else Path(path).name
+
+
 def _dataset(model: onnx.ModelProto, data: str | Path | Dataset | None, default: str | None,
              limit: int | None = None) -> Dataset:
     if isinstance(data, Dataset):
@@ -66,18 +75,49 @@ def inspect(model, selection: SiteSelection | None = None, int_widths=(16, 32)) 
 
 
 def inject(model, output: str | Path, selection: SiteSelection | None = None, int_widths=(16, 32),
-           logging: bool = False) -> dict:
-    """Write the injection graph of ``model`` to ``output``; returns what the pass did."""
+           logging: bool = False, ber: float | None = None, seed: int = 0, batch: int = 1,
+           faults_output: str | Path | None = None) -> dict:
+    """Write the injection graph of ``model`` to ``output``; returns what the pass did.
+
+    With ``ber``, also sample one fault set for a batch of ``batch`` items of the model's input
+    shapes (dynamic non-batch axes: 16) and write it as an .npz of graph inputs to
+    ``faults_output`` (default: ``<output>.faults.npz``), ready for
+    ``session.run(None, {**inputs, **np.load(faults)})`` in plain onnxruntime.
+    """
     check_writable(output)
+    if ber is not None:
+        if not 0.0 <= float(ber) <= 1.0:
+            raise ValueError(f"BER must be in [0, 1], got {ber}")
+        faults_output = Path(faults_output) if faults_output else Path(str(output) + ".faults.npz")
+        check_writable(faults_output)
     m, name, _ = load(model)
     res = _inject(m, selection, int_widths=int_widths, logging=logging)
     onnx.checker.check_model(res.model, full_check=True)
-    save_model(res.model, output)
     from .faults.sites import SiteTable
 
     table = SiteTable.from_model(res.model)
-    return {"model": name, "output": str(output), "sites": len(table.sites),
+    info = {"model": name, "output": str(output), "sites": len(table.sites),
             "inserted": res.inserted, "skipped": res.skipped}
+    if ber is not None:
+        import io
+
+        import numpy as np
+
+        from .campaigns.evaluate import trial_rng
+        from .faults.sampling import fault_feeds, sample_faults
+        from .report.outputs import atomic_write
+        from .runtime.data import synthetic
+        from .runtime.session import InjectionSession
+
+        sess = InjectionSession(res.model, "cpu")
+        plans = sess.plans(synthetic(input_specs(m), batch, seed))
+        faults = sample_faults(plans, float(ber), trial_rng(seed, 0, 0))
+        buf = io.BytesIO()
+        np.savez(buf, **fault_feeds(plans, faults))
+        atomic_write(faults_output, buf.getvalue())
+        info.update({"faults_output": str(faults_output), "flips": len(faults), "batch": batch})
+    save_model(res.model, output)
+    return info
 
 
 def evaluate(model=None, data=None, bers: Iterable[float] = (0.0, 1e-9, 1e-8, 1e-7), trials: int = 3,
@@ -91,6 +131,8 @@ def evaluate(model=None, data=None, bers: Iterable[float] = (0.0, 1e-9, 1e-8, 1e
     result = _evaluate(m, ds, list(bers), trials, seed, metric, provider, batch, selection, int_widths,
                        name, progress, fault_log, threads)
     result.extra["int_widths"] = list(int_widths)
+    result.extra["path"] = name
+    result.model = display_name(model, name)
     return result
 
 

@@ -43,3 +43,11 @@ def resolve_model(model: str | None) -> tuple[str, str | None]:
     if entry is not None:
         return entry["path"], sample_data_path()
     return model, None
+
+
+def sample_model_name(arg: str) -> bool:
+    """Whether ``arg`` names a bundled sample (rather than a path)."""
+    try:
+        return resolve_model(arg)[1] is not None
+    except FileNotFoundError:
+        return False

@@ -122,3 +122,26 @@ def test_user_mistakes_get_one_line(files, capsys, argv, needle):
     assert len(lines) == 1 and lines[0].startswith("onnxft: error:") and needle in lines[0], err
     assert "Traceback" not in err
     assert not (d / "never.onnx").exists()
+
+
+def test_inject_with_ber_writes_fault_set_for_plain_onnxruntime(files, capsys, tmp_path):
+    import onnxruntime as ort
+
+    out_path = tmp_path / "inj.onnx"
+    code, out, _ = run(["inject", str(files["cnn"]), "-o", str(out_path), "--ber", "1e-3", "--batch", "4",
+                        "--seed", "1"], capsys)
+    assert code == 0
+    faults = dict(np.load(str(out_path) + ".faults.npz"))
+    assert faults and all(k.startswith("onnxft.") for k in faults)
+    x = np.load(files["cnn_data"])["x"][:4]
+    sess = ort.InferenceSession(str(out_path), providers=["CPUExecutionProvider"])
+    plain = ort.InferenceSession(str(files["cnn"]), providers=["CPUExecutionProvider"])
+    clean = sess.run(["logits"], {"x": x})[0]
+    np.testing.assert_allclose(clean, plain.run(None, {"x": x})[0], rtol=1e-5, atol=1e-6)
+    faulty = sess.run(["logits"], {"x": x, **faults})[0]
+    assert not np.array_equal(np.nan_to_num(faulty), clean)
+    # the same seed gives the same fault set
+    code, _, _ = run(["inject", str(files["cnn"]), "-o", str(tmp_path / "b.onnx"), "--ber", "1e-3", "--batch", "4",
+                      "--seed", "1"], capsys)
+    again = dict(np.load(str(tmp_path / "b.onnx") + ".faults.npz"))
+    assert all(np.array_equal(again[k], v) for k, v in faults.items())

@@ -128,23 +128,36 @@ def inspect(model, names, op_types, formats, scales, int_widths, as_json):
 @cli.command()
 @click.argument("model")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the graph.")
-@click.option("--ber", default=None, help="Accepted for symmetry with eval; the BER is chosen when faults are fed.")
-@click.option("--seed", type=int, default=None, help="Unused by the graph itself (faults are fed at run time).")
+@click.option("--ber", default=None, help="Also sample one fault set at this BER (written beside the graph).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of that fault set.")
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Items in that fault set.")
+@click.option("--faults-out", default=None, type=click.Path(dir_okay=False),
+              help="Where to write the fault set (default: OUTPUT.faults.npz).")
 @click.option("--log/--no-log", "logging", default=False, help="Add per-site fault-log outputs.")
 @site_options
-def inject(model, output, ber, seed, logging, names, op_types, formats, scales, int_widths):
-    """Write the injection graph of MODEL to OUTPUT (runs on stock onnxruntime)."""
+def inject(model, output, ber, seed, batch, faults_out, logging, names, op_types, formats, scales, int_widths):
+    """Write the injection graph of MODEL to OUTPUT (runs on stock onnxruntime).
+
+    The graph computes the fault-free model unless fault tables are fed; with --ber, one fault set
+    for a batch of --batch items is sampled and saved as an .npz of those inputs.
+    """
+    b = None
     if ber is not None:
-        _bers(ber)
+        values = _bers(ber)
+        if len(values) != 1:
+            raise click.BadParameter("give one BER", param_hint="--ber")
+        b = values[0]
     sel = _selection(names, op_types, formats, scales)
-    info = _run(api.inject, model, output, sel, _widths(int_widths), logging)
+    info = _run(api.inject, model, output, sel, _widths(int_widths), logging, b, seed, batch, faults_out)
     click.echo(f"wrote {info['output']}: {info['sites']} fault sites")
+    if b is not None:
+        click.echo(f"wrote {info['faults_output']}: {info['flips']} flips for a batch of {batch} at BER {b:g}")
     for node, reason in info["skipped"]:
         click.echo(f"  skipped {node}: {reason}")
 
 
 @cli.command(name="eval")
-@click.argument("model", required=False)
+@click.argument("models", nargs=-1)
 @click.option("--data", default=None, help=".npz with arrays named after the model inputs (or x) and labels y.")
 @click.option("--ber", "ber_text", default="0,1e-10,1e-9,1e-8,1e-7", show_default=True, help="Comma-separated BERs.")
 @click.option("--trials", default=3, show_default=True, type=click.IntRange(min=1))
@@ -155,43 +168,49 @@ def inject(model, output, ber, seed, logging, names, op_types, formats, scales, 
 @click.option("--limit", default=None, type=click.IntRange(min=1), help="Use only the first N items.")
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
               help="Directory for results.json, results.csv and the plot.")
+@click.option("--title", default=None, help="Plot title.")
 @click.option("--fault-log", default=None, type=click.Path(dir_okay=False),
-              help="Write every trial's faults (JSON lines) for onnxft replay.")
+              help="Write every trial's faults (JSON lines) for onnxft replay (one model only).")
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="ORT intra-op threads.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @site_options
-def eval_(model, data, ber_text, trials, seed, metric, provider, batch, limit, out_dir, fault_log, threads,
+def eval_(models, data, ber_text, trials, seed, metric, provider, batch, limit, out_dir, title, fault_log, threads,
           quiet, names, op_types, formats, scales, int_widths):
-    """Accuracy (or SDC rate) of MODEL against BER, with 95% confidence intervals.
+    """Accuracy (or SDC rate) of MODELS against BER, with 95% confidence intervals.
 
-    MODEL defaults to the bundled sample ViT and its Fashion-MNIST test data.
+    MODELS are paths or bundled sample names; with none, the bundled sample ViT and its
+    Fashion-MNIST test data. Several models share one table, JSON, CSV and plot.
     """
     bers = _bers(ber_text)
     sel = _selection(names, op_types, formats, scales)
+    if fault_log is not None and len(models) > 1:
+        raise UserError("--fault-log takes one model at a time")
     if out_dir is not None:
         _run(_check_out_dir, out_dir)
-    bars = []
-    progress = None
-    if not quiet:
-        from tqdm import tqdm
-
-        def progress(done, total):
-            if not bars:  # created on the first run, so errors before it leave no bar behind
-                bars.append(tqdm(total=total, unit="run", leave=False, file=sys.stderr))
-            bars[0].update(done - bars[0].n)
-
-    try:
-        result = _run(api.evaluate, model, data, bers, trials, seed, metric, provider, batch, sel,
-                      _widths(int_widths), limit, progress, fault_log, threads)
-    finally:
-        for bar in bars:
-            bar.close()
     from ..report.outputs import eval_table, write_eval_outputs
 
-    d = result.to_dict()
-    click.echo(eval_table([d]))
+    results = []
+    for model in models or (None,):
+        bars = []
+        progress = None
+        if not quiet:
+            from tqdm import tqdm
+
+            def progress(done, total, bars=bars, model=model):
+                if not bars:  # created on the first run, so errors before it leave no bar behind
+                    bars.append(tqdm(total=total, unit="run", leave=False, file=sys.stderr, desc=model or "vit"))
+                bars[0].update(done - bars[0].n)
+
+        try:
+            result = _run(api.evaluate, model, data, bers, trials, seed, metric, provider, batch, sel,
+                          _widths(int_widths), limit, progress, fault_log, threads)
+        finally:
+            for bar in bars:
+                bar.close()
+        results.append(result.to_dict())
+        click.echo(eval_table(results[-1:]))
     if out_dir is not None:
-        for p in _run(write_eval_outputs, [d], out_dir):
+        for p in _run(write_eval_outputs, results, out_dir, title):
             click.echo(f"wrote {p}")
 
 

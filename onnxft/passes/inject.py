@@ -338,8 +338,9 @@ def inject(model: onnx.ModelProto, selection: SiteSelection | None = None,
     by_node = {id(n): (s, e) for s, n, e in found}
     new_nodes: list[onnx.NodeProto] = []
     new_inputs, new_inits, shape_vecs = [], [], []
-    zero_bias = "onnxft.zero_bias"
-    new_inits.append(numpy_helper.from_array(np.zeros(1, np.float32), zero_bias))
+    zero_bias = "onnxft.zero_bias"  # bias operand of ConvFaults for convolutions without one
+    if any(s.kind == "conv" and not s.bias for s, _, _ in found):
+        new_inits.append(numpy_helper.from_array(np.zeros(1, np.float32), zero_bias))
     int_zero_names = {}
 
     def zero_point(qtype):
