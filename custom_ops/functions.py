@@ -115,8 +115,8 @@ def _per_channel(b: _Body, vec: str, minus1: str) -> str:
     return b.op("Gather", flat, b.op("Mod", "channel", b.op("Size", flat)))
 
 
-def _change(b: _Body, value: str, fmt: str) -> str:
-    """Change of ``value`` when the bits of ``mask`` flip (reads ``mask``, ``is_sum``, ``width_mask``)."""
+def _flipped(b: _Body, value: str, fmt: str) -> str:
+    """``value`` with the bits of ``mask`` flipped (reads ``mask``, ``is_sum``, ``width_mask``)."""
     if fmt == "int":
         # w-bit two's complement: x = v mod 2^w; signed(x') - signed(x) is the change.
         x = b.op("BitwiseAnd", value, "width_mask")
@@ -126,15 +126,20 @@ def _change(b: _Body, value: str, fmt: str) -> str:
         zero = b.op("Sub", x, x)
         sx = b.op("Sub", x, b.op("Where", b.op("GreaterOrEqual", x, half), full, zero))
         sxn = b.op("Sub", x_new, b.op("Where", b.op("GreaterOrEqual", x_new, half), full, zero))
-        return b.op("Sub", sxn, sx)
+        return b.op("Add", value, b.op("Sub", sxn, sx))
     if fmt == "fp16":  # products are binary16 values (16-bit masks), partial sums binary32
         flip32 = _flip_float32(b, value, "mask")
         v16 = b.op("Cast", value, to=TensorProto.FLOAT16)
         m16 = b.op("Cast", "mask", to=TensorProto.INT16)
         flip16 = b.op("Cast", b.op("BitCast", b.op("BitwiseXor", b.op("BitCast", v16, to=TensorProto.INT16), m16),
                                    to=TensorProto.FLOAT16), to=TensorProto.FLOAT)
-        return b.op("Sub", b.op("Where", "is_sum", flip32, flip16), value)
-    return b.op("Sub", _flip_float32(b, value, "mask"), value)
+        return b.op("Where", "is_sum", flip32, flip16)
+    return _flip_float32(b, value, "mask")
+
+
+def _change(b: _Body, value: str, fmt: str) -> str:
+    """Change of ``value`` when the bits of ``mask`` flip."""
+    return b.op("Sub", _flipped(b, value, fmt), value)
 
 
 def gemm_faults_function(fmt: str, conv: bool) -> onnx.FunctionProto:
@@ -199,8 +204,13 @@ def gemm_faults_function(fmt: str, conv: bool) -> onnx.FunctionProto:
     cum0 = chained.op("Concat", chained.op("Sub", clean, clean), zero_slot, axis=0)  # [F+1] zeros
     lb = _Body("lb")
     before = lb.op("Gather", "cum_in", "prev")
-    value = lb.op("Add", clean, lb.op("Where", "is_sum", before, lb.op("Sub", before, before)))
-    through = lb.op("Add", before, _change(lb, value, fmt))
+    # A product's value is its own (adding a zero ``before`` would turn a -0 product into +0); after
+    # a partial-sum fault the element's total change is (flipped - clean), computed directly so that
+    # it neither overflows (sign flip of a huge sum) nor cancels (a huge sum flipped back to small).
+    value = lb.op("Where", "is_sum", lb.op("Add", clean, before), clean)
+    flipped = _flipped(lb, value, fmt)
+    through = lb.op("Where", "is_sum", lb.op("Sub", flipped, clean),
+                    lb.op("Add", before, lb.op("Sub", flipped, value)))
     through_ext = lb.op("Concat", through, lb.op("Slice", "cum_in", lb.const_ints([-1]), lb.const_ints([2**62])), axis=0)
     this_rank = lb.op("Equal", "rank_ext", "iter")
     body_nodes = lb.nodes + [
@@ -220,10 +230,21 @@ def gemm_faults_function(fmt: str, conv: bool) -> onnx.FunctionProto:
     chained.nodes.append(helper.make_node("Identity", [rank_ext], ["rank_ext"]))
     cum = chained.op("Loop", "rounds", "", cum0, body=body)
     before = chained.op("Gather", cum, "prev")
+    # The last fault of each element (no other fault names it as prev) carries the element's
+    # total change; the others add nothing (telescoping differences could overflow or cancel).
+    n_next = chained.op("ScatterElements",
+                        chained.op("ConstantOfShape", chained.op("Shape", cum),
+                                   value=helper.make_tensor("z64", TensorProto.INT64, [1], [0])),
+                        "prev", chained.op("ConstantOfShape", chained.op("Shape", "prev"),
+                                           value=helper.make_tensor("o64", TensorProto.INT64, [1], [1])),
+                        reduction="add")
+    is_last = chained.op("Equal", chained.op("Slice", n_next, chained.const_ints([0]), chained.const_ints([-1])),
+                         chained.op("Constant", value=helper.make_tensor("z0", TensorProto.INT64, [], [0])))
     chained.nodes.append(helper.make_node(
-        "Sub", [chained.op("Slice", cum, chained.const_ints([0]), chained.const_ints([-1])), before], ["ch_change"]))
+        "Where", [is_last, chained.op("Slice", cum, chained.const_ints([0]), chained.const_ints([-1])),
+                  chained.op("Constant", value=helper.make_tensor("zc", acc_type, [], [0]))], ["ch_change"]))
     chained.nodes.append(helper.make_node(
-        "Add", [clean, chained.op("Where", "is_sum", before, chained.op("Sub", before, before))], ["ch_value"]))
+        "Where", ["is_sum", chained.op("Add", clean, before), clean], ["ch_value"]))
     single = _Body("sg")
     single.nodes.append(helper.make_node("Identity", [clean], ["sg_value"]))
     single.nodes.append(helper.make_node("Identity", [_change(single, clean, fmt)], ["sg_change"]))
@@ -236,16 +257,17 @@ def gemm_faults_function(fmt: str, conv: bool) -> onnx.FunctionProto:
     is_chained = b.op("Greater", "rounds", b.op("Constant", value=helper.make_tensor("one", TensorProto.INT64, [], [1])))
     value, change = b.op("If", is_chained, n_out=2, then_branch=branch(chained, "chained", "ch"),
                          else_branch=branch(single, "single", "sg"))
-    _log(b, value, b.op("Add", value, change))
+    _log(b, value, _flipped(b, value, fmt))
     if is_int:
         scale = b.op("Mul", b.op("Reshape", "sa", minus1),
                      _per_channel(b, "sb", minus1))
         change = b.op("Mul", b.op("Cast", change, to=TensorProto.FLOAT), scale)
     y_shape = b.op("Shape", "Y")
     y_flat = b.op("Reshape", "Y", minus1)
-    y_type_change = b.op("CastLike", change, y_flat)
-    updated = b.op("ScatterElements", y_flat, "out_index", y_type_change, reduction="add")
-    b.nodes.append(helper.make_node("Reshape", [updated, y_shape], ["Z"]))
+    # onnxruntime's CPU ScatterElements has no float16 'add': accumulate in float32, cast back.
+    updated = b.op("ScatterElements", b.op("Cast", y_flat, to=TensorProto.FLOAT), "out_index",
+                   b.op("Cast", change, to=TensorProto.FLOAT), reduction="add")
+    b.nodes.append(helper.make_node("Reshape", [b.op("CastLike", updated, y_flat), y_shape], ["Z"]))
 
     inputs = list(GEMM_INPUTS) + (CONV_INPUTS if conv else []) + (INT_INPUTS if is_int else [])
     name = f"{'Conv' if conv else 'Gemm'}Faults_{fmt}"

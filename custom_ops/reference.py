@@ -211,7 +211,7 @@ def gemm_faults(fmt, A, B, Y, a_base, a_off, b_base, b_off, out_index, column, i
                 change = np.float32(faulty - clean) * (sa * sb[ch % len(sb)])
             else:
                 change = np.float32(faulty) - np.float32(clean)
-            z_flat[o] = z_flat[o] + change.astype(Z.dtype)
+            z_flat[o] = (np.float32(z_flat[o]) + np.float32(change)).astype(Z.dtype)  # added in float32
     return Z, log
 
 

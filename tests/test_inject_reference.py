@@ -45,13 +45,18 @@ def vi(name, elem, shape):
 def build(model, **kw):
     r = inject(model, **kw)
     onnx.checker.check_model(r.model, full_check=True)
-    so_threads = 1
-    return InjectionSession(r.model, "cpu", threads=so_threads)
+    return InjectionSession(r.model, "cpu", threads=1)
 
 
-def plain_run(model, feeds):
+ALL = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+EXTENDED = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+BASIC = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+
+
+def plain_run(model, feeds, level=ALL):
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
+    so.graph_optimization_level = level
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     return sess.run(None, feeds)
 
@@ -125,17 +130,24 @@ def assert_bits_equal(actual, expected, what=""):
     np.testing.assert_array_equal(a[keep].view(np.uint8), e[keep].view(np.uint8), err_msg=what)
 
 
-def check_ber0(sess, model, feeds, original=True):
-    """Empty Faults (and BER 0 sampling) give the plain-onnxruntime output bit for bit."""
+def check_ber0(sess, model, feeds, level=ALL, default_close=True):
+    """Empty Faults (and BER 0 sampling) give the plain-onnxruntime output of ``model`` bit for bit.
+
+    ``level``: the optimisation level of the plain run. Some default-level (ALL) rewrites of
+    onnxruntime apply to the main graph only, not inside the ``If`` that wraps each site, so for
+    those models the injection graph matches plain onnxruntime at a lower level bit for bit and
+    the default level only within rounding (see the callers).
+    """
     plans = sess.plans(feeds)
     assert len(sample_faults(plans, 0.0, np.random.default_rng(0))) == 0
     got = sess.run(feeds, Faults.empty())
-    want = plain_run(model, feeds)
+    want = plain_run(model, feeds, level)
     assert len(got) == len(want)
     for g_, w_ in zip(got, want):
         assert_bits_equal(g_, w_, "BER 0 vs plain onnxruntime")
-    if not original:
-        return
+    if level != ALL and default_close:
+        for g_, w_ in zip(got, plain_run(model, feeds)):
+            np.testing.assert_allclose(g_, w_, rtol=1e-5, atol=1e-5)
     clean, _ = sess.clean(feeds)
     for c, g_ in zip(clean, got):
         assert_bits_equal(c, g_, "clean() vs run(empty)")
@@ -202,6 +214,35 @@ def test_matmul_fp32_activation_x_activation():
         y = sess.run(feeds, faults)[0]
         ref = R.matmul_reference(q, kt, gemm_rows(faults, 0, y.shape), "fp32")
         assert_close(y, ref, RTOL32, "MatMul 4-D")
+
+
+def test_matmul_fp32_chain_through_huge_partial_sum():
+    """A product flipped to ~1e38, then a sign flip of the huge partial sum, then an exponent flip
+    that brings a later partial sum back to a small value: sequential semantics, no overflow to
+    NaN, no cancellation. Also faults on -0 products (x = 0): the flip acts on -0's pattern."""
+    rng = np.random.default_rng(21)
+    K = 16
+    wt = rng.standard_normal((K, 8)).astype(np.float32)
+    model = _matmul_weight_model(T.FLOAT, wt)
+    sess = build(model)
+    x = rng.standard_normal((2, 5, K)).astype(np.float32)
+    x[1, 2, :4] = 0.0  # products 0 * w: -0 where w < 0
+    feeds = {"x": x}
+    # item 0, element 9 = (row 1, col 1): choose a product with |p| < 1 so that bit 30 gives ~1e38
+    p = x[0, 1, :] * wt[:, 1]
+    j = int(np.nonzero((np.abs(p) < 1) & (np.abs(p) > 1e-3))[0][0])
+    col = int(np.nonzero((wt[:3] < 0).any(0))[0][0])
+    neg = int(np.nonzero(wt[:3, col] < 0)[0][0])  # item 1, row 2: p_neg = 0 * negative = -0
+    e = 2 * 8 + col
+    rows = [(0, 0, 9, j, 30), (0, 0, 9, K + j + 1, 31), (0, 0, 9, K + j + 3, 30), (0, 0, 9, K + j + 4, 2),
+            (0, 1, e, neg, 30), (0, 1, e, neg + 1, 31), (0, 1, e, 2 * K - 2, 1)]
+    if j + 5 > K - 1:
+        pytest.skip("no suitable product")
+    faults = hand(rows)
+    y = sess.run(feeds, faults)[0]
+    ref = R.matmul_reference(x, wt, gemm_rows(faults, 0, y.shape), "fp32")
+    assert np.isfinite(ref).all() and abs(ref[0, 1, 1]) < 1e3
+    assert_close(y, ref, RTOL32, "chain through a huge partial sum")
 
 
 def test_matmul_fp16():
@@ -305,7 +346,9 @@ def test_conv_auto_pad_same_upper():
     sess = build(model)
     x = rng.standard_normal((2, 3, 8, 7)).astype(np.float32)
     feeds = {"x": x}
-    check_ber0(sess, model, feeds)
+    # onnxruntime's NCHWc layout rewrite (level ALL) changes this Conv's rounding in the main graph
+    # but not inside the site's If: bit-exact against level EXTENDED, within rounding against ALL.
+    check_ber0(sess, model, feeds, level=EXTENDED)
     plans = sess.plans(feeds)
     assert plans[0].out_shape == (2, 4, 4, 4) and plans[0].k == 27
     # SAME_UPPER: total padding (out-1)*stride + kernel - in, the odd one at the end.
@@ -352,7 +395,16 @@ def _check_int(sess, feeds, faults, delta_ref, faulty_ref, scale, what):
     pow2 = np.all(np.log2(scale) == np.round(np.log2(scale)))
     if pow2 and np.abs(faulty_ref).max() < 2 ** 24 and np.abs(delta_ref).max() < 2 ** 24:
         np.testing.assert_array_equal(y.astype(np.float64), faulty_ref * scale, err_msg=f"{what}: not bit-exact")
-    return y
+        return True
+    return False
+
+
+def check_ber0_qdq(sess, model, feeds):
+    """onnxruntime fuses DequantizeLinear -> MatMul/Conv into integer kernels (level EXTENDED and up)
+    in the main graph only; its x86 u8s8 kernel can saturate, so the plain default-level output may
+    differ by far more than rounding. The injection graph computes the QDQ graph's float
+    semantics: bit-exact against plain onnxruntime at level BASIC (no QDQ fusion)."""
+    check_ber0(sess, model, feeds, level=BASIC, default_close=False)
 
 
 @pytest.mark.parametrize("widths", [(16, 32), (8, 8)])
@@ -377,17 +429,21 @@ def test_qdq_matmul_int8(widths, pow2):
     assert site.widths == {"product": widths[0], "sum": widths[1]}
     x, qx = _quantized_activation(rng, (2, 4, K))
     feeds = {"x": x}
-    check_ber0(sess, model, feeds)
+    check_ber0_qdq(sess, model, feeds)
     plans = sess.plans(feeds)
     wp, wa = widths
     assert plans[0].per_op_bits == K * wp + (K - 1) * wa
     hand_f = hand([(0, 0, 0, 0, wp - 1), (0, 0, 0, K + 2, wa - 2), (0, 0, 0, 2 * K - 2, 5),
                    (0, 1, 19, 3, 7), (0, 1, 19, 2 * K - 2, wa - 1), (0, 1, 6, K, 0), (0, 0, 11, 4, wp - 2)])
     clean_int = R.matmul_int_reference(qx, ZA, qw, zb, [], wp, wa)
-    for faults in (hand_f, merge(hand_f, sampled(plans, 3e-3, 14))):
+    low = hand([(0, 0, 2, 1, min(wp - 1, 12)), (0, 0, 2, K + 1, min(wa - 1, 16)), (0, 1, 7, 2 * K - 2, 4)])
+    ber = 3e-3 if widths == (16, 32) else 1e-2
+    for n_set, faults in enumerate((hand_f, low, merge(hand_f, sampled(plans, ber, 14)))):
         faulty = R.matmul_int_reference(qx, ZA, qw, zb, gemm_rows(faults, 0, clean_int.shape), wp, wa)
-        _check_int(sess, feeds, faults, (faulty - clean_int).astype(np.float64), faulty.astype(np.float64),
-                   (np.float64(SA) * sb.astype(np.float64)), "QDQ MatMul")
+        exact = _check_int(sess, feeds, faults, (faulty - clean_int).astype(np.float64),
+                           faulty.astype(np.float64), (np.float64(SA) * sb.astype(np.float64)), "QDQ MatMul")
+        if pow2 and (n_set == 1 or widths == (8, 8)):
+            assert exact  # every value is binary32-exact: the injected output is bit-exact
 
 
 @pytest.mark.parametrize("widths", [(16, 32), (8, 8)])
@@ -414,7 +470,7 @@ def test_qdq_conv_int8_per_channel(widths):
     assert len(sess.table.sites) == 1 and site.format == "int8" and site.kind == "conv" and site.bias
     x, qx = _quantized_activation(rng, (2, 4, 7, 7))
     feeds = {"x": x}
-    check_ber0(sess, model, feeds)
+    check_ber0_qdq(sess, model, feeds)
     plans = sess.plans(feeds)
     wp, wa = widths
     K = 18
@@ -422,11 +478,15 @@ def test_qdq_conv_int8_per_channel(widths):
                    (0, 1, 31, 2 * K - 1, 6), (0, 1, 31, 2 * K - 2, 2), (0, 1, 50, 10, 5)])
     clean_int = R.conv_int_reference(qx, ZA, qw, zb, bias_q, [2, 2], [1, 1, 1, 1], [2, 2], 2, [], wp, wa)
     scale = (np.float64(SA) * sb.astype(np.float64))[None, :, None, None]
-    for faults in (hand_f, merge(hand_f, sampled(plans, 2e-3, 16))):
+    low = hand([(0, 0, 5, 3, min(wp - 1, 13)), (0, 0, 5, 2 * K - 1, min(wa - 1, 17)), (0, 1, 50, K + 4, 5)])
+    ber = 2e-3 if widths == (16, 32) else 5e-3
+    for n_set, faults in enumerate((hand_f, low, merge(hand_f, sampled(plans, ber, 16)))):
         faulty = R.conv_int_reference(qx, ZA, qw, zb, bias_q, [2, 2], [1, 1, 1, 1], [2, 2], 2,
                                       gemm_rows(faults, 0, clean_int.shape), wp, wa)
-        _check_int(sess, feeds, faults, (faulty - clean_int).astype(np.float64), faulty.astype(np.float64),
-                   scale, "QDQ Conv")
+        exact = _check_int(sess, feeds, faults, (faulty - clean_int).astype(np.float64),
+                           faulty.astype(np.float64), scale, "QDQ Conv")
+        if n_set == 1 or widths == (8, 8):
+            assert exact  # power-of-two scales: bit-exact
 
 
 # --------------------------------------------------------------------------------------------
@@ -447,7 +507,16 @@ def test_elementwise_add_mul(dtype):
     x = rng.standard_normal((3, 16, 32)).astype(dtype)
     x.reshape(-1)[:4] = [1.5, -1.25, 3.0, 0.75]
     feeds = {"x": x}
-    check_ber0(sess, model, feeds)
+    if dtype == np.float32:
+        check_ber0(sess, model, feeds)
+    else:
+        # onnxruntime's CPU runs float16 Add/Mul through float32 and drops the Cast pair between
+        # them, so plain onnxruntime does not round t = x + c to float16; each site's If keeps that
+        # rounding. BER 0 is bit-exact against binary16 arithmetic and close to plain onnxruntime.
+        got = sess.run(feeds, Faults.empty())[0]
+        assert_bits_equal(got, (x + c) * x, "fp16 BER 0 vs numpy binary16")
+        np.testing.assert_allclose(got.astype(np.float32), plain_run(model, feeds)[0].astype(np.float32),
+                                   rtol=4e-3, atol=4e-3)
     plans = sess.plans(feeds)
     top = np.dtype(dtype).itemsize * 8 - 1
     hand_f = hand([(add, 0, 0, 0, top), (add, 0, 0, 0, top - 1), (mul, 0, 0, 0, 0), (add, 2, 511, 0, top - 2),

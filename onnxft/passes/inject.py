@@ -150,6 +150,10 @@ def _attr(node, name, default):
     return default
 
 
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def _find_sites(g: _Graph, sel: SiteSelection, int_widths, result: PassResult):
     """Mark first: decide which nodes are sites and describe them. Nothing is built here."""
     sites: list[tuple[Site, onnx.NodeProto, dict]] = []
@@ -193,8 +197,7 @@ def _find_sites(g: _Graph, sel: SiteSelection, int_widths, result: PassResult):
                         "pads": list(_attr(node, "pads", [0, 0, 0, 0])),
                         "dilations": list(_attr(node, "dilations", [1, 1])),
                         "group": int(_attr(node, "group", 1)),
-                        "auto_pad": _attr(node, "auto_pad", b"NOTSET").decode()
-                        if isinstance(_attr(node, "auto_pad", b"NOTSET"), bytes) else _attr(node, "auto_pad", "NOTSET")}
+                        "auto_pad": _text(_attr(node, "auto_pad", "NOTSET"))}
                 bias = len(node.input) > 2 and bool(node.input[2])
                 if bias and fmt == "int8":
                     bsrc = g.producers.get(node.input[2])
@@ -360,8 +363,6 @@ def inject(model: onnx.ModelProto, selection: SiteSelection | None = None,
         if site.format == "int8" and site.kind != "elementwise":
             extra["za0"] = zero_point(extra["da"]["qtype"])
             extra["zb0"] = zero_point(extra["db"]["qtype"])
-            if site.kind == "conv" and not site.bias:
-                pass
         names = site.input_names()
         n_cols = len(site.columns())
         new_inputs.append(helper.make_tensor_value_info(names["faults"], TensorProto.INT64, [f"F_{site.id}", n_cols]))
