@@ -69,25 +69,35 @@ class _Body:
         return self.op("Constant", value_float=float(value))
 
 
-def _log(b: _Body, value: str, flipped: str) -> None:
+def _log(b: _Body, value: str, flipped: str, name: str = "log") -> None:
     """Second output ``log``: [F, 2] float64 of (value before the flip, value after it)."""
     cols = [b.op("Unsqueeze", b.op("Cast", v, to=TensorProto.DOUBLE), b.const_ints([1])) for v in (value, flipped)]
-    b.nodes.append(helper.make_node("Concat", cols, ["log"], axis=1))
+    b.nodes.append(helper.make_node("Concat", cols, [name], axis=1))
+
+
+def _axis0_after(b: _Body, shape: str) -> str:
+    """The constant axes ``[0]``, computed from ``shape`` so that the scatter that uses it runs after
+    ``Shape(Y)``: onnxruntime may then update Y's buffer in place instead of copying it."""
+    return b.op("Concat", b.op("Slice", shape, b.const_ints([0]), b.const_ints([0])), b.const_ints([0]), axis=0)
 
 
 def flip_bits_function(dtype: str) -> onnx.FunctionProto:
     elem = FLIP_DTYPES[dtype]
     b = _Body("fb")
     shape = b.op("Shape", "Y")
-    flat = b.op("Reshape", "Y", b.const_ints([-1]))
-    vals = b.op("Gather", flat, "index")
+    # Flatten aliases Y's buffer and ScatterElements then updates it in place: a site without
+    # faults costs a few empty-tensor nodes, never a copy of Y (Reshape would copy).
+    flat = b.op("Flatten", "Y", axis=0)  # [1, N]
+    index = b.op("Unsqueeze", "index", _axis0_after(b, shape))  # [1, F]
+    vals = b.op("GatherElements", flat, index, axis=1)
     if elem in _FLOAT_BITS:
         bits = b.op("BitCast", vals, to=_FLOAT_BITS[elem])
         flipped = b.op("BitCast", b.op("BitwiseXor", bits, "mask"), to=elem)
     else:
         flipped = b.op("BitwiseXor", vals, "mask")
-    _log(b, vals, flipped)
-    scattered = b.op("ScatterElements", flat, "index", flipped)
+    squeeze = b.const_ints([0])
+    _log(b, b.op("Squeeze", vals, squeeze), b.op("Squeeze", flipped, squeeze))
+    scattered = b.op("ScatterElements", flat, index, flipped, axis=1)
     b.nodes.append(helper.make_node("Reshape", [scattered, shape], ["Z"]))
     return helper.make_function(
         FAULT_DOMAIN, f"FlipBits_{dtype}", ["Y", "index", "mask"], ["Z", "log"], b.nodes,
@@ -96,11 +106,10 @@ def flip_bits_function(dtype: str) -> onnx.FunctionProto:
     )
 
 
-GEMM_INPUTS = [
-    "A", "B", "Y", "a_base", "a_off", "b_base", "b_off", "out_index", "column", "is_sum",
-    "mask", "prev", "rank", "rounds", "channel",
-]
-CONV_INPUTS = ["bias", "ih0", "iw0", "dh", "dw"]
+FAULT_INPUTS = ["out_index", "column", "is_sum", "mask", "prev", "rank", "rounds", "channel"]
+GEMM_INPUTS = ["A", "B", "Y", "a_row", "b_col"] + FAULT_INPUTS
+CONV_INPUTS = ["A", "B", "Y", "a_base", "a_off", "b_base", "b_off"] + FAULT_INPUTS + [
+    "bias", "ih0", "iw0", "dh", "dw"]
 INT_INPUTS = ["za", "zb", "sa", "sb", "width_mask"]
 
 
@@ -142,18 +151,31 @@ def _change(b: _Body, value: str, fmt: str) -> str:
     return b.op("Sub", _flipped(b, value, fmt), value)
 
 
-def gemm_faults_function(fmt: str, conv: bool) -> onnx.FunctionProto:
-    """Build ``GemmFaults_<fmt>`` (``conv=False``) or ``ConvFaults_<fmt>`` (``conv=True``)."""
+def gemm_faults_function(fmt: str, conv: bool = False, batched: bool = False) -> onnx.FunctionProto:
+    """Build ``GemmFaults_<fmt>`` (B a matrix), ``BatchedGemmFaults_<fmt>`` (B with batch axes) or
+    ``ConvFaults_<fmt>`` (``conv=True``)."""
     if fmt not in GEMM_FORMATS:
         raise ValueError(f"unknown gemm format {fmt!r}")
     b = _Body("gf")
     is_int = fmt == "int"
     minus1 = b.const_ints([-1])
-    a_flat = b.op("Reshape", "A", minus1)
-    b_flat = b.op("Reshape", "B", minus1)
-    a_idx = b.op("Add", "a_base", "a_off")  # [F, K]
-    b_idx = b.op("Add", "b_base", "b_off")
-    if conv:
+    if not conv:
+        # Operand rows are contiguous: gather whole rows (Flatten aliases, Reshape could copy).
+        a_vals = b.op("Gather", b.op("Flatten", "A", axis=-1), "a_row", axis=0)  # [F, K]
+        if batched:  # B [..., K, N]: its columns are the rows of B^T
+            perm = helper.make_attribute_ref("perm", onnx.AttributeProto.INTS)
+            transpose = helper.make_node("Transpose", ["B"], ["gf_bt"])
+            transpose.attribute.append(perm)
+            b.nodes.append(transpose)
+            b_vals = b.op("Gather", b.op("Flatten", "gf_bt", axis=-1), "b_col", axis=0)
+        else:  # B [K, N]: gather the F columns, then transpose the small [K, F] result
+            b_vals = b.op("Transpose", b.op("Gather", "B", "b_col", axis=1), perm=[1, 0])
+    else:
+        # Flatten aliases the operands (Reshape of a tensor used elsewhere would copy it).
+        a_flat = b.op("Flatten", "A", axis=0)  # [1, size]
+        b_flat = b.op("Flatten", "B", axis=0)
+        a_idx = b.op("Add", "a_base", "a_off")  # [F, K]
+        b_idx = b.op("Add", "b_base", "b_off")
         # Input positions outside the image are padding: read them as 0 (a real 0*w product).
         x_shape = b.op("Shape", "A")
         height = b.op("Gather", x_shape, b.const_int(2))
@@ -165,8 +187,8 @@ def gemm_faults_function(fmt: str, conv: bool) -> onnx.FunctionProto:
                      b.op("And", b.op("GreaterOrEqual", ih, zero), b.op("Less", ih, height)),
                      b.op("And", b.op("GreaterOrEqual", iw, zero), b.op("Less", iw, width)))
         a_idx = b.op("Where", valid, a_idx, zero)
-    a_vals = b.op("Gather", a_flat, a_idx)
-    b_vals = b.op("Gather", b_flat, b_idx)
+        a_vals = b.op("Squeeze", b.op("Gather", a_flat, a_idx, axis=1), b.const_ints([0]))  # [F, K]
+        b_vals = b.op("Squeeze", b.op("Gather", b_flat, b_idx, axis=1), b.const_ints([0]))
     if is_int:
         a_int = b.op("Sub", b.op("Cast", a_vals, to=TensorProto.INT64),
                      b.op("Cast", "za", to=TensorProto.INT64))
@@ -257,27 +279,51 @@ def gemm_faults_function(fmt: str, conv: bool) -> onnx.FunctionProto:
     is_chained = b.op("Greater", "rounds", b.op("Constant", value=helper.make_tensor("one", TensorProto.INT64, [], [1])))
     value, change = b.op("If", is_chained, n_out=2, then_branch=branch(chained, "chained", "ch"),
                          else_branch=branch(single, "single", "sg"))
-    _log(b, value, _flipped(b, value, fmt))
+    _log(b, value, _flipped(b, value, fmt), name="work_log")
     if is_int:
         scale = b.op("Mul", b.op("Reshape", "sa", minus1),
                      _per_channel(b, "sb", minus1))
         change = b.op("Mul", b.op("Cast", change, to=TensorProto.FLOAT), scale)
-    y_shape = b.op("Shape", "Y")
-    y_flat = b.op("Reshape", "Y", minus1)
-    # onnxruntime's CPU ScatterElements has no float16 'add': accumulate in float32, cast back.
-    updated = b.op("ScatterElements", b.op("Cast", y_flat, to=TensorProto.FLOAT), "out_index",
-                   b.op("Cast", change, to=TensorProto.FLOAT), reduction="add")
-    b.nodes.append(helper.make_node("Reshape", [b.op("CastLike", updated, y_flat), y_shape], ["Z"]))
+    b.nodes.append(helper.make_node("Cast", [change], ["work_change"], to=TensorProto.FLOAT))
+    work = helper.make_graph(b.nodes, "faulty", [], [
+        helper.make_tensor_value_info("work_change", TensorProto.FLOAT, ["F"]),
+        helper.make_tensor_value_info("work_log", TensorProto.DOUBLE, ["F", 2])])
+    idle = helper.make_graph([
+        helper.make_node("Constant", [], ["idle_change"], value=helper.make_tensor("c", TensorProto.FLOAT, [0], [])),
+        helper.make_node("Constant", [], ["idle_log"], value=helper.make_tensor("l", TensorProto.DOUBLE, [0, 2], []))],
+        "fault_free", [], [helper.make_tensor_value_info("idle_change", TensorProto.FLOAT, ["F"]),
+                           helper.make_tensor_value_info("idle_log", TensorProto.DOUBLE, ["F", 2])])
+    # The work runs only when this site has faults; the update is a scatter into Y's own buffer.
+    t = _Body("gt")
+    has = t.op("Greater", t.op("Size", "out_index"),
+               t.op("Constant", value=helper.make_tensor("z", TensorProto.INT64, [], [0])))
+    change = "gt_change"
+    t.nodes.append(helper.make_node("If", [has], [change, "log"], then_branch=work, else_branch=idle))
+    y_shape = t.op("Shape", "Y")
+    y_flat = t.op("Flatten", "Y", axis=0)  # aliases Y
+    index = t.op("Unsqueeze", "out_index", _axis0_after(t, y_shape))
+    update = t.op("Unsqueeze", change, t.const_ints([0]))
+    if fmt == "fp16":  # onnxruntime's CPU ScatterElements has no float16 'add': add in fp32, cast back
+        y32 = t.op("ScatterElements", t.op("Cast", y_flat, to=TensorProto.FLOAT), index, update, axis=1,
+                   reduction="add")
+        updated = t.op("CastLike", y32, y_flat)
+    else:
+        updated = t.op("ScatterElements", y_flat, index, update, axis=1, reduction="add")
+    t.nodes.append(helper.make_node("Reshape", [updated, y_shape], ["Z"]))
+    b = t
 
-    inputs = list(GEMM_INPUTS) + (CONV_INPUTS if conv else []) + (INT_INPUTS if is_int else [])
-    name = f"{'Conv' if conv else 'Gemm'}Faults_{fmt}"
+    inputs = list(CONV_INPUTS if conv else GEMM_INPUTS) + (INT_INPUTS if is_int else [])
+    name = ("Conv" if conv else "BatchedGemm" if batched else "Gemm") + f"Faults_{fmt}"
     return helper.make_function(
         FAULT_DOMAIN, name, inputs, ["Z", "log"], b.nodes, [helper.make_opsetid("", OPSET)],
-        doc_string=f"Exact product/partial-sum faults of a {'convolution' if conv else 'matrix product'} ({fmt}).",
+        attributes=["perm"] if batched else [],
+        doc_string=f"Exact product/partial-sum faults of a {'convolution' if conv else 'matrix product'} ({fmt})."
+        + (" perm: B's axes with the last two swapped." if batched else ""),
     )
 
 
 def all_functions() -> dict[str, onnx.FunctionProto]:
     fns = [flip_bits_function(d) for d in FLIP_DTYPES]
-    fns += [gemm_faults_function(f, conv) for f in GEMM_FORMATS for conv in (False, True)]
+    fns += [gemm_faults_function(f, conv=True) for f in GEMM_FORMATS]
+    fns += [gemm_faults_function(f, batched=batched) for f in GEMM_FORMATS for batched in (False, True)]
     return {f.name: f for f in fns}

@@ -222,19 +222,29 @@ def _flip_ref(name):
     return fn
 
 
-def _gemm_ref(fmt, conv):
-    n_conv = 5 if conv else 0
+def _gemm_ref(fmt, conv=False, batched=False):
+    """Reference of ConvFaults_* (index-based operands) and (Batched)GemmFaults_* (row gathers)."""
+    n_q = 5 if fmt == "int" else 0
 
     def fn(*inputs):
-        base = inputs[:15]
-        rest = inputs[15:]
-        c = tuple(rest[:n_conv]) if conv else None
-        q = tuple(rest[n_conv:n_conv + 5]) if fmt == "int" else None
-        return gemm_faults(fmt, *base, conv=c, quant=q)
-    fn.__name__ = f"{'Conv' if conv else 'Gemm'}Faults_{fmt}"
+        if conv:
+            base, c, q = inputs[:15], tuple(inputs[15:20]), inputs[20:20 + n_q]
+            return gemm_faults(fmt, *base, conv=c, quant=tuple(q) if q else None)
+        A, B, Y, a_row, b_col = (np.asarray(v) for v in inputs[:5])
+        rest, q = inputs[5:13], inputs[13:13 + n_q]
+        k = A.shape[-1]
+        a_base, a_off = np.asarray(a_row, np.int64) * k, np.arange(k, dtype=np.int64)
+        if batched:  # rows of B^T viewed [-1, K]
+            B = np.ascontiguousarray(np.swapaxes(B, -1, -2))
+            b_base, b_off = np.asarray(b_col, np.int64) * k, np.arange(k, dtype=np.int64)
+        else:  # column n of B [K, N]
+            b_base, b_off = np.asarray(b_col, np.int64), np.arange(k, dtype=np.int64) * B.shape[-1]
+        return gemm_faults(fmt, A, B, Y, a_base, a_off, b_base, b_off, *rest, quant=tuple(q) if q else None)
+    fn.__name__ = ("Conv" if conv else "BatchedGemm" if batched else "Gemm") + f"Faults_{fmt}"
     return fn
 
 
 REFERENCES = {f"FlipBits_{d}": _flip_ref(f"FlipBits_{d}") for d in ("float32", "float16", "int8", "uint8")}
-REFERENCES.update({f"{'Conv' if c else 'Gemm'}Faults_{f}": _gemm_ref(f, c)
-                   for f in ("fp32", "fp16", "int") for c in (False, True)})
+REFERENCES.update({f"ConvFaults_{f}": _gemm_ref(f, conv=True) for f in ("fp32", "fp16", "int")})
+REFERENCES.update({("BatchedGemm" if bt else "Gemm") + f"Faults_{f}": _gemm_ref(f, batched=bt)
+                   for f in ("fp32", "fp16", "int") for bt in (False, True)})

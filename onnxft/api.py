@@ -23,8 +23,8 @@ from .campaigns.evaluate import evaluate as _evaluate
 from .campaigns.evaluate import replay as _replay
 from .campaigns.inspect import inspect_model
 from .passes.inject import SiteSelection, inject as _inject, selection_from_options
-from .runtime.data import Dataset, input_specs, load_npz
-from .runtime.model_io import check_writable, load_model, save_model
+from .runtime.data import DataError, Dataset, fixed_batch, input_specs, load_npz
+from .runtime.model_io import check_writable, external_data_dir, load_model, save_model
 
 __all__ = ["samples", "inspect", "inject", "evaluate", "bench", "replay", "load", "SiteSelection",
            "selection_from_options"]
@@ -92,7 +92,10 @@ def inject(model, output: str | Path, selection: SiteSelection | None = None, in
         check_writable(faults_output)
     m, name, _ = load(model)
     res = _inject(m, selection, int_widths=int_widths, logging=logging)
-    onnx.checker.check_model(res.model, full_check=True)
+    # A model over 2 GB keeps its weights on disk: the checker finds them only from the saved file.
+    external = external_data_dir(res.model) is not None
+    if not external:
+        onnx.checker.check_model(res.model, full_check=True)
     from .faults.sites import SiteTable
 
     table = SiteTable.from_model(res.model)
@@ -110,6 +113,7 @@ def inject(model, output: str | Path, selection: SiteSelection | None = None, in
         from .runtime.session import InjectionSession
 
         sess = InjectionSession(res.model, "cpu")
+        batch = fixed_batch(input_specs(m)) or batch
         plans = sess.plans(synthetic(input_specs(m), batch, seed))
         faults = sample_faults(plans, float(ber), trial_rng(seed, 0, 0))
         buf = io.BytesIO()
@@ -117,6 +121,8 @@ def inject(model, output: str | Path, selection: SiteSelection | None = None, in
         atomic_write(faults_output, buf.getvalue())
         info.update({"faults_output": str(faults_output), "flips": len(faults), "batch": batch})
     save_model(res.model, output)
+    if external:
+        onnx.checker.check_model(str(output), full_check=True)
     return info
 
 
@@ -126,6 +132,12 @@ def evaluate(model=None, data=None, bers: Iterable[float] = (0.0, 1e-9, 1e-8, 1e
              progress=None, fault_log: str | Path | None = None, threads: int | None = None) -> EvalResult:
     m, name, default = load(model)
     ds = _dataset(m, data, default, limit)
+    fixed = fixed_batch(input_specs(m))
+    if fixed is not None:  # a static-batch export: whole batches of exactly that size
+        batch = fixed
+        if len(ds) < fixed:
+            raise DataError(f"the model takes batches of exactly {fixed} items; the data holds {len(ds)}")
+        ds = ds.head(len(ds) - len(ds) % fixed)
     if fault_log is not None:
         check_writable(fault_log)
     result = _evaluate(m, ds, list(bers), trials, seed, metric, provider, batch, selection, int_widths,
@@ -139,6 +151,7 @@ def evaluate(model=None, data=None, bers: Iterable[float] = (0.0, 1e-9, 1e-8, 1e
 def bench(model, ber: float = 1e-8, batch: int = 8, provider: str = "auto", repeats: int = 20,
           seed: int = 0, data=None, threads: int | None = None) -> dict:
     m, name, default = load(model)
+    batch = fixed_batch(input_specs(m)) or batch
     feeds = None
     if data is not None:
         ds = _dataset(m, data, None)

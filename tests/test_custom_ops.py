@@ -28,11 +28,11 @@ FUNCTIONS = all_functions()
 # --------------------------------------------------------------------------------------------
 
 
-def run_function(name: str, inputs: list[tuple[str, np.ndarray]]):
+def run_function(name: str, inputs: list[tuple[str, np.ndarray]], **attrs):
     """Run operator ``name`` alone in a tiny opset-26 model; returns (Z, log)."""
     vis = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(a.dtype), list(a.shape))
            for n, a in inputs]
-    node = helper.make_node(name, [n for n, _ in inputs], ["Z", "log"], domain=FAULT_DOMAIN, name="op")
+    node = helper.make_node(name, [n for n, _ in inputs], ["Z", "log"], domain=FAULT_DOMAIN, name="op", **attrs)
     y = inputs[2 if "Faults" in name else 0][1]
     graph = helper.make_graph([node], "g", vis, [
         helper.make_tensor_value_info("Z", helper.np_dtype_to_tensor_dtype(y.dtype), list(y.shape)),
@@ -103,18 +103,20 @@ def gemm_inputs(plan, faults, A, B, Y, bias=None, quant=None):
     is_int = site.format == "int8"
     vals = {
         "A": A, "B": B, "Y": Y,
-        "a_base": col["a_base"][:, None], "a_off": feeds[names["a_off"]],
-        "b_base": col["b_base"][:, None], "b_off": feeds[names["b_off"]],
         "out_index": col["out_index"], "column": col["column"], "is_sum": col["is_sum"].astype(bool),
         "mask": col["mask"].astype(np.int64 if is_int else np.int32),
         "prev": col["prev"], "rank": col["rank"], "rounds": np.array(col["rank"].max() + 1, np.int64),
         "channel": col["channel"],
     }
-    order = list(GEMM_INPUTS)
     if site.kind == "conv":
-        vals.update({"bias": bias, "ih0": col["ih0"][:, None], "iw0": col["iw0"][:, None],
+        vals.update({"a_base": col["a_base"][:, None], "a_off": feeds[names["a_off"]],
+                     "b_base": col["b_base"][:, None], "b_off": feeds[names["b_off"]],
+                     "bias": bias, "ih0": col["ih0"][:, None], "iw0": col["iw0"][:, None],
                      "dh": feeds[names["dh"]], "dw": feeds[names["dw"]]})
-        order += CONV_INPUTS
+        order = list(CONV_INPUTS)
+    else:
+        vals.update({"a_row": col["a_row"], "b_col": col["b_col"]})
+        order = list(GEMM_INPUTS)
     if is_int:
         za, zb, sa, sb = quant
         vals.update({"za": za, "zb": zb, "sa": sa, "sb": sb, "width_mask": col["width_mask"]})
@@ -122,11 +124,13 @@ def gemm_inputs(plan, faults, A, B, Y, bias=None, quant=None):
     return [(n, np.asarray(vals[n])) for n in order]
 
 
-def check_operator(name, inputs, rtol):
-    z, log = run_function(name, inputs)
+def check_operator(name, inputs, rtol, **attrs):
+    z, log = run_function(name, inputs, **attrs)
     z_ref, log_ref = REFERENCES[name](*[a for _, a in inputs])
     assert z.dtype == z_ref.dtype
-    assert log.shape == log_ref.shape == (len(inputs[7][1]) if "Faults" in name else len(inputs[1][1]), 2)
+    named = dict(inputs)
+    index = named["out_index"] if "Faults" in name else named["index"]
+    assert log.shape == log_ref.shape == (len(index), 2)
     if "int" in name and "Faults" in name:
         # integer arithmetic is exact; the float update Y + float(change) * sa * sb is the same
         # sequence of binary32 operations in both
@@ -137,7 +141,7 @@ def check_operator(name, inputs, rtol):
     assert_close(z, z_ref, rtol, f"{name} Z")
     # elements without faults are untouched, bit for bit
     touched = np.zeros(z.size, bool)
-    touched[np.asarray(inputs[7][1] if "Faults" in name else inputs[1][1])] = True
+    touched[np.asarray(index)] = True
     y = inputs[2][1] if "Faults" in name else inputs[0][1]
     np.testing.assert_array_equal(z.reshape(-1)[~touched].view(np.uint8), y.reshape(-1)[~touched].view(np.uint8))
     return z, log
@@ -316,7 +320,20 @@ def test_gemm_faults_log_values_exact_fp32():
     z, log = run_function("GemmFaults_fp32", inputs)
     # element (item 0, element 2): row 0, col 2 -> product a[0,0,4]*b[4,2]
     p = np.float32(a[0, 0, 4] * b[4, 2])
-    out_index = inputs[7][1].tolist()
+    out_index = dict(inputs)["out_index"].tolist()
     f = out_index.index(2)
     assert log[f, 0] == p
     assert np.float32(log[f, 1]).view(np.uint32) == p.view(np.uint32) ^ np.uint32(1 << 30)
+
+
+def test_batched_gemm_faults_fp32():
+    """Activation x activation (attention): B has batch axes, columns are gathered from B^T."""
+    rng = np.random.default_rng(11)
+    a_shape, b_shape, y_shape = (2, 3, 5, 6), (2, 3, 6, 4), (2, 3, 5, 4)
+    site = make_site("gemm", "fp32", {"product": 32, "sum": 32}, ranks=(4, 4, 4))
+    plan = gemm_plan(site, a_shape, b_shape, y_shape)
+    a = rng.standard_normal(a_shape).astype(np.float32)
+    b = rng.standard_normal(b_shape).astype(np.float32)
+    faults = _mm_faults(plan, rng, 5e-3)
+    check_operator("BatchedGemmFaults_fp32", gemm_inputs(plan, faults, a, b, np.matmul(a, b)), rtol=1e-5,
+                   perm=[0, 1, 3, 2])

@@ -87,12 +87,12 @@ def evaluate(model: onnx.ModelProto, data: Dataset, bers: list[float], trials: i
     if trials < 1:
         raise ValueError("trials must be at least 1")
     res = inject(model, selection, int_widths=int_widths, logging=fault_log is not None)
-    sess = InjectionSession(res.model, provider, threads)
+    sess = InjectionSession(res.model, provider, threads, level="basic")
     n_items = len(data)
     starts = list(range(0, n_items, batch))
     # "clean" is the user's model as it is; the injection graph's own fault-free predictions are
     # the SDC baseline (so that BER 0 gives exactly 0 SDC).
-    original = make_session(model, provider, threads) if data.labels is not None else None
+    original = make_session(model, provider, threads, level="basic") if data.labels is not None else None
     clean_preds, plans_per_batch, clean_ok, graph_ok = [], [], 0, 0
     for j, s in enumerate(starts):
         feeds = data.batch(s, s + batch)
@@ -199,7 +199,7 @@ def replay(model: onnx.ModelProto, data: Dataset, record: dict, provider: str = 
            selection: SiteSelection | None = None, int_widths=(16, 32)) -> dict:
     """Re-run one logged trial; report whether its output is bit-identical to the logged one."""
     res = inject(model, selection, int_widths=int_widths)
-    sess = InjectionSession(res.model, provider)
+    sess = InjectionSession(res.model, provider, level="basic")
     feeds = data.batch(record["start"], record["stop"])
     plans = sess.plans(feeds)
     faults = faults_from_record(record, sess.table)

@@ -10,7 +10,7 @@ from collections import defaultdict
 import onnx
 
 from ..passes.inject import SiteSelection, inject
-from ..runtime.data import input_specs, synthetic
+from ..runtime.data import fixed_batch, input_specs, synthetic
 from ..runtime.session import InjectionSession
 
 
@@ -18,7 +18,8 @@ def inspect_model(model: onnx.ModelProto, selection: SiteSelection | None = None
                   int_widths=(16, 32), provider: str = "cpu") -> dict:
     res = inject(model, selection, int_widths=int_widths)
     sess = InjectionSession(res.model, provider)
-    feeds = synthetic(input_specs(model), 1)
+    specs = input_specs(model)
+    feeds = synthetic(specs, fixed_batch(specs) or 1)
     plans = sess.plans(feeds)
     sites = []
     totals = defaultdict(lambda: {"sites": 0, "operations": 0, "bits": 0})

@@ -226,18 +226,23 @@ def site_tables(plan: SitePlan, faults: Faults, site_index: int | None = None):
         a_base, b_base, channel, ih0, iw0, a_off, b_off, dh, dw = _conv_geometry(plan, o)
         extra_cols = [ih0, iw0]
         feeds[names["dh"]], feeds[names["dw"]] = dh, dw
+        feeds[names["a_off"]], feeds[names["b_off"]] = a_off, b_off
+        operands = [a_base, b_base]
     else:
-        a_base, b_base, channel, a_off, b_off = _matmul_geometry(plan, o)
+        a_row, b_col, channel = _matmul_geometry(plan, o)
         extra_cols = []
+        operands = [a_row, b_col]
     if site.format == "int8":
         extra_cols.append(np.where(is_sum, (1 << wa) - 1, (1 << wp) - 1))
-    cols = [a_base, b_base, o, column, is_sum, mask_col, prev, rank, channel] + extra_cols
+    cols = operands + [o, column, is_sum, mask_col, prev, rank, channel] + extra_cols
     feeds[names["faults"]] = np.stack([np.asarray(c, np.int64) for c in cols], axis=1)
-    feeds[names["a_off"]], feeds[names["b_off"]] = a_off, b_off
     return feeds, (o, t, masks)
 
 
 def _matmul_geometry(plan: SitePlan, o: np.ndarray):
+    """(row of A viewed [-1, K], column index for B, output column n) of each output element.
+
+    For a batched B the column index is the row of B^T viewed [-1, K] (BatchedGemmFaults)."""
     g = plan.geometry
     if g is None:  # per-shape constants, computed once per plan
         a, b, k = list(plan.a_shape), list(plan.b_shape), plan.k
@@ -246,24 +251,23 @@ def _matmul_geometry(plan: SitePlan, o: np.ndarray):
         batch = tuple(np.broadcast_shapes(tuple(a2[:-2]), tuple(b2[:-2])))
         y2 = batch + (a2[-2], b2[-1])
 
-        def strides(shape2, row_axis_used):
-            # stride of each y2 axis inside this operand (0 where broadcast or not indexed)
-            own = np.cumprod([1] + list(shape2[::-1]))[:-1][::-1]
+        def batch_rows(shape2, rows):
+            # rows contributed by each y2 axis in this operand's [-1, rows-per-matrix] view
             nb, off = len(shape2) - 2, len(batch) - (len(shape2) - 2)
             out = [0] * len(y2)
-            for i in range(nb):
-                out[i + off] = 0 if shape2[i] == 1 else int(own[i])
-            if row_axis_used:
-                out[-2] = int(own[-2])  # A: row m
-            else:
-                out[-1] = int(own[-1])  # B: column n
-            return np.array(out, np.int64)
+            stride = rows
+            for i in range(nb - 1, -1, -1):
+                out[i + off] = 0 if shape2[i] == 1 else stride
+                stride *= shape2[i]
+            return out
 
-        g = plan.geometry = {"y2": y2, "a": strides(a2, True), "b": strides(b2, False),
-                             "a_off": np.arange(k, dtype=np.int64),
-                             "b_off": np.arange(k, dtype=np.int64) * b2[-1]}
+        a_rows = batch_rows(a2, a2[-2])
+        a_rows[-2] = 1  # + m
+        b_rows = batch_rows(b2, b2[-1])
+        b_rows[-1] = 1  # + n
+        g = plan.geometry = {"y2": y2, "a": np.array(a_rows, np.int64), "b": np.array(b_rows, np.int64)}
     coords = np.stack(np.unravel_index(o, g["y2"]), axis=1)
-    return coords @ g["a"], coords @ g["b"], coords[:, -1], g["a_off"], g["b_off"]
+    return coords @ g["a"], coords @ g["b"], coords[:, -1]
 
 
 def _conv_geometry(plan: SitePlan, o: np.ndarray):

@@ -14,8 +14,9 @@ SITES_KEY = "onnxft.sites"
 SHAPES_OUTPUT = "onnxft.shapes"
 
 # Columns of a gemm/conv site's fault table (int64 [F, C]); shared by the sampler and the pass.
-GEMM_COLUMNS = ("a_base", "b_base", "out_index", "column", "is_sum", "mask", "prev", "rank", "channel")
-CONV_COLUMNS = ("ih0", "iw0")
+FAULT_COLUMNS = ("out_index", "column", "is_sum", "mask", "prev", "rank", "channel")
+GEMM_COLUMNS = ("a_row", "b_col") + FAULT_COLUMNS
+CONV_COLUMNS = ("a_base", "b_base") + FAULT_COLUMNS + ("ih0", "iw0")
 INT_COLUMNS = ("width_mask",)
 ELEMENTWISE_COLUMNS = ("index", "mask")
 
@@ -43,16 +44,14 @@ class Site:
     def columns(self) -> tuple[str, ...]:
         if self.kind == "elementwise":
             return ELEMENTWISE_COLUMNS
-        cols = GEMM_COLUMNS + (CONV_COLUMNS if self.kind == "conv" else ())
+        cols = CONV_COLUMNS if self.kind == "conv" else GEMM_COLUMNS
         return cols + (INT_COLUMNS if self.format == "int8" else ())
 
     def input_names(self) -> dict[str, str]:
         """Graph inputs that carry this site's faults (all default to empty tensors)."""
         names = {"faults": f"onnxft.{self.id}.faults"}
-        if self.kind != "elementwise":
-            names.update({k: f"onnxft.{self.id}.{k}" for k in ("a_off", "b_off")})
         if self.kind == "conv":
-            names.update({k: f"onnxft.{self.id}.{k}" for k in ("dh", "dw")})
+            names.update({k: f"onnxft.{self.id}.{k}" for k in ("a_off", "b_off", "dh", "dw")})
         return names
 
     def log_output(self) -> str:

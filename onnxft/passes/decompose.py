@@ -48,7 +48,9 @@ from typing import Callable, Iterable
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper, shape_inference
+from onnx.external_data_helper import uses_external_data
 
+from ..runtime.model_io import external_data_dir
 from .result import PassResult
 
 __all__ = ["decompose", "HANDLERS", "ORIGIN_KEY", "ORIGIN_NODE_KEY", "MIN_OPSET"]
@@ -98,6 +100,10 @@ class RewriteContext:
         graph_inputs = {i.name for i in graph.input}
         # An initializer that is also a graph input is only a default: not constant.
         self.constants = {t.name: t for t in graph.initializer if t.name not in graph_inputs}
+        # Exporters also give weights as Constant nodes, or through Identity (torch shares equal
+        # initializers that way, e.g. BatchNorm running_mean = Identity(bias)).
+        self.producers = {o: n for n in graph.node for o in n.output if n.op_type in ("Constant", "Identity")}
+        self.external_dir = external_data_dir(model)
         self.types: dict[str, onnx.TypeProto] = {}
         self.shape_inference_error: str | None = None
         try:
@@ -135,9 +141,9 @@ class RewriteContext:
         return len(t.tensor_type.shape.dim)
 
     def const_array(self, name: str) -> np.ndarray | None:
-        """Value of ``name`` if it is a constant initializer of the main graph."""
-        t = self.constants.get(name)
-        return None if t is None else numpy_helper.to_array(t)
+        """Value of ``name`` if it is constant: an initializer of the main graph (not a graph
+        input), a ``Constant`` node, or an ``Identity`` of one of those."""
+        return constant_value(name, self.constants, self.producers, self.external_dir)
 
     def is_used(self, name: str) -> bool:
         return bool(name) and name in self.consumed
@@ -208,6 +214,43 @@ Handler = Callable[[onnx.NodeProto, RewriteContext], Replacement]
 
 
 # ----------------------------------------------------------------------------- helpers
+
+_MAX_EXTERNAL_CONST = 64 << 20  # bytes: larger weights kept on disk are not read into the pass
+
+
+def constant_value(name: str, inits: dict, producers: dict, external_dir: str | None = None,
+                   depth: int = 0) -> np.ndarray | None:
+    """Value of tensor ``name`` if it is constant, else None.
+
+    ``inits``: constant initializers by name; ``producers``: node producing each tensor (only
+    ``Constant`` and ``Identity`` nodes matter). Weights kept in external data (models over
+    2 GB, see ``runtime.model_io``) are read from ``external_dir`` when small, else treated as
+    non-constant (the handlers then fall back to run-time ops).
+    """
+    t = inits.get(name)
+    if t is None:
+        n = producers.get(name)
+        if n is None or depth > 16:
+            return None
+        if n.op_type == "Identity" and n.domain in _DEFAULT_DOMAINS:
+            return constant_value(n.input[0], inits, producers, external_dir, depth + 1)
+        if n.op_type != "Constant" or n.domain not in _DEFAULT_DOMAINS or len(n.attribute) != 1:
+            return None
+        a = n.attribute[0]
+        if a.name == "value":
+            t = a.t
+        elif a.name in ("value_float", "value_floats", "value_int", "value_ints"):
+            v = helper.get_attribute_value(a)
+            return np.array(v, dtype=np.float32 if "float" in a.name else np.int64)
+        else:
+            return None
+    if uses_external_data(t):
+        nbytes = helper.tensor_dtype_to_np_dtype(t.data_type).itemsize * math.prod(t.dims)
+        if external_dir is None or nbytes > _MAX_EXTERNAL_CONST:
+            return None
+        return numpy_helper.to_array(t, base_dir=external_dir)
+    return numpy_helper.to_array(t)
+
 
 def _all_graphs(graph: onnx.GraphProto):
     yield graph

@@ -32,10 +32,12 @@ from onnx import TensorProto, helper, numpy_helper, shape_inference, version_con
 from ..custom_ops import FAULT_DOMAIN, FAULT_DOMAIN_VERSION, OPSET, all_functions
 from ..faults.sites import SHAPES_OUTPUT, SITES_KEY, Site, SiteTable
 from ..ops.registry import handler_for
-from .decompose import ORIGIN_KEY, ORIGIN_NODE_KEY, decompose
+from ..runtime.model_io import external_data_dir
+from .decompose import ORIGIN_KEY, ORIGIN_NODE_KEY, constant_value, decompose
 from .result import PassResult
 
 FORMATS = ("fp32", "fp16", "int8")
+_TWO_GB = 2**31 - 1
 _DTYPE_NAMES = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16",
                 TensorProto.INT8: "int8", TensorProto.UINT8: "uint8"}
 _ELEMENT_BITS = {"float32": 32, "float16": 16, "int8": 8, "uint8": 8}
@@ -94,14 +96,7 @@ class _Graph:
             self.types[name] = (t.data_type, len(t.dims))
 
     def const_value(self, name: str):
-        if name in self.inits:
-            return numpy_helper.to_array(self.inits[name])
-        n = self.producers.get(name)
-        if n is not None and n.op_type == "Constant":
-            for a in n.attribute:
-                if a.name == "value":
-                    return numpy_helper.to_array(a.t)
-        return None
+        return constant_value(name, self.inits, self.producers, external_data_dir(self.model))
 
 
 def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -110,6 +105,18 @@ def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     if opset is None:
         raise InjectError("the model imports no default ONNX opset")
+    if model.ByteSize() > _TWO_GB:
+        raise InjectError("the model is over 2 GB in memory: load it from its file with "
+                          "onnxft.runtime.model_io.load_model (or pass the path), which keeps the weights on disk")
+    if model.ir_version < 4:
+        # Before IR 4 initializers are constants that must also be listed as graph inputs; the
+        # version converter rejects them when they are not, and later IRs would read the listed
+        # ones as overridable inputs (so BatchNorm and Gemm could not be folded). Drop the listing.
+        inits = {t.name for t in model.graph.initializer}
+        keep = [i for i in model.graph.input if i.name not in inits]
+        del model.graph.input[:]
+        model.graph.input.extend(keep)
+        model.ir_version = 4
     if opset < OPSET:
         try:
             model = version_converter.convert_version(model, OPSET)
@@ -186,6 +193,9 @@ def _find_sites(g: _Graph, sel: SiteSelection, int_widths, result: PassResult):
             ranks = [out_rank, g.types.get(node.input[0], (0, None))[1], g.types.get(node.input[1], (0, None))[1]]
             if any(r is None for r in ranks):
                 result.skipped.append((label, "operand ranks unknown after shape inference"))
+                continue
+            if handler.kind == "gemm" and ranks[2] < 2:
+                result.skipped.append((label, "matrix-vector MatMul (1-D second operand) is not a site yet"))
                 continue
             conv = {}
             bias = False
@@ -275,12 +285,13 @@ def _clone(node: onnx.NodeProto, output: str, name: str) -> onnx.NodeProto:
     return n
 
 
-def _build_then(site: Site, node: onnx.NodeProto, extra: dict, g: _Graph, zero_bias: str, logging: bool):
-    """The then branch: the site's own node followed by its fault operator."""
+def _fault_nodes(site: Site, node: onnx.NodeProto, extra: dict, zero_bias: str, logging: bool):
+    """The site's own node (its output renamed) followed by its fault operator, which writes the
+    original output name so consumers are untouched."""
     p = _Nodes(f"onnxft.{site.id}")
     names = site.input_names()
     raw = f"onnxft.{site.id}/raw"
-    p.nodes.append(_clone(node, raw, f"{site.node}/faulty_path"))
+    p.nodes.append(_clone(node, raw, node.name or site.node))
     cols = {c: i for i, c in enumerate(site.columns())}
 
     def column(c):  # [F, 1]
@@ -290,7 +301,7 @@ def _build_then(site: Site, node: onnx.NodeProto, extra: dict, g: _Graph, zero_b
         v = p.op("Gather", names["faults"], p.op("Constant", value_int=cols[c]), axis=1)
         return p.op("Cast", v, to=to) if to is not None else v
 
-    fn_outputs = [f"onnxft.{site.id}/out", site.log_output() if logging else f"onnxft.{site.id}/log"]
+    fn_outputs = [node.output[0], site.log_output() if logging else f"onnxft.{site.id}/log"]
     if site.kind == "elementwise":
         mask_type = {"float32": TensorProto.INT32, "float16": TensorProto.INT16,
                      "int8": TensorProto.INT8, "uint8": TensorProto.UINT8}[site.dtype]
@@ -301,11 +312,17 @@ def _build_then(site: Site, node: onnx.NodeProto, extra: dict, g: _Graph, zero_b
         a, b = node.input[0], node.input[1]
         if site.format == "int8":
             a, b = extra["da"]["q"], extra["db"]["q"]
-        rounds = p.op("Add", p.op("ReduceMax", vec("rank"), keepdims=0), p.op("Constant", value_int=1))
+        # rounds = 1 + the largest rank; the appended 0 keeps ReduceMax off an empty tensor.
+        ranks = p.op("Concat", vec("rank"), p.op("Constant", value_ints=[0]), axis=0)
+        rounds = p.op("Add", p.op("ReduceMax", ranks, keepdims=0), p.op("Constant", value_int=1))
         mask_t = TensorProto.INT64 if site.format == "int8" else TensorProto.INT32
-        args = [a, b, raw, column("a_base"), names["a_off"], column("b_base"), names["b_off"],
-                vec("out_index"), vec("column"), vec("is_sum", TensorProto.BOOL), vec("mask", mask_t),
-                vec("prev"), vec("rank"), rounds, vec("channel")]
+        if site.kind == "conv":
+            operands = [column("a_base"), names["a_off"], column("b_base"), names["b_off"]]
+        else:
+            operands = [vec("a_row"), vec("b_col")]
+        args = [a, b, raw] + operands + [
+            vec("out_index"), vec("column"), vec("is_sum", TensorProto.BOOL), vec("mask", mask_t),
+            vec("prev"), vec("rank"), rounds, vec("channel")]
         if site.kind == "conv":
             bias = zero_bias
             if site.bias:
@@ -315,9 +332,19 @@ def _build_then(site: Site, node: onnx.NodeProto, extra: dict, g: _Graph, zero_b
             da, db = extra["da"], extra["db"]
             args += [da["zero"] or extra["za0"], db["zero"] or extra["zb0"], da["scale"], db["scale"],
                      vec("width_mask")]
-        op_name = ("Conv" if site.kind == "conv" else "Gemm") + f"Faults_{fmt}"
-        p.op(op_name, *args, domain=FAULT_DOMAIN, outputs=fn_outputs)
-    return p.nodes, fn_outputs
+        b_rank = site.shape_ranks[2]
+        attrs = {}
+        if site.kind == "conv":
+            op_name = f"ConvFaults_{fmt}"
+        elif b_rank >= 3:
+            op_name = f"BatchedGemmFaults_{fmt}"
+            attrs["perm"] = list(range(b_rank - 2)) + [b_rank - 1, b_rank - 2]
+        else:
+            op_name = f"GemmFaults_{fmt}"
+        p.op(op_name, *args, domain=FAULT_DOMAIN, outputs=fn_outputs, **attrs)
+    for n in p.nodes[1:]:  # fault nodes carry the site's name, for profiles and error messages
+        n.name = f"{site.node}/onnxft/{n.name.rsplit('/', 1)[-1]}"
+    return p.nodes
 
 
 def inject(model: onnx.ModelProto, selection: SiteSelection | None = None,
@@ -373,36 +400,17 @@ def inject(model: onnx.ModelProto, selection: SiteSelection | None = None,
             new_inputs.append(helper.make_tensor_value_info(name, TensorProto.INT64, [f"K_{site.id}"]))
             new_inits.append(numpy_helper.from_array(np.zeros((0,), np.int64), name))
 
-        pre = _Nodes(f"onnxft.{site.id}/gate")
-        has = pre.op("Greater", pre.op("Size", names["faults"]), pre.op("Constant", value=helper.make_tensor("zero", TensorProto.INT64, [], [0])))
-        then_nodes, fn_outs = _build_then(site, node, extra, g, zero_bias, logging)
-        out_elem = g.types.get(node.output[0], (TensorProto.FLOAT, None))[0]
-        out_rank = g.types.get(node.output[0], (None, None))[1]
-        then_outputs = [_vi(fn_outs[0], out_elem, out_rank)]
-        else_name = f"onnxft.{site.id}/clean"
-        else_nodes = [_clone(node, else_name, f"{site.node}/clean_path")]
-        else_outputs = [_vi(else_name, out_elem, out_rank)]
-        if_outputs = [node.output[0]]
+        new_nodes.extend(_fault_nodes(site, node, extra, zero_bias, logging))
         if logging:
-            empty_log = f"onnxft.{site.id}/nolog"
-            else_nodes.append(helper.make_node("Constant", [], [empty_log], name=f"{site.node}/nolog",
-                                               value=helper.make_tensor("e", TensorProto.DOUBLE, [0, 2], [])))
-            then_outputs.append(helper.make_tensor_value_info(fn_outs[1], TensorProto.DOUBLE, ["F", 2]))
-            else_outputs.append(helper.make_tensor_value_info(empty_log, TensorProto.DOUBLE, ["F", 2]))
-            if_outputs.append(site.log_output())
             log_outputs.append(helper.make_tensor_value_info(site.log_output(), TensorProto.DOUBLE, ["F", 2]))
-        then_g = helper.make_graph(then_nodes, f"onnxft_{site.id}_faulty", [], then_outputs)
-        else_g = helper.make_graph(else_nodes, f"onnxft_{site.id}_clean", [], else_outputs)
-        new_nodes.extend(pre.nodes)
-        new_nodes.append(helper.make_node("If", [has], if_outputs, name=site.node,
-                                          then_branch=then_g, else_branch=else_g))
         # Shapes for the sampler: output, and operands for gemm/conv.
         shape_src = [node.output[0]]
         if site.kind != "elementwise":
             shape_src += [node.input[0], node.input[1]]
         for t in shape_src:
-            shape_vecs.append(pre.op("Shape", t))
-        new_nodes.extend(pre.nodes[-len(shape_src):])
+            out = f"onnxft.{site.id}/shape{len(shape_vecs)}"
+            new_nodes.append(helper.make_node("Shape", [t], [out], name=f"{site.node}/onnxft/{out.rsplit('/', 1)[-1]}"))
+            shape_vecs.append(out)
         result.inserted.append(f"{site.id} {site.kind}/{site.format} {site.op_type} {site.node}")
 
     shapes_node = helper.make_node("Concat", shape_vecs, [SHAPES_OUTPUT], name="onnxft/shapes", axis=0)

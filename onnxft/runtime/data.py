@@ -56,6 +56,12 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
     return specs
 
 
+def fixed_batch(specs: list[InputSpec]) -> int | None:
+    """The only batch size a model exported with a static first axis accepts; None if any."""
+    sizes = {s.shape[0] if s.shape else None for s in specs}
+    return sizes.pop() if len(sizes) == 1 and None not in sizes else None
+
+
 def load_npz(path: str | Path, specs: list[InputSpec]) -> Dataset:
     """Read and check an .npz against the model's inputs; raise DataError with one clear line."""
     path = Path(path)
@@ -103,7 +109,8 @@ def synthetic(specs: list[InputSpec], batch: int, seed: int = 0) -> dict[str, np
     """Random inputs for benchmarking or inspecting a model without data.
 
     Dynamic non-batch axes become 16 (sequence length) ; integer inputs get small ids (valid as
-    token ids); inputs whose name contains ``mask`` get ones.
+    token ids); inputs whose name contains ``mask`` get ones, ``token_type`` or ``segment``
+    zeros (BERT's token-type vocabulary has two entries).
     """
     rng = np.random.default_rng(seed)
     out = {}
@@ -111,6 +118,8 @@ def synthetic(specs: list[InputSpec], batch: int, seed: int = 0) -> dict[str, np
         shape = [batch if i == 0 else (d if d is not None else 16) for i, d in enumerate(spec.shape)]
         if "mask" in spec.name.lower():
             out[spec.name] = np.ones(shape, spec.dtype)
+        elif "token_type" in spec.name.lower() or "segment" in spec.name.lower():
+            out[spec.name] = np.zeros(shape, spec.dtype)
         elif np.issubdtype(np.dtype(spec.dtype), np.integer):
             out[spec.name] = rng.integers(0, 100, size=shape).astype(spec.dtype)
         elif spec.dtype is np.bool_:

@@ -9,6 +9,7 @@ import onnx
 
 from ..faults.sampling import Faults, SitePlan, fault_feeds, make_plans
 from ..faults.sites import SHAPES_OUTPUT, SiteTable
+from .model_io import external_data_dir
 
 PROVIDERS = ("auto", "cpu", "cuda")
 
@@ -48,14 +49,23 @@ def _cuda_device_present() -> bool:
     return any(Path("/dev").glob("nvidia[0-9]*")) or bool(os.environ.get("ONNXFT_FORCE_CUDA"))
 
 
-def make_session(model: onnx.ModelProto | str | Path, provider: str = "auto", threads: int | None = None):
+def make_session(model: onnx.ModelProto | str | Path, provider: str = "auto", threads: int | None = None,
+                 level: str = "all"):
+    """An ORT session. ``level="basic"`` turns off ORT's fusions (QDQ -> integer kernels, NCHWc
+    convolutions, Gelu/LayerNorm fusion), whose arithmetic differs slightly from the graph's own;
+    campaigns use it so that the injection graph at BER 0 equals the original model bit for bit."""
     ort = _ort()
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    so.graph_optimization_level = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+                                   "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC}[level]
     if threads:
         so.intra_op_num_threads = int(threads)
         so.inter_op_num_threads = 1
     data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    ext_dir = external_data_dir(model) if isinstance(model, onnx.ModelProto) else None
+    if ext_dir is not None:  # a model over 2 GB whose weights stay on disk (model_io.load_model)
+        so.add_session_config_entry("session.model_external_initializers_file_folder_path", ext_dir)
     sess = ort.InferenceSession(data, so, providers=providers_for(provider))
     if provider == "cuda" and "CUDAExecutionProvider" not in sess.get_providers():
         raise RuntimeError_("onnxruntime could not start the CUDA provider on this machine")
@@ -69,9 +79,13 @@ class InjectionSession:
     (cached per shape); ``run(feeds, faults)`` runs it with a fault set.
     """
 
-    def __init__(self, model: onnx.ModelProto, provider: str = "auto", threads: int | None = None):
+    def __init__(self, model: onnx.ModelProto, provider: str = "auto", threads: int | None = None,
+                 level: str = "all"):
+        self.model = model
         self.table = SiteTable.from_model(model)
-        self.session = make_session(model, provider, threads)
+        self._options = (provider, threads, level)
+        self._sessions: dict[tuple, object] = {}
+        self.session = make_session(model, provider, threads, level)  # any shape; used for metadata
         self.input_names = [i.name for i in self.session.get_inputs() if not i.name.startswith("onnxft.")]
         outs = [o.name for o in self.session.get_outputs()]
         self.output_names = [o for o in outs if not o.startswith("onnxft.")]
@@ -82,9 +96,17 @@ class InjectionSession:
     def _key(self, feeds):
         return tuple((k, tuple(np.shape(v))) for k, v in sorted(feeds.items()))
 
+    def session_for(self, feeds):
+        """A session specialised to these input shapes. With every shape static, onnxruntime's
+        planner lets the fault scatters update a site's output in place instead of copying it."""
+        key = self._key(feeds)
+        if key not in self._sessions:
+            self._sessions[key] = make_session(with_static_inputs(self.model, feeds), *self._options)
+        return self._sessions[key]
+
     def clean(self, feeds: dict[str, np.ndarray]) -> tuple[list[np.ndarray], list[SitePlan]]:
         """Fault-free outputs and the site plans for this input shape."""
-        res = self.session.run(self.output_names + [SHAPES_OUTPUT], feeds)
+        res = self.session_for(feeds).run(self.output_names + [SHAPES_OUTPUT], feeds)
         batch = _batch_of(feeds)
         key = self._key(feeds)
         if key not in self._plans:
@@ -105,10 +127,31 @@ class InjectionSession:
         if with_log:
             if not self.table.logging:
                 raise RuntimeError_("this injection graph was built without fault logging")
-            res = self.session.run(self.output_names + self.log_names, full)
+            res = self.session_for(feeds).run(self.output_names + self.log_names, full)
             n = len(self.output_names)
             return res[:n], dict(zip(self.log_names, res[n:]))
-        return self.session.run(self.output_names, full)
+        return self.session_for(feeds).run(self.output_names, full)
+
+
+def with_static_inputs(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """A copy of ``model`` whose data inputs have the shapes of ``feeds`` (weights are shared
+    through serialisation, not deep-copied twice)."""
+    static = onnx.ModelProto()
+    saved = []
+    for vi in model.graph.input:
+        if vi.name in feeds:
+            saved.append((vi, onnx.TypeProto()))
+            saved[-1][1].CopyFrom(vi.type)
+            dims = vi.type.tensor_type.shape.dim
+            for d, size in zip(dims, np.shape(feeds[vi.name])):
+                d.Clear()
+                d.dim_value = int(size)
+    try:
+        static.ParseFromString(model.SerializeToString())
+    finally:
+        for vi, t in saved:
+            vi.type.CopyFrom(t)
+    return static
 
 
 def _batch_of(feeds) -> int:
