@@ -81,36 +81,86 @@ def _axis0_after(b: _Body, shape: str) -> str:
     return b.op("Concat", b.op("Slice", shape, b.const_ints([0]), b.const_ints([0])), b.const_ints([0]), axis=0)
 
 
+def _gated(outer: _Body, work: _Body, outputs: list[tuple[str, int]]) -> list[str]:
+    """Run ``work`` only when ``faults`` has rows: ``If(Size(faults) > 0)``. A fault-free site then
+    costs three tiny nodes. Returns the names of ``outputs`` (and the function output ``log``)."""
+    work_outs = [helper.make_tensor_value_info(n, t, None) for n, t in outputs]
+    work_outs.append(helper.make_tensor_value_info("work_log", TensorProto.DOUBLE, ["F", 2]))
+    idle_nodes, idle_outs = [], []
+    for n, t in outputs + [("work_log", TensorProto.DOUBLE)]:
+        shape = [0, 2] if n == "work_log" else [0]
+        idle_nodes.append(helper.make_node("Constant", [], [f"idle_{n}"], value=helper.make_tensor(f"e_{n}", t, shape, [])))
+        idle_outs.append(helper.make_tensor_value_info(f"idle_{n}", t, None))
+    has = outer.op("Greater", outer.op("Size", "faults"),
+                   outer.op("Constant", value=helper.make_tensor("z", TensorProto.INT64, [], [0])))
+    names = [f"{outer._prefix}_{n}" for n, _ in outputs]
+    outer.nodes.append(helper.make_node(
+        "If", [has], names + ["log"], then_branch=helper.make_graph(work.nodes, "faulty", [], work_outs),
+        else_branch=helper.make_graph(idle_nodes, "fault_free", [], idle_outs)))
+    return names
+
+
 def flip_bits_function(dtype: str) -> onnx.FunctionProto:
     elem = FLIP_DTYPES[dtype]
-    b = _Body("fb")
-    shape = b.op("Shape", "Y")
+    mask_type = {"float32": TensorProto.INT32, "float16": TensorProto.INT16, "int8": TensorProto.INT8,
+                 "uint8": TensorProto.UINT8}[dtype]
+    t = _Body("fb")
+    shape = t.op("Shape", "Y")
     # Flatten aliases Y's buffer and ScatterElements then updates it in place: a site without
-    # faults costs a few empty-tensor nodes, never a copy of Y (Reshape would copy).
-    flat = b.op("Flatten", "Y", axis=0)  # [1, N]
-    index = b.op("Unsqueeze", "index", _axis0_after(b, shape))  # [1, F]
-    vals = b.op("GatherElements", flat, index, axis=1)
+    # faults costs a few tiny nodes, never a copy of Y (Reshape would copy).
+    flat = t.op("Flatten", "Y", axis=0)  # [1, N]
+    w = _Body("fw")
+    _unpack(w, ELEMENTWISE_COLUMNS, {"mask": mask_type})
+    index = w.op("Unsqueeze", "index", w.const_ints([0]))  # [1, F]
+    vals = w.op("GatherElements", flat, index, axis=1)
     if elem in _FLOAT_BITS:
-        bits = b.op("BitCast", vals, to=_FLOAT_BITS[elem])
-        flipped = b.op("BitCast", b.op("BitwiseXor", bits, "mask"), to=elem)
+        bits = w.op("BitCast", vals, to=_FLOAT_BITS[elem])
+        flipped = w.op("BitCast", w.op("BitwiseXor", bits, "mask"), to=elem)
     else:
-        flipped = b.op("BitwiseXor", vals, "mask")
-    squeeze = b.const_ints([0])
-    _log(b, b.op("Squeeze", vals, squeeze), b.op("Squeeze", flipped, squeeze))
-    scattered = b.op("ScatterElements", flat, index, flipped, axis=1)
-    b.nodes.append(helper.make_node("Reshape", [scattered, shape], ["Z"]))
+        flipped = w.op("BitwiseXor", vals, "mask")
+    squeeze = w.const_ints([0])
+    _log(w, w.op("Squeeze", vals, squeeze), w.op("Squeeze", flipped, squeeze), name="work_log")
+    w.nodes.append(helper.make_node("Squeeze", [flipped, squeeze], ["work_flipped"]))
+    w.nodes.append(helper.make_node("Identity", ["index"], ["work_index"]))
+    flipped, index = _gated(t, w, [("work_flipped", elem), ("work_index", TensorProto.INT64)])
+    axes = _axis0_after(t, shape)
+    scattered = t.op("ScatterElements", flat, t.op("Unsqueeze", index, axes), t.op("Unsqueeze", flipped, axes),
+                     axis=1)
+    t.nodes.append(helper.make_node("Reshape", [scattered, shape], ["Z"]))
     return helper.make_function(
-        FAULT_DOMAIN, f"FlipBits_{dtype}", ["Y", "index", "mask"], ["Z", "log"], b.nodes,
+        FAULT_DOMAIN, f"FlipBits_{dtype}", ["Y", "faults"], ["Z", "log"], t.nodes,
         [helper.make_opsetid("", OPSET)],
-        doc_string="Flip the bits of mask[f] in element index[f] of the flattened Y.",
+        doc_string="Flip the bits of faults[f, 1] in element faults[f, 0] of the flattened Y.",
     )
 
 
-FAULT_INPUTS = ["out_index", "column", "is_sum", "mask", "prev", "rank", "rounds", "channel"]
-GEMM_INPUTS = ["A", "B", "Y", "a_row", "b_col"] + FAULT_INPUTS
-CONV_INPUTS = ["A", "B", "Y", "a_base", "a_off", "b_base", "b_off"] + FAULT_INPUTS + [
-    "bias", "ih0", "iw0", "dh", "dw"]
-INT_INPUTS = ["za", "zb", "sa", "sb", "width_mask"]
+# Columns of the int64 fault tables (one row per faulted operation); the sampler writes them.
+ELEMENTWISE_COLUMNS = ("index", "mask")
+FAULT_COLUMNS = ("out_index", "column", "is_sum", "mask", "prev", "rank", "channel")
+GEMM_COLUMNS = ("a_row", "b_col") + FAULT_COLUMNS
+CONV_COLUMNS = ("a_base", "b_base") + FAULT_COLUMNS + ("ih0", "iw0")
+INT_COLUMNS = ("width_mask",)
+# Column vectors [F] vs. column matrices [F, 1] (these broadcast against [K] offsets).
+_MATRIX_COLUMNS = ("a_base", "b_base", "ih0", "iw0")
+
+GEMM_INPUTS = ["A", "B", "Y", "faults"]
+CONV_INPUTS = ["A", "B", "Y", "faults", "a_off", "b_off", "dh", "dw", "bias"]
+INT_INPUTS = ["za", "zb", "sa", "sb"]
+
+
+def table_columns(conv: bool, is_int: bool) -> tuple[str, ...]:
+    return (CONV_COLUMNS if conv else GEMM_COLUMNS) + (INT_COLUMNS if is_int else ())
+
+
+def _unpack(b: "_Body", columns, types: dict | None = None) -> None:
+    """Name each column of ``faults`` after itself (the rest of the body reads those names)."""
+    types = types or {}
+    for i, name in enumerate(columns):
+        index = b.const_ints([i]) if name in _MATRIX_COLUMNS else b.const_int(i)
+        col = b.op("Gather", "faults", index, axis=1)
+        to = types.get(name)
+        b.nodes.append(helper.make_node("Cast", [col], [name], to=to) if to is not None
+                       else helper.make_node("Identity", [col], [name]))
 
 
 def _flip_float32(b: _Body, v: str, mask: str) -> str:
@@ -159,6 +209,10 @@ def gemm_faults_function(fmt: str, conv: bool = False, batched: bool = False) ->
     b = _Body("gf")
     is_int = fmt == "int"
     minus1 = b.const_ints([-1])
+    _unpack(b, table_columns(conv, is_int),
+            {"is_sum": TensorProto.BOOL, "mask": None if is_int else TensorProto.INT32})
+    # rounds = 1 + the largest rank (faults of one element are applied in rank order)
+    b.nodes.append(helper.make_node("Add", [b.op("ReduceMax", "rank", keepdims=0), b.const_int(1)], ["rounds"]))
     if not conv:
         # Operand rows are contiguous: gather whole rows (Flatten aliases, Reshape could copy).
         a_vals = b.op("Gather", b.op("Flatten", "A", axis=-1), "a_row", axis=0)  # [F, K]
@@ -285,23 +339,12 @@ def gemm_faults_function(fmt: str, conv: bool = False, batched: bool = False) ->
                      _per_channel(b, "sb", minus1))
         change = b.op("Mul", b.op("Cast", change, to=TensorProto.FLOAT), scale)
     b.nodes.append(helper.make_node("Cast", [change], ["work_change"], to=TensorProto.FLOAT))
-    work = helper.make_graph(b.nodes, "faulty", [], [
-        helper.make_tensor_value_info("work_change", TensorProto.FLOAT, ["F"]),
-        helper.make_tensor_value_info("work_log", TensorProto.DOUBLE, ["F", 2])])
-    idle = helper.make_graph([
-        helper.make_node("Constant", [], ["idle_change"], value=helper.make_tensor("c", TensorProto.FLOAT, [0], [])),
-        helper.make_node("Constant", [], ["idle_log"], value=helper.make_tensor("l", TensorProto.DOUBLE, [0, 2], []))],
-        "fault_free", [], [helper.make_tensor_value_info("idle_change", TensorProto.FLOAT, ["F"]),
-                           helper.make_tensor_value_info("idle_log", TensorProto.DOUBLE, ["F", 2])])
-    # The work runs only when this site has faults; the update is a scatter into Y's own buffer.
+    b.nodes.append(helper.make_node("Identity", ["out_index"], ["work_index"]))
     t = _Body("gt")
-    has = t.op("Greater", t.op("Size", "out_index"),
-               t.op("Constant", value=helper.make_tensor("z", TensorProto.INT64, [], [0])))
-    change = "gt_change"
-    t.nodes.append(helper.make_node("If", [has], [change, "log"], then_branch=work, else_branch=idle))
+    change, index = _gated(t, b, [("work_change", TensorProto.FLOAT), ("work_index", TensorProto.INT64)])
     y_shape = t.op("Shape", "Y")
     y_flat = t.op("Flatten", "Y", axis=0)  # aliases Y
-    index = t.op("Unsqueeze", "out_index", _axis0_after(t, y_shape))
+    index = t.op("Unsqueeze", index, _axis0_after(t, y_shape))
     update = t.op("Unsqueeze", change, t.const_ints([0]))
     if fmt == "fp16":  # onnxruntime's CPU ScatterElements has no float16 'add': add in fp32, cast back
         y32 = t.op("ScatterElements", t.op("Cast", y_flat, to=TensorProto.FLOAT), index, update, axis=1,

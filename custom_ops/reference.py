@@ -216,30 +216,46 @@ def gemm_faults(fmt, A, B, Y, a_base, a_off, b_base, b_off, out_index, column, i
 
 
 def _flip_ref(name):
-    def fn(Y, index, mask):
-        return flip_bits(Y, index, mask)
+    def fn(Y, faults):
+        faults = np.asarray(faults, np.int64).reshape(-1, 2)
+        return flip_bits(Y, faults[:, 0], faults[:, 1])
     fn.__name__ = name
     return fn
 
 
+def _columns(faults, names):
+    faults = np.asarray(faults, np.int64).reshape(-1, len(names))
+    return {n: faults[:, i] for i, n in enumerate(names)}
+
+
 def _gemm_ref(fmt, conv=False, batched=False):
     """Reference of ConvFaults_* (index-based operands) and (Batched)GemmFaults_* (row gathers)."""
-    n_q = 5 if fmt == "int" else 0
+    from .functions import table_columns
+
+    is_int = fmt == "int"
 
     def fn(*inputs):
+        A, B, Y, faults = (np.asarray(v) for v in inputs[:4])
+        c = _columns(faults, table_columns(conv, is_int))
+        rest = [c["out_index"], c["column"], c["is_sum"].astype(bool), c["mask"], c["prev"], c["rank"],
+                np.int64(c["rank"].max() + 1 if len(c["rank"]) else 0), c["channel"]]
+        q = None
         if conv:
-            base, c, q = inputs[:15], tuple(inputs[15:20]), inputs[20:20 + n_q]
-            return gemm_faults(fmt, *base, conv=c, quant=tuple(q) if q else None)
-        A, B, Y, a_row, b_col = (np.asarray(v) for v in inputs[:5])
-        rest, q = inputs[5:13], inputs[13:13 + n_q]
+            a_off, b_off, dh, dw, bias = inputs[4:9]
+            if is_int:
+                q = tuple(inputs[9:13]) + (c["width_mask"],)
+            return gemm_faults(fmt, A, B, Y, c["a_base"][:, None], a_off, c["b_base"][:, None], b_off, *rest,
+                               conv=(bias, c["ih0"][:, None], c["iw0"][:, None], dh, dw), quant=q)
+        if is_int:
+            q = tuple(inputs[4:8]) + (c["width_mask"],)
         k = A.shape[-1]
-        a_base, a_off = np.asarray(a_row, np.int64) * k, np.arange(k, dtype=np.int64)
+        a_base, a_off = c["a_row"] * k, np.arange(k, dtype=np.int64)
         if batched:  # rows of B^T viewed [-1, K]
             B = np.ascontiguousarray(np.swapaxes(B, -1, -2))
-            b_base, b_off = np.asarray(b_col, np.int64) * k, np.arange(k, dtype=np.int64)
+            b_base, b_off = c["b_col"] * k, np.arange(k, dtype=np.int64)
         else:  # column n of B [K, N]
-            b_base, b_off = np.asarray(b_col, np.int64), np.arange(k, dtype=np.int64) * B.shape[-1]
-        return gemm_faults(fmt, A, B, Y, a_base, a_off, b_base, b_off, *rest, quant=tuple(q) if q else None)
+            b_base, b_off = c["b_col"], np.arange(k, dtype=np.int64) * B.shape[-1]
+        return gemm_faults(fmt, A, B, Y, a_base, a_off, b_base, b_off, *rest, quant=q)
     fn.__name__ = ("Conv" if conv else "BatchedGemm" if batched else "Gemm") + f"Faults_{fmt}"
     return fn
 

@@ -15,7 +15,6 @@ import pytest
 from onnx import TensorProto, helper
 
 from onnxft.custom_ops import FAULT_DOMAIN, FAULT_DOMAIN_VERSION, OPSET, all_functions
-from onnxft.custom_ops.functions import CONV_INPUTS, GEMM_INPUTS, INT_INPUTS
 from onnxft.custom_ops.reference import REFERENCES
 from onnxft.faults.sampling import Faults, SitePlan, sample_faults, site_tables
 from onnxft.faults.sites import Site
@@ -98,38 +97,31 @@ def gemm_inputs(plan, faults, A, B, Y, bias=None, quant=None):
     site = plan.site
     feeds, _ = site_tables(plan, faults, 0)
     names = site.input_names()
-    table = feeds[names["faults"]]
-    col = {c: table[:, i] for i, c in enumerate(site.columns())}
-    is_int = site.format == "int8"
-    vals = {
-        "A": A, "B": B, "Y": Y,
-        "out_index": col["out_index"], "column": col["column"], "is_sum": col["is_sum"].astype(bool),
-        "mask": col["mask"].astype(np.int64 if is_int else np.int32),
-        "prev": col["prev"], "rank": col["rank"], "rounds": np.array(col["rank"].max() + 1, np.int64),
-        "channel": col["channel"],
-    }
+    inputs = [("A", A), ("B", B), ("Y", Y), ("faults", feeds[names["faults"]])]
     if site.kind == "conv":
-        vals.update({"a_base": col["a_base"][:, None], "a_off": feeds[names["a_off"]],
-                     "b_base": col["b_base"][:, None], "b_off": feeds[names["b_off"]],
-                     "bias": bias, "ih0": col["ih0"][:, None], "iw0": col["iw0"][:, None],
-                     "dh": feeds[names["dh"]], "dw": feeds[names["dw"]]})
-        order = list(CONV_INPUTS)
-    else:
-        vals.update({"a_row": col["a_row"], "b_col": col["b_col"]})
-        order = list(GEMM_INPUTS)
-    if is_int:
-        za, zb, sa, sb = quant
-        vals.update({"za": za, "zb": zb, "sa": sa, "sb": sb, "width_mask": col["width_mask"]})
-        order += INT_INPUTS
-    return [(n, np.asarray(vals[n])) for n in order]
+        inputs += [("a_off", feeds[names["a_off"]]), ("b_off", feeds[names["b_off"]]),
+                   ("dh", feeds[names["dh"]]), ("dw", feeds[names["dw"]]), ("bias", bias)]
+    if site.format == "int8":
+        inputs += list(zip(("za", "zb", "sa", "sb"), quant))
+    return [(n, np.asarray(v)) for n, v in inputs]
+
+
+def _column(inputs, name):
+    """One column of the fault table among ``inputs``."""
+    named = dict(inputs)
+    faults = named["faults"]
+    if faults.shape[1] == 2:
+        return faults[:, ("index", "mask").index(name)]
+    from onnxft.custom_ops.functions import table_columns
+    cols = table_columns("a_off" in named, "za" in named)
+    return faults[:, cols.index(name)]
 
 
 def check_operator(name, inputs, rtol, **attrs):
     z, log = run_function(name, inputs, **attrs)
     z_ref, log_ref = REFERENCES[name](*[a for _, a in inputs])
     assert z.dtype == z_ref.dtype
-    named = dict(inputs)
-    index = named["out_index"] if "Faults" in name else named["index"]
+    index = _column(inputs, "out_index" if "Faults" in name else "index")
     assert log.shape == log_ref.shape == (len(index), 2)
     if "int" in name and "Faults" in name:
         # integer arithmetic is exact; the float update Y + float(change) * sa * sb is the same
@@ -176,10 +168,10 @@ def test_flip_bits(dtype):
     umask[:4] = [1 << (width - 1), 1 << (width - 2), 1, (1 << width) - 1]  # sign, top exponent, lsb, all
     mask = umask.astype(np.uint64).astype({8: np.uint8, 16: np.uint16, 32: np.uint32}[width]).view(_MASK_DTYPE[dtype]) \
         if dtype != "uint8" else umask.astype(np.uint8)
-    inputs = [("Y", y), ("index", index), ("mask", mask)]
+    inputs = [("Y", y), ("faults", np.stack([index, mask.astype(np.int64)], axis=1))]
     z, log = check_operator(f"FlipBits_{dtype}", inputs, rtol=0)
     # the function itself is an exact XOR: compare bit patterns too
-    ref_z, _ = REFERENCES[f"FlipBits_{dtype}"](y, index, mask)
+    ref_z, _ = REFERENCES[f"FlipBits_{dtype}"](y, inputs[1][1])
     np.testing.assert_array_equal(z.view(np.uint8), ref_z.view(np.uint8))
     u = {8: np.uint8, 16: np.uint16, 32: np.uint32}[width]
     np.testing.assert_array_equal(z.reshape(-1).view(u)[index] ^ y.reshape(-1).view(u)[index], umask.astype(u))
@@ -187,8 +179,7 @@ def test_flip_bits(dtype):
 
 def test_flip_bits_empty():
     y = np.arange(6, dtype=np.float32).reshape(2, 3)
-    z, log = run_function("FlipBits_float32", [("Y", y), ("index", np.zeros(0, np.int64)),
-                                               ("mask", np.zeros(0, np.int32))])
+    z, log = run_function("FlipBits_float32", [("Y", y), ("faults", np.zeros((0, 2), np.int64))])
     np.testing.assert_array_equal(z, y)
     assert log.shape == (0, 2)
 
@@ -320,7 +311,7 @@ def test_gemm_faults_log_values_exact_fp32():
     z, log = run_function("GemmFaults_fp32", inputs)
     # element (item 0, element 2): row 0, col 2 -> product a[0,0,4]*b[4,2]
     p = np.float32(a[0, 0, 4] * b[4, 2])
-    out_index = dict(inputs)["out_index"].tolist()
+    out_index = _column(inputs, "out_index").tolist()
     f = out_index.index(2)
     assert log[f, 0] == p
     assert np.float32(log[f, 1]).view(np.uint32) == p.view(np.uint32) ^ np.uint32(1 << 30)

@@ -13,12 +13,10 @@ import onnx
 SITES_KEY = "onnxft.sites"
 SHAPES_OUTPUT = "onnxft.shapes"
 
-# Columns of a gemm/conv site's fault table (int64 [F, C]); shared by the sampler and the pass.
-FAULT_COLUMNS = ("out_index", "column", "is_sum", "mask", "prev", "rank", "channel")
-GEMM_COLUMNS = ("a_row", "b_col") + FAULT_COLUMNS
-CONV_COLUMNS = ("a_base", "b_base") + FAULT_COLUMNS + ("ih0", "iw0")
-INT_COLUMNS = ("width_mask",)
-ELEMENTWISE_COLUMNS = ("index", "mask")
+# Columns of a site's fault table (int64 [F, C]): defined by the operators that read them.
+from ..custom_ops.functions import (  # noqa: E402
+    CONV_COLUMNS, ELEMENTWISE_COLUMNS, GEMM_COLUMNS, INT_COLUMNS,
+)
 
 
 @dataclass

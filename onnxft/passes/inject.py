@@ -292,46 +292,23 @@ def _fault_nodes(site: Site, node: onnx.NodeProto, extra: dict, zero_bias: str, 
     names = site.input_names()
     raw = f"onnxft.{site.id}/raw"
     p.nodes.append(_clone(node, raw, node.name or site.node))
-    cols = {c: i for i, c in enumerate(site.columns())}
-
-    def column(c):  # [F, 1]
-        return p.op("Gather", names["faults"], p.op("Constant", value_ints=[cols[c]]), axis=1)
-
-    def vec(c, to=None):  # [F]
-        v = p.op("Gather", names["faults"], p.op("Constant", value_int=cols[c]), axis=1)
-        return p.op("Cast", v, to=to) if to is not None else v
-
     fn_outputs = [node.output[0], site.log_output() if logging else f"onnxft.{site.id}/log"]
     if site.kind == "elementwise":
-        mask_type = {"float32": TensorProto.INT32, "float16": TensorProto.INT16,
-                     "int8": TensorProto.INT8, "uint8": TensorProto.UINT8}[site.dtype]
-        p.op(f"FlipBits_{site.dtype}", raw, vec("index"), vec("mask", mask_type),
-             domain=FAULT_DOMAIN, outputs=fn_outputs)
+        p.op(f"FlipBits_{site.dtype}", raw, names["faults"], domain=FAULT_DOMAIN, outputs=fn_outputs)
     else:
         fmt = {"fp32": "fp32", "fp16": "fp16", "int8": "int"}[site.format]
         a, b = node.input[0], node.input[1]
         if site.format == "int8":
             a, b = extra["da"]["q"], extra["db"]["q"]
-        # rounds = 1 + the largest rank; the appended 0 keeps ReduceMax off an empty tensor.
-        ranks = p.op("Concat", vec("rank"), p.op("Constant", value_ints=[0]), axis=0)
-        rounds = p.op("Add", p.op("ReduceMax", ranks, keepdims=0), p.op("Constant", value_int=1))
-        mask_t = TensorProto.INT64 if site.format == "int8" else TensorProto.INT32
-        if site.kind == "conv":
-            operands = [column("a_base"), names["a_off"], column("b_base"), names["b_off"]]
-        else:
-            operands = [vec("a_row"), vec("b_col")]
-        args = [a, b, raw] + operands + [
-            vec("out_index"), vec("column"), vec("is_sum", TensorProto.BOOL), vec("mask", mask_t),
-            vec("prev"), vec("rank"), rounds, vec("channel")]
+        args = [a, b, raw, names["faults"]]
         if site.kind == "conv":
             bias = zero_bias
             if site.bias:
                 bias = extra["bias_q"] if site.format == "int8" else node.input[2]
-            args += [bias, column("ih0"), column("iw0"), names["dh"], names["dw"]]
+            args += [names["a_off"], names["b_off"], names["dh"], names["dw"], bias]
         if site.format == "int8":
             da, db = extra["da"], extra["db"]
-            args += [da["zero"] or extra["za0"], db["zero"] or extra["zb0"], da["scale"], db["scale"],
-                     vec("width_mask")]
+            args += [da["zero"] or extra["za0"], db["zero"] or extra["zb0"], da["scale"], db["scale"]]
         b_rank = site.shape_ranks[2]
         attrs = {}
         if site.kind == "conv":
