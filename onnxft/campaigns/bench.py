@@ -14,7 +14,7 @@ import onnx
 from ..faults.sampling import Faults, sample_faults
 from ..passes.inject import SiteSelection, inject
 from ..runtime.data import input_specs, synthetic
-from ..runtime.session import InjectionSession, make_session
+from ..runtime.session import InjectionSession, make_session, with_static_inputs
 from .evaluate import trial_rng
 
 
@@ -26,7 +26,8 @@ def bench(model: onnx.ModelProto, ber: float = 1e-8, batch: int = 8, provider: s
     if batch < 1 or repeats < 1:
         raise ValueError("batch and repeats must be at least 1")
     feeds = feeds if feeds is not None else synthetic(input_specs(model), batch, seed)
-    clean = make_session(model, provider, threads)
+    # Both sessions see static input shapes, so both get onnxruntime's static memory planning.
+    clean = make_session(with_static_inputs(model, feeds), provider, threads)
     injected = InjectionSession(inject(model, selection).model, provider, threads)
     plans = injected.plans(feeds)
     out_names = [o.name for o in clean.get_outputs()]
