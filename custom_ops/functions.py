@@ -269,9 +269,22 @@ def gemm_faults_function(fmt: str, conv: bool = False, batched: bool = False) ->
         with_bias = b.op("Add", last, bias)
     else:
         with_bias = last
-    table = b.op("Concat", prods, sums, with_bias, axis=1)  # [F, 2K+1]
-    clean = b.op("Squeeze", b.op("GatherElements", table, b.op("Unsqueeze", "column", b.const_ints([1])),
-                                 axis=1), b.const_ints([1]))  # [F]
+    # The clean value of each faulted operation: column c < K is product p_c, K <= c < 2K the
+    # partial sum s_{c-K}, c == 2K the bias add (picked without concatenating [F, 2K+1] tables).
+    col = b.op("Unsqueeze", "column", b.const_ints([1]))  # [F, 1]
+    k = b.op("Gather", b.op("Shape", prods), b.const_int(1))
+    k_minus1 = b.op("Sub", k, b.const_int(1))
+    zero = b.op("Sub", k, k)
+    p_val = b.op("GatherElements", prods, b.op("Min", col, k_minus1), axis=1)
+    s_val = b.op("GatherElements", sums, b.op("Min", b.op("Max", b.op("Sub", col, k), zero), k_minus1), axis=1)
+    # Select by gathering from [F, 2 or 3] (onnxruntime's Where can turn a -0 into +0).
+    pick = b.op("Cast", b.op("GreaterOrEqual", col, k), to=TensorProto.INT64)
+    choices = [p_val, s_val]
+    if conv:
+        pick = b.op("Add", pick, b.op("Cast", b.op("Equal", col, b.op("Add", k, k)), to=TensorProto.INT64))
+        choices.append(with_bias)
+    clean = b.op("Squeeze", b.op("GatherElements", b.op("Concat", *choices, axis=1), pick, axis=1),
+                 b.const_ints([1]))  # [F]
 
     # Faults of one output element must be applied in execution order. Chains are rare, so the
     # loop over ranks runs only when some element has several faults (rounds > 1).

@@ -21,6 +21,8 @@ class RuntimeError_(RuntimeError):
 def _ort():
     import onnxruntime as ort
 
+    ort.set_default_logger_severity(3)  # onnxruntime's warnings are not the user's business
+
     if hasattr(ort, "preload_dlls") and _cuda_device_present():
         try:  # onnxruntime-gpu: load CUDA/cuDNN from pip wheels where present; harmless otherwise
             ort.preload_dlls(directory="")
@@ -36,6 +38,8 @@ def providers_for(name: str) -> list[str]:
     if name == "cpu":
         return ["CPUExecutionProvider"]
     if name == "cuda":
+        if not _cuda_device_present():
+            raise RuntimeError_("no CUDA device on this machine (use --provider cpu or auto)")
         if "CUDAExecutionProvider" not in available:
             raise RuntimeError_("the CUDA provider is not available (install onnxruntime-gpu and a CUDA driver)")
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
