@@ -29,7 +29,8 @@ whose exporter is missing is reported as SKIP and does not fail the run unless -
   whose initializers are listed as graph inputs (as IR 3 requires);
 * big: a chain of nine 8192x8192 float32 MatMuls (2.25 GiB of weights in external data), written
   tensor by tensor (little memory) in the layout onnx.save_model(save_as_external_data=True)
-  produces. Needs about 6 GB of memory and 7 GB of disk; removed afterwards unless --keep.
+  produces. Needs about 10 GB of memory (peak RSS measured: onnxruntime holds more than one
+  session over the weights) and 5 GB of disk; removed afterwards unless --keep.
 
 timm imports torchvision (for FrozenBatchNorm2d and data transforms only); where torchvision is
 not installed, a stand-in module is registered so that model creation works.

@@ -235,6 +235,8 @@ def _find_sites(g: _Graph, sel: SiteSelection, int_widths, result: PassResult):
                 out, out_rank = q_out, g.types[q_out][1]
             elif elem in (TensorProto.FLOAT, TensorProto.FLOAT16):
                 fmt, dtype = ("fp32", "float32") if elem == TensorProto.FLOAT else ("fp16", "float16")
+            elif elem in (TensorProto.INT64, TensorProto.INT32, TensorProto.BOOL):
+                continue  # shape and index arithmetic, not the network's data path
             else:
                 result.skipped.append((label, f"output type {elem} is not a float or quantized tensor"))
                 continue

@@ -8,6 +8,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from ..runtime.model_io import file_mode
+
 
 def atomic_write(path: str | Path, data: bytes | str) -> Path:
     path = Path(path)
@@ -15,6 +17,7 @@ def atomic_write(path: str | Path, data: bytes | str) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -123,12 +123,20 @@ def save_model(model: onnx.ModelProto, path: str | Path) -> Path:
             os.replace(tmp_data, path.parent / data_name)
         else:
             onnx.save_model(model, tmp)
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     return path
+
+
+def file_mode() -> int:
+    """Permissions of a newly created file under the current umask (mkstemp makes 0600 files)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def _fits_bytesize(model) -> bool:
@@ -172,6 +180,7 @@ def _save_keeping_external(model: onnx.ModelProto, path: Path) -> Path:
     os.close(fd)
     try:
         onnx.save_model(model, tmp)
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -88,14 +88,14 @@ class InjectionSession:
         self.model = model
         self.table = SiteTable.from_model(model)
         self._options = (provider, threads, level)
-        self._sessions: dict[tuple, object] = {}
-        self.session = make_session(model, provider, threads, level)  # any shape; used for metadata
-        self.input_names = [i.name for i in self.session.get_inputs() if not i.name.startswith("onnxft.")]
-        outs = [o.name for o in self.session.get_outputs()]
-        self.output_names = [o for o in outs if not o.startswith("onnxft.")]
+        self._sessions: dict[tuple, object] = {}  # one per input shape (see session_for)
+        inits = {t.name for t in model.graph.initializer}
+        self.input_names = [i.name for i in model.graph.input
+                            if i.name not in inits and not i.name.startswith("onnxft.")]
+        self.output_names = [o.name for o in model.graph.output if not o.name.startswith("onnxft.")]
         self.log_names = [s.log_output() for s in self.table.sites] if self.table.logging else []
         self._plans: dict[tuple, list[SitePlan]] = {}
-        self.providers = self.session.get_providers()
+        self.providers = providers_for(provider)
 
     def _key(self, feeds):
         return tuple((k, tuple(np.shape(v))) for k, v in sorted(feeds.items()))
@@ -106,6 +106,7 @@ class InjectionSession:
         key = self._key(feeds)
         if key not in self._sessions:
             self._sessions[key] = make_session(with_static_inputs(self.model, feeds), *self._options)
+            self.providers = self._sessions[key].get_providers()
         return self._sessions[key]
 
     def clean(self, feeds: dict[str, np.ndarray]) -> tuple[list[np.ndarray], list[SitePlan]]:
