@@ -577,8 +577,8 @@ def test_softmax_layernorm_internal_sites():
     assert {s.origin for s in sess.table.sites} == {"Softmax", "LayerNormalization"}
     x = (rng.standard_normal((3, 6, D)) * 2).astype(np.float32)
     feeds = {"x": x}
-    check_ber0(sess, decompose(prepare(model)).model, feeds)
-    np.testing.assert_allclose(sess.clean(feeds)[0][0], plain_run(model, feeds)[0], rtol=1e-4, atol=1e-4)
+    # Fault-free, the fused ops run as themselves: BER 0 is the original model bit for bit.
+    check_ber0(sess, model, feeds)
     plans = sess.plans(feeds)
     shapes = {p.site.output: p.out_shape for p in plans}
     exp_, div, sqrt = site_index(sess, "Exp"), site_index(sess, "Div", "sm"), site_index(sess, "Sqrt")

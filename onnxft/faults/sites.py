@@ -12,6 +12,7 @@ import onnx
 
 SITES_KEY = "onnxft.sites"
 SHAPES_OUTPUT = "onnxft.shapes"
+PROBE_INPUT = "onnxft.probe"  # True: take every decomposed path, so that onnxft.shapes is complete
 
 # Columns of a site's fault table (int64 [F, C]): defined by the operators that read them.
 from ..custom_ops.functions import (  # noqa: E402

@@ -30,7 +30,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper, shape_inference, version_converter
 
 from ..custom_ops import FAULT_DOMAIN, FAULT_DOMAIN_VERSION, OPSET, all_functions
-from ..faults.sites import SHAPES_OUTPUT, SITES_KEY, Site, SiteTable
+from ..faults.sites import PROBE_INPUT, SHAPES_OUTPUT, SITES_KEY, Site, SiteTable
 from ..ops.registry import handler_for
 from ..runtime.model_io import external_data_dir
 from .decompose import ORIGIN_KEY, ORIGIN_NODE_KEY, constant_value, decompose
@@ -326,6 +326,73 @@ def _fault_nodes(site: Site, node: onnx.NodeProto, extra: dict, zero_bias: str, 
     return p.nodes
 
 
+def _group_of(node: onnx.NodeProto) -> str | None:
+    """The fused op a decomposed node came from (None for the model's own nodes)."""
+    props = {p.key: p.value for p in node.metadata_props}
+    return props.get(ORIGIN_NODE_KEY)
+
+
+def _log_vi(site: Site):
+    return helper.make_tensor_value_info(site.log_output(), TensorProto.DOUBLE, ["F", 2])
+
+
+def _fused_fallback(original: onnx.NodeProto, nodes, sites, shapes, logging, g: _Graph):
+    """``If(any of these sites has faults, or probe)``: then the decomposed primitives with their
+    fault operators, else the original fused node (ONNX Runtime's own kernel, as in the clean
+    model). BER 0 therefore computes exactly what the original model computes, and fused ops keep
+    their speed in every batch where they are not hit. The then branch also returns the sites'
+    shapes (the sampler needs them; a probe run takes that branch)."""
+    gid = f"onnxft.{sites[0].id}"
+    outs = [o for o in original.output if o]
+    rename = {o: f"{gid}/then/{i}" for i, o in enumerate(outs)}
+    then_nodes = []
+    for n in nodes:
+        n = copy.deepcopy(n)
+        n.output[:] = [rename.get(o, o) for o in n.output]
+        n.input[:] = [rename.get(i, i) for i in n.input]
+        then_nodes.append(n)
+    shapes_then = f"{gid}/shapes_then"
+    then_nodes.append(helper.make_node("Concat", shapes, [shapes_then], name=f"{gid}/shapes_then", axis=0))
+    total = sum(sum(s.shape_ranks) for s in sites)
+    else_node = copy.deepcopy(original)
+    else_node.output[:] = [f"{gid}/else/{i}" for i in range(len(outs))]
+    else_nodes = [else_node, helper.make_node(
+        "Constant", [], [f"{gid}/shapes_else"], name=f"{gid}/shapes_else",
+        value=helper.make_tensor("z", TensorProto.INT64, [total], [0] * total))]
+    then_outs = [_vi(rename[o], g.types.get(o, (TensorProto.FLOAT, None))[0], g.types.get(o, (None, None))[1])
+                 for o in outs] + [helper.make_tensor_value_info(shapes_then, TensorProto.INT64, [total])]
+    else_outs = [_vi(f"{gid}/else/{i}", g.types.get(o, (TensorProto.FLOAT, None))[0],
+                     g.types.get(o, (None, None))[1]) for i, o in enumerate(outs)]
+    else_outs.append(helper.make_tensor_value_info(f"{gid}/shapes_else", TensorProto.INT64, [total]))
+    if_outputs = outs + [f"{gid}/shapes"]
+    if logging:
+        for s in sites:
+            empty = f"{gid}/nolog/{s.id}"
+            else_nodes.append(helper.make_node("Constant", [], [empty], name=empty,
+                                               value=helper.make_tensor("e", TensorProto.DOUBLE, [0, 2], [])))
+            then_outs.append(_log_vi(s))
+            else_outs.append(helper.make_tensor_value_info(empty, TensorProto.DOUBLE, ["F", 2]))
+            if_outputs.append(s.log_output())
+        # inside the branch the logs need their own names
+        for n in then_nodes:
+            n.output[:] = [f"{o}/then" if o in {s.log_output() for s in sites} else o for o in n.output]
+        for vi in then_outs:
+            if vi.name in {s.log_output() for s in sites}:
+                vi.name = vi.name + "/then"
+    gate = _Nodes(f"{gid}/gate")
+    sizes = [gate.op("Size", s.input_names()["faults"]) for s in sites]
+    total_faults = sizes[0]
+    for size in sizes[1:]:  # (Sum takes no int64)
+        total_faults = gate.op("Add", total_faults, size)
+    has = gate.op("Or", gate.op("Greater", total_faults, gate.op("Constant", value=helper.make_tensor(
+        "z", TensorProto.INT64, [], [0]))), PROBE_INPUT)
+    gate.nodes.append(helper.make_node(
+        "If", [has], if_outputs, name=original.name,
+        then_branch=helper.make_graph(then_nodes, f"{gid}_decomposed", [], then_outs),
+        else_branch=helper.make_graph(else_nodes, f"{gid}_fused", [], else_outs)))
+    return gate.nodes, if_outputs, f"{gid}/shapes"
+
+
 def inject(model: onnx.ModelProto, selection: SiteSelection | None = None,
            int_widths: tuple[int, int] = (16, 32), logging: bool = False,
            prepared: bool = False) -> PassResult:
@@ -361,10 +428,15 @@ def inject(model: onnx.ModelProto, selection: SiteSelection | None = None,
         return int_zero_names[qtype]
 
     log_outputs = []
-    for node in graph.node:
+    fused = {n.name: n for n in base.graph.node if n.name}
+    base_inits = {t.name: t for t in base.graph.initializer}
+    restored: set[str] = set()
+    pending: list = []  # (origin node name, emitted nodes, sites, shape outputs) of one fused op
+
+    def emit(node):
+        """The nodes that replace ``node``, its sites and the names of their shape vectors."""
         if id(node) not in by_node:
-            new_nodes.append(node)
-            continue
+            return [node], [], []
         site, extra = by_node[id(node)]
         if site.format == "int8" and site.kind != "elementwise":
             extra["za0"] = zero_point(extra["da"]["qtype"])
@@ -378,19 +450,64 @@ def inject(model: onnx.ModelProto, selection: SiteSelection | None = None,
                 continue
             new_inputs.append(helper.make_tensor_value_info(name, TensorProto.INT64, [f"K_{site.id}"]))
             new_inits.append(numpy_helper.from_array(np.zeros((0,), np.int64), name))
-
-        new_nodes.extend(_fault_nodes(site, node, extra, zero_bias, logging))
-        if logging:
-            log_outputs.append(helper.make_tensor_value_info(site.log_output(), TensorProto.DOUBLE, ["F", 2]))
+        out = _fault_nodes(site, node, extra, zero_bias, logging)
         # Shapes for the sampler: output, and operands for gemm/conv.
         shape_src = [node.output[0]]
         if site.kind != "elementwise":
             shape_src += [node.input[0], node.input[1]]
+        shapes = []
         for t in shape_src:
-            out = f"onnxft.{site.id}/shape{len(shape_vecs)}"
-            new_nodes.append(helper.make_node("Shape", [t], [out], name=f"{site.node}/onnxft/{out.rsplit('/', 1)[-1]}"))
-            shape_vecs.append(out)
+            name = f"onnxft.{site.id}/shape{len(shapes)}"
+            out.append(helper.make_node("Shape", [t], [name], name=f"{site.node}/onnxft/shape{len(shapes)}"))
+            shapes.append(name)
         result.inserted.append(f"{site.id} {site.kind}/{site.format} {site.op_type} {site.node}")
+        return out, [site], shapes
+
+    def flush():
+        if not pending:
+            return
+        origin, nodes, sites, shapes = pending.pop()
+        if not sites:
+            new_nodes.extend(nodes)
+            return
+        if origin not in fused:  # no fused original to fall back on: keep the primitives inline
+            new_nodes.extend(nodes)
+            shape_vecs.extend(shapes)
+            log_outputs.extend(_log_vi(s) for s in sites if logging)
+            return
+        # the fused node's own constants (decompose dropped those only it read, e.g. BatchNorm stats)
+        for name in fused[origin].input:
+            if name and name not in g.inits and name in base_inits and name not in restored:
+                new_inits.append(base_inits[name])
+                restored.add(name)
+        node, if_outputs, shape_out = _fused_fallback(fused[origin], nodes, sites, shapes, logging, g)
+        new_nodes.extend(node)
+        shape_vecs.append(shape_out)
+        log_outputs.extend(_log_vi(s) for s in sites if logging)
+
+    for node in graph.node:
+        origin = _group_of(node)
+        if pending and pending[0][0] != origin:
+            flush()
+        emitted, sites, shapes = emit(node)
+        if origin is None:
+            new_nodes.extend(emitted)
+            shape_vecs.extend(shapes)
+            log_outputs.extend(_log_vi(s) for s in sites if logging)
+            continue
+        if not pending:
+            pending.append((origin, [], [], []))
+        pending[0][1].extend(emitted)
+        pending[0][2].extend(sites)
+        pending[0][3].extend(shapes)
+    flush()
+    # Tensors that moved into If branches keep no value_info in the main graph.
+    produced = {o for n in new_nodes for o in n.output}
+    kept = [v for v in graph.value_info if v.name in produced]
+    del graph.value_info[:]
+    graph.value_info.extend(kept)
+    new_inputs.append(helper.make_tensor_value_info(PROBE_INPUT, TensorProto.BOOL, []))
+    new_inits.append(numpy_helper.from_array(np.array(False), PROBE_INPUT))
 
     shapes_node = helper.make_node("Concat", shape_vecs, [SHAPES_OUTPUT], name="onnxft/shapes", axis=0)
     new_nodes.append(shapes_node)

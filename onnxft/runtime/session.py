@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 
 from ..faults.sampling import Faults, SitePlan, fault_feeds, make_plans
-from ..faults.sites import SHAPES_OUTPUT, SiteTable
+from ..faults.sites import PROBE_INPUT, SHAPES_OUTPUT, SiteTable
 from .model_io import external_data_dir
 
 PROVIDERS = ("auto", "cpu", "cuda")
@@ -111,17 +111,20 @@ class InjectionSession:
 
     def clean(self, feeds: dict[str, np.ndarray]) -> tuple[list[np.ndarray], list[SitePlan]]:
         """Fault-free outputs and the site plans for this input shape."""
-        res = self.session_for(feeds).run(self.output_names + [SHAPES_OUTPUT], feeds)
-        batch = _batch_of(feeds)
-        key = self._key(feeds)
-        if key not in self._plans:
-            self._plans[key] = make_plans(self.table, res[-1], batch)
-        return res[:-1], self._plans[key]
+        plans = self.plans(feeds)
+        return self.session_for(feeds).run(self.output_names, feeds), plans
+
+    def _probe(self, feeds) -> list[SitePlan]:
+        # The probe run takes every decomposed path, so that all sites report their shapes.
+        probe = dict(feeds)
+        probe[PROBE_INPUT] = np.array(True)
+        shapes = self.session_for(feeds).run([SHAPES_OUTPUT], probe)[0]
+        return make_plans(self.table, shapes, _batch_of(feeds))
 
     def plans(self, feeds) -> list[SitePlan]:
         key = self._key(feeds)
         if key not in self._plans:
-            self.clean(feeds)
+            self._plans[key] = self._probe(feeds)
         return self._plans[key]
 
     def run(self, feeds: dict[str, np.ndarray], faults: Faults, plans: list[SitePlan] | None = None,
