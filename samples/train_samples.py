@@ -375,6 +375,9 @@ def ort_session(path: Path):
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    # Level BASIC: the QDQ graph's own float semantics, as onnxft evaluates it (level ALL rewrites
+    # QDQ MatMul/Conv into integer kernels that round and saturate differently).
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
