@@ -4,26 +4,14 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 
-from ..runtime.model_io import file_mode
+from ..runtime.model_io import write_atomically
 
 
 def atomic_write(path: str | Path, data: bytes | str) -> Path:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.chmod(tmp, file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    payload = data.encode() if isinstance(data, str) else data
+    return write_atomically(Path(path), lambda tmp: Path(tmp).write_bytes(payload))
 
 
 def eval_table(results: list[dict]) -> str:

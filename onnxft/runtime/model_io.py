@@ -105,24 +105,35 @@ def save_model(model: onnx.ModelProto, path: str | Path) -> Path:
     if external_data_dir(model) is not None:
         return _save_keeping_external(model, path)
     big = model.ByteSize() > _TWO_GB if _fits_bytesize(model) else True
+
+    def write(tmp):
+        if not big:
+            onnx.save_model(model, tmp)
+            return
+        data_name = path.name + ".data"
+        tmp_data = path.parent / f".{data_name}.tmp"
+        onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=tmp_data.name, size_threshold=1024)
+        # The model refers to its data file by name: write it under the final name.
+        m = onnx.load(tmp, load_external_data=False)
+        for t in _external_tensors(m):
+            for e in t.external_data:
+                if e.key == "location":
+                    e.value = data_name
+        onnx.save_model(m, tmp)
+        os.replace(tmp_data, path.parent / data_name)
+
+    return write_atomically(path, write)
+
+
+def write_atomically(path: Path, write) -> Path:
+    """``write(tmp)`` a temp file beside ``path``, then rename it onto ``path``: a reader never
+    sees a half-written file, and a failure leaves nothing behind."""
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        if big:
-            data_name = path.name + ".data"
-            tmp_data = path.parent / f".{data_name}.tmp"
-            onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=tmp_data.name, size_threshold=1024)
-            # The model refers to its data file by name: write it under the final name.
-            m = onnx.load(tmp, load_external_data=False)
-            for t in _external_tensors(m):
-                for e in t.external_data:
-                    if e.key == "location":
-                        e.value = data_name
-            onnx.save_model(m, tmp)
-            os.replace(tmp_data, path.parent / data_name)
-        else:
-            onnx.save_model(model, tmp)
+        write(tmp)
         os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
@@ -176,17 +187,7 @@ def _save_keeping_external(model: onnx.ModelProto, path: Path) -> Path:
         for e in t.external_data:
             if e.key == "location" and e.value in renames:
                 e.value = renames[e.value]
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        onnx.save_model(model, tmp)
-        os.chmod(tmp, file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return write_atomically(path, lambda tmp: onnx.save_model(model, tmp))
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
