@@ -9,6 +9,7 @@ from collections import defaultdict
 
 import onnx
 
+from ..ops.registry import handler_for
 from ..passes.inject import SiteSelection, inject
 from ..runtime.data import fixed_batch, input_specs, synthetic
 from ..runtime.session import InjectionSession
@@ -37,7 +38,8 @@ def inspect_model(model: onnx.ModelProto, selection: SiteSelection | None = None
             row["conv"] = {"input": list(plan.a_shape), "weight": list(plan.b_shape), "K": plan.k,
                            "group": s.conv["group"]}
         sites.append(row)
-        for key in (f"kind:{s.kind}", f"format:{s.format}", f"origin:{s.origin}"):
+        category = handler_for(s.op_type).category if handler_for(s.op_type) else "other"
+        for key in (f"kind:{s.kind}", f"format:{s.format}", f"category:{category}", f"origin:{s.origin}"):
             totals[key]["sites"] += 1
             totals[key]["operations"] += plan.operations_per_item
             totals[key]["bits"] += plan.bits_per_item

@@ -1,4 +1,4 @@
-"""One table of per-op-type handlers: which ops are fault sites and how many operations they do.
+"""One table of per-op-type handlers: which ops are fault sites, of which kind and category.
 
 ``inspect``, ``inject`` and (later) ``harden`` all read this table, so adding an op type here is
 the one place that teaches onnxft about it.
@@ -6,7 +6,6 @@ the one place that teaches onnxft about it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-import math
 
 
 @dataclass(frozen=True)
@@ -22,12 +21,6 @@ class OpHandler:
     kind: str
     category: str
 
-    def operations_per_element(self, k: int = 0, bias: bool = False) -> int:
-        """Operations per output element: ``2K-1 (+1 bias)`` for gemm/conv, 1 otherwise."""
-        if self.kind in ("gemm", "conv"):
-            return 2 * k - 1 + (1 if bias else 0)
-        return 1
-
 
 def _table() -> dict[str, OpHandler]:
     rows = [OpHandler("MatMul", "gemm", "linear"), OpHandler("Conv", "conv", "linear")]
@@ -42,20 +35,6 @@ def _table() -> dict[str, OpHandler]:
 
 HANDLERS: dict[str, OpHandler] = _table()
 
-# Fused ops the decompose pass rewrites into the primitives above before injection.
-DECOMPOSED_OPS = (
-    "Softmax", "LogSoftmax", "LayerNormalization", "Gelu", "BatchNormalization", "Sigmoid",
-    "HardSigmoid", "HardSwish", "Gemm",
-)
-
 
 def handler_for(op_type: str) -> OpHandler | None:
     return HANDLERS.get(op_type)
-
-
-def gemm_operations(k: int, elements: int, bias: bool = False) -> int:
-    return elements * (2 * k - 1 + (1 if bias else 0))
-
-
-def prod(values) -> int:
-    return int(math.prod(int(v) for v in values))
