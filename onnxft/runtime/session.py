@@ -79,12 +79,16 @@ def make_session(model: onnx.ModelProto | str | Path, provider: str = "auto", th
 class InjectionSession:
     """An injection graph on ONNX Runtime.
 
+    Level ``basic`` by default: it keeps BER 0 bit-identical to the original model (see
+    ``make_session``) and is also the faster level here (sample ViT, batch 8, no faults: 36.7 ms
+    at basic, 48.1 ms at all, against 29.6 ms for the original model).
+
     ``plans(feeds)`` runs it once fault-free to learn each site's geometry for this input shape
     (cached per shape); ``run(feeds, faults)`` runs it with a fault set.
     """
 
     def __init__(self, model: onnx.ModelProto, provider: str = "auto", threads: int | None = None,
-                 level: str = "all"):
+                 level: str = "basic"):
         self.model = model
         self.table = SiteTable.from_model(model)
         self._options = (provider, threads, level)
