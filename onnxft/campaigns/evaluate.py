@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from ..faults.sampling import Faults, sample_faults
+from ..faults.sampling import Faults, sample_faults, site_tables
 from ..passes.inject import SiteSelection, inject
 from ..runtime.data import Dataset
 from ..runtime.session import InjectionSession, make_session
@@ -161,8 +161,6 @@ def _log_record(sess, model_name, data, start, batch, ber, seed, trial, batch_in
     sites = sess.table.sites
     rows = []
     # The graph logs one row per faulted operation (several bits of one operation are merged).
-    from ..faults.sampling import site_tables
-
     for idx in np.unique(faults.site):
         idx = int(idx)
         _, (o, t, masks) = site_tables(plans[idx], faults, idx)  # rows in the graph's table order

@@ -192,18 +192,10 @@ def eval_(models, data, ber_text, trials, seed, metric, provider, batch, limit, 
     results = []
     for model in models or (None,):
         bars = []
-        progress = None
-        if not quiet:
-            from tqdm import tqdm
-
-            def progress(done, total, bars=bars, model=model):
-                if not bars:  # created on the first run, so errors before it leave no bar behind
-                    bars.append(tqdm(total=total, unit="run", leave=False, file=sys.stderr, desc=model or "vit"))
-                bars[0].update(done - bars[0].n)
-
         try:
             result = _run(api.evaluate, model, data, bers, trials, seed, metric, provider, batch, sel,
-                          _widths(int_widths), limit, progress, fault_log, threads)
+                          _widths(int_widths), limit, None if quiet else _progress(bars, model or "vit"),
+                          fault_log, threads)
         finally:
             for bar in bars:
                 bar.close()
@@ -212,6 +204,18 @@ def eval_(models, data, ber_text, trials, seed, metric, provider, batch, limit, 
     if out_dir is not None:
         for p in _run(write_eval_outputs, results, out_dir, title):
             click.echo(f"wrote {p}")
+
+
+def _progress(bars: list, label: str):
+    """A progress callback whose tqdm bar is created on the first run, so that errors raised
+    before it leave no bar behind; ``bars`` collects it for closing."""
+    from tqdm import tqdm
+
+    def progress(done, total):
+        if not bars:
+            bars.append(tqdm(total=total, unit="run", leave=False, file=sys.stderr, desc=label))
+        bars[0].update(done - bars[0].n)
+    return progress
 
 
 def _check_out_dir(out_dir):

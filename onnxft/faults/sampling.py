@@ -181,9 +181,13 @@ def _signed(mask: np.ndarray, width: int) -> np.ndarray:
     return np.where(mask >= (1 << (width - 1)), mask - (1 << width), mask)
 
 
-def _op_time(step: np.ndarray, k: int) -> np.ndarray:
+def _op_time(step, k: int):
     """Execution order inside one output element: p0, p1, s1, p2, s2, …, bias."""
     return np.where(step < k, np.maximum(2 * step - 1, 0), 2 * (step - k + 1))
+
+
+def _op_time_int(step: int, k: int) -> int:
+    return max(2 * step - 1, 0) if step < k else 2 * (step - k + 1)
 
 
 def site_tables(plan: SitePlan, faults: Faults, site_index: int | None = None):
@@ -252,7 +256,7 @@ def _site_tables_small(plan: SitePlan, item, element, step, bit):
     ops: dict[tuple, int] = {}
     for it, e, t, b in zip(item.tolist(), element.tolist(), step.tolist(), bit.tolist()):
         o = it * plan.elements + e
-        key = (o, (max(2 * t - 1, 0) if t < k else 2 * (t - k + 1)) if gemm else 0, t)
+        key = (o, _op_time_int(t, k) if gemm else 0, t)
         ops[key] = ops.get(key, 0) | (1 << b)
     keys = sorted(ops)
     o = np.array([key[0] for key in keys], np.int64)

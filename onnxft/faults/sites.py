@@ -15,9 +15,7 @@ SHAPES_OUTPUT = "onnxft.shapes"
 PROBE_INPUT = "onnxft.probe"  # True: take every decomposed path, so that onnxft.shapes is complete
 
 # Columns of a site's fault table (int64 [F, C]): defined by the operators that read them.
-from ..custom_ops.functions import (  # noqa: E402
-    CONV_COLUMNS, ELEMENTWISE_COLUMNS, GEMM_COLUMNS, INT_COLUMNS,
-)
+from ..custom_ops.functions import ELEMENTWISE_COLUMNS, table_columns  # noqa: E402
 
 
 @dataclass
@@ -43,8 +41,7 @@ class Site:
     def columns(self) -> tuple[str, ...]:
         if self.kind == "elementwise":
             return ELEMENTWISE_COLUMNS
-        cols = CONV_COLUMNS if self.kind == "conv" else GEMM_COLUMNS
-        return cols + (INT_COLUMNS if self.format == "int8" else ())
+        return table_columns(conv=self.kind == "conv", is_int=self.format == "int8")
 
     def input_names(self) -> dict[str, str]:
         """Graph inputs that carry this site's faults (all default to empty tensors)."""
@@ -80,6 +77,3 @@ class SiteTable:
             if prop.key == SITES_KEY:
                 return cls.from_json(prop.value)
         raise ValueError("this model is not an onnxft injection graph (no onnxft.sites metadata)")
-
-    def by_id(self) -> dict[str, Site]:
-        return {s.id: s for s in self.sites}

@@ -546,10 +546,6 @@ def _set_meta(model: onnx.ModelProto, key: str, value: str) -> None:
     model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
 
 
-def site_table(model: onnx.ModelProto) -> SiteTable:
-    return SiteTable.from_model(model)
-
-
 def selection_from_options(op_types: Iterable[str] | None = None, names: str | None = None,
                            formats: Iterable[str] | None = None,
                            scales: Iterable[tuple[str, float]] = ()) -> SiteSelection:

@@ -83,8 +83,9 @@ class InjectionSession:
     ``make_session``) and is also the faster level here (sample ViT, batch 8, no faults: 36.7 ms
     at basic, 48.1 ms at all, against 29.6 ms for the original model).
 
-    ``plans(feeds)`` runs it once fault-free to learn each site's geometry for this input shape
-    (cached per shape); ``run(feeds, faults)`` runs it with a fault set.
+    ``plans(feeds)`` runs it once with ``onnxft.probe`` set (every decomposed path taken) to learn
+    each site's geometry for this input shape (cached per shape); ``run(feeds, faults)`` runs it
+    with a fault set.
     """
 
     def __init__(self, model: onnx.ModelProto, provider: str = "auto", threads: int | None = None,
