@@ -30,6 +30,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper, shape_inference, version_converter
 
 from ..custom_ops import FAULT_DOMAIN, FAULT_DOMAIN_VERSION, OPSET, all_functions
+from ..graph.roles import PROTECTION, role_of
 from ..faults.sites import PROBE_INPUT, SHAPES_OUTPUT, SITES_KEY, Site, SiteTable
 from ..ops.registry import handler_for
 from ..runtime.model_io import external_data_dir
@@ -55,12 +56,15 @@ class SiteSelection:
     expression searched in the node name (and in the fused op's name for decomposed nodes).
     formats: subset of ``fp32``, ``fp16``, ``int8``. ``scales``: ``(regex, scale)`` pairs; the
     last matching pattern sets a site's BER scale (0 = perfectly protected).
+    ``include_protection``: nodes that ``harden`` inserted (checksums, comparisons, clips) are not
+    sites unless this is set; recovery subgraphs inside ``If`` branches are never sites.
     """
 
     op_types: frozenset[str] | None = None
     names: str | None = None
     formats: frozenset[str] | None = None
     scales: tuple[tuple[str, float], ...] = ()
+    include_protection: bool = False  # also fault nodes that harden inserted (role "protection")
 
     def scale_for(self, label: str) -> float:
         scale = 1.0
@@ -167,6 +171,8 @@ def _find_sites(g: _Graph, sel: SiteSelection, int_widths, result: PassResult):
     for node in g.model.graph.node:
         handler = handler_for(node.op_type)
         if handler is None or node.domain not in ("", "ai.onnx"):
+            continue
+        if role_of(node) == PROTECTION and not sel.include_protection:
             continue
         label = node.name or node.output[0]
         origin, origin_node = _origin(node)
@@ -548,7 +554,8 @@ def _set_meta(model: onnx.ModelProto, key: str, value: str) -> None:
 
 def selection_from_options(op_types: Iterable[str] | None = None, names: str | None = None,
                            formats: Iterable[str] | None = None,
-                           scales: Iterable[tuple[str, float]] = ()) -> SiteSelection:
+                           scales: Iterable[tuple[str, float]] = (),
+                           include_protection: bool = False) -> SiteSelection:
     fmts = None
     if formats:
         fmts = frozenset(formats)
@@ -561,4 +568,4 @@ def selection_from_options(op_types: Iterable[str] | None = None, names: str | N
         except re.error as exc:
             raise InjectError(f"bad --sites pattern {names!r}: {exc}") from None
     return SiteSelection(op_types=frozenset(op_types) if op_types else None, names=names,
-                         formats=fmts, scales=tuple(scales))
+                         formats=fmts, scales=tuple(scales), include_protection=include_protection)

@@ -1,0 +1,33 @@
+"""Node roles: what a node inserted by an onnxft pass is for, stored in the node's metadata.
+
+The inject pass reads roles to decide what it may fault:
+
+- ``protection``: checksum, comparison, recovery and range-restriction nodes inserted by ``harden``.
+  They are not fault sites unless the selection asks for them (``--inject-protection``), because
+  ``eval HARDENED`` measures faults in the model's own computation by default.
+- ``input``: an ``Identity`` placed after a graph input so that the input's values are a fault
+  site of their own (patch-wise analysis faults input values).
+"""
+from __future__ import annotations
+
+import onnx
+
+ROLE_KEY = "onnxft.role"
+PROTECTION = "protection"
+INPUT = "input"
+
+
+def role_of(node: onnx.NodeProto) -> str | None:
+    for p in node.metadata_props:
+        if p.key == ROLE_KEY:
+            return p.value
+    return None
+
+
+def set_role(node: onnx.NodeProto, role: str) -> onnx.NodeProto:
+    for p in node.metadata_props:
+        if p.key == ROLE_KEY:
+            p.value = role
+            return node
+    node.metadata_props.append(onnx.StringStringEntryProto(key=ROLE_KEY, value=role))
+    return node
