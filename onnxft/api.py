@@ -7,6 +7,8 @@
     r = ft.evaluate(bers=[1e-9, 1e-8], trials=3)   # accuracy vs BER on the bundled ViT
     ft.bench("model.onnx", ber=1e-8, batch=8)      # clean vs injected time
     ft.replay("faults.jsonl", record=0)            # re-run one logged trial
+    ft.harden("model.onnx", "model.hardened.onnx", calib="calib.npz")   # LB-ABFT + range restriction
+    ft.overhead("model.hardened.onnx", baseline="model.onnx")           # fault-free latency ratio
 """
 from __future__ import annotations
 
@@ -21,13 +23,16 @@ from .campaigns.bench import bench as _bench
 from .campaigns.evaluate import EvalResult
 from .campaigns.evaluate import evaluate as _evaluate
 from .campaigns.evaluate import replay as _replay
+from .campaigns.harden import HardenOptions
+from .campaigns.harden import harden as _harden
+from .campaigns.overhead import latency_overhead
 from .campaigns.inspect import inspect_model
 from .passes.inject import SiteSelection, inject as _inject, selection_from_options
 from .runtime.data import DataError, Dataset, fixed_batch, input_specs, load_npz
 from .runtime.model_io import check_writable, external_data_dir, load_model, save_model
 
-__all__ = ["samples", "inspect", "inject", "evaluate", "bench", "replay", "load", "SiteSelection",
-           "selection_from_options"]
+__all__ = ["samples", "inspect", "inject", "evaluate", "bench", "replay", "harden", "overhead", "load",
+           "SiteSelection", "selection_from_options", "HardenOptions"]
 
 
 def load(model: str | Path | onnx.ModelProto | None) -> tuple[onnx.ModelProto, str, str | None]:
@@ -172,7 +177,58 @@ def replay(log: str | Path, record: int = 0, model=None, data=None, provider: st
     ds = _dataset(m, data if data is not None else rec.get("data"), default)
     sel_opts = rec.get("selection") or {}
     sel = selection_from_options(sel_opts.get("op_types"), sel_opts.get("names"), sel_opts.get("formats"),
-                                 [tuple(x) for x in sel_opts.get("scales", [])]) if sel_opts else None
+                                 [tuple(x) for x in sel_opts.get("scales", [])],
+                                 bool(sel_opts.get("include_protection"))) if sel_opts else None
     out = _replay(m, ds, rec, provider, sel, int_widths=tuple(rec.get("int_widths", (16, 32))))
     out.update({"model": name, "record": record, "ber": rec["ber"], "trial": rec["trial"]})
+    return out
+
+
+def default_hardened_path(model) -> Path:
+    """``model.onnx`` -> ``model.hardened.onnx`` beside it; a sample name -> ``./<name>.hardened.onnx``."""
+    if isinstance(model, onnx.ModelProto) or model is None:
+        return Path(f"{_samples.DEFAULT_MODEL if model is None else (model.graph.name or 'model')}.hardened.onnx")
+    p = Path(str(model))
+    if _samples.sample_model_name(str(model)) and not p.exists():
+        return Path(f"{model}.hardened.onnx")
+    return p.with_name(p.stem + ".hardened.onnx")
+
+
+def plan_path(output: str | Path) -> Path:
+    p = Path(output)
+    return p.with_name(p.stem + ".plan.json")
+
+
+def harden(model, output: str | Path | None = None, options: HardenOptions | None = None, calib=None,
+           calib_limit: int | None = 512) -> dict:
+    """Write the hardened model (range restriction + ABFT, see ``campaigns.harden``) and its plan.
+
+    ``calib``: .npz (or Dataset) for range bounds and ABFT thresholds; a bundled sample uses its own
+    data when none is given. Returns the plan (also written to ``<output stem>.plan.json``)."""
+    options = options or HardenOptions()
+    options.validate()
+    output = Path(output) if output is not None else default_hardened_path(model)
+    check_writable(output)
+    check_writable(plan_path(output))
+    m, name, default = load(model)
+    ds = _dataset(m, calib, default, calib_limit) if (calib is not None or default is not None) else None
+    res = _harden(m, options, ds)
+    plan = dict(res.plan, model=name, output=str(output))
+    save_model(res.model, output)
+    from .report.outputs import atomic_write
+
+    atomic_write(plan_path(output), json.dumps(plan, indent=2) + "\n")
+    plan["plan_path"] = str(plan_path(output))
+    return plan
+
+
+def overhead(model, baseline, batch: int = 8, provider: str = "auto", repeats: int = 20, data=None,
+             threads: int | None = None) -> dict:
+    """Fault-free latency of ``model`` (e.g. a hardened graph) against ``baseline``, interleaved medians."""
+    m, name, _ = load(model)
+    b, bname, default = load(baseline)
+    batch = fixed_batch(input_specs(b)) or batch
+    feeds = _dataset(b, data, None).batch(0, batch) if data is not None else None
+    out = latency_overhead(b, m, batch, provider, repeats, feeds=feeds, threads=threads)
+    out.update({"model": name, "baseline": bname})
     return out

@@ -150,7 +150,8 @@ def _selection_dict(sel: SiteSelection | None) -> dict:
     if sel is None:
         return {}
     return {"op_types": sorted(sel.op_types) if sel.op_types else None, "names": sel.names,
-            "formats": sorted(sel.formats) if sel.formats else None, "scales": [list(x) for x in sel.scales]}
+            "formats": sorted(sel.formats) if sel.formats else None, "scales": [list(x) for x in sel.scales],
+            "include_protection": sel.include_protection}
 
 
 def output_digest(arr: np.ndarray) -> str:

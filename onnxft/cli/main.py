@@ -72,11 +72,12 @@ def site_options(f):
     return f
 
 
-def _selection(names, op_types, formats, scales):
+def _selection(names, op_types, formats, scales, include_protection=False):
     return _run(
         api.selection_from_options,
         op_types=[t.strip() for t in op_types.split(",")] if op_types else None, names=names,
-        formats=[t.strip() for t in formats.split(",")] if formats else None, scales=_scales(scales))
+        formats=[t.strip() for t in formats.split(",")] if formats else None, scales=_scales(scales),
+        include_protection=include_protection)
 
 
 def _run(fn, *args, **kwargs):
@@ -173,16 +174,18 @@ def inject(model, output, ber, seed, batch, faults_out, logging, names, op_types
               help="Write every trial's faults (JSON lines) for onnxft replay (one model only).")
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="ORT intra-op threads.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--inject-protection", is_flag=True,
+              help="Hardened models: also fault the checksum and range-restriction operations.")
 @site_options
 def eval_(models, data, ber_text, trials, seed, metric, provider, batch, limit, out_dir, title, fault_log, threads,
-          quiet, names, op_types, formats, scales, int_widths):
+          quiet, inject_protection, names, op_types, formats, scales, int_widths):
     """Accuracy (or SDC rate) of MODELS against BER, with 95% confidence intervals.
 
     MODELS are paths or bundled sample names; with none, the bundled sample ViT and its
     Fashion-MNIST test data. Several models share one table, JSON, CSV and plot.
     """
     bers = _bers(ber_text)
-    sel = _selection(names, op_types, formats, scales)
+    sel = _selection(names, op_types, formats, scales, inject_protection)
     if fault_log is not None and len(models) > 1:
         raise UserError("--fault-log takes one model at a time")
     if out_dir is not None:
@@ -237,9 +240,24 @@ def _check_out_dir(out_dir):
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--data", default=None, help="Use the first batch of this .npz instead of random inputs.")
 @click.option("--threads", default=None, type=click.IntRange(min=1))
+@click.option("--baseline", default=None,
+              help="Compare MODEL's fault-free latency with this model's instead (e.g. hardened vs original).")
 @click.option("--json", "as_json", is_flag=True)
-def bench(model, ber, batch, repeats, provider, data, threads, as_json):
-    """Clean and injected per-inference times (interleaved runs, medians) and their ratio."""
+def bench(model, ber, batch, repeats, provider, data, threads, baseline, as_json):
+    """Clean and injected per-inference times (interleaved runs, medians) and their ratio.
+
+    With --baseline, the fault-free latency of MODEL against BASELINE (hardening overhead)."""
+    if baseline is not None:
+        if model is None:
+            raise UserError("--baseline needs MODEL (the hardened graph) too")
+        info = _run(api.overhead, model, baseline, batch, provider, repeats, data, threads)
+        if as_json:
+            click.echo(json.dumps(info))
+        else:
+            click.echo(f"{info['model']} vs {info['baseline']}: batch {info['batch']}, provider {info['provider']}")
+            click.echo(f"  baseline {info['baseline_ms']:.2f} ms   model {info['model_ms']:.2f} ms   "
+                       f"ratio {info['ratio']:.3f}   (overhead {100 * info['overhead']:+.1f}%, median of {repeats})")
+        return
     values = _bers(ber)
     if len(values) != 1:
         raise click.BadParameter("give one BER", param_hint="--ber")
@@ -269,6 +287,9 @@ def replay(log, record, model, data, as_json):
         click.echo(f"record {record}: {info['faults']} flips, BER {info['ber']:g}, trial {info['trial']}: {verdict}")
     if not info["identical"]:
         sys.exit(1)
+
+
+from . import harden as _harden_verb  # noqa: E402,F401  (registers the verb)
 
 
 def main(argv=None):

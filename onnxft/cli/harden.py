@@ -1,0 +1,88 @@
+"""``onnxft harden``: write a hardened model (ABFT + range restriction) and its plan."""
+from __future__ import annotations
+
+import json
+
+import click
+
+from .. import api
+from .main import UserError, _bers, _run, cli
+
+
+def _block_size(text: str):
+    if text == "auto":
+        return "auto"
+    try:
+        value = int(text)
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected auto or a positive integer", param_hint="--block-size") from None
+    if value < 1:
+        raise click.BadParameter(f"{text!r}: expected auto or a positive integer", param_hint="--block-size")
+    return value
+
+
+@cli.command()
+@click.argument("model")
+@click.option("-o", "--output", default=None, type=click.Path(dir_okay=False),
+              help="Where to write the hardened model (default: MODEL.hardened.onnx); the plan goes beside it.")
+@click.option("--abft", type=click.Choice(["lb", "standard", "none"]), default="lb", show_default=True,
+              help="Checksum protection of MatMul/Gemm: LB-ABFT (block-wise recovery), standard, or none.")
+@click.option("--range", "range_mode", type=click.Choice(["clamp", "zero", "none"]), default="clamp",
+              show_default=True, help="Range restriction after Softmax/GELU: clamp to bounds, zero outside, or none.")
+@click.option("--range-ops", default="softmax,gelu", show_default=True,
+              help="Activations to range-restrict: softmax,gelu and optionally relu,layernorm,sigmoid,tanh.")
+@click.option("--calib", default=None, help=".npz of calibration inputs (bounds of GELU & co., ABFT thresholds).")
+@click.option("--calib-limit", default=512, show_default=True, type=click.IntRange(min=1),
+              help="Use at most this many calibration items.")
+@click.option("--ber", "ber_text", default="1e-8", show_default=True, help="BER the block sizes are chosen for.")
+@click.option("--block-size", default="auto", show_default=True, help="auto (OptBlockSizeSelection) or N.")
+@click.option("--gemms", default=None, help="Regex: protect only MatMul/Gemm whose names match.")
+@click.option("--alpha", default=0.02, show_default=True, type=float, help="Margin of calibrated range bounds.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+def harden(model, output, abft, range_mode, range_ops, calib, calib_limit, ber_text, block_size, gemms, alpha,
+           as_json):
+    """Write a hardened MODEL: standard ONNX at the model's own opset, runs on stock onnxruntime.
+
+    The plan (GEMMs, block sizes, thresholds, expected operation counts, calibrated bounds,
+    what was skipped and why) is written beside it as OUTPUT-stem.plan.json.
+    """
+    bers = _bers(ber_text)
+    if len(bers) != 1:
+        raise click.BadParameter("give one BER", param_hint="--ber")
+    kinds = tuple(k.strip() for k in range_ops.split(",") if k.strip())
+    opts = api.HardenOptions(abft=abft, range_mode=range_mode, ber=bers[0], block_size=_block_size(block_size),
+                             range_kinds=kinds, alpha=alpha, gemms=gemms)
+    plan = _run(api.harden, model, output, opts, calib, calib_limit)
+    if as_json:
+        click.echo(json.dumps(plan, indent=2))
+        return
+    click.echo(plan_summary(plan))
+
+
+def plan_summary(plan: dict) -> str:
+    lines = [f"wrote {plan['output']} and {plan['plan_path']}"]
+    gemms = plan.get("gemms", [])
+    if plan["abft"] != "none":
+        t = plan.get("abft_totals", {})
+        lines.append(f"ABFT {plan['abft']}: {len(gemms)} GEMMs protected"
+                     + (f"; expected extra operations at BER {plan['ber']:g}: {100 * t['overhead']:.2f}% "
+                        f"of the model's GEMM operations" if "overhead" in t else ""))
+        for g in gemms[:12]:
+            lines.append(f"  {g.get('name', '?'):<48} {g.get('shape', '')}  block {g.get('block_size', '-')}")
+        if len(gemms) > 12:
+            lines.append(f"  … {len(gemms) - 12} more in the plan")
+    if plan["range"] != "none":
+        lines.append(f"range {plan['range']}: {len(plan.get('ranges', []))} activations")
+        for r in plan.get("ranges", [])[:8]:
+            lo, hi = r["bounds"]
+            lines.append(f"  {r['kind']:<9} {r['tensor']:<48} [{lo:.4g}, {hi:.4g}]")
+    v = plan.get("verification", {})
+    if v:
+        lines.append(f"fault-free check on {v['items']} items: max relative difference {v['max_rel_diff']:.2g}"
+                     + (" (bit-identical)" if v.get("bit_identical") else ""))
+    for node, reason in plan.get("skipped", [])[:20]:
+        lines.append(f"  skipped {node}: {reason}")
+    return "\n".join(lines)
+
+
+__all__ = ["harden", "UserError"]
