@@ -21,12 +21,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from ..passes.abft import abft, find_gemms
-from ..passes.ranges import find_range_sites, range_bounds, restrict_ranges
 from ..runtime.data import Dataset, input_specs, synthetic
 from ..runtime.session import make_session
-from .calibrate_abft import calibrate_abft
-from .calibrate_ranges import calibrate_ranges
 
 ABFT_SCHEMES = ("lb", "standard", "none")
 RANGE_MODES = ("clamp", "zero", "none")
@@ -82,6 +78,11 @@ def _batches(data: Dataset | None, model: onnx.ModelProto, batch: int):
 def harden(model: onnx.ModelProto, options: HardenOptions, calib: Dataset | None = None) -> HardenResult:
     """Range restriction then ABFT on ``model`` (see the module docstring)."""
     options.validate()
+    from ..passes.abft import abft, find_gemms
+    from ..passes.ranges import find_range_sites, range_bounds, restrict_ranges
+    from .calibrate_abft import calibrate_abft
+    from .calibrate_ranges import calibrate_ranges
+
     plan: dict = {"abft": options.abft, "range": options.range_mode, "ber": options.ber,
                   "calibration": {"items": len(calib) if calib is not None else 0,
                                   "data": calib.path if calib is not None else None},
