@@ -12,6 +12,12 @@ from ..faults.sites import PROBE_INPUT, SHAPES_OUTPUT, SiteTable
 from .model_io import external_data_dir
 
 PROVIDERS = ("auto", "cpu", "cuda")
+_PRELOADED = False
+# CUDA options of every session: fp32 MatMul/Gemm/Conv in fp32, not TF32 (onnxruntime's default on
+# Ampere and later), so the arithmetic is the fault model's; and cuDNN's algorithm chosen by
+# heuristics, not by timing (the default EXHAUSTIVE search may pick another algorithm in another
+# session, and BER 0 would then not reproduce the original model bit for bit).
+CUDA_OPTIONS = {"use_tf32": "0", "cudnn_conv_algo_search": "HEURISTIC"}
 
 
 class RuntimeError_(RuntimeError):
@@ -23,9 +29,16 @@ def _ort():
 
     ort.set_default_logger_severity(3)  # onnxruntime's warnings are not the user's business
 
-    if hasattr(ort, "preload_dlls") and _cuda_device_present():
-        try:  # onnxruntime-gpu: load CUDA/cuDNN from pip wheels where present; harmless otherwise
-            ort.preload_dlls(directory="")
+    global _PRELOADED
+    if hasattr(ort, "preload_dlls") and _cuda_device_present() and not _PRELOADED:
+        _PRELOADED = True
+        import contextlib
+        import io
+
+        try:  # onnxruntime-gpu: load CUDA/cuDNN from pip wheels where present; harmless otherwise.
+            # Once per process, and its "Failed to load" chatter kept off stdout (it would corrupt --json).
+            with contextlib.redirect_stdout(io.StringIO()):
+                ort.preload_dlls(directory="")
         except Exception:
             pass
     return ort
@@ -70,7 +83,11 @@ def make_session(model: onnx.ModelProto | str | Path, provider: str = "auto", th
     ext_dir = external_data_dir(model) if isinstance(model, onnx.ModelProto) else None
     if ext_dir is not None:  # a model over 2 GB whose weights stay on disk (model_io.load_model)
         so.add_session_config_entry("session.model_external_initializers_file_folder_path", ext_dir)
-    sess = ort.InferenceSession(data, so, providers=providers_for(provider))
+    providers = providers_for(provider)
+    if "CUDAExecutionProvider" in providers:
+        so.use_deterministic_compute = True
+    options = [dict(CUDA_OPTIONS) if p == "CUDAExecutionProvider" else {} for p in providers]
+    sess = ort.InferenceSession(data, so, providers=providers, provider_options=options)
     if provider == "cuda" and "CUDAExecutionProvider" not in sess.get_providers():
         raise RuntimeError_("onnxruntime could not start the CUDA provider on this machine")
     return sess
