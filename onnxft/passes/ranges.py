@@ -362,6 +362,9 @@ def _match_gelu(ix: _Index, fn: onnx.NodeProto) -> RangeSite | str:
         form = "x/sqrt(2)" if fn.op_type == "Erf" else "sqrt(2/pi)*(x + 0.044715*x^3)"
         return f"its argument is not {form}"
     one_plus = ix.sole_consumer(fn.output[0])
+    if _is(one_plus, "QuantizeLinear"):
+        return ("its output is quantized (QDQ model): GELUs in QDQ form are not matched; each QuantizeLinear "
+                "already saturates its value to the quantized range")
     if not (_is(one_plus, "Add") and any(ix.scalar(i) is not None and abs(ix.scalar(i) - 1.0) < 1e-6
                                          for i in one_plus.input)):
         return "its output is not only read by an Add of 1"
