@@ -25,10 +25,12 @@ from models import tiny_cnn, tiny_transformer
 ERF = np.vectorize(math.erf)
 
 
+@np.errstate(invalid="ignore")  # -inf * 0 at x = -inf
 def gelu_erf(x):
     return 0.5 * x * (1.0 + ERF(x / math.sqrt(2.0)))
 
 
+@np.errstate(invalid="ignore")
 def gelu_tanh(x):
     return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
 
