@@ -248,10 +248,15 @@ def test_restrict_float16_and_exact_bounds():
     for opset in (9, 13):
         m = h.make_model(g, opset_imports=[h.make_opsetid("", opset)], ir_version=8)
         sites = find_range_sites(m)
-        r = restrict_ranges(m, site_bounds(sites), "zero", sites)
-        onnx.checker.check_model(r.model, full_check=True)
-        x = np.array([[0.0, 0.0, 100.0]], np.float16)
-        np.testing.assert_array_equal(make_session(r.model, "cpu").run(None, {"x": x})[0], np.array([[0, 0, 1]], np.float16))
+        for mode in ("zero", "clamp"):
+            r = restrict_ranges(m, site_bounds(sites), mode, sites)
+            onnx.checker.check_model(r.model, full_check=True)
+            x = np.array([[0.0, 0.0, 100.0]], np.float16)
+            np.testing.assert_array_equal(make_session(r.model, "cpu").run(None, {"x": x})[0],
+                                          np.array([[0, 0, 1]], np.float16))
+            # a restricted model's own range nodes and restricted tensors are not found again
+            again = find_range_sites(r.model, extra=["all"])
+            assert list(again) == [] and any("already range-restricted" in why for _, why in again.skipped)
 
 
 def test_pass_is_pure_and_checks_its_arguments():
@@ -355,3 +360,22 @@ def _sites(model, sel=None):
     from onnxft.faults.sites import SiteTable
     res = inject(model, sel)
     return SiteTable.from_model(res.model).sites
+
+
+def test_subgraph_consumers_read_the_restricted_value():
+    # an If branch reads the Softmax output from the outer scope
+    branch = lambda name, op: h.make_graph([h.make_node(op, ["y"], [f"{name}_out"])], name, [],  # noqa: E731
+                                           [h.make_tensor_value_info(f"{name}_out", T.FLOAT, [1, 3])])
+    nodes = [h.make_node("Softmax", ["x"], ["y"], axis=-1, name="sm"),
+             h.make_node("If", ["cond"], ["z"], then_branch=branch("then", "Identity"), else_branch=branch("else", "Neg"),
+                         name="if")]
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, [1, 3]), h.make_tensor_value_info("cond", T.BOOL, [])],
+                     [h.make_tensor_value_info("z", T.FLOAT, [1, 3])])
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 13)], ir_version=8)
+    sites = find_range_sites(m)
+    r = restrict_ranges(m, {"y": (0.0, 0.5)}, "clamp", sites)
+    onnx.checker.check_model(r.model, full_check=True)
+    x = np.array([[0.0, 0.0, 10.0]], np.float32)
+    sm = np.exp(x) / np.exp(x).sum()
+    z = make_session(r.model, "cpu").run(None, {"x": x, "cond": np.array(True)})[0]
+    np.testing.assert_allclose(z, np.clip(sm, 0, 0.5), rtol=1e-6)

@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper, shape_inference
 
-from ..graph.roles import PROTECTION, set_role
+from ..graph.roles import PROTECTION, role_of, set_role
 from ..runtime.model_io import external_data_dir
 from .decompose import _subgraphs, constant_value
 from .result import PassResult
@@ -94,7 +94,8 @@ class _Index:
 
     def __init__(self, model: onnx.ModelProto) -> None:
         g = model.graph
-        self.nodes = list(g.node)
+        # Nodes an onnxft pass inserted (range checks, checksums) are never activations to restrict.
+        self.nodes = [n for n in g.node if role_of(n) != PROTECTION]
         self.producers = {o: n for n in g.node for o in n.output if o}
         self.consumers: dict[str, list[onnx.NodeProto]] = {}
         for n in g.node:
@@ -266,6 +267,9 @@ def find_range_sites(model: onnx.ModelProto, kinds: Iterable[str] = DEFAULT_KIND
             if any(x.op_type in ("Softmax", "Gelu", "Erf", "Tanh", "Relu", "LayerNormalization") for x in sub.node):
                 skipped.append((_label(n), "activations inside subgraphs (If/Loop/Scan bodies) are not restricted"))
                 break
+    restricted = {i for n in model.graph.node if any(p.key == RANGE_KEY for p in n.metadata_props) for i in n.input}
+    for t in [t for t in found if t in restricted]:
+        skipped.append((found.pop(t).nodes[-1], f"{t} is already range-restricted"))
     order = {o: i for i, n in enumerate(model.graph.node) for o in n.output}
     return RangeSites(sorted(found.values(), key=lambda s: order.get(s.tensor, -1)), skipped)
 
