@@ -211,7 +211,14 @@ def harden(model, output: str | Path | None = None, options: HardenOptions | Non
     check_writable(output)
     check_writable(plan_path(output))
     m, name, default = load(model)
-    ds = _dataset(m, calib, default, calib_limit) if (calib is not None or default is not None) else None
+    ds = None
+    if calib is not None:
+        ds = _dataset(m, calib, None, calib_limit)
+    elif default is not None:
+        # A bundled sample calibrates on the LAST items of its data, so that evaluations on the first
+        # ones (eval --limit 1000, the figures in the README) never see their calibration images.
+        full = _dataset(m, None, default)
+        ds = full.tail(min(calib_limit or len(full), len(full)))
     res = _harden(m, options, ds)
     plan = dict(res.plan, model=name, output=str(output))
     save_model(res.model, output)

@@ -78,9 +78,7 @@ def _batches(data: Dataset | None, model: onnx.ModelProto, batch: int):
 def harden(model: onnx.ModelProto, options: HardenOptions, calib: Dataset | None = None) -> HardenResult:
     """Range restriction then ABFT on ``model`` (see the module docstring)."""
     options.validate()
-    from ..passes.abft import abft, find_gemms
-    from ..passes.ranges import find_range_sites, range_bounds, restrict_ranges
-    from .calibrate_abft import calibrate_abft
+    from ..passes.ranges import RangeSites, find_range_sites, restrict_ranges, site_bounds
     from .calibrate_ranges import calibrate_ranges
 
     plan: dict = {"abft": options.abft, "range": options.range_mode, "ber": options.ber,
@@ -90,24 +88,27 @@ def harden(model: onnx.ModelProto, options: HardenOptions, calib: Dataset | None
     m = model
     if options.range_mode != "none":
         sites = find_range_sites(m, kinds=options.range_kinds)
-        need = [s.tensor for s in sites if s.bounds is None]
-        bounds = {s.tensor: tuple(s.bounds) for s in sites if s.bounds is not None}
+        plan["skipped"] += list(sites.skipped)
+        need = sites.needing_calibration()
+        stats = {}
         if need and calib is not None:
             stats = calibrate_ranges(m, _batches(calib, m, options.calib_batch), need)
-            bounds.update(range_bounds(stats, alpha=options.alpha))
         elif need:
             plan["skipped"] += [(t, "unbounded activation: give --calib D.npz to calibrate its range")
                                 for t in need]
+            sites = RangeSites([s for s in sites if s.fixed is not None])
+        bounds = site_bounds(sites, stats, alpha=options.alpha)
+        plan["ranges"] = []
         if bounds:
-            res = restrict_ranges(m, bounds, mode=options.range_mode)
+            res = restrict_ranges(m, bounds, mode=options.range_mode, sites=sites)
             m = res.model
-            plan["skipped"] += list(res.skipped)
-            plan["ranges"] = [{"tensor": s.tensor, "kind": s.kind, "bounds": list(bounds[s.tensor]),
-                               "calibrated": s.bounds is None}
+            plan["ranges"] = [{"tensor": s.tensor, "kind": s.kind, "bounds": [float(v) for v in bounds[s.tensor]],
+                               "calibrated": s.fixed is None, "calibrated_min_max": list(stats.get(s.tensor, ()))}
                               for s in sites if s.tensor in bounds]
-        else:
-            plan["ranges"] = []
     if options.abft != "none":
+        from ..passes.abft import abft, find_gemms
+        from .calibrate_abft import calibrate_abft
+
         gemms = find_gemms(m)
         thresholds = None
         if calib is not None and gemms:

@@ -43,6 +43,10 @@ class Dataset:
         return Dataset({k: v[:n] for k, v in self.inputs.items()},
                        None if self.labels is None else self.labels[:n], self.path)
 
+    def tail(self, n: int) -> "Dataset":
+        return Dataset({k: v[-n:] for k, v in self.inputs.items()},
+                       None if self.labels is None else self.labels[-n:], self.path)
+
 
 def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
     inits = {t.name for t in model.graph.initializer}
