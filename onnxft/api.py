@@ -200,17 +200,37 @@ def plan_path(output: str | Path) -> Path:
 
 
 def harden(model, output: str | Path | None = None, options: HardenOptions | None = None, calib=None,
-           calib_limit: int | None = 512) -> dict:
+           calib_limit: int | None = 512, select=None, data=None, limit: int | None = None,
+           progress=None) -> dict:
     """Write the hardened model (range restriction + ABFT, see ``campaigns.harden``) and its plan.
 
     ``calib``: .npz (or Dataset) for range bounds and ABFT thresholds; a bundled sample uses its own
-    data when none is given. Returns the plan (also written to ``<output stem>.plan.json``)."""
+    data when none is given. ``select``: a ``SelectOptions`` runs Algorithm 1 (``campaigns.select``)
+    on ``data`` (first ``limit`` items) at ``options.ber`` to choose the GEMMs, then measures the
+    chosen protection under injection. Returns the plan (also written to ``<output stem>.plan.json``)."""
     options = options or HardenOptions()
     options.validate()
     output = Path(output) if output is not None else default_hardened_path(model)
     check_writable(output)
     check_writable(plan_path(output))
     m, name, default = load(model)
+    selection = None
+    if select is not None:
+        from dataclasses import asdict, replace
+        import re
+
+        from .campaigns.select import select_gemms
+
+        if options.abft != "lb":
+            raise ValueError("--select auto chooses GEMMs for LB-ABFT: use --abft lb")
+        eval_ds = _dataset(m, data, default, limit)
+        sel = select_gemms(m, eval_ds, options.ber, select, progress)
+        selection = asdict(sel)
+        if not sel.chosen:
+            raise ValueError("Algorithm 1 chose no GEMM (none fits under --max-overhead, or the model already "
+                             "meets the target): nothing to harden")
+        options = replace(options, gemms="^(" + "|".join(re.escape(c) for c in sel.chosen) + ")$",
+                          block_size={c: b for c, b in sel.block_sizes.items() if b})
     ds = None
     if calib is not None:
         ds = _dataset(m, calib, None, calib_limit)
@@ -221,6 +241,13 @@ def harden(model, output: str | Path | None = None, options: HardenOptions | Non
         ds = full.tail(min(calib_limit or len(full), len(full)))
     res = _harden(m, options, ds)
     plan = dict(res.plan, model=name, output=str(output))
+    if selection is not None:
+        # the chosen protection, built for real, under injection on the same items and seeds
+        real = _evaluate(res.model, eval_ds, [options.ber], select.trials, select.seed, "top1", select.provider,
+                         select.batch, model_name=str(output), threads=select.threads)
+        selection["measured_accuracy"] = real.points[0].value
+        selection["measured_ci"] = list(real.points[0].ci)
+        plan["selection"] = selection
     save_model(res.model, output)
     from .report.outputs import atomic_write
 
@@ -238,4 +265,27 @@ def overhead(model, baseline, batch: int = 8, provider: str = "auto", repeats: i
     feeds = _dataset(b, data, None).batch(0, batch) if data is not None else None
     out = latency_overhead(b, m, batch, provider, repeats, feeds=feeds, threads=threads)
     out.update({"model": name, "baseline": bname})
+    return out
+
+
+def compare(model, schemes=("none", "range", "standard", "lb", "lb+range"), bers=(1e-8, 1e-7), data=None,
+            calib=None, trials: int = 2, seed: int = 0, batch: int = 250, provider: str = "auto",
+            limit: int | None = None, design_ber: float | None = None, select=None, latency: bool = False,
+            progress=None, threads: int | None = None) -> dict:
+    """Accuracy and overhead of protection schemes side by side (``campaigns.compare``)."""
+    from .campaigns.compare import compare as _compare
+
+    m, name, default = load(model)
+    ds = _dataset(m, data, default, limit)
+    cal = None
+    if calib is not None:
+        cal = _dataset(m, calib, None, 512)
+    elif default is not None and data is None:
+        full = _dataset(m, None, default)
+        cal = full.tail(min(512, len(full)))
+    else:
+        cal = ds.head(min(512, len(ds)))
+    out = _compare(m, ds, list(schemes), list(bers), trials, seed, batch, provider, cal, design_ber, select,
+                   latency, progress, threads)
+    out["model"] = display_name(model, name)
     return out

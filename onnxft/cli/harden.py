@@ -38,9 +38,21 @@ def _block_size(text: str):
 @click.option("--block-size", default="auto", show_default=True, help="auto (OptBlockSizeSelection) or N.")
 @click.option("--gemms", default=None, help="Regex: protect only MatMul/Gemm whose names match.")
 @click.option("--alpha", default=0.02, show_default=True, type=float, help="Margin of calibrated range bounds.")
+@click.option("--select", type=click.Choice(["all", "auto"]), default="all", show_default=True,
+              help="all: every protectable GEMM; auto: Algorithm 1 picks GEMMs by vulnerability under "
+                   "--target-drop and --max-overhead at --ber.")
+@click.option("--target-drop", default=0.02, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+              help="--select auto: accuracy may be at most this far below clean.")
+@click.option("--max-overhead", default=0.02, show_default=True, type=click.FloatRange(min=0),
+              help="--select auto: expected extra operations / the model's operations.")
+@click.option("--data", default=None, help="--select auto: labelled .npz to measure accuracy on.")
+@click.option("--limit", default=None, type=click.IntRange(min=1), help="--select auto: first N items only.")
+@click.option("--trials", default=2, show_default=True, type=click.IntRange(min=1),
+              help="--select auto: trials per measurement.")
+@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def harden(model, output, abft, range_mode, range_ops, calib, calib_limit, ber_text, block_size, gemms, alpha,
-           as_json):
+           select, target_drop, max_overhead, data, limit, trials, provider, as_json):
     """Write a hardened MODEL: standard ONNX at the model's own opset, runs on stock onnxruntime.
 
     The plan (GEMMs, block sizes, thresholds, expected operation counts, calibrated bounds,
@@ -52,7 +64,20 @@ def harden(model, output, abft, range_mode, range_ops, calib, calib_limit, ber_t
     kinds = tuple(k.strip() for k in range_ops.split(",") if k.strip())
     opts = api.HardenOptions(abft=abft, range_mode=range_mode, ber=bers[0], block_size=_block_size(block_size),
                              range_kinds=kinds, alpha=alpha, gemms=gemms)
-    plan = _run(api.harden, model, output, opts, calib, calib_limit)
+    sel = None
+    if select == "auto":
+        from ..campaigns.select import SelectOptions
+
+        if gemms is not None:
+            raise UserError("--gemms and --select auto both choose GEMMs: give one")
+        sel = SelectOptions(target_drop=target_drop, max_overhead=max_overhead, trials=trials,
+                            max_trials=max(trials, 4), provider=provider)
+
+    def progress(msg):
+        if not as_json:
+            click.echo(msg, err=True)
+
+    plan = _run(api.harden, model, output, opts, calib, calib_limit, sel, data, limit, progress)
     if as_json:
         click.echo(json.dumps(plan, indent=2))
         return
@@ -76,6 +101,13 @@ def plan_summary(plan: dict) -> str:
         for r in plan.get("ranges", [])[:8]:
             lo, hi = r["bounds"]
             lines.append(f"  {r['kind']:<9} {r['tensor']:<48} [{lo:.4g}, {hi:.4g}]")
+    sel = plan.get("selection")
+    if sel:
+        lines.append(f"Algorithm 1 at BER {sel['ber']:g}: clean {sel['clean']:.4f}, unprotected {sel['unprotected']:.4f}, "
+                     f"target {sel['target']:.4f}; chose {len(sel['chosen'])} GEMMs, overhead "
+                     f"{100 * sel['overhead']:.3f}% of the model's operations")
+        lines.append(f"  accuracy: {sel['accuracy']:.4f} estimated, {sel['measured_accuracy']:.4f} measured on the "
+                     f"hardened graph ({'target reached' if sel['reached'] else 'target NOT reached under the cap'})")
     v = plan.get("verification", {})
     if v:
         lines.append(f"fault-free check on {v['items']} items: max relative difference {v['max_rel_diff']:.2g}"

@@ -289,6 +289,7 @@ def replay(log, record, model, data, as_json):
         sys.exit(1)
 
 
+from . import compare as _compare_verb  # noqa: E402,F401  (registers the verb)
 from . import harden as _harden_verb  # noqa: E402,F401  (registers the verb)
 
 

@@ -1,0 +1,174 @@
+"""``onnxft compare``: protection schemes side by side — accuracy under injection and overhead.
+
+Schemes (the seed paper's Figs. 9 to 12, for the user's model):
+
+- ``none``: the model as it is;
+- ``range``: range restriction after Softmax/GELU (clamp);
+- ``standard``: standard ABFT on every protectable GEMM;
+- ``lb``: LB-ABFT on every protectable GEMM (block sizes from OptBlockSizeSelection);
+- ``lb+range``: both;
+- ``tmr``: layer-wise TMR (every layer triplicated, bitwise majority vote on what leaves it);
+- ``auto``: Algorithm 1 (``campaigns.select``): LB-ABFT on the GEMMs it picks under the target and cap.
+
+Accuracy: ``evaluate`` of each hardened graph (injection into the model's own computation, common
+random numbers: every scheme sees the same seeds). Overhead: expected extra operations per item
+divided by the model's operations per item, at each BER — ABFT from the cost model
+(``passes.blocksize``) with the block sizes the graph was built with; range restriction counts two
+comparisons per restricted element; TMR counts its two extra copies of each layer plus four
+operations per voted element. Optionally the measured fault-free latency ratio.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import shape_inference
+
+from ..analysis import grouping
+from ..passes.blocksize import lb_cost, standard_cost
+from ..passes.inject import inject
+from ..passes.tmr import tmr
+from ..runtime.data import Dataset
+from ..runtime.session import InjectionSession
+from .evaluate import evaluate
+from .harden import HardenOptions, harden
+from .overhead import latency_overhead
+from .select import SelectOptions, matrices_per_item, select_gemms
+
+SCHEMES = ("none", "range", "standard", "lb", "lb+range", "tmr", "auto")
+
+
+@dataclass
+class Variant:
+    scheme: str
+    model: onnx.ModelProto
+    overhead: dict  # ber -> fraction of the model's operations
+    info: dict
+
+
+def _range_ops(model: onnx.ModelProto, tensors: list[str]) -> int:
+    """Two comparisons per element of each restricted tensor, per item (batch axis excluded)."""
+    inferred = shape_inference.infer_shapes(model)
+    dims = {v.name: v.type.tensor_type.shape.dim for v in list(inferred.graph.value_info) + list(inferred.graph.output)}
+    total = 0
+    for t in tensors:
+        d = dims.get(t) or dims.get(f"{t}/unrestricted")
+        if d is None:
+            continue
+        total += 2 * int(np.prod([x.dim_value for x in list(d)[1:] if x.dim_value > 0], dtype=np.int64))
+    return total
+
+
+def _abft_ops(plan: dict, ber: float) -> float:
+    ops = 0.0
+    for g in plan.get("gemms", []):
+        M, N, K = g.get("M"), g.get("N"), g.get("K")
+        if not (M and N and K):
+            continue
+        rows = g.get("unit_rows") or M
+        if g["scheme"] == "lb" and g.get("block_size"):
+            c = lb_cost(rows, N, K, ber, int(g["block_size"]))["total"]
+        else:
+            c = standard_cost(rows, N, K, ber)["total"]
+        ops += c * matrices_per_item(g)
+    return ops
+
+
+def model_ops(model: onnx.ModelProto, data: Dataset) -> tuple[float, list, object]:
+    """Operations per item of every fault site of ``model``, its site plans and its site table."""
+    sess = InjectionSession(inject(model).model, "cpu")
+    plans = sess.plans(data.batch(0, 1))
+    return float(sum(p.operations_per_item for p in plans)), plans, sess.table
+
+
+def build_variants(model: onnx.ModelProto, schemes: list[str], bers: list[float], data: Dataset,
+                   calib: Dataset | None, design_ber: float, select_options: SelectOptions | None = None,
+                   progress=None) -> list[Variant]:
+    bad = [s for s in schemes if s not in SCHEMES]
+    if bad:
+        raise ValueError(f"unknown scheme(s) {bad}; choose from {', '.join(SCHEMES)}")
+    say = progress or (lambda _m: None)
+    total, plans, table = model_ops(model, data)
+    out = []
+    for scheme in schemes:
+        say(f"building {scheme}")
+        info: dict = {}
+        if scheme == "none":
+            out.append(Variant(scheme, model, {b: 0.0 for b in bers}, info))
+            continue
+        if scheme == "tmr":
+            layers = [g for g in grouping.layers(table, model) if g.name not in ("stem", "head", "other")]
+            m, ops, voted = model, 0.0, 0
+            for g in layers:
+                if g.name.startswith("segment."):
+                    continue  # structural segments have no name scope to select nodes by
+                pattern = rf"(^|/){grouping_scope_regex(g.name)}(/|$)"
+                r = tmr(m, pattern)
+                if r.skipped:
+                    continue
+                m = r.model
+                ops += 2 * sum(plans[i].operations_per_item for i in g.sites)
+                voted += len(r.details["voted"])
+            info = {"layers": len(layers), "voted_tensors": voted}
+            out.append(Variant(scheme, m, {b: ops / total for b in bers}, info))
+            continue
+        if scheme == "auto":
+            sel = select_gemms(model, data, design_ber, select_options,
+                               progress=lambda msg: say(f"  {msg}"))
+            info = {"chosen": sel.chosen, "estimated_accuracy": sel.accuracy, "reached": sel.reached,
+                    "design_overhead": sel.overhead}
+            if not sel.chosen:
+                out.append(Variant(scheme, model, {b: 0.0 for b in bers}, info))
+                continue
+            opts = HardenOptions(abft="lb", range_mode="none", ber=design_ber,
+                                 gemms="^(" + "|".join(_re_escape(c) for c in sel.chosen) + ")$")
+        else:
+            opts = HardenOptions(abft={"range": "none", "standard": "standard", "lb": "lb", "lb+range": "lb"}[scheme],
+                                 range_mode="clamp" if scheme in ("range", "lb+range") else "none", ber=design_ber)
+        res = harden(model, opts, calib)
+        plan = res.plan
+        r_ops = _range_ops(res.model, [r["tensor"] for r in plan.get("ranges", [])])
+        over = {b: (_abft_ops(plan, b) + r_ops) / total for b in bers}
+        info.update({"gemms": len(plan.get("gemms", [])), "ranges": len(plan.get("ranges", []))})
+        out.append(Variant(scheme, res.model, over, info))
+    return out
+
+
+def grouping_scope_regex(name: str) -> str:
+    return _re_escape(name)
+
+
+def _re_escape(s: str) -> str:
+    import re
+
+    return re.escape(s)
+
+
+def compare(model: onnx.ModelProto, data: Dataset, schemes: list[str], bers: list[float], trials: int = 2,
+            seed: int = 0, batch: int = 250, provider: str = "auto", calib: Dataset | None = None,
+            design_ber: float | None = None, select_options: SelectOptions | None = None,
+            latency: bool = False, progress=None, threads: int | None = None) -> dict:
+    """Accuracy (top-1 with 95% intervals) and overhead of each scheme at each BER."""
+    if data.labels is None:
+        raise ValueError("compare needs labelled data (an array 'y' in the .npz)")
+    design_ber = design_ber if design_ber is not None else max(bers)
+    variants = build_variants(model, schemes, bers, data, calib, design_ber, select_options, progress)
+    rows, results = [], []
+    for v in variants:
+        if progress:
+            progress(f"evaluating {v.scheme}")
+        r = evaluate(v.model, data, bers, trials, seed, "top1", provider, batch, model_name=v.scheme,
+                     threads=threads)
+        d = r.to_dict()
+        d["model"] = v.scheme
+        results.append(d)
+        row = {"scheme": v.scheme, "clean": r.clean, "info": v.info, "points": []}
+        for p in r.points:
+            row["points"].append({"ber": p.ber, "accuracy": p.value, "ci": list(p.ci),
+                                  "overhead_ops": v.overhead.get(p.ber, 0.0)})
+        if latency:
+            row["latency"] = latency_overhead(model, v.model, 8, provider, repeats=20, threads=threads)
+        rows.append(row)
+    return {"schemes": rows, "bers": bers, "design_ber": design_ber, "items": len(data), "trials": trials,
+            "eval_results": results}

@@ -1,0 +1,194 @@
+"""Algorithm 1 of the seed paper: choose which GEMMs to protect with LB-ABFT.
+
+Layers are ranked by vulnerability factor, the GEMMs of the most vulnerable layer by theirs, and
+LB-ABFT is applied one GEMM at a time (block size from OptBlockSizeSelection at the BER), adding its
+expected operations to the overhead and re-measuring accuracy, until accuracy is within the target
+of the clean accuracy or no GEMM fits under the overhead cap. A GEMM that would push the overhead
+over the cap is passed over and the search goes on with the next (cheaper) one, which is how the
+paper's "optimise accuracy under the overhead limit" is carried out.
+
+Measuring accuracy. Every step would need a new hardened graph, a new injection graph and a new
+onnxruntime session (seconds to tens of seconds each). Instead the search measures "GEMM g
+protected" as "the faults at g's sites removed" from the very same fault samples (common random
+numbers, as ``onnxft vuln`` does): LB-ABFT recomputes every block whose checksum fires, so it
+removes every fault large enough to be detected, and the undetected ones are below the rounding
+threshold (docs/abft.md). The chosen protection is then built for real and evaluated under
+injection once; the plan records both figures, so any gap between the estimate and the real graph
+is visible.
+
+Overhead = expected LB-ABFT operations (detection + expected block detection and recovery at the
+BER) of the chosen GEMMs, as a fraction of all the model's operations (every fault site's
+operations per item), as in the paper's Figs. 10 and 12.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import onnx
+
+from ..analysis import grouping
+from ..faults.sampling import Faults
+from ..passes.abft import abft, find_gemms
+from ..passes.inject import inject
+from ..runtime.data import Dataset
+from ..runtime.session import InjectionSession
+from .vuln import Campaign, Component, vulnerability_factors
+
+
+@dataclass(frozen=True)
+class SelectOptions:
+    target_drop: float = 0.02  # accuracy may be at most this far below clean (absolute)
+    max_overhead: float = 0.02  # expected extra operations / the model's operations
+    trials: int = 2
+    max_trials: int = 4
+    ci_width: float = 0.03
+    batch: int = 250
+    seed: int = 0
+    provider: str = "auto"
+    threads: int | None = None
+
+    def validate(self) -> None:
+        if not 0 <= self.target_drop < 1:
+            raise ValueError(f"--target-drop must be in [0, 1), got {self.target_drop}")
+        if not self.max_overhead >= 0 or math.isinf(self.max_overhead):
+            raise ValueError(f"--max-overhead must be a finite number >= 0, got {self.max_overhead}")
+        if self.trials < 1 or self.max_trials < self.trials:
+            raise ValueError("need 1 <= trials <= max trials")
+
+
+@dataclass
+class Unit:
+    """One GEMM unit: its name, the fault sites it covers (the MatMul and its bias Add), its layer
+    and its expected LB-ABFT cost per item."""
+
+    name: str
+    sites: frozenset
+    layer: str
+    block_size: int | None
+    ops: float  # expected extra operations per item
+    overhead: float  # ops / the model's operations per item
+
+
+@dataclass
+class Selection:
+    ber: float
+    clean: float
+    target: float
+    unprotected: float
+    chosen: list[str]
+    accuracy: float  # estimated by fault removal with the chosen GEMMs protected
+    overhead: float
+    reached: bool
+    steps: list[dict] = field(default_factory=list)
+    layers: list[dict] = field(default_factory=list)
+    passed_over: list[dict] = field(default_factory=list)
+    block_sizes: dict = field(default_factory=dict)
+
+
+def gemm_units(campaign: Campaign, model: onnx.ModelProto, ber: float) -> list[Unit]:
+    """The protectable GEMM units of ``model`` with their sites in ``campaign``'s injection graph
+    and their expected LB-ABFT cost at ``ber``."""
+    table = campaign.table
+    by_node = {s.node: i for i, s in enumerate(table.sites)}
+    ops_total = sum(p.operations_per_item for p in campaign.plans[0])
+    layer_of = {}
+    for g in grouping.layers(table, model):
+        for i in g.sites:
+            layer_of[i] = g.name
+    plan = abft(model, "lb", ber).details["gemms"]
+    units = []
+    for e in plan:
+        if e["name"] not in by_node:
+            continue  # not a fault site in this injection graph (e.g. a format not selected)
+        sites = {by_node[e["name"]]}
+        if e.get("bias") and e["bias"] in by_node:
+            sites.add(by_node[e["bias"]])
+        per_matrix = (e.get("ops_detection") or 0) + (e.get("ops_expected_recovery") or 0)
+        ops = per_matrix * matrices_per_item(e)
+        units.append(Unit(e["name"], frozenset(sites), layer_of.get(by_node[e["name"]], "other"),
+                          e.get("block_size"), float(ops), float(ops) / ops_total if ops_total else 0.0))
+    return units
+
+
+def matrices_per_item(entry: dict) -> int:
+    """GEMM matrices one batch item computes: the leading dims of Y after the batch axis (heads of
+    an attention product); a rank-2 product computes one matrix row per item."""
+    if entry.get("rowwise"):
+        return 1
+    dims = list(entry.get("batch_dims") or [])[1:]
+    return int(np.prod([d for d in dims if isinstance(d, int) and d > 0], dtype=np.int64)) if dims else 1
+
+
+def accuracy_without(campaign: Campaign, ber: float, sites: frozenset, trials: int) -> float:
+    """Accuracy at ``ber`` with every fault at ``sites`` removed (same seeds as every other call)."""
+    ok, n = 0, 0
+    keep_sites = np.fromiter(sites, np.int64) if sites else np.zeros(0, np.int64)
+    for t in range(trials):
+        for j in range(len(campaign.starts)):
+            f = campaign.faults(t, j, ber, None)
+            keep = ~np.isin(f.site, keep_sites)
+            right = campaign._run(j, Faults(f.site[keep], f.item[keep], f.element[keep], f.step[keep], f.bit[keep]))
+            ok += int(np.sum(right))
+            n += len(right)
+    return ok / n
+
+
+def select_gemms(model: onnx.ModelProto, data: Dataset, ber: float, options: SelectOptions | None = None,
+                 progress: Callable[[str], None] | None = None) -> Selection:
+    """Algorithm 1 (see the module docstring)."""
+    options = options or SelectOptions()
+    options.validate()
+    if not 0 < ber <= 1:
+        raise ValueError(f"--select auto needs a BER in (0, 1], got {ber}")
+    res = inject(model)
+    sess = InjectionSession(res.model, options.provider, options.threads, level="basic")
+    campaign = Campaign(sess, data, options.batch, options.seed)
+    say = progress or (lambda _msg: None)
+    units = gemm_units(campaign, model, ber)
+    if not units:
+        raise ValueError("the model has no protectable MatMul/Gemm")
+    clean = campaign.clean
+    target = clean - options.target_drop
+    kw = dict(trials=options.trials, max_trials=options.max_trials, ci_width=options.ci_width)
+
+    layer_names = list(dict.fromkeys(u.layer for u in units))
+    layer_sites = {g.name: frozenset(g.sites) for g in grouping.layers(campaign.table, model)}
+    say(f"layer vulnerability of {len(layer_names)} layers at BER {ber:g}")
+    lv = vulnerability_factors(campaign, ber, [Component(name, layer_sites.get(name, frozenset()))
+                                               for name in layer_names], **kw)
+    unprotected = lv.accuracy
+    ranked_layers = sorted(lv.factors, key=lambda f: -f.factor)
+    sel = Selection(ber, clean, target, unprotected, [], unprotected, 0.0, unprotected >= target,
+                    layers=[{"layer": f.name, "factor": f.factor, "ci": list(f.ci)} for f in ranked_layers])
+    protected: set = set()
+    # same trial count as the vulnerability runs, so the accuracies are comparable
+    trials = lv.trials
+    for lf in ranked_layers:
+        if sel.reached:
+            break
+        in_layer = [u for u in units if u.layer == lf.name]
+        if not in_layer:
+            continue
+        say(f"GEMM vulnerability in {lf.name} ({len(in_layer)} GEMMs)")
+        mv = vulnerability_factors(campaign, ber, [Component(u.name, u.sites) for u in in_layer], **kw)
+        factor = {f.name: f for f in mv.factors}
+        for u in sorted(in_layer, key=lambda u: -factor[u.name].factor):
+            if sel.overhead + u.overhead > options.max_overhead:
+                sel.passed_over.append({"gemm": u.name, "layer": u.layer, "overhead": u.overhead,
+                                        "reason": "would exceed the overhead cap"})
+                continue
+            sel.chosen.append(u.name)
+            sel.block_sizes[u.name] = u.block_size
+            protected |= u.sites
+            sel.overhead += u.overhead
+            sel.accuracy = accuracy_without(campaign, ber, frozenset(protected), trials)
+            sel.steps.append({"gemm": u.name, "layer": u.layer, "factor": factor[u.name].factor,
+                              "block_size": u.block_size, "overhead": sel.overhead, "accuracy": sel.accuracy})
+            say(f"  + {u.name}: accuracy {sel.accuracy:.4f}, overhead {100 * sel.overhead:.3f}%")
+            if sel.accuracy >= target:
+                sel.reached = True
+                break
+    return sel

@@ -1,0 +1,71 @@
+"""``onnxft compare``: protection schemes side by side (accuracy under injection, overhead)."""
+from __future__ import annotations
+
+import json
+
+import click
+
+from .. import api
+from .main import _bers, _check_out_dir, _run, cli
+
+SCHEMES = ("none", "range", "standard", "lb", "lb+range", "tmr", "auto")
+
+
+@cli.command()
+@click.argument("model", required=False)
+@click.option("--schemes", default="none,range,standard,lb,lb+range", show_default=True,
+              help=f"Comma-separated: {', '.join(SCHEMES)}.")
+@click.option("--ber", "ber_text", default="1e-8,1e-7", show_default=True, help="Comma-separated BERs.")
+@click.option("--design-ber", default=None, help="BER the block sizes (and auto) are chosen for (default: the largest).")
+@click.option("--data", default=None, help="Labelled .npz (default: the sample's).")
+@click.option("--calib", default=None, help="Calibration .npz (default: the sample's last 512 items, or the data).")
+@click.option("--trials", default=2, show_default=True, type=click.IntRange(min=1))
+@click.option("--limit", default=None, type=click.IntRange(min=1), help="Use only the first N items.")
+@click.option("--batch", default=250, show_default=True, type=click.IntRange(min=1))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--target-drop", default=0.02, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+              help="auto: accuracy target below clean.")
+@click.option("--max-overhead", default=0.02, show_default=True, type=click.FloatRange(min=0),
+              help="auto: overhead cap (fraction of the model's operations).")
+@click.option("--latency", is_flag=True, help="Also measure each scheme's fault-free latency ratio (CPU, batch 8).")
+@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--threads", default=None, type=click.IntRange(min=1))
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
+              help="Write compare.json, compare.csv, accuracy_vs_ber.png and overhead.png here.")
+@click.option("--json", "as_json", is_flag=True)
+def compare(model, schemes, ber_text, design_ber, data, calib, trials, limit, batch, seed, target_drop, max_overhead,
+            latency, provider, threads, out_dir, as_json):
+    """Accuracy under injection and operation overhead of protection schemes for MODEL."""
+    names = [s.strip() for s in schemes.split(",") if s.strip()]
+    bad = [s for s in names if s not in SCHEMES]
+    if bad or not names:
+        raise click.BadParameter(f"choose from {', '.join(SCHEMES)}", param_hint="--schemes")
+    bers = _bers(ber_text)
+    dber = None
+    if design_ber is not None:
+        d = _bers(design_ber)
+        if len(d) != 1:
+            raise click.BadParameter("give one BER", param_hint="--design-ber")
+        dber = d[0]
+    if out_dir is not None:
+        _run(_check_out_dir, out_dir)
+    from ..campaigns.select import SelectOptions
+
+    sel = SelectOptions(target_drop=target_drop, max_overhead=max_overhead, trials=trials,
+                        max_trials=max(trials, 4), batch=batch, seed=seed, provider=provider, threads=threads)
+
+    def progress(msg):
+        if not as_json:
+            click.echo(msg, err=True)
+
+    out = _run(api.compare, model, names, bers, data, calib, trials, seed, batch, provider, limit, dber, sel,
+               latency, progress, threads)
+    from ..report.compare import compare_table, write_compare_outputs
+
+    if as_json:
+        click.echo(json.dumps({k: v for k, v in out.items() if k != "eval_results"}, indent=2))
+    else:
+        click.echo(compare_table(out))
+    if out_dir is not None:
+        for p in _run(write_compare_outputs, out, out_dir):
+            click.echo(f"wrote {p}", err=as_json)
