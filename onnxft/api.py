@@ -7,6 +7,7 @@
     r = ft.evaluate(bers=[1e-9, 1e-8], trials=3)   # accuracy vs BER on the bundled ViT
     ft.bench("model.onnx", ber=1e-8, batch=8)      # clean vs injected time
     ft.replay("faults.jsonl", record=0)            # re-run one logged trial
+    ft.vuln("vit", granularity=["layer", "module"], target_losses=[0.1])   # vulnerability factors
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from .passes.inject import SiteSelection, inject as _inject, selection_from_opti
 from .runtime.data import DataError, Dataset, fixed_batch, input_specs, load_npz
 from .runtime.model_io import check_writable, external_data_dir, load_model, save_model
 
-__all__ = ["samples", "inspect", "inject", "evaluate", "bench", "replay", "load", "SiteSelection",
+__all__ = ["samples", "inspect", "inject", "evaluate", "bench", "replay", "vuln", "load", "SiteSelection",
            "selection_from_options"]
 
 
@@ -176,3 +177,20 @@ def replay(log: str | Path, record: int = 0, model=None, data=None, provider: st
     out = _replay(m, ds, rec, provider, sel, int_widths=tuple(rec.get("int_widths", (16, 32))))
     out.update({"model": name, "record": record, "ber": rec["ber"], "trial": rec["trial"]})
     return out
+
+
+def vuln(model=None, data=None, granularity: Iterable[str] = ("layer",), ber: float | None = None,
+         target_losses: Iterable[float] = (), loss_mode: str = "relative", trials: int = 2, max_trials: int = 20,
+         ci_width: float = 0.02, seed: int = 0, batch: int = 250, limit: int | None = None, provider: str = "auto",
+         threads: int | None = None, patch: tuple[int, int] | None = None, progress=None) -> dict:
+    """Vulnerability factors per layer/module/op type/input patch/bit (campaigns.vuln.analyse)."""
+    from .campaigns.vuln import analyse
+
+    m, name, default = load(model)
+    ds = _dataset(m, data, default, limit)
+    if fixed_batch(input_specs(m)) is not None:
+        raise DataError("vuln needs a model with a dynamic batch axis")
+    res = analyse(m, ds, list(granularity), ber, list(target_losses), loss_mode, trials, max_trials, ci_width,
+                  seed, batch, provider, threads, patch=patch, model_name=display_name(model, name),
+                  progress=progress)
+    return res.to_dict()

@@ -271,6 +271,9 @@ def replay(log, record, model, data, as_json):
         sys.exit(1)
 
 
+cli.add_command(__import__("onnxft.cli.vuln", fromlist=["vuln"]).vuln)  # verb in its own module
+
+
 def main(argv=None):
     try:
         rv = cli.main(args=argv, prog_name="onnxft", standalone_mode=False)
