@@ -13,6 +13,7 @@ Layers come from node names, the scopes that exporters write:
 
 When no name gives a layer, the structural fallback cuts the graph at its residual joins (an
 ``Add`` of two computed tensors): each run of sites up to and including a join is one segment.
+A graph without residual joins (a plain chain) is cut before each GEMM/Conv instead.
 
 Sites outside every layer form their own groups: ``stem`` (before the first layer), ``head``
 (after the last) and ``other`` (between layers).
@@ -108,6 +109,12 @@ def structural_layers(table: SiteTable, model: onnx.ModelProto, idx: list[int]) 
     """Segment labels cut at residual joins: ``segment.K`` for sites up to the K-th join (a join
     closes its segment); sites after the last join get None (the head)."""
     joins = residual_joins(model)
+    if not joins:  # a plain chain (VGG-like): one segment per GEMM/Conv and the sites after it
+        labels, k = [], -1
+        for i in idx:
+            k += table.sites[i].kind in ("gemm", "conv")
+            labels.append(f"segment.{k}" if k >= 0 else None)
+        return labels
     labels: list[str | None] = []
     k = 0
     for i in idx:
