@@ -206,3 +206,19 @@ def test_cli_vuln_user_errors(cnn_files, capsys, argv, message):
 def test_cli_vuln_bad_granularity(cnn_files, capsys):
     code, _, err = run(["vuln", str(cnn_files / "cnn.onnx"), "-g", "layers", "--ber", "1e-8"], capsys)
     assert code == 2 and "granularity" in err
+
+
+def test_running_only_the_changed_items_equals_a_full_run():
+    m = tiny_transformer()
+    x, y = labelled_data(m, 48)
+    camp = Campaign(InjectionSession(inject(m).model, "cpu"), Dataset({"x": x}, y), batch=48, seed=5)
+    faults = camp.faults(0, 0, 1e-4, None)
+    base = camp._run(0, faults)
+    assert 0 < base.sum() < 48
+    for items in ([3], [0, 7, 40], list(range(0, 48, 5))):
+        removed = np.isin(faults.item, items)
+        full = camp._run(0, Faults(*(getattr(faults, k)[~removed] for k in ("site", "item", "element", "step", "bit"))))
+        runs = camp.runs
+        assert np.array_equal(camp.run_changed(0, faults, removed, base), full)
+        assert camp.runs == runs + 1
+    assert {k[0][1][0] for k in camp.sess._sessions} == {48, 16}  # one smaller batch shape
