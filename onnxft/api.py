@@ -180,7 +180,7 @@ def replay(log: str | Path, record: int = 0, model=None, data=None, provider: st
 
 
 def vuln(model=None, data=None, granularity: Iterable[str] = ("layer",), ber: float | None = None,
-         target_losses: Iterable[float] = (), loss_mode: str = "relative", trials: int = 2, max_trials: int = 20,
+         target_losses: Iterable[float] = (), loss_mode: str = "relative", trials: int = 2, max_trials: int = 10,
          ci_width: float = 0.02, seed: int = 0, batch: int = 250, limit: int | None = None, provider: str = "auto",
          threads: int | None = None, patch: tuple[int, int] | None = None, progress=None) -> dict:
     """Vulnerability factors per layer/module/op type/input patch/bit (campaigns.vuln.analyse)."""

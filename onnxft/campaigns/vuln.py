@@ -212,7 +212,7 @@ class Campaign:
 
 
 def vulnerability_factors(campaign: Campaign, ber: float, components: list[Component], trials: int = 2,
-                          max_trials: int = 20, ci_width: float = 0.02,
+                          max_trials: int = 10, ci_width: float = 0.02,
                           scales: dict[int, float] | None = None) -> FactorRun:
     """Each component's vulnerability factor at ``ber`` with a paired 95% interval, using common
     random numbers (see the module docstring). ``scales`` overrides sites' BER scales for the
@@ -400,7 +400,7 @@ def _run_dict(part: str, run: FactorRun, target_loss, groups: dict[str, list[str
 
 def analyse(model: onnx.ModelProto, data: Dataset, granularities: Iterable[str], ber: float | None = None,
             target_losses: Iterable[float] = (), loss_mode: str = "relative", trials: int = 2,
-            max_trials: int = 20, ci_width: float = 0.02, seed: int = 0, batch: int = 250,
+            max_trials: int = 10, ci_width: float = 0.02, seed: int = 0, batch: int = 250,
             provider: str = "auto", threads: int | None = None, search_trials: int = 1,
             patch: tuple[int, int] | None = None, model_name: str = "model",
             progress: Callable[[int], None] | None = None) -> VulnResult:
