@@ -222,3 +222,13 @@ def test_running_only_the_changed_items_equals_a_full_run():
         assert np.array_equal(camp.run_changed(0, faults, removed, base), full)
         assert camp.runs == runs + 1
     assert {k[0][1][0] for k in camp.sess._sessions} == {48, 16}  # one smaller batch shape
+
+
+def test_model_granularity_gives_the_unprotected_accuracy(cnn_files):
+    from onnxft import api
+
+    res = api.vuln(str(cnn_files / "cnn.onnx"), str(cnn_files / "cnn.npz"), ["model"], ber=1e-3, trials=2,
+                   batch=12, provider="cpu")
+    (run,) = res["runs"]
+    assert run["factors"] == [] and run["trials"] == 2 and run["n"] == 48
+    assert res["clean"] == 1.0 and run["accuracy"] < 1.0 and run["faults_per_item"] > 0

@@ -220,8 +220,6 @@ def vulnerability_factors(campaign: Campaign, ber: float, components: list[Compo
     candidate (a layer, a GEMM) to rank them."""
     if trials < 1 or max_trials < trials:
         raise ValueError("need 1 <= trials <= max_trials")
-    if not components:
-        raise ValueError("no components to measure")
     k = len(components)
     gained, lost = np.zeros(k, np.int64), np.zeros(k, np.int64)
     in_comp, n_faults = np.zeros(k, np.int64), 0
@@ -247,7 +245,7 @@ def vulnerability_factors(campaign: Campaign, ber: float, components: list[Compo
         t += 1
         widths = [(paired_interval(int(g), int(l), n)[1] - paired_interval(int(g), int(l), n)[0]) / 2
                   for g, l in zip(gained, lost)]
-        if t >= max_trials or (t >= trials and max(widths) <= ci_width):
+        if t >= max_trials or (t >= trials and max(widths, default=0.0) <= ci_width):
             break
     factors = []
     for c, comp in enumerate(components):
@@ -464,9 +462,7 @@ def analyse(model: onnx.ModelProto, data: Dataset, granularities: Iterable[str],
             bers = [(f["ber"], f["loss"]) for f in found]
         else:
             bers = [(float(ber), None)]
-        if not comps:
-            continue
-        for b, loss in bers:
+        for b, loss in bers:  # (with no components: the unprotected accuracy alone, for "model")
             run = vulnerability_factors(camp, b, comps, trials, max_trials, ci_width, scales)
             result.runs.append(_run_dict(part, run, loss, names))
     result.seconds = time.perf_counter() - t0
