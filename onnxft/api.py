@@ -9,6 +9,7 @@
     ft.replay("faults.jsonl", record=0)            # re-run one logged trial
     ft.harden("model.onnx", "model.hardened.onnx", calib="calib.npz")   # LB-ABFT + range restriction
     ft.overhead("model.hardened.onnx", baseline="model.onnx")           # fault-free latency ratio
+    ft.vuln("vit", granularity=["layer", "module"], target_losses=[0.1])   # vulnerability factors
 """
 from __future__ import annotations
 
@@ -31,8 +32,8 @@ from .passes.inject import SiteSelection, inject as _inject, selection_from_opti
 from .runtime.data import DataError, Dataset, fixed_batch, input_specs, load_npz
 from .runtime.model_io import check_writable, external_data_dir, load_model, save_model
 
-__all__ = ["samples", "inspect", "inject", "evaluate", "bench", "replay", "harden", "overhead", "load",
-           "SiteSelection", "selection_from_options", "HardenOptions"]
+__all__ = ["samples", "inspect", "inject", "evaluate", "bench", "replay", "vuln", "harden", "overhead",
+           "compare", "load", "SiteSelection", "selection_from_options", "HardenOptions"]
 
 
 def load(model: str | Path | onnx.ModelProto | None) -> tuple[onnx.ModelProto, str, str | None]:
@@ -289,3 +290,18 @@ def compare(model, schemes=("none", "range", "standard", "lb", "lb+range"), bers
                    latency, progress, threads)
     out["model"] = display_name(model, name)
     return out
+def vuln(model=None, data=None, granularity: Iterable[str] = ("layer",), ber: float | None = None,
+         target_losses: Iterable[float] = (), loss_mode: str = "relative", trials: int = 2, max_trials: int = 10,
+         ci_width: float = 0.02, seed: int = 0, batch: int = 250, limit: int | None = None, provider: str = "auto",
+         threads: int | None = None, patch: tuple[int, int] | None = None, progress=None) -> dict:
+    """Vulnerability factors per layer/module/op type/input patch/bit (campaigns.vuln.analyse)."""
+    from .campaigns.vuln import analyse
+
+    m, name, default = load(model)
+    ds = _dataset(m, data, default, limit)
+    if fixed_batch(input_specs(m)) is not None:
+        raise DataError("vuln needs a model with a dynamic batch axis")
+    res = analyse(m, ds, list(granularity), ber, list(target_losses), loss_mode, trials, max_trials, ci_width,
+                  seed, batch, provider, threads, patch=patch, model_name=display_name(model, name),
+                  progress=progress)
+    return res.to_dict()

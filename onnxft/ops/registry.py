@@ -34,6 +34,9 @@ def _table() -> dict[str, OpHandler]:
 
 
 HANDLERS: dict[str, OpHandler] = _table()
+# The Identity that passes.input_sites puts after a graph input (role "input"): its result is the
+# stored input value, faulted like an elementwise result.
+INPUT_HANDLER = OpHandler("Identity", "elementwise", "input")
 
 
 def handler_for(op_type: str) -> OpHandler | None:

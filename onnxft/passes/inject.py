@@ -30,9 +30,9 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper, shape_inference, version_converter
 
 from ..custom_ops import FAULT_DOMAIN, FAULT_DOMAIN_VERSION, OPSET, all_functions
-from ..graph.roles import PROTECTION, role_of
+from ..graph.roles import INPUT, PROTECTION, role_of
 from ..faults.sites import PROBE_INPUT, SHAPES_OUTPUT, SITES_KEY, Site, SiteTable
-from ..ops.registry import handler_for
+from ..ops.registry import INPUT_HANDLER, handler_for
 from ..runtime.model_io import external_data_dir
 from .decompose import ORIGIN_KEY, ORIGIN_NODE_KEY, constant_value, decompose
 from .result import PassResult
@@ -175,6 +175,8 @@ def _find_sites(g: _Graph, sel: SiteSelection, int_widths, result: PassResult):
     sites: list[tuple[Site, onnx.NodeProto, dict]] = []
     for node in g.model.graph.node:
         handler = handler_for(node.op_type)
+        if role_of(node) == INPUT:  # an input's values (passes.input_sites): one elementwise site
+            handler = INPUT_HANDLER
         if handler is None or node.domain not in ("", "ai.onnx"):
             continue
         if role_of(node) == PROTECTION and not sel.include_protection:
