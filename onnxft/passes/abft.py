@@ -561,13 +561,16 @@ def _lb_then(c: _Canon, b: int, tau_blk: float, weight, bias):
     nb, s = c.nb, c.s
     rows, N = s.unit_rows, s.N
     ind = block_indicator(N, b)  # [N, nbc]
-    ind_n = nb.const(ind, hint="E")
-    y_blk = nb.op("MatMul", c.Y3, ind_n)  # [G, rows, nbc]
+    # block sums by pad + reshape + ReduceSum, not Y @ E: a NaN or Inf times 0 would spread to
+    # every block of its row
+    nbc = ind.shape[1]
+    y_pad = c.Y3 if N % b == 0 else nb.op("Pad", c.Y3, nb.ints([0, 0, 0, 0, 0, nbc * b - N]))
+    y_blk = reduce(nb, "ReduceSum", nb.op("Reshape", y_pad, nb.ints([0, 0, nbc, b])), [-1], keepdims=0)
     if weight is not None:
         be, abe, bs, babs = weight_checksums(weight, tau_blk, bias, ind)
         be_n, abe_n, tau_n = nb.const(be), nb.const(abe), None
     else:
-        be_n, abe_n = runtime_checksums(nb, c.B if c.B3 is None else c.B3, ind_n)
+        be_n, abe_n = runtime_checksums(nb, c.B if c.B3 is None else c.B3, nb.const(ind, hint="E"))
         tau_n = nb.const(np.float32(tau_blk))
         bs = babs = None
         if bias is not None:

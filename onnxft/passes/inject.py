@@ -122,11 +122,16 @@ def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
         model.graph.input.extend(keep)
         model.ir_version = 4
     if opset < OPSET:
+        # the converter drops node metadata (roles such as "protection"): restore it by node name
+        meta = {n.name: list(n.metadata_props) for n in model.graph.node if n.name and n.metadata_props}
         try:
             model = version_converter.convert_version(model, OPSET)
         except Exception as exc:  # the converter raises bare RuntimeErrors
             raise InjectError(f"cannot upgrade the model from opset {opset} to {OPSET}: "
                               f"{str(exc).splitlines()[0]}") from None
+        for n in model.graph.node:
+            if n.name in meta and not n.metadata_props:
+                n.metadata_props.extend(meta[n.name])
     # The version converter stamps the newest IR; onnxruntime 1.31 reads IR <= 13, enough for opset 26.
     model.ir_version = max(min(model.ir_version, 13), 10)
     try:
