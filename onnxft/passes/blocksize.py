@@ -11,8 +11,8 @@ operation-wise fault model (every bit of every product and partial sum flips wit
 - recovery of one faulty block: ``2 b^2 K`` (``b x b`` outputs, ``K`` MACs each; edge blocks are
   recomputed at full size because their indices are clamped, so this is exact for the graph);
 - ``cost(b) = detection + P_M * block_detection(b) + P_M * E[faulty blocks | GEMM faulty] * 2 b^2 K``
-  where ``P_M * E[faulty blocks | GEMM faulty] = n_blocks * P_block`` (a faulty block implies a
-  faulty GEMM).
+  where ``P_M * E[faulty blocks | GEMM faulty] = sum over blocks of P(block faulty)`` (a faulty
+  block implies a faulty GEMM; edge blocks count with their real sizes).
 
 Where this departs from the paper's Algorithm 2 (see docs/abft.md): the paper's
 ``blk = m/b x k/b x k/b`` and the sub-GEMM error-probability exponent
@@ -50,15 +50,25 @@ def block_detection_ops(M: int, N: int, K: int, b: int) -> int:
 def lb_cost(M: int, N: int, K: int, ber: float, b: int, bits: int = 32) -> dict:
     """Expected operation counts of LB-ABFT with block size ``b`` (see the module docstring)."""
     p_m = p_faulty(M * N * 2 * K, ber, bits)
-    n_blocks = (-(-M // b)) * (-(-N // b))
     bm, bn = min(b, M), min(b, N)  # a block never holds more than the matrix's rows/columns
     p_block = p_faulty(bm * bn * 2 * K, ber, bits)
+    # expected faulty blocks, edge blocks with their real (smaller) sizes
+    expected = 0.0
+    for rows, n_r in _block_sizes(M, b):
+        for cols, n_c in _block_sizes(N, b):
+            expected += n_r * n_c * p_faulty(rows * cols * 2 * K, ber, bits)
     det = detection_ops(M, N, K)
     block_det = p_m * block_detection_ops(M, N, K, b)
-    recovery = n_blocks * p_block * 2 * bm * bn * K
+    recovery = expected * 2 * bm * bn * K  # edge blocks are recomputed at full size (clamped indices)
     return {"detection": det, "block_detection": block_det, "recovery": recovery,
             "total": det + block_det + recovery, "p_gemm_faulty": p_m, "p_block_faulty": p_block,
-            "expected_faulty_blocks": n_blocks * p_block}
+            "expected_faulty_blocks": expected}
+
+
+def _block_sizes(n: int, b: int) -> list[tuple[int, int]]:
+    """(size, count) of the blocks of width b along a dimension of length n."""
+    full, rest = divmod(n, b)
+    return [(s, c) for s, c in ((b, full), (rest, 1 if rest else 0)) if c]
 
 
 def standard_cost(M: int, N: int, K: int, ber: float, bits: int = 32) -> dict:
