@@ -265,7 +265,7 @@ def _ops(s: GemmSite) -> int:
 
 def abft(model: onnx.ModelProto, scheme: str = "lb", ber: float = 1e-8, block_size="auto",
          thresholds: dict | None = None, names: str | None = None, gemms=None,
-         expose_flags: bool = False) -> PassResult:
+         expose_flags: bool = False, unit_scale: bool = False) -> PassResult:
     """Protect the model's GEMMs with ABFT (see the module docstring).
 
     ``block_size``: ``"auto"`` (Algorithm 2 at ``ber``), an int, or ``{gemm name: int}`` (others
@@ -273,6 +273,8 @@ def abft(model: onnx.ModelProto, scheme: str = "lb", ber: float = 1e-8, block_si
     bound). ``names``: regex searched in GEMM names; ``gemms``: explicit list of names.
     ``expose_flags`` adds outputs ``onnxft.abft.<name>.detected`` (bool) and
     ``onnxft.abft.<name>.recomputed`` (int64: output elements recomputed).
+    ``unit_scale`` (for calibration): tau = 1 everywhere, so each plan entry's ``scale`` tensor is
+    exactly ``|A| @ |B| e`` (+ |bias| sum) and ``residual / scale`` is the residual ratio.
     """
     if scheme not in SCHEMES:
         raise AbftError(f"unknown ABFT scheme {scheme!r}; choose from {', '.join(SCHEMES)}")
@@ -322,7 +324,8 @@ def abft(model: onnx.ModelProto, scheme: str = "lb", ber: float = 1e-8, block_si
     new_outputs = []
     for idx, s in enumerate(protect):
         node = nodes_by_name[s.name]
-        entry, built = _protect(m, s, node, idx, scheme, ber, block_size, thresholds or {}, expose_flags, opset)
+        taus = {s.name: "unit"} if unit_scale else (thresholds or {})
+        entry, built = _protect(m, s, node, idx, scheme, ber, block_size, taus, expose_flags, opset)
         plan.append(entry)
         nb_main, raw = built["main"], built["raw"]
         owner = producers[s.out]
@@ -344,16 +347,19 @@ def abft(model: onnx.ModelProto, scheme: str = "lb", ber: float = 1e-8, block_si
     return result
 
 
-def _threshold(s: GemmSite, thresholds: dict, n_sum: int) -> tuple[float, float, str]:
-    """(tau for the row test, factor applied to the other tests' bounds, source)."""
+def _threshold(s: GemmSite, thresholds: dict, n_sum: int) -> tuple[float, str]:
+    """(tau for the row test, its source). The recovery branch's column and block tests use
+    min(their own rounding bound, this tau): a calibrated tau tightens them too."""
     bound = _tau_bound(s.K, n_sum)
+    if thresholds.get(s.name) == "unit":
+        return 1.0, "unit (calibration)"
     if s.name in thresholds:
-        tau = float(thresholds[s.name])
+        given = thresholds[s.name]
+        tau = float(given["tau"] if isinstance(given, dict) else given)
         if not tau > 0:
             raise AbftError(f"threshold for {s.name!r} must be positive, got {tau}")
-        tau = min(tau, bound)
-        return tau, tau / bound, "calibrated"
-    return bound, 1.0, "rounding bound"
+        return min(tau, bound), "calibrated"
+    return bound, "rounding bound"
 
 
 def _protect(m: _Model, s: GemmSite, node, idx: int, scheme: str, ber: float, block_size, thresholds: dict,
@@ -362,8 +368,8 @@ def _protect(m: _Model, s: GemmSite, node, idx: int, scheme: str, ber: float, bl
     prefix = f"onnxft.abft.g{idx:03d}"
     main = Nodes(prefix, opset)
     raw = f"{prefix}/unchecked"
-    N_row = s.N if s.N is not None else 4096
-    tau, factor, tau_src = _threshold(s, thresholds, N_row)
+    N_row = s.N if s.N is not None else 4096  # (only for the plan when N is dynamic)
+    tau, tau_src = _threshold(s, thresholds, N_row)
     weight = _weight(m, s, node)
     bias = _bias_vector(m, s, node)
 
@@ -371,19 +377,34 @@ def _protect(m: _Model, s: GemmSite, node, idx: int, scheme: str, ber: float, bl
     y_sums = reduce(main, "ReduceSum", raw, [-1])
     a = s.a
     tau_name = None
-    if weight is not None:
+    dynamic = s.N is None and tau_src == "rounding bound"
+    if dynamic:
+        # dynamic N (e.g. attention over a dynamic sequence): the bound gamma_{K+N+4} at run time
+        last = main.op("Slice", main.op("Shape", raw), main.ints([-1]), main.ints([2**62]))  # (Shape's start: opset 15)
+        n = main.op("Cast", last, to=TensorProto.FLOAT)
+        u = UNIT_ROUNDOFF[TensorProto.FLOAT] * 1.001  # (1.001 covers the 1/(1 - n u) factor)
+        tau_name = main.op("Mul", main.op("Add", n, main.const(np.float32([s.K + 4]))), main.const(np.float32([u])))
+        tau_src = "rounding bound (run time, N dynamic)"
+    fold = 1.0 if dynamic else tau  # tau folded into the constants when it is known
+    bs = babs = None
+    if weight is not None and tau_name is None:
         be, abe, bs, babs = weight_checksums(weight, tau, bias)
         be_n, abe_n = main.const(be, hint="Be"), main.const(abe, hint="tauAbsBe")
     else:
-        b_in = s.b
-        be_n, abe_n = runtime_checksums(main, b_in)
-        tau_name = main.const(np.float32(tau), hint="tau")
-        bs = babs = None
+        if weight is not None:
+            be, abe, _, _ = weight_checksums(weight, 1.0)
+            be_n, abe_n = main.const(be, hint="Be"), main.const(abe, hint="AbsBe")
+        else:
+            be_n, abe_n = runtime_checksums(main, s.b)
+        if tau_name is None:
+            tau_name = main.const(np.float32(tau), hint="tau")
         if bias is not None:
             bs = np.float32(np.sum(bias, dtype=np.float64))
-            babs = np.float32(tau * np.sum(np.abs(bias), dtype=np.float64))
-    bs_n = main.const(np.asarray(bs, np.float32).reshape(-1)[:1].reshape(()), hint="biasSum") if bs is not None else None
-    babs_n = main.const(np.asarray(babs, np.float32).reshape(-1)[:1].reshape(()), hint="biasAbs") if babs is not None else None
+            babs = np.float32(fold * np.sum(np.abs(bias), dtype=np.float64))
+    bs_n = main.const(np.asarray(bs, np.float32).reshape(()), hint="biasSum") if bs is not None else None
+    babs_n = main.const(np.asarray(babs, np.float32).reshape(()), hint="biasAbs") if babs is not None else None
+    if babs_n is not None and dynamic:
+        babs_n = main.op("Mul", babs_n, tau_name)
     ok, diff, scale = checksum_test(main, y_sums, a, be_n, abe_n, tau_name, bs_n, babs_n)
     cond = any_false(main, ok)
 
@@ -412,9 +433,9 @@ def _protect(m: _Model, s: GemmSite, node, idx: int, scheme: str, ber: float, bl
             s.op_type == "Gemm" and (_attr(node, "transB", 0) or _attr(node, "alpha", 1.0) != 1.0)) else s.b
     ctx = _Canon(then_nb, s, raw, ok, w_name, bias_name)
     if eff_scheme == "standard":
-        fixed, count = _standard_then(ctx, _tau_bound(s.K, rows if rows else 4096) * factor)
+        fixed, count = _standard_then(ctx, min(_tau_bound(s.K, rows if rows else 4096), tau))
     else:
-        fixed, count = _lb_then(ctx, b_size, _tau_bound(s.K, b_size) * factor, weight, bias)
+        fixed, count = _lb_then(ctx, b_size, min(_tau_bound(s.K, b_size), tau), weight, bias)
     then_out = then_nb.op("Reshape", fixed, then_nb.op("Shape", raw))
     else_nb = Nodes(f"{prefix}/else", opset, branch=True)
     else_out = else_nb.op("Identity", raw)
@@ -451,7 +472,8 @@ def _protect(m: _Model, s: GemmSite, node, idx: int, scheme: str, ber: float, bl
              "ops_gemm": (M_ * N_ * 2 * K_) if M_ and N_ else None,
              "ops_detection": costs.get("detection"),
              "ops_expected_recovery": (costs["block_detection"] + costs["recovery"]) if costs else None,
-             "p_gemm_faulty": costs.get("p_gemm_faulty")}
+             "p_gemm_faulty": costs.get("p_gemm_faulty"),
+             "residual": diff, "scale": scale}  # tensor names, for calibrate_abft
     return entry, {"main": main, "raw": raw, "outputs": outputs, "diff": diff, "scale": scale}
 
 
