@@ -38,7 +38,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper, shape_inference
 
 from ..graph.checksums import (Nodes, any_false, block_indicator, checksum_test, count_true, reduce,
-                               runtime_checksums, unsqueeze, weight_checksums)
+                               runtime_checksums, unsqueeze, weight_checksums, weight_row_test)
 from ..runtime.model_io import external_data_dir
 from .blocksize import lb_cost, opt_block_size, standard_cost
 from .decompose import constant_value
@@ -374,7 +374,6 @@ def _protect(m: _Model, s: GemmSite, node, idx: int, scheme: str, ber: float, bl
     bias = _bias_vector(m, s, node)
 
     # --- detection in the main graph ----------------------------------------------------------
-    y_sums = reduce(main, "ReduceSum", raw, [-1])
     a = s.a
     tau_name = None
     dynamic = s.N is None and tau_src == "rounding bound"
@@ -386,26 +385,26 @@ def _protect(m: _Model, s: GemmSite, node, idx: int, scheme: str, ber: float, bl
         tau_name = main.op("Mul", main.op("Add", n, main.const(np.float32([s.K + 4]))), main.const(np.float32([u])))
         tau_src = "rounding bound (run time, N dynamic)"
     fold = 1.0 if dynamic else tau  # tau folded into the constants when it is known
-    bs = babs = None
-    if weight is not None and tau_name is None:
-        be, abe, bs, babs = weight_checksums(weight, tau, bias)
-        be_n, abe_n = main.const(be, hint="Be"), main.const(abe, hint="tauAbsBe")
+    if weight is not None:
+        w64 = weight.astype(np.float64)
+        bs = babs = None
+        if bias is not None:
+            bs = float(np.sum(bias, dtype=np.float64))
+            babs = fold * float(np.sum(np.abs(bias), dtype=np.float64))
+        ok, diff, scale = weight_row_test(main, raw, a, w64.sum(1), fold * np.abs(w64).sum(1),
+                                          tau_name if dynamic else None, bs, babs)
     else:
-        if weight is not None:
-            be, abe, _, _ = weight_checksums(weight, 1.0)
-            be_n, abe_n = main.const(be, hint="Be"), main.const(abe, hint="AbsBe")
-        else:
-            be_n, abe_n = runtime_checksums(main, s.b)
+        y_sums = reduce(main, "ReduceSum", raw, [-1])
+        be_n, abe_n = runtime_checksums(main, s.b)
         if tau_name is None:
             tau_name = main.const(np.float32(tau), hint="tau")
+        bs_n = babs_n = None
         if bias is not None:
-            bs = np.float32(np.sum(bias, dtype=np.float64))
-            babs = np.float32(fold * np.sum(np.abs(bias), dtype=np.float64))
-    bs_n = main.const(np.asarray(bs, np.float32).reshape(()), hint="biasSum") if bs is not None else None
-    babs_n = main.const(np.asarray(babs, np.float32).reshape(()), hint="biasAbs") if babs is not None else None
-    if babs_n is not None and dynamic:
-        babs_n = main.op("Mul", babs_n, tau_name)
-    ok, diff, scale = checksum_test(main, y_sums, a, be_n, abe_n, tau_name, bs_n, babs_n)
+            bs_n = main.const(np.float32(np.sum(bias, dtype=np.float64)), hint="biasSum")
+            babs_n = main.const(np.float32(fold * np.sum(np.abs(bias), dtype=np.float64)), hint="biasAbs")
+            if dynamic:
+                babs_n = main.op("Mul", babs_n, tau_name)
+        ok, diff, scale = checksum_test(main, y_sums, a, be_n, abe_n, tau_name, bs_n, babs_n)
     cond = any_false(main, ok)
 
     # --- recovery branch -----------------------------------------------------------------------
@@ -487,7 +486,7 @@ class _Canon:
         if s.rowwise:
             self.A3 = unsqueeze(nb, s.a, [1])
             self.Y3 = unsqueeze(nb, raw, [1])
-            self.rowbad = nb.op("Not", ok)  # [M, 1] = [G, 1]
+            self.rowbad = nb.op("Reshape", nb.op("Not", ok), nb.ints([-1, 1]))  # [G = M, 1]
         else:
             batch = nb.op("Slice", shape_y, nb.ints([0]), nb.ints([-2]))
             mk = nb.op("Slice", nb.op("Shape", s.a), nb.ints([-2]), nb.ints([2**62]))
