@@ -2,7 +2,6 @@
 composition with the inject pass, portability (stock onnxruntime, original opset), block sizes."""
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import textwrap

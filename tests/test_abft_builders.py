@@ -91,3 +91,27 @@ def test_nan_is_flagged_and_weight_checksums():
 def test_block_indicator():
     e = block_indicator(10, 4)
     assert e.shape == (10, 3) and e.sum(0).tolist() == [4, 4, 2] and (e.sum(1) == 1).all()
+
+
+@pytest.mark.parametrize("opset", [13, 21])
+def test_weight_row_test(opset):
+    from onnxft.graph.checksums import weight_row_test
+
+    rng = np.random.default_rng(4)
+    a = rng.standard_normal((2, 5, 8)).astype(np.float32)
+    w = rng.standard_normal((8, 6)).astype(np.float64)
+    bias = rng.standard_normal(6)
+    y = (a @ w.astype(np.float32) + bias.astype(np.float32)).astype(np.float32)
+    y[1, 3, 2] = -np.inf
+    y[0, 0, 5] += 0.01
+    tau = 1e-5
+    nb = Nodes("p", opset)
+    ok, diff, scale = weight_row_test(nb, "y", "a", w.sum(1), tau * np.abs(w).sum(1), None,
+                                      bias.sum(), tau * np.abs(bias).sum())
+    okv, d, sc = run(nb, {"a": a, "y": y}, [ok, diff, scale])
+    a64 = a.astype(np.float64)
+    want_d = y.astype(np.float64).sum(-1) - (a64 @ w.sum(1) + bias.sum())
+    finite = np.isfinite(want_d)
+    np.testing.assert_allclose(d[finite], want_d[finite], atol=1e-4)
+    np.testing.assert_allclose(sc, tau * (np.abs(a64) @ np.abs(w).sum(1) + np.abs(bias).sum()), rtol=1e-5)
+    assert (~okv).sum() == 2 and not okv[1, 3] and not okv[0, 0]

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper, shape_inference
+from onnx import TensorProto, helper, shape_inference
 
 from ..graph.checksums import (Nodes, any_false, block_indicator, checksum_test, count_true, reduce,
                                runtime_checksums, unsqueeze, weight_checksums, weight_row_test)
@@ -303,7 +303,6 @@ def abft(model: onnx.ModelProto, scheme: str = "lb", ber: float = 1e-8, block_si
     out = copy.deepcopy(model)
     result = PassResult(model=out)
     plan = []
-    claimed: set[str] = set()
     protect = []
     for s in sites:
         if gemms is not None and s.name not in gemms:
@@ -313,11 +312,7 @@ def abft(model: onnx.ModelProto, scheme: str = "lb", ber: float = 1e-8, block_si
         if s.skip:
             result.skipped.append((s.name, s.skip))
             continue
-        if s.a in claimed or s.b in claimed:
-            # an operand is another unit's protected output: fine (it is checked before use)
-            pass
         protect.append(s)
-        claimed.add(s.out)
     producers = {o: n for n in out.graph.node for o in n.output}
     inserted_after: dict[int, list] = {}
     new_inits = []
@@ -464,7 +459,7 @@ def _protect(m: _Model, s: GemmSite, node, idx: int, scheme: str, ber: float, bl
         costs = {}
     entry = {"name": s.name, "op_type": s.op_type, "output": s.out, "M": s.M, "N": s.N, "K": s.K,
              "unit_rows": rows, "batch_dims": list(s.batch_dims), "rowwise": s.rowwise,
-             "bias": s.bias_node, "b_constant": s.b_constant, "qdq": s.qdq,
+             "bias": s.bias_node, "has_bias": bias is not None, "b_constant": s.b_constant, "qdq": s.qdq,
              "scheme": eff_scheme, "fallback": fallback, "block_size": b_size,
              "tau": tau, "tau_bound": _tau_bound(s.K, N_row), "tau_source": tau_src,
              "main_graph_nodes": len(main.nodes),
