@@ -118,8 +118,8 @@ def block_indicator(n: int, b: int) -> np.ndarray:
 def runtime_checksums(nb: Nodes, b: str, indicator: str | None = None) -> tuple[str, str]:
     """``(B e, |B| e)`` of an activation ``B [..., K, N]``: ``[..., K, 1]`` row sums and L1 norms,
     or ``[..., K, nb]`` column-block sums with a 0/1 ``indicator [N, nb]``."""
-    if indicator is None:
-        return reduce(nb, "ReduceSum", b, [-1]), reduce(nb, "ReduceL1", b, [-1])
+    if indicator is None:  # (ReduceSum of Abs: onnxruntime's ReduceL1 is ~5x slower)
+        return reduce(nb, "ReduceSum", b, [-1]), reduce(nb, "ReduceSum", nb.op("Abs", b), [-1])
     return nb.op("MatMul", b, indicator), nb.op("MatMul", nb.op("Abs", b), indicator)
 
 
@@ -181,5 +181,30 @@ def weight_row_test(nb: Nodes, y: str, a: str, be: np.ndarray, abe: np.ndarray, 
         scale = nb.op("Add", scale, nb.const(np.float32(bias_abs), hint="biasAbs"))
     if tau is not None:
         scale = nb.op("Mul", scale, tau)
+    ok = nb.op("LessOrEqual", nb.op("Abs", diff), scale)
+    return ok, diff, scale
+
+
+def activation_row_test(nb: Nodes, y: str, a: str, b: str, tau: str, b_shared: bool = False,
+                        bias_sum: str | None = None, bias_abs: str | None = None) -> tuple[str, str, str]:
+    """Row-checksum test of ``Y = A @ B`` for an activation ``B [..., K, N]`` (or ``[K, N]`` shared
+    by the batch when ``b_shared``), checksums at run time:
+
+        be = ReduceSum(B, -1);  abe = ReduceSum(|B|, -1)                       ([..., K])
+        ok = |ReduceSum(Y, -1) - A @ be (- bias_sum)| <= tau * |A| @ abe (+ bias_abs)
+
+    The products are Einsum with broadcast batch dims (8x faster than MatMul with a one-column
+    B for [8,12,197,64] operands). Returns ``(ok, diff, scale)``, each ``[..., M]``.
+    """
+    eq = "...k,k->..." if b_shared else "...mk,...k->...m"
+    be = reduce(nb, "ReduceSum", b, [-1], keepdims=0)
+    abe = reduce(nb, "ReduceSum", nb.op("Abs", b), [-1], keepdims=0)
+    ref = nb.op("Einsum", a, be, equation=eq)
+    if bias_sum is not None:
+        ref = nb.op("Add", ref, bias_sum)
+    diff = nb.op("Sub", reduce(nb, "ReduceSum", y, [-1], keepdims=0), ref)
+    scale = nb.op("Mul", nb.op("Einsum", nb.op("Abs", a), abe, equation=eq), tau)
+    if bias_abs is not None:
+        scale = nb.op("Add", scale, bias_abs)
     ok = nb.op("LessOrEqual", nb.op("Abs", diff), scale)
     return ok, diff, scale

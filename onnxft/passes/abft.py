@@ -38,7 +38,8 @@ import onnx
 from onnx import TensorProto, helper, shape_inference
 
 from ..graph.checksums import (Nodes, any_false, block_indicator, checksum_test, count_true, reduce,
-                               runtime_checksums, unsqueeze, weight_checksums, weight_row_test)
+                               runtime_checksums, unsqueeze, weight_checksums, weight_row_test,
+                               activation_row_test)
 from ..runtime.model_io import external_data_dir
 from .blocksize import lb_cost, opt_block_size, standard_cost
 from .decompose import constant_value
@@ -389,8 +390,6 @@ def _protect(m: _Model, s: GemmSite, node, idx: int, scheme: str, ber: float, bl
         ok, diff, scale = weight_row_test(main, raw, a, w64.sum(1), fold * np.abs(w64).sum(1),
                                           tau_name if dynamic else None, bs, babs)
     else:
-        y_sums = reduce(main, "ReduceSum", raw, [-1])
-        be_n, abe_n = runtime_checksums(main, s.b)
         if tau_name is None:
             tau_name = main.const(np.float32(tau), hint="tau")
         bs_n = babs_n = None
@@ -399,7 +398,7 @@ def _protect(m: _Model, s: GemmSite, node, idx: int, scheme: str, ber: float, bl
             babs_n = main.const(np.float32(fold * np.sum(np.abs(bias), dtype=np.float64)), hint="biasAbs")
             if dynamic:
                 babs_n = main.op("Mul", babs_n, tau_name)
-        ok, diff, scale = checksum_test(main, y_sums, a, be_n, abe_n, tau_name, bs_n, babs_n)
+        ok, diff, scale = activation_row_test(main, raw, a, s.b, tau_name, s.b_rank == 2, bs_n, babs_n)
     cond = any_false(main, ok)
 
     # --- recovery branch -----------------------------------------------------------------------
