@@ -19,7 +19,7 @@ from onnxft.faults.sampling import Faults
 from onnxft.graph.roles import PROTECTION, role_of
 from onnxft.passes.abft import AbftError, abft, find_gemms
 from onnxft.passes.blocksize import candidate_sizes, lb_cost, opt_block_size, p_faulty
-from onnxft.passes.inject import inject
+from onnxft.passes.inject import SiteSelection, inject
 from onnxft.runtime.session import InjectionSession
 
 BASIC = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
@@ -284,6 +284,8 @@ def test_inject_into_hardened_vit():
     hardened = abft(model, scheme="lb").model
     inj = inject(hardened)
     assert not any(s.node.startswith("onnxft.abft") for s in InjectionSession(inj.model, "cpu").table.sites)
+    with_prot = inject(hardened, SiteSelection(include_protection=True))
+    assert any(s.node.startswith("onnxft.abft") for s in InjectionSession(with_prot.model, "cpu").table.sites)
     plain = inject(model)
     sess = InjectionSession(inj.model, "cpu", threads=1)
     x = images(2)
