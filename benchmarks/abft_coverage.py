@@ -108,7 +108,8 @@ def main(argv=None) -> int:
             totals[kind][2] += n
             cells.append(f"{(100 * det / n if n else float('nan')):>16.0f} {(100 * wrong / n if n else float('nan')):>6.0f}")
         print(f"{bit:>3} " + " ".join(cells), flush=True)
-    print("all " + " ".join(f"{100 * d / max(n, 1):>16.1f} {100 * w / max(n, 1):>6.1f}" for d, w, n in totals.values()))
+    print("all " + " ".join(f"{(100 * d / n if n else float('nan')):>16.1f} {(100 * w / n if n else float('nan')):>6.1f}"
+                            for d, w, n in totals.values()))
     return 0
 
 
