@@ -1,0 +1,622 @@
+"""ABFT passes: checksum protection of MatMul and Gemm as a standard-ONNX graph rewrite.
+
+For every protected GEMM unit (a MatMul, optionally with the bias Add that follows it, or a Gemm)
+the pass inserts, in the main graph, a row-checksum test and one ``If``:
+
+    r = ReduceSum(Y, -1);  ref = A @ (B e) (+ sum bias);  scale = tau * |A| @ (|B| e) (+ tau sum|bias|)
+    flagged = NOT(|r - ref| <= scale)         (NaN and Inf are flagged)
+    Y' = If(any(flagged), then=recovery, else=Identity(Y))
+
+so the fault-free output is bit-identical to the original. ``B e`` and ``tau |B| e`` are
+initializers for constant weights (computed in float64 offline) and ReduceSum / ReduceL1 at run
+time for activation x activation products (QK^T, attention x V).
+
+Recovery (the ``then`` branch) works per GEMM unit = one matrix of the batch (every leading index
+of ``A [..., M, K]`` is its own GEMM; a rank-2 ``A [M, K]`` is M GEMMs of one row), so results
+never depend on how a batch is composed:
+
+- ``standard``: column checksums too; a matrix with exactly one flagged row and one flagged
+  column gets that element recomputed (its dot product, plus bias); any other flagged pattern
+  recomputes the matrix.
+- ``lb`` (LB-ABFT, seed paper Fig. 6): block-wise tests on ``b x b`` output blocks; only the
+  flagged blocks are recomputed (gather rows of A and columns of B, MatMul, ScatterND). ``b`` per
+  GEMM from ``opt_block_size`` (Algorithm 2) or given. LB needs static M and N (0/1 block
+  indicator constants); a GEMM without them falls back to ``standard`` (recorded in the plan).
+
+The pass is pure: it returns a new model and never runs a session. Thresholds come from the
+rounding bound (no false alarm possible) or from ``calibrate_abft`` data. docs/abft.md has the
+details.
+"""
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, shape_inference
+
+from ..graph.checksums import (Nodes, any_false, block_indicator, checksum_test, count_true, reduce,
+                               runtime_checksums, unsqueeze, weight_checksums, weight_row_test,
+                               activation_row_test)
+from ..runtime.model_io import external_data_dir
+from .blocksize import lb_cost, opt_block_size, standard_cost
+from .decompose import constant_value
+from .result import PassResult
+
+SCHEMES = ("lb", "standard")
+MIN_OPSET = 13
+UNIT_ROUNDOFF = {TensorProto.FLOAT: 2.0**-24}
+CAL_MARGIN = 4.0
+CAL_FLOOR_ULPS = 16.0  # calibrated tau never goes below 16 unit roundoffs
+FLAG_PREFIX = "onnxft.abft."
+
+
+class AbftError(ValueError):
+    """A user-facing problem with the model or the options."""
+
+
+@dataclass
+class GemmSite:
+    """One protectable (or skipped) GEMM unit of the main graph."""
+
+    name: str  # the MatMul/Gemm node name (or its output when unnamed)
+    op_type: str
+    a: str
+    b: str
+    y: str  # the GEMM node's output
+    out: str  # the protected output (the bias Add's output for MatMul+Add units)
+    bias_node: str | None = None  # name of the fused bias Add
+    b_constant: bool = False
+    qdq: bool = False
+    M: int | None = None
+    N: int | None = None
+    K: int | None = None
+    batch_dims: list = field(default_factory=list)  # leading dims of Y (ints or names)
+    a_rank: int | None = None
+    b_rank: int | None = None
+    rowwise: bool = False  # rank-2 A: every row is a GEMM of M=1
+    skip: str | None = None  # why it is not protectable (None = protectable)
+
+    @property
+    def unit_rows(self) -> int | None:
+        return 1 if self.rowwise else self.M
+
+
+def _dims(vi_map, name):
+    t = vi_map.get(name)
+    if t is None or not t.type.tensor_type.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.type.tensor_type.shape.dim]
+
+
+def _elem(vi_map, name):
+    t = vi_map.get(name)
+    return None if t is None else t.type.tensor_type.elem_type
+
+
+def _attr(node, name, default):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    v = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if v is None:
+        raise AbftError("the model imports no default ONNX opset")
+    return v
+
+
+class _Model:
+    """Lookup tables over the main graph (after shape inference on a copy)."""
+
+    def __init__(self, model: onnx.ModelProto):
+        try:
+            self.inferred = shape_inference.infer_shapes(model, data_prop=True)
+        except Exception as exc:
+            raise AbftError(f"shape inference failed: {str(exc).splitlines()[0]}") from None
+        g = self.inferred.graph
+        self.vi = {v.name: v for v in list(g.input) + list(g.output) + list(g.value_info)}
+        self.inits = {t.name: t for t in g.initializer}
+        for t in g.initializer:
+            self.vi.setdefault(t.name, helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        self.producers = {o: n for n in g.node for o in n.output}
+        self.consumers: dict = {}
+        for n in g.node:
+            for i in n.input:
+                self.consumers.setdefault(i, []).append(n)
+        self.outputs = {o.name for o in g.output}
+        self.ext = external_data_dir(model)
+
+    def const(self, name: str):
+        """Value of a constant tensor, looking through DequantizeLinear of a constant."""
+        v = constant_value(name, self.inits, self.producers, self.ext)
+        if v is not None:
+            return v
+        n = self.producers.get(name)
+        if n is None or n.op_type != "DequantizeLinear":
+            return None
+        q = constant_value(n.input[0], self.inits, self.producers, self.ext)
+        s = constant_value(n.input[1], self.inits, self.producers, self.ext)
+        z = constant_value(n.input[2], self.inits, self.producers, self.ext) if len(n.input) > 2 and n.input[2] else None
+        if q is None or s is None or (len(n.input) > 2 and n.input[2] and z is None):
+            return None
+        if _attr(n, "block_size", 0):
+            return None
+        axis = _attr(n, "axis", 1)
+        shape = [1] * q.ndim
+        if np.size(s) > 1:
+            shape[axis % q.ndim] = -1
+        zf = 0.0 if z is None else z.astype(np.float32).reshape(shape)
+        return ((q.astype(np.float32) - zf) * s.astype(np.float32).reshape(shape)).astype(np.float32)
+
+    def is_dq(self, name: str) -> bool:
+        n = self.producers.get(name)
+        return n is not None and n.op_type == "DequantizeLinear"
+
+
+def find_gemms(model: onnx.ModelProto) -> list[GemmSite]:
+    """Every MatMul/Gemm of the main graph, protectable or with the reason it is skipped."""
+    m = _Model(model)
+    sites = []
+    for node in m.inferred.graph.node:
+        if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
+            continue
+        sites.append(_describe(m, node))
+    return sites
+
+
+def _describe(m: _Model, node) -> GemmSite:
+    a, b, y = node.input[0], node.input[1], node.output[0]
+    s = GemmSite(name=node.name or y, op_type=node.op_type, a=a, b=b, y=y, out=y)
+    da, db, dy = _dims(m.vi, a), _dims(m.vi, b), _dims(m.vi, y)
+    if _elem(m.vi, y) != TensorProto.FLOAT:
+        s.skip = f"output type {_elem(m.vi, y)} is not float32 (only float32 and QDQ-int8 GEMMs are protected)"
+        return s
+    if da is None or db is None or dy is None:
+        s.skip = "operand ranks unknown after shape inference"
+        return s
+    s.a_rank, s.b_rank = len(da), len(db)
+    if s.a_rank < 2 or s.b_rank < 2:
+        s.skip = "vector operand (rank-1 A or B) is not a matrix product"
+        return s
+    bval = m.const(b)
+    s.qdq = m.is_dq(a) and m.is_dq(b)
+    if node.op_type == "Gemm":
+        if _attr(node, "transA", 0):
+            s.skip = "Gemm with transA=1 is not protected yet"
+            return s
+        if bval is None:
+            s.skip = "Gemm with a non-constant B is not protected yet"
+            return s
+        if len(node.input) > 2 and node.input[2]:
+            c = m.const(node.input[2])
+            if c is None or (c.ndim >= 1 and int(np.prod(c.shape[:-1])) != 1):
+                s.skip = "Gemm bias C is not a constant broadcast over rows"
+                return s
+    s.b_constant = bval is not None and s.b_rank == 2
+    s.K = da[-1] if isinstance(da[-1], int) and da[-1] > 0 else None
+    s.N = dy[-1] if isinstance(dy[-1], int) and dy[-1] > 0 else None
+    s.M = dy[-2] if isinstance(dy[-2], int) and dy[-2] > 0 else None
+    if s.K is None:
+        s.skip = "inner dimension K is not static"
+        return s
+    if s.a_rank == 2 and s.b_rank == 2:
+        s.rowwise = True
+        s.batch_dims = [dy[0]]
+    else:
+        s.batch_dims = dy[:-2]
+    if s.b_rank > 2 and s.b_rank != s.a_rank:
+        s.skip = "batched operands of different ranks are not protected yet"
+        return s
+    if node.op_type == "MatMul":
+        cons = m.consumers.get(y, [])
+        if len(cons) == 1 and y not in m.outputs and cons[0].op_type == "Add":
+            add = cons[0]
+            other = add.input[1] if add.input[0] == y else add.input[0]
+            bias = m.const(other)
+            if (bias is not None and s.N is not None and bias.size == s.N and bias.shape[-1] == s.N
+                    and _elem(m.vi, add.output[0]) == TensorProto.FLOAT):
+                s.bias_node = add.name or add.output[0]
+                s.out = add.output[0]
+    return s
+
+
+def _tau_bound(K: int, n_sum: int) -> float:
+    """Rounding bound on |sum(Y) - A @ (B e)| / (|A| @ |B| e): gamma_{K + n_sum + 4} in float32
+    (K-term dot products, an n_sum-term sum, the checksum's own rounding and the bias add)."""
+    n = K + n_sum + 4
+    u = UNIT_ROUNDOFF[TensorProto.FLOAT]
+    return n * u / (1 - n * u)
+
+
+def _bias_vector(m: _Model, s: GemmSite, node) -> np.ndarray | None:
+    """The bias as a float32 [N] vector (beta folded for Gemm), or None."""
+    if s.op_type == "Gemm":
+        if len(node.input) < 3 or not node.input[2]:
+            return None
+        c = m.const(node.input[2]).astype(np.float64) * float(_attr(node, "beta", 1.0))
+        return np.broadcast_to(c.reshape(-1) if c.ndim else c, (s.N,)).astype(np.float32)
+    if s.bias_node is None:
+        return None
+    add = m.consumers[s.y][0]
+    other = add.input[1] if add.input[0] == s.y else add.input[0]
+    return m.const(other).reshape(-1).astype(np.float32)
+
+
+def _weight(m: _Model, s: GemmSite, node) -> np.ndarray | None:
+    """Constant B as the [K, N] float64 matrix the GEMM multiplies by (transB and alpha folded)."""
+    if not s.b_constant:
+        return None
+    w = m.const(s.b).astype(np.float64)
+    if s.op_type == "Gemm":
+        if _attr(node, "transB", 0):
+            w = w.T
+        w = w * float(_attr(node, "alpha", 1.0))
+    return w
+
+
+def _ops(s: GemmSite) -> int:
+    rows = s.M if s.M is not None else 1
+    return rows * (s.N or 1) * 2 * s.K
+
+
+def abft(model: onnx.ModelProto, scheme: str = "lb", ber: float = 1e-8, block_size="auto",
+         thresholds: dict | None = None, names: str | None = None, gemms=None,
+         expose_flags: bool = False, unit_scale: bool = False) -> PassResult:
+    """Protect the model's GEMMs with ABFT (see the module docstring).
+
+    ``block_size``: ``"auto"`` (Algorithm 2 at ``ber``), an int, or ``{gemm name: int}`` (others
+    auto). ``thresholds``: ``{gemm name: tau}`` from ``calibrate_abft`` (others use the rounding
+    bound). ``names``: regex searched in GEMM names; ``gemms``: explicit list of names.
+    ``expose_flags`` adds outputs ``onnxft.abft.<name>.detected`` (bool) and
+    ``onnxft.abft.<name>.recomputed`` (int64: output elements recomputed).
+    ``unit_scale`` (for calibration): tau = 1 everywhere, so each plan entry's ``scale`` tensor is
+    exactly ``|A| @ |B| e`` (+ |bias| sum) and ``residual / scale`` is the residual ratio.
+    """
+    if scheme not in SCHEMES:
+        raise AbftError(f"unknown ABFT scheme {scheme!r}; choose from {', '.join(SCHEMES)}")
+    if not 0 <= ber < 1:
+        raise AbftError(f"BER must be in [0, 1), got {ber}")
+    if names is not None:
+        try:
+            re.compile(names)
+        except re.error as exc:
+            raise AbftError(f"bad GEMM name pattern {names!r}: {exc}") from None
+    opset = default_opset(model)
+    if opset < MIN_OPSET:
+        raise AbftError(f"the model's default opset is {opset}; ABFT needs opset {MIN_OPSET} or later")
+    if not (block_size == "auto" or isinstance(block_size, (int, dict))) or (
+            isinstance(block_size, int) and block_size < 1):
+        raise AbftError(f"block size must be 'auto', a positive int or a dict, got {block_size!r}")
+
+    m = _Model(model)
+    nodes_by_name = {(n.name or n.output[0]): n for n in m.inferred.graph.node}
+    sites = find_gemms(model)
+    known = {s.name for s in sites}
+    for name in list(gemms or []) + list((thresholds or {}).keys()) + (
+            list(block_size.keys()) if isinstance(block_size, dict) else []):
+        if name not in known:
+            raise AbftError(f"no MatMul/Gemm named {name!r} in the model")
+    out = copy.deepcopy(model)
+    result = PassResult(model=out)
+    plan = []
+    protect = []
+    for s in sites:
+        if gemms is not None and s.name not in gemms:
+            continue
+        if names is not None and not re.search(names, s.name):
+            continue
+        if s.skip:
+            result.skipped.append((s.name, s.skip))
+            continue
+        protect.append(s)
+    producers = {o: n for n in out.graph.node for o in n.output}
+    inserted_after: dict[int, list] = {}
+    new_inits = []
+    new_outputs = []
+    for idx, s in enumerate(protect):
+        node = nodes_by_name[s.name]
+        taus = {s.name: "unit"} if unit_scale else (thresholds or {})
+        entry, built = _protect(m, s, node, idx, scheme, ber, block_size, taus, expose_flags, opset)
+        plan.append(entry)
+        nb_main, raw = built["main"], built["raw"]
+        owner = producers[s.out]
+        owner.output[list(owner.output).index(s.out)] = raw
+        inserted_after.setdefault(id(owner), []).extend(nb_main.nodes)
+        new_inits.extend(nb_main.initializers)
+        new_outputs.extend(built["outputs"])
+        result.inserted.append(f"{s.name} -> {entry['scheme']} ABFT, {len(nb_main.nodes)} nodes"
+                               + (f", block {entry['block_size']}" if entry["block_size"] else ""))
+    new_nodes = []
+    for n in out.graph.node:
+        new_nodes.append(n)
+        new_nodes.extend(inserted_after.get(id(n), []))
+    del out.graph.node[:]
+    out.graph.node.extend(new_nodes)
+    out.graph.initializer.extend(new_inits)
+    out.graph.output.extend(new_outputs)
+    result.details = {"scheme": scheme, "ber": ber, "opset": opset, "gemms": plan}
+    return result
+
+
+def _threshold(s: GemmSite, thresholds: dict, n_sum: int) -> tuple[float, str]:
+    """(tau for the row test, its source). The recovery branch's column and block tests use
+    min(their own rounding bound, this tau): a calibrated tau tightens them too."""
+    bound = _tau_bound(s.K, n_sum)
+    if thresholds.get(s.name) == "unit":
+        return 1.0, "unit (calibration)"
+    if s.name in thresholds:
+        given = thresholds[s.name]
+        tau = float(given["tau"] if isinstance(given, dict) else given)
+        if not tau > 0:
+            raise AbftError(f"threshold for {s.name!r} must be positive, got {tau}")
+        return min(tau, bound), "calibrated"
+    return bound, "rounding bound"
+
+
+def _protect(m: _Model, s: GemmSite, node, idx: int, scheme: str, ber: float, block_size, thresholds: dict,
+             expose: bool, opset: int):
+    """Build the main-graph test and the If for one unit; return (plan entry, built parts)."""
+    prefix = f"onnxft.abft.g{idx:03d}"
+    main = Nodes(prefix, opset)
+    raw = f"{prefix}/unchecked"
+    N_row = s.N if s.N is not None else 4096  # (only for the plan when N is dynamic)
+    tau, tau_src = _threshold(s, thresholds, N_row)
+    weight = _weight(m, s, node)
+    bias = _bias_vector(m, s, node)
+
+    # --- detection in the main graph ----------------------------------------------------------
+    a = s.a
+    tau_name = None
+    dynamic = s.N is None and tau_src == "rounding bound"
+    if dynamic:
+        # dynamic N (e.g. attention over a dynamic sequence): the bound gamma_{K+N+4} at run time
+        last = main.op("Slice", main.op("Shape", raw), main.ints([-1]), main.ints([2**62]))  # (Shape's start: opset 15)
+        n = main.op("Cast", last, to=TensorProto.FLOAT)
+        u = UNIT_ROUNDOFF[TensorProto.FLOAT] * 1.001  # (1.001 covers the 1/(1 - n u) factor)
+        tau_name = main.op("Mul", main.op("Add", n, main.const(np.float32([s.K + 4]))), main.const(np.float32([u])))
+        tau_src = "rounding bound (run time, N dynamic)"
+    fold = 1.0 if dynamic else tau  # tau folded into the constants when it is known
+    if weight is not None:
+        w64 = weight.astype(np.float64)
+        bs = babs = None
+        if bias is not None:
+            bs = float(np.sum(bias, dtype=np.float64))
+            babs = fold * float(np.sum(np.abs(bias), dtype=np.float64))
+        ok, diff, scale = weight_row_test(main, raw, a, w64.sum(1), fold * np.abs(w64).sum(1),
+                                          tau_name if dynamic else None, bs, babs)
+    else:
+        if tau_name is None:
+            tau_name = main.const(np.float32(tau), hint="tau")
+        bs_n = babs_n = None
+        if bias is not None:
+            bs_n = main.const(np.float32(np.sum(bias, dtype=np.float64)), hint="biasSum")
+            babs_n = main.const(np.float32(fold * np.sum(np.abs(bias), dtype=np.float64)), hint="biasAbs")
+            if dynamic:
+                babs_n = main.op("Mul", babs_n, tau_name)
+        ok, diff, scale = activation_row_test(main, raw, a, s.b, tau_name, s.b_rank == 2, bs_n, babs_n)
+    cond = any_false(main, ok)
+
+    # --- recovery branch -----------------------------------------------------------------------
+    eff_scheme = scheme
+    b_size = None
+    fallback = None
+    rows = s.unit_rows
+    if scheme == "lb" and (rows is None or s.N is None):
+        eff_scheme, fallback = "standard", "M or N not static: LB-ABFT needs static block indicators"
+    if eff_scheme == "lb":
+        if isinstance(block_size, dict) and s.name in block_size:
+            b_size = int(block_size[s.name])
+        elif isinstance(block_size, int):
+            b_size = int(block_size)
+        else:
+            b_size = opt_block_size(rows, s.N, s.K, ber)[0]
+        b_size = max(1, min(b_size, max(rows, s.N)))
+    then_nb = Nodes(f"{prefix}/then", opset, branch=True)
+    w_name = None
+    bias_name = None
+    if bias is not None:
+        bias_name = main.const(bias.astype(np.float32), hint="bias")
+    if weight is not None:
+        w_name = main.const(weight.astype(np.float32), hint="W") if (
+            s.op_type == "Gemm" and (_attr(node, "transB", 0) or _attr(node, "alpha", 1.0) != 1.0)) else s.b
+    ctx = _Canon(then_nb, s, raw, ok, w_name, bias_name)
+    if eff_scheme == "standard":
+        fixed, count = _standard_then(ctx, min(_tau_bound(s.K, rows if rows else 4096), tau))
+    else:
+        fixed, count = _lb_then(ctx, b_size, min(_tau_bound(s.K, b_size), tau), weight, bias)
+    then_out = then_nb.op("Reshape", fixed, then_nb.op("Shape", raw))
+    else_nb = Nodes(f"{prefix}/else", opset, branch=True)
+    else_out = else_nb.op("Identity", raw)
+    then_outs = [helper.make_tensor_value_info(then_out, TensorProto.FLOAT, None)]
+    else_outs = [helper.make_tensor_value_info(else_out, TensorProto.FLOAT, None)]
+    if_outputs = [s.out]
+    outputs = []
+    if expose:
+        zero = else_nb.const(np.int64(0), hint="zero")
+        then_outs.append(helper.make_tensor_value_info(count, TensorProto.INT64, []))
+        else_outs.append(helper.make_tensor_value_info(zero, TensorProto.INT64, []))
+        rec_name = f"{FLAG_PREFIX}{s.name}.recomputed"
+        det_name = f"{FLAG_PREFIX}{s.name}.detected"
+        if_outputs.append(rec_name)
+        main.op("Identity", cond, outputs=[det_name])
+        outputs = [helper.make_tensor_value_info(det_name, TensorProto.BOOL, []),
+                   helper.make_tensor_value_info(rec_name, TensorProto.INT64, [])]
+    main.op("If", cond, outputs=if_outputs,
+            then_branch=helper.make_graph(then_nb.nodes, f"{prefix}_recover", [], then_outs),
+            else_branch=helper.make_graph(else_nb.nodes, f"{prefix}_pass", [], else_outs))
+
+    # --- plan ---------------------------------------------------------------------------------
+    M_, N_, K_ = rows or 0, s.N or 0, s.K
+    if M_ and N_:
+        costs = lb_cost(M_, N_, K_, ber, b_size) if eff_scheme == "lb" else standard_cost(M_, N_, K_, ber)
+    else:
+        costs = {}
+    entry = {"name": s.name, "op_type": s.op_type, "output": s.out, "M": s.M, "N": s.N, "K": s.K,
+             "unit_rows": rows, "batch_dims": list(s.batch_dims), "rowwise": s.rowwise,
+             "bias": s.bias_node, "has_bias": bias is not None, "b_constant": s.b_constant, "qdq": s.qdq,
+             "scheme": eff_scheme, "fallback": fallback, "block_size": b_size,
+             "tau": tau, "tau_bound": _tau_bound(s.K, N_row), "tau_source": tau_src,
+             "main_graph_nodes": len(main.nodes),
+             "ops_gemm": (M_ * N_ * 2 * K_) if M_ and N_ else None,
+             "ops_detection": costs.get("detection"),
+             "ops_expected_recovery": (costs["block_detection"] + costs["recovery"]) if costs else None,
+             "p_gemm_faulty": costs.get("p_gemm_faulty"),
+             "residual": diff, "scale": scale}  # tensor names, for calibrate_abft
+    return entry, {"main": main, "raw": raw, "outputs": outputs, "diff": diff, "scale": scale}
+
+
+class _Canon:
+    """Canonical views inside the then branch: ``A3 [G, Mc, K]``, ``Y3 [G, Mc, N]``, row flags
+    ``[G, Mc]`` and ``B`` either shared ``[K, N]`` (``B3 is None``) or batched ``B3 [G, K, N]``."""
+
+    def __init__(self, nb: Nodes, s: GemmSite, raw: str, ok: str, w_name: str | None, bias: str | None):
+        self.nb, self.s, self.bias = nb, s, bias
+        shape_y = nb.op("Shape", raw)
+        if s.rowwise:
+            self.A3 = unsqueeze(nb, s.a, [1])
+            self.Y3 = unsqueeze(nb, raw, [1])
+            self.rowbad = nb.op("Reshape", nb.op("Not", ok), nb.ints([-1, 1]))  # [G = M, 1]
+        else:
+            batch = nb.op("Slice", shape_y, nb.ints([0]), nb.ints([-2]))
+            mk = nb.op("Slice", nb.op("Shape", s.a), nb.ints([-2]), nb.ints([2**62]))
+            a_full = nb.op("Expand", s.a, nb.op("Concat", batch, mk, axis=0))
+            self.A3 = nb.op("Reshape", a_full, nb.op("Concat", nb.ints([-1]), mk, axis=0))
+            mn = nb.op("Slice", shape_y, nb.ints([-2]), nb.ints([2**62]))
+            self.Y3 = nb.op("Reshape", raw, nb.op("Concat", nb.ints([-1]), mn, axis=0))
+            m_only = nb.op("Slice", shape_y, nb.ints([-2]), nb.ints([-1]))
+            self.rowbad = nb.op("Reshape", nb.op("Not", ok), nb.op("Concat", nb.ints([-1]), m_only, axis=0))
+        if w_name is not None:
+            self.B, self.B3 = w_name, None
+        elif s.b_rank == 2:
+            self.B, self.B3 = s.b, None
+        else:
+            batch = nb.op("Slice", shape_y, nb.ints([0]), nb.ints([-2]))
+            kn = nb.op("Slice", nb.op("Shape", s.b), nb.ints([-2]), nb.ints([2**62]))
+            b_full = nb.op("Expand", s.b, nb.op("Concat", batch, kn, axis=0))
+            self.B, self.B3 = None, nb.op("Reshape", b_full, nb.op("Concat", nb.ints([-1]), kn, axis=0))
+
+    def b_for(self, g: str | None) -> str:
+        """B for the matrices ``g`` (gathered when batched)."""
+        return self.B if self.B3 is None else self.nb.op("Gather", self.B3, g, axis=0)
+
+    def b_rows_t(self, g: str | None, cols: str) -> str:
+        """Columns ``cols [F, c]`` of B for matrices ``g [F]`` as rows: ``[F, c, K]``."""
+        nb = self.nb
+        if self.B3 is None:
+            return nb.op("Gather", nb.op("Transpose", self.B), cols, axis=0)
+        bt = nb.op("Gather", nb.op("Transpose", self.B3, perm=[0, 2, 1]), g, axis=0)  # [F, N, K]
+        return nb.op("GatherND", bt, unsqueeze(nb, cols, [-1]), batch_dims=1)
+
+    def a_rows(self, g: str, rows: str) -> str:
+        """Rows ``rows [F, r]`` of A for matrices ``g [F]``: ``[F, r, K]``."""
+        nb = self.nb
+        ag = nb.op("Gather", self.A3, g, axis=0)
+        return nb.op("GatherND", ag, unsqueeze(nb, rows, [-1]), batch_dims=1)
+
+
+def _flat_nonzero(nb: Nodes, flags: str) -> str:
+    """Indices of True in a 1-D bool tensor, as ``[F]`` int64."""
+    return nb.op("Reshape", nb.op("NonZero", flags), nb.ints([-1]))
+
+
+def _standard_then(c: _Canon, tau_col: float):
+    nb, s = c.nb, c.s
+    f32 = lambda v: nb.const(np.float32(v))  # noqa: E731
+    # column test per matrix: sum over rows of Y vs (e^T A) @ B
+    y_cols = reduce(nb, "ReduceSum", c.Y3, [1])  # [G, 1, N]
+    a_sum = reduce(nb, "ReduceSum", c.A3, [1])  # [G, 1, K]
+    a_l1 = reduce(nb, "ReduceL1", c.A3, [1])
+    bmat = c.B if c.B3 is None else c.B3
+    ref = nb.op("MatMul", a_sum, bmat)
+    scale = nb.op("Mul", nb.op("MatMul", a_l1, nb.op("Abs", bmat)), f32(tau_col))
+    if c.bias is not None:
+        rows_f = nb.op("Cast", nb.op("Slice", nb.op("Shape", c.Y3), nb.ints([1]), nb.ints([2])), to=TensorProto.FLOAT)
+        ref = nb.op("Add", ref, nb.op("Mul", c.bias, rows_f))
+        scale = nb.op("Add", scale, nb.op("Mul", nb.op("Abs", c.bias), nb.op("Mul", rows_f, f32(tau_col))))
+    okc = nb.op("LessOrEqual", nb.op("Abs", nb.op("Sub", y_cols, ref)), scale)
+    n_only = nb.op("Slice", nb.op("Shape", c.Y3), nb.ints([2]), nb.ints([3]))
+    colbad = nb.op("Reshape", nb.op("Not", okc), nb.op("Concat", nb.ints([-1]), n_only, axis=0))  # [G, N]
+    n_rows = count_true(nb, c.rowbad, [1])
+    n_cols = count_true(nb, colbad, [1])
+    one = nb.ints(1)
+    single = nb.op("And", nb.op("Equal", n_rows, one), nb.op("Equal", n_cols, one))
+    anybad = nb.op("Greater", nb.op("Add", n_rows, n_cols), nb.ints(0))
+    whole = nb.op("And", anybad, nb.op("Not", single))
+    y = c.Y3
+    # one faulty element: recompute its dot product (recompute, not subtract: subtracting a huge
+    # flipped value from the checksum difference leaves rounding garbage)
+    gs = _flat_nonzero(nb, single)
+    i_all = nb.op("ArgMax", nb.op("Cast", c.rowbad, to=TensorProto.FLOAT), axis=1, keepdims=0)
+    j_all = nb.op("ArgMax", nb.op("Cast", colbad, to=TensorProto.FLOAT), axis=1, keepdims=0)
+    ig, jg = nb.op("Gather", i_all, gs, axis=0), nb.op("Gather", j_all, gs, axis=0)
+    arow = nb.op("Squeeze", c.a_rows(gs, unsqueeze(nb, ig, [1])), nb.ints([1]))
+    bcol = nb.op("Squeeze", c.b_rows_t(gs, unsqueeze(nb, jg, [1])), nb.ints([1]))
+    val = reduce(nb, "ReduceSum", nb.op("Mul", arow, bcol), [1], keepdims=0)
+    if c.bias is not None:
+        val = nb.op("Add", val, nb.op("Gather", c.bias, jg, axis=0))
+    idx = nb.op("Concat", unsqueeze(nb, gs, [1]), unsqueeze(nb, ig, [1]), unsqueeze(nb, jg, [1]), axis=1)
+    y = nb.op("ScatterND", y, idx, val)
+    # any other pattern: recompute the whole matrix
+    gw = _flat_nonzero(nb, whole)
+    yw = nb.op("MatMul", nb.op("Gather", c.A3, gw, axis=0), c.b_for(gw))
+    if c.bias is not None:
+        yw = nb.op("Add", yw, c.bias)
+    y = nb.op("ScatterND", y, unsqueeze(nb, gw, [1]), yw)
+    per_matrix = nb.op("Div", nb.op("Size", c.Y3), nb.op("Gather", nb.op("Shape", c.Y3), nb.ints(0), axis=0))
+    count = nb.op("Add", nb.op("Size", gs), nb.op("Mul", nb.op("Size", gw), per_matrix))
+    return y, count
+
+
+def _lb_then(c: _Canon, b: int, tau_blk: float, weight, bias):
+    nb, s = c.nb, c.s
+    rows, N = s.unit_rows, s.N
+    ind = block_indicator(N, b)  # [N, nbc]
+    # block sums by pad + reshape + ReduceSum, not Y @ E: a NaN or Inf times 0 would spread to
+    # every block of its row
+    nbc = ind.shape[1]
+    y_pad = c.Y3 if N % b == 0 else nb.op("Pad", c.Y3, nb.ints([0, 0, 0, 0, 0, nbc * b - N]))
+    y_blk = reduce(nb, "ReduceSum", nb.op("Reshape", y_pad, nb.ints([0, 0, nbc, b])), [-1], keepdims=0)
+    if weight is not None:
+        be, abe, bs, babs = weight_checksums(weight, tau_blk, bias, ind)
+        be_n, abe_n, tau_n = nb.const(be), nb.const(abe), None
+    else:
+        be_n, abe_n = runtime_checksums(nb, c.B if c.B3 is None else c.B3, nb.const(ind, hint="E"))
+        tau_n = nb.const(np.float32(tau_blk))
+        bs = babs = None
+        if bias is not None:
+            b64 = bias.astype(np.float64).reshape(1, -1)
+            bs = (b64 @ ind).astype(np.float32)
+            babs = (tau_blk * (np.abs(b64) @ ind)).astype(np.float32)
+    bs_n = nb.const(bs.astype(np.float32)) if bs is not None else None
+    babs_n = nb.const(babs.astype(np.float32)) if babs is not None else None
+    ok, _, _ = checksum_test(nb, y_blk, c.A3, be_n, abe_n, tau_n, bs_n, babs_n)
+    bad = nb.op("Where", ok, nb.const(np.float32(0)), nb.const(np.float32(1)))  # [G, rows, nbc]
+    row_ind = nb.const(block_indicator(rows, b).T.copy(), hint="Er")  # [nbr, rows]
+    blocks = nb.op("Greater", nb.op("MatMul", row_ind, bad), nb.const(np.float32(0)))  # [G, nbr, nbc]
+    idx = nb.op("Transpose", nb.op("NonZero", blocks))  # [F, 3]
+    g = nb.op("Gather", idx, nb.ints(0), axis=1)
+    bi = nb.op("Gather", idx, nb.ints(1), axis=1)
+    bj = nb.op("Gather", idx, nb.ints(2), axis=1)
+    ar = nb.ints(np.arange(b))
+    bb = nb.ints(b)
+    # clamp edge blocks into range; the duplicate indices this makes write identical values
+    r_idx = nb.op("Min", nb.op("Add", nb.op("Mul", unsqueeze(nb, bi, [1]), bb), ar), nb.ints(rows - 1))  # [F, b]
+    c_idx = nb.op("Min", nb.op("Add", nb.op("Mul", unsqueeze(nb, bj, [1]), bb), ar), nb.ints(N - 1))
+    a_rows = c.a_rows(g, r_idx)  # [F, b, K]
+    b_cols = c.b_rows_t(g, c_idx)  # [F, b, K]
+    y_new = nb.op("MatMul", a_rows, nb.op("Transpose", b_cols, perm=[0, 2, 1]))  # [F, b, b]
+    if c.bias is not None:
+        y_new = nb.op("Add", y_new, unsqueeze(nb, nb.op("Gather", c.bias, c_idx, axis=0), [1]))
+    f = nb.op("Shape", g)
+    shape4 = nb.op("Concat", f, nb.ints([b, b, 1]), axis=0)
+    gi = nb.op("Expand", unsqueeze(nb, g, [1, 2, 3]), shape4)
+    ri = nb.op("Expand", unsqueeze(nb, r_idx, [2, 3]), shape4)
+    ci = nb.op("Expand", unsqueeze(nb, c_idx, [1, 3]), shape4)
+    y = nb.op("ScatterND", c.Y3, nb.op("Concat", gi, ri, ci, axis=3), y_new)
+    count = nb.op("Mul", nb.op("Size", g), nb.ints(b * b))
+    return y, count

@@ -1,0 +1,377 @@
+"""ABFT pass: fault-free equivalence, single and multiple corrupted outputs detected and corrected,
+composition with the inject pass, portability (stock onnxruntime, original opset), block sizes."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto as T
+from onnx import helper as h
+from onnx import numpy_helper as nh
+
+from onnxft import samples
+from onnxft.faults.sampling import Faults
+from onnxft.graph.roles import PROTECTION, role_of
+from onnxft.passes.abft import AbftError, abft, find_gemms
+from onnxft.passes.blocksize import candidate_sizes, lb_cost, opt_block_size, p_faulty
+from onnxft.passes.inject import SiteSelection, inject
+from onnxft.runtime.session import InjectionSession
+
+BASIC = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+
+
+def session(model, level=BASIC):
+    so = ort.SessionOptions()
+    so.graph_optimization_level = level
+    so.intra_op_num_threads = 1
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def run(model, feeds):
+    s = session(model)
+    names = [o.name for o in s.get_outputs()]
+    return dict(zip(names, s.run(None, feeds)))
+
+
+def vi(name, shape):
+    return h.make_tensor_value_info(name, T.FLOAT, shape)
+
+
+def make(nodes, inputs, outputs, inits=(), opset=17):
+    g = h.make_graph(nodes, "g", inputs, outputs, list(inits))
+    return h.make_model(g, opset_imports=[h.make_opsetid("", opset)], ir_version=8)
+
+
+RNG = np.random.default_rng(0)
+W = RNG.standard_normal((8, 12)).astype(np.float32)
+BIAS = RNG.standard_normal(12).astype(np.float32)
+
+
+def linear_model(opset=17):
+    """torch Linear export: MatMul with a constant weight, then Add of a constant bias."""
+    return make([h.make_node("MatMul", ["a", "w"], ["y"], name="mm"),
+                 h.make_node("Add", ["y", "bias"], ["z"], name="add"),
+                 h.make_node("Relu", ["z"], ["out"], name="relu")],
+                [vi("a", ["n", 6, 8])], [vi("out", ["n", 6, 12])],
+                [nh.from_array(W, "w"), nh.from_array(BIAS, "bias")], opset)
+
+
+def attention_model(opset=17):
+    """Activation x activation batched product (QK^T-like)."""
+    return make([h.make_node("MatMul", ["q", "k"], ["s"], name="qk"),
+                 h.make_node("Softmax", ["s"], ["out"], name="sm", axis=-1)],
+                [vi("q", ["n", 3, 6, 4]), vi("k", ["n", 3, 4, 10])], [vi("out", ["n", 3, 6, 10])], opset=opset)
+
+
+def dynamic_attention_model(opset=17):
+    """QK^T over a dynamic sequence length: N is not static (run-time tau; LB falls back)."""
+    return make([h.make_node("MatMul", ["q", "k"], ["out"], name="qk_dyn")],
+                [vi("q", ["n", 2, "s", 4]), vi("k", ["n", 2, 4, "s"])], [vi("out", ["n", 2, "s", "s"])], opset=opset)
+
+
+def gemm_model(opset=17):
+    """Gemm with transB, alpha, beta and a bias: rank-2 A, so every row is its own GEMM."""
+    return make([h.make_node("Gemm", ["a", "w", "c"], ["out"], name="gemm", transB=1, alpha=0.5, beta=2.0)],
+                [vi("a", ["n", 8])], [vi("out", ["n", 12])],
+                [nh.from_array(W.T.copy(), "w"), nh.from_array(BIAS, "c")], opset)
+
+
+def feeds_for(model, batch=2, seed=1):
+    rng = np.random.default_rng(seed)
+    out = {}
+    for i in model.graph.input:
+        shape = [(5 if d.dim_param == "s" else batch) if d.dim_param else d.dim_value
+                 for d in i.type.tensor_type.shape.dim]
+        out[i.name] = rng.standard_normal(shape).astype(np.float32)
+    return out
+
+
+MODELS = {"linear": linear_model, "attention": attention_model, "gemm": gemm_model,
+          "dynamic": dynamic_attention_model}
+
+
+def perturbed(hardened: onnx.ModelProto, unit: int = 0) -> onnx.ModelProto:
+    """The hardened model with ``delta`` (a graph input) added to unit ``unit``'s output before the
+    checksum test sees it: a faulty GEMM result, whatever the fault was."""
+    m = onnx.ModelProto()
+    m.CopyFrom(hardened)
+    raw = f"onnxft.abft.g{unit:03d}/unchecked"
+    producer = next(n for n in m.graph.node if raw in n.output)
+    producer.output[list(producer.output).index(raw)] = raw + "/clean"
+    add = h.make_node("Add", [raw + "/clean", "delta"], [raw], name="test/perturb")
+    idx = list(m.graph.node).index(producer)
+    m.graph.node.insert(idx + 1, add)
+    m.graph.input.append(vi("delta", None))
+    return m
+
+
+def flags(outs):
+    det = [v for k, v in outs.items() if k.endswith(".detected")]
+    rec = [v for k, v in outs.items() if k.endswith(".recomputed")]
+    return bool(det[0]), int(rec[0])
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("opset", [13, 17, 18, 21])
+@pytest.mark.parametrize("scheme", ["lb", "standard"])
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_fault_free_identical_and_portable(kind, scheme, opset):
+    model = MODELS[kind](opset)
+    r = abft(model, scheme=scheme, block_size=4)
+    assert [o.version for o in r.model.opset_import if o.domain == ""] == [opset]
+    onnx.checker.check_model(r.model, full_check=True)
+    feeds = feeds_for(model)
+    want = run(model, feeds)
+    got = run(r.model, feeds)
+    for k, v in want.items():
+        np.testing.assert_array_equal(got[k], v)  # else branch = Identity: bit-identical
+    assert len(r.details["gemms"]) == 1
+    assert r.details["gemms"][0]["scheme"] == (scheme if kind != "dynamic" else "standard")
+    inserted = [n for n in r.model.graph.node if n.name.startswith("onnxft.abft")]
+    assert inserted and all(role_of(n) == PROTECTION for n in inserted)
+    assert not any(n.name.startswith("onnxft.abft") for n in model.graph.node)  # input untouched
+
+
+VALUES = [np.nan, np.inf, -np.inf, 3e38, 1e3, 0.5]
+
+
+@pytest.mark.parametrize("scheme", ["lb", "standard"])
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_single_corrupted_element_is_corrected(kind, scheme):
+    model = MODELS[kind]()
+    r = abft(model, scheme=scheme, block_size=4, expose_flags=True)
+    bad = perturbed(r.model)
+    feeds = feeds_for(model)
+    clean = run(model, feeds)
+    out_name = model.graph.output[0].name
+    y_shape = run(r.model, feeds)[out_name].shape
+    plan = r.details["gemms"][0]
+    for value in VALUES:
+        for flat in (0, int(np.prod(y_shape)) - 1, int(np.prod(y_shape)) // 3):
+            delta = np.zeros(y_shape, np.float32)
+            delta.flat[flat] = value
+            got = run(bad, {**feeds, "delta": delta})
+            det, rec = flags(got)
+            assert det, (value, flat)
+            np.testing.assert_allclose(got[out_name], clean[out_name], rtol=1e-5, atol=1e-6)
+            if plan["scheme"] == "standard":
+                assert rec == 1 or (plan["rowwise"] and rec == y_shape[-1])
+            else:
+                assert rec == 16  # one 4 x 4 block
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_several_errors(kind):
+    model = MODELS[kind]()
+    feeds = feeds_for(model)
+    clean = run(model, feeds)
+    out_name = model.graph.output[0].name
+    lb = abft(model, scheme="lb", block_size=4, expose_flags=True)
+    std = abft(model, scheme="standard", expose_flags=True)
+    lb_blocks = lb.details["gemms"][0]["scheme"] == "lb"
+    y_shape = run(lb.model, feeds)[out_name].shape
+    delta = np.zeros(y_shape, np.float32)
+    first = (0,) * (len(y_shape) - 2)
+    rows = [0, 0] if kind == "gemm" else [0, 1, 3]  # gemm: every row is its own GEMM
+    cols = [0, 2] if kind == "gemm" else [0, 2, 3]
+    for i, j, v in zip(rows, cols, [7.0, np.inf, -2.0]):
+        delta[first + (i, j)] = v
+    # LB: all errors in one 4 x 4 block -> that block is recomputed
+    got = run(perturbed(lb.model), {**feeds, "delta": delta})
+    if lb_blocks:
+        assert flags(got) == (True, 16)
+    np.testing.assert_allclose(got[out_name], clean[out_name], rtol=1e-5, atol=1e-6)
+    # standard: several errors in one matrix -> that matrix is recomputed
+    got = run(perturbed(std.model), {**feeds, "delta": delta})
+    plan = std.details["gemms"][0]
+    assert flags(got) == (True, (1 if plan["rowwise"] else y_shape[-2]) * y_shape[-1])
+    np.testing.assert_allclose(got[out_name], clean[out_name], rtol=1e-5, atol=1e-6)
+
+
+def test_errors_in_two_blocks_and_two_items():
+    model = linear_model()
+    r = abft(model, scheme="lb", block_size=4, expose_flags=True)
+    feeds = feeds_for(model, batch=3)
+    clean = run(model, feeds)
+    delta = np.zeros((3, 6, 12), np.float32)
+    delta[0, 5, 11] = 100.0  # edge block (rows 4..5, cols 8..11): clamped indices
+    delta[2, 0, 5] = -1e20
+    got = run(perturbed(r.model), {**feeds, "delta": delta})
+    assert flags(got) == (True, 32)
+    np.testing.assert_allclose(got["out"], clean["out"], rtol=1e-5, atol=1e-6)
+
+
+def test_find_gemms_and_skips():
+    m = make([h.make_node("MatMul", ["a", "v"], ["y"], name="mv"),
+              h.make_node("MatMul", ["a2", "w"], ["y2"], name="mm")],
+             [vi("a", [3, 8]), vi("v", [8]), vi("a2", [2, 3, 8])], [vi("y", [3]), vi("y2", [2, 3, 12])],
+             [nh.from_array(W, "w")])
+    sites = {s.name: s for s in find_gemms(m)}
+    assert "vector" in sites["mv"].skip
+    assert sites["mm"].skip is None and sites["mm"].b_constant and (sites["mm"].M, sites["mm"].N, sites["mm"].K) == (3, 12, 8)
+    r = abft(m)
+    assert [name for name, _ in r.skipped] == ["mv"] and len(r.details["gemms"]) == 1
+    with pytest.raises(AbftError):
+        abft(m, scheme="nope")
+    with pytest.raises(AbftError):
+        abft(m, gemms=["missing"])
+    assert abft(m, names="^nothing$").details["gemms"] == []
+
+
+# ---------------------------------------------------------------------------------------------
+# samples
+
+
+X = None
+
+
+def images(n):
+    global X
+    if X is None:
+        X = np.load(samples.sample_data_path())["x"]
+    return X[:n]
+
+
+@pytest.mark.parametrize("name", ["vit", "vit_int8"])
+def test_samples_fault_free(name, tmp_path):
+    model = onnx.load(samples.sample_model(name)["path"])
+    x = images(16)
+    want = run(model, {"x": x})["logits"]
+    for scheme in ("lb", "standard"):
+        r = abft(model, scheme=scheme)
+        assert len(r.details["gemms"]) == 37 and not r.skipped
+        onnx.checker.check_model(r.model, full_check=True)
+        got = run(r.model, {"x": x})["logits"]
+        if name == "vit_int8":
+            np.testing.assert_array_equal(got, want)
+        else:
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # stock onnxruntime in a fresh interpreter that cannot import onnxft
+    path = tmp_path / "hardened.onnx"
+    onnx.save(r.model, str(path))
+    np.save(tmp_path / "x.npy", x)
+    code = textwrap.dedent(f"""
+        import sys
+        # no onnxft: drop the editable-install finder and any path that holds the package
+        sys.meta_path = [f for f in sys.meta_path if 'editable' not in repr(f)]
+        sys.path = [p for p in sys.path if p and not __import__('os').path.isdir(p + '/onnxft')]
+        try:
+            import onnxft
+            raise SystemExit('onnxft importable')
+        except ImportError:
+            pass
+        import numpy as np, onnxruntime as ort
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        s = ort.InferenceSession({str(path)!r}, so, providers=['CPUExecutionProvider'])
+        np.save({str(tmp_path / 'y.npy')!r}, s.run(None, {{'x': np.load({str(tmp_path / 'x.npy')!r})}})[0])
+    """)
+    subprocess.run([sys.executable, "-I", "-c", code], check=True, cwd=str(tmp_path))
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), want, rtol=1e-5, atol=1e-6)
+
+
+def test_inject_into_hardened_vit():
+    """A sampled-style single fault at a protected MatMul site of the real injection graph: the
+    hardened output equals the fault-free output; inject skips the protection nodes."""
+    model = onnx.load(samples.sample_model("vit")["path"])
+    hardened = abft(model, scheme="lb").model
+    inj = inject(hardened)
+    assert not any(s.node.startswith("onnxft.abft") for s in InjectionSession(inj.model, "cpu").table.sites)
+    with_prot = inject(hardened, SiteSelection(include_protection=True))
+    assert any(s.node.startswith("onnxft.abft") for s in InjectionSession(with_prot.model, "cpu").table.sites)
+    plain = inject(model)
+    sess = InjectionSession(inj.model, "cpu", threads=1)
+    x = images(2)
+    clean, plans = sess.clean({"x": x})
+    np.testing.assert_allclose(clean[0], run(model, {"x": x})["logits"], rtol=1e-5, atol=1e-6)
+    rng = np.random.default_rng(0)
+    sites = [i for i, s in enumerate(sess.table.sites) if s.kind == "gemm" and s.op_type in ("MatMul", "Gemm")]
+    assert len(sites) == 37
+    for i in rng.choice(sites, 6, replace=False):
+        plan = plans[i]
+        element = int(rng.integers(plan.elements))
+        for step, bit in ((2 * plan.k - 2, 30), (int(rng.integers(plan.k)), 31)):  # final sum; a product
+            f = Faults(np.array([i]), np.array([1]), np.array([element]), np.array([step]), np.array([bit]))
+            out = sess.run({"x": x}, f)
+            np.testing.assert_allclose(out[0], clean[0], rtol=1e-5, atol=1e-5)
+    # the same fault in the unprotected model changes the output
+    ps = InjectionSession(plain.model, "cpu", threads=1)
+    c0, _ = ps.clean({"x": x})
+    j = next(k for k, s in enumerate(ps.table.sites) if s.node == "/blocks/blocks.0/attn/qkv/MatMul")
+    f = Faults(np.array([j]), np.array([1]), np.array([777]), np.array([2 * 128 - 2]), np.array([30]))
+    assert np.abs(ps.run({"x": x}, f)[0] - c0[0]).max() > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# block size
+
+
+def test_opt_block_size_trends_and_brute_force():
+    sizes = [opt_block_size(197, 768, 768, ber)[0] for ber in (1e-11, 1e-10, 1e-9, 1e-8, 1e-7)]
+    assert all(a >= b for a, b in zip(sizes, sizes[1:])) and sizes[0] > sizes[-1]
+    # saturation: when every block is almost surely faulty, one block (= recompute all) is cheapest
+    assert opt_block_size(197, 768, 768, 1e-6)[0] == 768
+    for M, N, K, ber in [(7, 5, 3, 1e-4), (16, 12, 9, 1e-6), (30, 20, 10, 1e-3)]:
+        allb = range(1, max(M, N) + 1)
+        b, cost = opt_block_size(M, N, K, ber, candidates=allb)
+        assert cost == min(lb_cost(M, N, K, ber, x)["total"] for x in allb)
+        assert b in allb
+
+
+def test_expected_faulty_blocks_matches_simulation():
+    """The cost model's expected faulty-block count against a Monte Carlo draw of faulty operations."""
+    M, N, K, b, ber, bits = 12, 10, 6, 4, 2e-5, 32
+    rng = np.random.default_rng(3)
+    n_out = M * N
+    per_out = 2 * K * bits
+    trials = 4000
+    counts = []
+    for _ in range(trials):
+        hit = rng.random((M, N)) < p_faulty(2 * K, ber, bits)
+        blocks = {(i // b, j // b) for i, j in zip(*np.nonzero(hit))}
+        counts.append(len(blocks))
+    model = lb_cost(M, N, K, ber, b, bits)["expected_faulty_blocks"]
+    assert abs(np.mean(counts) - model) < 4 * np.std(counts) / np.sqrt(trials) + 1e-3
+    assert n_out * per_out > 0 and 1 in candidate_sizes(M, N)
+
+
+def test_calibration_and_no_false_detection():
+    """Calibrate on 250 images, then no detection on 500 others, fp32 and int8, with the
+    calibrated thresholds and with the rounding bound. (All 2000 bundled images:
+    benchmarks/abft_false_alarms.py, which takes about 90 s on 2 shared cores.)"""
+    from onnxft.campaigns.calibrate_abft import calibrate_abft
+
+    x = images(750)
+    for name in ("vit", "vit_int8"):
+        model = onnx.load(samples.sample_model(name)["path"])
+        cal = calibrate_abft(model, [{"x": x[500:750]}])
+        assert len(cal) == 37
+        for c in cal.values():
+            assert 0 < c["max_ratio"] < c["tau"] <= c["tau_bound"]
+        for thresholds in (cal, None):
+            r = abft(model, scheme="lb", thresholds=thresholds, expose_flags=True)
+            if thresholds:
+                assert {g["tau_source"] for g in r.details["gemms"]} == {"calibrated"}
+            s = session(r.model)
+            names = [o.name for o in s.get_outputs()]
+            det = [i for i, n in enumerate(names) if n.endswith(".detected")]
+            for i in range(0, 500, 250):
+                outs = s.run(None, {"x": x[i:i + 250]})
+                assert not any(bool(outs[j]) for j in det), (name, thresholds is not None, i)
+
+
+def test_dynamic_n_threshold_is_the_bound_at_run_time():
+    model = dynamic_attention_model()
+    r = abft(model, expose_flags=True)
+    assert r.details["gemms"][0]["tau_source"].startswith("rounding bound (run time")
+    for s_len in (3, 40):
+        q = np.random.default_rng(s_len).standard_normal((2, 2, s_len, 4)).astype(np.float32) * 100
+        k = np.random.default_rng(s_len + 1).standard_normal((2, 2, 4, s_len)).astype(np.float32)
+        assert flags(run(r.model, {"q": q, "k": k})) == (False, 0)
