@@ -21,8 +21,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from ..passes.abft import abft, find_gemms
+from ..passes.ranges import RangeSites, find_range_sites, restrict_ranges, site_bounds
 from ..runtime.data import Dataset, input_specs, synthetic
 from ..runtime.session import make_session
+from .calibrate_abft import calibrate_abft
+from .calibrate_ranges import calibrate_ranges
 
 ABFT_SCHEMES = ("lb", "standard", "none")
 RANGE_MODES = ("clamp", "zero", "none")
@@ -78,9 +82,6 @@ def _batches(data: Dataset | None, model: onnx.ModelProto, batch: int):
 def harden(model: onnx.ModelProto, options: HardenOptions, calib: Dataset | None = None) -> HardenResult:
     """Range restriction then ABFT on ``model`` (see the module docstring)."""
     options.validate()
-    from ..passes.ranges import RangeSites, find_range_sites, restrict_ranges, site_bounds
-    from .calibrate_ranges import calibrate_ranges
-
     plan: dict = {"abft": options.abft, "range": options.range_mode, "ber": options.ber,
                   "calibration": {"items": len(calib) if calib is not None else 0,
                                   "data": calib.path if calib is not None else None},
@@ -106,19 +107,15 @@ def harden(model: onnx.ModelProto, options: HardenOptions, calib: Dataset | None
                                "calibrated": s.fixed is None, "calibrated_min_max": list(stats.get(s.tensor, ()))}
                               for s in sites if s.tensor in bounds]
     if options.abft != "none":
-        from ..passes.abft import abft, find_gemms
-        from .calibrate_abft import calibrate_abft
-
-        gemms = find_gemms(m)
         thresholds = None
-        if calib is not None and gemms:
-            thresholds = calibrate_abft(m, _batches(calib, m, options.calib_batch), gemms)
+        if calib is not None and any(g.skip is None for g in find_gemms(m)):
+            thresholds = calibrate_abft(m, _batches(calib, m, options.calib_batch), names=options.gemms)
         res = abft(m, scheme=options.abft, ber=options.ber, block_size=options.block_size,
                    thresholds=thresholds, names=options.gemms)
         m = res.model
         plan["skipped"] += list(res.skipped)
         plan["gemms"] = res.details.get("gemms", [])
-        plan["abft_totals"] = res.details.get("totals", {})
+        plan["abft_totals"] = abft_totals(plan["gemms"], res.details)
     onnx.checker.check_model(m, full_check=True)
     plan["verification"] = verify_equivalence(model, m, calib)
     plan["skipped"] = [list(s) for s in plan["skipped"]]
@@ -152,3 +149,18 @@ def verify_equivalence(original: onnx.ModelProto, hardened: onnx.ModelProto, dat
         raise RuntimeError(f"the hardened graph changes fault-free outputs (max relative difference {worst:.3g} "
                            f"on {n} items): please report this as a bug")
     return {"items": n, "max_rel_diff": worst, "bit_identical": exact}
+
+
+def abft_totals(gemms: list[dict], details: dict) -> dict:
+    """Expected ABFT operations per item (detection, and block detection + recovery at the plan's BER)
+    against the protected GEMMs' own operations per item."""
+    from .select import matrices_per_item
+
+    def total(key):
+        return float(sum((g.get(key) or 0) * matrices_per_item(g) for g in gemms))
+
+    base, det, rec = total("ops_gemm"), total("ops_detection"), total("ops_expected_recovery")
+    out = {"gemm_ops_per_item": base, "detection_ops_per_item": det, "expected_recovery_ops_per_item": rec}
+    if base:
+        out["overhead"] = (det + rec) / base
+    return out

@@ -91,9 +91,10 @@ def plan_summary(plan: dict) -> str:
         t = plan.get("abft_totals", {})
         lines.append(f"ABFT {plan['abft']}: {len(gemms)} GEMMs protected"
                      + (f"; expected extra operations at BER {plan['ber']:g}: {100 * t['overhead']:.2f}% "
-                        f"of the model's GEMM operations" if "overhead" in t else ""))
+                        f"of the protected GEMMs' operations" if "overhead" in t else ""))
         for g in gemms[:12]:
-            lines.append(f"  {g.get('name', '?'):<48} {g.get('shape', '')}  block {g.get('block_size', '-')}")
+            shape = f"M={g.get('M')} N={g.get('N')} K={g.get('K')}"
+            lines.append(f"  {g.get('name', '?'):<40} {shape:<20} {g.get('scheme')} block {g.get('block_size') or '-'}")
         if len(gemms) > 12:
             lines.append(f"  … {len(gemms) - 12} more in the plan")
     if plan["range"] != "none":
