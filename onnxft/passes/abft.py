@@ -429,12 +429,22 @@ def _protect(m: _Model, s: GemmSite, node, idx: int, scheme: str, ber: float, bl
         fixed, count = _standard_then(ctx, min(_tau_bound(s.K, rows if rows else 4096), tau))
     else:
         fixed, count = _lb_then(ctx, b_size, min(_tau_bound(s.K, b_size), tau), weight, bias)
-    then_out = then_nb.op("Reshape", fixed, then_nb.op("Shape", raw))
+    # The If returns a scatter (indices, values) rather than the checked tensor: the fault-free
+    # branch returns an empty one, and ScatterElements then updates Y's own buffer (Flatten aliases
+    # it), so a clean run never copies Y. (An If returning Identity(Y) copies the whole output.)
+    n_flat = then_nb.op("Size", raw)
+    then_idx = then_nb.op("Unsqueeze", then_nb.op("Range", then_nb.const(np.int64(0), hint="zero"), n_flat,
+                                                  then_nb.const(np.int64(1), hint="one")), then_nb.ints([0]))
+    then_vals = then_nb.op("Reshape", fixed, then_nb.ints([1, -1]))
     else_nb = Nodes(f"{prefix}/else", opset, branch=True)
-    else_out = else_nb.op("Identity", raw)
-    then_outs = [helper.make_tensor_value_info(then_out, TensorProto.FLOAT, None)]
-    else_outs = [helper.make_tensor_value_info(else_out, TensorProto.FLOAT, None)]
-    if_outputs = [s.out]
+    else_idx = else_nb.op("Identity", else_nb.const(np.zeros((1, 0), np.int64), hint="noIndex"))
+    else_vals = else_nb.op("Identity", else_nb.const(np.zeros((1, 0), np.float32), hint="noValue"))
+    then_outs = [helper.make_tensor_value_info(then_idx, TensorProto.INT64, [1, None]),
+                 helper.make_tensor_value_info(then_vals, TensorProto.FLOAT, [1, None])]
+    else_outs = [helper.make_tensor_value_info(else_idx, TensorProto.INT64, [1, None]),
+                 helper.make_tensor_value_info(else_vals, TensorProto.FLOAT, [1, None])]
+    fix_idx, fix_vals = f"{prefix}/fix_index", f"{prefix}/fix_values"
+    if_outputs = [fix_idx, fix_vals]
     outputs = []
     if expose:
         zero = else_nb.const(np.int64(0), hint="zero")
@@ -449,6 +459,9 @@ def _protect(m: _Model, s: GemmSite, node, idx: int, scheme: str, ber: float, bl
     main.op("If", cond, outputs=if_outputs,
             then_branch=helper.make_graph(then_nb.nodes, f"{prefix}_recover", [], then_outs),
             else_branch=helper.make_graph(else_nb.nodes, f"{prefix}_pass", [], else_outs))
+    flat = main.op("Flatten", raw, axis=0)
+    fixed_flat = main.op("ScatterElements", flat, fix_idx, fix_vals, axis=1)
+    main.op("Reshape", fixed_flat, main.op("Shape", raw), outputs=[s.out])
 
     # --- plan ---------------------------------------------------------------------------------
     M_, N_, K_ = rows or 0, s.N or 0, s.K
