@@ -18,7 +18,7 @@ def _run(model, feeds):
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
 
 
-def test_voter_is_a_bitwise_majority():
+def test_voter_is_a_median_that_outvotes_one_bad_copy():
     nodes = _voter("a", "b", "c", "y")
     assert all(role_of(n) == PROTECTION for n in nodes)
     vi = [h.make_tensor_value_info(n, T.FLOAT, [6]) for n in "abc"]

@@ -6,10 +6,12 @@ output) then goes through a voter of its three versions. The copies are the mode
 computation done again, so they are fault sites like the originals (a fault hits one copy); the
 voters are protection nodes (role ``protection``).
 
-The voter is a bitwise majority, ``Where(a == b, a, Where(a == c, a, b))``: the three copies run the
-same kernels on the same inputs, so fault-free they agree exactly and the vote returns them
-unchanged; a faulty copy (NaN included, since NaN equals nothing) is outvoted by the two that agree.
-A median-of-three voter would also work but lets two different faulty values through the middle.
+The voter is the elementwise median of the three copies, with NaN read as +Inf (onnxruntime's
+Min/Max propagate NaN): fault-free the copies agree exactly and the median returns them unchanged;
+one faulty copy is outvoted; and when every copy carries some small error (at high BER each copy
+of a large layer is hit somewhere, and attention spreads a fault over many elements) the median
+still keeps the value between two slightly-off ones, where a bitwise majority vote would find no
+two equal copies and pass a faulty one through.
 
 This is the layer-wise TMR baseline of the seed paper's Figs. 11 and 12 (refs [34], [58]).
 """
@@ -45,6 +47,9 @@ def tmr(model: onnx.ModelProto, nodes: Iterable[str] | str) -> PassResult:
         result.skipped.append((str(nodes), "no node matches"))
         return result
     produced = {o for n in region for o in n.output if o}
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input)}
     readers_outside = {i for n in g.node if n.name not in chosen for i in n.input}
     graph_outputs = {o.name for o in g.output}
     leaving = [t for n in region for t in n.output if t and (t in readers_outside or t in graph_outputs)]
@@ -72,7 +77,7 @@ def tmr(model: onnx.ModelProto, nodes: Iterable[str] | str) -> PassResult:
             for tag in COPIES:
                 new_nodes.extend(renamed(r, tag) for r in region)
             for t in leaving:
-                new_nodes.extend(_voter(voted[t], f"{t}/tmr1", f"{t}/tmr2", t))
+                new_nodes.extend(_voter(voted[t], f"{t}/tmr1", f"{t}/tmr2", t, types.get(t, onnx.TensorProto.FLOAT)))
     del g.node[:]
     g.node.extend(_toposort(new_nodes, {i.name for i in g.input} | {t.name for t in g.initializer}))
     # value_info of renamed tensors is stale; shape inference restores what it can
@@ -84,13 +89,39 @@ def tmr(model: onnx.ModelProto, nodes: Iterable[str] | str) -> PassResult:
     return result
 
 
-def _voter(a: str, b: str, c: str, out: str) -> list[onnx.NodeProto]:
-    """Bitwise majority of three tensors (see the module docstring)."""
+def _majority(a: str, b: str, c: str, out: str) -> list[onnx.NodeProto]:
+    """Bitwise majority ``Where(a == b, a, Where(a == c, a, b))``, for integer and bool tensors."""
     ab, ac, inner = f"{out}/vote_ab", f"{out}/vote_ac", f"{out}/vote_inner"
     nodes = [helper.make_node("Equal", [a, b], [ab], name=f"{out}/vote/eq_ab"),
              helper.make_node("Equal", [a, c], [ac], name=f"{out}/vote/eq_ac"),
              helper.make_node("Where", [ac, a, b], [inner], name=f"{out}/vote/where_ac"),
              helper.make_node("Where", [ab, a, inner], [out], name=f"{out}/vote/where_ab")]
+    for n in nodes:
+        set_role(n, PROTECTION)
+    return nodes
+
+
+_FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
+
+
+def _voter(a: str, b: str, c: str, out: str, elem: int = onnx.TensorProto.FLOAT) -> list[onnx.NodeProto]:
+    """Elementwise median of three tensors, NaN counted as +Inf (see the module docstring)."""
+    if elem not in _FLOATS:
+        return _majority(a, b, c, out)
+    nodes, clean = [], []
+    for k, x in enumerate((a, b, c)):
+        nan, inf, y = f"{out}/vote_nan{k}", f"{out}/vote_inf", f"{out}/vote_in{k}"
+        nodes.append(helper.make_node("IsNaN", [x], [nan], name=f"{out}/vote/isnan{k}"))
+        nodes.append(helper.make_node("Where", [nan, inf, x], [y], name=f"{out}/vote/where{k}"))
+        clean.append(y)
+    x, y, z = clean
+    lo, hi, mid = f"{out}/vote_lo", f"{out}/vote_hi", f"{out}/vote_mid"
+    nodes.insert(0, helper.make_node("Constant", [], [f"{out}/vote_inf"], name=f"{out}/vote/inf",
+                                     value=helper.make_tensor("inf", elem, [], [float("inf")])))
+    nodes += [helper.make_node("Min", [x, y], [lo], name=f"{out}/vote/min_ab"),
+              helper.make_node("Max", [x, y], [hi], name=f"{out}/vote/max_ab"),
+              helper.make_node("Min", [hi, z], [mid], name=f"{out}/vote/min_hi_c"),
+              helper.make_node("Max", [lo, mid], [out], name=f"{out}/vote/median")]
     for n in nodes:
         set_role(n, PROTECTION)
     return nodes
