@@ -186,7 +186,8 @@ def weight_row_test(nb: Nodes, y: str, a: str, be: np.ndarray, abe: np.ndarray, 
 
 
 def activation_row_test(nb: Nodes, y: str, a: str, b: str, tau: str, b_shared: bool = False,
-                        bias_sum: str | None = None, bias_abs: str | None = None) -> tuple[str, str, str]:
+                        bias_sum: str | None = None, bias_abs: str | None = None,
+                        a_nonnegative: bool = False) -> tuple[str, str, str]:
     """Row-checksum test of ``Y = A @ B`` for an activation ``B [..., K, N]`` (or ``[K, N]`` shared
     by the batch when ``b_shared``), checksums at run time:
 
@@ -196,6 +197,20 @@ def activation_row_test(nb: Nodes, y: str, a: str, b: str, tau: str, b_shared: b
     The products are Einsum with broadcast batch dims (8x faster than MatMul with a one-column
     B for [8,12,197,64] operands). Returns ``(ok, diff, scale)``, each ``[..., M]``.
     """
+    if a_nonnegative and not b_shared:
+        # |A| = A (a Softmax output: attention x V): one MatMul of A with [be, tau |B| e] gives both
+        # the reference and the scale, one pass over the largest tensor of attention instead of three.
+        be_col = reduce(nb, "ReduceSum", b, [-1], keepdims=1)  # [..., K, 1]
+        abe_col = nb.op("Mul", reduce(nb, "ReduceSum", nb.op("Abs", b), [-1], keepdims=1), tau)
+        both = nb.op("MatMul", a, nb.op("Concat", be_col, abe_col, axis=-1))  # [..., M, 2]
+        ref = nb.op("Gather", both, nb.const(np.int64(0), hint="col"), axis=-1)
+        scale = nb.op("Gather", both, nb.const(np.int64(1), hint="col"), axis=-1)
+        if bias_sum is not None:
+            ref = nb.op("Add", ref, bias_sum)
+        if bias_abs is not None:
+            scale = nb.op("Add", scale, bias_abs)
+        diff = nb.op("Sub", reduce(nb, "ReduceSum", y, [-1], keepdims=0), ref)
+        return nb.op("LessOrEqual", nb.op("Abs", diff), scale), diff, scale
     eq = "...k,k->..." if b_shared else "...mk,...k->...m"
     be = reduce(nb, "ReduceSum", b, [-1], keepdims=0)
     abe = reduce(nb, "ReduceSum", nb.op("Abs", b), [-1], keepdims=0)

@@ -40,6 +40,7 @@ from onnx import TensorProto, helper, shape_inference
 from ..graph.checksums import (Nodes, any_false, block_indicator, checksum_test, count_true, reduce,
                                runtime_checksums, unsqueeze, weight_checksums, weight_row_test,
                                activation_row_test)
+from ..graph.roles import PROTECTION, role_of
 from ..runtime.model_io import external_data_dir
 from .blocksize import lb_cost, opt_block_size, standard_cost
 from .decompose import constant_value
@@ -259,6 +260,28 @@ def _weight(m: _Model, s: GemmSite, node) -> np.ndarray | None:
     return w
 
 
+_NONNEGATIVE_OPS = ("Softmax", "Relu", "Sigmoid", "Exp")
+
+
+def _nonnegative(m: _Model, tensor: str, depth: int = 0) -> bool:
+    """Whether ``tensor`` can never be negative: a Softmax/Relu/Sigmoid/Exp output, or a range
+    restriction (Clip with lower bound >= 0, or Where choosing between such values) of one."""
+    node = m.producers.get(tensor)
+    if node is None or depth > 6:
+        c = m.const(tensor)
+        return c is not None and bool(np.all(np.asarray(c) >= 0))
+    if node.op_type in _NONNEGATIVE_OPS:
+        return True
+    if role_of(node) != PROTECTION:
+        return False
+    if node.op_type == "Clip":
+        lo = m.const(node.input[1]) if len(node.input) > 1 and node.input[1] else _attr(node, "min", None)
+        return (lo is not None and float(np.asarray(lo)) >= 0) or _nonnegative(m, node.input[0], depth + 1)
+    if node.op_type == "Where":
+        return all(_nonnegative(m, t, depth + 1) for t in node.input[1:])
+    return False
+
+
 def _ops(s: GemmSite) -> int:
     rows = s.M if s.M is not None else 1
     return rows * (s.N or 1) * 2 * s.K
@@ -398,7 +421,8 @@ def _protect(m: _Model, s: GemmSite, node, idx: int, scheme: str, ber: float, bl
             babs_n = main.const(np.float32(fold * np.sum(np.abs(bias), dtype=np.float64)), hint="biasAbs")
             if dynamic:
                 babs_n = main.op("Mul", babs_n, tau_name)
-        ok, diff, scale = activation_row_test(main, raw, a, s.b, tau_name, s.b_rank == 2, bs_n, babs_n)
+        ok, diff, scale = activation_row_test(main, raw, a, s.b, tau_name, s.b_rank == 2, bs_n, babs_n,
+                                              a_nonnegative=_nonnegative(m, a))
     cond = any_false(main, ok)
 
     # --- recovery branch -----------------------------------------------------------------------
