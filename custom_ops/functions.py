@@ -201,9 +201,11 @@ def _change(b: _Body, value: str, fmt: str) -> str:
     return b.op("Sub", _flipped(b, value, fmt), value)
 
 
-def gemm_faults_function(fmt: str, conv: bool = False, batched: bool = False) -> onnx.FunctionProto:
-    """Build ``GemmFaults_<fmt>`` (B a matrix), ``BatchedGemmFaults_<fmt>`` (B with batch axes) or
-    ``ConvFaults_<fmt>`` (``conv=True``)."""
+def gemm_faults_function(fmt: str, conv: bool = False, batched: bool = False,
+                         b_transposed: bool = False) -> onnx.FunctionProto:
+    """Build ``GemmFaults_<fmt>`` (B a matrix), ``GemmFaultsBT_<fmt>`` (``b_transposed``: the
+    second input is B^T [N, K], so a fault's operand column is one contiguous row),
+    ``BatchedGemmFaults_<fmt>`` (B with batch axes) or ``ConvFaults_<fmt>`` (``conv=True``)."""
     if fmt not in GEMM_FORMATS:
         raise ValueError(f"unknown gemm format {fmt!r}")
     b = _Body("gf")
@@ -222,6 +224,8 @@ def gemm_faults_function(fmt: str, conv: bool = False, batched: bool = False) ->
             transpose.attribute.append(perm)
             b.nodes.append(transpose)
             b_vals = b.op("Gather", b.op("Flatten", "gf_bt", axis=-1), "b_col", axis=0)
+        elif b_transposed:  # B^T [N, K] (a constant transpose that onnxruntime folds at load time)
+            b_vals = b.op("Gather", "B", "b_col", axis=0)
         else:  # B [K, N]: gather the F columns, then transpose the small [K, F] result
             b_vals = b.op("Transpose", b.op("Gather", "B", "b_col", axis=1), perm=[1, 0])
     else:
@@ -369,7 +373,7 @@ def gemm_faults_function(fmt: str, conv: bool = False, batched: bool = False) ->
     b = t
 
     inputs = list(CONV_INPUTS if conv else GEMM_INPUTS) + (INT_INPUTS if is_int else [])
-    name = ("Conv" if conv else "BatchedGemm" if batched else "Gemm") + f"Faults_{fmt}"
+    name = ("Conv" if conv else "BatchedGemm" if batched else "Gemm") + ("FaultsBT_" if b_transposed else "Faults_") + fmt
     return helper.make_function(
         FAULT_DOMAIN, name, inputs, ["Z", "log"], b.nodes, [helper.make_opsetid("", OPSET)],
         attributes=["perm"] if batched else [],
@@ -382,4 +386,5 @@ def all_functions() -> dict[str, onnx.FunctionProto]:
     fns = [flip_bits_function(d) for d in FLIP_DTYPES]
     fns += [gemm_faults_function(f, conv=True) for f in GEMM_FORMATS]
     fns += [gemm_faults_function(f, batched=batched) for f in GEMM_FORMATS for batched in (False, True)]
+    fns += [gemm_faults_function(f, b_transposed=True) for f in GEMM_FORMATS]
     return {f.name: f for f in fns}
