@@ -265,8 +265,13 @@ def gemm_faults_function(fmt: str, conv: bool = False, batched: bool = False,
         if fmt == "fp16":  # fp16 multiplier: the exact fp32 product rounded once to binary16
             prods = b.op("Cast", b.op("Cast", prods, to=TensorProto.FLOAT16), to=TensorProto.FLOAT)
         acc_type = TensorProto.FLOAT
-    sums = b.op("CumSum", prods, b.const_int(1))
-    last = b.op("Slice", sums, b.const_ints([-1]), b.const_ints([2**62]), b.const_ints([1]))  # [F,1]
+    # Running sums in the [K, F] layout: CumSum along axis 0 adds whole contiguous rows (vectorised
+    # over faults), about 2x faster than CumSum along axis 1 of [F, K] even with the Transpose, and
+    # each fault's sums are still accumulated one product at a time, in order.
+    sums_t = b.op("CumSum", b.op("Transpose", prods, perm=[1, 0]), b.const_int(0))  # [K, F]
+    col_vec = b.const_ints([-1, 1])
+    last = b.op("Reshape", b.op("Slice", sums_t, b.const_ints([-1]), b.const_ints([2**62]), b.const_ints([0])),
+                col_vec)  # [F, 1]
     if conv:
         bias = _per_channel(b, "bias", minus1)
         bias = b.op("Unsqueeze", b.op("Cast", bias, to=acc_type), b.const_ints([1]))
@@ -280,7 +285,9 @@ def gemm_faults_function(fmt: str, conv: bool = False, batched: bool = False,
     k_minus1 = b.op("Sub", k, b.const_int(1))
     zero = b.op("Sub", k, k)
     p_val = b.op("GatherElements", prods, b.op("Min", col, k_minus1), axis=1)
-    s_val = b.op("GatherElements", sums, b.op("Min", b.op("Max", b.op("Sub", col, k), zero), k_minus1), axis=1)
+    s_step = b.op("Min", b.op("Max", b.op("Sub", col, k), zero), k_minus1)  # [F, 1]
+    s_val = b.op("Reshape", b.op("GatherElements", sums_t, b.op("Reshape", s_step, b.const_ints([1, -1])), axis=0),
+                 col_vec)
     # Select by gathering from [F, 2 or 3] (onnxruntime's Where can turn a -0 into +0).
     pick = b.op("Cast", b.op("GreaterOrEqual", col, k), to=TensorProto.INT64)
     choices = [p_val, s_val]
