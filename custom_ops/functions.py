@@ -23,6 +23,11 @@ Operators (``FAULT_DOMAIN``, version 1):
     ``column`` indexes ``[p_0..p_{K-1}, s_0..s_{K-1}, s_K]`` where ``s_K`` is the bias add.
     fmt: ``fp32``, ``fp16`` (products rounded to binary16 and flipped as 16-bit values, partial sums
     in binary32), ``int`` (QDQ integer arithmetic; flips in ``w``-bit two's complement).
+
+``GemmFaultsBT_<fmt>``: ``GemmFaults_<fmt>`` with B given transposed (``[N, K]``).
+
+Each operator also exists as ``<name>NoLog_<suffix>`` (e.g. ``GemmFaultsNoLog_fp32``): the same
+``Z`` without the ``log`` output, so that graphs built without fault logging do no log work.
 """
 from __future__ import annotations
 
@@ -81,13 +86,15 @@ def _axis0_after(b: _Body, shape: str) -> str:
     return b.op("Concat", b.op("Slice", shape, b.const_ints([0]), b.const_ints([0])), b.const_ints([0]), axis=0)
 
 
-def _gated(outer: _Body, work: _Body, outputs: list[tuple[str, int]]) -> list[str]:
+def _gated(outer: _Body, work: _Body, outputs: list[tuple[str, int]], log: bool = True) -> list[str]:
     """Run ``work`` only when ``faults`` has rows: ``If(Size(faults) > 0)``. A fault-free site then
     costs three tiny nodes. Returns the names of ``outputs`` (and the function output ``log``)."""
     work_outs = [helper.make_tensor_value_info(n, t, None) for n, t in outputs]
-    work_outs.append(helper.make_tensor_value_info("work_log", TensorProto.DOUBLE, ["F", 2]))
+    logs = [("work_log", TensorProto.DOUBLE)] if log else []
+    if log:
+        work_outs.append(helper.make_tensor_value_info("work_log", TensorProto.DOUBLE, ["F", 2]))
     idle_nodes, idle_outs = [], []
-    for n, t in outputs + [("work_log", TensorProto.DOUBLE)]:
+    for n, t in outputs + logs:
         shape = [0, 2] if n == "work_log" else [0]
         idle_nodes.append(helper.make_node("Constant", [], [f"idle_{n}"], value=helper.make_tensor(f"e_{n}", t, shape, [])))
         idle_outs.append(helper.make_tensor_value_info(f"idle_{n}", t, None))
@@ -95,12 +102,18 @@ def _gated(outer: _Body, work: _Body, outputs: list[tuple[str, int]]) -> list[st
                    outer.op("Constant", value=helper.make_tensor("z", TensorProto.INT64, [], [0])))
     names = [f"{outer._prefix}_{n}" for n, _ in outputs]
     outer.nodes.append(helper.make_node(
-        "If", [has], names + ["log"], then_branch=helper.make_graph(work.nodes, "faulty", [], work_outs),
+        "If", [has], names + (["log"] if log else []), then_branch=helper.make_graph(work.nodes, "faulty", [], work_outs),
         else_branch=helper.make_graph(idle_nodes, "fault_free", [], idle_outs)))
     return names
 
 
-def flip_bits_function(dtype: str) -> onnx.FunctionProto:
+def op_name(base: str, suffix: str, log: bool = True) -> str:
+    """``FlipBits_float32``, or ``FlipBitsNoLog_float32`` for the variant without the ``log``
+    output (injection graphs built without fault logging use those: no log work per fault)."""
+    return f"{base}{'' if log else 'NoLog'}_{suffix}"
+
+
+def flip_bits_function(dtype: str, log: bool = True) -> onnx.FunctionProto:
     elem = FLIP_DTYPES[dtype]
     mask_type = {"float32": TensorProto.INT32, "float16": TensorProto.INT16, "int8": TensorProto.INT8,
                  "uint8": TensorProto.UINT8}[dtype]
@@ -110,8 +123,8 @@ def flip_bits_function(dtype: str) -> onnx.FunctionProto:
     # faults costs a few tiny nodes, never a copy of Y (Reshape would copy).
     flat = t.op("Flatten", "Y", axis=0)  # [1, N]
     w = _Body("fw")
-    _unpack(w, ELEMENTWISE_COLUMNS, {"mask": mask_type})
-    index = w.op("Unsqueeze", "index", w.const_ints([0]))  # [1, F]
+    _unpack(w, ELEMENTWISE_COLUMNS, {"mask": mask_type}, keep=("index",))
+    index = w.op("Transpose", "index", perm=[1, 0])  # [1, F]
     vals = w.op("GatherElements", flat, index, axis=1)
     if elem in _FLOAT_BITS:
         bits = w.op("BitCast", vals, to=_FLOAT_BITS[elem])
@@ -119,16 +132,17 @@ def flip_bits_function(dtype: str) -> onnx.FunctionProto:
     else:
         flipped = w.op("BitwiseXor", vals, "mask")
     squeeze = w.const_ints([0])
-    _log(w, w.op("Squeeze", vals, squeeze), w.op("Squeeze", flipped, squeeze), name="work_log")
+    if log:
+        _log(w, w.op("Squeeze", vals, squeeze), w.op("Squeeze", flipped, squeeze), name="work_log")
     w.nodes.append(helper.make_node("Squeeze", [flipped, squeeze], ["work_flipped"]))
-    w.nodes.append(helper.make_node("Identity", ["index"], ["work_index"]))
-    flipped, index = _gated(t, w, [("work_flipped", elem), ("work_index", TensorProto.INT64)])
+    w.nodes.append(helper.make_node("Squeeze", ["index", w.const_ints([1])], ["work_index"]))
+    flipped, index = _gated(t, w, [("work_flipped", elem), ("work_index", TensorProto.INT64)], log)
     axes = _axis0_after(t, shape)
     scattered = t.op("ScatterElements", flat, t.op("Unsqueeze", index, axes), t.op("Unsqueeze", flipped, axes),
                      axis=1)
     t.nodes.append(helper.make_node("Reshape", [scattered, shape], ["Z"]))
     return helper.make_function(
-        FAULT_DOMAIN, f"FlipBits_{dtype}", ["Y", "faults"], ["Z", "log"], t.nodes,
+        FAULT_DOMAIN, op_name("FlipBits", dtype, log), ["Y", "faults"], ["Z", "log"] if log else ["Z"], t.nodes,
         [helper.make_opsetid("", OPSET)],
         doc_string="Flip the bits of faults[f, 1] in element faults[f, 0] of the flattened Y.",
     )
@@ -152,15 +166,21 @@ def table_columns(conv: bool, is_int: bool) -> tuple[str, ...]:
     return (CONV_COLUMNS if conv else GEMM_COLUMNS) + (INT_COLUMNS if is_int else ())
 
 
-def _unpack(b: "_Body", columns, types: dict | None = None) -> None:
-    """Name each column of ``faults`` after itself (the rest of the body reads those names)."""
+def _unpack(b: "_Body", columns, types: dict | None = None, keep=_MATRIX_COLUMNS) -> None:
+    """Name each column of ``faults`` after itself (the rest of the body reads those names): one
+    ``Split`` into [F, 1] columns; those in ``keep`` stay [F, 1], the others become [F] vectors."""
     types = types or {}
-    for i, name in enumerate(columns):
-        index = b.const_ints([i]) if name in _MATRIX_COLUMNS else b.const_int(i)
-        col = b.op("Gather", "faults", index, axis=1)
+    parts = [name if name in keep else f"{name}_col" for name in columns]
+    b.nodes.append(helper.make_node("Split", ["faults"], parts, axis=1, num_outputs=len(columns)))
+    squeeze = b.const_ints([1])
+    for name, part in zip(columns, parts):
+        if name in keep:
+            continue
         to = types.get(name)
-        b.nodes.append(helper.make_node("Cast", [col], [name], to=to) if to is not None
-                       else helper.make_node("Identity", [col], [name]))
+        if to is None:
+            b.nodes.append(helper.make_node("Squeeze", [part, squeeze], [name]))
+        else:
+            b.nodes.append(helper.make_node("Cast", [b.op("Squeeze", part, squeeze)], [name], to=to))
 
 
 def _flip_float32(b: _Body, v: str, mask: str) -> str:
@@ -202,7 +222,7 @@ def _change(b: _Body, value: str, fmt: str) -> str:
 
 
 def gemm_faults_function(fmt: str, conv: bool = False, batched: bool = False,
-                         b_transposed: bool = False) -> onnx.FunctionProto:
+                         b_transposed: bool = False, log: bool = True) -> onnx.FunctionProto:
     """Build ``GemmFaults_<fmt>`` (B a matrix), ``GemmFaultsBT_<fmt>`` (``b_transposed``: the
     second input is B^T [N, K], so a fault's operand column is one contiguous row),
     ``BatchedGemmFaults_<fmt>`` (B with batch axes) or ``ConvFaults_<fmt>`` (``conv=True``)."""
@@ -212,7 +232,8 @@ def gemm_faults_function(fmt: str, conv: bool = False, batched: bool = False,
     is_int = fmt == "int"
     minus1 = b.const_ints([-1])
     _unpack(b, table_columns(conv, is_int),
-            {"is_sum": TensorProto.BOOL, "mask": None if is_int else TensorProto.INT32})
+            {"is_sum": TensorProto.BOOL, "mask": None if is_int else TensorProto.INT32},
+            keep=_MATRIX_COLUMNS + ("column",))
     # rounds = 1 + the largest rank (faults of one element are applied in rank order)
     b.nodes.append(helper.make_node("Add", [b.op("ReduceMax", "rank", keepdims=0), b.const_int(1)], ["rounds"]))
     if not conv:
@@ -280,7 +301,7 @@ def gemm_faults_function(fmt: str, conv: bool = False, batched: bool = False,
         with_bias = last
     # The clean value of each faulted operation: column c < K is product p_c, K <= c < 2K the
     # partial sum s_{c-K}, c == 2K the bias add (picked without concatenating [F, 2K+1] tables).
-    col = b.op("Unsqueeze", "column", b.const_ints([1]))  # [F, 1]
+    col = "column"  # [F, 1]
     k = b.op("Gather", b.op("Shape", prods), b.const_int(1))
     k_minus1 = b.op("Sub", k, b.const_int(1))
     zero = b.op("Sub", k, k)
@@ -357,7 +378,8 @@ def gemm_faults_function(fmt: str, conv: bool = False, batched: bool = False,
     is_chained = b.op("Greater", "rounds", b.op("Constant", value=helper.make_tensor("one", TensorProto.INT64, [], [1])))
     value, change = b.op("If", is_chained, n_out=2, then_branch=branch(chained, "chained", "ch"),
                          else_branch=branch(single, "single", "sg"))
-    _log(b, value, _flipped(b, value, fmt), name="work_log")
+    if log:
+        _log(b, value, _flipped(b, value, fmt), name="work_log")
     if is_int:
         scale = b.op("Mul", b.op("Reshape", "sa", minus1),
                      _per_channel(b, "sb", minus1))
@@ -365,7 +387,7 @@ def gemm_faults_function(fmt: str, conv: bool = False, batched: bool = False,
     b.nodes.append(helper.make_node("Cast", [change], ["work_change"], to=TensorProto.FLOAT))
     b.nodes.append(helper.make_node("Identity", ["out_index"], ["work_index"]))
     t = _Body("gt")
-    change, index = _gated(t, b, [("work_change", TensorProto.FLOAT), ("work_index", TensorProto.INT64)])
+    change, index = _gated(t, b, [("work_change", TensorProto.FLOAT), ("work_index", TensorProto.INT64)], log)
     y_shape = t.op("Shape", "Y")
     y_flat = t.op("Flatten", "Y", axis=0)  # aliases Y
     index = t.op("Unsqueeze", index, _axis0_after(t, y_shape))
@@ -380,9 +402,10 @@ def gemm_faults_function(fmt: str, conv: bool = False, batched: bool = False,
     b = t
 
     inputs = list(CONV_INPUTS if conv else GEMM_INPUTS) + (INT_INPUTS if is_int else [])
-    name = ("Conv" if conv else "BatchedGemm" if batched else "Gemm") + ("FaultsBT_" if b_transposed else "Faults_") + fmt
+    name = op_name(("Conv" if conv else "BatchedGemm" if batched else "Gemm") + ("FaultsBT" if b_transposed else "Faults"),
+                   fmt, log)
     return helper.make_function(
-        FAULT_DOMAIN, name, inputs, ["Z", "log"], b.nodes, [helper.make_opsetid("", OPSET)],
+        FAULT_DOMAIN, name, inputs, ["Z", "log"] if log else ["Z"], b.nodes, [helper.make_opsetid("", OPSET)],
         attributes=["perm"] if batched else [],
         doc_string=f"Exact product/partial-sum faults of a {'convolution' if conv else 'matrix product'} ({fmt})."
         + (" perm: B's axes with the last two swapped." if batched else ""),
@@ -390,8 +413,10 @@ def gemm_faults_function(fmt: str, conv: bool = False, batched: bool = False,
 
 
 def all_functions() -> dict[str, onnx.FunctionProto]:
-    fns = [flip_bits_function(d) for d in FLIP_DTYPES]
-    fns += [gemm_faults_function(f, conv=True) for f in GEMM_FORMATS]
-    fns += [gemm_faults_function(f, batched=batched) for f in GEMM_FORMATS for batched in (False, True)]
-    fns += [gemm_faults_function(f, b_transposed=True) for f in GEMM_FORMATS]
+    fns = []
+    for log in (True, False):
+        fns += [flip_bits_function(d, log=log) for d in FLIP_DTYPES]
+        fns += [gemm_faults_function(f, conv=True, log=log) for f in GEMM_FORMATS]
+        fns += [gemm_faults_function(f, batched=batched, log=log) for f in GEMM_FORMATS for batched in (False, True)]
+        fns += [gemm_faults_function(f, b_transposed=True, log=log) for f in GEMM_FORMATS]
     return {f.name: f for f in fns}

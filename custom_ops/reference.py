@@ -269,3 +269,5 @@ REFERENCES.update({f"ConvFaults_{f}": _gemm_ref(f, conv=True) for f in ("fp32", 
 REFERENCES.update({("BatchedGemm" if bt else "Gemm") + f"Faults_{f}": _gemm_ref(f, batched=bt)
                    for f in ("fp32", "fp16", "int") for bt in (False, True)})
 REFERENCES.update({f"GemmFaultsBT_{f}": _gemm_ref(f, b_transposed=True) for f in ("fp32", "fp16", "int")})
+# The NoLog variants compute the same Z (they only lack the log output).
+REFERENCES.update({name.replace("_", "NoLog_", 1): fn for name, fn in list(REFERENCES.items())})

@@ -30,6 +30,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper, shape_inference, version_converter
 
 from ..custom_ops import FAULT_DOMAIN, FAULT_DOMAIN_VERSION, OPSET, all_functions
+from ..custom_ops.functions import op_name
 from ..graph.roles import PROTECTION, role_of
 from ..faults.sites import PROBE_INPUT, SHAPES_OUTPUT, SITES_KEY, Site, SiteTable
 from ..ops.registry import handler_for
@@ -300,9 +301,9 @@ def _fault_nodes(site: Site, node: onnx.NodeProto, extra: dict, zero_bias: str, 
     names = site.input_names()
     raw = f"onnxft.{site.id}/raw"
     p.nodes.append(_clone(node, raw, node.name or site.node))
-    fn_outputs = [node.output[0], site.log_output() if logging else f"onnxft.{site.id}/log"]
+    fn_outputs = [node.output[0], site.log_output()] if logging else [node.output[0]]
     if site.kind == "elementwise":
-        p.op(f"FlipBits_{site.dtype}", raw, names["faults"], domain=FAULT_DOMAIN, outputs=fn_outputs)
+        p.op(op_name("FlipBits", site.dtype, logging), raw, names["faults"], domain=FAULT_DOMAIN, outputs=fn_outputs)
     else:
         fmt = {"fp32": "fp32", "fp16": "fp16", "int8": "int"}[site.format]
         a, b = node.input[0], node.input[1]
@@ -320,7 +321,7 @@ def _fault_nodes(site: Site, node: onnx.NodeProto, extra: dict, zero_bias: str, 
         b_rank = site.shape_ranks[2]
         attrs = {}
         if site.kind == "conv":
-            op_name = f"ConvFaults_{fmt}"
+            name = op_name("ConvFaults", fmt, logging)
         elif b_rank == 2 and extra.get("b_constant"):
             # A constant weight: hand the operator B^T, whose rows are the columns a fault reads
             # (contiguous gathers; a column gather from B is strided and ~10x slower). onnxruntime
@@ -329,13 +330,13 @@ def _fault_nodes(site: Site, node: onnx.NodeProto, extra: dict, zero_bias: str, 
             p.nodes.append(helper.make_node("Transpose", [b], [bt], name=f"onnxft.{site.id}/transpose_b",
                                             perm=[1, 0]))
             args[1] = bt
-            op_name = f"GemmFaultsBT_{fmt}"
+            name = op_name("GemmFaultsBT", fmt, logging)
         elif b_rank >= 3:
-            op_name = f"BatchedGemmFaults_{fmt}"
+            name = op_name("BatchedGemmFaults", fmt, logging)
             attrs["perm"] = list(range(b_rank - 2)) + [b_rank - 1, b_rank - 2]
         else:
-            op_name = f"GemmFaults_{fmt}"
-        p.op(op_name, *args, domain=FAULT_DOMAIN, outputs=fn_outputs, **attrs)
+            name = op_name("GemmFaults", fmt, logging)
+        p.op(name, *args, domain=FAULT_DOMAIN, outputs=fn_outputs, **attrs)
     for n in p.nodes[1:]:  # fault nodes carry the site's name, for profiles and error messages
         n.name = f"{site.node}/onnxft/{n.name.rsplit('/', 1)[-1]}"
     return p.nodes
