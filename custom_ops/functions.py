@@ -221,6 +221,66 @@ def _change(b: _Body, value: str, fmt: str) -> str:
     return b.op("Sub", _flipped(b, value, fmt), value)
 
 
+def _gemm_clean(b: _Body, fmt: str, batched: bool, minus1: str, b_transposed: bool) -> tuple[str, int]:
+    """Clean value [F] of each faulted operation of a matrix product (column c < K: product p_c;
+    K <= c < 2K: partial sum s_{c-K}) and its accumulator type. A product fault reads one element
+    of each operand; only partial-sum faults gather their K operand pairs and run the sums."""
+    is_int = fmt == "int"
+    a_mat = b.op("Flatten", "A", axis=-1)  # [rows, K]; Flatten aliases (Reshape could copy)
+    if batched:  # B [..., K, N]: its columns are the rows of B^T
+        perm = helper.make_attribute_ref("perm", onnx.AttributeProto.INTS)
+        transpose = helper.make_node("Transpose", ["B"], ["gf_bt"])
+        transpose.attribute.append(perm)
+        b.nodes.append(transpose)
+        b_mat = b.op("Flatten", "gf_bt", axis=-1)
+    elif b_transposed:  # B^T [N, K] (a constant transpose that onnxruntime folds at load time)
+        b_mat = "B"
+    else:  # B [K, N]
+        b_mat = None
+    k = b.op("Gather", b.op("Shape", a_mat), b.const_int(1))
+    # Products: element j of the operand row and column (j = column, clamped for the sum faults,
+    # whose values are replaced below).
+    j = b.op("Min", "column", b.op("Sub", k, b.const_int(1)))  # [F, 1]
+    a_el = b.op("GatherND", a_mat, b.op("Concat", "a_row", j, axis=1))  # [F]
+    if b_mat is None:
+        b_el = b.op("GatherND", "B", b.op("Concat", j, "b_col", axis=1))
+    else:
+        b_el = b.op("GatherND", b_mat, b.op("Concat", "b_col", j, axis=1))
+    # Partial sums: the K operand pairs of each sum fault's element, multiplied and summed in order.
+    sum_rows = b.op("Squeeze", b.op("NonZero", "is_sum"), b.const_ints([0]))  # [S]
+    squeeze1 = b.const_ints([1])
+    a_vals = b.op("Gather", a_mat, b.op("Squeeze", b.op("Gather", "a_row", sum_rows, axis=0), squeeze1), axis=0)
+    b_rows = b.op("Squeeze", b.op("Gather", "b_col", sum_rows, axis=0), squeeze1)  # [S]
+    if b_mat is None:  # gather the S columns, then transpose the small [K, S] result
+        b_vals = b.op("Transpose", b.op("Gather", "B", b_rows, axis=1), perm=[1, 0])
+    else:
+        b_vals = b.op("Gather", b_mat, b_rows, axis=0)  # [S, K]
+    if is_int:
+        za = b.op("Cast", "za", to=TensorProto.INT64)
+        zb = b.op("Cast", _per_channel(b, "zb", minus1), to=TensorProto.INT64)  # [F]
+        p_val = b.op("Mul", b.op("Sub", b.op("Cast", a_el, to=TensorProto.INT64), za),
+                     b.op("Sub", b.op("Cast", b_el, to=TensorProto.INT64), zb))
+        zb_s = b.op("Unsqueeze", b.op("Gather", zb, sum_rows), squeeze1)  # [S, 1]
+        prods = b.op("Mul", b.op("Sub", b.op("Cast", a_vals, to=TensorProto.INT64), za),
+                     b.op("Sub", b.op("Cast", b_vals, to=TensorProto.INT64), zb_s))
+        acc_type = TensorProto.INT64
+    else:
+        p_val = b.op("Mul", b.op("Cast", a_el, to=TensorProto.FLOAT), b.op("Cast", b_el, to=TensorProto.FLOAT))
+        prods = b.op("Mul", b.op("Cast", a_vals, to=TensorProto.FLOAT), b.op("Cast", b_vals, to=TensorProto.FLOAT))
+        if fmt == "fp16":  # fp16 multiplier: the exact fp32 product rounded once to binary16
+            p_val = b.op("Cast", b.op("Cast", p_val, to=TensorProto.FLOAT16), to=TensorProto.FLOAT)
+            prods = b.op("Cast", b.op("Cast", prods, to=TensorProto.FLOAT16), to=TensorProto.FLOAT)
+        acc_type = TensorProto.FLOAT
+    # Running sums in the [K, S] layout: CumSum along axis 0 adds whole contiguous rows (vectorised
+    # over faults, ~2x faster than along axis 1 of [S, K] even with the Transpose); each fault's
+    # sums are still accumulated one product at a time, in order.
+    sums_t = b.op("CumSum", b.op("Transpose", prods, perm=[1, 0]), b.const_int(0))  # [K, S]
+    step = b.op("Reshape", b.op("Sub", b.op("Gather", "column", sum_rows, axis=0), k), b.const_ints([1, -1]))
+    s_val = b.op("Reshape", b.op("GatherElements", sums_t, step, axis=0), minus1)  # [S]
+    # Scatter writes the sums' values exactly (onnxruntime's Where can turn a -0 into +0).
+    return b.op("ScatterElements", p_val, sum_rows, s_val, axis=0), acc_type
+
+
 def gemm_faults_function(fmt: str, conv: bool = False, batched: bool = False,
                          b_transposed: bool = False, log: bool = True) -> onnx.FunctionProto:
     """Build ``GemmFaults_<fmt>`` (B a matrix), ``GemmFaultsBT_<fmt>`` (``b_transposed``: the
@@ -233,22 +293,11 @@ def gemm_faults_function(fmt: str, conv: bool = False, batched: bool = False,
     minus1 = b.const_ints([-1])
     _unpack(b, table_columns(conv, is_int),
             {"is_sum": TensorProto.BOOL, "mask": None if is_int else TensorProto.INT32},
-            keep=_MATRIX_COLUMNS + ("column",))
+            keep=_MATRIX_COLUMNS + ("column",) + (() if conv else ("a_row", "b_col")))
     # rounds = 1 + the largest rank (faults of one element are applied in rank order)
     b.nodes.append(helper.make_node("Add", [b.op("ReduceMax", "rank", keepdims=0), b.const_int(1)], ["rounds"]))
     if not conv:
-        # Operand rows are contiguous: gather whole rows (Flatten aliases, Reshape could copy).
-        a_vals = b.op("Gather", b.op("Flatten", "A", axis=-1), "a_row", axis=0)  # [F, K]
-        if batched:  # B [..., K, N]: its columns are the rows of B^T
-            perm = helper.make_attribute_ref("perm", onnx.AttributeProto.INTS)
-            transpose = helper.make_node("Transpose", ["B"], ["gf_bt"])
-            transpose.attribute.append(perm)
-            b.nodes.append(transpose)
-            b_vals = b.op("Gather", b.op("Flatten", "gf_bt", axis=-1), "b_col", axis=0)
-        elif b_transposed:  # B^T [N, K] (a constant transpose that onnxruntime folds at load time)
-            b_vals = b.op("Gather", "B", "b_col", axis=0)
-        else:  # B [K, N]: gather the F columns, then transpose the small [K, F] result
-            b_vals = b.op("Transpose", b.op("Gather", "B", "b_col", axis=1), perm=[1, 0])
+        clean, acc_type = _gemm_clean(b, fmt, batched, minus1, b_transposed)
     else:
         # Flatten aliases the operands (Reshape of a tensor used elsewhere would copy it).
         a_flat = b.op("Flatten", "A", axis=0)  # [1, size]
@@ -268,55 +317,49 @@ def gemm_faults_function(fmt: str, conv: bool = False, batched: bool = False,
         a_idx = b.op("Where", valid, a_idx, zero)
         a_vals = b.op("Squeeze", b.op("Gather", a_flat, a_idx, axis=1), b.const_ints([0]))  # [F, K]
         b_vals = b.op("Squeeze", b.op("Gather", b_flat, b_idx, axis=1), b.const_ints([0]))
-    if is_int:
-        a_int = b.op("Sub", b.op("Cast", a_vals, to=TensorProto.INT64),
-                     b.op("Cast", "za", to=TensorProto.INT64))
-        zb_f = b.op("Unsqueeze", _per_channel(b, "zb", minus1), b.const_ints([1]))
-        b_int = b.op("Sub", b.op("Cast", b_vals, to=TensorProto.INT64),
-                     b.op("Cast", zb_f, to=TensorProto.INT64))
-        if conv:
+        if is_int:
+            a_int = b.op("Sub", b.op("Cast", a_vals, to=TensorProto.INT64),
+                         b.op("Cast", "za", to=TensorProto.INT64))
+            zb_f = b.op("Unsqueeze", _per_channel(b, "zb", minus1), b.const_ints([1]))
+            b_int = b.op("Sub", b.op("Cast", b_vals, to=TensorProto.INT64),
+                         b.op("Cast", zb_f, to=TensorProto.INT64))
             a_int = b.op("Where", valid, a_int, b.op("Constant", value=helper.make_tensor("z", TensorProto.INT64, [], [0])))
-        prods = b.op("Mul", a_int, b_int)
-        acc_type = TensorProto.INT64
-    else:
-        a32 = b.op("Cast", a_vals, to=TensorProto.FLOAT)
-        if conv:
+            prods = b.op("Mul", a_int, b_int)
+            acc_type = TensorProto.INT64
+        else:
+            a32 = b.op("Cast", a_vals, to=TensorProto.FLOAT)
             a32 = b.op("Where", valid, a32, b.const_float(0.0))
-        prods = b.op("Mul", a32, b.op("Cast", b_vals, to=TensorProto.FLOAT))
-        if fmt == "fp16":  # fp16 multiplier: the exact fp32 product rounded once to binary16
-            prods = b.op("Cast", b.op("Cast", prods, to=TensorProto.FLOAT16), to=TensorProto.FLOAT)
-        acc_type = TensorProto.FLOAT
-    # Running sums in the [K, F] layout: CumSum along axis 0 adds whole contiguous rows (vectorised
-    # over faults), about 2x faster than CumSum along axis 1 of [F, K] even with the Transpose, and
-    # each fault's sums are still accumulated one product at a time, in order.
-    sums_t = b.op("CumSum", b.op("Transpose", prods, perm=[1, 0]), b.const_int(0))  # [K, F]
-    col_vec = b.const_ints([-1, 1])
-    last = b.op("Reshape", b.op("Slice", sums_t, b.const_ints([-1]), b.const_ints([2**62]), b.const_ints([0])),
-                col_vec)  # [F, 1]
-    if conv:
+            prods = b.op("Mul", a32, b.op("Cast", b_vals, to=TensorProto.FLOAT))
+            if fmt == "fp16":  # fp16 multiplier: the exact fp32 product rounded once to binary16
+                prods = b.op("Cast", b.op("Cast", prods, to=TensorProto.FLOAT16), to=TensorProto.FLOAT)
+            acc_type = TensorProto.FLOAT
+        # Running sums in the [K, F] layout: CumSum along axis 0 adds whole contiguous rows (vectorised
+        # over faults), about 2x faster than CumSum along axis 1 of [F, K] even with the Transpose, and
+        # each fault's sums are still accumulated one product at a time, in order.
+        sums_t = b.op("CumSum", b.op("Transpose", prods, perm=[1, 0]), b.const_int(0))  # [K, F]
+        col_vec = b.const_ints([-1, 1])
+        last = b.op("Reshape", b.op("Slice", sums_t, b.const_ints([-1]), b.const_ints([2**62]), b.const_ints([0])),
+                    col_vec)  # [F, 1]
         bias = _per_channel(b, "bias", minus1)
         bias = b.op("Unsqueeze", b.op("Cast", bias, to=acc_type), b.const_ints([1]))
         with_bias = b.op("Add", last, bias)
-    else:
-        with_bias = last
-    # The clean value of each faulted operation: column c < K is product p_c, K <= c < 2K the
-    # partial sum s_{c-K}, c == 2K the bias add (picked without concatenating [F, 2K+1] tables).
-    col = "column"  # [F, 1]
-    k = b.op("Gather", b.op("Shape", prods), b.const_int(1))
-    k_minus1 = b.op("Sub", k, b.const_int(1))
-    zero = b.op("Sub", k, k)
-    p_val = b.op("GatherElements", prods, b.op("Min", col, k_minus1), axis=1)
-    s_step = b.op("Min", b.op("Max", b.op("Sub", col, k), zero), k_minus1)  # [F, 1]
-    s_val = b.op("Reshape", b.op("GatherElements", sums_t, b.op("Reshape", s_step, b.const_ints([1, -1])), axis=0),
-                 col_vec)
-    # Select by gathering from [F, 2 or 3] (onnxruntime's Where can turn a -0 into +0).
-    pick = b.op("Cast", b.op("GreaterOrEqual", col, k), to=TensorProto.INT64)
-    choices = [p_val, s_val]
-    if conv:
+        # Convolutions (one or two sites per network) gather the K operand pairs of every fault.
+        # The clean value of each faulted operation: column c < K is product p_c, K <= c < 2K the
+        # partial sum s_{c-K}, c == 2K the bias add (picked without concatenating [F, 2K+1] tables).
+        col = "column"  # [F, 1]
+        k = b.op("Gather", b.op("Shape", prods), b.const_int(1))
+        k_minus1 = b.op("Sub", k, b.const_int(1))
+        zero = b.op("Sub", k, k)
+        p_val = b.op("GatherElements", prods, b.op("Min", col, k_minus1), axis=1)
+        s_step = b.op("Min", b.op("Max", b.op("Sub", col, k), zero), k_minus1)  # [F, 1]
+        s_val = b.op("Reshape", b.op("GatherElements", sums_t, b.op("Reshape", s_step, b.const_ints([1, -1])), axis=0),
+                     col_vec)
+        # Select by gathering from [F, 2 or 3] (onnxruntime's Where can turn a -0 into +0).
+        pick = b.op("Cast", b.op("GreaterOrEqual", col, k), to=TensorProto.INT64)
         pick = b.op("Add", pick, b.op("Cast", b.op("Equal", col, b.op("Add", k, k)), to=TensorProto.INT64))
-        choices.append(with_bias)
-    clean = b.op("Squeeze", b.op("GatherElements", b.op("Concat", *choices, axis=1), pick, axis=1),
-                 b.const_ints([1]))  # [F]
+        choices = [p_val, s_val, with_bias]
+        clean = b.op("Squeeze", b.op("GatherElements", b.op("Concat", *choices, axis=1), pick, axis=1),
+                     b.const_ints([1]))  # [F]
 
     # Faults of one output element must be applied in execution order. Chains are rare, so the
     # loop over ranks runs only when some element has several faults (rounds > 1).
