@@ -265,8 +265,10 @@ def _gemm_clean(b: _Body, fmt: str, batched: bool, minus1: str, b_transposed: bo
                      b.op("Sub", b.op("Cast", b_vals, to=TensorProto.INT64), zb_s))
         acc_type = TensorProto.INT64
     else:
-        p_val = b.op("Mul", b.op("Cast", a_el, to=TensorProto.FLOAT), b.op("Cast", b_el, to=TensorProto.FLOAT))
-        prods = b.op("Mul", b.op("Cast", a_vals, to=TensorProto.FLOAT), b.op("Cast", b_vals, to=TensorProto.FLOAT))
+        def f32(v):  # (a same-type Cast would copy)
+            return v if fmt == "fp32" else b.op("Cast", v, to=TensorProto.FLOAT)
+        p_val = b.op("Mul", f32(a_el), f32(b_el))
+        prods = b.op("Mul", f32(a_vals), f32(b_vals))
         if fmt == "fp16":  # fp16 multiplier: the exact fp32 product rounded once to binary16
             p_val = b.op("Cast", b.op("Cast", p_val, to=TensorProto.FLOAT16), to=TensorProto.FLOAT)
             prods = b.op("Cast", b.op("Cast", prods, to=TensorProto.FLOAT16), to=TensorProto.FLOAT)
@@ -293,7 +295,9 @@ def gemm_faults_function(fmt: str, conv: bool = False, batched: bool = False,
     minus1 = b.const_ints([-1])
     _unpack(b, table_columns(conv, is_int),
             {"is_sum": TensorProto.BOOL, "mask": None if is_int else TensorProto.INT32},
-            keep=_MATRIX_COLUMNS + ("column",) + (() if conv else ("a_row", "b_col")))
+            # [F, 1] columns need no Squeeze; prev/rank are squeezed only where chains are applied
+            keep=_MATRIX_COLUMNS + ("column", "prev", "rank") + (() if conv else ("a_row", "b_col"))
+            + (("channel",) if not (conv or is_int) else ()))
     # rounds = 1 + the largest rank (faults of one element are applied in rank order)
     b.nodes.append(helper.make_node("Add", [b.op("ReduceMax", "rank", keepdims=0), b.const_int(1)], ["rounds"]))
     if not conv:
@@ -367,7 +371,7 @@ def gemm_faults_function(fmt: str, conv: bool = False, batched: bool = False,
     zero_slot = chained.op("Constant", value=helper.make_tensor("zs", acc_type, [1], [0]))
     cum0 = chained.op("Concat", chained.op("Sub", clean, clean), zero_slot, axis=0)  # [F+1] zeros
     lb = _Body("lb")
-    before = lb.op("Gather", "cum_in", "prev")
+    before = lb.op("Gather", "cum_in", "prev_v")
     # A product's value is its own (adding a zero ``before`` would turn a -0 product into +0); after
     # a partial-sum fault the element's total change is (flipped - clean), computed directly so that
     # it neither overflows (sign flip of a huge sum) nor cancels (a huge sum flipped back to small).
@@ -390,16 +394,18 @@ def gemm_faults_function(fmt: str, conv: bool = False, batched: bool = False,
          helper.make_tensor_value_info("cum_out", acc_type, ["F1"])],
     )
     # rank of the zero slot is -1 so it never changes.
-    rank_ext = chained.op("Concat", "rank", chained.const_ints([-1]), axis=0)
+    for name in ("prev", "rank"):
+        chained.nodes.append(helper.make_node("Squeeze", [name, chained.const_ints([1])], [f"{name}_v"]))
+    rank_ext = chained.op("Concat", "rank_v", chained.const_ints([-1]), axis=0)
     chained.nodes.append(helper.make_node("Identity", [rank_ext], ["rank_ext"]))
     cum = chained.op("Loop", "rounds", "", cum0, body=body)
-    before = chained.op("Gather", cum, "prev")
+    before = chained.op("Gather", cum, "prev_v")
     # The last fault of each element (no other fault names it as prev) carries the element's
     # total change; the others add nothing (telescoping differences could overflow or cancel).
     n_next = chained.op("ScatterElements",
                         chained.op("ConstantOfShape", chained.op("Shape", cum),
                                    value=helper.make_tensor("z64", TensorProto.INT64, [1], [0])),
-                        "prev", chained.op("ConstantOfShape", chained.op("Shape", "prev"),
+                        "prev_v", chained.op("ConstantOfShape", chained.op("Shape", "prev_v"),
                                            value=helper.make_tensor("o64", TensorProto.INT64, [1], [1])),
                         reduction="add")
     is_last = chained.op("Equal", chained.op("Slice", n_next, chained.const_ints([0]), chained.const_ints([-1])),
@@ -427,7 +433,8 @@ def gemm_faults_function(fmt: str, conv: bool = False, batched: bool = False,
         scale = b.op("Mul", b.op("Reshape", "sa", minus1),
                      _per_channel(b, "sb", minus1))
         change = b.op("Mul", b.op("Cast", change, to=TensorProto.FLOAT), scale)
-    b.nodes.append(helper.make_node("Cast", [change], ["work_change"], to=TensorProto.FLOAT))
+    b.nodes.append(helper.make_node("Cast", [change], ["work_change"], to=TensorProto.FLOAT) if acc_type != TensorProto.FLOAT
+                   else helper.make_node("Identity", [change], ["work_change"]))
     b.nodes.append(helper.make_node("Identity", ["out_index"], ["work_index"]))
     t = _Body("gt")
     change, index = _gated(t, b, [("work_change", TensorProto.FLOAT), ("work_index", TensorProto.INT64)], log)
