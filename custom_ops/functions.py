@@ -82,20 +82,23 @@ def _log(b: _Body, value: str, flipped: str, name: str = "log") -> None:
 
 def _axis0_after(b: _Body, shape: str) -> str:
     """The constant axes ``[0]``, computed from ``shape`` so that the scatter that uses it runs after
-    ``Shape(Y)``: onnxruntime may then update Y's buffer in place instead of copying it."""
+    ``Shape(Y)``: onnxruntime may then update Y's buffer in place instead of copying it. Computed
+    inside the faulty branch, so that it costs nothing at fault-free sites (the If that reads it
+    then runs after ``Shape(Y)``, and the scatter after the If)."""
     return b.op("Concat", b.op("Slice", shape, b.const_ints([0]), b.const_ints([0])), b.const_ints([0]), axis=0)
 
 
 def _gated(outer: _Body, work: _Body, outputs: list[tuple[str, int]], log: bool = True) -> list[str]:
     """Run ``work`` only when ``faults`` has rows: ``If(Size(faults) > 0)``. A fault-free site then
-    costs three tiny nodes. Returns the names of ``outputs`` (and the function output ``log``)."""
+    costs three tiny nodes. ``outputs`` are [1, F] rows (empty [1, 0] without faults), ready for the
+    scatter. Returns the names of ``outputs`` (and the function output ``log``)."""
     work_outs = [helper.make_tensor_value_info(n, t, None) for n, t in outputs]
     logs = [("work_log", TensorProto.DOUBLE)] if log else []
     if log:
         work_outs.append(helper.make_tensor_value_info("work_log", TensorProto.DOUBLE, ["F", 2]))
     idle_nodes, idle_outs = [], []
     for n, t in outputs + logs:
-        shape = [0, 2] if n == "work_log" else [0]
+        shape = [0, 2] if n == "work_log" else [1, 0]
         idle_nodes.append(helper.make_node("Constant", [], [f"idle_{n}"], value=helper.make_tensor(f"e_{n}", t, shape, [])))
         idle_outs.append(helper.make_tensor_value_info(f"idle_{n}", t, None))
     has = outer.op("Greater", outer.op("Size", "faults"),
@@ -124,22 +127,19 @@ def flip_bits_function(dtype: str, log: bool = True) -> onnx.FunctionProto:
     flat = t.op("Flatten", "Y", axis=0)  # [1, N]
     w = _Body("fw")
     _unpack(w, ELEMENTWISE_COLUMNS, {"mask": mask_type}, keep=("index",))
-    index = w.op("Transpose", "index", perm=[1, 0])  # [1, F]
-    vals = w.op("GatherElements", flat, index, axis=1)
+    w.nodes.append(helper.make_node("Unsqueeze", [w.op("Squeeze", "index", w.const_ints([1])), _axis0_after(w, shape)],
+                                    ["work_index"]))  # [1, F]
+    vals = w.op("GatherElements", flat, "work_index", axis=1)
     if elem in _FLOAT_BITS:
         bits = w.op("BitCast", vals, to=_FLOAT_BITS[elem])
-        flipped = w.op("BitCast", w.op("BitwiseXor", bits, "mask"), to=elem)
+        w.nodes.append(helper.make_node("BitCast", [w.op("BitwiseXor", bits, "mask")], ["work_flipped"], to=elem))
     else:
-        flipped = w.op("BitwiseXor", vals, "mask")
-    squeeze = w.const_ints([0])
+        w.nodes.append(helper.make_node("BitwiseXor", [vals, "mask"], ["work_flipped"]))
     if log:
-        _log(w, w.op("Squeeze", vals, squeeze), w.op("Squeeze", flipped, squeeze), name="work_log")
-    w.nodes.append(helper.make_node("Squeeze", [flipped, squeeze], ["work_flipped"]))
-    w.nodes.append(helper.make_node("Squeeze", ["index", w.const_ints([1])], ["work_index"]))
+        squeeze = w.const_ints([0])
+        _log(w, w.op("Squeeze", vals, squeeze), w.op("Squeeze", "work_flipped", squeeze), name="work_log")
     flipped, index = _gated(t, w, [("work_flipped", elem), ("work_index", TensorProto.INT64)], log)
-    axes = _axis0_after(t, shape)
-    scattered = t.op("ScatterElements", flat, t.op("Unsqueeze", index, axes), t.op("Unsqueeze", flipped, axes),
-                     axis=1)
+    scattered = t.op("ScatterElements", flat, index, flipped, axis=1)
     t.nodes.append(helper.make_node("Reshape", [scattered, shape], ["Z"]))
     return helper.make_function(
         FAULT_DOMAIN, op_name("FlipBits", dtype, log), ["Y", "faults"], ["Z", "log"] if log else ["Z"], t.nodes,
@@ -433,15 +433,15 @@ def gemm_faults_function(fmt: str, conv: bool = False, batched: bool = False,
         scale = b.op("Mul", b.op("Reshape", "sa", minus1),
                      _per_channel(b, "sb", minus1))
         change = b.op("Mul", b.op("Cast", change, to=TensorProto.FLOAT), scale)
-    b.nodes.append(helper.make_node("Cast", [change], ["work_change"], to=TensorProto.FLOAT) if acc_type != TensorProto.FLOAT
-                   else helper.make_node("Identity", [change], ["work_change"]))
-    b.nodes.append(helper.make_node("Identity", ["out_index"], ["work_index"]))
+    if acc_type != TensorProto.FLOAT:
+        change = b.op("Cast", change, to=TensorProto.FLOAT)
     t = _Body("gt")
-    change, index = _gated(t, b, [("work_change", TensorProto.FLOAT), ("work_index", TensorProto.INT64)], log)
     y_shape = t.op("Shape", "Y")
+    axes = _axis0_after(b, y_shape)
+    b.nodes.append(helper.make_node("Unsqueeze", [change, axes], ["work_change"]))  # [1, F]
+    b.nodes.append(helper.make_node("Unsqueeze", ["out_index", axes], ["work_index"]))
+    update, index = _gated(t, b, [("work_change", TensorProto.FLOAT), ("work_index", TensorProto.INT64)], log)
     y_flat = t.op("Flatten", "Y", axis=0)  # aliases Y
-    index = t.op("Unsqueeze", index, _axis0_after(t, y_shape))
-    update = t.op("Unsqueeze", change, t.const_ints([0]))
     if fmt == "fp16":  # onnxruntime's CPU ScatterElements has no float16 'add': add in fp32, cast back
         y32 = t.op("ScatterElements", t.op("Cast", y_flat, to=TensorProto.FLOAT), index, update, axis=1,
                    reduction="add")
