@@ -32,7 +32,7 @@ from onnx import TensorProto, helper, numpy_helper, shape_inference, version_con
 from ..custom_ops import FAULT_DOMAIN, FAULT_DOMAIN_VERSION, OPSET, all_functions
 from ..custom_ops.functions import op_name
 from ..graph.roles import PROTECTION, role_of
-from ..faults.sites import PROBE_INPUT, SHAPES_OUTPUT, SITES_KEY, Site, SiteTable
+from ..faults.sites import PROBE_INPUT, SHAPES_OUTPUT, SITES_KEY, SOURCE_OPSET_KEY, Site, SiteTable
 from ..ops.registry import handler_for
 from ..runtime.model_io import external_data_dir
 from .decompose import ORIGIN_KEY, ORIGIN_NODE_KEY, constant_value, decompose
@@ -423,8 +423,14 @@ def _fused_fallback(original: onnx.NodeProto, nodes, sites, shapes, logging, g: 
 
 def inject(model: onnx.ModelProto, selection: SiteSelection | None = None,
            int_widths: tuple[int, int] = (16, 32), logging: bool = False,
-           prepared: bool = False) -> PassResult:
-    """Return the injection graph of ``model`` (see the module docstring)."""
+           prepared: bool = False, fault_free_path: bool = False) -> PassResult:
+    """Return the injection graph of ``model`` (see the module docstring).
+
+    ``fault_free_path``: wrap it all in ``If(any faults)``, with the original nodes as the else
+    branch (see ``_fault_free_fast_path``). Campaigns set it: they run at ORT level basic, where
+    the else branch computes exactly what the original model computes. (At level all, onnxruntime
+    applies some layout rewrites only outside subgraphs, so a plain-ORT user of a written graph is
+    better served without it.)"""
     selection = selection or SiteSelection()
     for w in int_widths:
         if not 2 <= int(w) <= 32:
@@ -547,6 +553,8 @@ def inject(model: onnx.ModelProto, selection: SiteSelection | None = None,
     graph.initializer.extend(new_inits)
     graph.output.append(helper.make_tensor_value_info(SHAPES_OUTPUT, TensorProto.INT64, ["S"]))
     graph.output.extend(log_outputs)
+    if fault_free_path:
+        _fault_free_fast_path(graph, base.graph, [s for s, _, _ in found])
     # Value info of the replaced node outputs stays valid (same names, same types).
     fns = all_functions()
     used = {n.op_type for n in _all_nodes(graph) if n.domain == FAULT_DOMAIN}
@@ -554,7 +562,102 @@ def inject(model: onnx.ModelProto, selection: SiteSelection | None = None,
     m.opset_import.append(helper.make_opsetid(FAULT_DOMAIN, FAULT_DOMAIN_VERSION))
     table = SiteTable([s for s, _, _ in found], OPSET, tuple(int(w) for w in int_widths), logging)
     _set_meta(m, SITES_KEY, table.to_json())
+    source = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), OPSET)
+    _set_meta(m, SOURCE_OPSET_KEY, str(source))
     return result
+
+
+def _fault_free_fast_path(graph: onnx.GraphProto, original: onnx.GraphProto, sites: list[Site]) -> None:
+    """Wrap the whole injection graph in ``If(any fault table has rows, or probe)``: the then branch
+    is the injection graph, the else branch the original model's own nodes. A run without faults
+    (BER 0, and most batches at low BERs) then costs the original model plus about a dozen tiny
+    nodes instead of a gate per site, and computes exactly what the original model computes.
+
+    The gate reads all tables through one ``Concat`` per table width (empty tables cost nothing)."""
+    out_vis = list(graph.output)
+    outs = [o.name for o in out_vis]
+    # then: the injection graph; its results leave the branch under their own names
+    then_nodes = list(graph.node) + [helper.make_node("Identity", [o], [f"{o}@faulty"], name=f"onnxft/out{i}")
+                                     for i, o in enumerate(outs)]
+    then_outs = []
+    for vi in out_vis:
+        v = copy.deepcopy(vi)
+        v.name = f"{vi.name}@faulty"
+        then_outs.append(v)
+    then_graph = helper.make_graph(then_nodes, "onnxft_faulty", [], then_outs, value_info=list(graph.value_info))
+    # else: the original nodes, every tensor they produce renamed so the branches share no names
+    produced = {o for n in original.node for o in n.output if o}
+    rename = {t: f"onnxft.clean/{t}" for t in produced}
+    else_nodes = []
+    for n in original.node:
+        n = copy.deepcopy(n)
+        n.input[:] = [rename.get(i, i) for i in n.input]
+        n.output[:] = [rename.get(o, o) for o in n.output]
+        _rename_outer_refs(n, rename)
+        else_nodes.append(n)
+    else_outs = []
+    for vi in out_vis:
+        v = copy.deepcopy(vi)
+        if vi.name == SHAPES_OUTPUT:  # the sampler only reads shapes from a probe run (then branch)
+            v.name = f"{SHAPES_OUTPUT}@clean"
+            total = sum(sum(s.shape_ranks) for s in sites)
+            else_nodes.append(helper.make_node("Constant", [], [v.name], name="onnxft/clean_shapes",
+                                               value=helper.make_tensor("z", TensorProto.INT64, [total], [0] * total)))
+        elif vi.name.startswith("onnxft."):  # fault logs: empty
+            v.name = f"{vi.name}@clean"
+            else_nodes.append(helper.make_node("Constant", [], [v.name], name=f"onnxft/clean_log{len(else_nodes)}",
+                                               value=helper.make_tensor("e", TensorProto.DOUBLE, [0, 2], [])))
+        else:
+            v.name = rename.get(vi.name, vi.name)
+            if v.name == vi.name:  # an output that is an input or a weight: pass it through
+                v.name = f"{vi.name}@clean"
+                else_nodes.append(helper.make_node("Identity", [vi.name], [v.name], name=f"onnxft/clean_out{len(else_nodes)}"))
+        else_outs.append(v)
+    else_graph = helper.make_graph(else_nodes, "onnxft_clean", [], else_outs)
+    gate = _Nodes("onnxft/gate")
+    by_width: dict[int, list[str]] = {}
+    for s in sites:
+        by_width.setdefault(len(s.columns()), []).append(s.input_names()["faults"])
+    total = None
+    for width, tables in sorted(by_width.items()):
+        size = gate.op("Size", gate.op("Concat", *tables, axis=0) if len(tables) > 1 else tables[0])
+        total = size if total is None else gate.op("Add", total, size)
+    has = gate.op("Or", gate.op("Greater", total, gate.op("Constant", value=helper.make_tensor(
+        "z", TensorProto.INT64, [], [0]))), PROBE_INPUT)
+    gate.nodes.append(helper.make_node("If", [has], outs, name="onnxft/faulty_or_clean",
+                                       then_branch=then_graph, else_branch=else_graph))
+    # weights only the original nodes read (e.g. the statistics of a BatchNorm that decompose folded)
+    have = {t.name for t in graph.initializer} | {i.name for i in graph.input}
+    read = {i for n in else_nodes for i in _all_inputs(n)}
+    graph.initializer.extend(t for t in original.initializer if t.name in read and t.name not in have)
+    del graph.node[:]
+    graph.node.extend(gate.nodes)
+    del graph.value_info[:]
+
+
+def _rename_outer_refs(node: onnx.NodeProto, rename: dict) -> None:
+    """Rename the outer-scope tensors that ``node``'s subgraphs (If/Loop/Scan bodies) read."""
+    for a in node.attribute:
+        graphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+        for g in graphs:
+            local = {i.name for i in g.input} | {t.name for t in g.initializer}
+            local |= {o for n in g.node for o in n.output}
+            inner = {k: v for k, v in rename.items() if k not in local}
+            for n in g.node:
+                n.input[:] = [inner.get(i, i) for i in n.input]
+                _rename_outer_refs(n, inner)
+            for o in g.output:
+                if o.name in inner:
+                    o.name = inner[o.name]
+
+
+def _all_inputs(node: onnx.NodeProto):
+    """Tensor names ``node`` reads, its subgraphs' nodes included."""
+    yield from node.input
+    for a in node.attribute:
+        for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+            for n in g.node:
+                yield from _all_inputs(n)
 
 
 def _all_nodes(graph: onnx.GraphProto):
