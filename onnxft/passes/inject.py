@@ -408,12 +408,7 @@ def _fused_fallback(original: onnx.NodeProto, nodes, sites, shapes, logging, g: 
             if vi.name in {s.log_output() for s in sites}:
                 vi.name = vi.name + "/then"
     gate = _Nodes(f"{gid}/gate")
-    sizes = [gate.op("Size", s.input_names()["faults"]) for s in sites]
-    total_faults = sizes[0]
-    for size in sizes[1:]:  # (Sum takes no int64)
-        total_faults = gate.op("Add", total_faults, size)
-    has = gate.op("Or", gate.op("Greater", total_faults, gate.op("Constant", value=helper.make_tensor(
-        "z", TensorProto.INT64, [], [0]))), PROBE_INPUT)
+    has = gate.op("Or", _any_faults(gate, sites), PROBE_INPUT)
     gate.nodes.append(helper.make_node(
         "If", [has], if_outputs, name=original.name,
         then_branch=helper.make_graph(then_nodes, f"{gid}_decomposed", [], then_outs),
@@ -615,15 +610,7 @@ def _fault_free_fast_path(graph: onnx.GraphProto, original: onnx.GraphProto, sit
         else_outs.append(v)
     else_graph = helper.make_graph(else_nodes, "onnxft_clean", [], else_outs)
     gate = _Nodes("onnxft/gate")
-    by_width: dict[int, list[str]] = {}
-    for s in sites:
-        by_width.setdefault(len(s.columns()), []).append(s.input_names()["faults"])
-    total = None
-    for width, tables in sorted(by_width.items()):
-        size = gate.op("Size", gate.op("Concat", *tables, axis=0) if len(tables) > 1 else tables[0])
-        total = size if total is None else gate.op("Add", total, size)
-    has = gate.op("Or", gate.op("Greater", total, gate.op("Constant", value=helper.make_tensor(
-        "z", TensorProto.INT64, [], [0]))), PROBE_INPUT)
+    has = gate.op("Or", _any_faults(gate, sites), PROBE_INPUT)
     gate.nodes.append(helper.make_node("If", [has], outs, name="onnxft/faulty_or_clean",
                                        then_branch=then_graph, else_branch=else_graph))
     # weights only the original nodes read (e.g. the statistics of a BatchNorm that decompose folded)
@@ -633,6 +620,19 @@ def _fault_free_fast_path(graph: onnx.GraphProto, original: onnx.GraphProto, sit
     del graph.node[:]
     graph.node.extend(gate.nodes)
     del graph.value_info[:]
+
+
+def _any_faults(gate: _Nodes, sites: list[Site]) -> str:
+    """Bool: some fault table of ``sites`` has rows. One ``Concat`` per table width and one
+    ``Size`` each, instead of a ``Size`` per site (concatenating empty tables costs nothing)."""
+    by_width: dict[int, list[str]] = {}
+    for s in sites:
+        by_width.setdefault(len(s.columns()), []).append(s.input_names()["faults"])
+    total = None
+    for _, tables in sorted(by_width.items()):
+        size = gate.op("Size", gate.op("Concat", *tables, axis=0) if len(tables) > 1 else tables[0])
+        total = size if total is None else gate.op("Add", total, size)  # (Sum takes no int64)
+    return gate.op("Greater", total, gate.op("Constant", value=helper.make_tensor("z", TensorProto.INT64, [], [0])))
 
 
 def _rename_outer_refs(node: onnx.NodeProto, rename: dict) -> None:
