@@ -14,7 +14,11 @@ What it inserts, and why:
    initializers, so the graph runs fault-free when they are not fed.
 4. One extra output ``onnxft.shapes`` concatenates the shapes of every site's output and operands;
    the sampler reads it from a fault-free run to know how many operations each site does.
-5. The site table is stored as metadata ``onnxft.sites``.
+5. The site table is stored as metadata ``onnxft.sites`` (and the model's original opset as
+   ``onnxft.source_opset``).
+6. With ``fault_free_path=True`` (campaigns), the whole graph sits behind ``If(any fault table
+   has rows, or probe)`` whose else branch is the original model's nodes: a run without faults
+   costs the original model plus a dozen tiny nodes.
 
 The pass is pure: it returns a new model in a ``PassResult`` and never runs a session.
 """
