@@ -1,4 +1,4 @@
-"""``inject(..., fault_free_path=True)`` (what campaigns run): the whole injection graph behind
+"""``inject(..., fault_free_path=True, transposed_weights=True)`` (what campaigns run): the whole injection graph behind
 ``If(any faults)``, the original nodes in the else branch. Without faults it must compute the
 original model bit for bit; with faults, exactly what the plain injection graph computes."""
 from __future__ import annotations
@@ -23,7 +23,7 @@ def bits(a):
 def test_fault_free_path_matches_original_and_injection_graph(name):
     model = onnx.load(samples.resolve_model(name)[0])
     feeds = synthetic(input_specs(model), 2, 0)
-    fast = InjectionSession(inject(model, fault_free_path=True, logging=True).model, "cpu", threads=1, level="basic")
+    fast = InjectionSession(inject(model, fault_free_path=True, transposed_weights=True, logging=True).model, "cpu", threads=1, level="basic")
     plain = InjectionSession(inject(model, logging=True).model, "cpu", threads=1, level="basic")
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
@@ -43,3 +43,28 @@ def test_fault_free_path_matches_original_and_injection_graph(name):
         assert set(log_f) == set(log_p)
         for key in log_p:
             np.testing.assert_array_equal(log_f[key], log_p[key])
+
+
+def test_transposed_weights_fp16_matmul_bit_exact():
+    # GemmFaultsBT_fp16 (weights read as B^T rows) against GemmFaults_fp16, whose results the dense
+    # reference tests check: the same faults must give the same bits.
+    from onnx import TensorProto as T
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
+
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((16, 8)).astype(np.float16)
+    g = h.make_graph([h.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                     [h.make_tensor_value_info("x", T.FLOAT16, ["B", 5, 16])],
+                     [h.make_tensor_value_info("y", T.FLOAT16, ["B", 5, 8])], [nh.from_array(w, "w")])
+    model = h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
+    feeds = {"x": rng.standard_normal((3, 5, 16)).astype(np.float16)}
+    fast_model = inject(model, fault_free_path=True, transposed_weights=True).model
+    assert any(f.name.startswith("GemmFaultsBT") for f in fast_model.functions)
+    fast = InjectionSession(fast_model, "cpu", threads=1, level="basic")
+    plain = InjectionSession(inject(model).model, "cpu", threads=1, level="basic")
+    plans = fast.plans(feeds)
+    for seed in range(3):
+        faults = sample_faults(plans, 2e-3, np.random.default_rng(seed))
+        assert len(faults)
+        np.testing.assert_array_equal(bits(fast.run(feeds, faults, plans)[0]), bits(plain.run(feeds, faults, plans)[0]))

@@ -422,14 +422,20 @@ def _fused_fallback(original: onnx.NodeProto, nodes, sites, shapes, logging, g: 
 
 def inject(model: onnx.ModelProto, selection: SiteSelection | None = None,
            int_widths: tuple[int, int] = (16, 32), logging: bool = False,
-           prepared: bool = False, fault_free_path: bool = False) -> PassResult:
+           prepared: bool = False, fault_free_path: bool = False,
+           transposed_weights: bool = False) -> PassResult:
     """Return the injection graph of ``model`` (see the module docstring).
 
     ``fault_free_path``: wrap it all in ``If(any faults)``, with the original nodes as the else
     branch (see ``_fault_free_fast_path``). Campaigns set it: they run at ORT level basic, where
     the else branch computes exactly what the original model computes. (At level all, onnxruntime
     applies some layout rewrites only outside subgraphs, so a plain-ORT user of a written graph is
-    better served without it.)"""
+    better served without it.)
+
+    ``transposed_weights``: GEMM sites with a constant 2-D weight read it through a
+    ``Transpose`` that onnxruntime folds at load time, so that a fault's operand column is one
+    contiguous row (much faster fault work on big models, one transposed copy of each such weight
+    in memory). Campaigns set it too."""
     selection = selection or SiteSelection()
     for w in int_widths:
         if not 2 <= int(w) <= 32:
@@ -471,7 +477,7 @@ def inject(model: onnx.ModelProto, selection: SiteSelection | None = None,
         if id(node) not in by_node:
             return [node], [], []
         site, extra = by_node[id(node)]
-        if site.kind == "gemm":
+        if site.kind == "gemm" and transposed_weights:
             extra["b_constant"] = _is_constant(g, extra["db"]["q"] if site.format == "int8" else node.input[1])
         if site.format == "int8" and site.kind != "elementwise":
             extra["za0"] = zero_point(extra["da"]["qtype"])
