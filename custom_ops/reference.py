@@ -228,8 +228,9 @@ def _columns(faults, names):
     return {n: faults[:, i] for i, n in enumerate(names)}
 
 
-def _gemm_ref(fmt, conv=False, batched=False):
-    """Reference of ConvFaults_* (index-based operands) and (Batched)GemmFaults_* (row gathers)."""
+def _gemm_ref(fmt, conv=False, batched=False, b_transposed=False):
+    """Reference of ConvFaults_* (index-based operands), (Batched)GemmFaults_* and GemmFaultsBT_*
+    (row gathers; GemmFaultsBT_* takes B^T [N, K] as its second input)."""
     from .functions import table_columns
 
     is_int = fmt == "int"
@@ -250,13 +251,16 @@ def _gemm_ref(fmt, conv=False, batched=False):
             q = tuple(inputs[4:8]) + (c["width_mask"],)
         k = A.shape[-1]
         a_base, a_off = c["a_row"] * k, np.arange(k, dtype=np.int64)
+        if b_transposed:  # the second input is B^T [N, K]
+            B = np.ascontiguousarray(np.swapaxes(B, -1, -2))
         if batched:  # rows of B^T viewed [-1, K]
             B = np.ascontiguousarray(np.swapaxes(B, -1, -2))
             b_base, b_off = c["b_col"] * k, np.arange(k, dtype=np.int64)
         else:  # column n of B [K, N]
             b_base, b_off = c["b_col"], np.arange(k, dtype=np.int64) * B.shape[-1]
         return gemm_faults(fmt, A, B, Y, a_base, a_off, b_base, b_off, *rest, quant=q)
-    fn.__name__ = ("Conv" if conv else "BatchedGemm" if batched else "Gemm") + f"Faults_{fmt}"
+    fn.__name__ = ("Conv" if conv else "BatchedGemm" if batched else "Gemm") + (
+        "FaultsBT_" if b_transposed else "Faults_") + fmt
     return fn
 
 
@@ -264,3 +268,6 @@ REFERENCES = {f"FlipBits_{d}": _flip_ref(f"FlipBits_{d}") for d in ("float32", "
 REFERENCES.update({f"ConvFaults_{f}": _gemm_ref(f, conv=True) for f in ("fp32", "fp16", "int")})
 REFERENCES.update({("BatchedGemm" if bt else "Gemm") + f"Faults_{f}": _gemm_ref(f, batched=bt)
                    for f in ("fp32", "fp16", "int") for bt in (False, True)})
+REFERENCES.update({f"GemmFaultsBT_{f}": _gemm_ref(f, b_transposed=True) for f in ("fp32", "fp16", "int")})
+# The NoLog variants compute the same Z (they only lack the log output).
+REFERENCES.update({name.replace("_", "NoLog_", 1): fn for name, fn in list(REFERENCES.items())})

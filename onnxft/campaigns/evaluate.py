@@ -86,7 +86,7 @@ def evaluate(model: onnx.ModelProto, data: Dataset, bers: list[float], trials: i
             raise ValueError(f"BER must be a number in [0, 1], got {b}")
     if trials < 1:
         raise ValueError("trials must be at least 1")
-    res = inject(model, selection, int_widths=int_widths, logging=fault_log is not None)
+    res = inject(model, selection, int_widths=int_widths, logging=fault_log is not None, fault_free_path=True, transposed_weights=True)
     sess = InjectionSession(res.model, provider, threads, level="basic")
     n_items = len(data)
     starts = list(range(0, n_items, batch))
@@ -197,7 +197,7 @@ def faults_from_record(record: dict, table) -> Faults:
 def replay(model: onnx.ModelProto, data: Dataset, record: dict, provider: str = "cpu",
            selection: SiteSelection | None = None, int_widths=(16, 32)) -> dict:
     """Re-run one logged trial; report whether its output is bit-identical to the logged one."""
-    res = inject(model, selection, int_widths=int_widths)
+    res = inject(model, selection, int_widths=int_widths, fault_free_path=True, transposed_weights=True)
     sess = InjectionSession(res.model, provider, level="basic")
     feeds = data.batch(record["start"], record["stop"])
     plans = sess.plans(feeds)

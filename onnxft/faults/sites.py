@@ -12,6 +12,7 @@ import onnx
 
 SITES_KEY = "onnxft.sites"
 SHAPES_OUTPUT = "onnxft.shapes"
+SOURCE_OPSET_KEY = "onnxft.source_opset"  # the user's model's default-domain opset, before the upgrade
 PROBE_INPUT = "onnxft.probe"  # True: take every decomposed path, so that onnxft.shapes is complete
 
 # Columns of a site's fault table (int64 [F, C]): defined by the operators that read them.

@@ -14,7 +14,11 @@ What it inserts, and why:
    initializers, so the graph runs fault-free when they are not fed.
 4. One extra output ``onnxft.shapes`` concatenates the shapes of every site's output and operands;
    the sampler reads it from a fault-free run to know how many operations each site does.
-5. The site table is stored as metadata ``onnxft.sites``.
+5. The site table is stored as metadata ``onnxft.sites`` (and the model's original opset as
+   ``onnxft.source_opset``).
+6. With ``fault_free_path=True`` (campaigns), the whole graph sits behind ``If(any fault table
+   has rows, or probe)`` whose else branch is the original model's nodes: a run without faults
+   costs the original model plus a dozen tiny nodes.
 
 The pass is pure: it returns a new model in a ``PassResult`` and never runs a session.
 """
@@ -30,8 +34,9 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper, shape_inference, version_converter
 
 from ..custom_ops import FAULT_DOMAIN, FAULT_DOMAIN_VERSION, OPSET, all_functions
+from ..custom_ops.functions import op_name
 from ..graph.roles import INPUT, PROTECTION, role_of
-from ..faults.sites import PROBE_INPUT, SHAPES_OUTPUT, SITES_KEY, Site, SiteTable
+from ..faults.sites import PROBE_INPUT, SHAPES_OUTPUT, SITES_KEY, SOURCE_OPSET_KEY, Site, SiteTable
 from ..ops.registry import INPUT_HANDLER, handler_for
 from ..runtime.model_io import external_data_dir
 from .decompose import ORIGIN_KEY, ORIGIN_NODE_KEY, constant_value, decompose
@@ -307,9 +312,9 @@ def _fault_nodes(site: Site, node: onnx.NodeProto, extra: dict, zero_bias: str, 
     names = site.input_names()
     raw = f"onnxft.{site.id}/raw"
     p.nodes.append(_clone(node, raw, node.name or site.node))
-    fn_outputs = [node.output[0], site.log_output() if logging else f"onnxft.{site.id}/log"]
+    fn_outputs = [node.output[0], site.log_output()] if logging else [node.output[0]]
     if site.kind == "elementwise":
-        p.op(f"FlipBits_{site.dtype}", raw, names["faults"], domain=FAULT_DOMAIN, outputs=fn_outputs)
+        p.op(op_name("FlipBits", site.dtype, logging), raw, names["faults"], domain=FAULT_DOMAIN, outputs=fn_outputs)
     else:
         fmt = {"fp32": "fp32", "fp16": "fp16", "int8": "int"}[site.format]
         a, b = node.input[0], node.input[1]
@@ -327,16 +332,37 @@ def _fault_nodes(site: Site, node: onnx.NodeProto, extra: dict, zero_bias: str, 
         b_rank = site.shape_ranks[2]
         attrs = {}
         if site.kind == "conv":
-            op_name = f"ConvFaults_{fmt}"
+            name = op_name("ConvFaults", fmt, logging)
+        elif b_rank == 2 and extra.get("b_constant"):
+            # A constant weight: hand the operator B^T, whose rows are the columns a fault reads
+            # (contiguous gathers; a column gather from B is strided and ~10x slower). onnxruntime
+            # folds this Transpose once when it loads the model.
+            bt = f"onnxft.{site.id}/bt"
+            p.nodes.append(helper.make_node("Transpose", [b], [bt], name=f"onnxft.{site.id}/transpose_b",
+                                            perm=[1, 0]))
+            args[1] = bt
+            name = op_name("GemmFaultsBT", fmt, logging)
         elif b_rank >= 3:
-            op_name = f"BatchedGemmFaults_{fmt}"
+            name = op_name("BatchedGemmFaults", fmt, logging)
             attrs["perm"] = list(range(b_rank - 2)) + [b_rank - 1, b_rank - 2]
         else:
-            op_name = f"GemmFaults_{fmt}"
-        p.op(op_name, *args, domain=FAULT_DOMAIN, outputs=fn_outputs, **attrs)
+            name = op_name("GemmFaults", fmt, logging)
+        p.op(name, *args, domain=FAULT_DOMAIN, outputs=fn_outputs, **attrs)
     for n in p.nodes[1:]:  # fault nodes carry the site's name, for profiles and error messages
         n.name = f"{site.node}/onnxft/{n.name.rsplit('/', 1)[-1]}"
     return p.nodes
+
+
+def _is_constant(g: _Graph, name: str) -> bool:
+    """``name`` is a weight: an initializer or a Constant node, possibly behind Identity nodes."""
+    while name not in g.inits:
+        n = g.producers.get(name)
+        if n is None or n.op_type not in ("Constant", "Identity"):
+            return False
+        if n.op_type == "Constant":
+            return True
+        name = n.input[0]
+    return True
 
 
 def _group_of(node: onnx.NodeProto) -> str | None:
@@ -393,12 +419,7 @@ def _fused_fallback(original: onnx.NodeProto, nodes, sites, shapes, logging, g: 
             if vi.name in {s.log_output() for s in sites}:
                 vi.name = vi.name + "/then"
     gate = _Nodes(f"{gid}/gate")
-    sizes = [gate.op("Size", s.input_names()["faults"]) for s in sites]
-    total_faults = sizes[0]
-    for size in sizes[1:]:  # (Sum takes no int64)
-        total_faults = gate.op("Add", total_faults, size)
-    has = gate.op("Or", gate.op("Greater", total_faults, gate.op("Constant", value=helper.make_tensor(
-        "z", TensorProto.INT64, [], [0]))), PROBE_INPUT)
+    has = gate.op("Or", _any_faults(gate, sites), PROBE_INPUT)
     gate.nodes.append(helper.make_node(
         "If", [has], if_outputs, name=original.name,
         then_branch=helper.make_graph(then_nodes, f"{gid}_decomposed", [], then_outs),
@@ -408,8 +429,20 @@ def _fused_fallback(original: onnx.NodeProto, nodes, sites, shapes, logging, g: 
 
 def inject(model: onnx.ModelProto, selection: SiteSelection | None = None,
            int_widths: tuple[int, int] = (16, 32), logging: bool = False,
-           prepared: bool = False) -> PassResult:
-    """Return the injection graph of ``model`` (see the module docstring)."""
+           prepared: bool = False, fault_free_path: bool = False,
+           transposed_weights: bool = False) -> PassResult:
+    """Return the injection graph of ``model`` (see the module docstring).
+
+    ``fault_free_path``: wrap it all in ``If(any faults)``, with the original nodes as the else
+    branch (see ``_fault_free_fast_path``). Campaigns set it: they run at ORT level basic, where
+    the else branch computes exactly what the original model computes. (At level all, onnxruntime
+    applies some layout rewrites only outside subgraphs, so a plain-ORT user of a written graph is
+    better served without it.)
+
+    ``transposed_weights``: GEMM sites with a constant 2-D weight read it through a
+    ``Transpose`` that onnxruntime folds at load time, so that a fault's operand column is one
+    contiguous row (much faster fault work on big models, one transposed copy of each such weight
+    in memory). Campaigns set it too."""
     selection = selection or SiteSelection()
     for w in int_widths:
         if not 2 <= int(w) <= 32:
@@ -451,6 +484,8 @@ def inject(model: onnx.ModelProto, selection: SiteSelection | None = None,
         if id(node) not in by_node:
             return [node], [], []
         site, extra = by_node[id(node)]
+        if site.kind == "gemm" and transposed_weights:
+            extra["b_constant"] = _is_constant(g, extra["db"]["q"] if site.format == "int8" else node.input[1])
         if site.format == "int8" and site.kind != "elementwise":
             extra["za0"] = zero_point(extra["da"]["qtype"])
             extra["zb0"] = zero_point(extra["db"]["qtype"])
@@ -530,6 +565,8 @@ def inject(model: onnx.ModelProto, selection: SiteSelection | None = None,
     graph.initializer.extend(new_inits)
     graph.output.append(helper.make_tensor_value_info(SHAPES_OUTPUT, TensorProto.INT64, ["S"]))
     graph.output.extend(log_outputs)
+    if fault_free_path:
+        _fault_free_fast_path(graph, base.graph, [s for s, _, _ in found])
     # Value info of the replaced node outputs stays valid (same names, same types).
     fns = all_functions()
     used = {n.op_type for n in _all_nodes(graph) if n.domain == FAULT_DOMAIN}
@@ -537,7 +574,107 @@ def inject(model: onnx.ModelProto, selection: SiteSelection | None = None,
     m.opset_import.append(helper.make_opsetid(FAULT_DOMAIN, FAULT_DOMAIN_VERSION))
     table = SiteTable([s for s, _, _ in found], OPSET, tuple(int(w) for w in int_widths), logging)
     _set_meta(m, SITES_KEY, table.to_json())
+    source = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), OPSET)
+    _set_meta(m, SOURCE_OPSET_KEY, str(source))
     return result
+
+
+def _fault_free_fast_path(graph: onnx.GraphProto, original: onnx.GraphProto, sites: list[Site]) -> None:
+    """Wrap the whole injection graph in ``If(any fault table has rows, or probe)``: the then branch
+    is the injection graph, the else branch the original model's own nodes. A run without faults
+    (BER 0, and most batches at low BERs) then costs the original model plus about a dozen tiny
+    nodes instead of a gate per site, and computes exactly what the original model computes.
+
+    The gate reads all tables through one ``Concat`` per table width (empty tables cost nothing)."""
+    out_vis = list(graph.output)
+    outs = [o.name for o in out_vis]
+    # then: the injection graph; its results leave the branch under their own names
+    then_nodes = list(graph.node) + [helper.make_node("Identity", [o], [f"{o}@faulty"], name=f"onnxft/out{i}")
+                                     for i, o in enumerate(outs)]
+    then_outs = []
+    for vi in out_vis:
+        v = copy.deepcopy(vi)
+        v.name = f"{vi.name}@faulty"
+        then_outs.append(v)
+    then_graph = helper.make_graph(then_nodes, "onnxft_faulty", [], then_outs, value_info=list(graph.value_info))
+    # else: the original nodes, every tensor they produce renamed so the branches share no names
+    produced = {o for n in original.node for o in n.output if o}
+    rename = {t: f"onnxft.clean/{t}" for t in produced}
+    else_nodes = []
+    for n in original.node:
+        n = copy.deepcopy(n)
+        n.input[:] = [rename.get(i, i) for i in n.input]
+        n.output[:] = [rename.get(o, o) for o in n.output]
+        _rename_outer_refs(n, rename)
+        else_nodes.append(n)
+    else_outs = []
+    for vi in out_vis:
+        v = copy.deepcopy(vi)
+        if vi.name == SHAPES_OUTPUT:  # the sampler only reads shapes from a probe run (then branch)
+            v.name = f"{SHAPES_OUTPUT}@clean"
+            total = sum(sum(s.shape_ranks) for s in sites)
+            else_nodes.append(helper.make_node("Constant", [], [v.name], name="onnxft/clean_shapes",
+                                               value=helper.make_tensor("z", TensorProto.INT64, [total], [0] * total)))
+        elif vi.name.startswith("onnxft."):  # fault logs: empty
+            v.name = f"{vi.name}@clean"
+            else_nodes.append(helper.make_node("Constant", [], [v.name], name=f"onnxft/clean_log{len(else_nodes)}",
+                                               value=helper.make_tensor("e", TensorProto.DOUBLE, [0, 2], [])))
+        else:
+            v.name = rename.get(vi.name, vi.name)
+            if v.name == vi.name:  # an output that is an input or a weight: pass it through
+                v.name = f"{vi.name}@clean"
+                else_nodes.append(helper.make_node("Identity", [vi.name], [v.name], name=f"onnxft/clean_out{len(else_nodes)}"))
+        else_outs.append(v)
+    else_graph = helper.make_graph(else_nodes, "onnxft_clean", [], else_outs)
+    gate = _Nodes("onnxft/gate")
+    has = gate.op("Or", _any_faults(gate, sites), PROBE_INPUT)
+    gate.nodes.append(helper.make_node("If", [has], outs, name="onnxft/faulty_or_clean",
+                                       then_branch=then_graph, else_branch=else_graph))
+    # weights only the original nodes read (e.g. the statistics of a BatchNorm that decompose folded)
+    have = {t.name for t in graph.initializer} | {i.name for i in graph.input}
+    read = {i for n in else_nodes for i in _all_inputs(n)}
+    graph.initializer.extend(t for t in original.initializer if t.name in read and t.name not in have)
+    del graph.node[:]
+    graph.node.extend(gate.nodes)
+    del graph.value_info[:]
+
+
+def _any_faults(gate: _Nodes, sites: list[Site]) -> str:
+    """Bool: some fault table of ``sites`` has rows. One ``Concat`` per table width and one
+    ``Size`` each, instead of a ``Size`` per site (concatenating empty tables costs nothing)."""
+    by_width: dict[int, list[str]] = {}
+    for s in sites:
+        by_width.setdefault(len(s.columns()), []).append(s.input_names()["faults"])
+    total = None
+    for _, tables in sorted(by_width.items()):
+        size = gate.op("Size", gate.op("Concat", *tables, axis=0) if len(tables) > 1 else tables[0])
+        total = size if total is None else gate.op("Add", total, size)  # (Sum takes no int64)
+    return gate.op("Greater", total, gate.op("Constant", value=helper.make_tensor("z", TensorProto.INT64, [], [0])))
+
+
+def _rename_outer_refs(node: onnx.NodeProto, rename: dict) -> None:
+    """Rename the outer-scope tensors that ``node``'s subgraphs (If/Loop/Scan bodies) read."""
+    for a in node.attribute:
+        graphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+        for g in graphs:
+            local = {i.name for i in g.input} | {t.name for t in g.initializer}
+            local |= {o for n in g.node for o in n.output}
+            inner = {k: v for k, v in rename.items() if k not in local}
+            for n in g.node:
+                n.input[:] = [inner.get(i, i) for i in n.input]
+                _rename_outer_refs(n, inner)
+            for o in g.output:
+                if o.name in inner:
+                    o.name = inner[o.name]
+
+
+def _all_inputs(node: onnx.NodeProto):
+    """Tensor names ``node`` reads, its subgraphs' nodes included."""
+    yield from node.input
+    for a in node.attribute:
+        for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+            for n in g.node:
+                yield from _all_inputs(n)
 
 
 def _all_nodes(graph: onnx.GraphProto):

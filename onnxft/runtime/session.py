@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 
 from ..faults.sampling import Faults, SitePlan, fault_feeds, make_plans
-from ..faults.sites import PROBE_INPUT, SHAPES_OUTPUT, SiteTable
+from ..faults.sites import PROBE_INPUT, SHAPES_OUTPUT, SOURCE_OPSET_KEY, SiteTable
 from .model_io import external_data_dir
 
 PROVIDERS = ("auto", "cpu", "cuda")
@@ -67,7 +67,7 @@ def _cuda_device_present() -> bool:
 
 
 def make_session(model: onnx.ModelProto | str | Path, provider: str = "auto", threads: int | None = None,
-                 level: str = "all"):
+                 level: str = "all", disabled_optimizers: tuple[str, ...] = ()):
     """An ORT session. ``level="basic"`` turns off ORT's fusions (QDQ -> integer kernels, NCHWc
     convolutions, Gelu/LayerNorm fusion), whose arithmetic differs slightly from the graph's own;
     campaigns use it so that the injection graph at BER 0 equals the original model bit for bit."""
@@ -87,7 +87,8 @@ def make_session(model: onnx.ModelProto | str | Path, provider: str = "auto", th
     if "CUDAExecutionProvider" in providers:
         so.use_deterministic_compute = True
     options = [dict(CUDA_OPTIONS) if p == "CUDAExecutionProvider" else {} for p in providers]
-    sess = ort.InferenceSession(data, so, providers=providers, provider_options=options)
+    sess = ort.InferenceSession(data, so, providers=providers, provider_options=options,
+                                disabled_optimizers=list(disabled_optimizers) or None)
     if provider == "cuda" and "CUDAExecutionProvider" not in sess.get_providers():
         raise RuntimeError_("onnxruntime could not start the CUDA provider on this machine")
     return sess
@@ -109,7 +110,7 @@ class InjectionSession:
                  level: str = "basic"):
         self.model = model
         self.table = SiteTable.from_model(model)
-        self._options = (provider, threads, level)
+        self._options = (provider, threads, level, _disabled_optimizers(model, level))
         self._sessions: dict[tuple, object] = {}  # one per input shape (see session_for)
         inits = {t.name for t in model.graph.initializer}
         self.input_names = [i.name for i in model.graph.input
@@ -161,6 +162,23 @@ class InjectionSession:
             n = len(self.output_names)
             return res[:n], dict(zip(self.log_names, res[n:]))
         return self.session_for(feeds).run(self.output_names, full)
+
+
+def _disabled_optimizers(model: onnx.ModelProto, level: str) -> tuple[str, ...]:
+    """Level-basic rewrites that would make the fault-free path of an injection graph (the original
+    nodes, see ``inject(fault_free_path=True)``) round differently from the original model run at
+    level basic with its dynamic batch axis (the campaigns' reference):
+
+    * MatMulAddFusion turns MatMul+Add into Gemm only when shapes are static, and injection
+      sessions are specialised to static shapes;
+    * GeluFusionL1 fuses Erf-form GELU into the ONNX Gelu op only in models of opset 20 or later,
+      and injection graphs are upgraded to opset 26.
+
+    (Neither can apply to faulted sites, whose results pass through fault operators.)"""
+    if level != "basic":
+        return ()
+    source = next((p.value for p in model.metadata_props if p.key == SOURCE_OPSET_KEY), None)
+    return ("MatMulAddFusion",) + (("GeluFusionL1",) if source is not None and int(source) < 20 else ())
 
 
 def with_static_inputs(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> onnx.ModelProto:
