@@ -11,7 +11,11 @@ of synthetic data as an .npz, then runs the Python API like a user:
 * ``onnxft.api.inject(model, out)`` + ``onnx.checker.check_model(out, full_check=True)`` + one
   fault-free run of ``out`` with plain onnxruntime;
 * ``onnxft.api.evaluate(model, data, metric="sdc", bers=[0, 1e-7], trials=1, limit=8)``: SDC at
-  BER 0 must be exactly 0.
+  BER 0 must be exactly 0;
+* ``onnxft.api.harden(model, out, calib=data)`` (LB-ABFT + range restriction) +
+  ``onnx.checker.check_model(out, full_check=True)`` + the hardened graph run by plain onnxruntime
+  in a fresh Python process that cannot import onnxft, its outputs equal to the original model's
+  (1e-5 relative), and ``evaluate(hardened, metric="sdc", bers=[1e-7])``.
 
 Cases (optional dependencies: ``pip install timm transformers tensorflow-cpu tf2onnx``; a case
 whose exporter is missing is reported as SKIP and does not fail the run unless --strict):
@@ -78,6 +82,10 @@ class Row:
     sdc0: float | None = None
     sdc7: float | None = None
     faults7: float | None = None
+    gemms: int | None = None  # protected by harden (LB-ABFT)
+    ranges: int | None = None  # range-restricted activations
+    harden_diff: float | None = None  # hardened vs original, plain onnxruntime without onnxft
+    sdc7_hardened: float | None = None
     seconds: float = 0.0
     status: str = "FAIL"
     notes: list[str] = field(default_factory=list)
@@ -416,6 +424,59 @@ def _run_plain_ort(path: Path, data: Path) -> None:
         raise AssertionError("the injection graph's fault-free output is not finite")
 
 
+_PLAIN_ORT = """
+import sys, json
+import numpy as np, onnxruntime as ort
+try:
+    import onnxft  # noqa: F401
+    print(json.dumps({"error": "onnxft is importable"})); sys.exit(0)
+except ImportError:
+    pass
+z = np.load(sys.argv[3])
+worst = 0.0
+outs = []
+for path in sys.argv[1:3]:
+    so = ort.SessionOptions(); so.log_severity_level = 3
+    s = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    batch = s.get_inputs()[0].shape[0]
+    n = batch if isinstance(batch, int) else 4
+    feeds = {i.name: (z[i.name] if i.name in z.files else z["x"])[:n] for i in s.get_inputs()}
+    outs.append(s.run(None, feeds))
+for a, b in zip(*outs):
+    if np.issubdtype(a.dtype, np.floating) and a.size:
+        worst = max(worst, float(np.max(np.abs(a.astype(np.float64) - b))) / max(float(np.max(np.abs(a))), 1e-30))
+    elif not np.array_equal(a, b):
+        worst = float("inf")
+print(json.dumps({"max_rel_diff": worst}))
+"""
+
+
+def _plain_ort_matches(original: Path, hardened: Path, data: Path) -> float:
+    """Run both graphs in a fresh interpreter without onnxft on its path (-I: no site dir of the
+    user, no PYTHONPATH, no cwd); returns the largest relative output difference."""
+    import json
+    import subprocess
+
+    import onnxruntime
+
+    site = str(Path(onnxruntime.__file__).parent.parent)
+    code = f"import sys; sys.path[:0] = [{site!r}]\n" + _PLAIN_ORT
+    # onnxft may be installed in the same site-packages (a non-editable install): hide it
+    env = {"PYTHONNOUSERSITE": "1", "PATH": os.environ.get("PATH", "")}
+    shadow = Path(tempfile.mkdtemp(prefix="onnxft-shadow-"))
+    (shadow / "onnxft.py").write_text("raise ImportError('hidden for this check')\n")
+    code = f"import sys; sys.path.insert(0, {str(shadow)!r})\n" + code
+    out = subprocess.run([sys.executable, "-I", "-c", code, str(original), str(hardened), str(data)],
+                         capture_output=True, text=True, env=env, timeout=600)
+    shutil.rmtree(shadow, ignore_errors=True)
+    if out.returncode != 0:
+        raise AssertionError(f"plain onnxruntime failed on the hardened graph: {out.stderr.strip().splitlines()[-1:]}")
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    if "error" in result:
+        raise AssertionError(result["error"])
+    return result["max_rel_diff"]
+
+
 def run_case(name: str, build, work: Path) -> Row:
     row = Row(name)
     t0 = time.perf_counter()
@@ -440,7 +501,22 @@ def run_case(name: str, build, work: Path) -> Row:
         ev = ft.evaluate(str(path), str(data), metric="sdc", bers=BERS, trials=1, limit=N_ITEMS, provider="cpu")
         row.sdc0, row.sdc7 = float(ev.points[0].value), float(ev.points[1].value)
         row.faults7 = float(ev.points[1].faults_per_item)
-        ok = row.inspect_ok and row.inject_ok and row.sdc0 == 0.0 and not skips
+        hardened = case_dir / "out" / (path.stem + ".hardened.onnx")
+        try:
+            plan = ft.harden(str(path), str(hardened), calib=str(data))
+        except Exception as exc:  # e.g. an opset-8 model: nothing protectable, said in one line
+            row.notes.append(f"harden: {str(exc).splitlines()[0][:120]}")
+            plan = None
+        if plan is not None:
+            onnx.checker.check_model(str(hardened), full_check=True)
+            row.harden_diff = _plain_ort_matches(path, hardened, data)
+            row.gemms = len(plan.get("gemms", []))
+            row.ranges = len(plan.get("ranges", []))
+            evh = ft.evaluate(str(hardened), str(data), metric="sdc", bers=[BERS[1]], trials=1, limit=N_ITEMS,
+                              provider="cpu")
+            row.sdc7_hardened = float(evh.points[0].value)
+        ok = (row.inspect_ok and row.inject_ok and row.sdc0 == 0.0 and not skips
+              and (plan is None or row.harden_diff <= 1e-5))
         row.status = "ok" if ok else "FAIL"
         row.notes.insert(0, f"export {t_export:.0f}s")
     except Skip as exc:
@@ -461,7 +537,8 @@ def _fmt(v, spec):
 def print_row(r: Row) -> None:
     print(f"{r.name:<17} {_fmt(r.opset, '>5')} {_fmt(r.sites, '>6')} {'yes' if r.inspect_ok else 'no':>7} "
           f"{'yes' if r.inject_ok else 'no':>7} {_fmt(r.sdc0, '>6.3f')} {_fmt(r.sdc7, '>7.3f')} "
-          f"{_fmt(r.faults7, '>10.1f')} {r.seconds:>7.1f}  {r.status:<4} {'; '.join(r.notes)}", flush=True)
+          f"{_fmt(r.faults7, '>10.1f')} {_fmt(r.gemms, '>5')} {_fmt(r.ranges, '>6')} {_fmt(r.harden_diff, '>9.1e')} "
+          f"{_fmt(r.sdc7_hardened, '>9.3f')} {r.seconds:>7.1f}  {r.status:<4} {'; '.join(r.notes)}", flush=True)
 
 
 def main(argv=None) -> int:
@@ -484,7 +561,8 @@ def main(argv=None) -> int:
     work = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="onnxft-external-"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"{'model':<17} {'opset':>5} {'sites':>6} {'inspect':>7} {'inject':>7} {'SDC@0':>6} {'SDC@1e-7':>7} "
-          f"{'faults/item':>10} {'seconds':>7}  status notes", flush=True)
+          f"{'faults/item':>10} {'GEMMs':>5} {'ranges':>6} {'hard.diff':>9} {'SDC@1e-7h':>9} {'seconds':>7}  status notes",
+          flush=True)
     rows = []
     try:
         for name in names:

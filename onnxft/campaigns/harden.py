@@ -16,12 +16,14 @@ operation counts, calibrated bounds, and what was skipped and why.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
 
+from ..passes.abft import MIN_OPSET as ABFT_MIN_OPSET
 from ..passes.abft import abft, find_gemms
+from ..passes.ranges import MIN_OPSET as RANGE_MIN_OPSET
 from ..passes.ranges import RangeSites, find_range_sites, restrict_ranges, site_bounds
 from ..runtime.data import Dataset, input_specs, synthetic
 from ..runtime.session import make_session
@@ -87,6 +89,18 @@ def harden(model: onnx.ModelProto, options: HardenOptions, calib: Dataset | None
                                   "data": calib.path if calib is not None else None},
                   "skipped": []}
     m = model
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if options.abft != "none" and opset < ABFT_MIN_OPSET:
+        plan["skipped"].append(("abft", f"the model's opset is {opset}; ABFT needs opset {ABFT_MIN_OPSET} or later "
+                                        f"(hardened graphs keep the model's opset: upgrade it with onnx.version_converter)"))
+        options = replace(options, abft="none")
+    if options.range_mode != "none" and opset < RANGE_MIN_OPSET:
+        plan["skipped"].append(("range", f"the model's opset is {opset}; range restriction needs opset "
+                                         f"{RANGE_MIN_OPSET} or later"))
+        options = replace(options, range_mode="none")
+    if options.abft == "none" and options.range_mode == "none":
+        raise ValueError(f"nothing to protect: {plan['skipped'][-1][1]}" if plan["skipped"] else "nothing to protect")
+    plan["abft"], plan["range"] = options.abft, options.range_mode
     if options.range_mode != "none":
         sites = find_range_sites(m, kinds=options.range_kinds)
         plan["skipped"] += list(sites.skipped)
