@@ -25,7 +25,7 @@ from ..passes.abft import MIN_OPSET as ABFT_MIN_OPSET
 from ..passes.abft import abft, find_gemms
 from ..passes.ranges import MIN_OPSET as RANGE_MIN_OPSET
 from ..passes.ranges import RangeSites, find_range_sites, restrict_ranges, site_bounds
-from ..runtime.data import Dataset, input_specs, synthetic
+from ..runtime.data import Dataset, fixed_batch, input_specs, synthetic
 from ..runtime.session import make_session
 from .calibrate_abft import calibrate_abft
 from .calibrate_ranges import calibrate_ranges
@@ -73,12 +73,18 @@ class HardenResult:
 
 
 def _batches(data: Dataset | None, model: onnx.ModelProto, batch: int):
-    """Feeds for calibration/verification: the user's data, or a few synthetic items."""
+    """Feeds for calibration/verification: the user's data, or a few synthetic items. A model with a
+    static batch axis gets whole batches of exactly its size (the remainder is left out)."""
+    fixed = fixed_batch(input_specs(model))
     if data is None:
-        yield synthetic(input_specs(model), min(batch, 8), 0)
+        yield synthetic(input_specs(model), fixed or min(batch, 8), 0)
         return
-    for s in range(0, len(data), batch):
-        yield data.batch(s, s + batch)
+    size = fixed or batch
+    stop = len(data) - len(data) % size if fixed else len(data)
+    if fixed and stop == 0:
+        raise ValueError(f"the model takes batches of exactly {fixed} items; the calibration data holds {len(data)}")
+    for s in range(0, stop, size):
+        yield data.batch(s, s + size)
 
 
 def harden(model: onnx.ModelProto, options: HardenOptions, calib: Dataset | None = None) -> HardenResult:
