@@ -199,9 +199,15 @@ def _describe(m: _Model, node) -> GemmSite:
                 s.skip = "Gemm bias C is not a constant broadcast over rows"
                 return s
     s.b_constant = bval is not None and s.b_rank == 2
-    s.K = da[-1] if isinstance(da[-1], int) and da[-1] > 0 else None
-    s.N = dy[-1] if isinstance(dy[-1], int) and dy[-1] > 0 else None
-    s.M = dy[-2] if isinstance(dy[-2], int) and dy[-2] > 0 else None
+    def static(v):
+        return v if isinstance(v, int) and v > 0 else None
+
+    # K and N from the weight's shape when shape inference lost them on the activation (window
+    # reshapes in Swin, dynamic sequence lengths): a constant B fixes both.
+    trans_b = node.op_type == "Gemm" and _attr(node, "transB", 0)
+    s.K = static(da[-1]) or static(db[-1] if trans_b else db[-2])
+    s.N = static(dy[-1]) or static(db[-2] if trans_b else db[-1])
+    s.M = static(dy[-2])
     if s.K is None:
         s.skip = "inner dimension K is not static"
         return s
