@@ -37,6 +37,8 @@ def _block_size(text: str):
 @click.option("--ber", "ber_text", default="1e-8", show_default=True, help="BER the block sizes are chosen for.")
 @click.option("--block-size", default="auto", show_default=True, help="auto (OptBlockSizeSelection) or N.")
 @click.option("--gemms", default=None, help="Regex: protect only MatMul/Gemm whose names match.")
+@click.option("--batch", "fixed_batch", default=None, type=click.IntRange(min=1),
+              help="Fix the inputs' batch axis to N: static shapes let onnxruntime update GEMM outputs in place.")
 @click.option("--alpha", default=0.02, show_default=True, type=float, help="Margin of calibrated range bounds.")
 @click.option("--select", type=click.Choice(["all", "auto"]), default="all", show_default=True,
               help="all: every protectable GEMM; auto: Algorithm 1 picks GEMMs by vulnerability under "
@@ -51,8 +53,8 @@ def _block_size(text: str):
               help="--select auto: trials per measurement.")
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-def harden(model, output, abft, range_mode, range_ops, calib, calib_limit, ber_text, block_size, gemms, alpha,
-           select, target_drop, max_overhead, data, limit, trials, provider, as_json):
+def harden(model, output, abft, range_mode, range_ops, calib, calib_limit, ber_text, block_size, gemms, fixed_batch,
+           alpha, select, target_drop, max_overhead, data, limit, trials, provider, as_json):
     """Write a hardened MODEL: standard ONNX at the model's own opset, runs on stock onnxruntime.
 
     The plan (GEMMs, block sizes, thresholds, expected operation counts, calibrated bounds,
@@ -63,7 +65,7 @@ def harden(model, output, abft, range_mode, range_ops, calib, calib_limit, ber_t
         raise click.BadParameter("give one BER", param_hint="--ber")
     kinds = tuple(k.strip() for k in range_ops.split(",") if k.strip())
     opts = api.HardenOptions(abft=abft, range_mode=range_mode, ber=bers[0], block_size=_block_size(block_size),
-                             range_kinds=kinds, alpha=alpha, gemms=gemms)
+                             range_kinds=kinds, alpha=alpha, gemms=gemms, batch=fixed_batch)
     sel = None
     if select == "auto":
         from ..campaigns.select import SelectOptions

@@ -52,6 +52,7 @@ UNIT_ROUNDOFF = {TensorProto.FLOAT: 2.0**-24}
 CAL_MARGIN = 4.0
 CAL_FLOOR_ULPS = 16.0  # calibrated tau never goes below 16 unit roundoffs
 FLAG_PREFIX = "onnxft.abft."
+SCATTER_TAIL = True  # the If returns a scatter applied in place (False: the If returns the checked Y)
 
 
 class AbftError(ValueError):
@@ -462,36 +463,7 @@ def _protect(m: _Model, s: GemmSite, node, idx: int, scheme: str, ber: float, bl
     # The If returns a scatter (indices, values) rather than the checked tensor: the fault-free
     # branch returns an empty one, and ScatterElements then updates Y's own buffer (Flatten aliases
     # it), so a clean run never copies Y. (An If returning Identity(Y) copies the whole output.)
-    n_flat = then_nb.op("Size", raw)
-    then_idx = then_nb.op("Unsqueeze", then_nb.op("Range", then_nb.const(np.int64(0), hint="zero"), n_flat,
-                                                  then_nb.const(np.int64(1), hint="one")), then_nb.ints([0]))
-    then_vals = then_nb.op("Reshape", fixed, then_nb.ints([1, -1]))
-    else_nb = Nodes(f"{prefix}/else", opset, branch=True)
-    else_idx = else_nb.op("Identity", else_nb.const(np.zeros((1, 0), np.int64), hint="noIndex"))
-    else_vals = else_nb.op("Identity", else_nb.const(np.zeros((1, 0), np.float32), hint="noValue"))
-    then_outs = [helper.make_tensor_value_info(then_idx, TensorProto.INT64, [1, None]),
-                 helper.make_tensor_value_info(then_vals, TensorProto.FLOAT, [1, None])]
-    else_outs = [helper.make_tensor_value_info(else_idx, TensorProto.INT64, [1, None]),
-                 helper.make_tensor_value_info(else_vals, TensorProto.FLOAT, [1, None])]
-    fix_idx, fix_vals = f"{prefix}/fix_index", f"{prefix}/fix_values"
-    if_outputs = [fix_idx, fix_vals]
-    outputs = []
-    if expose:
-        zero = else_nb.const(np.int64(0), hint="zero")
-        then_outs.append(helper.make_tensor_value_info(count, TensorProto.INT64, []))
-        else_outs.append(helper.make_tensor_value_info(zero, TensorProto.INT64, []))
-        rec_name = f"{FLAG_PREFIX}{s.name}.recomputed"
-        det_name = f"{FLAG_PREFIX}{s.name}.detected"
-        if_outputs.append(rec_name)
-        main.op("Identity", cond, outputs=[det_name])
-        outputs = [helper.make_tensor_value_info(det_name, TensorProto.BOOL, []),
-                   helper.make_tensor_value_info(rec_name, TensorProto.INT64, [])]
-    main.op("If", cond, outputs=if_outputs,
-            then_branch=helper.make_graph(then_nb.nodes, f"{prefix}_recover", [], then_outs),
-            else_branch=helper.make_graph(else_nb.nodes, f"{prefix}_pass", [], else_outs))
-    flat = main.op("Flatten", raw, axis=0)
-    fixed_flat = main.op("ScatterElements", flat, fix_idx, fix_vals, axis=1)
-    main.op("Reshape", fixed_flat, main.op("Shape", raw), outputs=[s.out])
+    outputs = _checked_output(main, then_nb, s, raw, prefix, fixed, count, expose, cond)
 
     # --- plan ---------------------------------------------------------------------------------
     M_, N_, K_ = rows or 0, s.N or 0, s.K
@@ -663,3 +635,54 @@ def _lb_then(c: _Canon, b: int, tau_blk: float, weight, bias):
     y = nb.op("ScatterND", c.Y3, nb.op("Concat", gi, ri, ci, axis=3), y_new)
     count = nb.op("Mul", nb.op("Size", g), nb.ints(b * b))
     return y, count
+
+
+def _checked_output(main: Nodes, then_nb: Nodes, s: GemmSite, raw: str, prefix: str, fixed: str, count: str,
+                    expose: bool, cond: str) -> list:
+    """The If and what writes the protected output ``s.out``; returns the extra graph outputs."""
+    opset = main.opset
+    else_nb = Nodes(f"{prefix}/else", opset, branch=True)
+    if not SCATTER_TAIL:
+        then_out = then_nb.op("Reshape", fixed, then_nb.op("Shape", raw))
+        else_out = else_nb.op("Identity", raw)
+        then_outs = [helper.make_tensor_value_info(then_out, TensorProto.FLOAT, None)]
+        else_outs = [helper.make_tensor_value_info(else_out, TensorProto.FLOAT, None)]
+        if_outputs = [s.out]
+        return _if_with_flags(main, then_nb, else_nb, s, prefix, then_outs, else_outs, if_outputs, count, expose, cond)
+    n_flat = then_nb.op("Size", raw)
+    then_idx = then_nb.op("Unsqueeze", then_nb.op("Range", then_nb.const(np.int64(0), hint="zero"), n_flat,
+                                                  then_nb.const(np.int64(1), hint="one")), then_nb.ints([0]))
+    then_vals = then_nb.op("Reshape", fixed, then_nb.ints([1, -1]))
+    else_idx = else_nb.op("Identity", else_nb.const(np.zeros((1, 0), np.int64), hint="noIndex"))
+    else_vals = else_nb.op("Identity", else_nb.const(np.zeros((1, 0), np.float32), hint="noValue"))
+    then_outs = [helper.make_tensor_value_info(then_idx, TensorProto.INT64, [1, None]),
+                 helper.make_tensor_value_info(then_vals, TensorProto.FLOAT, [1, None])]
+    else_outs = [helper.make_tensor_value_info(else_idx, TensorProto.INT64, [1, None]),
+                 helper.make_tensor_value_info(else_vals, TensorProto.FLOAT, [1, None])]
+    fix_idx, fix_vals = f"{prefix}/fix_index", f"{prefix}/fix_values"
+    outputs = _if_with_flags(main, then_nb, else_nb, s, prefix, then_outs, else_outs, [fix_idx, fix_vals], count,
+                             expose, cond)
+    flat = main.op("Flatten", raw, axis=0)
+    fixed_flat = main.op("ScatterElements", flat, fix_idx, fix_vals, axis=1)
+    main.op("Reshape", fixed_flat, main.op("Shape", raw), outputs=[s.out])
+    return outputs
+
+
+def _if_with_flags(main: Nodes, then_nb: Nodes, else_nb: Nodes, s: GemmSite, prefix: str, then_outs: list,
+                   else_outs: list, if_outputs: list, count: str, expose: bool, cond: str) -> list:
+    """The If node (with the recompute counter and the detection flag when ``expose``)."""
+    outputs = []
+    if expose:
+        zero = else_nb.const(np.int64(0), hint="zero")
+        then_outs.append(helper.make_tensor_value_info(count, TensorProto.INT64, []))
+        else_outs.append(helper.make_tensor_value_info(zero, TensorProto.INT64, []))
+        rec_name = f"{FLAG_PREFIX}{s.name}.recomputed"
+        det_name = f"{FLAG_PREFIX}{s.name}.detected"
+        if_outputs.append(rec_name)
+        main.op("Identity", cond, outputs=[det_name])
+        outputs = [helper.make_tensor_value_info(det_name, TensorProto.BOOL, []),
+                   helper.make_tensor_value_info(rec_name, TensorProto.INT64, [])]
+    main.op("If", cond, outputs=if_outputs,
+            then_branch=helper.make_graph(then_nb.nodes, f"{prefix}_recover", [], then_outs),
+            else_branch=helper.make_graph(else_nb.nodes, f"{prefix}_pass", [], else_outs))
+    return outputs
