@@ -461,14 +461,16 @@ def _plain_ort_matches(original: Path, hardened: Path, data: Path) -> float:
 
     site = str(Path(onnxruntime.__file__).parent.parent)
     code = f"import sys; sys.path[:0] = [{site!r}]\n" + _PLAIN_ORT
-    # onnxft may be installed in the same site-packages (a non-editable install): hide it
+    # onnxft may be installed in the same site-packages (a non-editable install): refuse its import
+    blocker = ("class NoOnnxft:\n"
+               "    def find_spec(self, name, path=None, target=None):\n"
+               "        if name == 'onnxft' or name.startswith('onnxft.'):\n"
+               "            raise ImportError('onnxft is blocked in this process')\n"
+               "sys.meta_path.insert(0, NoOnnxft())\n")
+    code = code.replace("\nimport sys, json\n", "\nimport sys, json\n" + blocker, 1)
     env = {"PYTHONNOUSERSITE": "1", "PATH": os.environ.get("PATH", "")}
-    shadow = Path(tempfile.mkdtemp(prefix="onnxft-shadow-"))
-    (shadow / "onnxft.py").write_text("raise ImportError('hidden for this check')\n")
-    code = f"import sys; sys.path.insert(0, {str(shadow)!r})\n" + code
     out = subprocess.run([sys.executable, "-I", "-c", code, str(original), str(hardened), str(data)],
                          capture_output=True, text=True, env=env, timeout=600)
-    shutil.rmtree(shadow, ignore_errors=True)
     if out.returncode != 0:
         raise AssertionError(f"plain onnxruntime failed on the hardened graph: {out.stderr.strip().splitlines()[-1:]}")
     result = json.loads(out.stdout.strip().splitlines()[-1])
