@@ -84,3 +84,15 @@ def labelled_data(model: onnx.ModelProto, n: int = 32, seed: int = 1):
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     y = np.argmax(sess.run(None, {"x": x})[0], axis=1)
     return x, y
+
+
+def run_cli(argv, capsys):
+    """Run ``onnxft ARGV`` in-process: (exit status, stdout, stderr)."""
+    import pytest
+
+    from onnxft.cli.main import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    out, err = capsys.readouterr()
+    return exc.value.code, out, err

@@ -5,15 +5,10 @@ import numpy as np
 import onnx
 import pytest
 
-from models import labelled_data, tiny_cnn, tiny_transformer
-from onnxft.cli.main import main
+from models import labelled_data, tiny_cnn, tiny_transformer, run_cli
 
 
-def run(argv, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    out, err = capsys.readouterr()
-    return exc.value.code, out, err
+run = run_cli
 
 
 @pytest.fixture(scope="module")

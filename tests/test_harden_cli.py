@@ -6,15 +6,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from models import labelled_data, tiny_transformer
-from onnxft.cli.main import main
+from models import labelled_data, tiny_transformer, run_cli
 
 
-def run(argv, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    out, err = capsys.readouterr()
-    return exc.value.code, out, err
+run = run_cli
 
 
 @pytest.fixture(scope="module")
@@ -112,3 +107,15 @@ def test_harden_bad_files(files, capsys, tmp_path):
     code, _, err = run(["harden", str(files["model"]), "-o", str(tmp_path / "nodir" / "o.onnx")], capsys)
     assert code != 0 and "does not exist" in err
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_harden_fixed_batch_writes_static_inputs(files, capsys):
+    out = files["dir"] / "h_b4.onnx"
+    code, _, err = run(["harden", str(files["model"]), "--calib", str(files["data"]), "--batch", "4", "-o", str(out)],
+                       capsys)
+    assert code == 0, err
+    m = onnx.load(str(out))
+    assert m.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 4
+    x = files["x"][:4]
+    np.testing.assert_allclose(_outputs(out, x), _outputs(files["model"], x), rtol=1e-5, atol=1e-6)
+    assert json.loads((files["dir"] / "h_b4.plan.json").read_text())["batch"] == 4

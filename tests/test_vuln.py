@@ -8,11 +8,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from models import labelled_data, tiny_cnn, tiny_transformer
+from models import labelled_data, tiny_cnn, tiny_transformer, run_cli
 from onnxft.analysis import grouping
 from onnxft.campaigns.vuln import (Campaign, Component, paired_interval, patch_components, search_ber,
                                    target_accuracy, vulnerability_factors)
-from onnxft.cli.main import main
 from onnxft.faults.sampling import Faults, sample_faults
 from onnxft.passes.inject import inject, prepare
 from onnxft.passes.input_sites import add_input_sites
@@ -150,11 +149,7 @@ def test_patch_grid_of_the_samples(name, patch):
     assert sorted(c.elements.tolist()) == sorted(r * 28 + q for r in range(4, 8) for q in range(8, 12))
 
 
-def run(argv, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    out, err = capsys.readouterr()
-    return exc.value.code, out, err
+run = run_cli
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ operations per voted element. Optionally the measured fault-free latency ratio.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -103,7 +104,7 @@ def build_variants(model: onnx.ModelProto, schemes: list[str], bers: list[float]
             for g in layers:
                 if g.name.startswith("segment."):
                     continue  # structural segments have no name scope to select nodes by
-                pattern = rf"(^|/){grouping_scope_regex(g.name)}(/|$)"
+                pattern = rf"(^|/){re.escape(g.name)}(/|$)"
                 r = tmr(m, pattern)
                 if r.skipped:
                     continue
@@ -122,7 +123,7 @@ def build_variants(model: onnx.ModelProto, schemes: list[str], bers: list[float]
                 out.append(Variant(scheme, model, {b: 0.0 for b in bers}, info))
                 continue
             opts = HardenOptions(abft="lb", range_mode="none", ber=design_ber,
-                                 gemms="^(" + "|".join(_re_escape(c) for c in sel.chosen) + ")$")
+                                 gemms="^(" + "|".join(re.escape(c) for c in sel.chosen) + ")$")
         else:
             opts = HardenOptions(abft={"range": "none", "standard": "standard", "lb": "lb", "lb+range": "lb"}[scheme],
                                  range_mode="clamp" if scheme in ("range", "lb+range") else "none", ber=design_ber)
@@ -133,16 +134,6 @@ def build_variants(model: onnx.ModelProto, schemes: list[str], bers: list[float]
         info.update({"gemms": len(plan.get("gemms", [])), "ranges": len(plan.get("ranges", []))})
         out.append(Variant(scheme, res.model, over, info))
     return out
-
-
-def grouping_scope_regex(name: str) -> str:
-    return _re_escape(name)
-
-
-def _re_escape(s: str) -> str:
-    import re
-
-    return re.escape(s)
 
 
 def compare(model: onnx.ModelProto, data: Dataset, schemes: list[str], bers: list[float], trials: int = 2,

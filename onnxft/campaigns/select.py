@@ -37,7 +37,7 @@ import onnx
 
 from ..analysis import grouping
 from ..faults.sampling import Faults
-from ..passes.abft import abft, find_gemms
+from ..passes.abft import abft
 from ..passes.inject import inject
 from ..runtime.data import Dataset
 from ..runtime.session import InjectionSession

@@ -540,7 +540,7 @@ def _flat_nonzero(nb: Nodes, flags: str) -> str:
 
 
 def _standard_then(c: _Canon, tau_col: float):
-    nb, s = c.nb, c.s
+    nb = c.nb
     f32 = lambda v: nb.const(np.float32(v))  # noqa: E731
     # column test per matrix: sum over rows of Y vs (e^T A) @ B
     y_cols = reduce(nb, "ReduceSum", c.Y3, [1])  # [G, 1, N]
