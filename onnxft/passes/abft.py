@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import copy
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -70,6 +70,8 @@ class GemmSite:
     y: str  # the GEMM node's output
     out: str  # the protected output (the bias Add's output for MatMul+Add units)
     bias_node: str | None = None  # name of the fused bias Add
+    post_node: str | None = None  # a scalar Mul/Div right after the product (attention's 1/sqrt(d))
+    post_scale: float | None = None  # its factor (1/c for a Div by c)
     b_constant: bool = False
     qdq: bool = False
     M: int | None = None
@@ -80,6 +82,11 @@ class GemmSite:
     b_rank: int | None = None
     rowwise: bool = False  # rank-2 A: every row is a GEMM of M=1
     skip: str | None = None  # why it is not protectable (None = protectable)
+
+    @property
+    def extra_roundings(self) -> int:
+        """Roundings the unit adds after the dot products: the post-scale itself and B's scaling."""
+        return 2 if self.post_scale is not None else 0
 
     @property
     def unit_rows(self) -> int | None:
@@ -230,7 +237,32 @@ def _describe(m: _Model, node) -> GemmSite:
                     and _elem(m.vi, add.output[0]) == TensorProto.FLOAT):
                 s.bias_node = add.name or add.output[0]
                 s.out = add.output[0]
+        if not s.b_constant and s.bias_node is None:
+            _absorb_post_scale(m, s)
     return s
+
+
+def _absorb_post_scale(m: _Model, s: GemmSite) -> None:
+    """QK^T followed by ``Mul(., c)`` or ``Div(., c)`` with a scalar constant (attention's score
+    scaling): the unit's output becomes the scaled scores, so a fault in the scaling is checked too.
+    The check and the recovery use ``B * f`` (f = c, or 1/c) in place of B, which equals the
+    scaled product up to two more roundings (counted in the threshold)."""
+    cons = m.consumers.get(s.out, [])
+    if len(cons) != 1 or s.out in m.outputs or cons[0].op_type not in ("Mul", "Div"):
+        return
+    node = cons[0]
+    if node.op_type == "Div" and node.input[0] != s.out:
+        return  # c / Y is not a scaling
+    other = node.input[1] if node.input[0] == s.out else node.input[0]
+    c = m.const(other)
+    if c is None or np.size(c) != 1 or _elem(m.vi, node.output[0]) != TensorProto.FLOAT:
+        return
+    c = float(np.asarray(c).reshape(()))
+    if not np.isfinite(c) or c == 0:
+        return
+    s.post_node = node.name or node.output[0]
+    s.post_scale = c if node.op_type == "Mul" else 1.0 / c
+    s.out = node.output[0]
 
 
 def _tau_bound(K: int, n_sum: int) -> float:
@@ -376,7 +408,7 @@ def abft(model: onnx.ModelProto, scheme: str = "lb", ber: float = 1e-8, block_si
 def _threshold(s: GemmSite, thresholds: dict, n_sum: int) -> tuple[float, str]:
     """(tau for the row test, its source). The recovery branch's column and block tests use
     min(their own rounding bound, this tau): a calibrated tau tightens them too."""
-    bound = _tau_bound(s.K, n_sum)
+    bound = _tau_bound(s.K + s.extra_roundings, n_sum)
     if thresholds.get(s.name) == "unit":
         return 1.0, "unit (calibration)"
     if s.name in thresholds:
@@ -400,6 +432,8 @@ def _protect(m: _Model, s: GemmSite, node, idx: int, scheme: str, ber: float, bl
     bias = _bias_vector(m, s, node)
 
     # --- detection in the main graph ----------------------------------------------------------
+    if s.post_scale is not None:  # check and recover with B * f (see _absorb_post_scale)
+        s = replace(s, b=main.op("Mul", s.b, main.const(np.float32(s.post_scale), hint="postScale")))
     a = s.a
     tau_name = None
     dynamic = s.N is None and tau_src == "rounding bound"
@@ -408,7 +442,7 @@ def _protect(m: _Model, s: GemmSite, node, idx: int, scheme: str, ber: float, bl
         last = main.op("Slice", main.op("Shape", raw), main.ints([-1]), main.ints([2**62]))  # (Shape's start: opset 15)
         n = main.op("Cast", last, to=TensorProto.FLOAT)
         u = UNIT_ROUNDOFF[TensorProto.FLOAT] * 1.001  # (1.001 covers the 1/(1 - n u) factor)
-        tau_name = main.op("Mul", main.op("Add", n, main.const(np.float32([s.K + 4]))), main.const(np.float32([u])))
+        tau_name = main.op("Mul", main.op("Add", n, main.const(np.float32([s.K + 4 + s.extra_roundings]))), main.const(np.float32([u])))
         tau_src = "rounding bound (run time, N dynamic)"
     fold = 1.0 if dynamic else tau  # tau folded into the constants when it is known
     if weight is not None:
@@ -457,9 +491,9 @@ def _protect(m: _Model, s: GemmSite, node, idx: int, scheme: str, ber: float, bl
             s.op_type == "Gemm" and (_attr(node, "transB", 0) or _attr(node, "alpha", 1.0) != 1.0)) else s.b
     ctx = _Canon(then_nb, s, raw, ok, w_name, bias_name)
     if eff_scheme == "standard":
-        fixed, count = _standard_then(ctx, min(_tau_bound(s.K, rows if rows else 4096), tau))
+        fixed, count = _standard_then(ctx, min(_tau_bound(s.K + s.extra_roundings, rows if rows else 4096), tau))
     else:
-        fixed, count = _lb_then(ctx, b_size, min(_tau_bound(s.K, b_size), tau), weight, bias)
+        fixed, count = _lb_then(ctx, b_size, min(_tau_bound(s.K + s.extra_roundings, b_size), tau), weight, bias)
     # The If returns a scatter (indices, values) rather than the checked tensor: the fault-free
     # branch returns an empty one, and ScatterElements then updates Y's own buffer (Flatten aliases
     # it), so a clean run never copies Y. (An If returning Identity(Y) copies the whole output.)
@@ -475,7 +509,7 @@ def _protect(m: _Model, s: GemmSite, node, idx: int, scheme: str, ber: float, bl
              "unit_rows": rows, "batch_dims": list(s.batch_dims), "rowwise": s.rowwise,
              "bias": s.bias_node, "has_bias": bias is not None, "b_constant": s.b_constant, "qdq": s.qdq,
              "scheme": eff_scheme, "fallback": fallback, "block_size": b_size,
-             "tau": tau, "tau_bound": _tau_bound(s.K, N_row), "tau_source": tau_src,
+             "tau": tau, "tau_bound": _tau_bound(s.K + s.extra_roundings, N_row), "post_scale": s.post_node, "tau_source": tau_src,
              "main_graph_nodes": len(main.nodes),
              "ops_gemm": (M_ * N_ * 2 * K_) if M_ and N_ else None,
              "ops_detection": costs.get("detection"),
