@@ -185,6 +185,18 @@ def replay(log: str | Path, record: int = 0, model=None, data=None, provider: st
     return out
 
 
+def _calibration_data(m: onnx.ModelProto, calib, default: str | None, limit: int | None) -> Dataset | None:
+    """Calibration items: ``calib`` (first ``limit``), else the LAST ``limit`` items of a bundled
+    sample's data, so that evaluations on its first items (eval --limit 1000, the README's
+    figures) never see their calibration images; None when there is neither."""
+    if calib is not None:
+        return _dataset(m, calib, None, limit)
+    if default is None:
+        return None
+    full = _dataset(m, None, default)
+    return full.tail(min(limit or len(full), len(full)))
+
+
 def default_hardened_path(model) -> Path:
     """``model.onnx`` -> ``model.hardened.onnx`` beside it; a sample name -> ``./<name>.hardened.onnx``."""
     if isinstance(model, onnx.ModelProto) or model is None:
@@ -232,15 +244,7 @@ def harden(model, output: str | Path | None = None, options: HardenOptions | Non
                              "meets the target): nothing to harden")
         options = replace(options, gemms="^(" + "|".join(re.escape(c) for c in sel.chosen) + ")$",
                           block_size={c: b for c, b in sel.block_sizes.items() if b})
-    ds = None
-    if calib is not None:
-        ds = _dataset(m, calib, None, calib_limit)
-    elif default is not None:
-        # A bundled sample calibrates on the LAST items of its data, so that evaluations on the first
-        # ones (eval --limit 1000, the figures in the README) never see their calibration images.
-        full = _dataset(m, None, default)
-        ds = full.tail(min(calib_limit or len(full), len(full)))
-    res = _harden(m, options, ds)
+    res = _harden(m, options, _calibration_data(m, calib, default, calib_limit))
     plan = dict(res.plan, model=name, output=str(output))
     if selection is not None:
         # the chosen protection, built for real, under injection on the same items and seeds
@@ -278,18 +282,15 @@ def compare(model, schemes=("none", "range", "standard", "lb", "lb+range"), bers
 
     m, name, default = load(model)
     ds = _dataset(m, data, default, limit)
-    cal = None
-    if calib is not None:
-        cal = _dataset(m, calib, None, 512)
-    elif default is not None and data is None:
-        full = _dataset(m, None, default)
-        cal = full.tail(min(512, len(full)))
-    else:
+    cal = _calibration_data(m, calib, default if data is None else None, 512)
+    if cal is None:  # the user's own data: calibrate on its first items
         cal = ds.head(min(512, len(ds)))
     out = _compare(m, ds, list(schemes), list(bers), trials, seed, batch, provider, cal, design_ber, select,
                    latency, progress, threads)
     out["model"] = display_name(model, name)
     return out
+
+
 def vuln(model=None, data=None, granularity: Iterable[str] = ("layer",), ber: float | None = None,
          target_losses: Iterable[float] = (), loss_mode: str = "relative", trials: int = 2, max_trials: int = 10,
          ci_width: float = 0.02, seed: int = 0, batch: int = 250, limit: int | None = None, provider: str = "auto",

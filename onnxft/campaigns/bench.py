@@ -12,10 +12,10 @@ import numpy as np
 import onnx
 
 from ..faults.sampling import Faults, sample_faults
-from ..passes.inject import SiteSelection, inject
+from ..passes.inject import SiteSelection
 from ..runtime.data import input_specs, synthetic
 from ..runtime.session import InjectionSession, make_session, with_static_inputs
-from .evaluate import trial_rng
+from .evaluate import campaign_graph, trial_rng
 
 
 def bench(model: onnx.ModelProto, ber: float = 1e-8, batch: int = 8, provider: str = "auto",
@@ -28,7 +28,7 @@ def bench(model: onnx.ModelProto, ber: float = 1e-8, batch: int = 8, provider: s
     feeds = feeds if feeds is not None else synthetic(input_specs(model), batch, seed)
     # Both sessions see static input shapes, so both get onnxruntime's static memory planning.
     clean = make_session(with_static_inputs(model, feeds), provider, threads)
-    injected = InjectionSession(inject(model, selection, fault_free_path=True, transposed_weights=True).model, provider, threads)
+    injected = InjectionSession(campaign_graph(model, selection), provider, threads)
     plans = injected.plans(feeds)
     out_names = [o.name for o in clean.get_outputs()]
 

@@ -60,6 +60,16 @@ class EvalResult:
         return d
 
 
+def campaign_graph(model: onnx.ModelProto, selection: SiteSelection | None = None, int_widths=(16, 32),
+                   logging: bool = False) -> onnx.ModelProto:
+    """The injection graph every campaign runs (eval, replay, bench, select): with the fault-free
+    fast path (a batch without faults runs the original nodes) and constant weights read
+    transposed for fault gathers (see docs/injection_performance.md). ``onnxft inject`` writes the
+    plain graph instead."""
+    return inject(model, selection, int_widths=int_widths, logging=logging, fault_free_path=True,
+                  transposed_weights=True).model
+
+
 def trial_rng(seed: int, trial: int, batch_index: int) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), int(trial), int(batch_index)])))
 
@@ -86,8 +96,8 @@ def evaluate(model: onnx.ModelProto, data: Dataset, bers: list[float], trials: i
             raise ValueError(f"BER must be a number in [0, 1], got {b}")
     if trials < 1:
         raise ValueError("trials must be at least 1")
-    res = inject(model, selection, int_widths=int_widths, logging=fault_log is not None, fault_free_path=True, transposed_weights=True)
-    sess = InjectionSession(res.model, provider, threads, level="basic")
+    sess = InjectionSession(campaign_graph(model, selection, int_widths, fault_log is not None), provider, threads,
+                            level="basic")
     n_items = len(data)
     starts = list(range(0, n_items, batch))
     # "clean" is the user's model as it is; the injection graph's own fault-free predictions are
@@ -197,8 +207,7 @@ def faults_from_record(record: dict, table) -> Faults:
 def replay(model: onnx.ModelProto, data: Dataset, record: dict, provider: str = "cpu",
            selection: SiteSelection | None = None, int_widths=(16, 32)) -> dict:
     """Re-run one logged trial; report whether its output is bit-identical to the logged one."""
-    res = inject(model, selection, int_widths=int_widths, fault_free_path=True, transposed_weights=True)
-    sess = InjectionSession(res.model, provider, level="basic")
+    sess = InjectionSession(campaign_graph(model, selection, int_widths), provider, level="basic")
     feeds = data.batch(record["start"], record["stop"])
     plans = sess.plans(feeds)
     faults = faults_from_record(record, sess.table)

@@ -36,11 +36,10 @@ import numpy as np
 import onnx
 
 from ..analysis import grouping
-from ..faults.sampling import Faults
 from ..passes.abft import abft
-from ..passes.inject import inject
 from ..runtime.data import Dataset
 from ..runtime.session import InjectionSession
+from .evaluate import campaign_graph
 from .vuln import Campaign, Component, vulnerability_factors
 
 
@@ -134,12 +133,11 @@ def matrices_per_item(entry: dict) -> int:
 def accuracy_without(campaign: Campaign, ber: float, sites: frozenset, trials: int) -> float:
     """Accuracy at ``ber`` with every fault at ``sites`` removed (same seeds as every other call)."""
     ok, n = 0, 0
-    keep_sites = np.fromiter(sites, np.int64) if sites else np.zeros(0, np.int64)
+    protected = Component("protected", sites)
     for t in range(trials):
         for j in range(len(campaign.starts)):
             f = campaign.faults(t, j, ber, None)
-            keep = ~np.isin(f.site, keep_sites)
-            right = campaign._run(j, Faults(f.site[keep], f.item[keep], f.element[keep], f.step[keep], f.bit[keep]))
+            right = campaign._run(j, f.subset(~protected.removes(f)) if sites else f)
             ok += int(np.sum(right))
             n += len(right)
     return ok / n
@@ -152,8 +150,7 @@ def select_gemms(model: onnx.ModelProto, data: Dataset, ber: float, options: Sel
     options.validate()
     if not 0 < ber <= 1:
         raise ValueError(f"--select auto needs a BER in (0, 1], got {ber}")
-    res = inject(model)
-    sess = InjectionSession(res.model, options.provider, options.threads, level="basic")
+    sess = InjectionSession(campaign_graph(model), options.provider, options.threads, level="basic")
     campaign = Campaign(sess, data, options.batch, options.seed)
     say = progress or (lambda _msg: None)
     units = gemm_units(campaign, model, ber)

@@ -114,10 +114,6 @@ def paired_interval(gained: int, lost: int, n: int) -> tuple[float, float]:
     return (mean - half, mean + half)
 
 
-def _subset(f: Faults, keep: np.ndarray) -> Faults:
-    return Faults(f.site[keep], f.item[keep], f.element[keep], f.step[keep], f.bit[keep])
-
-
 def scaled_plans(plans: list[SitePlan], scales: dict[int, float] | None) -> list[SitePlan]:
     """Plans whose sites' BER scales are overridden (site index -> scale)."""
     if not scales:
@@ -169,7 +165,7 @@ class Campaign:
         inference batch, so this equals a full run up to the last-bit rounding differences of
         ONNX Runtime's kernels between batch sizes."""
         changed = np.unique(faults.item[removed])
-        kept = _subset(faults, ~removed)
+        kept = faults.subset(~removed)
         size = max(16, 1 << int(len(changed) - 1).bit_length())
         n_batch = len(base)
         if size * 2 > n_batch or any(p.items == 1 for p in self.plans[j]) and n_batch > 1:
@@ -178,7 +174,7 @@ class Campaign:
         rows = np.concatenate([changed, np.full(size - len(changed), changed[0])])
         feeds = {k: v[rows] for k, v in self.data.batch(s, s + n_batch).items()}
         sel = np.isin(kept.item, changed)
-        sub = _subset(kept, sel)
+        sub = kept.subset(sel)
         sub.item = np.searchsorted(changed, sub.item)
         self._count()
         out = self.sess.run(feeds, sub, self.sess.plans(feeds))[0][:len(changed)]

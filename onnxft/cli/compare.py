@@ -6,7 +6,7 @@ import json
 import click
 
 from .. import api
-from .main import _bers, _check_out_dir, _run, cli
+from .main import _bers, _check_out_dir, _one_ber, _run, cli
 
 SCHEMES = ("none", "range", "standard", "lb", "lb+range", "tmr", "auto")
 
@@ -41,12 +41,7 @@ def compare(model, schemes, ber_text, design_ber, data, calib, trials, limit, ba
     if bad or not names:
         raise click.BadParameter(f"choose from {', '.join(SCHEMES)}", param_hint="--schemes")
     bers = _bers(ber_text)
-    dber = None
-    if design_ber is not None:
-        d = _bers(design_ber)
-        if len(d) != 1:
-            raise click.BadParameter("give one BER", param_hint="--design-ber")
-        dber = d[0]
+    dber = None if design_ber is None else _one_ber(design_ber, "--design-ber")
     if out_dir is not None:
         _run(_check_out_dir, out_dir)
     from ..campaigns.select import SelectOptions

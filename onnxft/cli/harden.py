@@ -6,7 +6,7 @@ import json
 import click
 
 from .. import api
-from .main import UserError, _bers, _run, cli
+from .main import UserError, _one_ber, _run, cli
 
 
 def _block_size(text: str):
@@ -60,11 +60,9 @@ def harden(model, output, abft, range_mode, range_ops, calib, calib_limit, ber_t
     The plan (GEMMs, block sizes, thresholds, expected operation counts, calibrated bounds,
     what was skipped and why) is written beside it as OUTPUT-stem.plan.json.
     """
-    bers = _bers(ber_text)
-    if len(bers) != 1:
-        raise click.BadParameter("give one BER", param_hint="--ber")
+    ber = _one_ber(ber_text)
     kinds = tuple(k.strip() for k in range_ops.split(",") if k.strip())
-    opts = api.HardenOptions(abft=abft, range_mode=range_mode, ber=bers[0], block_size=_block_size(block_size),
+    opts = api.HardenOptions(abft=abft, range_mode=range_mode, ber=ber, block_size=_block_size(block_size),
                              range_kinds=kinds, alpha=alpha, gemms=gemms, batch=fixed_batch)
     sel = None
     if select == "auto":

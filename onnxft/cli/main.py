@@ -22,20 +22,27 @@ class UserError(click.ClickException):
     exit_code = 1
 
 
-def _bers(text: str) -> list[float]:
+def _bers(text: str, hint: str = "--ber") -> list[float]:
     out = []
     for part in text.split(","):
         part = part.strip()
         try:
             v = float(part)
         except ValueError:
-            raise click.BadParameter(f"{part!r} is not a number", param_hint="--ber") from None
+            raise click.BadParameter(f"{part!r} is not a number", param_hint=hint) from None
         if math.isnan(v) or not 0.0 <= v <= 1.0:
-            raise click.BadParameter(f"{part} is outside [0, 1]", param_hint="--ber")
+            raise click.BadParameter(f"{part} is outside [0, 1]", param_hint=hint)
         out.append(v)
     if not out:
-        raise click.BadParameter("give at least one BER", param_hint="--ber")
+        raise click.BadParameter("give at least one BER", param_hint=hint)
     return out
+
+
+def _one_ber(text: str, hint: str = "--ber") -> float:
+    values = _bers(text, hint)
+    if len(values) != 1:
+        raise click.BadParameter("give one BER", param_hint=hint)
+    return values[0]
 
 
 def _widths(text: str) -> tuple[int, int]:
@@ -142,12 +149,7 @@ def inject(model, output, ber, seed, batch, faults_out, logging, names, op_types
     The graph computes the fault-free model unless fault tables are fed; with --ber, one fault set
     for a batch of --batch items is sampled and saved as an .npz of those inputs.
     """
-    b = None
-    if ber is not None:
-        values = _bers(ber)
-        if len(values) != 1:
-            raise click.BadParameter("give one BER", param_hint="--ber")
-        b = values[0]
+    b = None if ber is None else _one_ber(ber)
     sel = _selection(names, op_types, formats, scales)
     info = _run(api.inject, model, output, sel, _widths(int_widths), logging, b, seed, batch, faults_out)
     click.echo(f"wrote {info['output']}: {info['sites']} fault sites")
@@ -258,10 +260,7 @@ def bench(model, ber, batch, repeats, provider, data, threads, baseline, as_json
             click.echo(f"  baseline {info['baseline_ms']:.2f} ms   model {info['model_ms']:.2f} ms   "
                        f"ratio {info['ratio']:.3f}   (overhead {100 * info['overhead']:+.1f}%, median of {repeats})")
         return
-    values = _bers(ber)
-    if len(values) != 1:
-        raise click.BadParameter("give one BER", param_hint="--ber")
-    b = values[0]
+    b = _one_ber(ber)
     info = _run(api.bench, model, b, batch, provider, repeats, 0, data, threads)
     if as_json:
         click.echo(json.dumps(info))

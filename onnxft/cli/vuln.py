@@ -6,7 +6,7 @@ import json
 import click
 
 from .. import api
-from .main import UserError, _bers, _check_out_dir, _run
+from .main import UserError, _check_out_dir, _one_ber, _run
 
 GRANULARITIES = ("model", "layer", "module", "optype", "patch", "bit")
 
@@ -55,9 +55,7 @@ def vuln(model, data, granularity, ber, target_loss, loss_mode, trials, ci_width
         raise click.BadParameter(f"choose from {', '.join(GRANULARITIES)}", param_hint="--granularity")
     if (ber is None) == (target_loss is None):
         raise UserError("give either --ber or --target-loss")
-    bers = _bers(ber) if ber is not None else None
-    if bers is not None and len(bers) != 1:
-        raise click.BadParameter("one BER", param_hint="--ber")
+    one_ber = None if ber is None else _one_ber(ber)
     losses = _list(target_loss, "--target-loss") if target_loss is not None else []
     if max_trials < trials:
         raise click.BadParameter("must be at least --trials", param_hint="--max-trials")
@@ -76,7 +74,7 @@ def vuln(model, data, granularity, ber, target_loss, loss_mode, trials, ci_width
         bar[0].update(runs - bar[0].n)
 
     try:
-        result = _run(api.vuln, model, data, grans, bers[0] if bers else None, losses, loss_mode, trials,
+        result = _run(api.vuln, model, data, grans, one_ber, losses, loss_mode, trials,
                       max_trials, ci_width, seed, batch, limit, provider, threads,
                       (patch, patch) if patch else None, progress)
     finally:

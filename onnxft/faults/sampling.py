@@ -121,6 +121,10 @@ class Faults:
             return cls.empty()
         return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("site", "item", "element", "step", "bit")))
 
+    def subset(self, keep: np.ndarray) -> "Faults":
+        """The faults where ``keep`` (a bool mask or an index array) selects."""
+        return Faults(self.site[keep], self.item[keep], self.element[keep], self.step[keep], self.bit[keep])
+
     def rows(self):
         return zip(self.site.tolist(), self.item.tolist(), self.element.tolist(), self.step.tolist(), self.bit.tolist())
 
