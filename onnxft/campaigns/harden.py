@@ -93,7 +93,7 @@ def _batches(data: Dataset | None, model: onnx.ModelProto, batch: int):
 def harden(model: onnx.ModelProto, options: HardenOptions, calib: Dataset | None = None) -> HardenResult:
     """Range restriction then ABFT on ``model`` (see the module docstring)."""
     options.validate()
-    plan: dict = {"abft": options.abft, "range": options.range_mode, "ber": options.ber,
+    plan: dict = {"ber": options.ber,
                   "calibration": {"items": len(calib) if calib is not None else 0,
                                   "data": calib.path if calib is not None else None},
                   "skipped": []}
@@ -141,7 +141,7 @@ def harden(model: onnx.ModelProto, options: HardenOptions, calib: Dataset | None
         m = res.model
         plan["skipped"] += list(res.skipped)
         plan["gemms"] = res.details.get("gemms", [])
-        plan["abft_totals"] = abft_totals(plan["gemms"], res.details)
+        plan["abft_totals"] = abft_totals(plan["gemms"])
     onnx.checker.check_model(m, full_check=True)
     plan["verification"] = verify_equivalence(model, m, calib)
     plan["skipped"] = [list(s) for s in plan["skipped"]]
@@ -177,7 +177,7 @@ def verify_equivalence(original: onnx.ModelProto, hardened: onnx.ModelProto, dat
     return {"items": n, "max_rel_diff": worst, "bit_identical": exact}
 
 
-def abft_totals(gemms: list[dict], details: dict) -> dict:
+def abft_totals(gemms: list[dict]) -> dict:
     """Expected ABFT operations per item (detection, and block detection + recovery at the plan's BER)
     against the protected GEMMs' own operations per item."""
     from .select import matrices_per_item
