@@ -378,3 +378,82 @@ def test_dynamic_n_threshold_is_the_bound_at_run_time():
         q = np.random.default_rng(s_len).standard_normal((2, 2, s_len, 4)).astype(np.float32) * 100
         k = np.random.default_rng(s_len + 1).standard_normal((2, 2, 4, s_len)).astype(np.float32)
         assert flags(run(r.model, {"q": q, "k": k})) == (False, 0)
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_sec_corrects_one_error_and_leaves_several(kind):
+    """``sec`` (single-error correction only, the seed paper's baseline): one error is corrected
+    like ``standard`` does; several errors in one matrix are detected and left as they are."""
+    model = MODELS[kind]()
+    feeds = feeds_for(model)
+    clean = run(model, feeds)
+    out_name = model.graph.output[0].name
+    r = abft(model, scheme="sec", expose_flags=True)
+    assert r.details["gemms"][0]["scheme"] == "sec" or kind == "dynamic"
+    bad = perturbed(r.model)
+    y_shape = run(r.model, feeds)[out_name].shape
+    one = np.zeros(y_shape, np.float32)
+    one.flat[int(np.prod(y_shape)) // 3] = 1e3
+    got = run(bad, {**feeds, "delta": one})
+    det, rec = flags(got)
+    assert det and rec == 1
+    np.testing.assert_allclose(got[out_name], clean[out_name], rtol=1e-5, atol=1e-6)
+    several = np.zeros(y_shape, np.float32)
+    first = (0,) * (len(y_shape) - 2)
+    rows = [0, 0] if kind == "gemm" else [0, 1]
+    for i, j in zip(rows, [0, 2]):
+        several[first + (i, j)] = 5.0
+    got = run(bad, {**feeds, "delta": several})
+    assert flags(got) == (True, 0)
+    changed = ~np.isclose(got[out_name], clean[out_name], rtol=1e-5, atol=1e-6)
+    touched_rows = (several != 0).any(axis=-1, keepdims=True)  # (a Softmax after the GEMM mixes a row)
+    assert changed.any() and not (changed & ~touched_rows).any()  # left as it is, nothing else touched
+
+
+def conv_model(opset=17, group=1):
+    """A Conv with bias (padding and stride, so border positions see fewer terms), then Relu."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((5, 4 // group, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(5).astype(np.float32) if group == 1 else None
+    inputs = ["x", "w"] + (["b"] if b is not None else [])
+    inits = [nh.from_array(w, "w")] + ([nh.from_array(b, "b")] if b is not None else [])
+    return make([h.make_node("Conv", inputs, ["y"], name="conv", pads=[1, 1, 1, 1], strides=[2, 2], group=group),
+                 h.make_node("Relu", ["y"], ["out"], name="relu")],
+                [vi("x", ["n", 4, 7, 7])], [vi("out", ["n", 5, 4, 4])], inits, opset)
+
+
+@pytest.mark.parametrize("opset", [13, 21])
+def test_conv_fault_free_identical_and_errors_recomputed(opset):
+    model = conv_model(opset)
+    r = abft(model, scheme="lb", expose_flags=True)
+    onnx.checker.check_model(r.model, full_check=True)
+    plan = r.details["convs"]
+    assert [(c["name"], c["M"], c["N"], c["K"], c["scheme"]) for c in plan] == [("conv", 16, 5, 36, "recompute")]
+    feeds = {"x": np.random.default_rng(4).standard_normal((3, 4, 7, 7)).astype(np.float32)}
+    clean = run(model, feeds)["out"]
+    got = run(r.model, feeds)
+    np.testing.assert_array_equal(got["out"], clean)
+    assert flags(got) == (False, 0)
+    # the test sees any corruption of the Conv's result (stand-in for a fault): one element, or
+    # several in two items; the flagged items are recomputed, the third is left alone
+    m = onnx.ModelProto()
+    m.CopyFrom(r.model)
+    raw = "onnxft.abft.c000/unchecked"
+    producer = next(n for n in m.graph.node if raw in n.output)
+    producer.output[0] = raw + "/clean"
+    m.graph.node.insert(list(m.graph.node).index(producer) + 1,
+                        h.make_node("Add", [raw + "/clean", "delta"], [raw], name="test/perturb"))
+    m.graph.input.append(vi("delta", None))
+    for value in VALUES:
+        delta = np.zeros((3, 5, 4, 4), np.float32)
+        delta[0, 4, 3, 3] = value
+        delta[2, 0, 0, 1] = value
+        delta[2, 3, 2, 0] = -value
+        got = run(m, {**feeds, "delta": delta})
+        assert flags(got) == (True, 2 * 5 * 16), value
+        np.testing.assert_allclose(got["out"], clean, rtol=1e-5, atol=1e-6)
+
+
+def test_conv_skips_grouped():
+    r = abft(conv_model(group=2), scheme="lb")
+    assert r.details["convs"] == [] and r.skipped and "group" in r.skipped[0][1]

@@ -85,6 +85,21 @@ def test_compare_writes_tables_and_plots(files, capsys):
         assert (d / f).stat().st_size > 0
 
 
+def test_compare_sec_baseline_and_range_options(files, capsys):
+    """``sec`` (single-error correction only) recovers no more than ``standard`` on the same faults
+    and costs less; ``--range/--range-ops/--alpha`` reach the range schemes."""
+    code, text, err = run(["compare", str(files["model"]), "--data", str(files["data"]), "--schemes",
+                           "standard,sec,range", "--range", "zero", "--range-ops", "softmax,gelu", "--alpha", "0.25",
+                           "--ber", "3e-4", "--trials", "1", "--batch", "32", "--provider", "cpu", "--json"], capsys)
+    assert code == 0, err
+    result = json.loads(text)
+    assert result["range"] == {"mode": "zero", "ops": ["softmax", "gelu"], "alpha": 0.25}
+    rows = {r["scheme"]: r["points"][0] for r in result["schemes"]}
+    assert rows["sec"]["accuracy"] <= rows["standard"]["accuracy"]
+    assert 0 < rows["sec"]["overhead_ops"] < rows["standard"]["overhead_ops"]
+    assert rows["range"]["overhead_ops"] > 0
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["--abft", "none", "--range", "none"], "nothing to do"),
     (["--block-size", "0"], "block-size"),

@@ -379,3 +379,53 @@ def test_subgraph_consumers_read_the_restricted_value():
     sm = np.exp(x) / np.exp(x).sum()
     z = make_session(r.model, "cpu").run(None, {"x": x, "cond": np.array(True)})[0]
     np.testing.assert_allclose(z, np.clip(sm, 0, 0.5), rtol=1e-6)
+
+
+def test_quantized_sites_bounds_and_zero_mode():
+    """``quantized``: arithmetic outputs that feed a QuantizeLinear, bounded by its representable
+    range (or the calibrated one where wider); zero mode sends out-of-range values to 0, leaves
+    fault-free outputs exact, and an injected out-of-range value is zeroed, not saturated."""
+    q_scale, q_zp = 0.05, 3
+    g = h.make_graph(
+        [h.make_node("Add", ["x", "b"], ["s"], name="add"),
+         h.make_node("QuantizeLinear", ["s", "sc", "zp"], ["q"], name="q"),
+         h.make_node("DequantizeLinear", ["q", "sc", "zp"], ["out"], name="dq"),
+         h.make_node("Reshape", ["x", "shp"], ["r"], name="reshape"),
+         h.make_node("QuantizeLinear", ["r", "sc", "zp"], ["q2"], name="q_moves_only"),
+         h.make_node("DequantizeLinear", ["q2", "sc", "zp"], ["out2"], name="dq2")],
+        "g", [h.make_tensor_value_info("x", T.FLOAT, ["n", 4])],
+        [h.make_tensor_value_info("out", T.FLOAT, ["n", 4]), h.make_tensor_value_info("out2", T.FLOAT, ["n", 4])],
+        [nh.from_array(np.float32([0.5, -0.5, 1.0, 0.0]), "b"), nh.from_array(np.float32(q_scale), "sc"),
+         nh.from_array(np.int8(q_zp), "zp"), nh.from_array(np.int64([-1, 4]), "shp")])
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
+    sites = find_range_sites(m, kinds=["quantized"])
+    assert [(s.tensor, s.kind) for s in sites] == [("s", "quantized")]  # the Reshape only moves values
+    lo, hi = q_scale * (-128 - q_zp), q_scale * (127 - q_zp)
+    assert sites[0].known_range == pytest.approx((lo, hi))
+    # bounds: the quantizer's range, or the calibrated one where wider
+    assert site_bounds(sites, {"s": (-1.0, 1.0)})["s"] == pytest.approx((lo * 1.02, hi * 1.02))
+    assert site_bounds(sites, {"s": (-1.0, 9.0)})["s"] == pytest.approx((lo * 1.02, 9.0 * 1.02))
+    r = restrict_ranges(m, site_bounds(sites, {"s": (-1.0, 1.0)}), "zero", sites)
+    onnx.checker.check_model(r.model, full_check=True)
+    x = np.float32([[0.1, -3.0, 2.0, 6.0], [-6.0, 0.0, 1e30, np.nan]])
+    run = lambda model: make_session(model, "cpu").run(None, {"x": x})  # noqa: E731
+    want, got = run(m), run(r.model)
+    np.testing.assert_array_equal(got[0][0], want[0][0])  # in range: untouched
+    np.testing.assert_array_equal(got[1], want[1])
+    assert got[0][1, 2] == 0.0 and want[0][1, 2] == pytest.approx(q_scale * (127 - q_zp))  # zeroed, not saturated
+    assert got[0][1, 3] == 0.0  # NaN never passes
+
+
+def test_sample_vit_int8_quantized_zero_mode_stays_exact():
+    m = onnx.load(samples.sample_model("vit_int8")["path"])
+    data = load_npz(samples.sample_data_path(), input_specs(m))
+    sites = find_range_sites(m, kinds=["softmax", "layernorm", "quantized"])
+    kinds = [s.kind for s in sites]
+    assert kinds.count("softmax") == 6 and kinds.count("layernorm") == 13 and kinds.count("quantized") > 40
+    stats = calibrate_ranges(m, dataset_batches(data.head(256), 64), sites.needing_calibration())
+    # alpha 0.25: test images exceed ranges calibrated on 256 images by up to 5.5% (at 0.02 this fails)
+    r = restrict_ranges(m, site_bounds(sites, stats, alpha=0.25), "zero", sites)
+    onnx.checker.check_model(r.model, full_check=True)
+    test = data.batch(1000, 1064)
+    run_at = lambda model: make_session(model, "cpu", level="basic").run(None, test)[0]  # noqa: E731
+    np.testing.assert_array_equal(run_at(r.model), run_at(m))

@@ -3,8 +3,9 @@
 Schemes (the seed paper's Figs. 9 to 12, for the user's model):
 
 - ``none``: the model as it is;
-- ``range``: range restriction after Softmax/GELU (clamp);
+- ``range``: range restriction after Softmax/GELU (clamp; ``range_mode`` and ``range_kinds`` change it);
 - ``standard``: standard ABFT on every protectable GEMM;
+- ``sec``: standard ABFT with single-error correction only (the paper's baseline [40], [52]-[57]);
 - ``lb``: LB-ABFT on every protectable GEMM (block sizes from OptBlockSizeSelection);
 - ``lb+range``: both;
 - ``tmr``: layer-wise TMR (every layer triplicated, bitwise majority vote on what leaves it);
@@ -27,6 +28,7 @@ import onnx
 from onnx import shape_inference
 
 from ..analysis import grouping
+from ..passes.abft_conv import conv_cost
 from ..passes.blocksize import lb_cost, standard_cost
 from ..passes.inject import inject
 from ..passes.tmr import tmr
@@ -37,7 +39,7 @@ from .harden import HardenOptions, harden
 from .overhead import latency_overhead
 from .select import SelectOptions, matrices_per_item, select_gemms
 
-SCHEMES = ("none", "range", "standard", "lb", "lb+range", "tmr", "auto")
+SCHEMES = ("none", "range", "standard", "sec", "lb", "lb+range", "tmr", "auto")
 
 
 @dataclass
@@ -71,8 +73,11 @@ def _abft_ops(plan: dict, ber: float) -> float:
         if g["scheme"] == "lb" and g.get("block_size"):
             c = lb_cost(rows, N, K, ber, int(g["block_size"]))["total"]
         else:
-            c = standard_cost(rows, N, K, ber)["total"]
+            c = standard_cost(rows, N, K, ber, recompute_multiple=g["scheme"] != "sec")["total"]
         ops += c * matrices_per_item(g)
+    for c in plan.get("convs", []):
+        if c.get("M"):
+            ops += conv_cost(c["M"], c["N"], c["K"], ber)["total"]
     return ops
 
 
@@ -85,7 +90,8 @@ def model_ops(model: onnx.ModelProto, data: Dataset) -> tuple[float, list, objec
 
 def build_variants(model: onnx.ModelProto, schemes: list[str], bers: list[float], data: Dataset,
                    calib: Dataset | None, design_ber: float, select_options: SelectOptions | None = None,
-                   progress=None) -> list[Variant]:
+                   progress=None, range_mode: str = "clamp", range_kinds=("softmax", "gelu"),
+                   alpha: float = 0.02) -> list[Variant]:
     bad = [s for s in schemes if s not in SCHEMES]
     if bad:
         raise ValueError(f"unknown scheme(s) {bad}; choose from {', '.join(SCHEMES)}")
@@ -125,8 +131,9 @@ def build_variants(model: onnx.ModelProto, schemes: list[str], bers: list[float]
             opts = HardenOptions(abft="lb", range_mode="none", ber=design_ber,
                                  gemms="^(" + "|".join(re.escape(c) for c in sel.chosen) + ")$")
         else:
-            opts = HardenOptions(abft={"range": "none", "standard": "standard", "lb": "lb", "lb+range": "lb"}[scheme],
-                                 range_mode="clamp" if scheme in ("range", "lb+range") else "none", ber=design_ber)
+            opts = HardenOptions(abft={"range": "none", "standard": "standard", "sec": "sec", "lb": "lb", "lb+range": "lb"}[scheme],
+                                 range_mode=range_mode if scheme in ("range", "lb+range") else "none",
+                                 range_kinds=tuple(range_kinds), alpha=alpha, ber=design_ber)
         res = harden(model, opts, calib)
         plan = res.plan
         r_ops = _range_ops(res.model, [r["tensor"] for r in plan.get("ranges", [])])
@@ -139,12 +146,14 @@ def build_variants(model: onnx.ModelProto, schemes: list[str], bers: list[float]
 def compare(model: onnx.ModelProto, data: Dataset, schemes: list[str], bers: list[float], trials: int = 2,
             seed: int = 0, batch: int = 250, provider: str = "auto", calib: Dataset | None = None,
             design_ber: float | None = None, select_options: SelectOptions | None = None,
-            latency: bool = False, progress=None, threads: int | None = None) -> dict:
+            latency: bool = False, progress=None, threads: int | None = None, range_mode: str = "clamp",
+            range_kinds=("softmax", "gelu"), alpha: float = 0.02) -> dict:
     """Accuracy (top-1 with 95% intervals) and overhead of each scheme at each BER."""
     if data.labels is None:
         raise ValueError("compare needs labelled data (an array 'y' in the .npz)")
     design_ber = design_ber if design_ber is not None else max(bers)
-    variants = build_variants(model, schemes, bers, data, calib, design_ber, select_options, progress)
+    variants = build_variants(model, schemes, bers, data, calib, design_ber, select_options, progress, range_mode,
+                              range_kinds, alpha)
     rows, results = [], []
     for v in variants:
         if progress:
@@ -161,5 +170,6 @@ def compare(model: onnx.ModelProto, data: Dataset, schemes: list[str], bers: lis
         if latency:
             row["latency"] = latency_overhead(model, v.model, 8, provider, repeats=20, threads=threads)
         rows.append(row)
-    return {"schemes": rows, "bers": bers, "design_ber": design_ber, "items": len(data), "trials": trials,
+    return {"schemes": rows, "bers": bers, "design_ber": design_ber,
+            "range": {"mode": range_mode, "ops": list(range_kinds), "alpha": alpha}, "items": len(data), "trials": trials,
             "eval_results": results}

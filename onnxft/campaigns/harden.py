@@ -30,7 +30,7 @@ from ..runtime.session import make_session
 from .calibrate_abft import calibrate_abft
 from .calibrate_ranges import calibrate_ranges
 
-ABFT_SCHEMES = ("lb", "standard", "none")
+ABFT_SCHEMES = ("lb", "standard", "sec", "none")
 RANGE_MODES = ("clamp", "zero", "none")
 EQUIVALENCE_RTOL = 1e-5
 
@@ -141,7 +141,8 @@ def harden(model: onnx.ModelProto, options: HardenOptions, calib: Dataset | None
         m = res.model
         plan["skipped"] += list(res.skipped)
         plan["gemms"] = res.details.get("gemms", [])
-        plan["abft_totals"] = abft_totals(plan["gemms"])
+        plan["convs"] = res.details.get("convs", [])
+        plan["abft_totals"] = abft_totals(plan["gemms"] + plan["convs"])
     onnx.checker.check_model(m, full_check=True)
     plan["verification"] = verify_equivalence(model, m, calib)
     plan["skipped"] = [list(s) for s in plan["skipped"]]

@@ -8,7 +8,7 @@ import click
 from .. import api
 from .main import _bers, _check_out_dir, _one_ber, _run, cli
 
-SCHEMES = ("none", "range", "standard", "lb", "lb+range", "tmr", "auto")
+SCHEMES = ("none", "range", "standard", "sec", "lb", "lb+range", "tmr", "auto")
 
 
 @cli.command()
@@ -27,6 +27,12 @@ SCHEMES = ("none", "range", "standard", "lb", "lb+range", "tmr", "auto")
               help="auto: accuracy target below clean.")
 @click.option("--max-overhead", default=0.02, show_default=True, type=click.FloatRange(min=0),
               help="auto: overhead cap (fraction of the model's operations).")
+@click.option("--range", "range_mode", type=click.Choice(["clamp", "zero"]), default="clamp", show_default=True,
+              help="Range restriction mode of the range and lb+range schemes.")
+@click.option("--range-ops", default="softmax,gelu", show_default=True,
+              help="What range and lb+range restrict (as harden --range-ops).")
+@click.option("--alpha", default=0.02, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+              help="Margin of calibrated range bounds (as harden --alpha; 0.25 suits --range zero).")
 @click.option("--latency", is_flag=True, help="Also measure each scheme's fault-free latency ratio (CPU, batch 8).")
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--threads", default=None, type=click.IntRange(min=1))
@@ -34,7 +40,7 @@ SCHEMES = ("none", "range", "standard", "lb", "lb+range", "tmr", "auto")
               help="Write compare.json, compare.csv, accuracy_vs_ber.png and overhead.png here.")
 @click.option("--json", "as_json", is_flag=True)
 def compare(model, schemes, ber_text, design_ber, data, calib, trials, limit, batch, seed, target_drop, max_overhead,
-            latency, provider, threads, out_dir, as_json):
+            range_mode, range_ops, alpha, latency, provider, threads, out_dir, as_json):
     """Accuracy under injection and operation overhead of protection schemes for MODEL."""
     names = [s.strip() for s in schemes.split(",") if s.strip()]
     bad = [s for s in names if s not in SCHEMES]
@@ -54,7 +60,7 @@ def compare(model, schemes, ber_text, design_ber, data, calib, trials, limit, ba
             click.echo(msg, err=True)
 
     out = _run(api.compare, model, names, bers, data, calib, trials, seed, batch, provider, limit, dber, sel,
-               latency, progress, threads)
+               latency, progress, threads, range_mode, [k.strip() for k in range_ops.split(",") if k.strip()], alpha)
     from ..report.compare import compare_table, write_compare_outputs
 
     if as_json:

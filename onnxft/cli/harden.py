@@ -25,12 +25,14 @@ def _block_size(text: str):
 @click.argument("model")
 @click.option("-o", "--output", default=None, type=click.Path(dir_okay=False),
               help="Where to write the hardened model (default: MODEL.hardened.onnx); the plan goes beside it.")
-@click.option("--abft", type=click.Choice(["lb", "standard", "none"]), default="lb", show_default=True,
-              help="Checksum protection of MatMul/Gemm: LB-ABFT (block-wise recovery), standard, or none.")
+@click.option("--abft", type=click.Choice(["lb", "standard", "sec", "none"]), default="lb", show_default=True,
+              help="Checksum protection of MatMul/Gemm: LB-ABFT (block-wise recovery), standard (single-error correction, else recompute), sec (single-error correction only: the paper's baseline), or none.")
 @click.option("--range", "range_mode", type=click.Choice(["clamp", "zero", "none"]), default="clamp",
               show_default=True, help="Range restriction after Softmax/GELU: clamp to bounds, zero outside, or none.")
 @click.option("--range-ops", default="softmax,gelu", show_default=True,
-              help="Activations to range-restrict: softmax,gelu and optionally relu,layernorm,sigmoid,tanh.")
+              help="Activations to range-restrict: softmax,gelu and optionally relu,layernorm,sigmoid,tanh, and "
+                   "quantized (QDQ models: every arithmetic op's output, to its QuantizeLinear's range; use with "
+                   "--range zero).")
 @click.option("--calib", default=None, help=".npz of calibration inputs (bounds of GELU & co., ABFT thresholds).")
 @click.option("--calib-limit", default=512, show_default=True, type=click.IntRange(min=1),
               help="Use at most this many calibration items.")
@@ -89,7 +91,8 @@ def plan_summary(plan: dict) -> str:
     gemms = plan.get("gemms", [])
     if plan["abft"] != "none":
         t = plan.get("abft_totals", {})
-        lines.append(f"ABFT {plan['abft']}: {len(gemms)} GEMMs protected"
+        convs = plan.get("convs", [])
+        lines.append(f"ABFT {plan['abft']}: {len(gemms)} GEMMs" + (f" and {len(convs)} Conv" if convs else "") + " protected"
                      + (f"; expected extra operations at BER {plan['ber']:g}: {100 * t['overhead']:.2f}% "
                         f"of the protected GEMMs' operations" if "overhead" in t else ""))
         for g in gemms[:12]:

@@ -18,6 +18,10 @@ never depend on how a batch is composed:
 - ``standard``: column checksums too; a matrix with exactly one flagged row and one flagged
   column gets that element recomputed (its dot product, plus bias); any other flagged pattern
   recomputes the matrix.
+- ``sec``: standard ABFT with single-error correction only, as the ABFT works the seed paper
+  compares against ([40], [52]-[57]): the one-row-one-column pattern is corrected, and any other
+  flagged pattern is left as it is (detected, counted, not recovered). A baseline for comparisons,
+  not a scheme to ship.
 - ``lb`` (LB-ABFT, seed paper Fig. 6): block-wise tests on ``b x b`` output blocks; only the
   flagged blocks are recomputed (gather rows of A and columns of B, MatMul, ScatterND). ``b`` per
   GEMM from ``opt_block_size`` (Algorithm 2) or given. LB needs static M and N (0/1 block
@@ -42,11 +46,12 @@ from ..graph.checksums import (Nodes, any_false, block_indicator, checksum_test,
                                activation_row_test)
 from ..graph.roles import PROTECTION, role_of
 from ..runtime.model_io import external_data_dir
+from .abft_conv import find_convs, protect_conv, tau_bound
 from .blocksize import lb_cost, opt_block_size, standard_cost
 from .decompose import constant_value
 from .result import PassResult
 
-SCHEMES = ("lb", "standard")
+SCHEMES = ("lb", "standard", "sec")
 MIN_OPSET = 13
 UNIT_ROUNDOFF = {TensorProto.FLOAT: 2.0**-24}
 CAL_MARGIN = 4.0
@@ -266,11 +271,8 @@ def _absorb_post_scale(m: _Model, s: GemmSite) -> None:
 
 
 def _tau_bound(K: int, n_sum: int) -> float:
-    """Rounding bound on |sum(Y) - A @ (B e)| / (|A| @ |B| e): gamma_{K + n_sum + 4} in float32
-    (K-term dot products, an n_sum-term sum, the checksum's own rounding and the bias add)."""
-    n = K + n_sum + 4
-    u = UNIT_ROUNDOFF[TensorProto.FLOAT]
-    return n * u / (1 - n * u)
+    """Rounding bound on |sum(Y) - A @ (B e)| / (|A| @ |B| e) (see ``abft_conv.tau_bound``)."""
+    return tau_bound(K, n_sum)
 
 
 def _bias_vector(m: _Model, s: GemmSite, node) -> np.ndarray | None:
@@ -358,7 +360,8 @@ def abft(model: onnx.ModelProto, scheme: str = "lb", ber: float = 1e-8, block_si
     m = _Model(model)
     nodes_by_name = {(n.name or n.output[0]): n for n in m.inferred.graph.node}
     sites = find_gemms(model)
-    known = {s.name for s in sites}
+    convs = find_convs(m)
+    known = {s.name for s in sites} | {c.name for c in convs}
     for name in list(gemms or []) + list((thresholds or {}).keys()) + (
             list(block_size.keys()) if isinstance(block_size, dict) else []):
         if name not in known:
@@ -393,6 +396,23 @@ def abft(model: onnx.ModelProto, scheme: str = "lb", ber: float = 1e-8, block_si
         new_outputs.extend(built["outputs"])
         result.inserted.append(f"{s.name} -> {entry['scheme']} ABFT, {len(nb_main.nodes)} nodes"
                                + (f", block {entry['block_size']}" if entry["block_size"] else ""))
+    conv_plan = []
+    for idx, c in enumerate(convs):
+        if (gemms is not None and c.name not in gemms) or (names is not None and not re.search(names, c.name)):
+            continue
+        if c.skip:
+            result.skipped.append((c.name, c.skip))
+            continue
+        entry, nb_main, then_nb, raw, fixed, count, cond = protect_conv(c, idx, opset, ber)
+        outputs = _checked_output(nb_main, then_nb, c, raw, f"onnxft.abft.c{idx:03d}", fixed, count,
+                                  expose_flags, cond)
+        conv_plan.append(entry)
+        owner = producers[c.out]
+        owner.output[list(owner.output).index(c.out)] = raw
+        inserted_after.setdefault(id(owner), []).extend(nb_main.nodes)
+        new_inits.extend(nb_main.initializers)
+        new_outputs.extend(outputs)
+        result.inserted.append(f"{c.name} -> Conv ABFT (recompute flagged items), {len(nb_main.nodes)} nodes")
     new_nodes = []
     for n in out.graph.node:
         new_nodes.append(n)
@@ -401,7 +421,7 @@ def abft(model: onnx.ModelProto, scheme: str = "lb", ber: float = 1e-8, block_si
     out.graph.node.extend(new_nodes)
     out.graph.initializer.extend(new_inits)
     out.graph.output.extend(new_outputs)
-    result.details = {"scheme": scheme, "ber": ber, "opset": opset, "gemms": plan}
+    result.details = {"scheme": scheme, "ber": ber, "opset": opset, "gemms": plan, "convs": conv_plan}
     return result
 
 
@@ -490,8 +510,9 @@ def _protect(m: _Model, s: GemmSite, node, idx: int, scheme: str, ber: float, bl
         w_name = main.const(weight.astype(np.float32), hint="W") if (
             s.op_type == "Gemm" and (_attr(node, "transB", 0) or _attr(node, "alpha", 1.0) != 1.0)) else s.b
     ctx = _Canon(then_nb, s, raw, ok, w_name, bias_name)
-    if eff_scheme == "standard":
-        fixed, count = _standard_then(ctx, min(_tau_bound(s.K + s.extra_roundings, rows if rows else 4096), tau))
+    if eff_scheme in ("standard", "sec"):
+        fixed, count = _standard_then(ctx, min(_tau_bound(s.K + s.extra_roundings, rows if rows else 4096), tau),
+                                      recompute_multiple=eff_scheme == "standard")
     else:
         fixed, count = _lb_then(ctx, b_size, min(_tau_bound(s.K + s.extra_roundings, b_size), tau), weight, bias)
     # The If returns a scatter (indices, values) rather than the checked tensor: the fault-free
@@ -502,7 +523,8 @@ def _protect(m: _Model, s: GemmSite, node, idx: int, scheme: str, ber: float, bl
     # --- plan ---------------------------------------------------------------------------------
     M_, N_, K_ = rows or 0, s.N or 0, s.K
     if M_ and N_:
-        costs = lb_cost(M_, N_, K_, ber, b_size) if eff_scheme == "lb" else standard_cost(M_, N_, K_, ber)
+        costs = lb_cost(M_, N_, K_, ber, b_size) if eff_scheme == "lb" else standard_cost(
+            M_, N_, K_, ber, recompute_multiple=eff_scheme == "standard")
     else:
         costs = {}
     entry = {"name": s.name, "op_type": s.op_type, "output": s.out, "M": s.M, "N": s.N, "K": s.K,
@@ -573,7 +595,9 @@ def _flat_nonzero(nb: Nodes, flags: str) -> str:
     return nb.op("Reshape", nb.op("NonZero", flags), nb.ints([-1]))
 
 
-def _standard_then(c: _Canon, tau_col: float):
+def _standard_then(c: _Canon, tau_col: float, recompute_multiple: bool = True):
+    """Column test, then: one flagged row and one flagged column -> that element recomputed; any
+    other flagged pattern -> the matrix recomputed (``recompute_multiple``) or left as it is."""
     nb = c.nb
     f32 = lambda v: nb.const(np.float32(v))  # noqa: E731
     # column test per matrix: sum over rows of Y vs (e^T A) @ B
@@ -610,6 +634,8 @@ def _standard_then(c: _Canon, tau_col: float):
         val = nb.op("Add", val, nb.op("Gather", c.bias, jg, axis=0))
     idx = nb.op("Concat", unsqueeze(nb, gs, [1]), unsqueeze(nb, ig, [1]), unsqueeze(nb, jg, [1]), axis=1)
     y = nb.op("ScatterND", y, idx, val)
+    if not recompute_multiple:  # single-error correction only: other patterns stay as they are
+        return y, nb.op("Size", gs)
     # any other pattern: recompute the whole matrix
     gw = _flat_nonzero(nb, whole)
     yw = nb.op("MatMul", nb.op("Gather", c.A3, gw, axis=0), c.b_for(gw))

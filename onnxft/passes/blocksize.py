@@ -71,17 +71,18 @@ def _block_sizes(n: int, b: int) -> list[tuple[int, int]]:
     return [(s, c) for s, c in ((b, full), (rest, 1 if rest else 0)) if c]
 
 
-def standard_cost(M: int, N: int, K: int, ber: float, bits: int = 32) -> dict:
+def standard_cost(M: int, N: int, K: int, ber: float, bits: int = 32, recompute_multiple: bool = True) -> dict:
     """Expected operation counts of standard ABFT: row test always; when it fires, the column
     test (N + 5NK + 3N ops); one faulty operation -> one recomputed element (2K); more -> the
-    whole GEMM recomputed (2MNK). (A single flipped bit is the common case of a single error.)"""
+    whole GEMM recomputed (2MNK), or nothing with ``recompute_multiple=False`` (``sec``: single-
+    error correction only). (A single flipped bit is the common case of a single error.)"""
     n = M * N * 2 * K * bits
     p_m = p_faulty(M * N * 2 * K, ber, bits)
     p_one = 0.0 if ber <= 0 else n * ber * math.exp((n - 1) * math.log1p(-ber))
     p_more = max(p_m - p_one, 0.0)
     det = detection_ops(M, N, K)
     col = p_m * (M * N + 5 * N * K + 3 * N)
-    recovery = p_one * 2 * K + p_more * 2 * M * N * K
+    recovery = p_one * 2 * K + (p_more * 2 * M * N * K if recompute_multiple else 0.0)
     return {"detection": det, "block_detection": col, "recovery": recovery,
             "total": det + col + recovery, "p_gemm_faulty": p_m}
 

@@ -1,0 +1,144 @@
+"""ABFT for Conv: a channel-checksum test with one ``If`` that recomputes the flagged items.
+
+A convolution ``Y = Conv(X, W) + b`` with a constant weight ``W [Cout, Cin, k...]`` (group 1) is,
+at every output position, a dot product of the same input patch with each of the Cout filters.
+Summing over the output channels therefore gives one more convolution, with the summed filter:
+
+    r = ReduceSum(Y, axis 1);  ref = Conv(X, sum_c W[c]) + sum(b);  scale = Conv(|X|, tau sum_c |W[c]|) + tau sum|b|
+    flagged = NOT(|r - ref| <= scale)     (per item and output position; NaN and Inf are flagged)
+    Y' = If(any(flagged), then = Y with the flagged items recomputed, else = Y)
+
+This is the row-checksum test of the GEMM view of the convolution (M = output positions,
+N = Cout, K = Cin x kernel size), built from two single-channel convolutions that ONNX Runtime
+runs with its own Conv kernel, so the test needs no im2col. ``tau`` is the float32 rounding bound
+gamma_{K + Cout + 4}, as for the GEMMs, so no fault-free input can be flagged.
+
+Recovery recomputes the whole item (every item of a batch is its own unit, as for the GEMMs):
+the patch embedding of a ViT, the one Conv there, is a small part of the model, and block-wise
+recovery of a convolution would need an im2col gather. A Conv is therefore protected the same
+way under ``lb``, ``standard`` and ``sec``, and the plan records it as ``recompute``.
+
+Skipped (with the reason in the plan): grouped convolutions, a weight or bias that is not
+constant, a non-float32 output, unknown channel counts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from onnx import TensorProto, helper
+
+from ..graph.checksums import Nodes, any_false, reduce, unsqueeze
+from .blocksize import p_faulty
+
+
+@dataclass
+class ConvSite:
+    """One protectable (or skipped) Conv of the main graph."""
+
+    name: str
+    x: str
+    out: str
+    weight: np.ndarray | None = None
+    bias: np.ndarray | None = None
+    attrs: tuple = ()
+    M: int | None = None  # output positions per item
+    N: int | None = None  # output channels
+    K: int | None = None  # input channels x kernel size
+    skip: str | None = None
+
+
+def find_convs(m) -> list[ConvSite]:
+    """Every Conv of the main graph, described (``m`` is abft's ``_Model``)."""
+    return [_describe(m, n) for n in m.inferred.graph.node if n.op_type == "Conv"]
+
+
+def _describe(m, node) -> ConvSite:
+    s = ConvSite(name=node.name or node.output[0], x=node.input[0], out=node.output[0])
+    s.attrs = tuple(a for a in node.attribute)
+    group = next((a.i for a in node.attribute if a.name == "group"), 1)
+    if group != 1:
+        s.skip = f"grouped convolution (group={group}) is not protected yet"
+        return s
+    vi = m.vi.get(s.out)
+    if vi is None or vi.type.tensor_type.elem_type != TensorProto.FLOAT:
+        s.skip = "output is not float32"
+        return s
+    w = m.const(node.input[1])
+    if w is None:
+        s.skip = "weight is not constant"
+        return s
+    if len(node.input) > 2 and node.input[2]:
+        b = m.const(node.input[2])
+        if b is None:
+            s.skip = "bias is not constant"
+            return s
+        s.bias = np.asarray(b, np.float64).reshape(-1)
+    s.weight = np.asarray(w, np.float64)
+    s.N = int(s.weight.shape[0])
+    s.K = int(np.prod(s.weight.shape[1:]))
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+    if len(dims) >= 3 and all(isinstance(d, int) and d > 0 for d in dims[2:]):
+        s.M = int(np.prod(dims[2:]))
+    return s
+
+
+def tau_bound(K: int, n_sum: int) -> float:
+    """Rounding bound on |sum(Y) - ref| / scale: gamma_{K + n_sum + 4} in float32 (K-term dot
+    products, an n_sum-term sum, the checksum's own rounding and the bias add)."""
+    n = K + n_sum + 4
+    u = 2.0**-24
+    return n * u / (1 - n * u)
+
+
+def protect_conv(s: ConvSite, idx: int, opset: int, ber: float):
+    """Main-graph test and recovery branch for one Conv. Returns (plan entry, main Nodes, then Nodes,
+    raw name, fixed name, count name, cond name)."""
+    prefix = f"onnxft.abft.c{idx:03d}"
+    main = Nodes(prefix, opset)
+    raw = f"{prefix}/unchecked"
+    tau = tau_bound(s.K, s.N)
+    conv_attrs = {a.name: helper.get_attribute_value(a) for a in s.attrs}
+    ws = s.weight.sum(axis=0, keepdims=True).astype(np.float32)
+    wabs = (tau * np.abs(s.weight).sum(axis=0, keepdims=True)).astype(np.float32)
+    ref = main.op("Conv", s.x, main.const(ws, hint="Wsum"), **conv_attrs)
+    scale = main.op("Conv", main.op("Abs", s.x), main.const(wabs, hint="AbsWsum"), **conv_attrs)
+    if s.bias is not None:
+        ref = main.op("Add", ref, main.const(np.float32(s.bias.sum()), hint="biasSum"))
+        scale = main.op("Add", scale, main.const(np.float32(tau * np.abs(s.bias).sum()), hint="biasAbs"))
+    r = reduce(main, "ReduceSum", raw, [1], keepdims=1)
+    diff = main.op("Sub", r, ref)
+    ok = main.op("LessOrEqual", main.op("Abs", diff), scale)
+    cond = any_false(main, ok)
+
+    # then: recompute the flagged items
+    nb = Nodes(f"{prefix}/then", opset, branch=True)
+    bad = nb.op("Where", ok, nb.const(np.float32(0)), nb.const(np.float32(1)))
+    per_item = nb.op("Reshape", bad, nb.ints([0, -1]))
+    items = nb.op("Reshape", nb.op("NonZero", nb.op("Cast", reduce(nb, "ReduceMax", per_item, [1], keepdims=0),
+                                                        to=TensorProto.BOOL)), nb.ints([-1]))
+    w_name = nb.const(s.weight.astype(np.float32), hint="W")
+    ins = [nb.op("Gather", s.x, items, axis=0), w_name]
+    if s.bias is not None:
+        ins.append(nb.const(s.bias.astype(np.float32), hint="b"))
+    y_new = nb.op("Conv", *ins, **conv_attrs)
+    fixed = nb.op("ScatterND", raw, unsqueeze(nb, items, [1]), y_new)
+    per_item_elems = nb.op("Div", nb.op("Size", raw), nb.op("Gather", nb.op("Shape", raw), nb.ints(0), axis=0))
+    count = nb.op("Mul", nb.op("Size", items), per_item_elems)
+    costs = conv_cost(s.M, s.N, s.K, ber) if s.M else {}
+    entry = {"name": s.name, "op_type": "Conv", "output": s.out, "M": s.M, "N": s.N, "K": s.K,
+             "scheme": "recompute", "tau": tau, "tau_source": "rounding bound", "has_bias": s.bias is not None,
+             "main_graph_nodes": len(main.nodes),
+             "ops_gemm": (s.M * s.N * 2 * s.K) if s.M else None,
+             "ops_detection": costs.get("detection"), "ops_expected_recovery": costs.get("recovery"),
+             "p_gemm_faulty": costs.get("p_faulty")}
+    return entry, main, nb, raw, fixed, count, cond
+
+
+def conv_cost(M: int, N: int, K: int, ber: float, bits: int = 32) -> dict:
+    """Expected operations per item: the test (two single-channel convolutions, 2 x 2MK; the
+    channel sums, MN; compare, 3M) always; the item recomputed (2MNK) when it is faulty."""
+    p = p_faulty(M * N * 2 * K, ber, bits)
+    det = 4 * M * K + M * N + 3 * M
+    rec = p * 2 * M * N * K
+    return {"detection": det, "recovery": rec, "total": det + rec, "p_faulty": p}
