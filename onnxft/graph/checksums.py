@@ -12,11 +12,13 @@ so they broadcast against each other without reshapes.
 """
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .roles import PROTECTION, set_role
+from .roles import PROTECTION, RECOMPUTE_KEY, set_meta, set_role
 
 # Opset from which ``axes`` is an input rather than an attribute.
 _AXES_INPUT_FROM = {"ReduceSum": 13, "ReduceMax": 18, "ReduceMin": 18, "ReduceL1": 18, "ReduceMean": 18,
@@ -61,6 +63,15 @@ class Nodes:
 
     def ints(self, values) -> str:
         return self.const(np.asarray(values, np.int64), hint="i")
+
+
+def mark_recompute(nb: Nodes, value: str, index: str, target: str) -> None:
+    """Mark the recovery-branch node that computes ``value``: recomputed outputs (before any bias
+    add of a MatMul unit) that enter the output as ``ScatterND(target, index, value)`` (``target``:
+    a tensor of the output's shape). ``inject`` reads the mark under --inject-protection to fault
+    exactly the recomputed elements; it changes nothing the hardened graph computes."""
+    node = next(n for n in nb.nodes if value in n.output)
+    set_meta(node, RECOMPUTE_KEY, json.dumps({"index": index, "target": target}))
 
 
 def reduce(nb: Nodes, op_type: str, x: str, axes: list[int] | None, keepdims: int = 1) -> str:

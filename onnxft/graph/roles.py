@@ -31,3 +31,26 @@ def set_role(node: onnx.NodeProto, role: str) -> onnx.NodeProto:
             return node
     node.metadata_props.append(onnx.StringStringEntryProto(key=ROLE_KEY, value=role))
     return node
+
+
+# Recovery metadata, read by ``inject`` under ``--inject-protection`` to make ABFT recovery a
+# fault site (docs/abft.md, "Composition with injection"). Plain metadata: a hardened model runs
+# without onnxft and these keys change nothing it computes.
+RECOVERY_KEY = "onnxft.recovery"  # on an ABFT If: JSON {unit, op_type, a, b, bias, output}
+RECOMPUTE_KEY = "onnxft.recompute"  # on a then-branch node computing recomputed values: JSON {index, target}
+
+
+def meta_of(node: onnx.NodeProto, key: str) -> str | None:
+    for p in node.metadata_props:
+        if p.key == key:
+            return p.value
+    return None
+
+
+def set_meta(node: onnx.NodeProto, key: str, value: str) -> onnx.NodeProto:
+    for p in node.metadata_props:
+        if p.key == key:
+            p.value = value
+            return node
+    node.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
+    return node

@@ -34,6 +34,7 @@ details.
 from __future__ import annotations
 
 import copy
+import json
 import re
 from dataclasses import dataclass, field, replace
 
@@ -41,10 +42,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, shape_inference
 
-from ..graph.checksums import (Nodes, any_false, block_indicator, checksum_test, count_true, reduce,
-                               runtime_checksums, unsqueeze, weight_checksums, weight_row_test,
+from ..graph.checksums import (Nodes, any_false, block_indicator, checksum_test, count_true, mark_recompute,
+                               reduce, runtime_checksums, unsqueeze, weight_checksums, weight_row_test,
                                activation_row_test)
-from ..graph.roles import PROTECTION, role_of
+from ..graph.roles import PROTECTION, RECOVERY_KEY, role_of, set_meta
 from ..runtime.model_io import external_data_dir
 from .abft_conv import find_convs, protect_conv, tau_bound
 from .blocksize import lb_cost, opt_block_size, standard_cost
@@ -404,8 +405,9 @@ def abft(model: onnx.ModelProto, scheme: str = "lb", ber: float = 1e-8, block_si
             result.skipped.append((c.name, c.skip))
             continue
         entry, nb_main, then_nb, raw, fixed, count, cond = protect_conv(c, idx, opset, ber)
+        recovery = {"unit": c.name, "op_type": "Conv", "a": c.x, "b": c.w, "bias": c.b or "", "output": raw}
         outputs = _checked_output(nb_main, then_nb, c, raw, f"onnxft.abft.c{idx:03d}", fixed, count,
-                                  expose_flags, cond)
+                                  expose_flags, cond, recovery)
         conv_plan.append(entry)
         owner = producers[c.out]
         owner.output[list(owner.output).index(c.out)] = raw
@@ -518,7 +520,10 @@ def _protect(m: _Model, s: GemmSite, node, idx: int, scheme: str, ber: float, bl
     # The If returns a scatter (indices, values) rather than the checked tensor: the fault-free
     # branch returns an empty one, and ScatterElements then updates Y's own buffer (Flatten aliases
     # it), so a clean run never copies Y. (An If returning Identity(Y) copies the whole output.)
-    outputs = _checked_output(main, then_nb, s, raw, prefix, fixed, count, expose, cond)
+    # What inject needs to fault the recovery (--inject-protection): the operands the recompute
+    # multiplies (B as the branch reads it: folded weight, scaled B, or the model's own B).
+    recovery = {"unit": s.name, "op_type": "MatMul", "a": s.a, "b": w_name or s.b, "bias": "", "output": raw}
+    outputs = _checked_output(main, then_nb, s, raw, prefix, fixed, count, expose, cond, recovery)
 
     # --- plan ---------------------------------------------------------------------------------
     M_, N_, K_ = rows or 0, s.N or 0, s.K
@@ -629,19 +634,23 @@ def _standard_then(c: _Canon, tau_col: float, recompute_multiple: bool = True):
     ig, jg = nb.op("Gather", i_all, gs, axis=0), nb.op("Gather", j_all, gs, axis=0)
     arow = nb.op("Squeeze", c.a_rows(gs, unsqueeze(nb, ig, [1])), nb.ints([1]))
     bcol = nb.op("Squeeze", c.b_rows_t(gs, unsqueeze(nb, jg, [1])), nb.ints([1]))
-    val = reduce(nb, "ReduceSum", nb.op("Mul", arow, bcol), [1], keepdims=0)
+    dot = reduce(nb, "ReduceSum", nb.op("Mul", arow, bcol), [1], keepdims=0)
+    val = dot
     if c.bias is not None:
         val = nb.op("Add", val, nb.op("Gather", c.bias, jg, axis=0))
     idx = nb.op("Concat", unsqueeze(nb, gs, [1]), unsqueeze(nb, ig, [1]), unsqueeze(nb, jg, [1]), axis=1)
+    mark_recompute(nb, dot, idx, c.Y3)
     y = nb.op("ScatterND", y, idx, val)
     if not recompute_multiple:  # single-error correction only: other patterns stay as they are
         return y, nb.op("Size", gs)
     # any other pattern: recompute the whole matrix
     gw = _flat_nonzero(nb, whole)
     yw = nb.op("MatMul", nb.op("Gather", c.A3, gw, axis=0), c.b_for(gw))
+    idx_w = unsqueeze(nb, gw, [1])
+    mark_recompute(nb, yw, idx_w, c.Y3)
     if c.bias is not None:
         yw = nb.op("Add", yw, c.bias)
-    y = nb.op("ScatterND", y, unsqueeze(nb, gw, [1]), yw)
+    y = nb.op("ScatterND", y, idx_w, yw)
     per_matrix = nb.op("Div", nb.op("Size", c.Y3), nb.op("Gather", nb.op("Shape", c.Y3), nb.ints(0), axis=0))
     count = nb.op("Add", nb.op("Size", gs), nb.op("Mul", nb.op("Size", gw), per_matrix))
     return y, count
@@ -684,7 +693,8 @@ def _lb_then(c: _Canon, b: int, tau_blk: float, weight, bias):
     c_idx = nb.op("Min", nb.op("Add", nb.op("Mul", unsqueeze(nb, bj, [1]), bb), ar), nb.ints(N - 1))
     a_rows = c.a_rows(g, r_idx)  # [F, b, K]
     b_cols = c.b_rows_t(g, c_idx)  # [F, b, K]
-    y_new = nb.op("MatMul", a_rows, nb.op("Transpose", b_cols, perm=[0, 2, 1]))  # [F, b, b]
+    y_dot = nb.op("MatMul", a_rows, nb.op("Transpose", b_cols, perm=[0, 2, 1]))  # [F, b, b]
+    y_new = y_dot
     if c.bias is not None:
         y_new = nb.op("Add", y_new, unsqueeze(nb, nb.op("Gather", c.bias, c_idx, axis=0), [1]))
     f = nb.op("Shape", g)
@@ -692,14 +702,17 @@ def _lb_then(c: _Canon, b: int, tau_blk: float, weight, bias):
     gi = nb.op("Expand", unsqueeze(nb, g, [1, 2, 3]), shape4)
     ri = nb.op("Expand", unsqueeze(nb, r_idx, [2, 3]), shape4)
     ci = nb.op("Expand", unsqueeze(nb, c_idx, [1, 3]), shape4)
-    y = nb.op("ScatterND", c.Y3, nb.op("Concat", gi, ri, ci, axis=3), y_new)
+    idx_b = nb.op("Concat", gi, ri, ci, axis=3)
+    mark_recompute(nb, y_dot, idx_b, c.Y3)
+    y = nb.op("ScatterND", c.Y3, idx_b, y_new)
     count = nb.op("Mul", nb.op("Size", g), nb.ints(b * b))
     return y, count
 
 
 def _checked_output(main: Nodes, then_nb: Nodes, s: GemmSite, raw: str, prefix: str, fixed: str, count: str,
-                    expose: bool, cond: str) -> list:
-    """The If and what writes the protected output ``s.out``; returns the extra graph outputs."""
+                    expose: bool, cond: str, recovery: dict) -> list:
+    """The If and what writes the protected output ``s.out``; returns the extra graph outputs.
+    ``recovery`` (the recompute's operands) is recorded on the If as metadata for ``inject``."""
     opset = main.opset
     else_nb = Nodes(f"{prefix}/else", opset, branch=True)
     if not SCATTER_TAIL:
@@ -708,7 +721,8 @@ def _checked_output(main: Nodes, then_nb: Nodes, s: GemmSite, raw: str, prefix: 
         then_outs = [helper.make_tensor_value_info(then_out, TensorProto.FLOAT, None)]
         else_outs = [helper.make_tensor_value_info(else_out, TensorProto.FLOAT, None)]
         if_outputs = [s.out]
-        return _if_with_flags(main, then_nb, else_nb, s, prefix, then_outs, else_outs, if_outputs, count, expose, cond)
+        return _if_with_flags(main, then_nb, else_nb, s, prefix, then_outs, else_outs, if_outputs, count, expose, cond,
+                              recovery)
     n_flat = then_nb.op("Size", raw)
     then_idx = then_nb.op("Unsqueeze", then_nb.op("Range", then_nb.const(np.int64(0), hint="zero"), n_flat,
                                                   then_nb.const(np.int64(1), hint="one")), then_nb.ints([0]))
@@ -721,7 +735,7 @@ def _checked_output(main: Nodes, then_nb: Nodes, s: GemmSite, raw: str, prefix: 
                  helper.make_tensor_value_info(else_vals, TensorProto.FLOAT, [1, None])]
     fix_idx, fix_vals = f"{prefix}/fix_index", f"{prefix}/fix_values"
     outputs = _if_with_flags(main, then_nb, else_nb, s, prefix, then_outs, else_outs, [fix_idx, fix_vals], count,
-                             expose, cond)
+                             expose, cond, recovery)
     flat = main.op("Flatten", raw, axis=0)
     fixed_flat = main.op("ScatterElements", flat, fix_idx, fix_vals, axis=1)
     main.op("Reshape", fixed_flat, main.op("Shape", raw), outputs=[s.out])
@@ -729,7 +743,7 @@ def _checked_output(main: Nodes, then_nb: Nodes, s: GemmSite, raw: str, prefix: 
 
 
 def _if_with_flags(main: Nodes, then_nb: Nodes, else_nb: Nodes, s: GemmSite, prefix: str, then_outs: list,
-                   else_outs: list, if_outputs: list, count: str, expose: bool, cond: str) -> list:
+                   else_outs: list, if_outputs: list, count: str, expose: bool, cond: str, recovery: dict) -> list:
     """The If node (with the recompute counter and the detection flag when ``expose``)."""
     outputs = []
     if expose:
@@ -745,4 +759,5 @@ def _if_with_flags(main: Nodes, then_nb: Nodes, else_nb: Nodes, s: GemmSite, pre
     main.op("If", cond, outputs=if_outputs,
             then_branch=helper.make_graph(then_nb.nodes, f"{prefix}_recover", [], then_outs),
             else_branch=helper.make_graph(else_nb.nodes, f"{prefix}_pass", [], else_outs))
+    set_meta(main.nodes[-1], RECOVERY_KEY, json.dumps(recovery))
     return outputs

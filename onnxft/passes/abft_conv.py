@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 from onnx import TensorProto, helper
 
-from ..graph.checksums import Nodes, any_false, reduce, unsqueeze
+from ..graph.checksums import Nodes, any_false, mark_recompute, reduce, unsqueeze
 from .blocksize import p_faulty
 
 
@@ -39,6 +39,8 @@ class ConvSite:
     name: str
     x: str
     out: str
+    w: str = ""  # the weight and bias inputs of the Conv node (bias "" when it has none)
+    b: str = ""
     weight: np.ndarray | None = None
     bias: np.ndarray | None = None
     attrs: tuple = ()
@@ -54,7 +56,8 @@ def find_convs(m) -> list[ConvSite]:
 
 
 def _describe(m, node) -> ConvSite:
-    s = ConvSite(name=node.name or node.output[0], x=node.input[0], out=node.output[0])
+    s = ConvSite(name=node.name or node.output[0], x=node.input[0], out=node.output[0], w=node.input[1],
+                 b=node.input[2] if len(node.input) > 2 else "")
     s.attrs = tuple(a for a in node.attribute)
     group = next((a.i for a in node.attribute if a.name == "group"), 1)
     if group != 1:
@@ -122,7 +125,9 @@ def protect_conv(s: ConvSite, idx: int, opset: int, ber: float):
     if s.bias is not None:
         ins.append(nb.const(s.bias.astype(np.float32), hint="b"))
     y_new = nb.op("Conv", *ins, **conv_attrs)
-    fixed = nb.op("ScatterND", raw, unsqueeze(nb, items, [1]), y_new)
+    item_idx = unsqueeze(nb, items, [1])
+    mark_recompute(nb, y_new, item_idx, raw)  # (bias included: a Conv site's bias add is one of its operations)
+    fixed = nb.op("ScatterND", raw, item_idx, y_new)
     per_item_elems = nb.op("Div", nb.op("Size", raw), nb.op("Gather", nb.op("Shape", raw), nb.ints(0), axis=0))
     count = nb.op("Mul", nb.op("Size", items), per_item_elems)
     costs = conv_cost(s.M, s.N, s.K, ber) if s.M else {}
