@@ -179,9 +179,13 @@ def _log_record(sess, model_name, data, start, batch, ber, seed, trial, batch_in
         for r in range(len(o)):
             item, element = divmod(int(o[r]), plans[idx].elements)
             bits = [b for b in range(64) if (int(masks[r]) >> b) & 1]
-            rows.append({"site": sites[idx].id, "node": sites[idx].node, "item": item, "element": element,
-                         "step": int(t[r]), "bits": bits, "original": float(values[r, 0]),
-                         "faulty": float(values[r, 1])})
+            row = {"site": sites[idx].id, "node": sites[idx].node, "item": item, "element": element,
+                   "step": int(t[r]), "bits": bits, "original": float(values[r, 0]), "faulty": float(values[r, 1])}
+            if sites[idx].recovery_of:  # drawn for a full recompute; applied only where the run recomputed
+                row["applied"] = bool(values[r, 2])
+                if not row["applied"]:
+                    row["original"] = row["faulty"] = None
+            rows.append(row)
     return {"model": model_name, "data": data.path, "start": start, "stop": min(start + batch, len(data)),
             "ber": ber, "seed": seed, "trial": trial, "batch_index": batch_index,
             "faults": rows, "output_sha256": output_digest(out),

@@ -38,6 +38,9 @@ class Site:
     bias: bool = False
     per_channel: bool = False  # int8: weight scale/zero point per output channel
     scale: float = 1.0  # multiplies the BER at this site (0 = perfectly protected)
+    # The ABFT unit whose recovery recompute this virtual site is (inject --inject-protection): sampled
+    # as that unit's full recompute, applied only to the elements a run recomputes. None: a node.
+    recovery_of: str | None = None
 
     def columns(self) -> tuple[str, ...]:
         if self.kind == "elementwise":
@@ -53,6 +56,11 @@ class Site:
 
     def log_output(self) -> str:
         return f"onnxft.{self.id}.log"
+
+    def log_columns(self) -> int:
+        """Columns of the fault log: (value before the flip, after it), and for a recovery site
+        whether the fault was applied (1) or fell on an element the run did not recompute (0)."""
+        return 3 if self.recovery_of else 2
 
 
 @dataclass

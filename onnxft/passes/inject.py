@@ -16,6 +16,9 @@ What it inserts, and why:
    the sampler reads it from a fault-free run to know how many operations each site does.
 5. The site table is stored as metadata ``onnxft.sites`` (and the model's original opset as
    ``onnxft.source_opset``).
+5b. With ``SiteSelection(include_protection=True)``, every ABFT unit's recovery (the recompute in
+   the then branch of its ``If``) is a virtual site, sampled as a full recompute of the unit and
+   applied to the elements a run actually recomputes (``_recovery_site``, ``_recovery_nodes``).
 6. With ``fault_free_path=True`` (campaigns), the whole graph sits behind ``If(any fault table
    has rows, or probe)`` whose else branch is the original model's nodes: a run without faults
    costs the original model plus a dozen tiny nodes.
@@ -25,6 +28,7 @@ The pass is pure: it returns a new model in a ``PassResult`` and never runs a se
 from __future__ import annotations
 
 import copy
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -35,7 +39,7 @@ from onnx import TensorProto, helper, numpy_helper, shape_inference, version_con
 
 from ..custom_ops import FAULT_DOMAIN, FAULT_DOMAIN_VERSION, OPSET, all_functions
 from ..custom_ops.functions import op_name
-from ..graph.roles import INPUT, PROTECTION, role_of
+from ..graph.roles import INPUT, PROTECTION, RECOMPUTE_KEY, RECOVERY_KEY, meta_of, role_of
 from ..faults.sites import PROBE_INPUT, SHAPES_OUTPUT, SITES_KEY, SOURCE_OPSET_KEY, Site, SiteTable
 from ..ops.registry import INPUT_HANDLER, handler_for
 from ..runtime.model_io import external_data_dir
@@ -62,7 +66,8 @@ class SiteSelection:
     formats: subset of ``fp32``, ``fp16``, ``int8``. ``scales``: ``(regex, scale)`` pairs; the
     last matching pattern sets a site's BER scale (0 = perfectly protected).
     ``include_protection``: nodes that ``harden`` inserted (checksums, comparisons, clips) are not
-    sites unless this is set; recovery subgraphs inside ``If`` branches are never sites.
+    sites unless this is set; with it, each ABFT unit's recovery recompute is a site too (a virtual
+    one, see ``_recovery_site``). Other nodes inside ``If`` branches are never sites.
     """
 
     op_types: frozenset[str] | None = None
@@ -127,16 +132,18 @@ def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
         model.graph.input.extend(keep)
         model.ir_version = 4
     if opset < OPSET:
-        # The converter drops node metadata (roles, origins): carry it over by node name.
-        meta = {n.name: list(n.metadata_props) for n in model.graph.node if n.name and n.metadata_props}
+        # The converter drops node metadata (roles, origins, the recovery marks inside If branches):
+        # carry it over by (graph name, node name).
+        meta = {(gr.name, n.name): list(n.metadata_props) for gr, n in _graph_nodes(model.graph)
+                if n.name and n.metadata_props}
         try:
             model = version_converter.convert_version(model, OPSET)
         except Exception as exc:  # the converter raises bare RuntimeErrors
             raise InjectError(f"cannot upgrade the model from opset {opset} to {OPSET}: "
                               f"{str(exc).splitlines()[0]}") from None
-        for n in model.graph.node:
-            if n.name in meta and not n.metadata_props:
-                n.metadata_props.extend(meta[n.name])
+        for gr, n in _graph_nodes(model.graph):
+            if (gr.name, n.name) in meta and not n.metadata_props:
+                n.metadata_props.extend(meta[(gr.name, n.name)])
     # The version converter stamps the newest IR; onnxruntime 1.31 reads IR <= 13, enough for opset 26.
     model.ir_version = max(min(model.ir_version, 13), 10)
     try:
@@ -179,97 +186,153 @@ def _find_sites(g: _Graph, sel: SiteSelection, int_widths, result: PassResult):
     """Mark first: decide which nodes are sites and describe them. Nothing is built here."""
     sites: list[tuple[Site, onnx.NodeProto, dict]] = []
     for node in g.model.graph.node:
-        handler = handler_for(node.op_type)
-        if role_of(node) == INPUT:  # an input's values (passes.input_sites): one elementwise site
-            handler = INPUT_HANDLER
-        if handler is None or node.domain not in ("", "ai.onnx"):
-            continue
-        if role_of(node) == PROTECTION and not sel.include_protection:
-            continue
-        label = node.name or node.output[0]
-        origin, origin_node = _origin(node)
-        if sel.op_types is not None and node.op_type not in sel.op_types and origin not in sel.op_types:
-            continue
-        if sel.names is not None and not (re.search(sel.names, label) or re.search(sel.names, origin_node)):
-            continue
-        out = node.output[0]
-        elem, out_rank = g.types.get(out, (None, None))
-        extra: dict = {}
-        wrapped = node
-        if handler.kind in ("gemm", "conv"):
-            da, db = _dq_source(g, node.input[0]), _dq_source(g, node.input[1])
-            if da and db:
-                fmt = "int8"
-                extra = {"da": da, "db": db}
-                widths = {"product": int(int_widths[0]), "sum": int(int_widths[1])}
-            elif elem in (TensorProto.FLOAT, TensorProto.FLOAT16):
-                fmt = "fp32" if elem == TensorProto.FLOAT else "fp16"
-                widths = {"product": 32 if fmt == "fp32" else 16, "sum": 32}
-            else:
-                result.skipped.append((label, f"{node.op_type} output type {elem} is not fp32/fp16/int8-QDQ"))
-                continue
-            ranks = [out_rank, g.types.get(node.input[0], (0, None))[1], g.types.get(node.input[1], (0, None))[1]]
-            if any(r is None for r in ranks):
-                result.skipped.append((label, "operand ranks unknown after shape inference"))
-                continue
-            if handler.kind == "gemm" and ranks[2] < 2:
-                result.skipped.append((label, "matrix-vector MatMul (1-D second operand) is not a site yet"))
-                continue
-            conv = {}
-            bias = False
-            if handler.kind == "conv":
-                if ranks[1] != 4:
-                    result.skipped.append((label, "only 2-D convolutions are fault sites so far"))
-                    continue
-                conv = {"strides": list(_attr(node, "strides", [1, 1])),
-                        "pads": list(_attr(node, "pads", [0, 0, 0, 0])),
-                        "dilations": list(_attr(node, "dilations", [1, 1])),
-                        "group": int(_attr(node, "group", 1)),
-                        "auto_pad": _text(_attr(node, "auto_pad", "NOTSET"))}
-                bias = len(node.input) > 2 and bool(node.input[2])
-                if bias and fmt == "int8":
-                    bsrc = g.producers.get(node.input[2])
-                    if bsrc is None or bsrc.op_type != "DequantizeLinear":
-                        result.skipped.append((label, "int8 conv bias is not a dequantized int32 tensor"))
-                        continue
-                    extra["bias_q"] = bsrc.input[0]
-            per_channel = False
-            if fmt == "int8":
-                sb = g.const_value(extra["db"]["scale"])
-                per_channel = sb is not None and np.size(sb) > 1
-            site = Site(id="", node=label, op_type=node.op_type, kind=handler.kind, format=fmt,
-                        origin=origin, origin_node=origin_node, output=out,
-                        dtype="float32" if elem == TensorProto.FLOAT else "float16",
-                        widths=widths, shape_ranks=ranks, conv=conv, bias=bias, per_channel=per_channel)
+        if node.op_type == "If" and sel.include_protection and meta_of(node, RECOVERY_KEY) is not None:
+            found = _recovery_site(g, node, sel, int_widths, result)
         else:
-            # QDQ models: an elementwise op whose only consumer quantizes its result is an integer
-            # op; fault the quantized 8-bit result.
-            cons = g.consumers.get(out, [])
-            if (len(cons) == 1 and cons[0].op_type == "QuantizeLinear"
-                    and g.types.get(cons[0].output[0], (None,))[0] in (TensorProto.INT8, TensorProto.UINT8)):
-                wrapped = cons[0]
-                q_out = wrapped.output[0]
-                fmt, dtype = "int8", _DTYPE_NAMES[g.types[q_out][0]]
-                out, out_rank = q_out, g.types[q_out][1]
-            elif elem in (TensorProto.FLOAT, TensorProto.FLOAT16):
-                fmt, dtype = ("fp32", "float32") if elem == TensorProto.FLOAT else ("fp16", "float16")
-            elif elem in (TensorProto.INT64, TensorProto.INT32, TensorProto.BOOL):
-                continue  # shape and index arithmetic, not the network's data path
-            else:
-                result.skipped.append((label, f"output type {elem} is not a float or quantized tensor"))
-                continue
-            if out_rank is None:
-                result.skipped.append((label, "output rank unknown after shape inference"))
-                continue
-            site = Site(id="", node=label, op_type=node.op_type, kind="elementwise", format=fmt,
-                        origin=origin, origin_node=origin_node, output=out, dtype=dtype,
-                        widths={"element": _ELEMENT_BITS[dtype]}, shape_ranks=[out_rank])
+            found = _node_site(g, node, sel, int_widths, result)
+        if found is None:
+            continue
+        site, wrapped, extra = found
         if sel.formats is not None and site.format not in sel.formats:
             continue
-        site.scale = sel.scale_for(label + " " + origin_node)
+        site.scale = sel.scale_for(site.node + " " + site.origin_node)
         site.id = f"s{len(sites):04d}"
         sites.append((site, wrapped, extra))
     return sites
+
+
+def _selected(sel: SiteSelection, op_type: str, origin: str, label: str, origin_node: str) -> bool:
+    if sel.op_types is not None and op_type not in sel.op_types and origin not in sel.op_types:
+        return False
+    return sel.names is None or bool(re.search(sel.names, label) or re.search(sel.names, origin_node))
+
+
+def _node_site(g: _Graph, node: onnx.NodeProto, sel: SiteSelection, int_widths, result: PassResult):
+    """(site, node to wrap, extra) when ``node`` is a selected fault site, else None."""
+    handler = handler_for(node.op_type)
+    if role_of(node) == INPUT:  # an input's values (passes.input_sites): one elementwise site
+        handler = INPUT_HANDLER
+    if handler is None or node.domain not in ("", "ai.onnx"):
+        return None
+    if role_of(node) == PROTECTION and not sel.include_protection:
+        return None
+    label = node.name or node.output[0]
+    origin, origin_node = _origin(node)
+    if not _selected(sel, node.op_type, origin, label, origin_node):
+        return None
+    return _describe(g, node, handler, label, origin, origin_node, int_widths, result)
+
+
+def _recovery_site(g: _Graph, if_node: onnx.NodeProto, sel: SiteSelection, int_widths, result: PassResult):
+    """The virtual site of an ABFT unit's recovery (an ``If`` that ``abft`` marked): the site the
+    unit's GEMM (or Conv) would be if it multiplied the operands the recompute multiplies, so that
+    it is sampled exactly like that GEMM (every element of a full recompute, every item); the
+    ``If``'s then branch applies the faults of the elements it actually recomputes
+    (``_recovery_nodes``). ``extra["operands"]`` is that stand-in node (never added to the graph)."""
+    info = json.loads(meta_of(if_node, RECOVERY_KEY))
+    label = f"{info['unit']}/recovery"
+    then = _branch(if_node, "then_branch")
+    hooks = [n for n in then.node if meta_of(n, RECOMPUTE_KEY) is not None]
+    if not hooks:
+        result.skipped.append((label, "the ABFT If marks no recompute (hardened by an older onnxft?)"))
+        return None
+    op_type = info["op_type"]
+    if not _selected(sel, op_type, op_type, label, info["unit"]):
+        return None
+    stand_in = helper.make_node(op_type, [info["a"], info["b"]] + ([info["bias"]] if info.get("bias") else []),
+                                [info["output"]], name=label)
+    if op_type == "Conv":  # the recompute's own attributes (strides, pads, ...)
+        stand_in.attribute.extend(copy.deepcopy(next(n for n in hooks if n.op_type == "Conv").attribute))
+    found = _describe(g, stand_in, handler_for(op_type), label, op_type, info["unit"], int_widths, result)
+    if found is None:
+        return None
+    site, _, extra = found
+    site.recovery_of = info["unit"]
+    extra["operands"] = stand_in
+    return site, if_node, extra
+
+
+def _branch(node: onnx.NodeProto, name: str) -> onnx.GraphProto:
+    return next(a.g for a in node.attribute if a.name == name)
+
+
+def _describe(g: _Graph, node: onnx.NodeProto, handler, label: str, origin: str, origin_node: str, int_widths,
+              result: PassResult):
+    """Describe the fault site of a selected node: (site, node to wrap, extra), or None with the
+    reason in ``result.skipped``."""
+    out = node.output[0]
+    elem, out_rank = g.types.get(out, (None, None))
+    extra: dict = {}
+    wrapped = node
+    if handler.kind in ("gemm", "conv"):
+        da, db = _dq_source(g, node.input[0]), _dq_source(g, node.input[1])
+        if da and db:
+            fmt = "int8"
+            extra = {"da": da, "db": db}
+            widths = {"product": int(int_widths[0]), "sum": int(int_widths[1])}
+        elif elem in (TensorProto.FLOAT, TensorProto.FLOAT16):
+            fmt = "fp32" if elem == TensorProto.FLOAT else "fp16"
+            widths = {"product": 32 if fmt == "fp32" else 16, "sum": 32}
+        else:
+            result.skipped.append((label, f"{node.op_type} output type {elem} is not fp32/fp16/int8-QDQ"))
+            return None
+        ranks = [out_rank, g.types.get(node.input[0], (0, None))[1], g.types.get(node.input[1], (0, None))[1]]
+        if any(r is None for r in ranks):
+            result.skipped.append((label, "operand ranks unknown after shape inference"))
+            return None
+        if handler.kind == "gemm" and ranks[2] < 2:
+            result.skipped.append((label, "matrix-vector MatMul (1-D second operand) is not a site yet"))
+            return None
+        conv = {}
+        bias = False
+        if handler.kind == "conv":
+            if ranks[1] != 4:
+                result.skipped.append((label, "only 2-D convolutions are fault sites so far"))
+                return None
+            conv = {"strides": list(_attr(node, "strides", [1, 1])),
+                    "pads": list(_attr(node, "pads", [0, 0, 0, 0])),
+                    "dilations": list(_attr(node, "dilations", [1, 1])),
+                    "group": int(_attr(node, "group", 1)),
+                    "auto_pad": _text(_attr(node, "auto_pad", "NOTSET"))}
+            bias = len(node.input) > 2 and bool(node.input[2])
+            if bias and fmt == "int8":
+                bsrc = g.producers.get(node.input[2])
+                if bsrc is None or bsrc.op_type != "DequantizeLinear":
+                    result.skipped.append((label, "int8 conv bias is not a dequantized int32 tensor"))
+                    return None
+                extra["bias_q"] = bsrc.input[0]
+        per_channel = False
+        if fmt == "int8":
+            sb = g.const_value(extra["db"]["scale"])
+            per_channel = sb is not None and np.size(sb) > 1
+        site = Site(id="", node=label, op_type=node.op_type, kind=handler.kind, format=fmt,
+                    origin=origin, origin_node=origin_node, output=out,
+                    dtype="float32" if elem == TensorProto.FLOAT else "float16",
+                    widths=widths, shape_ranks=ranks, conv=conv, bias=bias, per_channel=per_channel)
+    else:
+        # QDQ models: an elementwise op whose only consumer quantizes its result is an integer
+        # op; fault the quantized 8-bit result.
+        cons = g.consumers.get(out, [])
+        if (len(cons) == 1 and cons[0].op_type == "QuantizeLinear"
+                and g.types.get(cons[0].output[0], (None,))[0] in (TensorProto.INT8, TensorProto.UINT8)):
+            wrapped = cons[0]
+            q_out = wrapped.output[0]
+            fmt, dtype = "int8", _DTYPE_NAMES[g.types[q_out][0]]
+            out, out_rank = q_out, g.types[q_out][1]
+        elif elem in (TensorProto.FLOAT, TensorProto.FLOAT16):
+            fmt, dtype = ("fp32", "float32") if elem == TensorProto.FLOAT else ("fp16", "float16")
+        elif elem in (TensorProto.INT64, TensorProto.INT32, TensorProto.BOOL):
+            return None  # shape and index arithmetic, not the network's data path
+        else:
+            result.skipped.append((label, f"output type {elem} is not a float or quantized tensor"))
+            return None
+        if out_rank is None:
+            result.skipped.append((label, "output rank unknown after shape inference"))
+            return None
+        site = Site(id="", node=label, op_type=node.op_type, kind="elementwise", format=fmt,
+                    origin=origin, origin_node=origin_node, output=out, dtype=dtype,
+                    widths={"element": _ELEMENT_BITS[dtype]}, shape_ranks=[out_rank])
+    return site, wrapped, extra
 
 
 def _vi(name: str, elem: int, rank: int | None):
@@ -316,41 +379,160 @@ def _fault_nodes(site: Site, node: onnx.NodeProto, extra: dict, zero_bias: str, 
     if site.kind == "elementwise":
         p.op(op_name("FlipBits", site.dtype, logging), raw, names["faults"], domain=FAULT_DOMAIN, outputs=fn_outputs)
     else:
-        fmt = {"fp32": "fp32", "fp16": "fp16", "int8": "int"}[site.format]
-        a, b = node.input[0], node.input[1]
-        if site.format == "int8":
-            a, b = extra["da"]["q"], extra["db"]["q"]
-        args = [a, b, raw, names["faults"]]
-        if site.kind == "conv":
-            bias = zero_bias
-            if site.bias:
-                bias = extra["bias_q"] if site.format == "int8" else node.input[2]
-            args += [names["a_off"], names["b_off"], names["dh"], names["dw"], bias]
-        if site.format == "int8":
-            da, db = extra["da"], extra["db"]
-            args += [da["zero"] or extra["za0"], db["zero"] or extra["zb0"], da["scale"], db["scale"]]
-        b_rank = site.shape_ranks[2]
-        attrs = {}
-        if site.kind == "conv":
-            name = op_name("ConvFaults", fmt, logging)
-        elif b_rank == 2 and extra.get("b_constant"):
-            # A constant weight: hand the operator B^T, whose rows are the columns a fault reads
-            # (contiguous gathers; a column gather from B is strided and ~10x slower). onnxruntime
-            # folds this Transpose once when it loads the model.
-            bt = f"onnxft.{site.id}/bt"
-            p.nodes.append(helper.make_node("Transpose", [b], [bt], name=f"onnxft.{site.id}/transpose_b",
-                                            perm=[1, 0]))
-            args[1] = bt
-            name = op_name("GemmFaultsBT", fmt, logging)
-        elif b_rank >= 3:
-            name = op_name("BatchedGemmFaults", fmt, logging)
-            attrs["perm"] = list(range(b_rank - 2)) + [b_rank - 1, b_rank - 2]
-        else:
-            name = op_name("GemmFaults", fmt, logging)
-        p.op(name, *args, domain=FAULT_DOMAIN, outputs=fn_outputs, **attrs)
+        _fault_op(p, site, node, raw, names["faults"], extra, zero_bias, logging, fn_outputs, p.nodes)
     for n in p.nodes[1:]:  # fault nodes carry the site's name, for profiles and error messages
         n.name = f"{site.node}/onnxft/{n.name.rsplit('/', 1)[-1]}"
     return p.nodes
+
+
+def _fault_op(p: "_Nodes", site: Site, node: onnx.NodeProto, y: str, faults: str, extra: dict, zero_bias: str,
+              logging: bool, outputs: list, pre: list) -> None:
+    """Append to ``p`` the gemm/conv fault operator of ``site``: the faults of table ``faults``
+    applied to ``y``, an output of ``node``'s product of ``node.input[0]`` and ``node.input[1]``.
+    A constant transpose of B goes to ``pre`` (where onnxruntime can fold it at load time)."""
+    names = site.input_names()
+    fmt = {"fp32": "fp32", "fp16": "fp16", "int8": "int"}[site.format]
+    a, b = node.input[0], node.input[1]
+    if site.format == "int8":
+        a, b = extra["da"]["q"], extra["db"]["q"]
+    args = [a, b, y, faults]
+    if site.kind == "conv":
+        bias = zero_bias
+        if site.bias:
+            bias = extra["bias_q"] if site.format == "int8" else node.input[2]
+        args += [names["a_off"], names["b_off"], names["dh"], names["dw"], bias]
+    if site.format == "int8":
+        da, db = extra["da"], extra["db"]
+        args += [da["zero"] or extra["za0"], db["zero"] or extra["zb0"], da["scale"], db["scale"]]
+    b_rank = site.shape_ranks[2]
+    attrs = {}
+    if site.kind == "conv":
+        name = op_name("ConvFaults", fmt, logging)
+    elif b_rank == 2 and extra.get("b_constant"):
+        # A constant weight: hand the operator B^T, whose rows are the columns a fault reads
+        # (contiguous gathers; a column gather from B is strided and ~10x slower). onnxruntime
+        # folds this Transpose once when it loads the model.
+        bt = f"onnxft.{site.id}/bt"
+        pre.append(helper.make_node("Transpose", [b], [bt], name=f"onnxft.{site.id}/transpose_b", perm=[1, 0]))
+        args[1] = bt
+        name = op_name("GemmFaultsBT", fmt, logging)
+    elif b_rank >= 3:
+        name = op_name("BatchedGemmFaults", fmt, logging)
+        attrs["perm"] = list(range(b_rank - 2)) + [b_rank - 1, b_rank - 2]
+    else:
+        name = op_name("GemmFaults", fmt, logging)
+    p.op(name, *args, domain=FAULT_DOMAIN, outputs=outputs, **attrs)
+
+
+def _const(p: "_Nodes", array: np.ndarray) -> str:
+    return p.op("Constant", value=numpy_helper.from_array(np.asarray(array)))
+
+
+def _recovery_nodes(site: Site, if_node: onnx.NodeProto, extra: dict, zero_bias: str, logging: bool):
+    """The ABFT ``If`` of a recovery site, its recovery faulted, and what it needs in the main graph.
+
+    Each recompute node that ``abft`` marked (``RECOMPUTE_KEY``) computes values ``r`` that enter
+    the output as ``ScatterND(target, index, r)``. Behind ``If(the site's table has rows)`` the then
+    branch gets: a mask and a buffer of the output's shape holding every recomputed element; the
+    table rows whose element the mask holds (rows of one element stay together, so only their
+    ``prev`` links are renumbered); the site's fault operator applied to the buffer with those rows,
+    on the operands the recompute multiplies; and ``r`` gathered back from the result. Faults on
+    elements this run did not recompute are dropped: that thinning turns the full-recompute
+    Binomial into Binomial(ops recomputed x bits, BER). Without rows the values pass unchanged.
+    With logging the If gains the site's log output (``Site.log_columns``: a row per table row)."""
+    pre: list = []
+    node = copy.deepcopy(if_node)
+    then = _branch(node, "then_branch")
+    hooks = [(n, json.loads(meta_of(n, RECOMPUTE_KEY))) for n in then.node if meta_of(n, RECOMPUTE_KEY) is not None]
+    targets = {m["target"] for _, m in hooks}
+    if len(targets) != 1:
+        raise InjectError(f"{site.node}: the recomputes of one ABFT unit scatter into {len(targets)} tensors")
+    target = targets.pop()
+    table = site.input_names()["faults"]
+    values = [n.output[0] for n, _ in hooks]
+    for n, _ in hooks:  # the marked node now writes r/exact; the gate below writes r
+        n.output[0] = f"{n.output[0]}/exact"
+    cols = site.columns()
+    # then branch of the gate: the faults applied
+    f = _Nodes(f"onnxft.{site.id}/recovery")
+    shape = f.op("Shape", target)
+    mask = f.op("ConstantOfShape", shape, value=numpy_helper.from_array(np.zeros(1, bool)))
+    buf = f.op("ConstantOfShape", shape, value=numpy_helper.from_array(np.zeros(1, np.float32)))
+    true = _const(f, np.array(True))
+    for (n, m) in hooks:
+        mask = f.op("ScatterND", mask, m["index"], f.op("Expand", true, f.op("Shape", n.output[0])))
+        buf = f.op("ScatterND", buf, m["index"], n.output[0])
+    out_index = f.op("Gather", table, _const(f, np.int64(cols.index("out_index"))), axis=1)
+    keep = f.op("Gather", f.op("Reshape", mask, _const(f, np.array([-1], np.int64))), out_index)
+    kept = f.op("Reshape", f.op("NonZero", keep), _const(f, np.array([-1], np.int64)))
+    rows = f.op("Gather", table, kept, axis=0)
+    # A chained row's prev is the row before it (fault_feeds orders rows by element); an element's
+    # first row points at the table's length.
+    rank = f.op("Gather", rows, _const(f, np.int64(cols.index("rank"))), axis=1)
+    n_kept = f.op("Size", kept)
+    zero, one = _const(f, np.int64(0)), _const(f, np.int64(1))
+    prev = f.op("Where", f.op("Equal", rank, zero), n_kept, f.op("Sub", f.op("Range", zero, n_kept, one), one))
+    i = cols.index("prev")
+    axis1 = _const(f, np.array([1], np.int64))
+    rows = f.op("Concat", f.op("Slice", rows, _const(f, np.array([0], np.int64)), _const(f, np.array([i], np.int64)), axis1),
+                f.op("Unsqueeze", prev, axis1),
+                f.op("Slice", rows, _const(f, np.array([i + 1], np.int64)), _const(f, np.array([len(cols)], np.int64)),
+                     axis1), axis=1)
+    faulted = f"onnxft.{site.id}/recovery/faulted"
+    op_log = f"onnxft.{site.id}/recovery/op_log"
+    _fault_op(f, site, extra["operands"], buf, rows, extra, zero_bias, logging, [faulted, op_log] if logging else [faulted],
+              pre)
+    then_outs = []
+    for v, (_, m) in zip(values, hooks):
+        then_outs.append(helper.make_tensor_value_info(f.op("GatherND", faulted, m["index"], outputs=[f"{v}/faulted"]),
+                                                       TensorProto.FLOAT, None))
+    # else branch of the gate: no rows, the values pass unchanged
+    e = _Nodes(f"onnxft.{site.id}/recovery_idle")
+    else_outs = [helper.make_tensor_value_info(e.op("Identity", n.output[0], outputs=[f"{v}/unfaulted"]),
+                                               TensorProto.FLOAT, None) for v, (n, _) in zip(values, hooks)]
+    if logging:
+        unapplied = np.array([[np.nan, np.nan, 0.0]])
+        full = f.op("Expand", _const(f, unapplied), f.op("Concat", f.op("Shape", table, end=1),
+                                                         _const(f, np.array([3], np.int64)), axis=0))
+        applied = f.op("Concat", op_log, f.op("Expand", _const(f, np.ones((1, 1))), f.op("Concat", f.op("Shape", kept),
+                                                                                   _const(f, np.array([1], np.int64)), axis=0)), axis=1)
+        log = f.op("ScatterND", full, f.op("Unsqueeze", kept, axis1), applied)
+        then_outs.append(helper.make_tensor_value_info(log, TensorProto.DOUBLE, ["F", 3]))
+        else_outs.append(helper.make_tensor_value_info(_const(e, np.zeros((0, 3))), TensorProto.DOUBLE, ["F", 3]))
+    g = _Nodes(f"onnxft.{site.id}/recovery_gate")
+    has_rows = g.op("Greater", g.op("Size", table), _const(g, np.int64(0)))
+    gate_outs = values + ([f"onnxft.{site.id}/recovery/log"] if logging else [])
+    g.nodes.append(helper.make_node("If", [has_rows], gate_outs, name=f"onnxft.{site.id}/recovery_gate/if",
+                                    then_branch=helper.make_graph(f.nodes, f"onnxft_{site.id}_recovery_faults", [], then_outs),
+                                    else_branch=helper.make_graph(e.nodes, f"onnxft_{site.id}_recovery_clean", [], else_outs)))
+    nodes = _toposort(list(then.node) + g.nodes)
+    del then.node[:]
+    then.node.extend(nodes)
+    if logging:  # the If reports the site's log: every row unapplied when nothing was recomputed
+        then.output.append(helper.make_tensor_value_info(gate_outs[-1], TensorProto.DOUBLE, ["F", 3]))
+        other = _branch(node, "else_branch")
+        x = _Nodes(f"onnxft.{site.id}/recovery_pass")
+        none = x.op("Expand", _const(x, np.array([[np.nan, np.nan, 0.0]])),
+                    x.op("Concat", x.op("Shape", table, end=1), _const(x, np.array([3], np.int64)), axis=0))
+        other.node.extend(x.nodes)
+        other.output.append(helper.make_tensor_value_info(none, TensorProto.DOUBLE, ["F", 3]))
+        node.output.append(site.log_output())
+    return pre + [node]
+
+
+def _toposort(nodes: list) -> list:
+    """``nodes`` in an order where every node follows the producers of what it reads (its
+    subgraphs' outer-scope reads included); otherwise the given order is kept."""
+    produced = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+    deps = [{produced[x] for x in _all_inputs(n) if x in produced and produced[x] != i} for i, n in enumerate(nodes)]
+    order, done, remaining = [], set(), list(range(len(nodes)))
+    while remaining:
+        k = next((k for k, i in enumerate(remaining) if deps[i] <= done), None)
+        if k is None:
+            raise InjectError("a recovery branch has a cycle after faulting it (please report this)")
+        done.add(remaining[k])
+        order.append(remaining.pop(k))
+    return [nodes[i] for i in order]
 
 
 def _is_constant(g: _Graph, name: str) -> bool:
@@ -372,7 +554,7 @@ def _group_of(node: onnx.NodeProto) -> str | None:
 
 
 def _log_vi(site: Site):
-    return helper.make_tensor_value_info(site.log_output(), TensorProto.DOUBLE, ["F", 2])
+    return helper.make_tensor_value_info(site.log_output(), TensorProto.DOUBLE, ["F", site.log_columns()])
 
 
 def _fused_fallback(original: onnx.NodeProto, nodes, sites, shapes, logging, g: _Graph):
@@ -484,8 +666,9 @@ def inject(model: onnx.ModelProto, selection: SiteSelection | None = None,
         if id(node) not in by_node:
             return [node], [], []
         site, extra = by_node[id(node)]
+        operands = extra.get("operands", node)  # a recovery site: the recompute's stand-in node
         if site.kind == "gemm" and transposed_weights:
-            extra["b_constant"] = _is_constant(g, extra["db"]["q"] if site.format == "int8" else node.input[1])
+            extra["b_constant"] = _is_constant(g, extra["db"]["q"] if site.format == "int8" else operands.input[1])
         if site.format == "int8" and site.kind != "elementwise":
             extra["za0"] = zero_point(extra["da"]["qtype"])
             extra["zb0"] = zero_point(extra["db"]["qtype"])
@@ -498,11 +681,14 @@ def inject(model: onnx.ModelProto, selection: SiteSelection | None = None,
                 continue
             new_inputs.append(helper.make_tensor_value_info(name, TensorProto.INT64, [f"K_{site.id}"]))
             new_inits.append(numpy_helper.from_array(np.zeros((0,), np.int64), name))
-        out = _fault_nodes(site, node, extra, zero_bias, logging)
+        if site.recovery_of:
+            out = _recovery_nodes(site, node, extra, zero_bias, logging)
+        else:
+            out = _fault_nodes(site, node, extra, zero_bias, logging)
         # Shapes for the sampler: output, and operands for gemm/conv.
-        shape_src = [node.output[0]]
+        shape_src = [operands.output[0]]
         if site.kind != "elementwise":
-            shape_src += [node.input[0], node.input[1]]
+            shape_src += [operands.input[0], operands.input[1]]
         shapes = []
         for t in shape_src:
             name = f"onnxft.{site.id}/shape{len(shapes)}"
@@ -617,8 +803,9 @@ def _fault_free_fast_path(graph: onnx.GraphProto, original: onnx.GraphProto, sit
                                                value=helper.make_tensor("z", TensorProto.INT64, [total], [0] * total)))
         elif vi.name.startswith("onnxft."):  # fault logs: empty
             v.name = f"{vi.name}@clean"
+            width = vi.type.tensor_type.shape.dim[1].dim_value
             else_nodes.append(helper.make_node("Constant", [], [v.name], name=f"onnxft/clean_log{len(else_nodes)}",
-                                               value=helper.make_tensor("e", TensorProto.DOUBLE, [0, 2], [])))
+                                               value=helper.make_tensor("e", TensorProto.DOUBLE, [0, width], [])))
         else:
             v.name = rename.get(vi.name, vi.name)
             if v.name == vi.name:  # an output that is an input or a weight: pass it through
@@ -675,6 +862,15 @@ def _all_inputs(node: onnx.NodeProto):
         for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
             for n in g.node:
                 yield from _all_inputs(n)
+
+
+def _graph_nodes(graph: onnx.GraphProto):
+    """(graph, node) for every node of ``graph`` and of its nodes' subgraphs."""
+    for n in graph.node:
+        yield graph, n
+        for a in n.attribute:
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                yield from _graph_nodes(sub)
 
 
 def _all_nodes(graph: onnx.GraphProto):
