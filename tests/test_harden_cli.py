@@ -100,6 +100,24 @@ def test_compare_sec_baseline_and_range_options(files, capsys):
     assert rows["range"]["overhead_ops"] > 0
 
 
+def test_compare_inject_protection_faults_recovery_too(files, capsys):
+    """``compare --inject-protection`` (and ``api.compare(inject_protection=True)``) evaluates each
+    scheme with its protection faulted: every recovery recompute is a site sampled like its GEMM,
+    so about twice the flips are drawn (the GEMMs are most of this model's operations)."""
+    from onnxft import api
+
+    runs = {flag: api.compare(str(files["model"]), ["standard"], [1e-4], str(files["data"]), trials=1, batch=32,
+                              provider="cpu", inject_protection=flag) for flag in (False, True)}
+    assert runs[True]["inject_protection"] and not runs[False]["inject_protection"]
+    ev = {flag: r["eval_results"][0] for flag, r in runs.items()}
+    assert ev[True]["sites"] > ev[False]["sites"]
+    assert ev[True]["points"][0]["faults_per_item"] > 1.8 * ev[False]["points"][0]["faults_per_item"]
+    code, text, err = run(["compare", str(files["model"]), "--data", str(files["data"]), "--schemes", "lb",
+                           "--ber", "1e-4", "--trials", "1", "--batch", "32", "--provider", "cpu",
+                           "--inject-protection"], capsys)
+    assert code == 0 and "protection faulted too" in text, err
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["--abft", "none", "--range", "none"], "nothing to do"),
     (["--block-size", "0"], "block-size"),

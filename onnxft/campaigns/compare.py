@@ -30,7 +30,7 @@ from onnx import shape_inference
 from ..analysis import grouping
 from ..passes.abft_conv import conv_cost
 from ..passes.blocksize import lb_cost, standard_cost
-from ..passes.inject import inject
+from ..passes.inject import SiteSelection, inject
 from ..passes.tmr import tmr
 from ..runtime.data import Dataset
 from ..runtime.session import InjectionSession
@@ -147,8 +147,12 @@ def compare(model: onnx.ModelProto, data: Dataset, schemes: list[str], bers: lis
             seed: int = 0, batch: int = 250, provider: str = "auto", calib: Dataset | None = None,
             design_ber: float | None = None, select_options: SelectOptions | None = None,
             latency: bool = False, progress=None, threads: int | None = None, range_mode: str = "clamp",
-            range_kinds=("softmax", "gelu"), alpha: float = 0.02) -> dict:
-    """Accuracy (top-1 with 95% intervals) and overhead of each scheme at each BER."""
+            range_kinds=("softmax", "gelu"), alpha: float = 0.02, inject_protection: bool = False) -> dict:
+    """Accuracy (top-1 with 95% intervals) and overhead of each scheme at each BER.
+
+    ``inject_protection``: fault each scheme's protection too (checksums, range checks, voters and
+    the ABFT recovery recomputes; ``SiteSelection(include_protection=True)``), not only the model's
+    own computation."""
     if data.labels is None:
         raise ValueError("compare needs labelled data (an array 'y' in the .npz)")
     design_ber = design_ber if design_ber is not None else max(bers)
@@ -159,7 +163,7 @@ def compare(model: onnx.ModelProto, data: Dataset, schemes: list[str], bers: lis
         if progress:
             progress(f"evaluating {v.scheme}")
         r = evaluate(v.model, data, bers, trials, seed, "top1", provider, batch, model_name=v.scheme,
-                     threads=threads)
+                     threads=threads, selection=SiteSelection(include_protection=inject_protection))
         d = r.to_dict()
         d["model"] = v.scheme
         results.append(d)
@@ -172,4 +176,5 @@ def compare(model: onnx.ModelProto, data: Dataset, schemes: list[str], bers: lis
         rows.append(row)
     return {"schemes": rows, "bers": bers, "design_ber": design_ber,
             "range": {"mode": range_mode, "ops": list(range_kinds), "alpha": alpha}, "items": len(data), "trials": trials,
+            "inject_protection": inject_protection,
             "eval_results": results}

@@ -34,13 +34,15 @@ SCHEMES = ("none", "range", "standard", "sec", "lb", "lb+range", "tmr", "auto")
 @click.option("--alpha", default=0.02, show_default=True, type=click.FloatRange(0, 1, max_open=True),
               help="Margin of calibrated range bounds (as harden --alpha; 0.25 suits --range zero).")
 @click.option("--latency", is_flag=True, help="Also measure each scheme's fault-free latency ratio (CPU, batch 8).")
+@click.option("--inject-protection", is_flag=True,
+              help="Also fault each scheme's protection: checks, range restriction, voters and ABFT recovery.")
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--threads", default=None, type=click.IntRange(min=1))
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
               help="Write compare.json, compare.csv, accuracy_vs_ber.png and overhead.png here.")
 @click.option("--json", "as_json", is_flag=True)
 def compare(model, schemes, ber_text, design_ber, data, calib, trials, limit, batch, seed, target_drop, max_overhead,
-            range_mode, range_ops, alpha, latency, provider, threads, out_dir, as_json):
+            range_mode, range_ops, alpha, latency, inject_protection, provider, threads, out_dir, as_json):
     """Accuracy under injection and operation overhead of protection schemes for MODEL."""
     names = [s.strip() for s in schemes.split(",") if s.strip()]
     bad = [s for s in names if s not in SCHEMES]
@@ -60,7 +62,8 @@ def compare(model, schemes, ber_text, design_ber, data, calib, trials, limit, ba
             click.echo(msg, err=True)
 
     out = _run(api.compare, model, names, bers, data, calib, trials, seed, batch, provider, limit, dber, sel,
-               latency, progress, threads, range_mode, [k.strip() for k in range_ops.split(",") if k.strip()], alpha)
+               latency, progress, threads, range_mode, [k.strip() for k in range_ops.split(",") if k.strip()], alpha,
+               inject_protection)
     from ..report.compare import compare_table, write_compare_outputs
 
     if as_json:

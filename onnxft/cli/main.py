@@ -177,7 +177,7 @@ def inject(model, output, ber, seed, batch, faults_out, logging, names, op_types
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="ORT intra-op threads.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--inject-protection", is_flag=True,
-              help="Hardened models: also fault the checksum and range-restriction operations.")
+              help="Hardened models: also fault what harden inserted (checksums, range restriction, ABFT recovery).")
 @site_options
 def eval_(models, data, ber_text, trials, seed, metric, provider, batch, limit, out_dir, title, fault_log, threads,
           quiet, inject_protection, names, op_types, formats, scales, int_widths):

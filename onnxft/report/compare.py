@@ -12,7 +12,8 @@ def compare_table(out: dict) -> str:
     bers = out["bers"]
     head = f"{'scheme':<10} {'clean':>6} " + " ".join(f"{'acc@' + format(b, 'g'):>12} {'ops+':>7}" for b in bers)
     lines = [f"{out.get('model', 'model')}: {out['items']} items x {out['trials']} trials; block sizes for BER "
-             f"{out['design_ber']:g}; ops+ = expected extra operations / the model's operations", head]
+             f"{out['design_ber']:g}; ops+ = expected extra operations / the model's operations"
+             + ("; protection faulted too (checks and recovery)" if out.get("inject_protection") else ""), head]
     for row in out["schemes"]:
         cells = []
         for p in row["points"]:
