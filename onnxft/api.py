@@ -277,11 +277,14 @@ def compare(model, schemes=("none", "range", "standard", "lb", "lb+range"), bers
             calib=None, trials: int = 2, seed: int = 0, batch: int = 250, provider: str = "auto",
             limit: int | None = None, design_ber: float | None = None, select=None, latency: bool = False,
             progress=None, threads: int | None = None, range_mode: str = "clamp",
-            range_kinds=("softmax", "gelu"), alpha: float = 0.02, inject_protection: bool = False) -> dict:
+            range_kinds=("softmax", "gelu"), alpha: float = 0.02, inject_protection: bool = False,
+            dmr=("layernorm",)) -> dict:
     """Accuracy and overhead of protection schemes side by side (``campaigns.compare``).
+    ``dmr``: what ``lb+range+dmr`` duplicates (``passes.dmr`` names or op types).
     ``range_mode``, ``range_kinds`` and ``alpha`` set the range restriction of ``range`` and ``lb+range``;
     ``inject_protection`` faults each scheme's protection too (checks and ABFT recovery)."""
     from .campaigns.compare import compare as _compare
+    from .passes.dmr import op_types_from
 
     m, name, default = load(model)
     ds = _dataset(m, data, default, limit)
@@ -289,7 +292,8 @@ def compare(model, schemes=("none", "range", "standard", "lb", "lb+range"), bers
     if cal is None:  # the user's own data: calibrate on its first items
         cal = ds.head(min(512, len(ds)))
     out = _compare(m, ds, list(schemes), list(bers), trials, seed, batch, provider, cal, design_ber, select,
-                   latency, progress, threads, range_mode, tuple(range_kinds), alpha, inject_protection)
+                   latency, progress, threads, range_mode, tuple(range_kinds), alpha, inject_protection,
+                   op_types_from(dmr))
     out["model"] = display_name(model, name)
     return out
 

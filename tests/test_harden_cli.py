@@ -89,7 +89,7 @@ def test_compare_sec_baseline_and_range_options(files, capsys):
     """``sec`` (single-error correction only) recovers no more than ``standard`` on the same faults
     and costs less; ``--range/--range-ops/--alpha`` reach the range schemes."""
     code, text, err = run(["compare", str(files["model"]), "--data", str(files["data"]), "--schemes",
-                           "standard,sec,range", "--range", "zero", "--range-ops", "softmax,gelu", "--alpha", "0.25",
+                           "standard,sec,range,lb+range+dmr", "--range", "zero", "--range-ops", "softmax,gelu", "--alpha", "0.25",
                            "--ber", "3e-4", "--trials", "1", "--batch", "32", "--provider", "cpu", "--json"], capsys)
     assert code == 0, err
     result = json.loads(text)
@@ -98,6 +98,8 @@ def test_compare_sec_baseline_and_range_options(files, capsys):
     assert rows["sec"]["accuracy"] <= rows["standard"]["accuracy"]
     assert 0 < rows["sec"]["overhead_ops"] < rows["standard"]["overhead_ops"]
     assert rows["range"]["overhead_ops"] > 0
+    assert rows["lb+range+dmr"]["overhead_ops"] > rows["range"]["overhead_ops"]  # + ABFT + LayerNorm copies
+    assert result["dmr"] == ["LayerNormalization"]
 
 
 def test_compare_inject_protection_faults_recovery_too(files, capsys):

@@ -14,6 +14,7 @@ from onnx import numpy_helper as nh
 from onnxft import samples
 from onnxft.campaigns.calibrate_ranges import CalibrationError, calibrate_ranges, dataset_batches
 from onnxft.graph.roles import PROTECTION, role_of, set_role
+from onnxft.faults.sites import SiteTable
 from onnxft.passes.inject import SiteSelection, inject, prepare
 from onnxft.passes.ranges import (GELU_MIN, RangeError, find_range_sites, range_bounds, restrict_ranges,
                                   site_bounds)
@@ -429,3 +430,34 @@ def test_sample_vit_int8_quantized_zero_mode_stays_exact():
     test = data.batch(1000, 1064)
     run_at = lambda model: make_session(model, "cpu", level="basic").run(None, test)[0]  # noqa: E731
     np.testing.assert_array_equal(run_at(r.model), run_at(m))
+
+
+def test_hardening_keeps_the_fault_sites_of_the_models_own_computation():
+    """An elementwise op of a QDQ model whose result is quantized is faulted in its 8-bit result;
+    a range check (or DMR) inserted between the op and its QuantizeLinear must not turn it into a
+    float site: the site table of the model's own computation is the same before and after."""
+    from onnxft.passes.dmr import duplicate
+
+    m = onnx.load(samples.sample_model("vit_int8")["path"])
+    sites = find_range_sites(m, kinds=["quantized"])
+    restricted = restrict_ranges(m, site_bounds(sites, {s.tensor: s.known_range for s in sites}), "zero", sites).model
+    hardened = duplicate(restricted).model
+
+    def own(model):
+        table = SiteTable.from_model(inject(model).model)
+        # (float tensors a check renames get "/unrestricted"; quantized results keep their names)
+        return sorted((s.node, s.format, s.output if s.format == "int8" else "")
+                      for s in table.sites if not s.node.startswith("onnxft.dmr"))
+
+    before = own(m)
+    assert sum(1 for _, fmt, _ in before if fmt == "int8") > 80
+    assert own(restricted) == before and own(hardened) == before
+    copies = [s for s in SiteTable.from_model(inject(hardened).model).sites if s.node.startswith("onnxft.dmr")]
+    assert copies and all(s.format == "fp32" for s in copies)  # the copy is quantized nowhere
+    # and the injection graph runs: site ids follow the order the shape vectors are emitted in
+    # (a quantized result is wrapped past the DMR tail, after the copy's sites)
+    from onnxft.campaigns.evaluate import evaluate
+
+    data = load_npz(samples.sample_data_path(), input_specs(m)).head(8)
+    r = evaluate(hardened, data, [0.0, 1e-4], 1, 0, "top1", "cpu", 8)
+    assert r.points[0].value == r.clean and 0.0 <= r.points[1].value <= 1.0

@@ -8,6 +8,8 @@ Schemes (the seed paper's Figs. 9 to 12, for the user's model):
 - ``sec``: standard ABFT with single-error correction only (the paper's baseline [40], [52]-[57]);
 - ``lb``: LB-ABFT on every protectable GEMM (block sizes from OptBlockSizeSelection);
 - ``lb+range``: both;
+- ``lb+range+dmr``: both, and LayerNorm (or the ``dmr`` op types) duplicated and compared
+  (``passes.dmr``);
 - ``tmr``: layer-wise TMR (every layer triplicated, bitwise majority vote on what leaves it);
 - ``auto``: Algorithm 1 (``campaigns.select``): LB-ABFT on the GEMMs it picks under the target and cap.
 
@@ -39,7 +41,7 @@ from .harden import HardenOptions, harden
 from .overhead import latency_overhead
 from .select import SelectOptions, matrices_per_item, select_gemms
 
-SCHEMES = ("none", "range", "standard", "sec", "lb", "lb+range", "tmr", "auto")
+SCHEMES = ("none", "range", "standard", "sec", "lb", "lb+range", "lb+range+dmr", "tmr", "auto")
 
 
 @dataclass
@@ -91,7 +93,7 @@ def model_ops(model: onnx.ModelProto, data: Dataset) -> tuple[float, list, objec
 def build_variants(model: onnx.ModelProto, schemes: list[str], bers: list[float], data: Dataset,
                    calib: Dataset | None, design_ber: float, select_options: SelectOptions | None = None,
                    progress=None, range_mode: str = "clamp", range_kinds=("softmax", "gelu"),
-                   alpha: float = 0.02) -> list[Variant]:
+                   alpha: float = 0.02, dmr=("LayerNormalization",)) -> list[Variant]:
     bad = [s for s in schemes if s not in SCHEMES]
     if bad:
         raise ValueError(f"unknown scheme(s) {bad}; choose from {', '.join(SCHEMES)}")
@@ -131,12 +133,17 @@ def build_variants(model: onnx.ModelProto, schemes: list[str], bers: list[float]
             opts = HardenOptions(abft="lb", range_mode="none", ber=design_ber,
                                  gemms="^(" + "|".join(re.escape(c) for c in sel.chosen) + ")$")
         else:
-            opts = HardenOptions(abft={"range": "none", "standard": "standard", "sec": "sec", "lb": "lb", "lb+range": "lb"}[scheme],
-                                 range_mode=range_mode if scheme in ("range", "lb+range") else "none",
-                                 range_kinds=tuple(range_kinds), alpha=alpha, ber=design_ber)
+            abft_scheme = {"range": "none", "standard": "standard", "sec": "sec"}.get(scheme, "lb")
+            opts = HardenOptions(abft=abft_scheme, range_mode=range_mode if "range" in scheme else "none",
+                                 range_kinds=tuple(range_kinds), alpha=alpha, ber=design_ber,
+                                 dmr=tuple(dmr) if scheme.endswith("+dmr") else ())
         res = harden(model, opts, calib)
         plan = res.plan
         r_ops = _range_ops(res.model, [r["tensor"] for r in plan.get("ranges", [])])
+        if plan.get("dmr"):  # the copies' operations, and one comparison per element
+            dup = set(plan["dmr"]["nodes"])
+            r_ops += sum(p.operations_per_item for p, s in zip(plans, table.sites) if s.origin_node in dup)
+            r_ops += _range_ops(res.model, plan["dmr"]["tensors"]) / 2
         over = {b: (_abft_ops(plan, b) + r_ops) / total for b in bers}
         info.update({"gemms": len(plan.get("gemms", [])), "ranges": len(plan.get("ranges", []))})
         out.append(Variant(scheme, res.model, over, info))
@@ -147,7 +154,8 @@ def compare(model: onnx.ModelProto, data: Dataset, schemes: list[str], bers: lis
             seed: int = 0, batch: int = 250, provider: str = "auto", calib: Dataset | None = None,
             design_ber: float | None = None, select_options: SelectOptions | None = None,
             latency: bool = False, progress=None, threads: int | None = None, range_mode: str = "clamp",
-            range_kinds=("softmax", "gelu"), alpha: float = 0.02, inject_protection: bool = False) -> dict:
+            range_kinds=("softmax", "gelu"), alpha: float = 0.02, inject_protection: bool = False,
+            dmr=("LayerNormalization",)) -> dict:
     """Accuracy (top-1 with 95% intervals) and overhead of each scheme at each BER.
 
     ``inject_protection``: fault each scheme's protection too (checksums, range checks, voters and
@@ -157,7 +165,7 @@ def compare(model: onnx.ModelProto, data: Dataset, schemes: list[str], bers: lis
         raise ValueError("compare needs labelled data (an array 'y' in the .npz)")
     design_ber = design_ber if design_ber is not None else max(bers)
     variants = build_variants(model, schemes, bers, data, calib, design_ber, select_options, progress, range_mode,
-                              range_kinds, alpha)
+                              range_kinds, alpha, dmr)
     rows, results = [], []
     for v in variants:
         if progress:
@@ -175,6 +183,7 @@ def compare(model: onnx.ModelProto, data: Dataset, schemes: list[str], bers: lis
             row["latency"] = latency_overhead(model, v.model, 8, provider, repeats=20, threads=threads)
         rows.append(row)
     return {"schemes": rows, "bers": bers, "design_ber": design_ber,
-            "range": {"mode": range_mode, "ops": list(range_kinds), "alpha": alpha}, "items": len(data), "trials": trials,
+            "range": {"mode": range_mode, "ops": list(range_kinds), "alpha": alpha}, "dmr": list(dmr),
+            "items": len(data), "trials": trials,
             "inject_protection": inject_protection,
             "eval_results": results}

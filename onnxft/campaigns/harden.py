@@ -5,6 +5,7 @@ The order is fixed and each step is plain data in, plain data out:
 1. range sites of the original model (Softmax: fixed [0, 1]; GELU and flagged activations: bounds
    calibrated on the user's data, see ``passes.ranges``);
 2. ``restrict_ranges`` (a pass) with those bounds;
+2b. ``duplicate`` (a pass, only when ``dmr`` names op types): duplicate-and-compare of LayerNorm & co.;
 3. ABFT thresholds calibrated on the range-restricted model (``calibrate_abft``), or the rigorous
    rounding bound without calibration data;
 4. ``abft`` (a pass): standard or LB-ABFT around the selected MatMul/Gemm;
@@ -23,6 +24,7 @@ import onnx
 
 from ..passes.abft import MIN_OPSET as ABFT_MIN_OPSET
 from ..passes.abft import abft, find_gemms
+from ..passes.dmr import duplicate
 from ..passes.ranges import MIN_OPSET as RANGE_MIN_OPSET
 from ..passes.ranges import RangeSites, find_range_sites, restrict_ranges, site_bounds
 from ..runtime.data import Dataset, fixed_batch, input_specs, synthetic
@@ -51,6 +53,7 @@ class HardenOptions:
     gemms: str | None = None
     calib_batch: int = 64
     batch: int | None = None  # fix the inputs' batch axis to this size (in-place updates, see fix_batch)
+    dmr: tuple[str, ...] = ()  # op types to duplicate and compare (passes.dmr), e.g. ("LayerNormalization",)
 
     def validate(self) -> None:
         if self.abft not in ABFT_SCHEMES:
@@ -65,7 +68,7 @@ class HardenOptions:
             raise ValueError("--batch must be a positive integer")
         if not 0.0 <= self.alpha < 1.0:
             raise ValueError(f"alpha must be in [0, 1), got {self.alpha}")
-        if self.abft == "none" and self.range_mode == "none":
+        if self.abft == "none" and self.range_mode == "none" and not self.dmr:
             raise ValueError("nothing to do: --abft none and --range none")
 
 
@@ -110,7 +113,7 @@ def harden(model: onnx.ModelProto, options: HardenOptions, calib: Dataset | None
         plan["skipped"].append(("range", f"the model's opset is {opset}; range restriction needs opset "
                                          f"{RANGE_MIN_OPSET} or later"))
         options = replace(options, range_mode="none")
-    if options.abft == "none" and options.range_mode == "none":
+    if options.abft == "none" and options.range_mode == "none" and not options.dmr:
         raise ValueError(f"nothing to protect: {plan['skipped'][-1][1]}" if plan["skipped"] else "nothing to protect")
     plan["abft"], plan["range"] = options.abft, options.range_mode
     if options.range_mode != "none":
@@ -132,6 +135,11 @@ def harden(model: onnx.ModelProto, options: HardenOptions, calib: Dataset | None
             plan["ranges"] = [{"tensor": s.tensor, "kind": s.kind, "bounds": [float(v) for v in bounds[s.tensor]],
                                "calibrated": s.fixed is None, "calibrated_min_max": list(stats.get(s.tensor, ()))}
                               for s in sites if s.tensor in bounds]
+    if options.dmr:
+        res = duplicate(m, options.dmr)
+        m = res.model
+        plan["skipped"] += list(res.skipped)
+        plan["dmr"] = res.details
     if options.abft != "none":
         thresholds = None
         if calib is not None and any(g.skip is None for g in find_gemms(m)):

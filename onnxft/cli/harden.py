@@ -6,6 +6,7 @@ import json
 import click
 
 from .. import api
+from ..passes.dmr import op_types_from
 from .main import UserError, _one_ber, _run, cli
 
 
@@ -42,6 +43,8 @@ def _block_size(text: str):
 @click.option("--batch", "fixed_batch", default=None, type=click.IntRange(min=1),
               help="Fix the inputs' batch axis to N: static shapes let onnxruntime update GEMM outputs in place.")
 @click.option("--alpha", default=0.02, show_default=True, type=float, help="Margin of calibrated range bounds.")
+@click.option("--dmr", default="", help="Duplicate and compare these ops (layernorm, softmax, gelu or ONNX op "
+                                        "types, comma-separated); recompute on a mismatch.")
 @click.option("--select", type=click.Choice(["all", "auto"]), default="all", show_default=True,
               help="all: every protectable GEMM; auto: Algorithm 1 picks GEMMs by vulnerability under "
                    "--target-drop and --max-overhead at --ber.")
@@ -56,7 +59,7 @@ def _block_size(text: str):
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def harden(model, output, abft, range_mode, range_ops, calib, calib_limit, ber_text, block_size, gemms, fixed_batch,
-           alpha, select, target_drop, max_overhead, data, limit, trials, provider, as_json):
+           alpha, dmr, select, target_drop, max_overhead, data, limit, trials, provider, as_json):
     """Write a hardened MODEL: standard ONNX at the model's own opset, runs on stock onnxruntime.
 
     The plan (GEMMs, block sizes, thresholds, expected operation counts, calibrated bounds,
@@ -65,7 +68,8 @@ def harden(model, output, abft, range_mode, range_ops, calib, calib_limit, ber_t
     ber = _one_ber(ber_text)
     kinds = tuple(k.strip() for k in range_ops.split(",") if k.strip())
     opts = api.HardenOptions(abft=abft, range_mode=range_mode, ber=ber, block_size=_block_size(block_size),
-                             range_kinds=kinds, alpha=alpha, gemms=gemms, batch=fixed_batch)
+                             range_kinds=kinds, alpha=alpha, gemms=gemms, batch=fixed_batch,
+                             dmr=op_types_from(dmr.split(",")))
     sel = None
     if select == "auto":
         from ..campaigns.select import SelectOptions
@@ -102,6 +106,8 @@ def plan_summary(plan: dict) -> str:
             lines.append(f"  … {len(gemms) - 12} more in the plan")
     if plan["range"] != "none":
         lines.append(f"range {plan['range']}: {len(plan.get('ranges', []))} activations")
+    if plan.get("dmr"):
+        lines.append(f"duplicated and compared: {len(plan['dmr']['nodes'])} nodes ({', '.join(plan['dmr']['op_types'])})")
         for r in plan.get("ranges", [])[:8]:
             lo, hi = r["bounds"]
             lines.append(f"  {r['kind']:<9} {r['tensor']:<48} [{lo:.4g}, {hi:.4g}]")

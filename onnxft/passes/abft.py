@@ -710,9 +710,10 @@ def _lb_then(c: _Canon, b: int, tau_blk: float, weight, bias):
 
 
 def _checked_output(main: Nodes, then_nb: Nodes, s: GemmSite, raw: str, prefix: str, fixed: str, count: str,
-                    expose: bool, cond: str, recovery: dict) -> list:
+                    expose: bool, cond: str, recovery: dict | None = None) -> list:
     """The If and what writes the protected output ``s.out``; returns the extra graph outputs.
-    ``recovery`` (the recompute's operands) is recorded on the If as metadata for ``inject``."""
+    ``recovery`` (the recompute's operands) is recorded on the If as metadata for ``inject``
+    (None: a recovery ``inject`` does not fault, such as DMR's)."""
     opset = main.opset
     else_nb = Nodes(f"{prefix}/else", opset, branch=True)
     if not SCATTER_TAIL:
@@ -743,7 +744,8 @@ def _checked_output(main: Nodes, then_nb: Nodes, s: GemmSite, raw: str, prefix: 
 
 
 def _if_with_flags(main: Nodes, then_nb: Nodes, else_nb: Nodes, s: GemmSite, prefix: str, then_outs: list,
-                   else_outs: list, if_outputs: list, count: str, expose: bool, cond: str, recovery: dict) -> list:
+                   else_outs: list, if_outputs: list, count: str, expose: bool, cond: str,
+                   recovery: dict | None) -> list:
     """The If node (with the recompute counter and the detection flag when ``expose``)."""
     outputs = []
     if expose:
@@ -759,5 +761,6 @@ def _if_with_flags(main: Nodes, then_nb: Nodes, else_nb: Nodes, s: GemmSite, pre
     main.op("If", cond, outputs=if_outputs,
             then_branch=helper.make_graph(then_nb.nodes, f"{prefix}_recover", [], then_outs),
             else_branch=helper.make_graph(else_nb.nodes, f"{prefix}_pass", [], else_outs))
-    set_meta(main.nodes[-1], RECOVERY_KEY, json.dumps(recovery))
+    if recovery is not None:
+        set_meta(main.nodes[-1], RECOVERY_KEY, json.dumps(recovery))
     return outputs

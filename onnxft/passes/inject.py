@@ -93,6 +93,7 @@ class _Graph:
     consumers: dict = field(default_factory=dict)
     inits: dict = field(default_factory=dict)
     types: dict = field(default_factory=dict)  # tensor -> (elem_type, rank or None)
+    claimed_quantizers: set = field(default_factory=set)  # QuantizeLinear outputs already a site's
 
     def __post_init__(self):
         g = self.model.graph
@@ -196,8 +197,14 @@ def _find_sites(g: _Graph, sel: SiteSelection, int_widths, result: PassResult):
         if sel.formats is not None and site.format not in sel.formats:
             continue
         site.scale = sel.scale_for(site.node + " " + site.origin_node)
-        site.id = f"s{len(sites):04d}"
         sites.append((site, wrapped, extra))
+    # Ids in the order of the nodes the sites wrap, which is the order their shape vectors are
+    # emitted in: a quantized result can be wrapped some nodes after its op (past a range check
+    # or DMR's output tail), with other sites in between.
+    position = {id(n): i for i, n in enumerate(g.model.graph.node)}
+    sites.sort(key=lambda s: position[id(s[1])])
+    for i, (site, _, _) in enumerate(sites):
+        site.id = f"s{i:04d}"
     return sites
 
 
@@ -310,12 +317,12 @@ def _describe(g: _Graph, node: onnx.NodeProto, handler, label: str, origin: str,
                     dtype="float32" if elem == TensorProto.FLOAT else "float16",
                     widths=widths, shape_ranks=ranks, conv=conv, bias=bias, per_channel=per_channel)
     else:
-        # QDQ models: an elementwise op whose only consumer quantizes its result is an integer
-        # op; fault the quantized 8-bit result.
-        cons = g.consumers.get(out, [])
-        if (len(cons) == 1 and cons[0].op_type == "QuantizeLinear"
-                and g.types.get(cons[0].output[0], (None,))[0] in (TensorProto.INT8, TensorProto.UINT8)):
-            wrapped = cons[0]
+        # QDQ models: an elementwise op whose result is quantized (and used no other way) is an
+        # integer op; fault the quantized 8-bit result.
+        q = _quantizer_of(g, out, through_protection=role_of(node) != PROTECTION)
+        if q is not None and q.output[0] not in g.claimed_quantizers:
+            g.claimed_quantizers.add(q.output[0])
+            wrapped = q
             q_out = wrapped.output[0]
             fmt, dtype = "int8", _DTYPE_NAMES[g.types[q_out][0]]
             out, out_rank = q_out, g.types[q_out][1]
@@ -333,6 +340,34 @@ def _describe(g: _Graph, node: onnx.NodeProto, handler, label: str, origin: str,
                     origin=origin, origin_node=origin_node, output=out, dtype=dtype,
                     widths={"element": _ELEMENT_BITS[dtype]}, shape_ranks=[out_rank])
     return site, wrapped, extra
+
+
+def _quantizer_of(g: _Graph, out: str, through_protection: bool) -> onnx.NodeProto | None:
+    """The QuantizeLinear (to int8/uint8) that quantizes ``out`` when that is all the model's own
+    computation does with it: ``out``'s only consumer, or, in a hardened graph
+    (``through_protection``), the one it reaches through the protection nodes that pass its
+    values on (a range check, DMR's output tail). An ``If`` only decides and is not followed; so
+    a DMR copy, which feeds nothing but the comparison, stays a float site of its own. This keeps
+    an elementwise site's format and faulted tensor the same before and after ``harden``."""
+    if not through_protection:
+        cons = g.consumers.get(out, [])
+        found = {id(c): c for c in cons}
+    else:
+        found, frontier, seen = {}, [out], {out}
+        while frontier:
+            for c in g.consumers.get(frontier.pop(), []):
+                if role_of(c) != PROTECTION:
+                    found[id(c)] = c
+                elif c.op_type != "If":
+                    for o in c.output:
+                        if o and o not in seen:
+                            seen.add(o)
+                            frontier.append(o)
+        cons = list(found.values())
+    if (len(cons) == 1 and cons[0].op_type == "QuantizeLinear"
+            and g.types.get(cons[0].output[0], (None,))[0] in (TensorProto.INT8, TensorProto.UINT8)):
+        return cons[0]
+    return None
 
 
 def _vi(name: str, elem: int, rank: int | None):
