@@ -18,19 +18,11 @@ INPUT = "input"
 
 
 def role_of(node: onnx.NodeProto) -> str | None:
-    for p in node.metadata_props:
-        if p.key == ROLE_KEY:
-            return p.value
-    return None
+    return meta_of(node, ROLE_KEY)
 
 
 def set_role(node: onnx.NodeProto, role: str) -> onnx.NodeProto:
-    for p in node.metadata_props:
-        if p.key == ROLE_KEY:
-            p.value = role
-            return node
-    node.metadata_props.append(onnx.StringStringEntryProto(key=ROLE_KEY, value=role))
-    return node
+    return set_meta(node, ROLE_KEY, role)
 
 
 # Recovery metadata, read by ``inject`` under ``--inject-protection`` to make ABFT recovery a

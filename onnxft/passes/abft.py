@@ -406,7 +406,7 @@ def abft(model: onnx.ModelProto, scheme: str = "lb", ber: float = 1e-8, block_si
             continue
         entry, nb_main, then_nb, raw, fixed, count, cond = protect_conv(c, idx, opset, ber)
         recovery = {"unit": c.name, "op_type": "Conv", "a": c.x, "b": c.w, "bias": c.b or "", "output": raw}
-        outputs = _checked_output(nb_main, then_nb, c, raw, f"onnxft.abft.c{idx:03d}", fixed, count,
+        outputs = checked_output(nb_main, then_nb, c, raw, f"onnxft.abft.c{idx:03d}", fixed, count,
                                   expose_flags, cond, recovery)
         conv_plan.append(entry)
         owner = producers[c.out]
@@ -523,7 +523,7 @@ def _protect(m: _Model, s: GemmSite, node, idx: int, scheme: str, ber: float, bl
     # What inject needs to fault the recovery (--inject-protection): the operands the recompute
     # multiplies (B as the branch reads it: folded weight, scaled B, or the model's own B).
     recovery = {"unit": s.name, "op_type": "MatMul", "a": s.a, "b": w_name or s.b, "bias": "", "output": raw}
-    outputs = _checked_output(main, then_nb, s, raw, prefix, fixed, count, expose, cond, recovery)
+    outputs = checked_output(main, then_nb, s, raw, prefix, fixed, count, expose, cond, recovery)
 
     # --- plan ---------------------------------------------------------------------------------
     M_, N_, K_ = rows or 0, s.N or 0, s.K
@@ -709,7 +709,7 @@ def _lb_then(c: _Canon, b: int, tau_blk: float, weight, bias):
     return y, count
 
 
-def _checked_output(main: Nodes, then_nb: Nodes, s: GemmSite, raw: str, prefix: str, fixed: str, count: str,
+def checked_output(main: Nodes, then_nb: Nodes, s: GemmSite, raw: str, prefix: str, fixed: str, count: str,
                     expose: bool, cond: str, recovery: dict | None = None) -> list:
     """The If and what writes the protected output ``s.out``; returns the extra graph outputs.
     ``recovery`` (the recompute's operands) is recorded on the If as metadata for ``inject``

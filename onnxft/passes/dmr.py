@@ -31,7 +31,7 @@ import onnx
 
 from ..graph.checksums import Nodes, any_false
 from ..graph.roles import PROTECTION, set_role
-from .abft import _checked_output
+from .abft import checked_output
 from .result import PassResult
 
 ALIASES = {"layernorm": "LayerNormalization", "softmax": "Softmax", "gelu": "Gelu"}
@@ -105,7 +105,7 @@ def duplicate(model: onnx.ModelProto, op_types: Iterable[str] = DEFAULT_OPS, nam
         set_role(again, PROTECTION)
         then_nb.nodes.append(again)
         count = then_nb.op("Size", again.output[0])
-        _checked_output(main, then_nb, _Unit(label, target), raw, prefix, again.output[0], count, False, cond)
+        checked_output(main, then_nb, _Unit(label, target), raw, prefix, again.output[0], count, False, cond)
         after[idx] = [twin] + main.nodes
         inits.extend(main.initializers)
         protected.append(label)
