@@ -47,6 +47,16 @@ def test_harden_writes_model_and_plan(files, capsys, abft, rng):
     np.testing.assert_allclose(_outputs(out, files["x"]), _outputs(files["model"], files["x"]), rtol=1e-5, atol=1e-6)
 
 
+def test_harden_dmr_duplicates_layernorms(files, capsys):
+    out = files["dir"] / "h_dmr.onnx"
+    code, _, err = run(["harden", str(files["model"]), "--abft", "none", "--range", "none", "--dmr", "layernorm",
+                        "-o", str(out)], capsys)
+    assert code == 0, err
+    plan = json.loads((files["dir"] / "h_dmr.plan.json").read_text())
+    assert plan["dmr"]["op_types"] == ["LayerNormalization"] and plan["dmr"]["nodes"]
+    assert plan["verification"]["bit_identical"]
+
+
 def test_eval_of_hardened_model_faults_only_its_own_computation(files, capsys):
     out = files["dir"] / "h_eval.onnx"
     assert run(["harden", str(files["model"]), "--calib", str(files["data"]), "-o", str(out)], capsys)[0] == 0
@@ -122,6 +132,7 @@ def test_compare_inject_protection_faults_recovery_too(files, capsys):
 
 @pytest.mark.parametrize("argv,needle", [
     (["--abft", "none", "--range", "none"], "nothing to do"),
+    (["--abft", "none", "--range", "none", "--dmr", "Foo"], "nothing to protect"),
     (["--block-size", "0"], "block-size"),
     (["--block-size", "x"], "block-size"),
     (["--ber", "2"], "outside [0, 1]"),

@@ -140,6 +140,8 @@ def harden(model: onnx.ModelProto, options: HardenOptions, calib: Dataset | None
         m = res.model
         plan["skipped"] += list(res.skipped)
         plan["dmr"] = res.details
+        if not res.details["nodes"] and options.abft == "none" and options.range_mode == "none":
+            raise ValueError(f"nothing to protect: no {', '.join(options.dmr)} node to duplicate")
     if options.abft != "none":
         thresholds = None
         if calib is not None and any(g.skip is None for g in find_gemms(m)):
