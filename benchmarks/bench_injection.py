@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import onnxft.api as ft  # noqa: E402
 from onnxft import samples as ft_samples  # noqa: E402
+from onnxft.report.outputs import atomic_write  # noqa: E402
 from vit_graph import PRESETS, build_vit, save_atomic  # noqa: E402
 
 DEFAULT_MODELS = "vit,vit-b16"
@@ -84,11 +85,8 @@ def main(argv: list[str] | None = None) -> int:
                            f"{r['injected_ms']:.1f}", f"{r['ratio']:.2f}", f"{r['faults_per_run']:.2f}"]),
                   flush=True)
     if args.json:
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(json.dumps(rows, indent=2) + "\n")
-        os.replace(tmp, out)
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(args.json, json.dumps(rows, indent=2) + "\n")
     return 0 if rows else 1
 
 

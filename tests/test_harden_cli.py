@@ -133,6 +133,7 @@ def test_compare_inject_protection_faults_recovery_too(files, capsys):
 @pytest.mark.parametrize("argv,needle", [
     (["--abft", "none", "--range", "none"], "nothing to do"),
     (["--abft", "none", "--range", "none", "--dmr", "Foo"], "nothing to protect"),
+    (["--abft", "none", "--range-ops", "quantized"], "nothing to protect"),  # not a QDQ model
     (["--block-size", "0"], "block-size"),
     (["--block-size", "x"], "block-size"),
     (["--ber", "2"], "outside [0, 1]"),

@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import onnxft.api as ft  # noqa: E402
 from bench_injection import resolve  # noqa: E402
 from onnxft.campaigns.evaluate import trial_rng  # noqa: E402
+from onnxft.report.outputs import atomic_write  # noqa: E402
 from onnxft.faults.sampling import Faults, sample_faults  # noqa: E402
 from onnxft.passes.inject import inject  # noqa: E402
 from onnxft.runtime.data import fixed_batch, input_specs, synthetic  # noqa: E402
@@ -99,11 +100,8 @@ def main(argv=None) -> int:
                           f" {r['injected_ms']:>11.2f} {r['ratio']:>6.2f} {r['faults_per_run']:>10.1f}"
                           f" {r['open_s']:>6}", flush=True)
     if args.json:
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(json.dumps(rows, indent=2) + "\n")
-        os.replace(tmp, out)
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(args.json, json.dumps(rows, indent=2) + "\n")
     return 0 if rows else 1
 
 

@@ -40,6 +40,7 @@ import numpy as np
 
 import onnxft.api as ft
 from onnxft.campaigns.evaluate import trial_rng
+from onnxft.report.outputs import atomic_write
 from onnxft.faults.sampling import Faults, sample_faults
 from onnxft.passes.inject import inject
 from onnxft.runtime.data import input_specs, load_npz, synthetic
@@ -228,11 +229,8 @@ def main(argv=None) -> int:
         reports.append(rep)
         ok &= rep["ok"]
     if args.json:
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(json.dumps(reports, indent=2) + "\n")
-        os.replace(tmp, out)
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(args.json, json.dumps(reports, indent=2) + "\n")
     return 0 if ok else 1
 
 

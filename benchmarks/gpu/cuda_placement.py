@@ -169,6 +169,7 @@ def main(argv=None) -> int:
 
     import onnxft.api as ft
     from onnxft.passes.inject import inject
+    from onnxft.report.outputs import atomic_write
     from onnxft.runtime.data import fixed_batch, input_specs, synthetic
     from onnxft.runtime.session import with_static_inputs
 
@@ -194,11 +195,8 @@ def main(argv=None) -> int:
                 print(f"  {'':<9} on CPU: {r['cpu_ops']}")
                 print(f"  {'':<9} Memcpy nodes by graph: {r['memcpy_by_graph']}")
     if args.json:
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(json.dumps(reports, indent=2) + "\n")
-        os.replace(tmp, out)
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(args.json, json.dumps(reports, indent=2) + "\n")
     return 0
 
 

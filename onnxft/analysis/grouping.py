@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import onnx
 
 from ..faults.sites import Site, SiteTable
+from ..graph.edit import walk
 from ..graph.roles import INPUT, role_of
 
 _TORCH_LAYER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\.\d+$")
@@ -128,7 +129,7 @@ def structural_layers(table: SiteTable, model: onnx.ModelProto, idx: list[int]) 
 def residual_joins(model: onnx.ModelProto) -> set[str]:
     """Names of ``Add`` nodes both of whose operands are computed from the graph's inputs."""
     g = model.graph
-    nodes = list(_walk(g))
+    nodes = [n for _, n in walk(g)]
     consts = {t.name for t in g.initializer}
     data = {vi.name for vi in g.input if vi.name not in consts and not vi.name.startswith("onnxft.")}
     # forward pass in graph order: a tensor is "data" if any input of its producer is data
@@ -146,14 +147,6 @@ def residual_joins(model: onnx.ModelProto) -> set[str]:
         if n.op_type == "Add" and len(n.input) == 2 and all(i in data for i in n.input):
             joins.add(n.name)
     return joins
-
-
-def _walk(graph: onnx.GraphProto):
-    for n in graph.node:
-        yield n
-        for a in n.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                yield from _walk(a.g)
 
 
 def is_transformer(table: SiteTable) -> bool:

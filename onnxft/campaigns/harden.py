@@ -140,8 +140,6 @@ def harden(model: onnx.ModelProto, options: HardenOptions, calib: Dataset | None
         m = res.model
         plan["skipped"] += list(res.skipped)
         plan["dmr"] = res.details
-        if not res.details["nodes"] and options.abft == "none" and options.range_mode == "none":
-            raise ValueError(f"nothing to protect: no {', '.join(options.dmr)} node to duplicate")
     if options.abft != "none":
         thresholds = None
         if calib is not None and any(g.skip is None for g in find_gemms(m)):
@@ -153,6 +151,9 @@ def harden(model: onnx.ModelProto, options: HardenOptions, calib: Dataset | None
         plan["gemms"] = res.details.get("gemms", [])
         plan["convs"] = res.details.get("convs", [])
         plan["abft_totals"] = abft_totals(plan["gemms"] + plan["convs"])
+    if not (plan.get("gemms") or plan.get("convs") or plan.get("ranges") or (plan.get("dmr") or {}).get("nodes")):
+        why = plan["skipped"][-1][1] if plan["skipped"] else "no protectable node"
+        raise ValueError(f"nothing to protect: {why}")
     onnx.checker.check_model(m, full_check=True)
     plan["verification"] = verify_equivalence(model, m, calib)
     plan["skipped"] = [list(s) for s in plan["skipped"]]

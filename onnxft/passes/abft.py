@@ -45,6 +45,7 @@ from onnx import TensorProto, helper, shape_inference
 from ..graph.checksums import (Nodes, any_false, block_indicator, checksum_test, count_true, mark_recompute,
                                reduce, runtime_checksums, unsqueeze, weight_checksums, weight_row_test,
                                activation_row_test)
+from ..graph.edit import insert_after, producer_index
 from ..graph.roles import PROTECTION, RECOVERY_KEY, role_of, set_meta
 from ..runtime.model_io import external_data_dir
 from .abft_conv import find_convs, protect_conv, tau_bound
@@ -271,11 +272,6 @@ def _absorb_post_scale(m: _Model, s: GemmSite) -> None:
     s.out = node.output[0]
 
 
-def _tau_bound(K: int, n_sum: int) -> float:
-    """Rounding bound on |sum(Y) - A @ (B e)| / (|A| @ |B| e) (see ``abft_conv.tau_bound``)."""
-    return tau_bound(K, n_sum)
-
-
 def _bias_vector(m: _Model, s: GemmSite, node) -> np.ndarray | None:
     """The bias as a float32 [N] vector (beta folded for Gemm), or None."""
     if s.op_type == "Gemm":
@@ -380,7 +376,7 @@ def abft(model: onnx.ModelProto, scheme: str = "lb", ber: float = 1e-8, block_si
             result.skipped.append((s.name, s.skip))
             continue
         protect.append(s)
-    producers = {o: n for n in out.graph.node for o in n.output}
+    producers = producer_index(out.graph)
     inserted_after: dict[int, list] = {}
     new_inits = []
     new_outputs = []
@@ -390,9 +386,9 @@ def abft(model: onnx.ModelProto, scheme: str = "lb", ber: float = 1e-8, block_si
         entry, built = _protect(m, s, node, idx, scheme, ber, block_size, taus, expose_flags, opset)
         plan.append(entry)
         nb_main, raw = built["main"], built["raw"]
-        owner = producers[s.out]
+        owner = out.graph.node[producers[s.out]]
         owner.output[list(owner.output).index(s.out)] = raw
-        inserted_after.setdefault(id(owner), []).extend(nb_main.nodes)
+        inserted_after.setdefault(producers[s.out], []).extend(nb_main.nodes)
         new_inits.extend(nb_main.initializers)
         new_outputs.extend(built["outputs"])
         result.inserted.append(f"{s.name} -> {entry['scheme']} ABFT, {len(nb_main.nodes)} nodes"
@@ -409,18 +405,13 @@ def abft(model: onnx.ModelProto, scheme: str = "lb", ber: float = 1e-8, block_si
         outputs = checked_output(nb_main, then_nb, c, raw, f"onnxft.abft.c{idx:03d}", fixed, count,
                                   expose_flags, cond, recovery)
         conv_plan.append(entry)
-        owner = producers[c.out]
+        owner = out.graph.node[producers[c.out]]
         owner.output[list(owner.output).index(c.out)] = raw
-        inserted_after.setdefault(id(owner), []).extend(nb_main.nodes)
+        inserted_after.setdefault(producers[c.out], []).extend(nb_main.nodes)
         new_inits.extend(nb_main.initializers)
         new_outputs.extend(outputs)
         result.inserted.append(f"{c.name} -> Conv ABFT (recompute flagged items), {len(nb_main.nodes)} nodes")
-    new_nodes = []
-    for n in out.graph.node:
-        new_nodes.append(n)
-        new_nodes.extend(inserted_after.get(id(n), []))
-    del out.graph.node[:]
-    out.graph.node.extend(new_nodes)
+    insert_after(out.graph, inserted_after)
     out.graph.initializer.extend(new_inits)
     out.graph.output.extend(new_outputs)
     result.details = {"scheme": scheme, "ber": ber, "opset": opset, "gemms": plan, "convs": conv_plan}
@@ -430,7 +421,7 @@ def abft(model: onnx.ModelProto, scheme: str = "lb", ber: float = 1e-8, block_si
 def _threshold(s: GemmSite, thresholds: dict, n_sum: int) -> tuple[float, str]:
     """(tau for the row test, its source). The recovery branch's column and block tests use
     min(their own rounding bound, this tau): a calibrated tau tightens them too."""
-    bound = _tau_bound(s.K + s.extra_roundings, n_sum)
+    bound = tau_bound(s.K + s.extra_roundings, n_sum)
     if thresholds.get(s.name) == "unit":
         return 1.0, "unit (calibration)"
     if s.name in thresholds:
@@ -513,10 +504,10 @@ def _protect(m: _Model, s: GemmSite, node, idx: int, scheme: str, ber: float, bl
             s.op_type == "Gemm" and (_attr(node, "transB", 0) or _attr(node, "alpha", 1.0) != 1.0)) else s.b
     ctx = _Canon(then_nb, s, raw, ok, w_name, bias_name)
     if eff_scheme in ("standard", "sec"):
-        fixed, count = _standard_then(ctx, min(_tau_bound(s.K + s.extra_roundings, rows if rows else 4096), tau),
+        fixed, count = _standard_then(ctx, min(tau_bound(s.K + s.extra_roundings, rows if rows else 4096), tau),
                                       recompute_multiple=eff_scheme == "standard")
     else:
-        fixed, count = _lb_then(ctx, b_size, min(_tau_bound(s.K + s.extra_roundings, b_size), tau), weight, bias)
+        fixed, count = _lb_then(ctx, b_size, min(tau_bound(s.K + s.extra_roundings, b_size), tau), weight, bias)
     # The If returns a scatter (indices, values) rather than the checked tensor: the fault-free
     # branch returns an empty one, and ScatterElements then updates Y's own buffer (Flatten aliases
     # it), so a clean run never copies Y. (An If returning Identity(Y) copies the whole output.)
@@ -536,7 +527,7 @@ def _protect(m: _Model, s: GemmSite, node, idx: int, scheme: str, ber: float, bl
              "unit_rows": rows, "batch_dims": list(s.batch_dims), "rowwise": s.rowwise,
              "bias": s.bias_node, "has_bias": bias is not None, "b_constant": s.b_constant, "qdq": s.qdq,
              "scheme": eff_scheme, "fallback": fallback, "block_size": b_size,
-             "tau": tau, "tau_bound": _tau_bound(s.K + s.extra_roundings, N_row), "post_scale": s.post_node, "tau_source": tau_src,
+             "tau": tau, "tau_bound": tau_bound(s.K + s.extra_roundings, N_row), "post_scale": s.post_node, "tau_source": tau_src,
              "main_graph_nodes": len(main.nodes),
              "ops_gemm": (M_ * N_ * 2 * K_) if M_ and N_ else None,
              "ops_detection": costs.get("detection"),

@@ -30,6 +30,7 @@ from typing import Iterable
 import onnx
 
 from ..graph.checksums import Nodes, any_false
+from ..graph.edit import insert_after
 from ..graph.roles import PROTECTION, set_role
 from .abft import checked_output
 from .result import PassResult
@@ -111,12 +112,7 @@ def duplicate(model: onnx.ModelProto, op_types: Iterable[str] = DEFAULT_OPS, nam
         protected.append(label)
         tensors.append(target)
         result.inserted.append(f"{label}: duplicated and compared ({len(main.nodes) + 1} nodes)")
-    new_nodes = []
-    for i, n in enumerate(g.node):
-        new_nodes.append(n)
-        new_nodes.extend(after.get(i, []))
-    del g.node[:]
-    g.node.extend(new_nodes)
+    insert_after(g, after)
     g.initializer.extend(inits)
     if not protected and not result.skipped:
         result.skipped.append((",".join(op_types), "no such node in the main graph"))

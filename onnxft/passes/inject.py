@@ -39,7 +39,8 @@ from onnx import TensorProto, helper, numpy_helper, shape_inference, version_con
 
 from ..custom_ops import FAULT_DOMAIN, FAULT_DOMAIN_VERSION, OPSET, all_functions
 from ..custom_ops.functions import op_name
-from ..graph.roles import INPUT, PROTECTION, RECOMPUTE_KEY, RECOVERY_KEY, meta_of, role_of
+from ..graph.edit import walk
+from ..graph.roles import INPUT, PROTECTION, RECOMPUTE_KEY, RECOVERY_KEY, meta_of, role_of, set_meta
 from ..faults.sites import PROBE_INPUT, SHAPES_OUTPUT, SITES_KEY, SOURCE_OPSET_KEY, Site, SiteTable
 from ..ops.registry import INPUT_HANDLER, handler_for
 from ..runtime.model_io import external_data_dir
@@ -135,14 +136,14 @@ def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
     if opset < OPSET:
         # The converter drops node metadata (roles, origins, the recovery marks inside If branches):
         # carry it over by (graph name, node name).
-        meta = {(gr.name, n.name): list(n.metadata_props) for gr, n in _graph_nodes(model.graph)
+        meta = {(gr.name, n.name): list(n.metadata_props) for gr, n in walk(model.graph)
                 if n.name and n.metadata_props}
         try:
             model = version_converter.convert_version(model, OPSET)
         except Exception as exc:  # the converter raises bare RuntimeErrors
             raise InjectError(f"cannot upgrade the model from opset {opset} to {OPSET}: "
                               f"{str(exc).splitlines()[0]}") from None
-        for gr, n in _graph_nodes(model.graph):
+        for gr, n in walk(model.graph):
             if (gr.name, n.name) in meta and not n.metadata_props:
                 n.metadata_props.extend(meta[(gr.name, n.name)])
     # The version converter stamps the newest IR; onnxruntime 1.31 reads IR <= 13, enough for opset 26.
@@ -790,13 +791,13 @@ def inject(model: onnx.ModelProto, selection: SiteSelection | None = None,
         _fault_free_fast_path(graph, base.graph, [s for s, _, _ in found])
     # Value info of the replaced node outputs stays valid (same names, same types).
     fns = all_functions()
-    used = {n.op_type for n in _all_nodes(graph) if n.domain == FAULT_DOMAIN}
+    used = {n.op_type for _, n in walk(graph) if n.domain == FAULT_DOMAIN}
     m.functions.extend(fns[name] for name in sorted(used))
     m.opset_import.append(helper.make_opsetid(FAULT_DOMAIN, FAULT_DOMAIN_VERSION))
     table = SiteTable([s for s, _, _ in found], OPSET, tuple(int(w) for w in int_widths), logging)
-    _set_meta(m, SITES_KEY, table.to_json())
+    set_meta(m, SITES_KEY, table.to_json())
     source = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), OPSET)
-    _set_meta(m, SOURCE_OPSET_KEY, str(source))
+    set_meta(m, SOURCE_OPSET_KEY, str(source))
     return result
 
 
@@ -897,34 +898,6 @@ def _all_inputs(node: onnx.NodeProto):
         for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
             for n in g.node:
                 yield from _all_inputs(n)
-
-
-def _graph_nodes(graph: onnx.GraphProto):
-    """(graph, node) for every node of ``graph`` and of its nodes' subgraphs."""
-    for n in graph.node:
-        yield graph, n
-        for a in n.attribute:
-            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                yield from _graph_nodes(sub)
-
-
-def _all_nodes(graph: onnx.GraphProto):
-    for n in graph.node:
-        yield n
-        for a in n.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                yield from _all_nodes(a.g)
-            elif a.type == onnx.AttributeProto.GRAPHS:
-                for sub in a.graphs:
-                    yield from _all_nodes(sub)
-
-
-def _set_meta(model: onnx.ModelProto, key: str, value: str) -> None:
-    for p in model.metadata_props:
-        if p.key == key:
-            p.value = value
-            return
-    model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
 
 
 def selection_from_options(op_types: Iterable[str] | None = None, names: str | None = None,

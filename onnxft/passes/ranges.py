@@ -26,6 +26,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper, shape_inference
 
+from ..graph.edit import insert_after, producer_index
 from ..graph.roles import PROTECTION, role_of, set_role
 from ..runtime.model_io import external_data_dir
 from .decompose import _subgraphs, constant_value
@@ -590,7 +591,7 @@ def restrict_ranges(model: onnx.ModelProto, bounds: Mapping[str, tuple[float, fl
     kinds = {s.tensor: s.kind for s in sites or ()}
     result = PassResult(model=copy.deepcopy(model), skipped=list(getattr(sites, "skipped", [])))
     graph = result.model.graph
-    producers = {o: (i, n) for i, n in enumerate(graph.node) for o in n.output if o}
+    producers = producer_index(graph)
     types = _elem_types(model)
     names = _Names(_used_names(model))
     inits: list[onnx.TensorProto] = []
@@ -610,7 +611,7 @@ def restrict_ranges(model: onnx.ModelProto, bounds: Mapping[str, tuple[float, fl
                                            "is not float, float16 or double"))
             continue
         dtype = _FLOAT_NP[elem]
-        idx, producer = producers[tensor]
+        producer = graph.node[producers[tensor]]
         raw = names.fresh(f"{tensor}/unrestricted")
         producer.output[list(producer.output).index(tensor)] = raw
         lo_a, hi_a = _outward(lo, hi, dtype)
@@ -636,17 +637,12 @@ def restrict_ranges(model: onnx.ModelProto, bounds: Mapping[str, tuple[float, fl
             n.name = names.fresh(f"{base}/range/{n.op_type}")
             set_role(n, PROTECTION)
             n.metadata_props.add(key=RANGE_KEY, value=tensor)
-        after.setdefault(idx, []).extend(nodes)
+        after.setdefault(producers[tensor], []).extend(nodes)
         kind = kinds.get(tensor, "range")
         result.inserted.append(f"{kind} {tensor}: [{float(lo_a):.6g}, {float(hi_a):.6g}] {mode} -> {len(nodes)} nodes")
         details[tensor] = {"kind": kind, "lo": float(lo_a), "hi": float(hi_a), "nodes": len(nodes)}
 
-    new_nodes = []
-    for i, n in enumerate(graph.node):
-        new_nodes.append(n)
-        new_nodes.extend(after.get(i, []))
-    del graph.node[:]
-    graph.node.extend(new_nodes)
+    insert_after(graph, after)
     graph.initializer.extend(inits)
     result.details = {"ranges": details, "mode": mode,
                       "nodes_inserted": sum(d["nodes"] for d in details.values())}

@@ -1,0 +1,34 @@
+"""Small graph-editing helpers shared by the passes."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import onnx
+
+
+def walk(graph: onnx.GraphProto) -> Iterator[tuple[onnx.GraphProto, onnx.NodeProto]]:
+    """Every node of ``graph`` and of its subgraphs (If/Loop/Scan bodies, nested), with the graph
+    that holds it, in order."""
+    for n in graph.node:
+        yield graph, n
+        for a in n.attribute:
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                yield from walk(sub)
+
+
+def producer_index(graph: onnx.GraphProto) -> dict[str, int]:
+    """Tensor name -> position of the node that produces it (the keys ``insert_after`` takes)."""
+    return {o: i for i, n in enumerate(graph.node) for o in n.output if o}
+
+
+def insert_after(graph: onnx.GraphProto, after: dict[int, list]) -> None:
+    """Splice new nodes into ``graph``: ``after[i]`` goes right after the node at position ``i``
+    (positions before any insertion), so every inserted check sits next to the tensor it reads and
+    the graph stays topologically sorted. (Positions, not ``id(node)``: protobuf may hand out a new
+    Python wrapper for the same node on every access.)"""
+    new_nodes = []
+    for i, n in enumerate(graph.node):
+        new_nodes.append(n)
+        new_nodes.extend(after.get(i, []))
+    del graph.node[:]
+    graph.node.extend(new_nodes)
