@@ -104,6 +104,9 @@ def test_seed_reproduces_results(files, capsys):
     (["eval", "{tf}", "--data", "{dir}/garbage.onnx", "--ber", "0"], "not a readable .npz"),
     (["eval", "{tf}", "--data", "{dir}/nolabel.npz", "--ber", "0"], "no labels"),
     (["inject", "{tf}", "-o", "{dir}/never.onnx", "--format", "fp8"], "unknown format"),
+    (["eval", "{tf}", "--data", "{tf_data}", "--ber", "0", "--out", "{dir}/garbage.onnx"], "is a file"),
+    (["eval", "{tf}", "--data", "{tf_data}", "--ber", "0", "--out", "{dir}/garbage.onnx/sub"],
+     "cannot create the folder"),
 ])
 def test_user_mistakes_get_one_line(files, capsys, argv, needle):
     d = files["dir"]

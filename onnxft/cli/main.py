@@ -227,7 +227,10 @@ def _check_out_dir(out_dir):
     p = Path(out_dir)
     if p.exists() and not p.is_dir():
         raise ValueError(f"--out {out_dir} exists and is not a directory")
-    p.mkdir(parents=True, exist_ok=True)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"--out {out_dir}: cannot create the folder ({exc.strerror})") from None
     import os
 
     if not os.access(p, os.W_OK):
