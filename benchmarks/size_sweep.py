@@ -27,38 +27,24 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import onnxft.api as ft  # noqa: E402
 from bench_cpu_time import cpu_ratios  # noqa: E402
 from bench_injection import resolve  # noqa: E402
 from onnxft.campaigns.harden import HardenOptions  # noqa: E402
+from onnxft.campaigns.overhead import latency_overhead  # noqa: E402
 from onnxft.report.outputs import atomic_write  # noqa: E402
-from onnxft.runtime.data import input_specs, synthetic  # noqa: E402
 from onnxft.runtime.model_io import load_model  # noqa: E402
-from onnxft.runtime.session import make_session, with_static_inputs  # noqa: E402
 
 
 def lb_ratio(path: str, hardened: Path, batch: int, repeats: int) -> dict:
     """Fault-free CPU time of the hardened graph over the original's, one thread, interleaved."""
     ft.harden(path, hardened, HardenOptions(range_mode="none", batch=batch), calib=None)
     original, protected = load_model(path), load_model(str(hardened))
-    feeds = synthetic(input_specs(original), batch, 0)
-    sessions = [make_session(with_static_inputs(m, feeds), "cpu", threads=1) for m in (original, protected)]
-    names = [[o.name for o in s.get_outputs()] for s in sessions]
-    for _ in range(2):
-        for s, n in zip(sessions, names):
-            s.run(n, feeds)
-    times = [[], []]
-    for i in range(repeats):
-        for k in ((0, 1) if i % 2 == 0 else (1, 0)):
-            t = time.thread_time()
-            sessions[k].run(names[k], feeds)
-            times[k].append(time.thread_time() - t)
-    base, model = (float(np.median(t) * 1e3) for t in times)
-    return {"clean_ms": base, "hardened_ms": model, "ratio": model / base,
+    r = latency_overhead(original, protected, batch=batch, provider="cpu", repeats=repeats, warmup=2,
+                         threads=1, clock=time.thread_time)
+    return {"clean_ms": r["baseline_ms"], "hardened_ms": r["model_ms"], "ratio": r["ratio"],
             "nodes_added": len(protected.graph.node) - len(original.graph.node)}
 
 

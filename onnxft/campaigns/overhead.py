@@ -16,8 +16,10 @@ from ..runtime.session import make_session, with_static_inputs
 
 def latency_overhead(baseline: onnx.ModelProto, model: onnx.ModelProto, batch: int = 8, provider: str = "auto",
                      repeats: int = 20, warmup: int = 3, seed: int = 0, feeds: dict | None = None,
-                     threads: int | None = None, level: str = "all") -> dict:
-    """Median per-inference time of ``baseline`` and ``model`` and their ratio."""
+                     threads: int | None = None, level: str = "all", clock=time.perf_counter) -> dict:
+    """Median per-inference time of ``baseline`` and ``model`` and their ratio. ``clock``: wall
+    clock by default; ``time.thread_time`` with ``threads=1`` gives CPU time, steadier on a
+    shared machine."""
     if batch < 1 or repeats < 1:
         raise ValueError("batch and repeats must be at least 1")
     specs = input_specs(baseline)
@@ -33,9 +35,9 @@ def latency_overhead(baseline: onnx.ModelProto, model: onnx.ModelProto, batch: i
     for i in range(repeats):
         order = (0, 1) if i % 2 == 0 else (1, 0)  # alternate who goes first: caches favour neither
         for k in order:
-            t0 = time.perf_counter()
+            t0 = clock()
             sessions[k].run(names[k], feeds)
-            times[k].append(time.perf_counter() - t0)
+            times[k].append(clock() - t0)
     base_ms, model_ms = (float(np.median(t) * 1e3) for t in times)
     return {"baseline_ms": base_ms, "model_ms": model_ms, "ratio": model_ms / base_ms, "overhead": model_ms / base_ms - 1,
             "batch": batch, "repeats": repeats, "provider": sessions[1].get_providers()[0], "level": level}
