@@ -21,9 +21,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_injection import resolve  # noqa: E402
-from onnxft.campaigns.evaluate import trial_rng  # noqa: E402
+from onnxft.campaigns.evaluate import campaign_graph, trial_rng  # noqa: E402
 from onnxft.faults.sampling import Faults, sample_faults  # noqa: E402
-from onnxft.passes.inject import inject  # noqa: E402
 from onnxft.runtime.data import input_specs, synthetic  # noqa: E402
 from onnxft.runtime.model_io import load_model  # noqa: E402
 from onnxft.runtime.session import InjectionSession, make_session, with_static_inputs  # noqa: E402
@@ -32,7 +31,7 @@ from onnxft.runtime.session import InjectionSession, make_session, with_static_i
 def cpu_ratios(path: str, bers: list[float], batch: int, repeats: int, seed: int = 0) -> dict:
     model = load_model(path)
     feeds = synthetic(input_specs(model), batch, seed)
-    injected = InjectionSession(inject(model, fault_free_path=True, transposed_weights=True).model, "cpu", threads=1)
+    injected = InjectionSession(campaign_graph(model), "cpu", threads=1)
     clean = make_session(with_static_inputs(model, feeds), "cpu", threads=1)
     plans = injected.plans(feeds)
     outputs = [o.name for o in clean.get_outputs()]
