@@ -4,8 +4,8 @@ import itertools
 import numpy as np
 
 from models import labelled_data, tiny_transformer
-from onnxft.campaigns.select import (SelectOptions, accuracy_without, gemm_units, matrices_per_item,
-                                     select_gemms)
+from onnxft.campaigns.select import accuracy_without, gemm_units, matrices_per_item, select_gemms
+from onnxft.campaigns.spec import CampaignSpec
 from onnxft.campaigns.vuln import Campaign
 from onnxft.passes.inject import inject
 from onnxft.runtime.data import Dataset
@@ -35,8 +35,9 @@ def test_units_cover_every_protectable_gemm_with_its_cost():
 
 def test_algorithm1_picks_what_an_exhaustive_search_picks():
     model, ds = _setup()
-    opts = SelectOptions(target_drop=0.02, max_overhead=0.15, trials=1, max_trials=1, batch=200, provider="cpu")
-    sel = select_gemms(model, ds, BER, opts)
+    opts = CampaignSpec(bers=(BER,), target_drop=0.02, max_overhead=0.15, trials=1, max_trials=1, ci_width=0.03,
+                        batch=200, provider="cpu")
+    sel = select_gemms(model, ds, opts)
     assert sel.unprotected < sel.target, "the test needs a BER at which the model misses the target"
 
     camp = Campaign(InjectionSession(inject(model).model, "cpu"), ds, 200, 0)
