@@ -256,6 +256,15 @@ def test_vuln_scores_the_chosen_output_and_reports_due(files):
     assert CampaignSpec.from_json(res["spec"]).bers == (0.05,)
 
 
+def test_wilson_interval_is_exact_at_the_ends():
+    from onnxft.campaigns.stats import wilson_interval
+
+    for n in (1, 7, 2000, 123457):
+        assert wilson_interval(0, n)[0] == 0.0 and wilson_interval(n, n)[1] == 1.0
+        lo, hi = wilson_interval(1, n)
+        assert 0.0 < lo <= 1 / n <= hi
+
+
 # ----- the spec -------------------------------------------------------------------------------------------
 
 def test_spec_json_round_trip_is_exact():

@@ -64,7 +64,8 @@ def outcomes_plot(results: list[dict], path: str | Path, title: str | None = Non
         line = None
         for key, style in (("sdc", "-"), ("due", "--")):
             ys = [p[key] for p in pts]
-            err = [[p[key] - p[key + "_ci"][0] for p in pts], [p[key + "_ci"][1] - p[key] for p in pts]]
+            err = [[max(0.0, p[key] - p[key + "_ci"][0]) for p in pts],
+                   [max(0.0, p[key + "_ci"][1] - p[key]) for p in pts]]
             c = ax.errorbar(xs, ys, yerr=err, marker="o" if key == "sdc" else "s", ls=style, capsize=3,
                             label=f"{r['model']} {key.upper()}", color=None if line is None else line)
             line = c.lines[0].get_color()
@@ -96,8 +97,8 @@ def eval_plot(results: list[dict], path: str | Path, title: str | None = None) -
             continue
         xs = [p["ber"] for p in pts]
         ys = [p["value"] for p in pts]
-        lo = [p["value"] - p["ci"][0] for p in pts]
-        hi = [p["ci"][1] - p["value"] for p in pts]
+        lo = [max(0.0, p["value"] - p["ci"][0]) for p in pts]  # (Wilson's bound can round past the value)
+        hi = [max(0.0, p["ci"][1] - p["value"]) for p in pts]
         ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=r["model"])
         zero_ber = min(xs) if zero_ber is None else min(zero_ber, min(xs))
         if r["metric"] == "top1":
