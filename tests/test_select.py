@@ -57,3 +57,24 @@ def test_algorithm1_picks_what_an_exhaustive_search_picks():
     assert sel.reached
     assert set(sel.chosen) == best[1], (sel.chosen, best)
     np.testing.assert_allclose(sel.accuracy, best[2])
+
+
+def test_harden_select_auto_takes_a_spec_and_records_outcomes(tmp_path):
+    """api.harden(select=CampaignSpec) runs Algorithm 1 at the hardening BER and records the
+    hardened graph's measured accuracy with its SDC and DUE rates, and the spec it ran with."""
+    import onnx
+
+    from onnxft import api
+    from onnxft.campaigns.harden import HardenOptions
+
+    model, ds = _setup()
+    onnx.save(model, tmp_path / "m.onnx")
+    spec = CampaignSpec(target_drop=0.02, max_overhead=0.15, trials=1, max_trials=1, batch=200, provider="cpu")
+    plan = api.harden(str(tmp_path / "m.onnx"), tmp_path / "h.onnx", HardenOptions(abft="lb", range_mode="none",
+                                                                                   ber=BER), select=spec, data=ds)
+    sel = plan["selection"]
+    assert sel["chosen"] and sel["ber"] == BER
+    assert 0 <= sel["measured_due"] <= 1 - sel["measured_accuracy"] + 1e-12
+    assert sel["measured_sdc_ci"][0] <= sel["measured_sdc"] <= sel["measured_sdc_ci"][1]
+    ran = CampaignSpec.from_json(sel["spec"])
+    assert ran.bers == (BER,) and ran.max_overhead == 0.15 and ran.trials == 1
