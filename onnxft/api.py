@@ -136,9 +136,15 @@ def inject(model, output: str | Path, selection: SiteSelection | None = None, in
 
 
 def _model_fields(model, name: str) -> dict:
-    """The spec's model fields: the path (or sample) that ``load`` resolved, and the display name."""
-    return {"model": None if isinstance(model, onnx.ModelProto) else name,
-            "model_name": display_name(model, name)}
+    """The spec's model fields: a bundled sample's name (portable), else the path ``load`` resolved
+    (None for a ModelProto); and the display name."""
+    if isinstance(model, onnx.ModelProto):
+        path = None
+    elif model is None or (_samples.sample_model_name(str(model)) and not Path(str(model)).exists()):
+        path = _samples.DEFAULT_MODEL if model is None else str(model)
+    else:
+        path = name
+    return {"model": path, "model_name": display_name(model, name)}
 
 
 def evaluate(model=None, data=None, bers: Iterable[float] = (0.0, 1e-9, 1e-8, 1e-7), trials: int = 3,
