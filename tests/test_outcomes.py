@@ -132,6 +132,15 @@ def test_hook_bools_scores_and_the_box_detector():
         Judge(["o"], [np.zeros((3, 2))], OutcomeOptions(sdc="no_such_module:f"))
 
 
+def test_hook_module_in_the_current_directory(tmp_path, monkeypatch):
+    (tmp_path / "onnxft_test_cwd_hook.py").write_text(
+        "import numpy as np\n\ndef every_item(faulty, clean, labels):\n    return np.ones(len(clean['o']), bool)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", str(tmp_path))])
+    j = Judge(["o"], [np.zeros((2, 3), np.float32)], OutcomeOptions(sdc="onnxft_test_cwd_hook:every_item"))
+    np.testing.assert_array_equal(j.classify([np.zeros((2, 3))], [np.zeros((2, 3))]), [SDC, SDC])
+
+
 def _score_hook(faulty, clean, labels):
     return np.array([1.0, 0.2, 0.5])
 

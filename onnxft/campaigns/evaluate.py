@@ -26,7 +26,7 @@ from ..faults.sampling import Faults, sample_faults, site_tables
 from ..passes.inject import SiteSelection, inject
 from ..runtime.data import Dataset
 from ..runtime.session import InjectionSession, make_session
-from .outcomes import Judge, OutcomeCounts
+from .outcomes import SDC, Judge, OutcomeCounts
 from .spec import METRICS, CampaignSpec
 from .stats import wilson_interval
 
@@ -112,7 +112,7 @@ def evaluate(model: onnx.ModelProto, data: Dataset, spec: CampaignSpec, progress
     starts = list(range(0, n_items, batch))
     # "clean" is the user's model as it is; the injection graph's own fault-free outputs are the
     # outcome baseline (so that BER 0 gives exactly 0 SDC and 0 DUE).
-    original = make_session(model, spec.provider, spec.threads, level="basic") if data.labels is not None else None
+    original = make_session(model, spec.provider, spec.threads, level="basic") if metric == "top1" else None
     clean_outs, plans_per_batch, clean_ok, graph_ok = [], [], 0, 0
     judge = None
     for j, s in enumerate(starts):
@@ -122,7 +122,7 @@ def evaluate(model: onnx.ModelProto, data: Dataset, spec: CampaignSpec, progress
             judge = Judge(sess.output_names, out, spec.outcome, items=len(next(iter(feeds.values()))))
         clean_outs.append(out)
         plans_per_batch.append(plans)
-        if original is not None and metric == "top1":
+        if original is not None:
             labels = data.labels[s:s + batch]
             ref = original.run(sess.output_names, feeds)
             clean_ok += int(np.sum(judge.correct(ref, labels)))
@@ -151,7 +151,7 @@ def evaluate(model: onnx.ModelProto, data: Dataset, spec: CampaignSpec, progress
                     if metric == "top1":
                         counts[i] += int(np.sum(judge.correct(out, labels, clean_outs[j])))
                     else:
-                        counts[i] += int(np.sum(codes == 1))
+                        counts[i] += int(np.sum(codes == SDC))
                     if log_file is not None:
                         rec = _log_record(sess, spec.model or spec.model_name, data, s, batch, ber, spec.seed, t, j,
                                           faults, plans_per_batch[j], logs, out)
@@ -175,7 +175,7 @@ def evaluate(model: onnx.ModelProto, data: Dataset, spec: CampaignSpec, progress
                             tuple(r["due_ci"])))
     result = EvalResult(spec.model_name, metric, clean, points, spec.seed, data.path, n_items,
                         ",".join(sess.providers), len(sess.table.sites), batch, judge.describe(), spec.to_json())
-    if original is not None and metric == "top1":
+    if original is not None:
         result.extra["clean_injection_graph"] = graph_ok / n_items
     return result
 

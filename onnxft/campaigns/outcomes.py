@@ -31,6 +31,7 @@ arg-max against the label); a DUE item is never correct.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import math
 from dataclasses import dataclass
 from typing import Callable, Mapping
@@ -96,8 +97,15 @@ def outcome_options(outputs=None, sdc: str = "auto", tol: str | Mapping | None =
 
 
 def load_hook(spec: str) -> Callable:
+    """The function named ``package.module:function``; a module in the current directory is found
+    too (the ``onnxft`` script's own directory, not the user's, heads ``sys.path``)."""
+    import os
+    import sys
+
     module, _, name = spec.partition(":")
     try:
+        if os.getcwd() not in sys.path and importlib.util.find_spec(module.split(".")[0]) is None:
+            sys.path.append(os.getcwd())
         fn = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as exc:
         raise OutcomeError(f"cannot load the --sdc hook {spec!r} ({exc.__class__.__name__}: {exc})") from None
