@@ -32,7 +32,7 @@ from onnx import shape_inference
 from ..analysis import grouping
 from ..passes.abft_conv import conv_cost
 from ..passes.blocksize import lb_cost, standard_cost
-from ..passes.inject import SiteSelection, inject
+from ..passes.inject import inject
 from ..passes.tmr import tmr
 from ..runtime.data import Dataset
 from ..runtime.session import InjectionSession
