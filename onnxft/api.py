@@ -28,12 +28,15 @@ from .campaigns.harden import HardenOptions
 from .campaigns.harden import harden as _harden
 from .campaigns.overhead import latency_overhead
 from .campaigns.inspect import inspect_model
+from .campaigns.outcomes import OutcomeOptions, outcome_options
+from .campaigns.spec import CampaignSpec
 from .passes.inject import SiteSelection, inject as _inject, selection_from_options
 from .runtime.data import DataError, Dataset, fixed_batch, input_specs, load_npz
 from .runtime.model_io import check_writable, external_data_dir, load_model, save_model
 
 __all__ = ["samples", "inspect", "inject", "evaluate", "bench", "replay", "vuln", "harden", "overhead",
-           "compare", "load", "SiteSelection", "selection_from_options", "HardenOptions"]
+           "compare", "load", "SiteSelection", "selection_from_options", "HardenOptions", "CampaignSpec",
+           "OutcomeOptions", "outcome_options"]
 
 
 def load(model: str | Path | onnx.ModelProto | None) -> tuple[onnx.ModelProto, str, str | None]:
@@ -132,10 +135,29 @@ def inject(model, output: str | Path, selection: SiteSelection | None = None, in
     return info
 
 
+def _model_fields(model, name: str) -> dict:
+    """The spec's model fields: a bundled sample's name (portable), else the path ``load`` resolved
+    (None for a ModelProto); and the display name."""
+    if isinstance(model, onnx.ModelProto):
+        path = None
+    elif model is None or (_samples.sample_model_name(str(model)) and not Path(str(model)).exists()):
+        path = _samples.DEFAULT_MODEL if model is None else str(model)
+    else:
+        path = name
+    return {"model": path, "model_name": display_name(model, name)}
+
+
 def evaluate(model=None, data=None, bers: Iterable[float] = (0.0, 1e-9, 1e-8, 1e-7), trials: int = 3,
              seed: int = 0, metric: str = "top1", provider: str = "auto", batch: int = 64,
              selection: SiteSelection | None = None, int_widths=(16, 32), limit: int | None = None,
-             progress=None, fault_log: str | Path | None = None, threads: int | None = None) -> EvalResult:
+             progress=None, fault_log: str | Path | None = None, threads: int | None = None,
+             outputs=None, sdc: str = "auto", tol=None) -> EvalResult:
+    """Top-1 accuracy (``metric="top1"``) or SDC rate (``"sdc"``) against BER, and the masked / SDC /
+    DUE rates of every point (``campaigns.evaluate``, ``campaigns.outcomes``).
+
+    ``outputs``: checked outputs (names, or ``"a,b"``; default every float output); ``sdc``: the
+    SDC criterion (auto, top1, tol, cosine or ``package.module:function``); ``tol``: ``"rel=R,abs=A,cos=C"``
+    or a dict."""
     m, name, default = load(model)
     ds = _dataset(m, data, default, limit)
     fixed = fixed_batch(input_specs(m))
@@ -146,11 +168,13 @@ def evaluate(model=None, data=None, bers: Iterable[float] = (0.0, 1e-9, 1e-8, 1e
         ds = ds.head(len(ds) - len(ds) % fixed)
     if fault_log is not None:
         check_writable(fault_log)
-    result = _evaluate(m, ds, list(bers), trials, seed, metric, provider, batch, selection, int_widths,
-                       name, progress, fault_log, threads)
+    spec = CampaignSpec(**_model_fields(model, name), data=ds.path, bers=tuple(float(b) for b in bers),
+                        trials=trials, seed=seed, metric=metric, outcome=outcome_options(outputs, sdc, tol),
+                        selection=selection or SiteSelection(), int_widths=tuple(int(w) for w in int_widths),
+                        provider=provider, threads=threads, batch=batch, limit=limit)
+    result = _evaluate(m, ds, spec, progress=progress, fault_log=fault_log)
     result.extra["int_widths"] = list(int_widths)
     result.extra["path"] = name
-    result.model = display_name(model, name)
     return result
 
 
@@ -213,14 +237,16 @@ def plan_path(output: str | Path) -> Path:
 
 
 def harden(model, output: str | Path | None = None, options: HardenOptions | None = None, calib=None,
-           calib_limit: int | None = 512, select=None, data=None, limit: int | None = None,
+           calib_limit: int | None = 512, select: CampaignSpec | None = None, data=None, limit: int | None = None,
            progress=None) -> dict:
     """Write the hardened model (range restriction + ABFT, see ``campaigns.harden``) and its plan.
 
     ``calib``: .npz (or Dataset) for range bounds and ABFT thresholds; a bundled sample uses its own
-    data when none is given. ``select``: a ``SelectOptions`` runs Algorithm 1 (``campaigns.select``)
-    on ``data`` (first ``limit`` items) at ``options.ber`` to choose the GEMMs, then measures the
-    chosen protection under injection. Returns the plan (also written to ``<output stem>.plan.json``)."""
+    data when none is given. ``select``: a ``CampaignSpec`` (target_drop, max_overhead, trials,
+    max_trials, ci_width, batch, seed, provider, threads, outcome) runs Algorithm 1
+    (``campaigns.select``) on ``data`` (first ``limit`` items) at ``options.ber`` to choose the
+    GEMMs, then measures the chosen protection under injection. Returns the plan (also written to
+    ``<output stem>.plan.json``)."""
     options = options or HardenOptions()
     options.validate()
     output = Path(output) if output is not None else default_hardened_path(model)
@@ -237,7 +263,9 @@ def harden(model, output: str | Path | None = None, options: HardenOptions | Non
         if options.abft != "lb":
             raise ValueError("--select auto chooses GEMMs for LB-ABFT: use --abft lb")
         eval_ds = _dataset(m, data, default, limit)
-        sel = select_gemms(m, eval_ds, options.ber, select, progress)
+        select = select.replace(**_model_fields(model, name), data=eval_ds.path, limit=limit,
+                                bers=(float(options.ber),), design_ber=float(options.ber), metric="top1")
+        sel = select_gemms(m, eval_ds, select, progress)
         selection = asdict(sel)
         if not sel.chosen:
             raise ValueError("Algorithm 1 chose no GEMM (none fits under --max-overhead, or the model already "
@@ -248,10 +276,11 @@ def harden(model, output: str | Path | None = None, options: HardenOptions | Non
     plan = dict(res.plan, model=name, output=str(output))
     if selection is not None:
         # the chosen protection, built for real, under injection on the same items and seeds
-        real = _evaluate(res.model, eval_ds, [options.ber], select.trials, select.seed, "top1", select.provider,
-                         select.batch, model_name=str(output), threads=select.threads)
-        selection["measured_accuracy"] = real.points[0].value
-        selection["measured_ci"] = list(real.points[0].ci)
+        real = _evaluate(res.model, eval_ds, select.replace(model=str(output), model_name=str(output)))
+        p = real.points[0]
+        selection.update({"measured_accuracy": p.value, "measured_ci": list(p.ci), "measured_sdc": p.sdc,
+                          "measured_sdc_ci": list(p.sdc_ci), "measured_due": p.due,
+                          "measured_due_ci": list(p.due_ci), "spec": select.to_json()})
         plan["selection"] = selection
     save_model(res.model, output)
     from .report.outputs import atomic_write
@@ -275,14 +304,17 @@ def overhead(model, baseline, batch: int = 8, provider: str = "auto", repeats: i
 
 def compare(model, schemes=("none", "range", "standard", "lb", "lb+range"), bers=(1e-8, 1e-7), data=None,
             calib=None, trials: int = 2, seed: int = 0, batch: int = 250, provider: str = "auto",
-            limit: int | None = None, design_ber: float | None = None, select=None, latency: bool = False,
+            limit: int | None = None, design_ber: float | None = None, latency: bool = False,
             progress=None, threads: int | None = None, range_mode: str = "clamp",
             range_kinds=("softmax", "gelu"), alpha: float = 0.02, inject_protection: bool = False,
-            dmr=("layernorm",)) -> dict:
-    """Accuracy and overhead of protection schemes side by side (``campaigns.compare``).
-    ``dmr``: what ``lb+range+dmr`` duplicates (``passes.dmr`` names or op types).
+            dmr=("layernorm",), target_drop: float = 0.02, max_overhead: float = 0.02, max_trials: int | None = None,
+            outputs=None, sdc: str = "auto", tol=None) -> dict:
+    """Accuracy, outcome rates (SDC, DUE, masked) and overhead of protection schemes side by side
+    (``campaigns.compare``). ``dmr``: what ``lb+range+dmr`` duplicates (``passes.dmr`` names or op types).
     ``range_mode``, ``range_kinds`` and ``alpha`` set the range restriction of ``range`` and ``lb+range``;
-    ``inject_protection`` faults each scheme's protection too (checks and ABFT recovery)."""
+    ``inject_protection`` faults each scheme's protection too (checks and ABFT recovery);
+    ``target_drop``, ``max_overhead`` and ``max_trials`` (default max(trials, 4)) drive ``auto``
+    (Algorithm 1); ``outputs``, ``sdc``, ``tol`` as ``evaluate``."""
     from .campaigns.compare import compare as _compare
     from .passes.dmr import op_types_from
 
@@ -291,25 +323,37 @@ def compare(model, schemes=("none", "range", "standard", "lb", "lb+range"), bers
     cal = _calibration_data(m, calib, default if data is None else None, 512)
     if cal is None:  # the user's own data: calibrate on its first items
         cal = ds.head(min(512, len(ds)))
-    out = _compare(m, ds, list(schemes), list(bers), trials, seed, batch, provider, cal, design_ber, select,
-                   latency, progress, threads, range_mode, tuple(range_kinds), alpha, inject_protection,
-                   op_types_from(dmr))
-    out["model"] = display_name(model, name)
+    spec = CampaignSpec(**_model_fields(model, name), data=ds.path, bers=tuple(float(b) for b in bers),
+                        trials=trials, seed=seed, outcome=outcome_options(outputs, sdc, tol),
+                        selection=SiteSelection(include_protection=inject_protection), provider=provider,
+                        threads=threads, batch=batch, limit=limit, schemes=tuple(schemes),
+                        calib=None if calib is None or isinstance(calib, Dataset) else str(calib),
+                        design_ber=design_ber, range_mode=range_mode, range_kinds=tuple(range_kinds), alpha=alpha,
+                        dmr=tuple(op_types_from(dmr)), latency=latency, target_drop=target_drop,
+                        max_overhead=max_overhead, max_trials=max(trials, 4) if max_trials is None else max_trials,
+                        ci_width=0.03)
+    out = _compare(m, ds, spec, cal, progress)
+    out["model"] = spec.model_name
     return out
 
 
 def vuln(model=None, data=None, granularity: Iterable[str] = ("layer",), ber: float | None = None,
          target_losses: Iterable[float] = (), loss_mode: str = "relative", trials: int = 2, max_trials: int = 10,
          ci_width: float = 0.02, seed: int = 0, batch: int = 250, limit: int | None = None, provider: str = "auto",
-         threads: int | None = None, patch: tuple[int, int] | None = None, progress=None) -> dict:
-    """Vulnerability factors per layer/module/op type/input patch/bit (campaigns.vuln.analyse)."""
+         threads: int | None = None, patch: tuple[int, int] | None = None, progress=None, search_trials: int = 1,
+         outputs=None) -> dict:
+    """Vulnerability factors per layer/module/op type/input patch/bit (campaigns.vuln.analyse).
+    ``outputs``: the scored output (the first named; default the first float output)."""
     from .campaigns.vuln import analyse
 
     m, name, default = load(model)
     ds = _dataset(m, data, default, limit)
     if fixed_batch(input_specs(m)) is not None:
         raise DataError("vuln needs a model with a dynamic batch axis")
-    res = analyse(m, ds, list(granularity), ber, list(target_losses), loss_mode, trials, max_trials, ci_width,
-                  seed, batch, provider, threads, patch=patch, model_name=display_name(model, name),
-                  progress=progress)
-    return res.to_dict()
+    spec = CampaignSpec(**_model_fields(model, name), data=ds.path, bers=() if ber is None else (float(ber),),
+                        trials=trials, seed=seed, outcome=outcome_options(outputs), provider=provider,
+                        threads=threads, batch=batch, limit=limit, granularity=tuple(granularity),
+                        target_losses=tuple(float(x) for x in target_losses), loss_mode=loss_mode,
+                        max_trials=max_trials, ci_width=ci_width, search_trials=search_trials,
+                        patch=None if patch is None else (int(patch[0]), int(patch[1])))
+    return analyse(m, ds, spec, progress=progress).to_dict()

@@ -91,8 +91,14 @@ def test_compare_writes_tables_and_plots(files, capsys):
     assert rows["none"]["points"][0]["overhead_ops"] == 0
     assert 1.5 < rows["tmr"]["points"][0]["overhead_ops"] < 2.5  # two extra copies of the layer's operations
     assert rows["lb"]["points"][0]["accuracy"] >= rows["none"]["points"][0]["accuracy"]
-    for f in ("compare.csv", "accuracy_vs_ber.png", "overhead.png"):
+    for f in ("compare.csv", "accuracy_vs_ber.png", "outcomes_vs_ber.png", "overhead.png"):
         assert (d / f).stat().st_size > 0
+    for row in rows.values():  # outcome rates beside accuracy (docs/outcomes.md)
+        p = row["points"][0]
+        assert abs(p["sdc"] + p["due"] + p["masked"] - 1) < 1e-12 and p["sdc_ci"][0] <= p["sdc"] <= p["sdc_ci"][1]
+        assert p["accuracy"] <= 1 - p["due"] + 1e-12
+    assert result["spec"]["schemes"] == ["none", "lb", "tmr"] and result["spec"]["bers"] == [1e-4]
+    assert "sdc_ci_lo" in (d / "compare.csv").read_text().splitlines()[0]
 
 
 def test_compare_sec_baseline_and_range_options(files, capsys):

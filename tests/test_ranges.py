@@ -457,7 +457,8 @@ def test_hardening_keeps_the_fault_sites_of_the_models_own_computation():
     # and the injection graph runs: site ids follow the order the shape vectors are emitted in
     # (a quantized result is wrapped past the DMR tail, after the copy's sites)
     from onnxft.campaigns.evaluate import evaluate
+    from onnxft.campaigns.spec import CampaignSpec
 
     data = load_npz(samples.sample_data_path(), input_specs(m)).head(8)
-    r = evaluate(hardened, data, [0.0, 1e-4], 1, 0, "top1", "cpu", 8)
+    r = evaluate(hardened, data, CampaignSpec(bers=(0.0, 1e-4), trials=1, provider="cpu", batch=8))
     assert r.points[0].value == r.clean and 0.0 <= r.points[1].value <= 1.0

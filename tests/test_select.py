@@ -4,8 +4,8 @@ import itertools
 import numpy as np
 
 from models import labelled_data, tiny_transformer
-from onnxft.campaigns.select import (SelectOptions, accuracy_without, gemm_units, matrices_per_item,
-                                     select_gemms)
+from onnxft.campaigns.select import accuracy_without, gemm_units, matrices_per_item, select_gemms
+from onnxft.campaigns.spec import CampaignSpec
 from onnxft.campaigns.vuln import Campaign
 from onnxft.passes.inject import inject
 from onnxft.runtime.data import Dataset
@@ -35,8 +35,9 @@ def test_units_cover_every_protectable_gemm_with_its_cost():
 
 def test_algorithm1_picks_what_an_exhaustive_search_picks():
     model, ds = _setup()
-    opts = SelectOptions(target_drop=0.02, max_overhead=0.15, trials=1, max_trials=1, batch=200, provider="cpu")
-    sel = select_gemms(model, ds, BER, opts)
+    opts = CampaignSpec(bers=(BER,), target_drop=0.02, max_overhead=0.15, trials=1, max_trials=1, ci_width=0.03,
+                        batch=200, provider="cpu")
+    sel = select_gemms(model, ds, opts)
     assert sel.unprotected < sel.target, "the test needs a BER at which the model misses the target"
 
     camp = Campaign(InjectionSession(inject(model).model, "cpu"), ds, 200, 0)
@@ -56,3 +57,24 @@ def test_algorithm1_picks_what_an_exhaustive_search_picks():
     assert sel.reached
     assert set(sel.chosen) == best[1], (sel.chosen, best)
     np.testing.assert_allclose(sel.accuracy, best[2])
+
+
+def test_harden_select_auto_takes_a_spec_and_records_outcomes(tmp_path):
+    """api.harden(select=CampaignSpec) runs Algorithm 1 at the hardening BER and records the
+    hardened graph's measured accuracy with its SDC and DUE rates, and the spec it ran with."""
+    import onnx
+
+    from onnxft import api
+    from onnxft.campaigns.harden import HardenOptions
+
+    model, ds = _setup()
+    onnx.save(model, tmp_path / "m.onnx")
+    spec = CampaignSpec(target_drop=0.02, max_overhead=0.15, trials=1, max_trials=1, batch=200, provider="cpu")
+    plan = api.harden(str(tmp_path / "m.onnx"), tmp_path / "h.onnx", HardenOptions(abft="lb", range_mode="none",
+                                                                                   ber=BER), select=spec, data=ds)
+    sel = plan["selection"]
+    assert sel["chosen"] and sel["ber"] == BER
+    assert 0 <= sel["measured_due"] <= 1 - sel["measured_accuracy"] + 1e-12
+    assert sel["measured_sdc_ci"][0] <= sel["measured_sdc"] <= sel["measured_sdc_ci"][1]
+    ran = CampaignSpec.from_json(sel["spec"])
+    assert ran.bers == (BER,) and ran.max_overhead == 0.15 and ran.trials == 1

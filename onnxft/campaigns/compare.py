@@ -32,14 +32,15 @@ from onnx import shape_inference
 from ..analysis import grouping
 from ..passes.abft_conv import conv_cost
 from ..passes.blocksize import lb_cost, standard_cost
-from ..passes.inject import SiteSelection, inject
+from ..passes.inject import inject
 from ..passes.tmr import tmr
 from ..runtime.data import Dataset
 from ..runtime.session import InjectionSession
 from .evaluate import evaluate
 from .harden import HardenOptions, harden
 from .overhead import latency_overhead
-from .select import SelectOptions, matrices_per_item, select_gemms
+from .select import matrices_per_item, select_gemms
+from .spec import CampaignSpec
 
 SCHEMES = ("none", "range", "standard", "sec", "lb", "lb+range", "lb+range+dmr", "tmr", "auto")
 
@@ -90,10 +91,11 @@ def model_ops(model: onnx.ModelProto, data: Dataset) -> tuple[float, list, objec
     return float(sum(p.operations_per_item for p in plans)), plans, sess.table
 
 
-def build_variants(model: onnx.ModelProto, schemes: list[str], bers: list[float], data: Dataset,
-                   calib: Dataset | None, design_ber: float, select_options: SelectOptions | None = None,
-                   progress=None, range_mode: str = "clamp", range_kinds=("softmax", "gelu"),
-                   alpha: float = 0.02, dmr=("LayerNormalization",)) -> list[Variant]:
+def build_variants(model: onnx.ModelProto, data: Dataset, spec: CampaignSpec, calib: Dataset | None,
+                   progress=None) -> list[Variant]:
+    """The hardened graph of each of ``spec.schemes`` with its expected overhead at each of ``spec.bers``
+    (block sizes and Algorithm 1 for ``spec.algorithm_ber``)."""
+    schemes, bers, design_ber = list(spec.schemes), list(spec.bers), spec.algorithm_ber
     bad = [s for s in schemes if s not in SCHEMES]
     if bad:
         raise ValueError(f"unknown scheme(s) {bad}; choose from {', '.join(SCHEMES)}")
@@ -123,8 +125,7 @@ def build_variants(model: onnx.ModelProto, schemes: list[str], bers: list[float]
             out.append(Variant(scheme, m, {b: ops / total for b in bers}, info))
             continue
         if scheme == "auto":
-            sel = select_gemms(model, data, design_ber, select_options,
-                               progress=lambda msg: say(f"  {msg}"))
+            sel = select_gemms(model, data, spec, progress=lambda msg: say(f"  {msg}"))
             info = {"chosen": sel.chosen, "estimated_accuracy": sel.accuracy, "reached": sel.reached,
                     "design_overhead": sel.overhead}
             if not sel.chosen:
@@ -134,9 +135,9 @@ def build_variants(model: onnx.ModelProto, schemes: list[str], bers: list[float]
                                  gemms="^(" + "|".join(re.escape(c) for c in sel.chosen) + ")$")
         else:
             abft_scheme = {"range": "none", "standard": "standard", "sec": "sec"}.get(scheme, "lb")
-            opts = HardenOptions(abft=abft_scheme, range_mode=range_mode if "range" in scheme else "none",
-                                 range_kinds=tuple(range_kinds), alpha=alpha, ber=design_ber,
-                                 dmr=tuple(dmr) if scheme.endswith("+dmr") else ())
+            opts = HardenOptions(abft=abft_scheme, range_mode=spec.range_mode if "range" in scheme else "none",
+                                 range_kinds=tuple(spec.range_kinds), alpha=spec.alpha, ber=design_ber,
+                                 dmr=tuple(spec.dmr) if scheme.endswith("+dmr") else ())
         res = harden(model, opts, calib)
         plan = res.plan
         r_ops = _range_ops(res.model, [r["tensor"] for r in plan.get("ranges", [])])
@@ -150,40 +151,41 @@ def build_variants(model: onnx.ModelProto, schemes: list[str], bers: list[float]
     return out
 
 
-def compare(model: onnx.ModelProto, data: Dataset, schemes: list[str], bers: list[float], trials: int = 2,
-            seed: int = 0, batch: int = 250, provider: str = "auto", calib: Dataset | None = None,
-            design_ber: float | None = None, select_options: SelectOptions | None = None,
-            latency: bool = False, progress=None, threads: int | None = None, range_mode: str = "clamp",
-            range_kinds=("softmax", "gelu"), alpha: float = 0.02, inject_protection: bool = False,
-            dmr=("LayerNormalization",)) -> dict:
-    """Accuracy (top-1 with 95% intervals) and overhead of each scheme at each BER.
+def compare(model: onnx.ModelProto, data: Dataset, spec: CampaignSpec, calib: Dataset | None = None,
+            progress=None) -> dict:
+    """Accuracy (top-1 with 95% intervals), outcome rates (SDC, DUE, masked) and overhead of each
+    of ``spec.schemes`` at each of ``spec.bers``.
 
-    ``inject_protection``: fault each scheme's protection too (checksums, range checks, voters and
-    the ABFT recovery recomputes; ``SiteSelection(include_protection=True)``), not only the model's
-    own computation."""
+    ``spec.selection.include_protection`` (``--inject-protection``): fault each scheme's protection
+    too (checksums, range checks, voters and the ABFT recovery recomputes), not only the model's own
+    computation. Every scheme's evaluation uses the spec's site selection, outcome options, trials,
+    seed, batch, provider and threads (common random numbers: every scheme sees the same seeds)."""
     if data.labels is None:
         raise ValueError("compare needs labelled data (an array 'y' in the .npz)")
-    design_ber = design_ber if design_ber is not None else max(bers)
-    variants = build_variants(model, schemes, bers, data, calib, design_ber, select_options, progress, range_mode,
-                              range_kinds, alpha, dmr)
+    if not spec.schemes:
+        raise ValueError("compare needs at least one scheme")
+    spec = spec.replace(design_ber=spec.algorithm_ber)
+    variants = build_variants(model, data, spec, calib, progress)
+    eval_spec = spec.replace(metric="top1")
     rows, results = [], []
     for v in variants:
         if progress:
             progress(f"evaluating {v.scheme}")
-        r = evaluate(v.model, data, bers, trials, seed, "top1", provider, batch, model_name=v.scheme,
-                     threads=threads, selection=SiteSelection(include_protection=inject_protection))
+        r = evaluate(v.model, data, eval_spec.replace(model_name=v.scheme))
         d = r.to_dict()
         d["model"] = v.scheme
         results.append(d)
         row = {"scheme": v.scheme, "clean": r.clean, "info": v.info, "points": []}
         for p in r.points:
             row["points"].append({"ber": p.ber, "accuracy": p.value, "ci": list(p.ci),
-                                  "overhead_ops": v.overhead.get(p.ber, 0.0)})
-        if latency:
-            row["latency"] = latency_overhead(model, v.model, 8, provider, repeats=20, threads=threads)
+                                  "sdc": p.sdc, "sdc_ci": list(p.sdc_ci), "due": p.due, "due_ci": list(p.due_ci),
+                                  "masked": p.masked, "overhead_ops": v.overhead.get(p.ber, 0.0)})
+        if spec.latency:
+            row["latency"] = latency_overhead(model, v.model, 8, spec.provider, repeats=20, threads=spec.threads)
         rows.append(row)
-    return {"schemes": rows, "bers": bers, "design_ber": design_ber,
-            "range": {"mode": range_mode, "ops": list(range_kinds), "alpha": alpha}, "dmr": list(dmr),
-            "items": len(data), "trials": trials,
-            "inject_protection": inject_protection,
+    return {"schemes": rows, "bers": list(spec.bers), "design_ber": spec.design_ber,
+            "range": {"mode": spec.range_mode, "ops": list(spec.range_kinds), "alpha": spec.alpha},
+            "dmr": list(spec.dmr), "items": len(data), "trials": spec.trials,
+            "inject_protection": spec.selection.include_protection,
+            "outputs": results[0]["outputs"] if results else {}, "spec": spec.to_json(),
             "eval_results": results}

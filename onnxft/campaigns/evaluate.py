@@ -1,13 +1,14 @@
-"""Accuracy against BER: the campaign behind ``onnxft eval``.
+"""Accuracy and outcome rates against BER: the campaign behind ``onnxft eval``.
 
 For every trial and batch one random stream (``SeedSequence([seed, trial, batch])``) is used at
 every BER, so the curve's points share their random numbers (common random numbers: differences
 between BERs are not sampling noise) and any one trial can be re-run alone.
 
-Top-1: fraction of items whose arg-max equals the label. SDC: fraction of items whose arg-max
-differs from the fault-free arg-max of the same graph (needs no labels). Every item of a batch is
-an independent trial, so a point's value is a proportion over ``items x trials`` outcomes; its 95%
-interval is Wilson's.
+Every item of every faulty run is classified masked, SDC or DUE against the fault-free run of the
+same injection graph (``campaigns.outcomes``; BER 0 gives exactly 0 SDC and 0 DUE). The point's
+``value`` is the metric: top-1 accuracy against the labels (a DUE item is never correct), or the
+SDC rate (``--metric sdc``, needs no labels). Every item of a batch is an independent trial, so
+each rate is a proportion over ``items x trials`` outcomes; its 95% interval is Wilson's.
 """
 from __future__ import annotations
 
@@ -25,9 +26,9 @@ from ..faults.sampling import Faults, sample_faults, site_tables
 from ..passes.inject import SiteSelection, inject
 from ..runtime.data import Dataset
 from ..runtime.session import InjectionSession, make_session
+from .outcomes import SDC, Judge, OutcomeCounts
+from .spec import METRICS, CampaignSpec
 from .stats import wilson_interval
-
-METRICS = ("top1", "sdc")
 
 
 @dataclass
@@ -38,6 +39,11 @@ class Point:
     trials: int
     n: int
     faults_per_item: float
+    sdc: float = 0.0
+    due: float = 0.0
+    masked: float = 1.0
+    sdc_ci: tuple[float, float] = (0.0, 1.0)
+    due_ci: tuple[float, float] = (0.0, 1.0)
 
 
 @dataclass
@@ -52,11 +58,14 @@ class EvalResult:
     provider: str
     sites: int
     batch: int
+    outputs: dict = field(default_factory=dict)  # checked and ignored outputs, the SDC criterion
+    spec: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["points"] = [dict(asdict(p), ci=list(p.ci)) for p in self.points]
+        d["points"] = [dict(asdict(p), ci=list(p.ci), sdc_ci=list(p.sdc_ci), due_ci=list(p.due_ci))
+                       for p in self.points]
         return d
 
 
@@ -74,71 +83,82 @@ def trial_rng(seed: int, trial: int, batch_index: int) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), int(trial), int(batch_index)])))
 
 
-def _outcome(metric: str, logits: np.ndarray, labels, clean_pred) -> np.ndarray:
-    pred = np.argmax(logits.reshape(len(logits), -1), axis=1)
-    if metric == "top1":
-        return pred == labels
-    return pred != clean_pred
-
-
-def evaluate(model: onnx.ModelProto, data: Dataset, bers: list[float], trials: int = 3, seed: int = 0,
-             metric: str = "top1", provider: str = "auto", batch: int = 64,
-             selection: SiteSelection | None = None, int_widths=(16, 32), model_name: str = "model",
-             progress: Callable | None = None, fault_log: str | Path | None = None,
-             threads: int | None = None) -> EvalResult:
-    """Measure ``metric`` at each BER (see the module docstring)."""
-    if metric not in METRICS:
-        raise ValueError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
-    if metric == "top1" and data.labels is None:
+def check_spec(spec: CampaignSpec, data: Dataset) -> None:
+    if spec.metric not in METRICS:
+        raise ValueError(f"unknown metric {spec.metric!r}; choose from {', '.join(METRICS)}")
+    if spec.metric == "top1" and data.labels is None:
         raise ValueError("the data has no labels (array 'y'): use --metric sdc, or add labels")
-    for b in bers:
+    for b in spec.bers:
         if not (isinstance(b, (int, float)) and 0.0 <= b <= 1.0) or math.isnan(b):
             raise ValueError(f"BER must be a number in [0, 1], got {b}")
-    if trials < 1:
+    if spec.trials < 1:
         raise ValueError("trials must be at least 1")
-    sess = InjectionSession(campaign_graph(model, selection, int_widths, fault_log is not None), provider, threads,
-                            level="basic")
+    if spec.batch < 1:
+        raise ValueError("batch must be at least 1")
+    spec.outcome.validate()
+
+
+def evaluate(model: onnx.ModelProto, data: Dataset, spec: CampaignSpec, progress: Callable | None = None,
+             fault_log: str | Path | None = None) -> EvalResult:
+    """Measure ``spec.metric`` and the outcome rates at each of ``spec.bers`` (see the module docstring).
+
+    Uses spec fields bers, trials, seed, metric, outcome, selection, int_widths, provider, threads,
+    batch, model (fault log) and model_name (the result's label)."""
+    check_spec(spec, data)
+    bers, batch, metric = list(spec.bers), spec.batch, spec.metric
+    sess = InjectionSession(campaign_graph(model, spec.selection, spec.int_widths, fault_log is not None),
+                            spec.provider, spec.threads, level="basic")
     n_items = len(data)
     starts = list(range(0, n_items, batch))
-    # "clean" is the user's model as it is; the injection graph's own fault-free predictions are
-    # the SDC baseline (so that BER 0 gives exactly 0 SDC).
-    original = make_session(model, provider, threads, level="basic") if data.labels is not None else None
-    clean_preds, plans_per_batch, clean_ok, graph_ok = [], [], 0, 0
+    # "clean" is the user's model as it is; the injection graph's own fault-free outputs are the
+    # outcome baseline (so that BER 0 gives exactly 0 SDC and 0 DUE).
+    original = make_session(model, spec.provider, spec.threads, level="basic") if metric == "top1" else None
+    clean_outs, plans_per_batch, clean_ok, graph_ok = [], [], 0, 0
+    judge = None
     for j, s in enumerate(starts):
         feeds = data.batch(s, s + batch)
         out, plans = sess.clean(feeds)
-        pred = np.argmax(out[0].reshape(len(out[0]), -1), axis=1)
-        clean_preds.append(pred)
+        if judge is None:
+            judge = Judge(sess.output_names, out, spec.outcome, items=len(next(iter(feeds.values()))))
+        clean_outs.append(out)
         plans_per_batch.append(plans)
         if original is not None:
-            ref = original.run(None, feeds)[0]
             labels = data.labels[s:s + batch]
-            clean_ok += int(np.sum(np.argmax(ref.reshape(len(ref), -1), axis=1) == labels))
-            graph_ok += int(np.sum(pred == labels))
+            ref = original.run(sess.output_names, feeds)
+            clean_ok += int(np.sum(judge.correct(ref, labels)))
+            graph_ok += int(np.sum(judge.correct(out, labels)))
     clean = clean_ok / n_items if metric == "top1" else 0.0
     counts = np.zeros(len(bers), np.int64)
+    outcomes = [OutcomeCounts() for _ in bers]
     n_faults = np.zeros(len(bers), np.int64)
     log_file = open(fault_log, "w") if fault_log else None
-    total = trials * len(starts) * len(bers)
+    total = spec.trials * len(starts) * len(bers)
     done = 0
     try:
-        for t in range(trials):
+        for t in range(spec.trials):
             for j, s in enumerate(starts):
                 feeds = data.batch(s, s + batch)
                 labels = None if data.labels is None else data.labels[s:s + batch]
                 for i, ber in enumerate(bers):
-                    rng = trial_rng(seed, t, j)
+                    rng = trial_rng(spec.seed, t, j)
                     faults = sample_faults(plans_per_batch[j], ber, rng) if ber > 0 else Faults.empty()
                     if log_file is not None:
                         out, logs = sess.run(feeds, faults, plans_per_batch[j], with_log=True)
-                        rec = _log_record(sess, model_name, data, s, batch, ber, seed, t, j,
-                                          faults, plans_per_batch[j], logs, out[0])
-                        rec["int_widths"] = list(int_widths)
-                        rec["selection"] = _selection_dict(selection)
-                        log_file.write(json.dumps(rec) + "\n")
                     else:
                         out = sess.run(feeds, faults, plans_per_batch[j])
-                    counts[i] += int(np.sum(_outcome(metric, out[0], labels, clean_preds[j])))
+                    codes = judge.classify(out, clean_outs[j], labels)
+                    outcomes[i].add(codes)
+                    if metric == "top1":
+                        counts[i] += int(np.sum(judge.correct(out, labels, clean_outs[j])))
+                    else:
+                        counts[i] += int(np.sum(codes == SDC))
+                    if log_file is not None:
+                        rec = _log_record(sess, spec.model or spec.model_name, data, s, batch, ber, spec.seed, t, j,
+                                          faults, plans_per_batch[j], logs, out)
+                        rec["int_widths"] = list(spec.int_widths)
+                        rec["selection"] = _selection_dict(spec.selection)
+                        rec["outcomes"] = codes.tolist()  # per item: 0 masked, 1 SDC, 2 DUE
+                        log_file.write(json.dumps(rec) + "\n")
                     n_faults[i] += len(faults)
                     done += 1
                     if progress:
@@ -146,11 +166,15 @@ def evaluate(model: onnx.ModelProto, data: Dataset, bers: list[float], trials: i
     finally:
         if log_file is not None:
             log_file.close()
-    n = n_items * trials
-    points = [Point(float(b), counts[i] / n, wilson_interval(int(counts[i]), n), trials, n,
-                    float(n_faults[i]) / n) for i, b in enumerate(bers)]
-    result = EvalResult(model_name, metric, clean, points, seed, data.path, n_items,
-                        ",".join(sess.providers), len(sess.table.sites), batch)
+    n = n_items * spec.trials
+    points = []
+    for i, b in enumerate(bers):
+        r = outcomes[i].rates()
+        points.append(Point(float(b), counts[i] / n, wilson_interval(int(counts[i]), n), spec.trials, n,
+                            float(n_faults[i]) / n, r["sdc"], r["due"], r["masked"], tuple(r["sdc_ci"]),
+                            tuple(r["due_ci"])))
+    result = EvalResult(spec.model_name, metric, clean, points, spec.seed, data.path, n_items,
+                        ",".join(sess.providers), len(sess.table.sites), batch, judge.describe(), spec.to_json())
     if original is not None:
         result.extra["clean_injection_graph"] = graph_ok / n_items
     return result
@@ -164,8 +188,20 @@ def _selection_dict(sel: SiteSelection | None) -> dict:
             "include_protection": sel.include_protection}
 
 
-def output_digest(arr: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
+def output_digest(outs) -> str:
+    """SHA-256 of an output array, or of every output of a run in order (a list)."""
+    h = hashlib.sha256()
+    for a in outs if isinstance(outs, (list, tuple)) else [outs]:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def _predictions(outs) -> list[int]:
+    """Arg-max per item of the first float output (for the fault log's eyes; outcomes are in "outcomes")."""
+    outs = outs if isinstance(outs, (list, tuple)) else [outs]
+    arr = next((np.asarray(a) for a in outs if np.issubdtype(np.asarray(a).dtype, np.floating) and np.ndim(a)),
+               np.asarray(outs[0]))
+    return np.argmax(arr.reshape(len(arr), -1), axis=1).tolist()
 
 
 def _log_record(sess, model_name, data, start, batch, ber, seed, trial, batch_index, faults, plans, logs, out):
@@ -188,8 +224,7 @@ def _log_record(sess, model_name, data, start, batch, ber, seed, trial, batch_in
             rows.append(row)
     return {"model": model_name, "data": data.path, "start": start, "stop": min(start + batch, len(data)),
             "ber": ber, "seed": seed, "trial": trial, "batch_index": batch_index,
-            "faults": rows, "output_sha256": output_digest(out),
-            "pred": np.argmax(out.reshape(len(out), -1), axis=1).tolist()}
+            "faults": rows, "output_sha256": output_digest(out), "pred": _predictions(out)}
 
 
 def faults_from_record(record: dict, table) -> Faults:
@@ -215,9 +250,9 @@ def replay(model: onnx.ModelProto, data: Dataset, record: dict, provider: str = 
     feeds = data.batch(record["start"], record["stop"])
     plans = sess.plans(feeds)
     faults = faults_from_record(record, sess.table)
-    out = sess.run(feeds, faults, plans)[0]
+    out = sess.run(feeds, faults, plans)
     digest = output_digest(out)
-    pred = np.argmax(out.reshape(len(out), -1), axis=1).tolist()
+    pred = _predictions(out)
     return {"identical": digest == record["output_sha256"], "output_sha256": digest,
             "logged_sha256": record["output_sha256"], "pred": pred, "logged_pred": record["pred"],
             "faults": len(faults)}

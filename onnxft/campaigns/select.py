@@ -40,28 +40,22 @@ from ..passes.abft import abft
 from ..runtime.data import Dataset
 from ..runtime.session import InjectionSession
 from .evaluate import campaign_graph
+from .spec import CampaignSpec
 from .vuln import Campaign, Component, vulnerability_factors
 
 
-@dataclass(frozen=True)
-class SelectOptions:
-    target_drop: float = 0.02  # accuracy may be at most this far below clean (absolute)
-    max_overhead: float = 0.02  # expected extra operations / the model's operations
-    trials: int = 2
-    max_trials: int = 4
-    ci_width: float = 0.03
-    batch: int = 250
-    seed: int = 0
-    provider: str = "auto"
-    threads: int | None = None
-
-    def validate(self) -> None:
-        if not 0 <= self.target_drop < 1:
-            raise ValueError(f"--target-drop must be in [0, 1), got {self.target_drop}")
-        if not self.max_overhead >= 0 or math.isinf(self.max_overhead):
-            raise ValueError(f"--max-overhead must be a finite number >= 0, got {self.max_overhead}")
-        if self.trials < 1 or self.max_trials < self.trials:
-            raise ValueError("need 1 <= trials <= max trials")
+def check_select(spec: CampaignSpec) -> None:
+    """Algorithm 1's options: spec.target_drop (accuracy may be at most this far below clean,
+    absolute), spec.max_overhead (expected extra operations / the model's operations), trials <=
+    max_trials, and its BER (``spec.algorithm_ber``) in (0, 1]."""
+    if not 0 <= spec.target_drop < 1:
+        raise ValueError(f"--target-drop must be in [0, 1), got {spec.target_drop}")
+    if not spec.max_overhead >= 0 or math.isinf(spec.max_overhead):
+        raise ValueError(f"--max-overhead must be a finite number >= 0, got {spec.max_overhead}")
+    if spec.trials < 1 or spec.max_trials < spec.trials:
+        raise ValueError("need 1 <= trials <= max trials")
+    if not spec.bers and spec.design_ber is None or not 0 < spec.algorithm_ber <= 1:
+        raise ValueError(f"--select auto needs a BER in (0, 1], got {spec.design_ber}")
 
 
 @dataclass
@@ -143,22 +137,22 @@ def accuracy_without(campaign: Campaign, ber: float, sites: frozenset, trials: i
     return ok / n
 
 
-def select_gemms(model: onnx.ModelProto, data: Dataset, ber: float, options: SelectOptions | None = None,
+def select_gemms(model: onnx.ModelProto, data: Dataset, spec: CampaignSpec,
                  progress: Callable[[str], None] | None = None) -> Selection:
-    """Algorithm 1 (see the module docstring)."""
-    options = options or SelectOptions()
-    options.validate()
-    if not 0 < ber <= 1:
-        raise ValueError(f"--select auto needs a BER in (0, 1], got {ber}")
-    sess = InjectionSession(campaign_graph(model), options.provider, options.threads, level="basic")
-    campaign = Campaign(sess, data, options.batch, options.seed)
+    """Algorithm 1 (see the module docstring) at ``spec.algorithm_ber`` (``design_ber``, else the
+    largest of ``bers``), with spec fields target_drop, max_overhead, trials, max_trials, ci_width,
+    batch, seed, provider, threads and outcome (which output is scored; DUE items are never correct)."""
+    check_select(spec)
+    ber = spec.algorithm_ber
+    sess = InjectionSession(campaign_graph(model), spec.provider, spec.threads, level="basic")
+    campaign = Campaign(sess, data, spec.batch, spec.seed, outcome=spec.outcome)
     say = progress or (lambda _msg: None)
     units = gemm_units(campaign, model, ber)
     if not units:
         raise ValueError("the model has no protectable MatMul/Gemm")
     clean = campaign.clean
-    target = clean - options.target_drop
-    kw = dict(trials=options.trials, max_trials=options.max_trials, ci_width=options.ci_width)
+    target = clean - spec.target_drop
+    kw = dict(trials=spec.trials, max_trials=spec.max_trials, ci_width=spec.ci_width)
 
     layer_names = list(dict.fromkeys(u.layer for u in units))
     layer_sites = {g.name: frozenset(g.sites) for g in grouping.layers(campaign.table, model)}
@@ -183,7 +177,7 @@ def select_gemms(model: onnx.ModelProto, data: Dataset, ber: float, options: Sel
         factor = {f.name: f for f in mv.factors}
         # vulnerability per unit of overhead (the paper ranks by vulnerability alone; see the docstring)
         for u in sorted(in_layer, key=lambda u: -factor[u.name].factor / max(u.overhead, 1e-12)):
-            if sel.overhead + u.overhead > options.max_overhead:
+            if sel.overhead + u.overhead > spec.max_overhead:
                 sel.passed_over.append({"gemm": u.name, "layer": u.layer, "overhead": u.overhead,
                                         "reason": "would exceed the overhead cap"})
                 continue

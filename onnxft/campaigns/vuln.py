@@ -41,6 +41,8 @@ from ..passes.input_sites import add_input_sites
 from ..runtime.data import Dataset
 from ..runtime.session import InjectionSession
 from .evaluate import trial_rng
+from .outcomes import Judge, OutcomeOptions
+from .spec import CampaignSpec
 from .stats import wilson_interval
 
 GRANULARITIES = ("model", "layer", "module", "optype", "patch", "bit")
@@ -101,6 +103,8 @@ class FactorRun:
     faults_per_item: float
     factors: list[Factor]
     runs: int  # injection-graph runs it took
+    due: float = 0.0  # unprotected: items with a NaN/Inf in a checked output (never correct)
+    due_ci: tuple[float, float] = (0.0, 1.0)
 
 
 def paired_interval(gained: int, lost: int, n: int) -> tuple[float, float]:
@@ -126,17 +130,21 @@ class Campaign:
     one model shares (built once; sessions are reused across BERs and components)."""
 
     def __init__(self, sess: InjectionSession, data: Dataset, batch: int = 250, seed: int = 0,
-                 progress: Callable[[int], None] | None = None):
+                 progress: Callable[[int], None] | None = None, outcome: OutcomeOptions | None = None):
         if data.labels is None:
             raise ValueError("vulnerability needs labelled data (an array 'y' in the .npz)")
         self.sess, self.data, self.batch, self.seed = sess, data, int(batch), int(seed)
         self.starts = list(range(0, len(data), self.batch))
-        self.plans, self.clean_ok = [], 0
+        self.plans, self.clean_outs, self.clean_ok = [], [], 0
+        self.judge = None  # which output is scored; a DUE item (NaN/Inf) is never correct
         for s in self.starts:
             feeds = data.batch(s, s + self.batch)
             out, plans = sess.clean(feeds)
+            if self.judge is None:
+                self.judge = Judge(sess.output_names, out, outcome, items=len(next(iter(feeds.values()))))
             self.plans.append(plans)
-            self.clean_ok += int(np.sum(self._correct(out[0], s)))
+            self.clean_outs.append(out)
+            self.clean_ok += int(np.sum(self.judge.correct(out, data.labels[s:s + self.batch])))
         self.runs = 0
         self.progress = progress  # called with the number of runs so far
 
@@ -148,15 +156,17 @@ class Campaign:
     def clean(self) -> float:
         return self.clean_ok / len(self.data)
 
-    def _correct(self, logits: np.ndarray, start: int) -> np.ndarray:
-        labels = self.data.labels[start:start + len(logits)]
-        return np.argmax(logits.reshape(len(logits), -1), axis=1) == labels
-
-    def _run(self, j: int, faults: Faults) -> np.ndarray:
+    def run_outcomes(self, j: int, faults: Faults) -> tuple[np.ndarray, np.ndarray]:
+        """(correct, DUE) per item of batch ``j`` under ``faults``."""
         s = self.starts[j]
         self._count()
         out = self.sess.run(self.data.batch(s, s + self.batch), faults, self.plans[j])
-        return self._correct(out[0], s)
+        labels = self.data.labels[s:s + self.batch]
+        due = self.judge.due(out, self.clean_outs[j])
+        return (self.judge.predictions(out) == labels) & ~due, due
+
+    def _run(self, j: int, faults: Faults) -> np.ndarray:
+        return self.run_outcomes(j, faults)[0]
 
     def run_changed(self, j: int, faults: Faults, removed: np.ndarray, base: np.ndarray) -> np.ndarray:
         """Correctness with ``faults[~removed]``. Only items that lost a fault can change, so only
@@ -177,10 +187,12 @@ class Campaign:
         sub = kept.subset(sel)
         sub.item = np.searchsorted(changed, sub.item)
         self._count()
-        out = self.sess.run(feeds, sub, self.sess.plans(feeds))[0][:len(changed)]
+        out = self.sess.run(feeds, sub, self.sess.plans(feeds))
+        checked = set(self.judge.checked)
+        out = [o[:len(changed)] if k in checked else o for k, o in enumerate(out)]
+        clean = [c[changed] if k in checked else c for k, c in enumerate(self.clean_outs[j])]
         ok = base.copy()
-        labels = self.data.labels[s + changed]
-        ok[changed] = np.argmax(out.reshape(len(out), -1), axis=1) == labels
+        ok[changed] = self.judge.correct(out, self.data.labels[s + changed], clean)
         return ok
 
     def _count(self):
@@ -219,14 +231,15 @@ def vulnerability_factors(campaign: Campaign, ber: float, components: list[Compo
     k = len(components)
     gained, lost = np.zeros(k, np.int64), np.zeros(k, np.int64)
     in_comp, n_faults = np.zeros(k, np.int64), 0
-    ok_u, n = 0, 0
+    ok_u, n, due = 0, 0, 0
     t = 0
     runs0 = campaign.runs
     while True:
         for j in range(len(campaign.starts)):
             faults = campaign.faults(t, j, ber, scales)
-            base = campaign._run(j, faults)
+            base, base_due = campaign.run_outcomes(j, faults)
             ok_u += int(base.sum())
+            due += int(base_due.sum())
             n += len(base)
             n_faults += len(faults)
             for c, comp in enumerate(components):
@@ -249,7 +262,7 @@ def vulnerability_factors(campaign: Campaign, ber: float, components: list[Compo
         factors.append(Factor(comp.name, (g - l) / n, paired_interval(g, l, n), n, g, l, len(comp.sites),
                               comp.share, float(in_comp[c]) / n_faults if n_faults else 0.0, dict(comp.info)))
     return FactorRun(float(ber), ok_u / n, wilson_interval(ok_u, n), t, n, n_faults / n, factors,
-                     campaign.runs - runs0)
+                     campaign.runs - runs0, due / n, wilson_interval(due, n))
 
 
 def search_ber(accuracy: Callable[[float], float], target: float, start: float = 1e-12, stop: float = 1e-1,
@@ -375,6 +388,8 @@ class VulnResult:
     searches: list[dict] = field(default_factory=list)  # one per part: targets and evaluated points
     patch_grid: dict | None = None
     seconds: float = 0.0
+    outputs: dict = field(default_factory=dict)  # the scored output, ignored outputs
+    spec: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -382,7 +397,8 @@ class VulnResult:
 
 def _run_dict(part: str, run: FactorRun, target_loss, groups: dict[str, list[str]]) -> dict:
     d = {"part": part, "ber": run.ber, "target_loss": target_loss, "accuracy": run.accuracy,
-         "accuracy_ci": list(run.accuracy_ci), "trials": run.trials, "n": run.n,
+         "accuracy_ci": list(run.accuracy_ci), "due": run.due, "due_ci": list(run.due_ci),
+         "trials": run.trials, "n": run.n,
          "faults_per_item": run.faults_per_item, "runs": run.runs, "factors": []}
     for f in run.factors:
         fd = {k: v for k, v in asdict(f).items()}
@@ -392,36 +408,41 @@ def _run_dict(part: str, run: FactorRun, target_loss, groups: dict[str, list[str
     return d
 
 
-def analyse(model: onnx.ModelProto, data: Dataset, granularities: Iterable[str], ber: float | None = None,
-            target_losses: Iterable[float] = (), loss_mode: str = "relative", trials: int = 2,
-            max_trials: int = 10, ci_width: float = 0.02, seed: int = 0, batch: int = 250,
-            provider: str = "auto", threads: int | None = None, search_trials: int = 1,
-            patch: tuple[int, int] | None = None, model_name: str = "model",
+def analyse(model: onnx.ModelProto, data: Dataset, spec: CampaignSpec,
             progress: Callable[[int], None] | None = None) -> VulnResult:
     """The whole ``onnxft vuln`` analysis (see the module docstring and docs/vulnerability.md).
 
-    Network granularities (layer, module, optype, bit) share one set of fault samples per BER;
-    patch faults only the input values (every network site at scale 0), at its own BER."""
+    Spec fields: granularity; either one BER in ``bers`` or ``target_losses`` (with loss_mode and
+    search_trials); trials, max_trials, ci_width, seed, batch, provider, threads, patch, outcome
+    (the scored output) and model_name. Network granularities (layer, module, optype, bit) share
+    one set of fault samples per BER; patch faults only the input values (every network site at
+    scale 0), at its own BER."""
     t0 = time.perf_counter()
-    grans = list(dict.fromkeys(granularities))
+    grans = list(dict.fromkeys(spec.granularity))
     bad = [g for g in grans if g not in GRANULARITIES]
     if bad or not grans:
         raise ValueError(f"unknown granularity {', '.join(bad) or '(none)'}; choose from {', '.join(GRANULARITIES)}")
-    targets = [float(x) for x in target_losses]
+    targets = [float(x) for x in spec.target_losses]
+    if len(spec.bers) > 1:
+        raise ValueError("vuln measures at one BER (or give target losses)")
+    ber = float(spec.bers[0]) if spec.bers else None
     if (ber is None) == (not targets):
         raise ValueError("give either a BER (--ber) or target losses (--target-loss)")
     if ber is not None and not 0 < ber <= 1:
         raise ValueError(f"BER must be in (0, 1], got {ber}")
+    loss_mode, trials, max_trials, ci_width = spec.loss_mode, spec.trials, spec.max_trials, spec.ci_width
     for x in targets:
         target_accuracy(1.0, x, loss_mode)
     prepared = prepare(model)
     if "patch" in grans:
         prepared = add_input_sites(prepared).model
     inj = inject(prepared, SiteSelection(), prepared=True)
-    camp = Campaign(InjectionSession(inj.model, provider, threads, level="basic"), data, batch, seed, progress)
+    camp = Campaign(InjectionSession(inj.model, spec.provider, spec.threads, level="basic"), data, spec.batch,
+                    spec.seed, progress, outcome=spec.outcome)
     table = camp.table
     net, inp = grouping.network_sites(table), grouping.input_sites(table)
-    result = VulnResult(model_name, grans, camp.clean, len(data), batch, seed, len(net), loss_mode)
+    result = VulnResult(spec.model_name, grans, camp.clean, len(data), spec.batch, spec.seed, len(net), loss_mode,
+                        outputs=camp.judge.describe(), spec=spec.to_json())
 
     parts = []  # (part name, scales, components, group names)
     net_comps, groups = [], {}
@@ -439,7 +460,7 @@ def analyse(model: onnx.ModelProto, data: Dataset, granularities: Iterable[str],
     if net_comps or "model" in grans:
         parts.append(("network", {i: 0.0 for i in inp}, net_comps, groups))
     if "patch" in grans:
-        comps, grid = patch_components(camp, prepared, patch)
+        comps, grid = patch_components(camp, prepared, spec.patch)
         result.patch_grid = grid
         parts.append(("input", {i: 0.0 for i in net}, comps, {"patch": [c.name for c in comps]}))
 
@@ -450,10 +471,10 @@ def analyse(model: onnx.ModelProto, data: Dataset, granularities: Iterable[str],
             found = []
             for loss in targets:
                 goal = target_accuracy(camp.clean, loss, loss_mode)
-                b, _ = search_ber(lambda x: camp.accuracy(x, search_trials, scales), goal, start=start,
+                b, _ = search_ber(lambda x: camp.accuracy(x, spec.search_trials, scales), goal, start=start,
                                   cache=cache)
                 found.append({"loss": loss, "target_accuracy": goal, "ber": b})
-            result.searches.append({"part": part, "targets": found, "trials": search_trials,
+            result.searches.append({"part": part, "targets": found, "trials": spec.search_trials,
                                     "points": sorted([b, a] for b, a in cache.items())})
             bers = [(f["ber"], f["loss"]) for f in found]
         else:

@@ -6,7 +6,7 @@ import json
 import click
 
 from .. import api
-from .main import _bers, _check_out_dir, _one_ber, _run, cli
+from .main import _bers, _check_out_dir, _one_ber, _run, cli, outcome_cli_options
 
 SCHEMES = ("none", "range", "standard", "sec", "lb", "lb+range", "lb+range+dmr", "tmr", "auto")
 
@@ -40,12 +40,15 @@ SCHEMES = ("none", "range", "standard", "sec", "lb", "lb+range", "lb+range+dmr",
               help="Also fault each scheme's protection: checks, range restriction, voters and ABFT recovery.")
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--threads", default=None, type=click.IntRange(min=1))
+@outcome_cli_options
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
-              help="Write compare.json, compare.csv, accuracy_vs_ber.png and overhead.png here.")
+              help="Write compare.json, compare.csv, accuracy_vs_ber.png, outcomes_vs_ber.png and overhead.png here.")
 @click.option("--json", "as_json", is_flag=True)
 def compare(model, schemes, ber_text, design_ber, data, calib, trials, limit, batch, seed, target_drop, max_overhead,
-            range_mode, range_ops, alpha, dmr, latency, inject_protection, provider, threads, out_dir, as_json):
-    """Accuracy under injection and operation overhead of protection schemes for MODEL."""
+            range_mode, range_ops, alpha, dmr, latency, inject_protection, provider, threads, outputs, sdc, tol, out_dir,
+            as_json):
+    """Accuracy and masked / SDC / DUE rates under injection, and operation overhead, of protection
+    schemes for MODEL."""
     names = [s.strip() for s in schemes.split(",") if s.strip()]
     bad = [s for s in names if s not in SCHEMES]
     if bad or not names:
@@ -54,18 +57,15 @@ def compare(model, schemes, ber_text, design_ber, data, calib, trials, limit, ba
     dber = None if design_ber is None else _one_ber(design_ber, "--design-ber")
     if out_dir is not None:
         _run(_check_out_dir, out_dir)
-    from ..campaigns.select import SelectOptions
-
-    sel = SelectOptions(target_drop=target_drop, max_overhead=max_overhead, trials=trials,
-                        max_trials=max(trials, 4), batch=batch, seed=seed, provider=provider, threads=threads)
-
     def progress(msg):
         if not as_json:
             click.echo(msg, err=True)
 
-    out = _run(api.compare, model, names, bers, data, calib, trials, seed, batch, provider, limit, dber, sel,
-               latency, progress, threads, range_mode, [k.strip() for k in range_ops.split(",") if k.strip()], alpha,
-               inject_protection, dmr.split(","))
+    out = _run(api.compare, model, names, bers, data=data, calib=calib, trials=trials, seed=seed, batch=batch,
+               provider=provider, limit=limit, design_ber=dber, latency=latency, progress=progress, threads=threads,
+               range_mode=range_mode, range_kinds=[k.strip() for k in range_ops.split(",") if k.strip()], alpha=alpha,
+               inject_protection=inject_protection, dmr=dmr.split(","), target_drop=target_drop,
+               max_overhead=max_overhead, outputs=outputs, sdc=sdc, tol=tol)
     from ..report.compare import compare_table, write_compare_outputs
 
     if as_json:

@@ -72,18 +72,17 @@ def harden(model, output, abft, range_mode, range_ops, calib, calib_limit, ber_t
                              dmr=op_types_from(dmr.split(",")))
     sel = None
     if select == "auto":
-        from ..campaigns.select import SelectOptions
-
         if gemms is not None:
             raise UserError("--gemms and --select auto both choose GEMMs: give one")
-        sel = SelectOptions(target_drop=target_drop, max_overhead=max_overhead, trials=trials,
-                            max_trials=max(trials, 4), provider=provider)
+        sel = api.CampaignSpec(target_drop=target_drop, max_overhead=max_overhead, trials=trials,
+                               max_trials=max(trials, 4), ci_width=0.03, batch=250, provider=provider)
 
     def progress(msg):
         if not as_json:
             click.echo(msg, err=True)
 
-    plan = _run(api.harden, model, output, opts, calib, calib_limit, sel, data, limit, progress)
+    plan = _run(api.harden, model, output, opts, calib=calib, calib_limit=calib_limit, select=sel, data=data,
+                limit=limit, progress=progress)
     if as_json:
         click.echo(json.dumps(plan, indent=2))
         return

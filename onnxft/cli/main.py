@@ -79,6 +79,19 @@ def site_options(f):
     return f
 
 
+def outcome_cli_options(f):
+    """Shared options choosing the checked outputs and the SDC criterion (campaigns.outcomes)."""
+    f = click.option("--tol", default=None,
+                     help="Tolerances: rel=R,abs=A (--sdc tol; default rel=1e-3,abs=1e-5), cos=C (--sdc cosine; "
+                          "default 0.999), score=S (hook scores; default 1).")(f)
+    f = click.option("--sdc", default="auto", show_default=True,
+                     help="SDC criterion: top1 (arg-max of the last axis changed), tol, cosine, or a hook "
+                          "package.module:function; auto = top1 for a classifier ([batch, C] output), else tol.")(f)
+    f = click.option("--output", "outputs", default=None,
+                     help="Comma-separated outputs to check (default: every float output; int/bool are ignored).")(f)
+    return f
+
+
 def _selection(names, op_types, formats, scales, include_protection=False):
     return _run(
         api.selection_from_options,
@@ -151,7 +164,8 @@ def inject(model, output, ber, seed, batch, faults_out, logging, names, op_types
     """
     b = None if ber is None else _one_ber(ber)
     sel = _selection(names, op_types, formats, scales)
-    info = _run(api.inject, model, output, sel, _widths(int_widths), logging, b, seed, batch, faults_out)
+    info = _run(api.inject, model, output, selection=sel, int_widths=_widths(int_widths), logging=logging, ber=b,
+                seed=seed, batch=batch, faults_output=faults_out)
     click.echo(f"wrote {info['output']}: {info['sites']} fault sites")
     if b is not None:
         click.echo(f"wrote {info['faults_output']}: {info['flips']} flips for a batch of {batch} at BER {b:g}")
@@ -170,7 +184,7 @@ def inject(model, output, ber, seed, batch, faults_out, logging, names, op_types
 @click.option("--batch", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--limit", default=None, type=click.IntRange(min=1), help="Use only the first N items.")
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
-              help="Directory for results.json, results.csv and the plot.")
+              help="Directory for results.json, results.csv and the plots (accuracy/metric and SDC/DUE rates).")
 @click.option("--title", default=None, help="Plot title.")
 @click.option("--fault-log", default=None, type=click.Path(dir_okay=False),
               help="Write every trial's faults (JSON lines) for onnxft replay (one model only).")
@@ -178,10 +192,12 @@ def inject(model, output, ber, seed, batch, faults_out, logging, names, op_types
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--inject-protection", is_flag=True,
               help="Hardened models: also fault what harden inserted (checksums, range restriction, ABFT recovery).")
+@outcome_cli_options
 @site_options
 def eval_(models, data, ber_text, trials, seed, metric, provider, batch, limit, out_dir, title, fault_log, threads,
-          quiet, inject_protection, names, op_types, formats, scales, int_widths):
-    """Accuracy (or SDC rate) of MODELS against BER, with 95% confidence intervals.
+          quiet, inject_protection, outputs, sdc, tol, names, op_types, formats, scales, int_widths):
+    """Accuracy (or SDC rate) of MODELS against BER, and the masked / SDC / DUE rates, with 95%
+    confidence intervals.
 
     MODELS are paths or bundled sample names; with none, the bundled sample ViT and its
     Fashion-MNIST test data. Several models share one table, JSON, CSV and plot.
@@ -198,9 +214,10 @@ def eval_(models, data, ber_text, trials, seed, metric, provider, batch, limit, 
     for model in models or (None,):
         bars = []
         try:
-            result = _run(api.evaluate, model, data, bers, trials, seed, metric, provider, batch, sel,
-                          _widths(int_widths), limit, None if quiet else _progress(bars, model or "vit"),
-                          fault_log, threads)
+            result = _run(api.evaluate, model, data, bers=bers, trials=trials, seed=seed, metric=metric,
+                          provider=provider, batch=batch, selection=sel, int_widths=_widths(int_widths), limit=limit,
+                          progress=None if quiet else _progress(bars, model or "vit"), fault_log=fault_log,
+                          threads=threads, outputs=outputs, sdc=sdc, tol=tol)
         finally:
             for bar in bars:
                 bar.close()
@@ -255,7 +272,8 @@ def bench(model, ber, batch, repeats, provider, data, threads, baseline, as_json
     if baseline is not None:
         if model is None:
             raise UserError("--baseline needs MODEL (the hardened graph) too")
-        info = _run(api.overhead, model, baseline, batch, provider, repeats, data, threads)
+        info = _run(api.overhead, model, baseline, batch=batch, provider=provider, repeats=repeats, data=data,
+                    threads=threads)
         if as_json:
             click.echo(json.dumps(info))
         else:
@@ -264,7 +282,7 @@ def bench(model, ber, batch, repeats, provider, data, threads, baseline, as_json
                        f"ratio {info['ratio']:.3f}   (overhead {100 * info['overhead']:+.1f}%, median of {repeats})")
         return
     b = _one_ber(ber)
-    info = _run(api.bench, model, b, batch, provider, repeats, 0, data, threads)
+    info = _run(api.bench, model, ber=b, batch=batch, provider=provider, repeats=repeats, data=data, threads=threads)
     if as_json:
         click.echo(json.dumps(info))
     else:

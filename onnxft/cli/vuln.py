@@ -41,12 +41,14 @@ def _list(text: str, param: str) -> list[float]:
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="ORT intra-op threads.")
+@click.option("--output", "outputs", default=None,
+              help="The output whose arg-max is scored against the labels (default: the first float output).")
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
               help="Write results.json, results.csv and plots here.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def vuln(model, data, granularity, ber, target_loss, loss_mode, trials, ci_width, max_trials, search_trials, patch,
-         limit, batch, seed, provider, threads, out_dir, as_json, quiet):
+         limit, batch, seed, provider, threads, outputs, out_dir, as_json, quiet):
     """Vulnerability factor of each component of MODEL: accuracy with the component fault-free
     minus accuracy unprotected, with paired 95% intervals (common random numbers)."""
     grans = [g.strip() for g in granularity.split(",") if g.strip()]
@@ -74,9 +76,11 @@ def vuln(model, data, granularity, ber, target_loss, loss_mode, trials, ci_width
         bar[0].update(runs - bar[0].n)
 
     try:
-        result = _run(api.vuln, model, data, grans, one_ber, losses, loss_mode, trials,
-                      max_trials, ci_width, seed, batch, limit, provider, threads,
-                      (patch, patch) if patch else None, progress)
+        result = _run(api.vuln, model, data, granularity=grans, ber=one_ber, target_losses=losses,
+                      loss_mode=loss_mode, trials=trials, max_trials=max_trials, ci_width=ci_width, seed=seed,
+                      batch=batch, limit=limit, provider=provider, threads=threads,
+                      patch=(patch, patch) if patch else None, progress=progress, search_trials=search_trials,
+                      outputs=outputs)
     finally:
         for b in bar:
             b.close()

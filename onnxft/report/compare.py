@@ -5,20 +5,22 @@ import io
 import json
 from pathlib import Path
 
-from .outputs import atomic_write, eval_plot
+from .outputs import atomic_write, eval_plot, outcomes_plot
 
 
 def compare_table(out: dict) -> str:
     bers = out["bers"]
-    head = f"{'scheme':<10} {'clean':>6} " + " ".join(f"{'acc@' + format(b, 'g'):>12} {'ops+':>7}" for b in bers)
+    head = f"{'scheme':<12} {'clean':>6} " + " ".join(
+        f"{'acc@' + format(b, 'g'):>12} {'SDC':>6} {'DUE':>6} {'ops+':>7}" for b in bers)
     lines = [f"{out.get('model', 'model')}: {out['items']} items x {out['trials']} trials; block sizes for BER "
-             f"{out['design_ber']:g}; ops+ = expected extra operations / the model's operations"
+             f"{out['design_ber']:g}; ops+ = expected extra operations / the model's operations; SDC/DUE = rates "
+             "of silent / NaN-Inf outcomes"
              + ("; protection faulted too (checks and recovery)" if out.get("inject_protection") else ""), head]
     for row in out["schemes"]:
         cells = []
         for p in row["points"]:
-            cells.append(f"{p['accuracy']:>12.4f} {100 * p['overhead_ops']:>6.2f}%")
-        line = f"{row['scheme']:<10} {row['clean']:>6.4f} " + " ".join(cells)
+            cells.append(f"{p['accuracy']:>12.4f} {p['sdc']:>6.4f} {p['due']:>6.4f} {100 * p['overhead_ops']:>6.2f}%")
+        line = f"{row['scheme']:<12} {row['clean']:>6.4f} " + " ".join(cells)
         if "latency" in row:
             line += f"   latency x{row['latency']['ratio']:.3f}"
         lines.append(line)
@@ -26,12 +28,15 @@ def compare_table(out: dict) -> str:
 
 
 def compare_csv(out: dict) -> str:
-    rows = ["scheme,ber,accuracy,ci_lo,ci_hi,overhead_ops,clean,latency_ratio"]
+    rows = ["scheme,ber,accuracy,ci_lo,ci_hi,overhead_ops,clean,latency_ratio,sdc,sdc_ci_lo,sdc_ci_hi,due,due_ci_lo,"
+            "due_ci_hi,masked"]
     for row in out["schemes"]:
         lat = row.get("latency", {}).get("ratio", "")
         for p in row["points"]:
             rows.append(f"{row['scheme']},{p['ber']:g},{p['accuracy']:.6f},{p['ci'][0]:.6f},{p['ci'][1]:.6f},"
-                        f"{p['overhead_ops']:.6g},{row['clean']:.6f},{lat}")
+                        f"{p['overhead_ops']:.6g},{row['clean']:.6f},{lat},{p['sdc']:.6f},{p['sdc_ci'][0]:.6f},"
+                        f"{p['sdc_ci'][1]:.6f},{p['due']:.6f},{p['due_ci'][0]:.6f},{p['due_ci'][1]:.6f},"
+                        f"{p['masked']:.6f}")
     return "\n".join(rows) + "\n"
 
 
@@ -69,4 +74,5 @@ def write_compare_outputs(out: dict, out_dir: str | Path) -> list[Path]:
     return [atomic_write(d / "compare.json", json.dumps(out, indent=2) + "\n"),
             atomic_write(d / "compare.csv", compare_csv(out)),
             eval_plot(out["eval_results"], d / "accuracy_vs_ber.png", title),
+            outcomes_plot(out["eval_results"], d / "outcomes_vs_ber.png", title),
             overhead_plot(out, d / "overhead.png")]

@@ -21,9 +21,16 @@ def eval_table(results: list[dict]) -> str:
         lines.append(f"{r['model']}  ({r['items']} items, {r['sites']} sites, clean top-1 "
                      f"{r['clean']:.4f})" if r["metric"] == "top1" else
                      f"{r['model']}  ({r['items']} items, {r['sites']} sites)")
-        lines.append(f"  {'BER':>10}  {name:>9}  {'95% CI':>17}  {'flips/item':>10}  trials")
+        o = r.get("outputs") or {}
+        if o:
+            ignored = ", ".join(f"{d['name']} ({d['reason']})" for d in o.get("ignored", []))
+            lines.append(f"  outputs checked: {', '.join(o['checked'])}; SDC = {o['sdc_criterion']}"
+                         + (f"; ignored: {ignored}" if ignored else ""))
+        lines.append(f"  {'BER':>10}  {name:>9}  {'95% CI':>17}  {'SDC':>7}  {'DUE':>7}  {'masked':>7}  "
+                     f"{'flips/item':>10}  trials")
         for p in r["points"]:
             lines.append(f"  {p['ber']:>10.3g}  {p['value']:>9.4f}  [{p['ci'][0]:.4f}, {p['ci'][1]:.4f}]  "
+                         f"{p.get('sdc', 0.0):>7.4f}  {p.get('due', 0.0):>7.4f}  {p.get('masked', 1.0):>7.4f}  "
                          f"{p['faults_per_item']:>10.3g}  {p['trials']}")
     return "\n".join(lines)
 
@@ -31,12 +38,49 @@ def eval_table(results: list[dict]) -> str:
 def eval_csv(results: list[dict]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["model", "metric", "ber", "value", "ci_low", "ci_high", "trials", "n", "faults_per_item", "clean"])
+    w.writerow(["model", "metric", "ber", "value", "ci_low", "ci_high", "trials", "n", "faults_per_item", "clean",
+                "sdc", "sdc_ci_low", "sdc_ci_high", "due", "due_ci_low", "due_ci_high", "masked"])
     for r in results:
         for p in r["points"]:
             w.writerow([r["model"], r["metric"], p["ber"], p["value"], p["ci"][0], p["ci"][1], p["trials"],
-                        p["n"], p["faults_per_item"], r["clean"]])
+                        p["n"], p["faults_per_item"], r["clean"], p["sdc"], p["sdc_ci"][0], p["sdc_ci"][1],
+                        p["due"], p["due_ci"][0], p["due_ci"][1], p["masked"]])
     return buf.getvalue()
+
+
+def outcomes_plot(results: list[dict], path: str | Path, title: str | None = None) -> Path:
+    """SDC (solid) and DUE (dashed) rates against BER, one colour per model, with 95% intervals."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for r in results:
+        pts = [p for p in r["points"] if p["ber"] > 0]
+        if not pts:
+            continue
+        xs = [p["ber"] for p in pts]
+        line = None
+        for key, style in (("sdc", "-"), ("due", "--")):
+            ys = [p[key] for p in pts]
+            err = [[max(0.0, p[key] - p[key + "_ci"][0]) for p in pts],
+                   [max(0.0, p[key + "_ci"][1] - p[key]) for p in pts]]
+            c = ax.errorbar(xs, ys, yerr=err, marker="o" if key == "sdc" else "s", ls=style, capsize=3,
+                            label=f"{r['model']} {key.upper()}", color=None if line is None else line)
+            line = c.lines[0].get_color()
+    ax.set_xscale("log")
+    ax.set_xlabel("bit error rate (per bit of each operation result)")
+    ax.set_ylabel("rate (items x trials)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    ax.set_title(title or "SDC (silent, finite and wrong) and DUE (NaN/Inf)", fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return atomic_write(path, buf.getvalue())
 
 
 def eval_plot(results: list[dict], path: str | Path, title: str | None = None) -> Path:
@@ -53,8 +97,8 @@ def eval_plot(results: list[dict], path: str | Path, title: str | None = None) -
             continue
         xs = [p["ber"] for p in pts]
         ys = [p["value"] for p in pts]
-        lo = [p["value"] - p["ci"][0] for p in pts]
-        hi = [p["ci"][1] - p["value"] for p in pts]
+        lo = [max(0.0, p["value"] - p["ci"][0]) for p in pts]  # (Wilson's bound can round past the value)
+        hi = [max(0.0, p["ci"][1] - p["value"]) for p in pts]
         ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=r["model"])
         zero_ber = min(xs) if zero_ber is None else min(zero_ber, min(xs))
         if r["metric"] == "top1":
@@ -82,4 +126,5 @@ def write_eval_outputs(results: list[dict], out_dir: str | Path, title: str | No
     written = [atomic_write(out / "results.json", json.dumps(payload, indent=2)),
                atomic_write(out / "results.csv", eval_csv(results))]
     written.append(eval_plot(results, out / "accuracy_vs_ber.png", title))
+    written.append(outcomes_plot(results, out / "outcomes_vs_ber.png", title))
     return written

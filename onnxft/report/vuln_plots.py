@@ -29,7 +29,8 @@ def vuln_table(result: dict) -> str:
     for run in result["runs"]:
         lines.append(f"  {run['part']} faults at {_ber_label(run)}: unprotected accuracy {run['accuracy']:.4f} "
                      f"[{run['accuracy_ci'][0]:.4f}, {run['accuracy_ci'][1]:.4f}], {run['trials']} trials x "
-                     f"{result['items']} items, {run['faults_per_item']:.3g} flips/item")
+                     f"{result['items']} items, {run['faults_per_item']:.3g} flips/item, DUE (NaN/Inf) "
+                     f"{run.get('due', 0.0):.4f}")
         lines.append(f"    {'granularity':<11} {'component':<24} {'VF':>7}  {'95% CI':>17}  {'ops share':>9}")
         for f in run["factors"]:
             lines.append(f"    {f['granularity']:<11} {f['name']:<24} {f['factor']:>+7.4f}  "
@@ -41,12 +42,12 @@ def vuln_csv(result: dict) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["model", "part", "granularity", "component", "ber", "target_loss", "factor", "ci_lo", "ci_hi",
-                "n", "sites", "ops_share", "faults_share", "unprotected_accuracy", "clean"])
+                "n", "sites", "ops_share", "faults_share", "unprotected_accuracy", "clean", "unprotected_due"])
     for run in result["runs"]:
         for f in run["factors"]:
             w.writerow([result["model"], run["part"], f["granularity"], f["name"], run["ber"], run["target_loss"],
                         f["factor"], f["ci"][0], f["ci"][1], f["n"], f["sites"], f["share"], f["faults_share"],
-                        run["accuracy"], result["clean"]])
+                        run["accuracy"], result["clean"], run.get("due", 0.0)])
     return buf.getvalue()
 
 

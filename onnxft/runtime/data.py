@@ -100,13 +100,37 @@ def load_npz(path: str | Path, specs: list[InputSpec]) -> Dataset:
         inputs[spec.name] = arr.astype(spec.dtype, copy=False)
     sizes = {len(v) for v in inputs.values()}
     if labels is not None:
-        labels = np.asarray(labels).reshape(len(labels), -1)[:, 0] if labels.ndim > 1 else np.asarray(labels)
+        labels = class_ids(labels, path.name)
         sizes.add(len(labels))
     if len(sizes) != 1:
         raise DataError(f"arrays in {path.name} disagree on the number of items: {sorted(sizes)}")
     if sizes == {0}:
         raise DataError(f"{path.name} holds no items")
-    return Dataset(inputs, None if labels is None else labels.astype(np.int64), str(path))
+    return Dataset(inputs, labels, str(path))
+
+
+def class_ids(labels: np.ndarray, where: str = "the data") -> np.ndarray:
+    """Labels as int64 class ids: ids ``[N]`` (or ``[N, 1]``), or one-hot rows ``[N, C]`` (converted
+    by arg-max). Anything else (soft labels, other ranks, non-integer ids) is a DataError."""
+    y = np.asarray(labels)
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim == 2 and y.shape[1] > 1:
+        if y.dtype == np.bool_ or np.issubdtype(y.dtype, np.number):
+            values_ok = np.isin(y, (0, 1)).all()
+            if values_ok and (y.astype(np.int64).sum(axis=1) == 1).all():
+                return np.argmax(y, axis=1).astype(np.int64)
+        raise DataError(f"labels y in {where} have shape {list(y.shape)} but are not one-hot (one 1 per row, "
+                        "zeros elsewhere): give class ids [N] or one-hot [N, C]")
+    if y.ndim != 1:
+        raise DataError(f"labels y in {where} have shape {list(y.shape)}: give class ids [N] or one-hot [N, C]")
+    if y.dtype == np.bool_ or not np.issubdtype(y.dtype, np.number):
+        raise DataError(f"labels y in {where} have dtype {y.dtype}: give integer class ids [N] or one-hot [N, C]")
+    if np.issubdtype(y.dtype, np.floating) and not (np.isfinite(y).all() and (y == np.round(y)).all()):
+        raise DataError(f"labels y in {where} are not whole numbers: give class ids [N] or one-hot [N, C]")
+    if len(y) and y.min() < 0:
+        raise DataError(f"labels y in {where} hold a negative class id ({int(y.min())})")
+    return y.astype(np.int64)
 
 
 def synthetic(specs: list[InputSpec], batch: int, seed: int = 0) -> dict[str, np.ndarray]:
