@@ -29,11 +29,13 @@ from .campaigns.harden import harden as _harden
 from .campaigns.overhead import latency_overhead
 from .campaigns.inspect import inspect_model
 from .passes.inject import SiteSelection, inject as _inject, selection_from_options
-from .runtime.data import DataError, Dataset, fixed_batch, input_specs, load_npz
+from .faults.sampling import DEFAULT_MAX_FAULTS
+from .runtime.data import Batch, DataError, Dataset, InputLayout, fixed_batch, input_specs, load_npz, synthetic
 from .runtime.model_io import check_writable, external_data_dir, load_model, save_model
 
 __all__ = ["samples", "inspect", "inject", "evaluate", "bench", "replay", "vuln", "harden", "overhead",
-           "compare", "load", "SiteSelection", "selection_from_options", "HardenOptions"]
+           "compare", "load", "SiteSelection", "selection_from_options", "HardenOptions", "InputLayout",
+           "Dataset", "example_feeds"]
 
 
 def load(model: str | Path | onnx.ModelProto | None) -> tuple[onnx.ModelProto, str, str | None]:
@@ -54,14 +56,18 @@ def display_name(arg, path: str) -> str:
 
 
 def _dataset(model: onnx.ModelProto, data: str | Path | Dataset | None, default: str | None,
-             limit: int | None = None) -> Dataset:
+             limit: int | None = None, inputs: InputLayout | None = None) -> Dataset:
+    """The items to run: ``data`` (a path or a Dataset), else ``default`` (a sample's own data), checked
+    against the model's inputs and batch axes (``inputs.batch_axes``; the data give the shapes)."""
+    if inputs is not None and inputs.shapes:
+        raise ValueError("--shape is for running without --data: the data's arrays give the shapes")
     if isinstance(data, Dataset):
         ds = data
     else:
         path = data if data is not None else default
         if path is None:
             raise ValueError("this model has no bundled data: give --data D.npz")
-        ds = load_npz(path, input_specs(model))
+        ds = load_npz(path, input_specs(model, inputs))
     if limit is not None:
         if limit < 1:
             raise ValueError("--limit must be at least 1")
@@ -69,26 +75,43 @@ def _dataset(model: onnx.ModelProto, data: str | Path | Dataset | None, default:
     return ds
 
 
+def example_feeds(model: onnx.ModelProto, batch: int, data=None, inputs: InputLayout | None = None,
+                  seed: int = 0) -> Batch:
+    """One batch of inputs for inspect, inject --ber and bench: the first ``batch`` items of ``data``
+    (a path or Dataset), else synthetic inputs of the shapes the model and ``inputs`` fix
+    (``runtime.data.synthetic``; an unresolved dim is a one-line DataError). A model with a static
+    batch axis gets exactly its batch."""
+    batch = fixed_batch(input_specs(model, inputs)) or batch
+    if data is not None:
+        return _dataset(model, data, None, None, inputs).batch(0, batch)
+    return synthetic(input_specs(model, inputs), batch, seed)
+
+
 def samples() -> dict:
     return _samples.manifest()
 
 
-def inspect(model, selection: SiteSelection | None = None, int_widths=(16, 32)) -> dict:
+def inspect(model, selection: SiteSelection | None = None, int_widths=(16, 32), data=None,
+            inputs: InputLayout | None = None) -> dict:
+    """Sites and operation counts per item, for one item of ``data`` (else synthetic inputs of the
+    shapes the model and ``inputs`` fix)."""
     m, name, _ = load(model)
-    info = inspect_model(m, selection, int_widths)
+    info = inspect_model(m, selection, int_widths, feeds=example_feeds(m, 1, data, inputs), inputs=inputs)
     info["model"] = name
     return info
 
 
 def inject(model, output: str | Path, selection: SiteSelection | None = None, int_widths=(16, 32),
            logging: bool = False, ber: float | None = None, seed: int = 0, batch: int = 1,
-           faults_output: str | Path | None = None) -> dict:
+           faults_output: str | Path | None = None, data=None, inputs: InputLayout | None = None,
+           max_faults: float | None = DEFAULT_MAX_FAULTS) -> dict:
     """Write the injection graph of ``model`` to ``output``; returns what the pass did.
 
-    With ``ber``, also sample one fault set for a batch of ``batch`` items of the model's input
-    shapes (dynamic non-batch axes: 16) and write it as an .npz of graph inputs to
-    ``faults_output`` (default: ``<output>.faults.npz``), ready for
-    ``session.run(None, {**inputs, **np.load(faults)})`` in plain onnxruntime.
+    With ``ber``, also sample one fault set for the first ``batch`` items of ``data`` (else a batch
+    of the shapes the model and ``inputs`` fix, see ``example_feeds``) and write it as an .npz of
+    graph inputs to ``faults_output`` (default: ``<output>.faults.npz``), ready for
+    ``session.run(None, {**inputs, **np.load(faults)})`` in plain onnxruntime. A BER whose expected
+    flips exceed ``max_faults`` is refused before sampling.
     """
     check_writable(output)
     if ber is not None:
@@ -97,6 +120,7 @@ def inject(model, output: str | Path, selection: SiteSelection | None = None, in
         faults_output = Path(faults_output) if faults_output else Path(str(output) + ".faults.npz")
         check_writable(faults_output)
     m, name, _ = load(model)
+    feeds = example_feeds(m, batch, data, inputs, seed) if ber is not None else None
     res = _inject(m, selection, int_widths=int_widths, logging=logging)
     # A model over 2 GB keeps its weights on disk: the checker finds them only from the saved file.
     external = external_data_dir(res.model) is not None
@@ -115,13 +139,12 @@ def inject(model, output: str | Path, selection: SiteSelection | None = None, in
         from .campaigns.evaluate import trial_rng
         from .faults.sampling import fault_feeds, sample_faults
         from .report.outputs import atomic_write
-        from .runtime.data import synthetic
         from .runtime.session import InjectionSession
 
         sess = InjectionSession(res.model, "cpu")
-        batch = fixed_batch(input_specs(m)) or batch
-        plans = sess.plans(synthetic(input_specs(m), batch, seed))
-        faults = sample_faults(plans, float(ber), trial_rng(seed, 0, 0))
+        batch = feeds.batch_size
+        plans = sess.plans(feeds)
+        faults = sample_faults(plans, float(ber), trial_rng(seed, 0, 0), max_faults)
         buf = io.BytesIO()
         np.savez(buf, **fault_feeds(plans, faults))
         atomic_write(faults_output, buf.getvalue())
@@ -135,10 +158,11 @@ def inject(model, output: str | Path, selection: SiteSelection | None = None, in
 def evaluate(model=None, data=None, bers: Iterable[float] = (0.0, 1e-9, 1e-8, 1e-7), trials: int = 3,
              seed: int = 0, metric: str = "top1", provider: str = "auto", batch: int = 64,
              selection: SiteSelection | None = None, int_widths=(16, 32), limit: int | None = None,
-             progress=None, fault_log: str | Path | None = None, threads: int | None = None) -> EvalResult:
+             progress=None, fault_log: str | Path | None = None, threads: int | None = None,
+             inputs: InputLayout | None = None, max_faults: float | None = DEFAULT_MAX_FAULTS) -> EvalResult:
     m, name, default = load(model)
-    ds = _dataset(m, data, default, limit)
-    fixed = fixed_batch(input_specs(m))
+    ds = _dataset(m, data, default, limit, inputs)
+    fixed = fixed_batch(input_specs(m, inputs))
     if fixed is not None:  # a static-batch export: whole batches of exactly that size
         batch = fixed
         if len(ds) < fixed:
@@ -147,7 +171,7 @@ def evaluate(model=None, data=None, bers: Iterable[float] = (0.0, 1e-9, 1e-8, 1e
     if fault_log is not None:
         check_writable(fault_log)
     result = _evaluate(m, ds, list(bers), trials, seed, metric, provider, batch, selection, int_widths,
-                       name, progress, fault_log, threads)
+                       name, progress, fault_log, threads, max_faults=max_faults)
     result.extra["int_widths"] = list(int_widths)
     result.extra["path"] = name
     result.model = display_name(model, name)
@@ -155,14 +179,12 @@ def evaluate(model=None, data=None, bers: Iterable[float] = (0.0, 1e-9, 1e-8, 1e
 
 
 def bench(model, ber: float = 1e-8, batch: int = 8, provider: str = "auto", repeats: int = 20,
-          seed: int = 0, data=None, threads: int | None = None) -> dict:
+          seed: int = 0, data=None, threads: int | None = None, inputs: InputLayout | None = None,
+          max_faults: float | None = DEFAULT_MAX_FAULTS) -> dict:
     m, name, default = load(model)
-    batch = fixed_batch(input_specs(m)) or batch
-    feeds = None
-    if data is not None:
-        ds = _dataset(m, data, None)
-        feeds = ds.batch(0, batch)
-    out = _bench(m, ber, batch, provider, repeats, seed=seed, feeds=feeds, threads=threads)
+    feeds = example_feeds(m, batch, data, inputs, seed)
+    out = _bench(m, ber, feeds.batch_size, provider, repeats, seed=seed, feeds=feeds, threads=threads,
+                 max_faults=max_faults)
     out["model"] = name
     return out
 
@@ -185,15 +207,16 @@ def replay(log: str | Path, record: int = 0, model=None, data=None, provider: st
     return out
 
 
-def _calibration_data(m: onnx.ModelProto, calib, default: str | None, limit: int | None) -> Dataset | None:
+def _calibration_data(m: onnx.ModelProto, calib, default: str | None, limit: int | None,
+                      inputs: InputLayout | None = None) -> Dataset | None:
     """Calibration items: ``calib`` (first ``limit``), else the LAST ``limit`` items of a bundled
     sample's data, so that evaluations on its first items (eval --limit 1000, the README's
     figures) never see their calibration images; None when there is neither."""
     if calib is not None:
-        return _dataset(m, calib, None, limit)
+        return _dataset(m, calib, None, limit, inputs)
     if default is None:
         return None
-    full = _dataset(m, None, default)
+    full = _dataset(m, None, default, None, inputs)
     return full.tail(min(limit or len(full), len(full)))
 
 
@@ -214,7 +237,7 @@ def plan_path(output: str | Path) -> Path:
 
 def harden(model, output: str | Path | None = None, options: HardenOptions | None = None, calib=None,
            calib_limit: int | None = 512, select=None, data=None, limit: int | None = None,
-           progress=None) -> dict:
+           progress=None, inputs: InputLayout | None = None) -> dict:
     """Write the hardened model (range restriction + ABFT, see ``campaigns.harden``) and its plan.
 
     ``calib``: .npz (or Dataset) for range bounds and ABFT thresholds; a bundled sample uses its own
@@ -236,7 +259,7 @@ def harden(model, output: str | Path | None = None, options: HardenOptions | Non
 
         if options.abft != "lb":
             raise ValueError("--select auto chooses GEMMs for LB-ABFT: use --abft lb")
-        eval_ds = _dataset(m, data, default, limit)
+        eval_ds = _dataset(m, data, default, limit, inputs)
         sel = select_gemms(m, eval_ds, options.ber, select, progress)
         selection = asdict(sel)
         if not sel.chosen:
@@ -244,7 +267,7 @@ def harden(model, output: str | Path | None = None, options: HardenOptions | Non
                              "meets the target): nothing to harden")
         options = replace(options, gemms="^(" + "|".join(re.escape(c) for c in sel.chosen) + ")$",
                           block_size={c: b for c, b in sel.block_sizes.items() if b})
-    res = _harden(m, options, _calibration_data(m, calib, default, calib_limit))
+    res = _harden(m, options, _calibration_data(m, calib, default, calib_limit, inputs))
     plan = dict(res.plan, model=name, output=str(output))
     if selection is not None:
         # the chosen protection, built for real, under injection on the same items and seeds
@@ -262,13 +285,12 @@ def harden(model, output: str | Path | None = None, options: HardenOptions | Non
 
 
 def overhead(model, baseline, batch: int = 8, provider: str = "auto", repeats: int = 20, data=None,
-             threads: int | None = None) -> dict:
+             threads: int | None = None, inputs: InputLayout | None = None) -> dict:
     """Fault-free latency of ``model`` (e.g. a hardened graph) against ``baseline``, interleaved medians."""
     m, name, _ = load(model)
     b, bname, default = load(baseline)
-    batch = fixed_batch(input_specs(b)) or batch
-    feeds = _dataset(b, data, None).batch(0, batch) if data is not None else None
-    out = latency_overhead(b, m, batch, provider, repeats, feeds=feeds, threads=threads)
+    feeds = example_feeds(b, batch, data, inputs)
+    out = latency_overhead(b, m, feeds.batch_size, provider, repeats, feeds=feeds, threads=threads)
     out.update({"model": name, "baseline": bname})
     return out
 
@@ -278,7 +300,7 @@ def compare(model, schemes=("none", "range", "standard", "lb", "lb+range"), bers
             limit: int | None = None, design_ber: float | None = None, select=None, latency: bool = False,
             progress=None, threads: int | None = None, range_mode: str = "clamp",
             range_kinds=("softmax", "gelu"), alpha: float = 0.02, inject_protection: bool = False,
-            dmr=("layernorm",)) -> dict:
+            dmr=("layernorm",), inputs: InputLayout | None = None) -> dict:
     """Accuracy and overhead of protection schemes side by side (``campaigns.compare``).
     ``dmr``: what ``lb+range+dmr`` duplicates (``passes.dmr`` names or op types).
     ``range_mode``, ``range_kinds`` and ``alpha`` set the range restriction of ``range`` and ``lb+range``;
@@ -287,8 +309,8 @@ def compare(model, schemes=("none", "range", "standard", "lb", "lb+range"), bers
     from .passes.dmr import op_types_from
 
     m, name, default = load(model)
-    ds = _dataset(m, data, default, limit)
-    cal = _calibration_data(m, calib, default if data is None else None, 512)
+    ds = _dataset(m, data, default, limit, inputs)
+    cal = _calibration_data(m, calib, default if data is None else None, 512, inputs)
     if cal is None:  # the user's own data: calibrate on its first items
         cal = ds.head(min(512, len(ds)))
     out = _compare(m, ds, list(schemes), list(bers), trials, seed, batch, provider, cal, design_ber, select,
@@ -301,13 +323,14 @@ def compare(model, schemes=("none", "range", "standard", "lb", "lb+range"), bers
 def vuln(model=None, data=None, granularity: Iterable[str] = ("layer",), ber: float | None = None,
          target_losses: Iterable[float] = (), loss_mode: str = "relative", trials: int = 2, max_trials: int = 10,
          ci_width: float = 0.02, seed: int = 0, batch: int = 250, limit: int | None = None, provider: str = "auto",
-         threads: int | None = None, patch: tuple[int, int] | None = None, progress=None) -> dict:
+         threads: int | None = None, patch: tuple[int, int] | None = None, progress=None,
+         inputs: InputLayout | None = None) -> dict:
     """Vulnerability factors per layer/module/op type/input patch/bit (campaigns.vuln.analyse)."""
     from .campaigns.vuln import analyse
 
     m, name, default = load(model)
-    ds = _dataset(m, data, default, limit)
-    if fixed_batch(input_specs(m)) is not None:
+    ds = _dataset(m, data, default, limit, inputs)
+    if fixed_batch(input_specs(m, inputs)) is not None:
         raise DataError("vuln needs a model with a dynamic batch axis")
     res = analyse(m, ds, list(granularity), ber, list(target_losses), loss_mode, trials, max_trials, ci_width,
                   seed, batch, provider, threads, patch=patch, model_name=display_name(model, name),

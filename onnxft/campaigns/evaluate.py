@@ -21,10 +21,11 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from ..faults.sampling import Faults, sample_faults, site_tables
+from ..faults.sampling import DEFAULT_MAX_FAULTS, Faults, sample_faults, site_tables
 from ..passes.inject import SiteSelection, inject
 from ..runtime.data import Dataset
 from ..runtime.session import InjectionSession, make_session
+from .progress import report_phase
 from .stats import wilson_interval
 
 METRICS = ("top1", "sdc")
@@ -85,8 +86,9 @@ def evaluate(model: onnx.ModelProto, data: Dataset, bers: list[float], trials: i
              metric: str = "top1", provider: str = "auto", batch: int = 64,
              selection: SiteSelection | None = None, int_widths=(16, 32), model_name: str = "model",
              progress: Callable | None = None, fault_log: str | Path | None = None,
-             threads: int | None = None) -> EvalResult:
-    """Measure ``metric`` at each BER (see the module docstring)."""
+             threads: int | None = None, max_faults: float | None = DEFAULT_MAX_FAULTS) -> EvalResult:
+    """Measure ``metric`` at each BER (see the module docstring). A BER whose expected flips per
+    batch exceed ``max_faults`` is refused before its first sampling (``faults.sampling``)."""
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
     if metric == "top1" and data.labels is None:
@@ -96,6 +98,7 @@ def evaluate(model: onnx.ModelProto, data: Dataset, bers: list[float], trials: i
             raise ValueError(f"BER must be a number in [0, 1], got {b}")
     if trials < 1:
         raise ValueError("trials must be at least 1")
+    report_phase(progress, "building the injection graph")
     sess = InjectionSession(campaign_graph(model, selection, int_widths, fault_log is not None), provider, threads,
                             level="basic")
     n_items = len(data)
@@ -105,6 +108,7 @@ def evaluate(model: onnx.ModelProto, data: Dataset, bers: list[float], trials: i
     original = make_session(model, provider, threads, level="basic") if data.labels is not None else None
     clean_preds, plans_per_batch, clean_ok, graph_ok = [], [], 0, 0
     for j, s in enumerate(starts):
+        report_phase(progress, f"clean pass, batch {j + 1}/{len(starts)}")
         feeds = data.batch(s, s + batch)
         out, plans = sess.clean(feeds)
         pred = np.argmax(out[0].reshape(len(out[0]), -1), axis=1)
@@ -128,7 +132,8 @@ def evaluate(model: onnx.ModelProto, data: Dataset, bers: list[float], trials: i
                 labels = None if data.labels is None else data.labels[s:s + batch]
                 for i, ber in enumerate(bers):
                     rng = trial_rng(seed, t, j)
-                    faults = sample_faults(plans_per_batch[j], ber, rng) if ber > 0 else Faults.empty()
+                    faults = (sample_faults(plans_per_batch[j], ber, rng, max_faults) if ber > 0
+                              else Faults.empty())
                     if log_file is not None:
                         out, logs = sess.run(feeds, faults, plans_per_batch[j], with_log=True)
                         rec = _log_record(sess, model_name, data, s, batch, ber, seed, t, j,

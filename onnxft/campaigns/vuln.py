@@ -172,7 +172,7 @@ class Campaign:
             return self._run(j, kept)
         s = self.starts[j]
         rows = np.concatenate([changed, np.full(size - len(changed), changed[0])])
-        feeds = {k: v[rows] for k, v in self.data.batch(s, s + n_batch).items()}
+        feeds = self.data.take(s + rows)
         sel = np.isin(kept.item, changed)
         sub = kept.subset(sel)
         sub.item = np.searchsorted(changed, sub.item)
