@@ -1,9 +1,9 @@
 """Input data: .npz files whose arrays are named after the model's inputs, and synthetic inputs.
 
 Every input has a *batch axis* (the axis along which items are stacked) or none (a scalar or a
-configuration tensor such as a sample rate, fed whole with every batch). ``input_specs`` infers it:
-the axis whose dim_param is the outputs' batch dim_param, else 0 for an input with a dynamic dim,
-else none (docs/inputs.md); ``InputLayout.batch_axes`` overrides it (``--batch-axis NAME:AXIS``).
+configuration tensor such as a sample rate, fed whole with every batch). ``input_specs`` infers it
+(``_infer_batch_axis``, docs/inputs.md); ``InputLayout.batch_axes`` overrides it
+(``--batch-axis NAME:AXIS``).
 """
 from __future__ import annotations
 
@@ -126,8 +126,11 @@ def input_specs(model: onnx.ModelProto, layout: InputLayout | None = None) -> li
             names = [d.dim_param if d.HasField("dim_param") else "" for d in t.shape.dim]
         else:  # rank unknown: only data or --shape can say
             dims, names = None, []
-        specs.append(InputSpec(vi.name, _NP_TYPES.get(t.elem_type, np.float32), dims,
-                               _infer_batch_axis(dims, names, batch_params), names))
+        specs.append(InputSpec(vi.name, _NP_TYPES.get(t.elem_type, np.float32), dims, 0, names))
+    dynamic_batch = bool(batch_params) or any(s.shape and s.shape[0] is None for s in specs)
+    for spec in specs:
+        spec.batch_axis = _infer_batch_axis(spec.shape, spec.dim_names, batch_params, dynamic_batch)
+    _image_size_from_metadata(model, specs)
     known = {s.name: s for s in specs}
     for name, axis in layout.batch_axes.items():
         spec = _spec_named(known, name, "--batch-axis")
@@ -179,17 +182,35 @@ def _output_batch_params(model: onnx.ModelProto) -> set[str]:
     return out
 
 
-def _infer_batch_axis(dims, names, batch_params: set[str]) -> int | None:
+def _infer_batch_axis(dims, names, batch_params: set[str], dynamic_batch: bool) -> int | None:
+    """The axis named like the outputs' batch (their first axis' dim_param); else, when the batch
+    is dynamic (named in the outputs, or some input's first axis is dynamic) and this input's first
+    axis is fixed, its first dynamic axis (an LSTM state [2, B, 128]) or none (a configuration
+    tensor, fed whole); else 0. A scalar has none."""
     if dims is None:
         return 0
     if not dims:
-        return None  # a scalar
+        return None
     for i, n in enumerate(names):
         if n and n in batch_params:
             return i
-    if batch_params and all(d is not None for d in dims):
-        return None  # every dim fixed while the outputs' batch is not: it cannot hold items
+    if dynamic_batch and dims[0] is not None:
+        return next((i for i, d in enumerate(dims) if d is None), None)
     return 0
+
+
+def _image_size_from_metadata(model: onnx.ModelProto, specs: list[InputSpec]) -> None:
+    """Ultralytics exports record their image size as metadata ``imgsz: [H, W]``: it fixes the
+    dynamic height and width of a 4-D NCHW image input."""
+    meta = {p.key: p.value for p in model.metadata_props}
+    try:
+        h, w = (int(v) for v in meta.get("imgsz", "").strip("[]() ").split(","))
+    except ValueError:
+        return
+    for spec in specs:
+        if spec.shape is not None and len(spec.shape) == 4 and spec.batch_axis == 0:
+            spec.shape[2] = spec.shape[2] or h
+            spec.shape[3] = spec.shape[3] or w
 
 
 def _metadata_bindings(model: onnx.ModelProto) -> dict[str, int]:

@@ -145,8 +145,10 @@ def _static_note(model) -> str:
     inits = {t.name for t in model.graph.initializer}
     shapes = []
     for vi in model.graph.input:
+        if vi.name in inits:
+            continue
         dims = vi.type.tensor_type.shape.dim
-        if vi.name in inits or not all(d.HasField("dim_value") for d in dims):
+        if not all(d.HasField("dim_value") for d in dims):
             return ""
         shapes.append(f"{vi.name}[{','.join(str(d.dim_value) for d in dims)}]")
     return f" with inputs {', '.join(shapes)}" if shapes else ""
