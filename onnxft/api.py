@@ -29,6 +29,7 @@ from .campaigns.harden import harden as _harden
 from .campaigns.overhead import latency_overhead
 from .campaigns.inspect import inspect_model
 from .passes.inject import SiteSelection, inject as _inject, selection_from_options
+from .passes.optional_inputs import optional_fault_inputs
 from .faults.sampling import DEFAULT_MAX_FAULTS
 from .runtime.data import Batch, DataError, Dataset, InputLayout, fixed_batch, input_specs, load_npz, synthetic
 from .runtime.model_io import check_writable, external_data_dir, load_model, save_model
@@ -122,10 +123,13 @@ def inject(model, output: str | Path, selection: SiteSelection | None = None, in
     m, name, _ = load(model)
     feeds = example_feeds(m, batch, data, inputs, seed) if ber is not None else None
     res = _inject(m, selection, int_widths=int_widths, logging=logging)
+    # Plain onnxruntime warns about every initializer that is also an input: written fault tables
+    # are optional inputs instead (passes/optional_inputs.py); sampling below runs res.model.
+    written = optional_fault_inputs(res.model).model
     # A model over 2 GB keeps its weights on disk: the checker finds them only from the saved file.
-    external = external_data_dir(res.model) is not None
+    external = external_data_dir(written) is not None
     if not external:
-        onnx.checker.check_model(res.model, full_check=True)
+        onnx.checker.check_model(written, full_check=True)
     from .faults.sites import SiteTable
 
     table = SiteTable.from_model(res.model)
@@ -149,7 +153,7 @@ def inject(model, output: str | Path, selection: SiteSelection | None = None, in
         np.savez(buf, **fault_feeds(plans, faults))
         atomic_write(faults_output, buf.getvalue())
         info.update({"faults_output": str(faults_output), "flips": len(faults), "batch": batch})
-    save_model(res.model, output)
+    save_model(written, output)
     if external:
         onnx.checker.check_model(str(output), full_check=True)
     return info

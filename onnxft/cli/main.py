@@ -238,15 +238,15 @@ class _Progress:
     def __init__(self, bars: list, label: str):
         self.bars, self.label = bars, label
 
-    def _bar(self, total=None):
+    def _bar(self, total=None, desc=None):
         from tqdm import tqdm
 
         if not self.bars:
-            self.bars.append(tqdm(total=total, unit="run", leave=False, file=sys.stderr, desc=self.label))
+            self.bars.append(tqdm(total=total, unit="run", leave=False, file=sys.stderr, desc=desc or self.label))
         return self.bars[0]
 
     def phase(self, text: str):
-        self._bar().set_description(f"{self.label}: {text}")
+        self._bar(desc=f"{self.label}: {text}").set_description(f"{self.label}: {text}")
 
     def __call__(self, done, total):
         bar = self._bar(total)
