@@ -64,6 +64,9 @@ def _dataset(model: onnx.ModelProto, data: str | Path | Dataset | None, default:
         raise ValueError("--shape is for running without --data: the data's arrays give the shapes")
     if isinstance(data, Dataset):
         ds = data
+        if not ds.batch_axes:  # built by hand: the model's batch axes (a state batched on axis 1)
+            axes = {s.name: s.batch_axis for s in input_specs(model, inputs)}
+            ds = Dataset(ds.inputs, ds.labels, ds.path, {k: axes.get(k, 0) for k in ds.inputs})
     else:
         path = data if data is not None else default
         if path is None:

@@ -94,7 +94,8 @@ def test_state_and_scalar_inputs_run_through_campaigns(tmp_path):
         np.testing.assert_allclose(y, state_reference({k: feeds[k] for k in feeds}), rtol=1e-6)
         np.testing.assert_array_equal(state_n, feeds["state"] * 2)
         assert max(p.items for p in plans) == feeds.batch_size
-    r = ft.evaluate(m, ds, bers=[0.0, 0.3], trials=1, metric="sdc", provider="cpu", batch=2)
+    # a Dataset built without batch axes takes the model's
+    r = ft.evaluate(m, Dataset(d, None), bers=[0.0, 0.3], trials=1, metric="sdc", provider="cpu", batch=2)
     assert r.points[0].value == 0 and r.points[1].value > 0 and r.items == 5
 
 
