@@ -232,6 +232,12 @@ def test_max_faults_refused_before_sampling(tmp_path, capsys):
     with pytest.raises(FaultBudgetError, match=r"flips per batch of 4 .*GiB|flips per batch of 4 .*MiB"):
         sample_faults(plans, 0.5, _NoDraws(), max_faults=100)
     assert len(sample_faults(plans, 0.5, np.random.default_rng(0), max_faults=None)) > 100
+    ds = Dataset(state_data(4), None)
+    with pytest.raises(FaultBudgetError, match="over the limit of 100"):  # eval: before its first faulty run
+        ft.evaluate(state_model(), ds, bers=[0.0, 0.5], trials=1, metric="sdc", provider="cpu", batch=4,
+                    max_faults=100)
+    with pytest.raises(FaultBudgetError):  # bench: before any timing
+        ft.bench(state_model(), ber=0.5, batch=4, provider="cpu", repeats=1, max_faults=100)
     onnx.save(state_model(), tmp_path / "m.onnx")
     code, _, err = run_cli(["inject", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "i.onnx"), "--ber", "0.5",
                             "--max-faults", "100"], capsys)
