@@ -332,7 +332,8 @@ def bench(model, ber, batch, repeats, provider, data, threads, baseline, shapes,
     if as_json:
         click.echo(json.dumps(info))
     else:
-        click.echo(f"{info['model']}: batch {info['batch']}, BER {b:g}, {info['sites']} sites, provider {info['provider']}")
+        click.echo(f"{info['model']}: batch {info['batch']}, BER {b:g}, {info['sites']} sites, "
+                   f"provider {info['provider']}")
         click.echo(f"  clean {info['clean_ms']:.2f} ms   injected {info['injected_ms']:.2f} ms   "
                    f"ratio {info['ratio']:.3f}   ({info['faults_per_run']:.1f} flips per run, median of {repeats})")
 
