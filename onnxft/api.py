@@ -31,12 +31,14 @@ from .campaigns.inspect import inspect_model
 from .campaigns.outcomes import OutcomeOptions, outcome_options
 from .campaigns.spec import CampaignSpec
 from .passes.inject import SiteSelection, inject as _inject, selection_from_options
-from .runtime.data import DataError, Dataset, fixed_batch, input_specs, load_npz
+from .passes.optional_inputs import optional_fault_inputs
+from .faults.sampling import DEFAULT_MAX_FAULTS
+from .runtime.data import Batch, DataError, Dataset, InputLayout, fixed_batch, input_specs, load_npz, synthetic
 from .runtime.model_io import check_writable, external_data_dir, load_model, save_model
 
 __all__ = ["samples", "inspect", "inject", "evaluate", "bench", "replay", "vuln", "harden", "overhead",
            "compare", "load", "SiteSelection", "selection_from_options", "HardenOptions", "CampaignSpec",
-           "OutcomeOptions", "outcome_options"]
+           "OutcomeOptions", "outcome_options", "InputLayout", "Dataset", "example_feeds"]
 
 
 def load(model: str | Path | onnx.ModelProto | None) -> tuple[onnx.ModelProto, str, str | None]:
@@ -57,14 +59,21 @@ def display_name(arg, path: str) -> str:
 
 
 def _dataset(model: onnx.ModelProto, data: str | Path | Dataset | None, default: str | None,
-             limit: int | None = None) -> Dataset:
+             limit: int | None = None, inputs: InputLayout | None = None) -> Dataset:
+    """The items to run: ``data`` (a path or a Dataset), else ``default`` (a sample's own data), checked
+    against the model's inputs and batch axes (``inputs.batch_axes``; the data give the shapes)."""
+    if inputs is not None and inputs.shapes:
+        raise ValueError("--shape is for running without --data: the data's arrays give the shapes")
     if isinstance(data, Dataset):
         ds = data
+        if not ds.batch_axes:  # built by hand: the model's batch axes (a state batched on axis 1)
+            axes = {s.name: s.batch_axis for s in input_specs(model, inputs)}
+            ds = Dataset(ds.inputs, ds.labels, ds.path, {k: axes.get(k, 0) for k in ds.inputs})
     else:
         path = data if data is not None else default
         if path is None:
             raise ValueError("this model has no bundled data: give --data D.npz")
-        ds = load_npz(path, input_specs(model))
+        ds = load_npz(path, input_specs(model, inputs))
     if limit is not None:
         if limit < 1:
             raise ValueError("--limit must be at least 1")
@@ -72,26 +81,43 @@ def _dataset(model: onnx.ModelProto, data: str | Path | Dataset | None, default:
     return ds
 
 
+def example_feeds(model: onnx.ModelProto, batch: int, data=None, inputs: InputLayout | None = None,
+                  seed: int = 0) -> Batch:
+    """One batch of inputs for inspect, inject --ber and bench: the first ``batch`` items of ``data``
+    (a path or Dataset), else synthetic inputs of the shapes the model and ``inputs`` fix
+    (``runtime.data.synthetic``; an unresolved dim is a one-line DataError). A model with a static
+    batch axis gets exactly its batch."""
+    batch = fixed_batch(input_specs(model, inputs)) or batch
+    if data is not None:
+        return _dataset(model, data, None, None, inputs).batch(0, batch)
+    return synthetic(input_specs(model, inputs), batch, seed)
+
+
 def samples() -> dict:
     return _samples.manifest()
 
 
-def inspect(model, selection: SiteSelection | None = None, int_widths=(16, 32)) -> dict:
+def inspect(model, selection: SiteSelection | None = None, int_widths=(16, 32), data=None,
+            inputs: InputLayout | None = None) -> dict:
+    """Sites and operation counts per item, for one item of ``data`` (else synthetic inputs of the
+    shapes the model and ``inputs`` fix)."""
     m, name, _ = load(model)
-    info = inspect_model(m, selection, int_widths)
+    info = inspect_model(m, selection, int_widths, feeds=example_feeds(m, 1, data, inputs), inputs=inputs)
     info["model"] = name
     return info
 
 
 def inject(model, output: str | Path, selection: SiteSelection | None = None, int_widths=(16, 32),
            logging: bool = False, ber: float | None = None, seed: int = 0, batch: int = 1,
-           faults_output: str | Path | None = None) -> dict:
+           faults_output: str | Path | None = None, data=None, inputs: InputLayout | None = None,
+           max_faults: float | None = DEFAULT_MAX_FAULTS) -> dict:
     """Write the injection graph of ``model`` to ``output``; returns what the pass did.
 
-    With ``ber``, also sample one fault set for a batch of ``batch`` items of the model's input
-    shapes (dynamic non-batch axes: 16) and write it as an .npz of graph inputs to
-    ``faults_output`` (default: ``<output>.faults.npz``), ready for
-    ``session.run(None, {**inputs, **np.load(faults)})`` in plain onnxruntime.
+    With ``ber``, also sample one fault set for the first ``batch`` items of ``data`` (else a batch
+    of the shapes the model and ``inputs`` fix, see ``example_feeds``) and write it as an .npz of
+    graph inputs to ``faults_output`` (default: ``<output>.faults.npz``), ready for
+    ``session.run(None, {**inputs, **np.load(faults)})`` in plain onnxruntime. A BER whose expected
+    flips exceed ``max_faults`` is refused before sampling.
     """
     check_writable(output)
     if ber is not None:
@@ -100,11 +126,15 @@ def inject(model, output: str | Path, selection: SiteSelection | None = None, in
         faults_output = Path(faults_output) if faults_output else Path(str(output) + ".faults.npz")
         check_writable(faults_output)
     m, name, _ = load(model)
+    feeds = example_feeds(m, batch, data, inputs, seed) if ber is not None else None
     res = _inject(m, selection, int_widths=int_widths, logging=logging)
+    # Plain onnxruntime warns about every initializer that is also an input: written fault tables
+    # are optional inputs instead (passes/optional_inputs.py); sampling below runs res.model.
+    written = optional_fault_inputs(res.model).model
     # A model over 2 GB keeps its weights on disk: the checker finds them only from the saved file.
-    external = external_data_dir(res.model) is not None
+    external = external_data_dir(written) is not None
     if not external:
-        onnx.checker.check_model(res.model, full_check=True)
+        onnx.checker.check_model(written, full_check=True)
     from .faults.sites import SiteTable
 
     table = SiteTable.from_model(res.model)
@@ -118,18 +148,17 @@ def inject(model, output: str | Path, selection: SiteSelection | None = None, in
         from .campaigns.evaluate import trial_rng
         from .faults.sampling import fault_feeds, sample_faults
         from .report.outputs import atomic_write
-        from .runtime.data import synthetic
         from .runtime.session import InjectionSession
 
         sess = InjectionSession(res.model, "cpu")
-        batch = fixed_batch(input_specs(m)) or batch
-        plans = sess.plans(synthetic(input_specs(m), batch, seed))
-        faults = sample_faults(plans, float(ber), trial_rng(seed, 0, 0))
+        batch = feeds.batch_size
+        plans = sess.plans(feeds)
+        faults = sample_faults(plans, float(ber), trial_rng(seed, 0, 0), max_faults)
         buf = io.BytesIO()
         np.savez(buf, **fault_feeds(plans, faults))
         atomic_write(faults_output, buf.getvalue())
         info.update({"faults_output": str(faults_output), "flips": len(faults), "batch": batch})
-    save_model(res.model, output)
+    save_model(written, output)
     if external:
         onnx.checker.check_model(str(output), full_check=True)
     return info
@@ -151,16 +180,18 @@ def evaluate(model=None, data=None, bers: Iterable[float] = (0.0, 1e-9, 1e-8, 1e
              seed: int = 0, metric: str = "top1", provider: str = "auto", batch: int = 64,
              selection: SiteSelection | None = None, int_widths=(16, 32), limit: int | None = None,
              progress=None, fault_log: str | Path | None = None, threads: int | None = None,
-             outputs=None, sdc: str = "auto", tol=None) -> EvalResult:
+             outputs=None, sdc: str = "auto", tol=None, inputs: InputLayout | None = None,
+             max_faults: float | None = DEFAULT_MAX_FAULTS) -> EvalResult:
     """Top-1 accuracy (``metric="top1"``) or SDC rate (``"sdc"``) against BER, and the masked / SDC /
     DUE rates of every point (``campaigns.evaluate``, ``campaigns.outcomes``).
 
     ``outputs``: checked outputs (names, or ``"a,b"``; default every float output); ``sdc``: the
     SDC criterion (auto, top1, tol, cosine or ``package.module:function``); ``tol``: ``"rel=R,abs=A,cos=C"``
-    or a dict."""
+    or a dict. ``inputs``: shapes and batch axes (``--shape``, ``--batch-axis``); ``max_faults``: the
+    expected flips per batch above which a BER is refused before sampling (None: no limit)."""
     m, name, default = load(model)
-    ds = _dataset(m, data, default, limit)
-    fixed = fixed_batch(input_specs(m))
+    ds = _dataset(m, data, default, limit, inputs)
+    fixed = fixed_batch(input_specs(m, inputs))
     if fixed is not None:  # a static-batch export: whole batches of exactly that size
         batch = fixed
         if len(ds) < fixed:
@@ -171,7 +202,8 @@ def evaluate(model=None, data=None, bers: Iterable[float] = (0.0, 1e-9, 1e-8, 1e
     spec = CampaignSpec(**_model_fields(model, name), data=ds.path, bers=tuple(float(b) for b in bers),
                         trials=trials, seed=seed, metric=metric, outcome=outcome_options(outputs, sdc, tol),
                         selection=selection or SiteSelection(), int_widths=tuple(int(w) for w in int_widths),
-                        provider=provider, threads=threads, batch=batch, limit=limit)
+                        provider=provider, threads=threads, batch=batch, limit=limit,
+                        inputs=inputs or InputLayout(), max_faults=max_faults)
     result = _evaluate(m, ds, spec, progress=progress, fault_log=fault_log)
     result.extra["int_widths"] = list(int_widths)
     result.extra["path"] = name
@@ -179,14 +211,12 @@ def evaluate(model=None, data=None, bers: Iterable[float] = (0.0, 1e-9, 1e-8, 1e
 
 
 def bench(model, ber: float = 1e-8, batch: int = 8, provider: str = "auto", repeats: int = 20,
-          seed: int = 0, data=None, threads: int | None = None) -> dict:
+          seed: int = 0, data=None, threads: int | None = None, inputs: InputLayout | None = None,
+          max_faults: float | None = DEFAULT_MAX_FAULTS) -> dict:
     m, name, default = load(model)
-    batch = fixed_batch(input_specs(m)) or batch
-    feeds = None
-    if data is not None:
-        ds = _dataset(m, data, None)
-        feeds = ds.batch(0, batch)
-    out = _bench(m, ber, batch, provider, repeats, seed=seed, feeds=feeds, threads=threads)
+    feeds = example_feeds(m, batch, data, inputs, seed)
+    out = _bench(m, ber, feeds.batch_size, provider, repeats, seed=seed, feeds=feeds, threads=threads,
+                 max_faults=max_faults)
     out["model"] = name
     return out
 
@@ -209,15 +239,16 @@ def replay(log: str | Path, record: int = 0, model=None, data=None, provider: st
     return out
 
 
-def _calibration_data(m: onnx.ModelProto, calib, default: str | None, limit: int | None) -> Dataset | None:
+def _calibration_data(m: onnx.ModelProto, calib, default: str | None, limit: int | None,
+                      inputs: InputLayout | None = None) -> Dataset | None:
     """Calibration items: ``calib`` (first ``limit``), else the LAST ``limit`` items of a bundled
     sample's data, so that evaluations on its first items (eval --limit 1000, the README's
     figures) never see their calibration images; None when there is neither."""
     if calib is not None:
-        return _dataset(m, calib, None, limit)
+        return _dataset(m, calib, None, limit, inputs)
     if default is None:
         return None
-    full = _dataset(m, None, default)
+    full = _dataset(m, None, default, None, inputs)
     return full.tail(min(limit or len(full), len(full)))
 
 
@@ -238,7 +269,7 @@ def plan_path(output: str | Path) -> Path:
 
 def harden(model, output: str | Path | None = None, options: HardenOptions | None = None, calib=None,
            calib_limit: int | None = 512, select: CampaignSpec | None = None, data=None, limit: int | None = None,
-           progress=None) -> dict:
+           progress=None, inputs: InputLayout | None = None) -> dict:
     """Write the hardened model (range restriction + ABFT, see ``campaigns.harden``) and its plan.
 
     ``calib``: .npz (or Dataset) for range bounds and ABFT thresholds; a bundled sample uses its own
@@ -262,9 +293,10 @@ def harden(model, output: str | Path | None = None, options: HardenOptions | Non
 
         if options.abft != "lb":
             raise ValueError("--select auto chooses GEMMs for LB-ABFT: use --abft lb")
-        eval_ds = _dataset(m, data, default, limit)
+        eval_ds = _dataset(m, data, default, limit, inputs)
         select = select.replace(**_model_fields(model, name), data=eval_ds.path, limit=limit,
-                                bers=(float(options.ber),), design_ber=float(options.ber), metric="top1")
+                                bers=(float(options.ber),), design_ber=float(options.ber), metric="top1",
+                                inputs=inputs or InputLayout())
         sel = select_gemms(m, eval_ds, select, progress)
         selection = asdict(sel)
         if not sel.chosen:
@@ -272,7 +304,7 @@ def harden(model, output: str | Path | None = None, options: HardenOptions | Non
                              "meets the target): nothing to harden")
         options = replace(options, gemms="^(" + "|".join(re.escape(c) for c in sel.chosen) + ")$",
                           block_size={c: b for c, b in sel.block_sizes.items() if b})
-    res = _harden(m, options, _calibration_data(m, calib, default, calib_limit))
+    res = _harden(m, options, _calibration_data(m, calib, default, calib_limit, inputs))
     plan = dict(res.plan, model=name, output=str(output))
     if selection is not None:
         # the chosen protection, built for real, under injection on the same items and seeds
@@ -291,13 +323,12 @@ def harden(model, output: str | Path | None = None, options: HardenOptions | Non
 
 
 def overhead(model, baseline, batch: int = 8, provider: str = "auto", repeats: int = 20, data=None,
-             threads: int | None = None) -> dict:
+             threads: int | None = None, inputs: InputLayout | None = None) -> dict:
     """Fault-free latency of ``model`` (e.g. a hardened graph) against ``baseline``, interleaved medians."""
     m, name, _ = load(model)
     b, bname, default = load(baseline)
-    batch = fixed_batch(input_specs(b)) or batch
-    feeds = _dataset(b, data, None).batch(0, batch) if data is not None else None
-    out = latency_overhead(b, m, batch, provider, repeats, feeds=feeds, threads=threads)
+    feeds = example_feeds(b, batch, data, inputs)
+    out = latency_overhead(b, m, feeds.batch_size, provider, repeats, feeds=feeds, threads=threads)
     out.update({"model": name, "baseline": bname})
     return out
 
@@ -308,7 +339,7 @@ def compare(model, schemes=("none", "range", "standard", "lb", "lb+range"), bers
             progress=None, threads: int | None = None, range_mode: str = "clamp",
             range_kinds=("softmax", "gelu"), alpha: float = 0.02, inject_protection: bool = False,
             dmr=("layernorm",), target_drop: float = 0.02, max_overhead: float = 0.02, max_trials: int | None = None,
-            outputs=None, sdc: str = "auto", tol=None) -> dict:
+            outputs=None, sdc: str = "auto", tol=None, inputs: InputLayout | None = None) -> dict:
     """Accuracy, outcome rates (SDC, DUE, masked) and overhead of protection schemes side by side
     (``campaigns.compare``). ``dmr``: what ``lb+range+dmr`` duplicates (``passes.dmr`` names or op types).
     ``range_mode``, ``range_kinds`` and ``alpha`` set the range restriction of ``range`` and ``lb+range``;
@@ -319,8 +350,8 @@ def compare(model, schemes=("none", "range", "standard", "lb", "lb+range"), bers
     from .passes.dmr import op_types_from
 
     m, name, default = load(model)
-    ds = _dataset(m, data, default, limit)
-    cal = _calibration_data(m, calib, default if data is None else None, 512)
+    ds = _dataset(m, data, default, limit, inputs)
+    cal = _calibration_data(m, calib, default if data is None else None, 512, inputs)
     if cal is None:  # the user's own data: calibrate on its first items
         cal = ds.head(min(512, len(ds)))
     spec = CampaignSpec(**_model_fields(model, name), data=ds.path, bers=tuple(float(b) for b in bers),
@@ -331,7 +362,7 @@ def compare(model, schemes=("none", "range", "standard", "lb", "lb+range"), bers
                         design_ber=design_ber, range_mode=range_mode, range_kinds=tuple(range_kinds), alpha=alpha,
                         dmr=tuple(op_types_from(dmr)), latency=latency, target_drop=target_drop,
                         max_overhead=max_overhead, max_trials=max(trials, 4) if max_trials is None else max_trials,
-                        ci_width=0.03)
+                        ci_width=0.03, inputs=inputs or InputLayout())
     out = _compare(m, ds, spec, cal, progress)
     out["model"] = spec.model_name
     return out
@@ -341,19 +372,19 @@ def vuln(model=None, data=None, granularity: Iterable[str] = ("layer",), ber: fl
          target_losses: Iterable[float] = (), loss_mode: str = "relative", trials: int = 2, max_trials: int = 10,
          ci_width: float = 0.02, seed: int = 0, batch: int = 250, limit: int | None = None, provider: str = "auto",
          threads: int | None = None, patch: tuple[int, int] | None = None, progress=None, search_trials: int = 1,
-         outputs=None) -> dict:
+         outputs=None, inputs: InputLayout | None = None) -> dict:
     """Vulnerability factors per layer/module/op type/input patch/bit (campaigns.vuln.analyse).
     ``outputs``: the scored output (the first named; default the first float output)."""
     from .campaigns.vuln import analyse
 
     m, name, default = load(model)
-    ds = _dataset(m, data, default, limit)
-    if fixed_batch(input_specs(m)) is not None:
+    ds = _dataset(m, data, default, limit, inputs)
+    if fixed_batch(input_specs(m, inputs)) is not None:
         raise DataError("vuln needs a model with a dynamic batch axis")
     spec = CampaignSpec(**_model_fields(model, name), data=ds.path, bers=() if ber is None else (float(ber),),
                         trials=trials, seed=seed, outcome=outcome_options(outputs), provider=provider,
                         threads=threads, batch=batch, limit=limit, granularity=tuple(granularity),
                         target_losses=tuple(float(x) for x in target_losses), loss_mode=loss_mode,
                         max_trials=max_trials, ci_width=ci_width, search_trials=search_trials,
-                        patch=None if patch is None else (int(patch[0]), int(patch[1])))
+                        patch=None if patch is None else (int(patch[0]), int(patch[1])), inputs=inputs or InputLayout())
     return analyse(m, ds, spec, progress=progress).to_dict()

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import onnx
 
-from ..faults.sampling import Faults, sample_faults
+from ..faults.sampling import DEFAULT_MAX_FAULTS, Faults, check_fault_budget, sample_faults
 from ..passes.inject import SiteSelection
 from ..runtime.data import input_specs, synthetic
 from ..runtime.session import InjectionSession, make_session, with_static_inputs
@@ -20,7 +20,9 @@ from .evaluate import campaign_graph, trial_rng
 
 def bench(model: onnx.ModelProto, ber: float = 1e-8, batch: int = 8, provider: str = "auto",
           repeats: int = 20, warmup: int = 3, seed: int = 0, feeds: dict | None = None,
-          selection: SiteSelection | None = None, threads: int | None = None) -> dict:
+          selection: SiteSelection | None = None, threads: int | None = None,
+          max_faults: float | None = DEFAULT_MAX_FAULTS) -> dict:
+    """``feeds``: one batch (``api.example_feeds``); default: synthetic inputs of ``batch`` items."""
     if not (0.0 <= ber <= 1.0):
         raise ValueError(f"BER must be in [0, 1], got {ber}")
     if batch < 1 or repeats < 1:
@@ -30,6 +32,7 @@ def bench(model: onnx.ModelProto, ber: float = 1e-8, batch: int = 8, provider: s
     clean = make_session(with_static_inputs(model, feeds), provider, threads)
     injected = InjectionSession(campaign_graph(model, selection), provider, threads)
     plans = injected.plans(feeds)
+    check_fault_budget(plans, ber, max_faults)  # before any timing
     out_names = [o.name for o in clean.get_outputs()]
 
     def run_clean():
@@ -38,7 +41,7 @@ def bench(model: onnx.ModelProto, ber: float = 1e-8, batch: int = 8, provider: s
     n_faults = []
 
     def run_injected(i):
-        faults = sample_faults(plans, ber, trial_rng(seed, i, 0)) if ber > 0 else Faults.empty()
+        faults = sample_faults(plans, ber, trial_rng(seed, i, 0), max_faults) if ber > 0 else Faults.empty()
         n_faults.append(len(faults))
         injected.run(feeds, faults, plans)
 

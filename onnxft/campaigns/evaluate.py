@@ -22,11 +22,12 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from ..faults.sampling import Faults, sample_faults, site_tables
+from ..faults.sampling import DEFAULT_MAX_FAULTS, Faults, sample_faults, site_tables
 from ..passes.inject import SiteSelection, inject
 from ..runtime.data import Dataset
 from ..runtime.session import InjectionSession, make_session
-from .outcomes import SDC, Judge, OutcomeCounts
+from .outcomes import SDC, Judge, OutcomeCounts, output_batch_axes
+from .progress import report_phase
 from .spec import METRICS, CampaignSpec
 from .stats import wilson_interval
 
@@ -106,6 +107,7 @@ def evaluate(model: onnx.ModelProto, data: Dataset, spec: CampaignSpec, progress
     batch, model (fault log) and model_name (the result's label)."""
     check_spec(spec, data)
     bers, batch, metric = list(spec.bers), spec.batch, spec.metric
+    report_phase(progress, "building the injection graph")
     sess = InjectionSession(campaign_graph(model, spec.selection, spec.int_widths, fault_log is not None),
                             spec.provider, spec.threads, level="basic")
     n_items = len(data)
@@ -116,10 +118,12 @@ def evaluate(model: onnx.ModelProto, data: Dataset, spec: CampaignSpec, progress
     clean_outs, plans_per_batch, clean_ok, graph_ok = [], [], 0, 0
     judge = None
     for j, s in enumerate(starts):
+        report_phase(progress, f"clean pass, batch {j + 1}/{len(starts)}")
         feeds = data.batch(s, s + batch)
         out, plans = sess.clean(feeds)
         if judge is None:
-            judge = Judge(sess.output_names, out, spec.outcome, items=len(next(iter(feeds.values()))))
+            axes = output_batch_axes(lambda f: sess.clean(f)[0], data, sess.output_names)
+            judge = Judge(sess.output_names, out, spec.outcome, items=feeds.batch_size, axes=axes)
         clean_outs.append(out)
         plans_per_batch.append(plans)
         if original is not None:
@@ -141,7 +145,8 @@ def evaluate(model: onnx.ModelProto, data: Dataset, spec: CampaignSpec, progress
                 labels = None if data.labels is None else data.labels[s:s + batch]
                 for i, ber in enumerate(bers):
                     rng = trial_rng(spec.seed, t, j)
-                    faults = sample_faults(plans_per_batch[j], ber, rng) if ber > 0 else Faults.empty()
+                    faults = (sample_faults(plans_per_batch[j], ber, rng, spec.max_faults) if ber > 0
+                              else Faults.empty())
                     if log_file is not None:
                         out, logs = sess.run(feeds, faults, plans_per_batch[j], with_log=True)
                     else:

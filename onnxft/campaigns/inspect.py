@@ -1,26 +1,31 @@
 """``onnxft inspect``: the fault sites of a model, their operation counts and GEMM shapes.
 
-Counts come from one fault-free run of the injection graph on a synthetic batch of one item, so
-they hold for the model's real shapes (dynamic sequence axes become 16, see runtime.data).
+Counts come from one fault-free run of the injection graph on one item: the first item of the
+user's data, else synthetic inputs of the shapes the model fixes (``runtime.data.synthetic``), so
+they hold for the shapes the model really runs at.
 """
 from __future__ import annotations
 
 from collections import defaultdict
 
+import numpy as np
 import onnx
 
 from ..ops.registry import handler_for
 from ..passes.inject import SiteSelection, inject
-from ..runtime.data import fixed_batch, input_specs, synthetic
+from ..runtime.data import InputLayout, fixed_batch, input_specs, synthetic
 from ..runtime.session import InjectionSession
 
 
 def inspect_model(model: onnx.ModelProto, selection: SiteSelection | None = None,
-                  int_widths=(16, 32), provider: str = "cpu") -> dict:
+                  int_widths=(16, 32), provider: str = "cpu", feeds: dict | None = None,
+                  inputs: InputLayout | None = None) -> dict:
+    """``feeds``: the inputs to count on (``api.example_feeds``); default: one synthetic item of the
+    shapes the model and ``inputs`` fix."""
+    specs = input_specs(model, inputs)
+    feeds = feeds if feeds is not None else synthetic(specs, fixed_batch(specs) or 1)
     res = inject(model, selection, int_widths=int_widths)
     sess = InjectionSession(res.model, provider)
-    specs = input_specs(model)
-    feeds = synthetic(specs, fixed_batch(specs) or 1)
     plans = sess.plans(feeds)
     sites = []
     totals = defaultdict(lambda: {"sites": 0, "operations": 0, "bits": 0})
@@ -50,7 +55,8 @@ def inspect_model(model: onnx.ModelProto, selection: SiteSelection | None = None
         "by": dict(totals),
         "skipped": [{"node": n, "reason": r} for n, r in res.skipped],
         "opset": next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
-        "inputs": [{"name": s.name, "shape": s.shape, "dtype": str(s.dtype.__name__)} for s in input_specs(model)],
+        "inputs": [{"name": s.name, "shape": s.shape, "dtype": str(s.dtype.__name__), "batch_axis": s.batch_axis,
+                    "run_shape": list(np.shape(feeds[s.name])) if s.name in feeds else None} for s in specs],
     }
 
 
@@ -77,4 +83,8 @@ def inspect_table(info: dict, limit: int | None = None) -> str:
         lines.append(f"  {key:<30} {v['sites']:>5} sites {v['operations']:>15,} operations")
     for s in info["skipped"]:
         lines.append(f"  skipped {s['node']}: {s['reason']}")
+    for i in info.get("inputs", []):
+        axis = "no batch axis (fed whole)" if i["batch_axis"] is None else f"batch axis {i['batch_axis']}"
+        run = "x".join(map(str, i["run_shape"])) if i.get("run_shape") is not None else "?"
+        lines.append(f"  input {i['name']}: {i['dtype']}, counted at shape [{run}], {axis}")
     return "\n".join(lines)

@@ -118,6 +118,27 @@ def _per_item(a: np.ndarray) -> np.ndarray:
     return a.reshape(len(a), -1)
 
 
+def output_batch_axes(run, data, names: list[str]) -> dict[str, int | None]:
+    """Each output's batch axis, found by running the first item alone and the first two items:
+    the axis whose size follows the item count (None: no such axis, e.g. a configuration output).
+    Declared shapes cannot tell (a recurrent state ``[2, batch, 128]`` comes out batched on axis 1,
+    exporters often name no output dim), a two-run probe always can. ``run(feeds)`` returns the
+    outputs in ``names`` order; ``data`` is a ``Dataset``. With fewer than two items: {} (axis 0)."""
+    if len(data) < 2:
+        return {}
+    one = run(data.batch(0, 1))
+    try:
+        two = run(data.batch(0, 2))
+    except Exception:  # a model exported for a fixed batch of 1 takes no second item: axis 0, as declared
+        return {}
+    axes = {}
+    for name, a, b in zip(names, one, two):
+        sa, sb = np.shape(a), np.shape(b)
+        moved = [k for k in range(min(len(sa), len(sb))) if sa[k] == 1 and sb[k] == 2] if len(sa) == len(sb) else []
+        axes[name] = moved[0] if moved else None
+    return axes
+
+
 class Judge:
     """Classifies the items of faulty runs of one injection graph.
 
@@ -125,28 +146,32 @@ class Judge:
     which outputs are checked and, for ``auto``, the criterion)."""
 
     def __init__(self, names: list[str], clean: list[np.ndarray], options: OutcomeOptions | None = None,
-                 items: int | None = None):
+                 items: int | None = None, axes: dict | None = None):
         options = options or OutcomeOptions()
         options.validate()
         self.options = options
         batch = items if items is not None else _batch_size(clean)
         self.checked: list[int] = []
+        self.axes: dict[int, int] = {}  # checked output -> its batch axis (moved to the front when judged)
         self.ignored: list[dict] = []
         for i, (name, arr) in enumerate(zip(names, clean)):
             arr = np.asarray(arr)
+            axis = (axes or {}).get(name, 0 if arr.ndim and len(arr) == batch else None)
             if not np.issubdtype(arr.dtype, np.floating):
                 reason = f"{arr.dtype}: passthrough"
-            elif arr.ndim == 0 or len(arr) != batch:
+            elif axis is None or arr.ndim == 0 or arr.shape[axis] != batch:
                 reason = "no batch axis"
             else:
                 reason = None
             if options.outputs and name in options.outputs:
                 if reason is not None:
                     raise OutcomeError(f"--output {name}: cannot be checked ({reason}); "
-                                       "only float outputs with the items on axis 0 are")
+                                       "only float outputs with a batch axis are")
                 self.checked.append(i)
+                self.axes[i] = axis
             elif reason is None and not options.outputs:
                 self.checked.append(i)
+                self.axes[i] = axis
             else:
                 self.ignored.append({"name": name, "reason": reason or "not selected (--output)"})
         unknown = [o for o in options.outputs if o not in names]
@@ -159,11 +184,11 @@ class Judge:
         self.names = [names[i] for i in self.checked]
         self.criterion = options.sdc
         if self.criterion == "auto":
-            only = np.asarray(clean[self.checked[0]])
+            only = np.moveaxis(np.asarray(clean[self.checked[0]]), self.axes[self.checked[0]], 0)
             self.criterion = "top1" if len(self.checked) == 1 and only.ndim == 2 and only.shape[1] > 1 else "tol"
         if self.criterion == "top1":
             for i in self.checked:
-                if np.ndim(clean[i]) < 2 or np.shape(clean[i])[-1] < 2:
+                if np.ndim(clean[i]) < 2 or np.shape(clean[i])[-1] < 2 or self.axes[i] == np.ndim(clean[i]) - 1:
                     raise OutcomeError(f"--sdc top1: output {names[i]} has shape {list(np.shape(clean[i]))}, "
                                        "no class axis (last axis of size > 1); use --sdc tol")
         self.hook = load_hook(self.criterion) if ":" in self.criterion else None
@@ -172,7 +197,8 @@ class Judge:
         return {"checked": self.names, "ignored": self.ignored, "sdc_criterion": self.criterion}
 
     def _pick(self, outs: list[np.ndarray]) -> list[np.ndarray]:
-        return [np.asarray(outs[i]) for i in self.checked]
+        """The checked outputs with their batch axis first."""
+        return [np.moveaxis(np.asarray(outs[i]), self.axes[i], 0) for i in self.checked]
 
     def due(self, outs: list[np.ndarray], clean: list[np.ndarray] | None = None) -> np.ndarray:
         """Items with a NaN or Inf in a checked output where the fault-free output is finite."""

@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, fields, replace
 
+from ..faults.sampling import DEFAULT_MAX_FAULTS
 from ..passes.inject import SiteSelection
+from ..runtime.data import InputLayout
 from .outcomes import OutcomeOptions
 
 METRICS = ("top1", "sdc")
@@ -31,11 +33,13 @@ class CampaignSpec:
     # where faults go
     selection: SiteSelection = field(default_factory=SiteSelection)  # include_protection: --inject-protection
     int_widths: tuple[int, int] = (16, 32)
+    max_faults: float | None = DEFAULT_MAX_FAULTS  # expected flips per batch above which a BER is refused
     # how it runs
     provider: str = "auto"
     threads: int | None = None
     batch: int = 64
     limit: int | None = None
+    inputs: InputLayout = field(default_factory=InputLayout)  # --shape / --batch-axis (runtime.data)
     # protection schemes (compare)
     schemes: tuple[str, ...] = ()
     calib: str | None = None
@@ -80,6 +84,9 @@ class CampaignSpec:
         kw = {k: _thaw_tuple(v) for k, v in d.items()}
         if "outcome" in d:
             kw["outcome"] = OutcomeOptions(**{k: _thaw_tuple(v) for k, v in d["outcome"].items()})
+        if "inputs" in d:
+            kw["inputs"] = InputLayout(shapes={k: tuple(v) for k, v in d["inputs"].get("shapes", {}).items()},
+                                       batch_axes=dict(d["inputs"].get("batch_axes", {})))
         if "selection" in d:
             s = d["selection"]
             kw["selection"] = SiteSelection(
@@ -91,8 +98,10 @@ class CampaignSpec:
 
 
 def _plain(v):
-    if isinstance(v, (OutcomeOptions, SiteSelection)):
+    if isinstance(v, (OutcomeOptions, SiteSelection, InputLayout)):
         return {f.name: _plain(getattr(v, f.name)) for f in fields(v)}
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in sorted(v.items())}
     if isinstance(v, frozenset):
         return sorted(v)
     if isinstance(v, tuple):

@@ -41,7 +41,7 @@ from ..passes.input_sites import add_input_sites
 from ..runtime.data import Dataset
 from ..runtime.session import InjectionSession
 from .evaluate import trial_rng
-from .outcomes import Judge, OutcomeOptions
+from .outcomes import Judge, OutcomeOptions, output_batch_axes
 from .spec import CampaignSpec
 from .stats import wilson_interval
 
@@ -141,7 +141,8 @@ class Campaign:
             feeds = data.batch(s, s + self.batch)
             out, plans = sess.clean(feeds)
             if self.judge is None:
-                self.judge = Judge(sess.output_names, out, outcome, items=len(next(iter(feeds.values()))))
+                axes = output_batch_axes(lambda f: sess.clean(f)[0], data, sess.output_names)
+                self.judge = Judge(sess.output_names, out, outcome, items=feeds.batch_size, axes=axes)
             self.plans.append(plans)
             self.clean_outs.append(out)
             self.clean_ok += int(np.sum(self.judge.correct(out, data.labels[s:s + self.batch])))
@@ -182,7 +183,7 @@ class Campaign:
             return self._run(j, kept)
         s = self.starts[j]
         rows = np.concatenate([changed, np.full(size - len(changed), changed[0])])
-        feeds = {k: v[rows] for k, v in self.data.batch(s, s + n_batch).items()}
+        feeds = self.data.take(s + rows)
         sel = np.isin(kept.item, changed)
         sub = kept.subset(sel)
         sub.item = np.searchsorted(changed, sub.item)

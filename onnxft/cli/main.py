@@ -14,6 +14,7 @@ import click
 
 from .. import api
 from ..passes.inject import InjectError
+from .inputs import input_layout, input_options, max_faults_option, parse_max_faults
 
 USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError, OSError, InjectError)
 
@@ -133,11 +134,15 @@ def samples(as_json):
 @cli.command()
 @click.argument("model")
 @site_options
+@click.option("--data", default=None, help="Count on the first item of this .npz (its shapes).")
+@input_options()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (every site).")
-def inspect(model, names, op_types, formats, scales, int_widths, as_json):
-    """Fault sites of MODEL: operation counts, GEMM shapes and totals."""
+def inspect(model, names, op_types, formats, scales, int_widths, data, shapes, batch_axes, as_json):
+    """Fault sites of MODEL: operation counts, GEMM shapes and totals (for one item)."""
     sel = _selection(names, op_types, formats, scales)
-    info = _run(api.inspect, model, sel, _widths(int_widths))
+    layout = input_layout(shapes, batch_axes)
+    _run(_check_inputs, [model], data, layout)
+    info = _run(api.inspect, model, sel, _widths(int_widths), data, layout)
     if as_json:
         click.echo(json.dumps(info, indent=2))
     else:
@@ -155,8 +160,12 @@ def inspect(model, names, op_types, formats, scales, int_widths, as_json):
 @click.option("--faults-out", default=None, type=click.Path(dir_okay=False),
               help="Where to write the fault set (default: OUTPUT.faults.npz).")
 @click.option("--log/--no-log", "logging", default=False, help="Add per-site fault-log outputs.")
+@click.option("--data", default=None, help="With --ber: the fault set is for the first --batch items of this .npz.")
+@input_options()
+@max_faults_option
 @site_options
-def inject(model, output, ber, seed, batch, faults_out, logging, names, op_types, formats, scales, int_widths):
+def inject(model, output, ber, seed, batch, faults_out, logging, data, shapes, batch_axes, max_faults, names, op_types,
+           formats, scales, int_widths):
     """Write the injection graph of MODEL to OUTPUT (runs on stock onnxruntime).
 
     The graph computes the fault-free model unless fault tables are fed; with --ber, one fault set
@@ -164,11 +173,16 @@ def inject(model, output, ber, seed, batch, faults_out, logging, names, op_types
     """
     b = None if ber is None else _one_ber(ber)
     sel = _selection(names, op_types, formats, scales)
+    layout = input_layout(shapes, batch_axes)
+    if b is None and (data is not None or layout.shapes):
+        raise UserError("--data and --shape set the inputs of the fault set: they need --ber")
+    _run(_check_inputs, [model], data, layout)
     info = _run(api.inject, model, output, selection=sel, int_widths=_widths(int_widths), logging=logging, ber=b,
-                seed=seed, batch=batch, faults_output=faults_out)
+                seed=seed, batch=batch, faults_output=faults_out, data=data, inputs=layout,
+                max_faults=parse_max_faults(max_faults))
     click.echo(f"wrote {info['output']}: {info['sites']} fault sites")
     if b is not None:
-        click.echo(f"wrote {info['faults_output']}: {info['flips']} flips for a batch of {batch} at BER {b:g}")
+        click.echo(f"wrote {info['faults_output']}: {info['flips']} flips for a batch of {info['batch']} at BER {b:g}")
     for node, reason in info["skipped"]:
         click.echo(f"  skipped {node}: {reason}")
 
@@ -193,9 +207,12 @@ def inject(model, output, ber, seed, batch, faults_out, logging, names, op_types
 @click.option("--inject-protection", is_flag=True,
               help="Hardened models: also fault what harden inserted (checksums, range restriction, ABFT recovery).")
 @outcome_cli_options
+@input_options(shapes=False)
+@max_faults_option
 @site_options
 def eval_(models, data, ber_text, trials, seed, metric, provider, batch, limit, out_dir, title, fault_log, threads,
-          quiet, inject_protection, outputs, sdc, tol, names, op_types, formats, scales, int_widths):
+          quiet, inject_protection, outputs, sdc, tol, batch_axes, max_faults, names, op_types, formats, scales,
+          int_widths):
     """Accuracy (or SDC rate) of MODELS against BER, and the masked / SDC / DUE rates, with 95%
     confidence intervals.
 
@@ -206,6 +223,9 @@ def eval_(models, data, ber_text, trials, seed, metric, provider, batch, limit, 
     sel = _selection(names, op_types, formats, scales, inject_protection)
     if fault_log is not None and len(models) > 1:
         raise UserError("--fault-log takes one model at a time")
+    layout = input_layout((), batch_axes)
+    budget = parse_max_faults(max_faults)
+    _run(_check_inputs, list(models) or [None], data, layout, needs_data=True)
     if out_dir is not None:
         _run(_check_out_dir, out_dir)
     from ..report.outputs import eval_table, write_eval_outputs
@@ -217,7 +237,7 @@ def eval_(models, data, ber_text, trials, seed, metric, provider, batch, limit, 
             result = _run(api.evaluate, model, data, bers=bers, trials=trials, seed=seed, metric=metric,
                           provider=provider, batch=batch, selection=sel, int_widths=_widths(int_widths), limit=limit,
                           progress=None if quiet else _progress(bars, model or "vit"), fault_log=fault_log,
-                          threads=threads, outputs=outputs, sdc=sdc, tol=tol)
+                          threads=threads, outputs=outputs, sdc=sdc, tol=tol, inputs=layout, max_faults=budget)
         finally:
             for bar in bars:
                 bar.close()
@@ -228,16 +248,55 @@ def eval_(models, data, ber_text, trials, seed, metric, provider, batch, limit, 
             click.echo(f"wrote {p}")
 
 
-def _progress(bars: list, label: str):
-    """A progress callback whose tqdm bar is created on the first run, so that errors raised
-    before it leave no bar behind; ``bars`` collects it for closing."""
-    from tqdm import tqdm
+class _Progress:
+    """A campaign's progress callback on one tqdm bar (stderr, cleared when closed): the steps before
+    the first run (``phase``: injection graph, clean pass) in its description, then the runs.
+    ``bars`` collects the bar for closing."""
 
-    def progress(done, total):
-        if not bars:
-            bars.append(tqdm(total=total, unit="run", leave=False, file=sys.stderr, desc=label))
-        bars[0].update(done - bars[0].n)
-    return progress
+    def __init__(self, bars: list, label: str):
+        self.bars, self.label = bars, label
+
+    def _bar(self, total=None, desc=None):
+        from tqdm import tqdm
+
+        if not self.bars:
+            self.bars.append(tqdm(total=total, unit="run", leave=False, file=sys.stderr, desc=desc or self.label))
+        return self.bars[0]
+
+    def phase(self, text: str):
+        self._bar(desc=f"{self.label}: {text}").set_description(f"{self.label}: {text}")
+
+    def __call__(self, done, total):
+        bar = self._bar(total)
+        if bar.total != total:  # the runs start: the bar counts them from here
+            bar.reset(total=total)
+            bar.set_description(self.label)
+        bar.update(done - bar.n)
+
+
+def _progress(bars: list, label: str):
+    return _Progress(bars, label)
+
+
+def _check_inputs(models, data, layout, needs_data: bool = False):
+    """Argument mistakes caught before any work: a model that does not exist, ``--shape`` with
+    ``--data``, and (``needs_data``) a model without bundled data while no ``--data`` is given
+    (``eval vit model.onnx``: the sample has its data, the file has none)."""
+    from .. import samples
+
+    if data is not None and layout.shapes:
+        raise ValueError("--shape is for running without --data: the data's arrays give the shapes")
+    if data is not None and not Path(data).is_file():
+        raise ValueError(f"data file not found: {data}")
+    for model in models:
+        path, default = samples.resolve_model(model)
+        if not Path(path).is_file():
+            raise ValueError(f"model not found: {model} (a path, or a sample: "
+                             f"{', '.join(m['name'] for m in samples.manifest()['models'])})")
+        if needs_data and data is None and default is None:
+            raise ValueError(f"{model} has no bundled data: give --data D.npz"
+                             + (" (bundled samples and files mixed: give the file's data, or evaluate them apart)"
+                                if len(models) > 1 else ""))
 
 
 def _check_out_dir(out_dir):
@@ -264,16 +323,20 @@ def _check_out_dir(out_dir):
 @click.option("--threads", default=None, type=click.IntRange(min=1))
 @click.option("--baseline", default=None,
               help="Compare MODEL's fault-free latency with this model's instead (e.g. hardened vs original).")
+@input_options()
+@max_faults_option
 @click.option("--json", "as_json", is_flag=True)
-def bench(model, ber, batch, repeats, provider, data, threads, baseline, as_json):
+def bench(model, ber, batch, repeats, provider, data, threads, baseline, shapes, batch_axes, max_faults, as_json):
     """Clean and injected per-inference times (interleaved runs, medians) and their ratio.
 
     With --baseline, the fault-free latency of MODEL against BASELINE (hardening overhead)."""
     if baseline is not None:
         if model is None:
             raise UserError("--baseline needs MODEL (the hardened graph) too")
+        layout = input_layout(shapes, batch_axes)
+        _run(_check_inputs, [model, baseline], data, layout)
         info = _run(api.overhead, model, baseline, batch=batch, provider=provider, repeats=repeats, data=data,
-                    threads=threads)
+                    threads=threads, inputs=layout)
         if as_json:
             click.echo(json.dumps(info))
         else:
@@ -282,11 +345,15 @@ def bench(model, ber, batch, repeats, provider, data, threads, baseline, as_json
                        f"ratio {info['ratio']:.3f}   (overhead {100 * info['overhead']:+.1f}%, median of {repeats})")
         return
     b = _one_ber(ber)
-    info = _run(api.bench, model, ber=b, batch=batch, provider=provider, repeats=repeats, data=data, threads=threads)
+    layout = input_layout(shapes, batch_axes)
+    _run(_check_inputs, [model], data, layout)
+    info = _run(api.bench, model, ber=b, batch=batch, provider=provider, repeats=repeats, data=data, threads=threads,
+                inputs=layout, max_faults=parse_max_faults(max_faults))
     if as_json:
         click.echo(json.dumps(info))
     else:
-        click.echo(f"{info['model']}: batch {batch}, BER {b:g}, {info['sites']} sites, provider {info['provider']}")
+        click.echo(f"{info['model']}: batch {info['batch']}, BER {b:g}, {info['sites']} sites, "
+                   f"provider {info['provider']}")
         click.echo(f"  clean {info['clean_ms']:.2f} ms   injected {info['injected_ms']:.2f} ms   "
                    f"ratio {info['ratio']:.3f}   ({info['faults_per_run']:.1f} flips per run, median of {repeats})")
 

@@ -129,17 +129,54 @@ class Faults:
         return zip(self.site.tolist(), self.item.tolist(), self.element.tolist(), self.step.tolist(), self.bit.tolist())
 
 
-def sample_faults(plans: list[SitePlan], ber: float, rng: np.random.Generator) -> Faults:
+# Memory budget of one batch's faults (``--max-faults``): sampling and the fault tables of one
+# batch take about BYTES_PER_FLIP bytes per flip at their peak (measured, docs/fault_model.md), so
+# the default keeps a batch under about 6 GiB.
+DEFAULT_MAX_FAULTS = 10_000_000
+BYTES_PER_FLIP = 600
+
+
+class FaultBudgetError(ValueError):
+    """The expected number of flips of one batch exceeds ``max_faults``."""
+
+
+def expected_faults(plans: list[SitePlan], ber: float) -> float:
+    """Expected flips of one batch at ``ber``: sum over sites of bits x items x BER x scale
+    (the mean of the Binomial counts that ``sample_faults`` draws)."""
+    return float(sum(min(ber * p.site.scale, 1.0) * p.bits_per_item * p.items for p in plans))
+
+
+def check_fault_budget(plans: list[SitePlan], ber: float, max_faults: float | None = DEFAULT_MAX_FAULTS) -> float:
+    """Refuse (FaultBudgetError, one line) a BER whose expected flips per batch exceed
+    ``max_faults`` (None: no limit), before anything is drawn; returns the expected count."""
+    n = expected_faults(plans, ber)
+    if max_faults is not None and n > max_faults:
+        batch = max((p.items for p in plans), default=1)
+        raise FaultBudgetError(
+            f"BER {ber:g} means {n:.3g} flips per batch of {batch} (about {_gib(n * BYTES_PER_FLIP)} of fault "
+            f"tables), over the limit of {max_faults:.3g} (--max-faults): lower the BER or --batch, or raise "
+            f"--max-faults")
+    return n
+
+
+def _gib(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.3g} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.3g} MiB"
+
+
+def sample_faults(plans: list[SitePlan], ber: float, rng: np.random.Generator,
+                  max_faults: float | None = DEFAULT_MAX_FAULTS) -> Faults:
     """Draw the canonical faults of one trial (sites in graph order, items in batch order).
 
     One Binomial draw per (site, item); the positions of an item's ``k`` flips are drawn uniformly
     with replacement and, in the rare case that two coincide, redrawn without replacement — both
-    give a uniformly random set of ``k`` distinct positions, so the result is exact.
+    give a uniformly random set of ``k`` distinct positions, so the result is exact. A BER whose
+    expected flips exceed ``max_faults`` is refused before anything is drawn (``check_fault_budget``).
     """
     if not (0.0 <= ber <= 1.0):
         raise ValueError(f"BER must be in [0, 1], got {ber}")
     if ber == 0 or not plans:
         return Faults.empty()
+    check_fault_budget(plans, ber, max_faults)
     pa = _plan_arrays(plans)
     n_site, owner_site, owner_item = pa.bits_per_item, pa.owner_site, pa.owner_item
     p_site = np.minimum(ber * pa.scale, 1.0)

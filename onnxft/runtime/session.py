@@ -9,6 +9,7 @@ import onnx
 
 from ..faults.sampling import Faults, SitePlan, fault_feeds, make_plans
 from ..faults.sites import PROBE_INPUT, SHAPES_OUTPUT, SOURCE_OPSET_KEY, SiteTable
+from .data import describe_feeds, input_specs
 from .model_io import external_data_dir
 
 PROVIDERS = ("auto", "cpu", "cuda")
@@ -22,6 +23,44 @@ CUDA_OPTIONS = {"use_tf32": "0", "cudnn_conv_algo_search": "HEURISTIC"}
 
 class RuntimeError_(RuntimeError):
     pass
+
+
+class InputError(RuntimeError_):
+    """onnxruntime refused the inputs (or the model) of a run: one line for the user."""
+
+
+def _ort_message(exc: Exception) -> str:
+    """onnxruntime's own reason, without its ``[ONNXRuntimeError] : 2 : INVALID_ARGUMENT :`` prefix."""
+    text = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
+    if text.startswith("[ONNXRuntimeError]"):
+        text = text.split(" : ", 3)[-1]
+    return text if len(text) <= 400 else text[:400] + "…"
+
+
+def _is_ort_error(exc: Exception) -> bool:
+    return type(exc).__module__.startswith("onnxruntime")
+
+
+class Session:
+    """An onnxruntime InferenceSession whose ``run`` reports onnxruntime's refusals of the inputs
+    (wrong shape, dtype, value) as one-line ``InputError``s naming the inputs; everything else is
+    the InferenceSession's own."""
+
+    def __init__(self, sess):
+        self._sess = sess
+
+    def __getattr__(self, name):
+        return getattr(self._sess, name)
+
+    def run(self, output_names, feeds, *args, **kwargs):
+        try:
+            return self._sess.run(output_names, feeds, *args, **kwargs)
+        except Exception as exc:
+            if not _is_ort_error(exc):
+                raise
+            shown = {k: v for k, v in feeds.items() if not k.startswith("onnxft.")}
+            raise InputError(f"onnxruntime could not run the model on inputs {describe_feeds(shown)}: "
+                             f"{_ort_message(exc)}") from None
 
 
 def _ort():
@@ -87,11 +126,32 @@ def make_session(model: onnx.ModelProto | str | Path, provider: str = "auto", th
     if "CUDAExecutionProvider" in providers:
         so.use_deterministic_compute = True
     options = [dict(CUDA_OPTIONS) if p == "CUDAExecutionProvider" else {} for p in providers]
-    sess = ort.InferenceSession(data, so, providers=providers, provider_options=options,
-                                disabled_optimizers=list(disabled_optimizers) or None)
+    try:
+        sess = ort.InferenceSession(data, so, providers=providers, provider_options=options,
+                                    disabled_optimizers=list(disabled_optimizers) or None)
+    except Exception as exc:
+        if not _is_ort_error(exc):
+            raise
+        raise InputError(f"onnxruntime could not load the model{_static_note(model)}: {_ort_message(exc)}") from None
     if provider == "cuda" and "CUDAExecutionProvider" not in sess.get_providers():
         raise RuntimeError_("onnxruntime could not start the CUDA provider on this machine")
-    return sess
+    return Session(sess)
+
+
+def _static_note(model) -> str:
+    """`` with inputs x[8,3,16,16]`` when the inputs were fixed to a run's shapes (with_static_inputs)."""
+    if not isinstance(model, onnx.ModelProto):
+        return ""
+    inits = {t.name for t in model.graph.initializer}
+    shapes = []
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        dims = vi.type.tensor_type.shape.dim
+        if not all(d.HasField("dim_value") for d in dims):
+            return ""
+        shapes.append(f"{vi.name}[{','.join(str(d.dim_value) for d in dims)}]")
+    return f" with inputs {', '.join(shapes)}" if shapes else ""
 
 
 class InjectionSession:
@@ -119,9 +179,21 @@ class InjectionSession:
         self.log_names = [s.log_output() for s in self.table.sites] if self.table.logging else []
         self._plans: dict[tuple, list[SitePlan]] = {}
         self.providers = providers_for(provider)
+        self._batch_axes = {s.name: s.batch_axis for s in input_specs(model)}
 
     def _key(self, feeds):
         return tuple((k, tuple(np.shape(v))) for k, v in sorted(feeds.items()))
+
+    def batch_size(self, feeds) -> int:
+        """Items in ``feeds``: a ``data.Batch`` knows; for a plain dict, the size of the first
+        input's inferred batch axis (1 when no input has one)."""
+        if hasattr(feeds, "batch_size"):
+            return int(feeds.batch_size)
+        for name, v in feeds.items():
+            axis = self._batch_axes.get(name, 0)
+            if axis is not None and np.ndim(v) > axis:
+                return int(np.shape(v)[axis])
+        return 1
 
     def session_for(self, feeds):
         """A session specialised to these input shapes. With every shape static, onnxruntime's
@@ -142,10 +214,10 @@ class InjectionSession:
         probe = dict(feeds)
         probe[PROBE_INPUT] = np.array(True)
         shapes = self.session_for(feeds).run([SHAPES_OUTPUT], probe)[0]
-        return make_plans(self.table, shapes, _batch_of(feeds))
+        return make_plans(self.table, shapes, self.batch_size(feeds))
 
     def plans(self, feeds) -> list[SitePlan]:
-        key = self._key(feeds)
+        key = (self._key(feeds), self.batch_size(feeds))
         if key not in self._plans:
             self._plans[key] = self._probe(feeds)
         return self._plans[key]
@@ -200,10 +272,3 @@ def with_static_inputs(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> 
         for vi, t in saved:
             vi.type.CopyFrom(t)
     return static
-
-
-def _batch_of(feeds) -> int:
-    for v in feeds.values():
-        if np.ndim(v) > 0:
-            return int(np.shape(v)[0])
-    return 1
