@@ -37,7 +37,7 @@ from .runtime.data import Batch, DataError, Dataset, InputLayout, fixed_batch, i
 from .runtime.model_io import check_writable, external_data_dir, load_model, save_model
 
 __all__ = ["samples", "inspect", "inject", "evaluate", "bench", "replay", "vuln", "harden", "overhead",
-           "compare", "load", "SiteSelection", "selection_from_options", "HardenOptions", "CampaignSpec",
+           "compare", "intensity", "load", "SiteSelection", "selection_from_options", "HardenOptions", "CampaignSpec",
            "OutcomeOptions", "outcome_options", "InputLayout", "Dataset", "example_feeds"]
 
 
@@ -323,14 +323,39 @@ def harden(model, output: str | Path | None = None, options: HardenOptions | Non
 
 
 def overhead(model, baseline, batch: int = 8, provider: str = "auto", repeats: int = 20, data=None,
-             threads: int | None = None, inputs: InputLayout | None = None) -> dict:
-    """Fault-free latency of ``model`` (e.g. a hardened graph) against ``baseline``, interleaved medians."""
+             threads: int | None = None, inputs: InputLayout | None = None, per_layer: bool = False) -> dict:
+    """Fault-free latency of ``model`` (e.g. a hardened graph) against ``baseline``, interleaved medians.
+    ``per_layer``: also where the time goes, per protected GEMM/Conv, from onnxruntime's profile
+    (``campaigns.overhead.per_layer_overhead``), under ``"per_layer"``."""
     m, name, _ = load(model)
     b, bname, default = load(baseline)
     feeds = example_feeds(b, batch, data, inputs)
     out = latency_overhead(b, m, feeds.batch_size, provider, repeats, feeds=feeds, threads=threads)
+    if per_layer:
+        from .campaigns.overhead import per_layer_overhead
+
+        out["per_layer"] = per_layer_overhead(b, m, feeds.batch_size, provider, repeats, feeds=feeds,
+                                              threads=threads)
     out.update({"model": name, "baseline": bname})
     return out
+
+
+def intensity(model, data=None, batch: int = 8, provider: str = "cpu", threads: int | None = None,
+              ridge: float | None = None, refresh_ridge: bool = False, inputs: InputLayout | None = None) -> dict:
+    """Arithmetic intensity of every GEMM/Conv at its run-time shapes, the device's ridge point and
+    each one's regime and ABFT implementation by seed 004's rule (``analysis.intensity``,
+    ``runtime.ridge``). Shapes from the first ``batch`` items of ``data``, else synthetic inputs."""
+    from .analysis.intensity import choose_impl, gemm_intensities, regime
+    from .runtime.ridge import ridge_point
+
+    m, name, _ = load(model)
+    feeds = example_feeds(m, batch, data, inputs)
+    batch = feeds.batch_size
+    point = ridge_point(provider, threads, ridge, refresh_ridge)
+    calls = []
+    for c in gemm_intensities(m, feeds, provider):
+        calls.append(dict(c.to_dict(), regime=regime(c.ai, point["ridge"]), impl=choose_impl(c.ai, point["ridge"])))
+    return {"model": name, "batch": batch, "ridge": point, "calls": calls}
 
 
 def compare(model, schemes=("none", "range", "standard", "lb", "lb+range"), bers=(1e-8, 1e-7), data=None,

@@ -325,8 +325,11 @@ def _check_out_dir(out_dir):
               help="Compare MODEL's fault-free latency with this model's instead (e.g. hardened vs original).")
 @input_options()
 @max_faults_option
+@click.option("--per-layer", is_flag=True,
+              help="With --baseline: the protection's cost per GEMM/Conv, from onnxruntime's profile.")
 @click.option("--json", "as_json", is_flag=True)
-def bench(model, ber, batch, repeats, provider, data, threads, baseline, shapes, batch_axes, max_faults, as_json):
+def bench(model, ber, batch, repeats, provider, data, threads, baseline, shapes, batch_axes, max_faults, per_layer,
+          as_json):
     """Clean and injected per-inference times (interleaved runs, medians) and their ratio.
 
     With --baseline, the fault-free latency of MODEL against BASELINE (hardening overhead)."""
@@ -336,14 +339,20 @@ def bench(model, ber, batch, repeats, provider, data, threads, baseline, shapes,
         layout = input_layout(shapes, batch_axes)
         _run(_check_inputs, [model, baseline], data, layout)
         info = _run(api.overhead, model, baseline, batch=batch, provider=provider, repeats=repeats, data=data,
-                    threads=threads, inputs=layout)
+                    threads=threads, inputs=layout, per_layer=per_layer)
         if as_json:
             click.echo(json.dumps(info))
         else:
             click.echo(f"{info['model']} vs {info['baseline']}: batch {info['batch']}, provider {info['provider']}")
             click.echo(f"  baseline {info['baseline_ms']:.2f} ms   model {info['model_ms']:.2f} ms   "
                        f"ratio {info['ratio']:.3f}   (overhead {100 * info['overhead']:+.1f}%, median of {repeats})")
+            if per_layer:
+                from ..report.outputs import per_layer_table
+
+                click.echo(per_layer_table(info["per_layer"]))
         return
+    if per_layer:
+        raise UserError("--per-layer needs --baseline MODEL (it splits a hardened graph's overhead)")
     b = _one_ber(ber)
     layout = input_layout(shapes, batch_axes)
     _run(_check_inputs, [model], data, layout)
@@ -379,6 +388,7 @@ def replay(log, record, model, data, as_json):
 from . import compare as _compare_verb  # noqa: E402,F401  (registers the verb)
 from . import harden as _harden_verb  # noqa: E402,F401  (registers the verb)
 cli.add_command(__import__("onnxft.cli.vuln", fromlist=["vuln"]).vuln)  # verb in its own module
+cli.add_command(__import__("onnxft.cli.intensity", fromlist=["intensity"]).intensity)
 
 
 def main(argv=None):

@@ -128,3 +128,19 @@ def write_eval_outputs(results: list[dict], out_dir: str | Path, title: str | No
     written.append(eval_plot(results, out / "accuracy_vs_ber.png", title))
     written.append(outcomes_plot(results, out / "outcomes_vs_ber.png", title))
     return written
+
+
+def per_layer_table(info: dict, top: int = 15) -> str:
+    """The per-unit split of a hardened graph's fault-free time (``bench --per-layer``)."""
+    lines = [f"  profile (per-node medians of {info['repeats']} runs, level {info['level']}): model's own nodes "
+             f"{info['baseline_ms']:.2f} ms; protection {info['protection_ms']:.2f} ms "
+             f"({100 * info['protection_ms'] / info['baseline_ms']:.1f}%); own nodes slower by {info['changed_ms']:+.2f} ms",
+             f"  {'protected unit':<48} {'unit ms':>8} {'check ms':>9} {'nodes':>6} {'% of model':>10}"]
+    for r in info["units"][:top]:
+        unit_ms = "fused" if r["unit_ms"] is None else f"{r['unit_ms']:.3f}"
+        lines.append(f"  {r['unit'][-48:]:<48} {unit_ms:>8} {r['protection_ms']:9.3f} {r['nodes']:6d} "
+                     f"{100 * r['share_of_model']:9.1f}%")
+    if len(info["units"]) > top:
+        rest = sum(r["protection_ms"] for r in info["units"][top:])
+        lines.append(f"  … {len(info['units']) - top} more units, {rest:.3f} ms")
+    return "\n".join(lines)

@@ -1,0 +1,145 @@
+"""Arithmetic intensity of every GEMM and convolution, and the seed's per-layer regime rule.
+
+Seed 004 (Kosaian & Rashmi, SC'21) sorts layers by arithmetic intensity,
+
+    AI = operations / bytes moved,  operations = 2 M N K per GEMM,
+    bytes = element size x (elements of A read + elements of B read + elements of Y written),
+
+against the device's ridge point (peak GEMM FLOP/s divided by memory bandwidth, see
+``runtime.ridge``): a layer with AI at or above the ridge is compute-bound, below it
+memory-bound. The seed's rule: a separate ("global") checksum pass suits compute-bound layers,
+whose few extra operations are cheap next to the GEMM; a memory-bound layer should check inside
+the computation that already holds its data ("fused" here: the checksum column appended to the
+weight).
+
+Shapes are the ones the model really runs at: ``gemm_intensities`` runs the model once on the given
+feeds with every GEMM/Conv operand as an extra output, so run-time token and sequence axes, and
+shapes computed by Shape/Gather chains, are measured rather than guessed. Bytes count each operand
+once per call (the minimum traffic, the seed's convention): a weight shared by every item of a batch
+is read once per batch, which is why AI grows with the batch.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import onnx
+
+REGIMES = ("memory", "compute")
+_ELEM_BYTES = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.FLOAT16: 2, onnx.TensorProto.BFLOAT16: 2,
+               onnx.TensorProto.DOUBLE: 8, onnx.TensorProto.INT8: 1, onnx.TensorProto.UINT8: 1}
+
+
+@dataclass(frozen=True)
+class Intensity:
+    """One GEMM or Conv call at its run-time shapes (all items of the batch together)."""
+
+    name: str
+    op_type: str
+    M: int          # output rows per GEMM (Conv: output positions per item x items)
+    N: int          # output columns (Conv: output channels per group)
+    K: int          # inner dimension (Conv: input channels per group x kernel size)
+    gemms: int      # independent GEMMs in the call (batched MatMul's leading dims; Conv: groups)
+    flops: int      # 2 M N K x gemms
+    bytes: int      # element size x (A + B + Y elements), each operand once
+    ai: float       # flops / bytes
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def gemm_ai(M: int, N: int, K: int, gemms: int = 1, elem_bytes: int = 4, shared_b: bool = True) -> tuple[int, int, float]:
+    """(flops, bytes, AI) of ``gemms`` GEMMs ``[M, K] @ [K, N]``; ``shared_b``: one B for all (a weight)."""
+    if min(M, N, K, gemms) < 1:
+        raise ValueError(f"GEMM dimensions must be positive, got M={M} N={N} K={K} gemms={gemms}")
+    flops = 2 * M * N * K * gemms
+    b_elems = K * N * (1 if shared_b else gemms)
+    nbytes = elem_bytes * (gemms * M * K + b_elems + gemms * M * N)
+    return flops, nbytes, flops / nbytes
+
+
+def regime(ai: float, ridge: float) -> str:
+    """The seed's rule: compute-bound at or above the ridge point, memory-bound below it."""
+    if not (ridge > 0 and math.isfinite(ridge)):
+        raise ValueError(f"the ridge point must be a positive number of FLOP per byte, got {ridge}")
+    return "compute" if ai >= ridge else "memory"
+
+
+def choose_impl(ai: float, ridge: float) -> str:
+    """ABFT implementation by the seed's rule: ``global`` for compute-bound GEMMs, ``fused`` for memory-bound."""
+    return "global" if regime(ai, ridge) == "compute" else "fused"
+
+
+def _operands(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, list[str]]]:
+    """Main-graph MatMul/Gemm/Conv nodes and the tensors whose shapes define their work."""
+    out = []
+    for node in model.graph.node:
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        if node.op_type in ("MatMul", "Gemm", "Conv"):
+            out.append((node, [node.input[0], node.input[1], node.output[0]]))
+    return out
+
+
+def _elem_bytes(model: onnx.ModelProto, tensor: str, fallback: int = 4) -> int:
+    for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
+        if vi.name == tensor:
+            return _ELEM_BYTES.get(vi.type.tensor_type.elem_type, fallback)
+    for init in model.graph.initializer:
+        if init.name == tensor:
+            return _ELEM_BYTES.get(init.data_type, fallback)
+    return fallback
+
+
+def describe_call(node: onnx.NodeProto, a_shape, b_shape, y_shape, elem_bytes: int = 4) -> Intensity:
+    """The intensity of one call from its operand shapes (hand-checkable: see tests)."""
+    name = node.name or node.output[0]
+    if node.op_type == "Conv":
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        items, c_out = int(y_shape[0]), int(y_shape[1])
+        positions = int(np.prod(y_shape[2:], dtype=np.int64))
+        k = int(np.prod(b_shape[1:], dtype=np.int64))  # C_in / group x kernel
+        n = c_out // group
+        m = items * positions
+        flops = 2 * m * n * k * group
+        nbytes = elem_bytes * (int(np.prod(a_shape, dtype=np.int64)) + int(np.prod(b_shape, dtype=np.int64))
+                               + int(np.prod(y_shape, dtype=np.int64)))
+        return Intensity(name, "Conv", m, n, k, group, flops, nbytes, flops / nbytes)
+    trans_a = next((a.i for a in node.attribute if a.name == "transA"), 0) if node.op_type == "Gemm" else 0
+    a = list(a_shape)
+    if len(a) == 1:
+        a = [1] + a
+    k = int(a[-2] if trans_a else a[-1])
+    y = list(y_shape) if len(y_shape) >= 2 else [1] + list(y_shape)
+    m, n = int(y[-2]), int(y[-1])
+    gemms = int(np.prod(y[:-2], dtype=np.int64)) if len(y) > 2 else 1
+    shared_b = len(b_shape) <= 2
+    flops, nbytes, ai = gemm_ai(m, n, k, gemms, elem_bytes, shared_b)
+    return Intensity(name, node.op_type, m, n, k, gemms, flops, nbytes, ai)
+
+
+def gemm_intensities(model: onnx.ModelProto, feeds: dict[str, np.ndarray], provider: str = "cpu") -> list[Intensity]:
+    """Every main-graph MatMul/Gemm/Conv at the shapes it runs at on ``feeds`` (one fault-free run)."""
+    from ..runtime.session import make_session
+
+    calls = _operands(model)
+    if not calls:
+        return []
+    wanted = []
+    for _, tensors in calls:
+        wanted += [t for t in tensors if t not in wanted]
+    inits = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    have = {o.name for o in probe.graph.output}
+    for t in wanted:
+        if t not in inits and t not in have and t not in feeds:
+            probe.graph.output.append(onnx.ValueInfoProto(name=t))
+            have.add(t)
+    sess = make_session(probe, provider, level="basic")
+    names = [o.name for o in sess.get_outputs()]
+    values = dict(zip(names, sess.run(names, feeds)))
+    shapes = {**inits, **{k: np.shape(v) for k, v in feeds.items()}, **{k: np.shape(v) for k, v in values.items()}}
+    return [describe_call(node, shapes[t[0]], shapes[t[1]], shapes[t[2]], _elem_bytes(model, t[0]))
+            for node, t in calls]
