@@ -1,6 +1,7 @@
 """ONNX Runtime sessions: provider choice, and running an injection graph with a fault set."""
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -117,11 +118,20 @@ class InjectionSession:
                             if i.name not in inits and not i.name.startswith("onnxft.")]
         self.output_names = [o.name for o in model.graph.output if not o.name.startswith("onnxft.")]
         self.log_names = [s.log_output() for s in self.table.sites] if self.table.logging else []
+        self.executions_names = [s.executions_output() for s in self.table.sites if s.path]
         self._plans: dict[tuple, list[SitePlan]] = {}
         self.providers = providers_for(provider)
 
     def _key(self, feeds):
         return tuple((k, tuple(np.shape(v))) for k, v in sorted(feeds.items()))
+
+    def _plans_key(self, feeds):
+        """Plans depend on the input shapes, and with sites inside control flow on the values
+        too (the branch an If takes, a Loop's trip count)."""
+        key = self._key(feeds)
+        if self.executions_names:
+            key += tuple(hashlib.sha1(np.ascontiguousarray(v).tobytes()).hexdigest() for _, v in sorted(feeds.items()))
+        return key
 
     def session_for(self, feeds):
         """A session specialised to these input shapes. With every shape static, onnxruntime's
@@ -141,12 +151,14 @@ class InjectionSession:
         # The probe run takes every decomposed path, so that all sites report their shapes.
         probe = dict(feeds)
         probe[PROBE_INPUT] = np.array(True)
-        shapes = self.session_for(feeds).run([SHAPES_OUTPUT], probe)[0]
-        return make_plans(self.table, shapes, _batch_of(feeds))
+        shapes, *executions = self.session_for(feeds).run([SHAPES_OUTPUT] + self.executions_names, probe)
+        return make_plans(self.table, shapes, _batch_of(feeds), dict(zip(self.executions_names, executions)))
 
     def plans(self, feeds) -> list[SitePlan]:
-        key = self._key(feeds)
+        key = self._plans_key(feeds)
         if key not in self._plans:
+            if len(self._plans) >= 64:  # value-keyed plans (control flow): one per batch
+                self._plans.pop(next(iter(self._plans)))
             self._plans[key] = self._probe(feeds)
         return self._plans[key]
 
