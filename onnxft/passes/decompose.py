@@ -80,6 +80,7 @@ class Replacement:
     nodes: list[onnx.NodeProto]
     initializers: list[onnx.TensorProto] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    value_info: list[onnx.ValueInfoProto] = field(default_factory=list)  # ranks shape inference cannot find
 
 
 class RewriteContext:
@@ -542,6 +543,10 @@ def _recurrent(node: onnx.NodeProto, ctx: RewriteContext) -> Replacement:
     seq_lens, h0, c0 = _opt_input(node, 4), _opt_input(node, 5), _opt_input(node, 6) if kind == "LSTM" else ""
     b = ctx.builder(node)
     dt = b.float_dtype(x)
+    et = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16, np.float64: TensorProto.DOUBLE}[dt]
+    # Exporters inside If branches often leave these ranks unknown; the sites need them.
+    declared = [helper.make_tensor_value_info(n, et, [None] * rank)
+                for n, rank in ((x, 3), (w, 3), (r, 3), (bias, 2), (h0, 3), (c0, 3)) if n and ctx.rank(n) is None]
     if seq_lens:
         lens = ctx.const_array(seq_lens)
         t = ctx.types.get(x)
@@ -614,7 +619,9 @@ def _recurrent(node: onnx.NodeProto, ctx: RewriteContext) -> Replacement:
         if layout:
             t = b.op("Transpose", [t], f"out{k}_batch_major", perm=[2, 0, 1, 3] if k == 0 else [1, 0, 2])
         final[t] = node.output[k]
-    return _finish_many(b, final)
+    rep = _finish_many(b, final)
+    rep.value_info.extend(declared)
+    return rep
 
 
 def _finish_many(b: "_Builder", final: dict) -> Replacement:
@@ -691,10 +698,15 @@ def _recurrent_body(ctx: RewriteContext, node: onnx.NodeProto, kind: str, d: int
     y = c.op("Identity", [h_new], f"y{d}_t")
     vi = lambda n, elem, shape: helper.make_tensor_value_info(n, elem, shape)  # noqa: E731
     et = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16, np.float64: TensorProto.DOUBLE}[dt]
+    # Split sizes are outer-scope constants, which shape inference does not read inside a body:
+    # declare the gate blocks' ranks (the sites need them).
+    blocks = [vi(o, et, [None, None] if _attr(n, "axis", 0) == 1 else [None])
+              for n in c.nodes if n.op_type == "Split" for o in n.output]
     body = helper.make_graph(
         c.nodes, ctx.fresh(f"{c.origin_name}_step{d}"),
         [vi(it, TensorProto.INT64, []), vi(cond, TensorProto.BOOL, [])] + [vi(n, et, [None, H]) for n in state_in],
-        [vi(cond_out, TensorProto.BOOL, [])] + [vi(n, et, [None, H]) for n in new_state] + [vi(y, et, [None, H])])
+        [vi(cond_out, TensorProto.BOOL, [])] + [vi(n, et, [None, H]) for n in new_state] + [vi(y, et, [None, H])],
+        value_info=blocks)
     return body, c.inits
 
 
@@ -746,6 +758,11 @@ def _rewrite_graph(graph: onnx.GraphProto, main: onnx.GraphProto, ctx: RewriteCo
             continue
         new_nodes.extend(rep.nodes)
         main.initializer.extend(rep.initializers)
+        if rep.value_info:  # replaces what shape inference left without a rank
+            declared = {v.name for v in rep.value_info}
+            kept = [v for v in graph.value_info if v.name not in declared]
+            del graph.value_info[:]
+            graph.value_info.extend(kept + list(rep.value_info))
         ctx.constants.update((t.name, t) for t in rep.initializers)
         maybe_dead.update(i for i in node.input if i)
         dropped_outputs.update(o for o in node.output[1:] if o)

@@ -137,8 +137,13 @@ class InjectionSession:
         """A session specialised to these input shapes. With every shape static, onnxruntime's
         planner lets the fault scatters update a site's output in place instead of copying it."""
         key = self._key(feeds)
+        if self.executions_names:  # user control flow: one session for every shape, because static
+            # shapes make onnxruntime infer the untaken branches too, which real models (an If on
+            # the sample rate) cannot always pass
+            key = ()
         if key not in self._sessions:
-            self._sessions[key] = make_session(with_static_inputs(self.model, feeds), *self._options)
+            model = self.model if self.executions_names else with_static_inputs(self.model, feeds)
+            self._sessions[key] = make_session(model, *self._options)
             self.providers = self._sessions[key].get_providers()
         return self._sessions[key]
 
