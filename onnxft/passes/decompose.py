@@ -620,6 +620,8 @@ def _recurrent(node: onnx.NodeProto, ctx: RewriteContext) -> Replacement:
             t = b.op("Transpose", [t], f"out{k}_batch_major", perm=[2, 0, 1, 3] if k == 0 else [1, 0, 2])
         final[t] = node.output[k]
     rep = _finish_many(b, final)
+    # the bias halves: Split sizes from the main graph are not read by inference inside a subgraph
+    declared += [helper.make_tensor_value_info(o, et, [None]) for n in b.nodes if n.op_type == "Split" for o in n.output]
     rep.value_info.extend(declared)
     return rep
 

@@ -270,6 +270,10 @@ def _find_nested(g: _Graph, node: onnx.NodeProto, loc: tuple, path: str, sel: Si
                 site.path = inner
                 yield where, (site, wrapped, extra)
             elif _has_subgraphs(n) and role_of(n) != PROTECTION:
+                if node.op_type == "Scan":  # its state variables cannot count varying executions
+                    result.skipped.append((n.name or n.op_type, "control flow inside a Scan body is not "
+                                           "searched for sites (sites directly in the body are)"))
+                    continue
                 yield from _find_nested(g, n, where, inner + "/", sel, int_widths, result)
 
 
@@ -800,8 +804,8 @@ def inject(model: onnx.ModelProto, selection: SiteSelection | None = None,
             return _fault_nodes(site, inner, extra, zero_bias, False, table=table)
 
         top = copy.deepcopy(node)
-        _thread(top, (pos,), nested, state, build)
-        out.append(top)
+        pre, post = _thread(top, (pos,), nested, state, build)
+        out.extend(pre + [top] + post)
         for _, site, _ in under:
             out.append(helper.make_node("Identity", [state[site.id]], [site.executions_output()],
                                         name=f"onnxft.{site.id}/executions"))
@@ -915,14 +919,17 @@ def inject(model: onnx.ModelProto, selection: SiteSelection | None = None,
     return result
 
 
-def _thread(node: onnx.NodeProto, loc: tuple, nested: dict, state: dict, build) -> None:
+def _thread(node: onnx.NodeProto, loc: tuple, nested: dict, state: dict, build) -> tuple[list, list]:
     """Fault the sites inside ``node`` (an If, Loop or Scan, edited in place) and thread each one's
     executions log through it: ``state[site]`` names the log ([E, 1 + R] int64, one row per
     execution so far) readable where ``node`` runs, and is set to the log after ``node``.
+    Returns the nodes to place before and after ``node``.
 
-    If: both branches output every log (the untaken one passes it on unchanged). Loop and Scan:
-    each log becomes a loop-carried (state) variable, so its row count is the number of
-    executions so far, which is also the running execution's index (``_site_in_body``)."""
+    If: both branches output every log (the untaken one passes it on unchanged). Loop: each log
+    becomes a loop-carried variable, so its row count is the number of executions so far, which
+    is also the running execution's index (``_site_in_body``). Scan (whose state variables keep
+    their shape): a counter is the state variable and each iteration's row a scan output,
+    appended to the log after the Scan; so sites sit directly in a Scan body (``_find_nested``)."""
     under = sorted({nested[k][0].id: nested[k][0] for k in nested if k[:len(loc)] == loc and len(k) > len(loc)}.values(),
                    key=lambda s: s.id)
     ids = [s.id for s in under]
@@ -942,8 +949,10 @@ def _thread(node: onnx.NodeProto, loc: tuple, nested: dict, state: dict, build) 
             outs.append(f"onnxft.{s.id}/executions@{tag}")
             node.output.append(outs[-1])
         state.update(zip(ids, outs))
-        return
+        return [], []
     body = next(a.g for a in node.attribute if a.name == "body")
+    if node.op_type == "Scan":
+        return _thread_scan(node, body, loc, nested, state, build, under, tag)
     if node.op_type == "Loop":
         first_in, first_out, first_node_out = 2 + len(node.input) - 2, 1 + len(node.input) - 2, len(node.input) - 2
     else:  # Scan: state variables come first
@@ -979,6 +988,53 @@ def _thread(node: onnx.NodeProto, loc: tuple, nested: dict, state: dict, build) 
     del node.output[:]
     node.output.extend(node_outputs)
     state.update(zip(ids, node_out))
+    return [], []
+
+
+def _thread_scan(node, body, loc, nested, state, build, under, tag) -> tuple[list, list]:
+    """``_thread`` for a Scan: counters as state variables, execution rows as scan outputs."""
+    n_state = len(node.input) - next(a.i for a in node.attribute if a.name == "num_scan_inputs")
+    pre, post = _Nodes(f"onnxft.scan@{tag}/before"), _Nodes(f"onnxft.scan@{tag}/after")
+    inner = dict(state)
+    counters_in, counters_body_in = [], []
+    for s in under:
+        counters_in.append(pre.op("Squeeze", pre.op("Shape", state[s.id], end=1)))
+        counters_body_in.append(f"onnxft.{s.id}/count@{tag}/in")
+        inner[s.id] = ("scan", counters_body_in[-1])
+    _thread_body(body, loc + ("body",), nested, inner, build)
+    counters_body_out, rows = [], []
+    for s, c in zip(under, counters_body_in):
+        one = f"onnxft.{s.id}/count@{tag}/one"
+        body.node.append(helper.make_node("Constant", [], [one], name=one, value=numpy_helper.from_array(np.int64(1))))
+        counters_body_out.append(f"onnxft.{s.id}/count@{tag}/out")
+        body.node.append(helper.make_node("Add", [c, one], [counters_body_out[-1]], name=counters_body_out[-1]))
+        rows.append(inner[s.id][1])
+    scalar = lambda n: helper.make_tensor_value_info(n, TensorProto.INT64, [])  # noqa: E731
+    ins = list(body.input)
+    ins[n_state:n_state] = [scalar(c) for c in counters_body_in]
+    del body.input[:]
+    body.input.extend(ins)
+    outs = list(body.output)
+    outs[n_state:n_state] = [scalar(c) for c in counters_body_out]
+    outs += [helper.make_tensor_value_info(r, TensorProto.INT64, [1 + sum(s.shape_ranks)]) for s, r in zip(under, rows)]
+    del body.output[:]
+    body.output.extend(outs)
+    node_inputs = list(node.input)
+    node_inputs[n_state:n_state] = counters_in
+    node_outputs = list(node.output)
+    node_outputs[n_state:n_state] = [f"onnxft.{s.id}/count@{tag}" for s in under]
+    row_outs = [f"onnxft.{s.id}/rows@{tag}" for s in under]
+    node_outputs += row_outs
+    del node.input[:]
+    node.input.extend(node_inputs)
+    del node.output[:]
+    node.output.extend(node_outputs)
+    for a in node.attribute:  # scan outputs stack along axis 0, forwards
+        if a.name in ("scan_output_axes", "scan_output_directions"):
+            a.ints.extend([0] * len(under))
+    for s, r in zip(under, row_outs):
+        state[s.id] = post.op("Concat", state[s.id], r, axis=0)
+    return pre.nodes, post.nodes
 
 
 def _thread_body(graph: onnx.GraphProto, loc: tuple, nested: dict, state: dict, build) -> None:
@@ -992,8 +1048,8 @@ def _thread_body(graph: onnx.GraphProto, loc: tuple, nested: dict, state: dict, 
             new_nodes.extend(_site_in_body(site, n, extra, state, build))
         elif any(k[:len(where)] == where for k in nested):
             n = copy.deepcopy(n)
-            _thread(n, where, nested, state, build)
-            new_nodes.append(n)
+            pre, post = _thread(n, where, nested, state, build)
+            new_nodes.extend(pre + [n] + post)
         else:
             new_nodes.append(n)
     del graph.node[:]
@@ -1008,7 +1064,10 @@ def _site_in_body(site: Site, node: onnx.NodeProto, extra: dict, state: dict, bu
     f = _Nodes(f"onnxft.{site.id}/execution")
     cols = len(site.columns()) - 1
     table = site.input_names()["faults"]
-    execution = f.op("Shape", log, end=1)
+    if isinstance(log, tuple):  # directly in a Scan body: the counter (``_thread_scan``)
+        execution = f.op("Unsqueeze", log[1], _const(f, np.array([0], np.int64)))
+    else:
+        execution = f.op("Shape", log, end=1)
     column = f.op("Gather", table, _const(f, np.int64(cols)), axis=1)
     keep = f.op("Reshape", f.op("NonZero", f.op("Equal", column, execution)), _const(f, np.array([-1], np.int64)))
     rows = f.op("Slice", f.op("Gather", table, keep, axis=0), _const(f, np.array([0], np.int64)),
@@ -1018,6 +1077,9 @@ def _site_in_body(site: Site, node: onnx.NodeProto, extra: dict, state: dict, bu
     parts = [_const(r, np.array([1], np.int64)), r.op("Shape", node.output[0])]
     if site.kind != "elementwise":
         parts += [r.op("Shape", node.input[0]), r.op("Shape", node.input[1])]
+    if isinstance(log, tuple):  # a scan output of the Scan
+        state[site.id] = ("row", r.op("Concat", *parts, axis=0))
+        return nodes + r.nodes
     row = r.op("Unsqueeze", r.op("Concat", *parts, axis=0), _const(r, np.array([0], np.int64)))
     state[site.id] = r.op("Concat", log, row, axis=0)
     return nodes + r.nodes
