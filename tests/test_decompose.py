@@ -331,7 +331,7 @@ def test_subgraph_nodes_rewritten():
     m = make_model(nodes, [vi("cond", [], TP.BOOL), vi("x", [2, 3])], [vi("y", [2, 3])])
     res = decompose(m)
     assert len(res.inserted) == 1 and res.inserted[0].startswith("Softmax inner_sm")
-    then_ops = [n.op_type for n in res.model.graph.node[0].attribute[0].g.node]
+    then_ops = [n.op_type for n in next(a.g for a in res.model.graph.node[0].attribute if a.name == "then_branch").node]
     assert "Softmax" not in then_ops and "Exp" in then_ops
     x = np.random.default_rng(0).standard_normal((2, 3)).astype(np.float32)
     for cond in (True, False):
@@ -341,4 +341,4 @@ def test_subgraph_nodes_rewritten():
 
 def test_registry_covers_brief():
     assert set(HANDLERS) == {"Softmax", "LogSoftmax", "LayerNormalization", "Gelu", "BatchNormalization",
-                             "Sigmoid", "HardSigmoid", "HardSwish", "Gemm"}
+                             "Sigmoid", "HardSigmoid", "HardSwish", "Gemm", "LSTM", "GRU", "RNN"}
