@@ -622,6 +622,9 @@ def _recurrent(node: onnx.NodeProto, ctx: RewriteContext) -> Replacement:
     rep = _finish_many(b, final)
     # the bias halves: Split sizes from the main graph are not read by inference inside a subgraph
     declared += [helper.make_tensor_value_info(o, et, [None]) for n in b.nodes if n.op_type == "Split" for o in n.output]
+    # and the results (Y [S, D, B, H], Y_h and Y_c [D, B, H]), so that what follows keeps its sites
+    declared += [helper.make_tensor_value_info(o, et, [None] * (4 if k == 0 else 3))
+                 for k, o in enumerate(node.output) if o and ctx.rank(o) is None]
     rep.value_info.extend(declared)
     return rep
 
