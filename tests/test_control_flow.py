@@ -261,3 +261,14 @@ def test_loop_site_flip_count_is_binomial_over_all_iterations():
     # every iteration gets its share (same shapes here: a third each)
     expected = 3000 * bits * ber / n
     assert np.all(np.abs(per_execution - expected) < 4.5 * np.sqrt(expected))
+
+
+def test_a_control_flow_sites_scale_rules_its_executions():
+    from dataclasses import replace
+
+    sess = session(loop_model())
+    plans = sess.plans({"x": np.ones((B, 4), np.float32), "n": np.array(3, np.int64)})
+    mm = site_of(sess, "MatMul_1")
+    protected = [replace(p, site=replace(p.site, scale=0.0)) if i == mm else p for i, p in enumerate(plans)]
+    f = sample_faults(protected, 0.05, np.random.default_rng(0))
+    assert len(f) > 0 and not np.any(f.site == mm)

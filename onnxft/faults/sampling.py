@@ -475,6 +475,8 @@ def _flat_plans(plans: list[SitePlan]) -> _FlatPlans | None:
     flat, owner, execution, start, count = [], [], [], [], []
     for i, p in enumerate(plans):
         per = p.executions if p.executions is not None else [p]
+        # the site's BER scale rules its executions (vuln overrides it on the site's plan)
+        per = [e if e.site.scale == p.site.scale else replace(e, site=replace(e.site, scale=p.site.scale)) for e in per]
         start.append(len(flat))
         count.append(len(per))
         flat.extend(per)
