@@ -13,8 +13,8 @@ import onnx
 SITES_KEY = "onnxft.sites"
 SHAPES_OUTPUT = "onnxft.shapes"
 SOURCE_OPSET_KEY = "onnxft.source_opset"  # the user's model's default-domain opset, before the upgrade
-PROBE_INPUT = "onnxft.probe"
-EXECUTION_COLUMN = "execution"  # last column of a control-flow site's fault table  # True: take every decomposed path, so that onnxft.shapes is complete
+PROBE_INPUT = "onnxft.probe"  # True: take every decomposed path, so that onnxft.shapes is complete
+EXECUTION_COLUMN = "execution"  # last column of a control-flow site's fault table
 
 # Columns of a site's fault table (int64 [F, C]): defined by the operators that read them.
 from ..custom_ops.functions import ELEMENTWISE_COLUMNS, table_columns  # noqa: E402
