@@ -213,3 +213,42 @@ def test_faults_in_decomposed_cell_match_reference(kind):
             got = sess.run(feeds, f)
         for g, r, what in zip(got, want, ("Y", "Y_h", "Y_c")):
             assert_close(g, r, 1e-5, f"{kind} {what}")
+
+
+def test_lstm_inside_if_runs_its_loop_only_when_the_branch_is_taken():
+    """The recurrent Loop nested in an If (as in silero VAD): its sites count S executions when the
+    branch runs and none when it does not; faults still match the dense reference."""
+    m, feeds, w = rnn_model("LSTM")
+    g = m.graph
+    rank = {"Y": 4, "Yh": 3, "Yc": 3}
+    then = h.make_graph(list(g.node), "then", [],
+                        [h.make_tensor_value_info(o.name, T.FLOAT, [None] * rank[o.name]) for o in g.output])
+    other = h.make_graph([h.make_node("Identity", ["X"], [f"{o.name}_else"]) for o in g.output], "else", [],
+                         [h.make_tensor_value_info(f"{o.name}_else", T.FLOAT, [None] * 3) for o in g.output])
+    node = h.make_node("If", ["c"], [f"out_{o.name}" for o in g.output], name="If_0", then_branch=then, else_branch=other)
+    wrapped = h.make_graph([node], "g", list(g.input) + [h.make_tensor_value_info("c", T.BOOL, [])],
+                           [h.make_tensor_value_info(f"out_{o.name}", T.FLOAT, [None] * rank[o.name]) for o in g.output],
+                           list(g.initializer))
+    m2 = h.make_model(wrapped, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
+    r = inject(m2)
+    onnx.checker.check_model(r.model, full_check=True)
+    sess = InjectionSession(r.model, "cpu", threads=1)
+    by_out = sites_by_output(sess)
+    xw_site, hr_site, c_site = by_out["Y/xw0"], by_out["Y/hr0"], by_out["Y/c0_new"]
+    assert sess.table.sites[hr_site].node == "If_0/then/LSTM/Loop0/body/LSTM/MatMul_1"
+    off = sess.plans({**feeds, "c": np.array(False)})
+    assert all(len(p.executions) == 0 for p in off)
+    on_feeds = {**feeds, "c": np.array(True)}
+    plans = sess.plans(on_feeds)
+    assert len(plans[hr_site].executions) == S and len(plans[xw_site].executions) == 1
+    for got, want in zip(sess.run(on_feeds, Faults.empty()), ort_run(m, feeds)):
+        assert float(np.abs(got - want).max()) < 2e-6
+    PER_ITEM.update({i: plans[i].elements for i in (xw_site, hr_site, c_site)})
+    f = sample_faults(plans, 2e-3, np.random.default_rng(9))
+    f = f.subset(np.isin(f.site, [xw_site, hr_site, c_site]))
+    assert len(f) >= 4
+    want = lstm_reference(feeds["X"], w["W"], w["R"], w["B"], feeds["h0"], feeds["c0"], f, xw_site, hr_site, c_site)
+    with np.errstate(all="ignore"):
+        got = sess.run(on_feeds, f)
+    for g_, r_, what in zip(got, want, ("Y", "Y_h", "Y_c")):
+        assert_close(g_, r_, 1e-5, f"LSTM in If {what}")
