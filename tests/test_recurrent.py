@@ -37,7 +37,8 @@ def rnn_model(kind, direction="forward", layout=0, bias=True, h0=True, const=Tru
     xs, hs = ([S, B, I], [D, B, H]) if layout == 0 else ([B, S, I], [B, D, H])
     feeds = {"X": rng.standard_normal(xs).astype(np.float32)}
     inputs = [h.make_tensor_value_info("X", T.FLOAT, xs)]
-    ins = ["X", "W", "R", "B" if bias else "", "", "h0" if h0 else ""] + (["c0" if h0 else ""] if kind == "LSTM" else [])
+    ins = ["X", "W", "R", "B" if bias else "", "", "h0" if h0 else ""]
+    ins += ["c0" if h0 else ""] if kind == "LSTM" else []
     for name in ("h0", "c0") if kind == "LSTM" else ("h0",):
         feeds[name] = rng.standard_normal(hs).astype(np.float32)
         if h0:
@@ -225,9 +226,11 @@ def test_lstm_inside_if_runs_its_loop_only_when_the_branch_is_taken():
                         [h.make_tensor_value_info(o.name, T.FLOAT, [None] * rank[o.name]) for o in g.output])
     other = h.make_graph([h.make_node("Identity", ["X"], [f"{o.name}_else"]) for o in g.output], "else", [],
                          [h.make_tensor_value_info(f"{o.name}_else", T.FLOAT, [None] * 3) for o in g.output])
-    node = h.make_node("If", ["c"], [f"out_{o.name}" for o in g.output], name="If_0", then_branch=then, else_branch=other)
+    node = h.make_node("If", ["c"], [f"out_{o.name}" for o in g.output], name="If_0", then_branch=then,
+                       else_branch=other)
     wrapped = h.make_graph([node], "g", list(g.input) + [h.make_tensor_value_info("c", T.BOOL, [])],
-                           [h.make_tensor_value_info(f"out_{o.name}", T.FLOAT, [None] * rank[o.name]) for o in g.output],
+                           [h.make_tensor_value_info(f"out_{o.name}", T.FLOAT, [None] * rank[o.name])
+                            for o in g.output],
                            list(g.initializer))
     m2 = h.make_model(wrapped, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
     r = inject(m2)

@@ -594,7 +594,8 @@ def _recurrent(node: onnx.NodeProto, ctx: RewriteContext) -> Replacement:
         body, inits = _recurrent_body(ctx, node, kind, d, reverse, xw, rt, rb, steps, H, dt)
         b.inits.extend(inits)
         outs = [b.tensor(f"{t}_last{d}") for t in ("h", "c")[:len(state0)]] + [b.tensor(f"y{d}")]
-        loop = helper.make_node("Loop", [steps, "", *state0], outs, name=ctx.fresh(f"{b.origin_name}/Loop{d}"), body=body)
+        loop = helper.make_node("Loop", [steps, "", *state0], outs, name=ctx.fresh(f"{b.origin_name}/Loop{d}"),
+                                body=body)
         for k, v in ((ORIGIN_KEY, node.op_type), (ORIGIN_NODE_KEY, b.origin_name)):
             loop.metadata_props.add(key=k, value=v)
         b.nodes.append(loop)
@@ -621,7 +622,8 @@ def _recurrent(node: onnx.NodeProto, ctx: RewriteContext) -> Replacement:
         final[t] = node.output[k]
     rep = _finish_many(b, final)
     # the bias halves: Split sizes from the main graph are not read by inference inside a subgraph
-    declared += [helper.make_tensor_value_info(o, et, [None]) for n in b.nodes if n.op_type == "Split" for o in n.output]
+    declared += [helper.make_tensor_value_info(o, et, [None])
+                 for n in b.nodes if n.op_type == "Split" for o in n.output]
     # and the results (Y [S, D, B, H], Y_h and Y_c [D, B, H]), so that what follows keeps its sites
     declared += [helper.make_tensor_value_info(o, et, [None] * (4 if k == 0 else 3))
                  for k, o in enumerate(node.output) if o and ctx.rank(o) is None]

@@ -930,8 +930,8 @@ def _thread(node: onnx.NodeProto, loc: tuple, nested: dict, state: dict, build) 
     is also the running execution's index (``_site_in_body``). Scan (whose state variables keep
     their shape): a counter is the state variable and each iteration's row a scan output,
     appended to the log after the Scan; so sites sit directly in a Scan body (``_find_nested``)."""
-    under = sorted({nested[k][0].id: nested[k][0] for k in nested if k[:len(loc)] == loc and len(k) > len(loc)}.values(),
-                   key=lambda s: s.id)
+    inside = {nested[k][0].id: nested[k][0] for k in nested if k[:len(loc)] == loc and len(k) > len(loc)}
+    under = sorted(inside.values(), key=lambda s: s.id)
     ids = [s.id for s in under]
     tag = "/".join(str(x) for x in loc)
     if node.op_type == "If":
@@ -944,7 +944,8 @@ def _thread(node: onnx.NodeProto, loc: tuple, nested: dict, state: dict, build) 
             for s in under:
                 name = f"onnxft.{s.id}/executions@{tag}/{a.name}"
                 a.g.node.append(helper.make_node("Identity", [inner[s.id]], [name], name=name))
-                a.g.output.append(helper.make_tensor_value_info(name, TensorProto.INT64, [None, 1 + sum(s.shape_ranks)]))
+                a.g.output.append(helper.make_tensor_value_info(name, TensorProto.INT64,
+                                                                [None, 1 + sum(s.shape_ranks)]))
         for s in under:
             outs.append(f"onnxft.{s.id}/executions@{tag}")
             node.output.append(outs[-1])
