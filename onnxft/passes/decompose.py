@@ -26,6 +26,10 @@ What is inserted, per original node:
 * ``HardSwish`` -> Mul(1/6), Add(0.5), Clip(0, 1), Mul(x).
 * ``Gemm`` -> [Transpose] MatMul [Mul(alpha)] [Add(beta*C)]; transposes and the
   ``beta*C`` product are done offline when the operand is a constant initializer.
+* ``LSTM``, ``GRU``, ``RNN`` -> per direction, MatMul(X, W^T) and the input bias Add for all
+  steps, then a ``Loop`` over the time steps whose body is the cell in primitives (MatMul(H, R^T),
+  gate Adds, Split, sigmoid as above, Tanh, the Mul/Add cell update); see docs/fault_model.md,
+  "Recurrent ops".
 
 The replacement's last node writes the original output tensor name, so
 consumers are untouched; replacement nodes are inserted where the original
