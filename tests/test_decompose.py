@@ -322,7 +322,7 @@ def test_unknown_op_type_and_low_opset_rejected():
         decompose(m)
 
 
-def test_subgraph_nodes_skipped():
+def test_subgraph_nodes_rewritten():
     then_g = helper.make_graph([helper.make_node("Softmax", ["x"], ["t"], name="inner_sm")], "then", [],
                                [vi("t", [2, 3])])
     else_g = helper.make_graph([helper.make_node("Identity", ["x"], ["e"], name="inner_id")], "else", [],
@@ -330,10 +330,15 @@ def test_subgraph_nodes_skipped():
     nodes = [helper.make_node("If", ["cond"], ["y"], name="if", then_branch=then_g, else_branch=else_g)]
     m = make_model(nodes, [vi("cond", [], TP.BOOL), vi("x", [2, 3])], [vi("y", [2, 3])])
     res = decompose(m)
-    assert res.inserted == []
-    assert res.skipped[0][0] == "inner_sm" and "subgraph" in res.skipped[0][1]
+    assert len(res.inserted) == 1 and res.inserted[0].startswith("Softmax inner_sm")
+    then_ops = [n.op_type for n in next(a.g for a in res.model.graph.node[0].attribute if a.name == "then_branch").node]
+    assert "Softmax" not in then_ops and "Exp" in then_ops
+    x = np.random.default_rng(0).standard_normal((2, 3)).astype(np.float32)
+    for cond in (True, False):
+        feeds = {"cond": np.array(cond), "x": x}
+        np.testing.assert_allclose(run(res.model, feeds)[0], run(m, feeds)[0], rtol=1e-6, atol=1e-7)
 
 
 def test_registry_covers_brief():
     assert set(HANDLERS) == {"Softmax", "LogSoftmax", "LayerNormalization", "Gelu", "BatchNormalization",
-                             "Sigmoid", "HardSigmoid", "HardSwish", "Gemm"}
+                             "Sigmoid", "HardSigmoid", "HardSwish", "Gemm", "LSTM", "GRU", "RNN"}

@@ -215,6 +215,16 @@ def _log_record(sess, model_name, data, start, batch, ber, seed, trial, batch_in
     # The graph logs one row per faulted operation (several bits of one operation are merged).
     for idx in np.unique(faults.site):
         idx = int(idx)
+        if sites[idx].path:  # inside control flow: no values logged; one row per faulted operation
+            sel = faults.subset(faults.site == idx)
+            ops: dict = {}
+            for e, it, el, st, b in zip(sel.execution.tolist(), sel.item.tolist(), sel.element.tolist(),
+                                        sel.step.tolist(), sel.bit.tolist()):
+                ops.setdefault((e, it, el, st), []).append(b)
+            rows += [{"site": sites[idx].id, "node": sites[idx].node, "execution": e, "item": it, "element": el,
+                      "step": st, "bits": sorted(bits), "original": None, "faulty": None}
+                     for (e, it, el, st), bits in sorted(ops.items())]
+            continue
         _, (o, t, masks) = site_tables(plans[idx], faults, idx)  # rows in the graph's table order
         values = logs[sites[idx].log_output()]
         for r in range(len(o)):
@@ -235,7 +245,7 @@ def _log_record(sess, model_name, data, start, batch, ber, seed, trial, batch_in
 def faults_from_record(record: dict, table) -> Faults:
     """Canonical faults of a logged trial (one row per flipped bit)."""
     index = {s.id: i for i, s in enumerate(table.sites)}
-    cols = {k: [] for k in ("site", "item", "element", "step", "bit")}
+    cols = {k: [] for k in ("site", "item", "element", "step", "bit", "execution")}
     for row in record["faults"]:
         if row["site"] not in index:
             raise ValueError(f"logged site {row['site']} is not in this injection graph")
@@ -245,7 +255,8 @@ def faults_from_record(record: dict, table) -> Faults:
             cols["element"].append(row["element"])
             cols["step"].append(row["step"])
             cols["bit"].append(bit)
-    return Faults(*(np.asarray(cols[k], np.int64) for k in ("site", "item", "element", "step", "bit")))
+            cols["execution"].append(row.get("execution", 0))
+    return Faults(*(np.asarray(cols[k], np.int64) for k in ("site", "item", "element", "step", "bit", "execution")))
 
 
 def replay(model: onnx.ModelProto, data: Dataset, record: dict, provider: str = "cpu",

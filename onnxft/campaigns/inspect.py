@@ -34,6 +34,8 @@ def inspect_model(model: onnx.ModelProto, selection: SiteSelection | None = None
         row = {"id": s.id, "node": s.node, "op_type": s.op_type, "origin": s.origin, "kind": s.kind,
                "format": s.format, "output_shape": list(plan.out_shape), "operations": plan.operations_per_item,
                "bits": plan.bits_per_item, "scale": s.scale}
+        if plan.executions is not None:  # inside If/Loop/Scan: how often it ran (counts are summed)
+            row["path"], row["executions"] = s.path, len(plan.executions)
         if s.kind == "gemm":
             row["gemm"] = {"M": int(plan.a_shape[-2]) if len(plan.a_shape) > 1 else 1,
                            "N": int(plan.b_shape[-1]) if len(plan.b_shape) > 1 else 1, "K": plan.k,
@@ -72,6 +74,8 @@ def inspect_table(info: dict, limit: int | None = None) -> str:
             shape = f"x{r['conv']['input']} w{r['conv']['weight']}"
         else:
             shape = "x".join(str(d) for d in r["output_shape"])
+        if "executions" in r:
+            shape += f" ran {r['executions']}x"
         lines.append(f"{r['id']:<6} {r['kind']:<11} {r['format']:<5} {r['op_type']:<10} {r['origin'][:18]:<18} "
                      f"{r['operations']:>12,}  {shape}  {r['node']}")
     if limit is not None and len(info["sites"]) > limit:

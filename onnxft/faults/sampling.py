@@ -13,7 +13,7 @@ a fault-free run.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -32,13 +32,19 @@ class SitePlan:
     b_shape: tuple = ()
     conv: dict = field(default_factory=dict)
     geometry: dict | None = None  # per-shape constants of the fault tables, filled on first use
+    # A site inside If/Loop/Scan: one plan per execution in this run (empty: it did not run).
+    executions: list | None = None
 
     @property
     def bits_per_item(self) -> int:
+        if self.executions is not None:
+            return sum(p.bits_per_item for p in self.executions)
         return self.elements * self.per_op_bits
 
     @property
     def operations_per_item(self) -> int:
+        if self.executions is not None:
+            return sum(p.operations_per_item for p in self.executions)
         if self.site.kind == "elementwise":
             return self.elements
         return self.elements * (2 * self.k - 1 + (1 if self.site.bias else 0))
@@ -48,6 +54,9 @@ def _split_shapes(table: SiteTable, shapes: np.ndarray) -> list[list[tuple]]:
     out, pos = [], 0
     for site in table.sites:
         per = []
+        if site.path:  # control flow: shapes come per execution (make_plans)
+            out.append(per)
+            continue
         for rank in site.shape_ranks:
             per.append(tuple(int(v) for v in shapes[pos:pos + rank]))
             pos += rank
@@ -72,28 +81,56 @@ def _conv_pads(site: Site, x_shape, w_shape, y_shape):
     return [c["pads"][0], c["pads"][1]]
 
 
-def make_plans(table: SiteTable, shapes: np.ndarray, batch: int) -> list[SitePlan]:
-    """Geometry of every site for one batch, from the ``onnxft.shapes`` output."""
+def _plan(site: Site, shp: list[tuple], batch: int) -> SitePlan:
+    """Geometry of one site (or one execution of a control-flow site) from its shapes."""
+    y = shp[0]
+    total = int(np.prod(y, dtype=np.int64)) if y else 1
+    items = batch if (y and batch > 0 and y[0] % batch == 0) else 1
+    elements = total // items
+    if site.kind == "elementwise":
+        return SitePlan(site, y, items, elements, site.widths["element"])
+    wp, wa = site.widths["product"], site.widths["sum"]
+    a, b = shp[1], shp[2]
+    if site.kind == "conv":
+        k = int(np.prod(b[1:]))
+    else:
+        k = a[-1]
+    per = k * wp + (k - 1) * wa + (wa if site.bias else 0)
+    plan = SitePlan(site, y, items, elements, per, k, a, b)
+    if site.kind == "conv":
+        plan.conv = dict(site.conv, pads2=_conv_pads(site, a, b, y))
+    return plan
+
+
+def _execution_plans(site: Site, rows: np.ndarray, batch: int) -> SitePlan:
+    """The plan of a control-flow site: one plan per execution (row of its executions output),
+    each sampled like a site of its own; the site's own numbers are their sums."""
+    rows = np.asarray(rows, np.int64).reshape(-1, 1 + sum(site.shape_ranks))
+    per = []
+    for e, row in enumerate(rows):
+        shp, pos = [], 1
+        for rank in site.shape_ranks:
+            shp.append(tuple(int(v) for v in row[pos:pos + rank]))
+            pos += rank
+        per.append(_plan(replace(site, id=f"{site.id}@{e}", path=""), shp, batch))
+    first = per[0] if per else SitePlan(site, (), 1, 0, 0)
+    return SitePlan(site, first.out_shape, first.items, first.elements, first.per_op_bits, first.k,
+                    first.a_shape, first.b_shape, dict(first.conv), executions=per)
+
+
+def make_plans(table: SiteTable, shapes: np.ndarray, batch: int,
+               executions: dict[str, np.ndarray] | None = None) -> list[SitePlan]:
+    """Geometry of every site for one batch, from the ``onnxft.shapes`` output (and, for sites
+    inside If/Loop/Scan, their ``onnxft.<site>.executions`` outputs)."""
     plans = []
     for site, shp in zip(table.sites, _split_shapes(table, np.asarray(shapes))):
-        y = shp[0]
-        total = int(np.prod(y, dtype=np.int64)) if y else 1
-        items = batch if (y and batch > 0 and y[0] % batch == 0) else 1
-        elements = total // items
-        if site.kind == "elementwise":
-            plans.append(SitePlan(site, y, items, elements, site.widths["element"]))
-            continue
-        wp, wa = site.widths["product"], site.widths["sum"]
-        a, b = shp[1], shp[2]
-        if site.kind == "conv":
-            k = int(np.prod(b[1:]))
+        if site.path:
+            if executions is None or site.executions_output() not in executions:
+                raise ValueError(f"site {site.id} ({site.node}) is inside control flow: "
+                                 f"its executions output {site.executions_output()} is needed")
+            plans.append(_execution_plans(site, executions[site.executions_output()], batch))
         else:
-            k = a[-1]
-        per = k * wp + (k - 1) * wa + (wa if site.bias else 0)
-        plan = SitePlan(site, y, items, elements, per, k, a, b)
-        if site.kind == "conv":
-            plan.conv = dict(site.conv, pads2=_conv_pads(site, a, b, y))
-        plans.append(plan)
+            plans.append(_plan(site, shp, batch))
     return plans
 
 
@@ -106,6 +143,13 @@ class Faults:
     element: np.ndarray  # flat index within one item's output
     step: np.ndarray  # gemm/conv operation step (docs/fault_model.md); 0 for elementwise
     bit: np.ndarray
+    # Which execution of a control-flow site (its order among the site's executions in the run);
+    # 0 for sites outside control flow.
+    execution: np.ndarray | None = None
+
+    def __post_init__(self):
+        if self.execution is None:
+            self.execution = np.zeros(len(self.site), np.int64)
 
     @classmethod
     def empty(cls) -> "Faults":
@@ -119,11 +163,13 @@ class Faults:
     def concat(cls, parts: list["Faults"]) -> "Faults":
         if not parts:
             return cls.empty()
-        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("site", "item", "element", "step", "bit")))
+        return cls(*(np.concatenate([getattr(p, f) for p in parts])
+                     for f in ("site", "item", "element", "step", "bit", "execution")))
 
     def subset(self, keep: np.ndarray) -> "Faults":
         """The faults where ``keep`` (a bool mask or an index array) selects."""
-        return Faults(self.site[keep], self.item[keep], self.element[keep], self.step[keep], self.bit[keep])
+        return Faults(self.site[keep], self.item[keep], self.element[keep], self.step[keep], self.bit[keep],
+                      self.execution[keep])
 
     def rows(self):
         return zip(self.site.tolist(), self.item.tolist(), self.element.tolist(), self.step.tolist(), self.bit.tolist())
@@ -166,6 +212,20 @@ def _gib(nbytes: float) -> str:
 def sample_faults(plans: list[SitePlan], ber: float, rng: np.random.Generator,
                   max_faults: float | None = DEFAULT_MAX_FAULTS) -> Faults:
     """Draw the canonical faults of one trial (sites in graph order, items in batch order).
+
+    A site inside control flow is sampled per execution: each execution is a site of its own
+    (``SitePlan.executions``), so its flips are Binomial(operations of that execution x bits, BER).
+    """
+    flat = _flat_plans(plans)
+    if flat is None:
+        return _sample_faults(plans, ber, rng, max_faults)
+    f = _sample_faults(flat.plans, ber, rng, max_faults)
+    return Faults(flat.owner[f.site], f.item, f.element, f.step, f.bit, flat.execution[f.site])
+
+
+def _sample_faults(plans: list[SitePlan], ber: float, rng: np.random.Generator,
+                   max_faults: float | None = DEFAULT_MAX_FAULTS) -> Faults:
+    """``sample_faults`` over plans that are all plain sites.
 
     One Binomial draw per (site, item); the positions of an item's ``k`` flips are drawn uniformly
     with replacement and, in the rare case that two coincide, redrawn without replacement — both
@@ -389,6 +449,87 @@ def _conv_geometry(plan: SitePlan, o: np.ndarray):
 
 def fault_feeds(plans: list[SitePlan], faults: Faults) -> dict[str, np.ndarray]:
     """All fault inputs for one trial; sites without faults are left out (they default to empty).
+
+    A control-flow site's table stacks the tables of its executions (each built as for a plain
+    site) with the execution as the last column; its body keeps the rows of the running execution.
+    """
+    flat = _flat_plans(plans)
+    if flat is None:
+        return _fault_feeds(plans, faults)
+    bad = np.nonzero(faults.execution >= flat.count[faults.site])[0]
+    if len(bad):
+        i = int(bad[0])
+        raise ValueError(f"fault on execution {int(faults.execution[i])} of site {plans[int(faults.site[i])].site.id}, "
+                         f"which ran {int(flat.count[faults.site[i]])} times")
+    index = flat.start[faults.site] + faults.execution
+    feeds = _fault_feeds(flat.plans, Faults(index, faults.item, faults.element, faults.step, faults.bit))
+    for plan in plans:
+        if plan.executions is None:
+            continue
+        names = plan.site.input_names()
+        parts = []
+        for e, ep in enumerate(plan.executions):
+            own = ep.site.input_names()
+            table = feeds.pop(own["faults"], None)
+            if table is None:
+                continue
+            parts.append(np.concatenate([table, np.full((len(table), 1), e, np.int64)], axis=1))
+            for key in own:  # conv offset vectors: one set for every execution
+                if key == "faults":
+                    continue
+                vec = feeds.pop(own[key])
+                if names[key] in feeds and not np.array_equal(feeds[names[key]], vec):
+                    raise ValueError(f"conv site {plan.site.id} inside a loop changes shape between executions "
+                                     "with faults; that is not supported")
+                feeds[names[key]] = vec
+        if parts:
+            feeds[names["faults"]] = np.concatenate(parts, axis=0)
+    return feeds
+
+
+@dataclass
+class _FlatPlans:
+    """Plans with every control-flow site expanded into one plan per execution."""
+
+    parents: list  # the plans given, kept so that the cache key (object ids) stays valid
+    plans: list  # the expanded plans
+    owner: np.ndarray  # expanded index -> site index
+    execution: np.ndarray  # expanded index -> execution
+    start: np.ndarray  # site index -> first expanded index
+    count: np.ndarray  # site index -> executions (1 for a plain site)
+
+
+_FLAT_CACHE: dict = {}
+
+
+def _flat_plans(plans: list[SitePlan]) -> _FlatPlans | None:
+    """None when no site is inside control flow (the common case costs one scan)."""
+    if all(p.executions is None for p in plans):
+        return None
+    key = tuple(map(id, plans))
+    hit = _FLAT_CACHE.get(key)
+    if hit is not None:
+        return hit
+    flat, owner, execution, start, count = [], [], [], [], []
+    for i, p in enumerate(plans):
+        per = p.executions if p.executions is not None else [p]
+        # the site's BER scale rules its executions (vuln overrides it on the site's plan)
+        per = [e if e.site.scale == p.site.scale else replace(e, site=replace(e.site, scale=p.site.scale)) for e in per]
+        start.append(len(flat))
+        count.append(len(per))
+        flat.extend(per)
+        owner.extend([i] * len(per))
+        execution.extend(range(len(per)))
+    hit = _FlatPlans(list(plans), flat, np.array(owner, np.int64), np.array(execution, np.int64),
+                     np.array(start, np.int64), np.array(count, np.int64))
+    if len(_FLAT_CACHE) >= 8:
+        _FLAT_CACHE.pop(next(iter(_FLAT_CACHE)))
+    _FLAT_CACHE[key] = hit
+    return hit
+
+
+def _fault_feeds(plans: list[SitePlan], faults: Faults) -> dict[str, np.ndarray]:
+    """``fault_feeds`` over plans that are all plain sites.
 
     The same tables as ``site_tables`` site by site, built for all sites at once: one sort and a
     few array operations over every fault of the trial, then one slice per faulted site (Python

@@ -14,6 +14,7 @@ SITES_KEY = "onnxft.sites"
 SHAPES_OUTPUT = "onnxft.shapes"
 SOURCE_OPSET_KEY = "onnxft.source_opset"  # the user's model's default-domain opset, before the upgrade
 PROBE_INPUT = "onnxft.probe"  # True: take every decomposed path, so that onnxft.shapes is complete
+EXECUTION_COLUMN = "execution"  # last column of a control-flow site's fault table
 
 # Columns of a site's fault table (int64 [F, C]): defined by the operators that read them.
 from ..custom_ops.functions import ELEMENTWISE_COLUMNS, table_columns  # noqa: E402
@@ -41,11 +42,22 @@ class Site:
     # The ABFT unit whose recovery recompute this virtual site is (inject --inject-protection): sampled
     # as that unit's full recompute, applied only to the elements a run recomputes. None: a node.
     recovery_of: str | None = None
+    # Inside control flow: the If branches and Loop/Scan bodies that hold the node, e.g.
+    # "If_0/then/Loop_2/body" ("" in the main graph). Such a site runs 0, 1 or many times per run;
+    # its fault table has one more column, "execution" (docs/fault_model.md, "Sites in control flow").
+    path: str = ""
 
     def columns(self) -> tuple[str, ...]:
         if self.kind == "elementwise":
-            return ELEMENTWISE_COLUMNS
-        return table_columns(conv=self.kind == "conv", is_int=self.format == "int8")
+            base = ELEMENTWISE_COLUMNS
+        else:
+            base = table_columns(conv=self.kind == "conv", is_int=self.format == "int8")
+        return base + (EXECUTION_COLUMN,) if self.path else base
+
+    def executions_output(self) -> str:
+        """Graph output of a control-flow site: int64 [E, 1 + sum(shape_ranks)], one row per
+        execution in execution order: 1, then the shapes of its output (and operands)."""
+        return f"onnxft.{self.id}.executions"
 
     def input_names(self) -> dict[str, str]:
         """Graph inputs that carry this site's faults (all default to empty tensors)."""

@@ -26,14 +26,18 @@ What is inserted, per original node:
 * ``HardSwish`` -> Mul(1/6), Add(0.5), Clip(0, 1), Mul(x).
 * ``Gemm`` -> [Transpose] MatMul [Mul(alpha)] [Add(beta*C)]; transposes and the
   ``beta*C`` product are done offline when the operand is a constant initializer.
+* ``LSTM``, ``GRU``, ``RNN`` -> per direction, MatMul(X, W^T) and the input bias Add for all
+  steps, then a ``Loop`` over the time steps whose body is the cell in primitives (MatMul(H, R^T),
+  gate Adds, Split, sigmoid as above, Tanh, the Mul/Add cell update); see docs/fault_model.md,
+  "Recurrent ops".
 
 The replacement's last node writes the original output tensor name, so
 consumers are untouched; replacement nodes are inserted where the original
 node was, keeping the graph topologically sorted. New nodes are named
 ``<original node name>/<OpType>`` and carry ``metadata_props``
 ``onnxft.origin`` (original op type) and ``onnxft.origin_node`` (original node
-name). New tensors are named ``<original output>/<suffix>``. Only the main
-graph is rewritten; matching nodes inside subgraphs are reported as skipped.
+name). New tensors are named ``<original output>/<suffix>``. Matching nodes
+inside If/Loop/Scan bodies are rewritten too (their new initializers go to the main graph).
 
 The input model must use default-domain opset >= 18 (Reduce* ops take their
 axes as an input); upgrade with ``onnx.version_converter`` first.
@@ -60,6 +64,7 @@ ORIGIN_NODE_KEY = "onnxft.origin_node"
 MIN_OPSET = 18
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
+_ROLE_KEY = "onnxft.role"  # graph.roles.ROLE_KEY: nodes that harden inserted
 _FLOAT_NP = {
     TensorProto.FLOAT: np.float32,
     TensorProto.FLOAT16: np.float16,
@@ -79,6 +84,7 @@ class Replacement:
     nodes: list[onnx.NodeProto]
     initializers: list[onnx.TensorProto] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    value_info: list[onnx.ValueInfoProto] = field(default_factory=list)  # ranks shape inference cannot find
 
 
 class RewriteContext:
@@ -111,10 +117,11 @@ class RewriteContext:
         except Exception as exc:  # custom ops, >2 GB models ...: fall back to what is declared
             self.shape_inference_error = f"{type(exc).__name__}: {exc}"
             inferred = model
-        for coll in (inferred.graph.input, inferred.graph.output, inferred.graph.value_info):
-            for vi in coll:
-                if vi.type.HasField("tensor_type"):
-                    self.types[vi.name] = vi.type
+        for g in _all_graphs(inferred.graph):
+            for coll in (g.input, g.output, g.value_info):
+                for vi in coll:
+                    if vi.type.HasField("tensor_type") and (g is inferred.graph or vi.name not in self.types):
+                        self.types[vi.name] = vi.type
 
         for t in graph.initializer:
             self.types.setdefault(t.name, helper.make_tensor_type_proto(t.data_type, list(t.dims)))
@@ -468,6 +475,252 @@ def _gemm(node: onnx.NodeProto, ctx: RewriteContext) -> Replacement:
     return b.finish(y)
 
 
+# ----------------------------------------------------------------------------- recurrent ops
+#
+# LSTM, GRU and RNN become a ``Loop`` over time steps whose body holds the cell's primitives, so
+# that every gate product and cell update is a fault site (inject faults it per time step, see
+# docs/fault_model.md, "Sites in control flow"). What runs once per sequence stays outside the
+# loop, as in onnxruntime's kernels: X·W^T for all steps in one MatMul, plus the input bias.
+
+_RNN_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+_RNN_ACTIVATIONS = {"LSTM": ["Sigmoid", "Tanh", "Tanh"], "GRU": ["Sigmoid", "Tanh"], "RNN": ["Tanh"]}
+_INT64_MIN = np.iinfo(np.int64).min
+
+
+def _sigmoid_chain(b: "_Builder", x: str, dt, suffix: str) -> str:
+    """1 / (1 + exp(-x)), as the Sigmoid handler decomposes it."""
+    e = b.op("Exp", [b.op("Neg", [x], f"{suffix}_neg")], f"{suffix}_exp")
+    return b.op("Reciprocal", [b.op("Add", [b.const(1.0, dt, "one"), e], f"{suffix}_denom")], suffix)
+
+
+def _split(b: "_Builder", x: str, sizes: list[int], suffix: str, axis: int = 1) -> list[str]:
+    """The blocks of ``x`` along ``axis`` (the gates of a cell). One Split rather than Slices:
+    onnxruntime 1.31 fuses Slices that cover an axis into a Split and then splits the wrong axis
+    inside a Loop body."""
+    outs = [b.tensor(f"{suffix}{k}") for k in range(len(sizes))]
+    n = helper.make_node("Split", [x, b.init(np.array(sizes, np.int64), f"{suffix}_sizes")], outs,
+                         name=b.ctx.fresh(f"{b.origin_name}/Split"), axis=axis)
+    for k, v in ((ORIGIN_KEY, b.node.op_type), (ORIGIN_NODE_KEY, b.origin_name)):
+        n.metadata_props.add(key=k, value=v)
+    b.nodes.append(n)
+    return outs
+
+
+def _index(b: "_Builder", d: int) -> str:
+    """A 0-d int64 index (``_Builder.init`` would make it 1-d, and Gather would keep the axis)."""
+    name = b.tensor("dir")
+    b.inits.append(numpy_helper.from_array(np.array(d, np.int64), name))
+    return name
+
+
+def _direction_weight(b: "_Builder", name: str, d: int, tag: str) -> str:
+    """W[d]^T (or R[d]^T): offline for a constant, else Gather + Transpose at run time."""
+    arr = b.ctx.const_array(name)
+    if arr is not None:
+        return b.init(np.ascontiguousarray(arr[d].T), f"{tag}{d}_T")
+    return b.op("Transpose", [b.op("Gather", [name, _index(b, d)], f"{tag}{d}", axis=0)],
+                f"{tag}{d}_T", perm=[1, 0])
+
+
+def _recurrent(node: onnx.NodeProto, ctx: RewriteContext) -> Replacement:
+    kind = node.op_type
+    gates = _RNN_GATES[kind]
+    H = int(_attr(node, "hidden_size", 0))
+    if H <= 0:
+        raise SkipNode("hidden_size is missing")
+    direction = _attr(node, "direction", b"forward")
+    direction = direction.decode() if isinstance(direction, bytes) else direction
+    if direction not in ("forward", "reverse", "bidirectional"):
+        raise SkipNode(f"unknown direction {direction!r}")
+    dirs = [0, 1] if direction == "bidirectional" else [0]
+    acts = [a.decode() if isinstance(a, bytes) else a for a in _attr(node, "activations", [])]
+    if acts and acts != _RNN_ACTIVATIONS[kind] * len(dirs):
+        raise SkipNode(f"activations {acts} are not supported (only the defaults {_RNN_ACTIVATIONS[kind]})")
+    if _attr(node, "clip", None) is not None:
+        raise SkipNode("clip is not supported")
+    if kind == "LSTM" and _attr(node, "input_forget", 0):
+        raise SkipNode("input_forget=1 is not supported")
+    if kind == "LSTM" and _opt_input(node, 7):
+        raise SkipNode("peepholes (input P) are not supported")
+    layout = int(_attr(node, "layout", 0))
+    x, w, r, bias = node.input[0], node.input[1], node.input[2], _opt_input(node, 3)
+    seq_lens, h0, c0 = _opt_input(node, 4), _opt_input(node, 5), _opt_input(node, 6) if kind == "LSTM" else ""
+    b = ctx.builder(node)
+    dt = b.float_dtype(x)
+    et = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16, np.float64: TensorProto.DOUBLE}[dt]
+    # Exporters inside If branches often leave these ranks unknown; the sites need them.
+    declared = [helper.make_tensor_value_info(n, et, [None] * rank)
+                for n, rank in ((x, 3), (w, 3), (r, 3), (bias, 2), (h0, 3), (c0, 3)) if n and ctx.rank(n) is None]
+    if seq_lens:
+        lens = ctx.const_array(seq_lens)
+        t = ctx.types.get(x)
+        steps = None
+        if t is not None and t.tensor_type.HasField("shape") and len(t.tensor_type.shape.dim) == 3:
+            dim = t.tensor_type.shape.dim[1 if layout else 0]
+            steps = dim.dim_value if dim.HasField("dim_value") else None
+        if lens is None or steps is None or not np.all(lens == steps):
+            raise SkipNode("sequence_lens is given and not known to be the full length of every sequence "
+                           "(only full-length sequences are supported)")
+    if layout:  # [batch, seq, ...] -> [seq, batch, ...]
+        x = b.op("Transpose", [x], "x_seq_major", perm=[1, 0, 2])
+        h0 = b.op("Transpose", [h0], "h0_dir_major", perm=[1, 0, 2]) if h0 else ""
+        c0 = b.op("Transpose", [c0], "c0_dir_major", perm=[1, 0, 2]) if c0 else ""
+    steps = b.op("Squeeze", [b.op("Shape", [x], "x_shape", end=1)], "steps")
+    zero_state = None
+    if not h0 or (kind == "LSTM" and not c0):
+        batch = b.op("Shape", [x], "batch", start=1, end=2)
+        zero_state = b.op("ConstantOfShape", [b.op("Concat", [batch, b.init(np.array([H], np.int64), "hidden")],
+                                                   "state_shape", axis=0)],
+                          "zero_state", value=numpy_helper.from_array(np.zeros(1, dt)))
+    ys, hs, cs = [], [], []
+    for d in dirs:
+        reverse = direction == "reverse" or d == 1
+        wt = _direction_weight(b, w, d, "W")
+        rt = _direction_weight(b, r, d, "R")
+        xw = b.op("MatMul", [x, wt], f"xw{d}")
+        wb = rb = None
+        if bias:
+            arr = ctx.const_array(bias)
+            if arr is not None:
+                wb = b.init(arr[d, :gates * H].astype(dt), f"Wb{d}")
+                rb = b.init(arr[d, gates * H:].astype(dt), f"Rb{d}")
+            else:
+                bd = b.op("Gather", [bias, _index(b, d)], f"B{d}", axis=0)
+                wb, rb = _split(b, bd, [gates * H, gates * H], f"WRb{d}_", axis=0)
+            if kind in ("LSTM", "RNN"):  # both biases add to every gate: once per sequence
+                xw = b.op("Add", [xw, b.op("Add", [wb, rb], f"bias{d}")], f"xwb{d}")
+            else:  # GRU: the recurrent bias of the h gate sits inside the reset product
+                xw = b.op("Add", [xw, wb], f"xwb{d}")
+        state0 = []
+        for init, tag in ((h0, "h"), (c0, "c")) if kind == "LSTM" else ((h0, "h"),):
+            state0.append(b.op("Gather", [init, _index(b, d)], f"{tag}0_{d}", axis=0)
+                          if init else zero_state)
+        body, inits = _recurrent_body(ctx, node, kind, d, reverse, xw, rt, rb, steps, H, dt)
+        b.inits.extend(inits)
+        outs = [b.tensor(f"{t}_last{d}") for t in ("h", "c")[:len(state0)]] + [b.tensor(f"y{d}")]
+        loop = helper.make_node("Loop", [steps, "", *state0], outs, name=ctx.fresh(f"{b.origin_name}/Loop{d}"),
+                                body=body)
+        for k, v in ((ORIGIN_KEY, node.op_type), (ORIGIN_NODE_KEY, b.origin_name)):
+            loop.metadata_props.add(key=k, value=v)
+        b.nodes.append(loop)
+        y_d = outs[-1]
+        if reverse:  # the loop ran from the last step back: put Y in time order
+            y_d = b.op("Slice", [y_d, b.init(np.array([-1], np.int64), "last"),
+                                 b.init(np.array([_INT64_MIN], np.int64), "before_first"),
+                                 b.init(np.array([0], np.int64), "axis0"), b.init(np.array([-1], np.int64), "back")],
+                       f"y{d}_in_order")
+        axis1 = b.init(np.array([1], np.int64), "axis1")
+        axis0 = b.init(np.array([0], np.int64), "axis0")
+        ys.append(b.op("Unsqueeze", [y_d, axis1], f"y{d}_dir"))
+        hs.append(b.op("Unsqueeze", [outs[0], axis0], f"h{d}_dir"))
+        if kind == "LSTM":
+            cs.append(b.op("Unsqueeze", [outs[1], axis0], f"c{d}_dir"))
+    results = [ys, hs, cs]
+    final = {}
+    for k, parts in enumerate(results[:len(node.output)]):
+        if not node.output[k] or not parts:
+            continue
+        t = parts[0] if len(parts) == 1 else b.op("Concat", parts, f"out{k}", axis=1 if k == 0 else 0)
+        if layout:
+            t = b.op("Transpose", [t], f"out{k}_batch_major", perm=[2, 0, 1, 3] if k == 0 else [1, 0, 2])
+        final[t] = node.output[k]
+    rep = _finish_many(b, final)
+    # the bias halves: Split sizes from the main graph are not read by inference inside a subgraph
+    declared += [helper.make_tensor_value_info(o, et, [None])
+                 for n in b.nodes if n.op_type == "Split" for o in n.output]
+    # and the results (Y [S, D, B, H], Y_h and Y_c [D, B, H]), so that what follows keeps its sites
+    declared += [helper.make_tensor_value_info(o, et, [None] * (4 if k == 0 else 3))
+                 for k, o in enumerate(node.output) if o and ctx.rank(o) is None]
+    rep.value_info.extend(declared)
+    return rep
+
+
+def _finish_many(b: "_Builder", final: dict) -> Replacement:
+    """Rename each tensor of ``final`` to its original output name (``_Builder.finish`` for
+    several outputs); an output that is a renamed input gets an Identity."""
+    produced = {o for n in b.nodes for o in n.output}
+    for t, out in final.items():
+        if t not in produced:
+            b.nodes.append(helper.make_node("Identity", [t], [out], name=b.ctx.fresh(f"{b.origin_name}/Identity")))
+            continue
+        for n in b.nodes:
+            n.input[:] = [out if i == t else i for i in n.input]
+            n.output[:] = [out if o == t else o for o in n.output]
+    return Replacement(b.nodes, b.inits, b.notes)
+
+
+def _recurrent_body(ctx: RewriteContext, node: onnx.NodeProto, kind: str, d: int, reverse: bool, xw: str, rt: str,
+                    rb: str | None, steps: str, H: int, dt):
+    """The Loop body of one direction, (iteration, condition, state...) -> (condition, state...,
+    the new h as a scan output), and the constants it reads (for the main graph)."""
+    c = ctx.builder(node)  # nodes of the body (its constants still go to the main graph)
+    it, cond = ctx.fresh(f"{c.out}/iter{d}"), ctx.fresh(f"{c.out}/cond{d}")
+    h = ctx.fresh(f"{c.out}/h{d}")
+    state_in = [h]
+    if kind == "LSTM":
+        state_in.append(ctx.fresh(f"{c.out}/c{d}"))
+    t = it
+    if reverse:
+        t = c.op("Sub", [c.op("Sub", [steps, _index(c, 1)], "last_step"), it], "t")
+    x_t = c.op("Gather", [xw, t], f"x{d}_t", axis=0)
+    if kind == "LSTM":
+        g = c.op("Add", [x_t, c.op("MatMul", [h, rt], f"hr{d}")], f"gates{d}")
+        i_pre, o_pre, f_pre, g_pre = _split(c, g, [H] * 4, f"iofg{d}_")
+        i = _sigmoid_chain(c, i_pre, dt, f"i{d}")
+        o = _sigmoid_chain(c, o_pre, dt, f"o{d}")
+        f = _sigmoid_chain(c, f_pre, dt, f"f{d}")
+        cand = c.op("Tanh", [g_pre], f"g{d}")
+        c_new = c.op("Add", [c.op("Mul", [f, state_in[1]], f"fc{d}"), c.op("Mul", [i, cand], f"ig{d}")], f"c{d}_new")
+        h_new = c.op("Mul", [o, c.op("Tanh", [c_new], f"c{d}_tanh")], f"h{d}_new")
+        new_state = [h_new, c_new]
+    elif kind == "GRU":
+        lbr = int(_attr(node, "linear_before_reset", 0))
+        x_zr, x_h = _split(c, x_t, [2 * H, H], f"x{d}_zr_h")
+        if lbr:
+            hr = c.op("MatMul", [h, rt], f"hr{d}")
+            if rb:
+                hr = c.op("Add", [hr, rb], f"hrb{d}")
+            h_zr, h_h = _split(c, hr, [2 * H, H], f"hr{d}_zr_h")
+            zr = c.op("Add", [x_zr, h_zr], f"zr{d}")
+            z_pre, r_pre = _split(c, zr, [H, H], f"zr{d}_")
+            z, r = _sigmoid_chain(c, z_pre, dt, f"z{d}"), _sigmoid_chain(c, r_pre, dt, f"r{d}")
+            pre = c.op("Add", [x_h, c.op("Mul", [r, h_h], f"rh{d}")], f"h{d}_pre")
+        else:
+            r_zr, r_h = _split(c, rt, [2 * H, H], f"R{d}_zr_h")
+            zr = c.op("Add", [x_zr, c.op("MatMul", [h, r_zr], f"hzr{d}")], f"zr{d}")
+            rb_zr = rb_h = None
+            if rb:
+                rb_zr, rb_h = _split(c, rb, [2 * H, H], f"Rb{d}_zr_h", axis=0)
+                zr = c.op("Add", [zr, rb_zr], f"zrb{d}")
+            z_pre, r_pre = _split(c, zr, [H, H], f"zr{d}_")
+            z, r = _sigmoid_chain(c, z_pre, dt, f"z{d}"), _sigmoid_chain(c, r_pre, dt, f"r{d}")
+            hh = c.op("MatMul", [c.op("Mul", [r, h], f"rh{d}"), r_h], f"rhR{d}")
+            if rb:
+                hh = c.op("Add", [hh, rb_h], f"rhRb{d}")
+            pre = c.op("Add", [x_h, hh], f"h{d}_pre")
+        cand = c.op("Tanh", [pre], f"hcand{d}")
+        one_minus_z = c.op("Sub", [c.const(1.0, dt, "one"), z], f"one_minus_z{d}")
+        h_new = c.op("Add", [c.op("Mul", [one_minus_z, cand], f"zh{d}"), c.op("Mul", [z, h], f"zprev{d}")], f"h{d}_new")
+        new_state = [h_new]
+    else:
+        h_new = c.op("Tanh", [c.op("Add", [x_t, c.op("MatMul", [h, rt], f"hr{d}")], f"pre{d}")], f"h{d}_new")
+        new_state = [h_new]
+    cond_out = c.op("Identity", [cond], f"cond{d}_out")
+    y = c.op("Identity", [h_new], f"y{d}_t")
+    vi = lambda n, elem, shape: helper.make_tensor_value_info(n, elem, shape)  # noqa: E731
+    et = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16, np.float64: TensorProto.DOUBLE}[dt]
+    # Split sizes are outer-scope constants, which shape inference does not read inside a body:
+    # declare the gate blocks' ranks (the sites need them).
+    blocks = [vi(o, et, [None, None] if _attr(n, "axis", 0) == 1 else [None])
+              for n in c.nodes if n.op_type == "Split" for o in n.output]
+    body = helper.make_graph(
+        c.nodes, ctx.fresh(f"{c.origin_name}_step{d}"),
+        [vi(it, TensorProto.INT64, []), vi(cond, TensorProto.BOOL, [])] + [vi(n, et, [None, H]) for n in state_in],
+        [vi(cond_out, TensorProto.BOOL, [])] + [vi(n, et, [None, H]) for n in new_state] + [vi(y, et, [None, H])],
+        value_info=blocks)
+    return body, c.inits
+
+
 HANDLERS: dict[str, Handler] = {
     "Softmax": _softmax,
     "LogSoftmax": _log_softmax,
@@ -478,6 +731,9 @@ HANDLERS: dict[str, Handler] = {
     "HardSigmoid": _hard_sigmoid,
     "HardSwish": _hard_swish,
     "Gemm": _gemm,
+    "LSTM": _recurrent,
+    "GRU": _recurrent,
+    "RNN": _recurrent,
 }
 
 
@@ -488,6 +744,50 @@ def _default_opset(model: onnx.ModelProto) -> int | None:
         if o.domain in _DEFAULT_DOMAINS:
             return o.version
     return None
+
+
+def _rewrite_graph(graph: onnx.GraphProto, main: onnx.GraphProto, ctx: RewriteContext, wanted: set,
+                   result: PassResult, maybe_dead: set, dropped_outputs: set) -> None:
+    """Rewrite the wanted nodes of ``graph``, then of the If/Loop/Scan bodies it holds (nodes that
+    ``harden`` inserted are left alone). New initializers go to the main graph, which every
+    subgraph can read."""
+    new_nodes: list[onnx.NodeProto] = []
+    for node in graph.node:
+        if node.op_type not in wanted:
+            new_nodes.append(node)
+            continue
+        label = _node_label(node)
+        if node.domain not in _DEFAULT_DOMAINS:
+            result.skipped.append((label, f"domain {node.domain!r} is not the default ONNX domain"))
+            new_nodes.append(node)
+            continue
+        try:
+            rep = HANDLERS[node.op_type](node, ctx)
+        except SkipNode as exc:
+            result.skipped.append((label, str(exc)))
+            new_nodes.append(node)
+            continue
+        new_nodes.extend(rep.nodes)
+        main.initializer.extend(rep.initializers)
+        if rep.value_info:  # replaces what shape inference left without a rank
+            declared = {v.name for v in rep.value_info}
+            kept = [v for v in graph.value_info if v.name not in declared]
+            del graph.value_info[:]
+            graph.value_info.extend(kept + list(rep.value_info))
+        ctx.constants.update((t.name, t) for t in rep.initializers)
+        maybe_dead.update(i for i in node.input if i)
+        dropped_outputs.update(o for o in node.output[1:] if o)
+        line = f"{node.op_type} {label} -> {len(rep.nodes)} nodes"
+        if rep.notes:
+            line += f" ({'; '.join(rep.notes)})"
+        result.inserted.append(line)
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    for node in graph.node:
+        if any(p.key == _ROLE_KEY for p in node.metadata_props):
+            continue
+        for sub in _subgraphs(node):
+            _rewrite_graph(sub, main, ctx, wanted, result, maybe_dead, dropped_outputs)
 
 
 def decompose(model: onnx.ModelProto, op_types: Iterable[str] | None = None) -> PassResult:
@@ -509,45 +809,9 @@ def decompose(model: onnx.ModelProto, op_types: Iterable[str] | None = None) -> 
     ctx = RewriteContext(out)
     result = PassResult(model=out)
 
-    # Matching nodes inside subgraphs are left alone.
-    for parent in graph.node:
-        for sub in _subgraphs(parent):
-            for g in _all_graphs(sub):
-                for n in g.node:
-                    if n.op_type in wanted and n.domain in _DEFAULT_DOMAINS:
-                        result.skipped.append((_node_label(n), f"inside a subgraph of {parent.op_type} "
-                                               f"{_node_label(parent)!r}; subgraphs are not rewritten"))
-
-    new_nodes: list[onnx.NodeProto] = []
     maybe_dead: set[str] = set()
     dropped_outputs: set[str] = set()
-    for node in graph.node:
-        if node.op_type not in wanted:
-            new_nodes.append(node)
-            continue
-        label = _node_label(node)
-        if node.domain not in _DEFAULT_DOMAINS:
-            result.skipped.append((label, f"domain {node.domain!r} is not the default ONNX domain"))
-            new_nodes.append(node)
-            continue
-        try:
-            rep = HANDLERS[node.op_type](node, ctx)
-        except SkipNode as exc:
-            result.skipped.append((label, str(exc)))
-            new_nodes.append(node)
-            continue
-        new_nodes.extend(rep.nodes)
-        graph.initializer.extend(rep.initializers)
-        ctx.constants.update((t.name, t) for t in rep.initializers)
-        maybe_dead.update(i for i in node.input if i)
-        dropped_outputs.update(o for o in node.output[1:] if o)
-        line = f"{node.op_type} {label} -> {len(rep.nodes)} nodes"
-        if rep.notes:
-            line += f" ({'; '.join(rep.notes)})"
-        result.inserted.append(line)
-
-    del graph.node[:]
-    graph.node.extend(new_nodes)
+    _rewrite_graph(graph, graph, ctx, wanted, result, maybe_dead, dropped_outputs)
 
     # Drop initializers only the rewritten nodes read (e.g. BatchNorm stats, a
     # Gemm operand transposed offline), and value_info of dropped optional outputs.

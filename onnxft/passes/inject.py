@@ -110,6 +110,11 @@ class _Graph:
             self.types[v.name] = (t.elem_type, rank)
         for name, t in self.inits.items():
             self.types[name] = (t.data_type, len(t.dims))
+        for sub in _subgraphs_of(g):  # tensors inside If/Loop/Scan bodies (names are unique)
+            for v in list(sub.input) + list(sub.output) + list(sub.value_info):
+                if v.name not in self.types and v.type.HasField("tensor_type"):
+                    t = v.type.tensor_type
+                    self.types[v.name] = (t.elem_type, len(t.shape.dim) if t.HasField("shape") else None)
 
     def const_value(self, name: str):
         return constant_value(name, self.inits, self.producers, external_data_dir(self.model))
@@ -185,13 +190,28 @@ def _text(value) -> str:
 
 
 def _find_sites(g: _Graph, sel: SiteSelection, int_widths, result: PassResult):
-    """Mark first: decide which nodes are sites and describe them. Nothing is built here."""
+    """Mark first: decide which nodes are sites and describe them. Nothing is built here.
+
+    Returns ``(sites, nested)``: ``sites`` lists ``(site, node to wrap, extra)`` in id order;
+    ``nested`` maps the location of each site inside control flow (``_find_nested``) to
+    ``(site, extra)``."""
     sites: list[tuple[Site, onnx.NodeProto, dict]] = []
-    for node in g.model.graph.node:
+    order: list[tuple] = []
+    nested: dict[tuple, tuple] = {}
+    position = {id(n): i for i, n in enumerate(g.model.graph.node)}
+    for pos, node in enumerate(g.model.graph.node):
         if node.op_type == "If" and sel.include_protection and meta_of(node, RECOVERY_KEY) is not None:
             found = _recovery_site(g, node, sel, int_widths, result)
         else:
             found = _node_site(g, node, sel, int_widths, result)
+            if found is None and _has_subgraphs(node) and role_of(node) != PROTECTION:
+                for loc, (site, wrapped, extra) in _find_nested(g, node, (pos,), "", sel, int_widths, result):
+                    if sel.formats is not None and site.format not in sel.formats:
+                        continue
+                    site.scale = sel.scale_for(site.node + " " + site.origin_node)
+                    nested[loc] = (site, extra)
+                    sites.append((site, wrapped, extra))
+                    order.append(loc)
         if found is None:
             continue
         site, wrapped, extra = found
@@ -199,14 +219,62 @@ def _find_sites(g: _Graph, sel: SiteSelection, int_widths, result: PassResult):
             continue
         site.scale = sel.scale_for(site.node + " " + site.origin_node)
         sites.append((site, wrapped, extra))
-    # Ids in the order of the nodes the sites wrap, which is the order their shape vectors are
-    # emitted in: a quantized result can be wrapped some nodes after its op (past a range check
-    # or DMR's output tail), with other sites in between.
-    position = {id(n): i for i, n in enumerate(g.model.graph.node)}
-    sites.sort(key=lambda s: position[id(s[1])])
+        # Ids in the order of the nodes the sites wrap, which is the order their shape vectors are
+        # emitted in: a quantized result can be wrapped some nodes after its op (past a range check
+        # or DMR's output tail), with other sites in between.
+        order.append((position[id(wrapped)],))
+    ranked = sorted(range(len(sites)), key=lambda i: order[i])
+    sites = [sites[i] for i in ranked]
     for i, (site, _, _) in enumerate(sites):
         site.id = f"s{i:04d}"
-    return sites
+    return sites, nested
+
+
+_BRANCH_LABELS = {"then_branch": "then", "else_branch": "else", "body": "body"}
+
+
+def _has_subgraphs(node: onnx.NodeProto) -> bool:
+    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
+
+
+def _subgraphs_of(graph: onnx.GraphProto):
+    for _, n in walk(graph):
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield a.g
+
+
+def _find_nested(g: _Graph, node: onnx.NodeProto, loc: tuple, path: str, sel: SiteSelection, int_widths,
+                 result: PassResult):
+    """Sites inside the If branches or Loop/Scan body of ``node``, at any depth: yields
+    ``(location, (site, node, extra))``, the location being ``loc`` followed by (branch attribute,
+    node position) pairs. ``Site.path`` names the way there, e.g. ``If_0/then/Loop_2/body``."""
+    if node.op_type not in ("If", "Loop", "Scan") or node.domain not in ("", "ai.onnx"):
+        result.skipped.append((node.name or node.op_type, f"subgraphs of {node.op_type} are not searched for sites"))
+        return
+    for a in node.attribute:
+        if a.type != onnx.AttributeProto.GRAPH:
+            continue
+        inner = f"{path}{node.name or node.op_type}/{_BRANCH_LABELS[a.name]}"
+        for i, n in enumerate(a.g.node):
+            where = loc + (a.name, i)
+            if n.op_type == "If" and meta_of(n, RECOVERY_KEY) is not None:
+                continue  # an ABFT unit's recovery: protection, never nested sites
+            found = _node_site(g, n, sel, int_widths, result)
+            if found is not None:
+                site, wrapped, extra = found
+                if wrapped is not n:  # a QDQ result wrapped at its quantizer: main graph only
+                    result.skipped.append((site.node, "a quantized result inside control flow is not a site yet"))
+                    continue
+                site.node = f"{inner}/{site.node}"
+                site.path = inner
+                yield where, (site, wrapped, extra)
+            elif _has_subgraphs(n) and role_of(n) != PROTECTION:
+                if node.op_type == "Scan":  # its state variables cannot count varying executions
+                    result.skipped.append((n.name or n.op_type, "control flow inside a Scan body is not "
+                                           "searched for sites (sites directly in the body are)"))
+                    continue
+                yield from _find_nested(g, n, where, inner + "/", sel, int_widths, result)
 
 
 def _selected(sel: SiteSelection, op_type: str, origin: str, label: str, origin_node: str) -> bool:
@@ -404,11 +472,15 @@ def _clone(node: onnx.NodeProto, output: str, name: str) -> onnx.NodeProto:
     return n
 
 
-def _fault_nodes(site: Site, node: onnx.NodeProto, extra: dict, zero_bias: str, logging: bool):
+def _fault_nodes(site: Site, node: onnx.NodeProto, extra: dict, zero_bias: str, logging: bool,
+                 table: str | None = None):
     """The site's own node (its output renamed) followed by its fault operator, which writes the
-    original output name so consumers are untouched."""
+    original output name so consumers are untouched. ``table``: the fault table to read (default
+    the site's graph input; a control-flow site reads the rows of the running execution)."""
     p = _Nodes(f"onnxft.{site.id}")
-    names = site.input_names()
+    names = dict(site.input_names())
+    if table is not None:
+        names["faults"] = table
     raw = f"onnxft.{site.id}/raw"
     p.nodes.append(_clone(node, raw, node.name or site.node))
     fn_outputs = [node.output[0], site.log_output()] if logging else [node.output[0]]
@@ -670,7 +742,7 @@ def inject(model: onnx.ModelProto, selection: SiteSelection | None = None,
     m = prepare(dec.model) if dec.inserted else dec.model
     result = PassResult(model=m, inserted=list(dec.inserted), skipped=list(dec.skipped))
     g = _Graph(m)
-    found = _find_sites(g, selection, int_widths, result)
+    found, nested = _find_sites(g, selection, int_widths, result)
     if not found:
         raise InjectError("no fault sites match the selection (check --sites / --format)")
 
@@ -697,14 +769,8 @@ def inject(model: onnx.ModelProto, selection: SiteSelection | None = None,
     restored: set[str] = set()
     pending: list = []  # (origin node name, emitted nodes, sites, shape outputs) of one fused op
 
-    def emit(node):
-        """The nodes that replace ``node``, its sites and the names of their shape vectors."""
-        if id(node) not in by_node:
-            return [node], [], []
-        site, extra = by_node[id(node)]
-        operands = extra.get("operands", node)  # a recovery site: the recompute's stand-in node
-        if site.kind == "gemm" and transposed_weights:
-            extra["b_constant"] = _is_constant(g, extra["db"]["q"] if site.format == "int8" else operands.input[1])
+    def declare(site, extra):
+        """The site's fault inputs (empty by default) and the constants its operator reads."""
         if site.format == "int8" and site.kind != "elementwise":
             extra["za0"] = zero_point(extra["da"]["qtype"])
             extra["zb0"] = zero_point(extra["db"]["qtype"])
@@ -717,6 +783,50 @@ def inject(model: onnx.ModelProto, selection: SiteSelection | None = None,
                 continue
             new_inputs.append(helper.make_tensor_value_info(name, TensorProto.INT64, [f"K_{site.id}"]))
             new_inits.append(numpy_helper.from_array(np.zeros((0,), np.int64), name))
+
+    nested_tops = {loc[0] for loc in nested}
+    executions_outputs = []
+
+    def emit_control_flow(node, pos):
+        """``node`` (an If/Loop/Scan holding sites) with its sites faulted and their executions
+        threaded out to ``onnxft.<site>.executions`` outputs (``_thread``)."""
+        under = sorted(((loc, s, e) for loc, (s, e) in nested.items() if loc[0] == pos), key=lambda t: t[1].id)
+        out, state = [], {}
+        for _, site, extra in under:
+            declare(site, extra)
+            width = 1 + sum(site.shape_ranks)
+            state[site.id] = f"onnxft.{site.id}/executions0"
+            out.append(helper.make_node("Constant", [], [state[site.id]], name=f"onnxft.{site.id}/executions0",
+                                        value=numpy_helper.from_array(np.zeros((0, width), np.int64))))
+            result.inserted.append(f"{site.id} {site.kind}/{site.format} {site.op_type} {site.node}")
+
+        def build(site, inner, extra, table):
+            return _fault_nodes(site, inner, extra, zero_bias, False, table=table)
+
+        top = copy.deepcopy(node)
+        pre, post = _thread(top, (pos,), nested, state, build)
+        out.extend(pre + [top] + post)
+        for _, site, _ in under:
+            out.append(helper.make_node("Identity", [state[site.id]], [site.executions_output()],
+                                        name=f"onnxft.{site.id}/executions"))
+            executions_outputs.append(helper.make_tensor_value_info(
+                site.executions_output(), TensorProto.INT64, ["E", 1 + sum(site.shape_ranks)]))
+            if logging:  # fault logs do not reach out of subgraphs: an empty log
+                out.append(helper.make_node("Constant", [], [site.log_output()], name=f"onnxft.{site.id}/nolog",
+                                            value=helper.make_tensor("e", TensorProto.DOUBLE, [0, 2], [])))
+        return out, [s for _, s, _ in under], []
+
+    def emit(node, pos):
+        """The nodes that replace ``node``, its sites and the names of their shape vectors."""
+        if pos in nested_tops:
+            return emit_control_flow(node, pos)
+        if id(node) not in by_node:
+            return [node], [], []
+        site, extra = by_node[id(node)]
+        operands = extra.get("operands", node)  # a recovery site: the recompute's stand-in node
+        if site.kind == "gemm" and transposed_weights:
+            extra["b_constant"] = _is_constant(g, extra["db"]["q"] if site.format == "int8" else operands.input[1])
+        declare(site, extra)
         if site.recovery_of:
             out = _recovery_nodes(site, node, extra, zero_bias, logging)
         else:
@@ -740,7 +850,8 @@ def inject(model: onnx.ModelProto, selection: SiteSelection | None = None,
         if not sites:
             new_nodes.extend(nodes)
             return
-        if origin not in fused:  # no fused original to fall back on: keep the primitives inline
+        if origin not in fused or inline_group:  # no fused original to fall back on (or control flow
+            # whose executions must reach the main graph): keep the primitives inline
             new_nodes.extend(nodes)
             shape_vecs.extend(shapes)
             log_outputs.extend(_log_vi(s) for s in sites if logging)
@@ -755,11 +866,14 @@ def inject(model: onnx.ModelProto, selection: SiteSelection | None = None,
         shape_vecs.append(shape_out)
         log_outputs.extend(_log_vi(s) for s in sites if logging)
 
-    for node in graph.node:
+    inline_group = False
+    for pos, node in enumerate(graph.node):
         origin = _group_of(node)
         if pending and pending[0][0] != origin:
             flush()
-        emitted, sites, shapes = emit(node)
+            inline_group = False
+        emitted, sites, shapes = emit(node, pos)
+        inline_group = inline_group or (origin is not None and pos in nested_tops)
         if origin is None:
             new_nodes.extend(emitted)
             shape_vecs.extend(shapes)
@@ -779,13 +893,17 @@ def inject(model: onnx.ModelProto, selection: SiteSelection | None = None,
     new_inputs.append(helper.make_tensor_value_info(PROBE_INPUT, TensorProto.BOOL, []))
     new_inits.append(numpy_helper.from_array(np.array(False), PROBE_INPUT))
 
-    shapes_node = helper.make_node("Concat", shape_vecs, [SHAPES_OUTPUT], name="onnxft/shapes", axis=0)
-    new_nodes.append(shapes_node)
+    if shape_vecs:
+        new_nodes.append(helper.make_node("Concat", shape_vecs, [SHAPES_OUTPUT], name="onnxft/shapes", axis=0))
+    else:  # every site is inside control flow
+        new_nodes.append(helper.make_node("Constant", [], [SHAPES_OUTPUT], name="onnxft/shapes",
+                                          value=numpy_helper.from_array(np.zeros(0, np.int64))))
     del graph.node[:]
     graph.node.extend(new_nodes)
     graph.input.extend(new_inputs)
     graph.initializer.extend(new_inits)
     graph.output.append(helper.make_tensor_value_info(SHAPES_OUTPUT, TensorProto.INT64, ["S"]))
+    graph.output.extend(executions_outputs)
     graph.output.extend(log_outputs)
     if fault_free_path:
         _fault_free_fast_path(graph, base.graph, [s for s, _, _ in found])
@@ -799,6 +917,173 @@ def inject(model: onnx.ModelProto, selection: SiteSelection | None = None,
     source = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), OPSET)
     set_meta(m, SOURCE_OPSET_KEY, str(source))
     return result
+
+
+def _thread(node: onnx.NodeProto, loc: tuple, nested: dict, state: dict, build) -> tuple[list, list]:
+    """Fault the sites inside ``node`` (an If, Loop or Scan, edited in place) and thread each one's
+    executions log through it: ``state[site]`` names the log ([E, 1 + R] int64, one row per
+    execution so far) readable where ``node`` runs, and is set to the log after ``node``.
+    Returns the nodes to place before and after ``node``.
+
+    If: both branches output every log (the untaken one passes it on unchanged). Loop: each log
+    becomes a loop-carried variable, so its row count is the number of executions so far, which
+    is also the running execution's index (``_site_in_body``). Scan (whose state variables keep
+    their shape): a counter is the state variable and each iteration's row a scan output,
+    appended to the log after the Scan; so sites sit directly in a Scan body (``_find_nested``)."""
+    inside = {nested[k][0].id: nested[k][0] for k in nested if k[:len(loc)] == loc and len(k) > len(loc)}
+    under = sorted(inside.values(), key=lambda s: s.id)
+    ids = [s.id for s in under]
+    tag = "/".join(str(x) for x in loc)
+    if node.op_type == "If":
+        outs = []
+        for a in node.attribute:
+            if a.type != onnx.AttributeProto.GRAPH:
+                continue
+            inner = dict(state)
+            _thread_body(a.g, loc + (a.name,), nested, inner, build)
+            for s in under:
+                name = f"onnxft.{s.id}/executions@{tag}/{a.name}"
+                a.g.node.append(helper.make_node("Identity", [inner[s.id]], [name], name=name))
+                a.g.output.append(helper.make_tensor_value_info(name, TensorProto.INT64,
+                                                                [None, 1 + sum(s.shape_ranks)]))
+        for s in under:
+            outs.append(f"onnxft.{s.id}/executions@{tag}")
+            node.output.append(outs[-1])
+        state.update(zip(ids, outs))
+        return [], []
+    body = next(a.g for a in node.attribute if a.name == "body")
+    if node.op_type == "Scan":
+        return _thread_scan(node, body, loc, nested, state, build, under, tag)
+    if node.op_type == "Loop":
+        first_in, first_out, first_node_out = 2 + len(node.input) - 2, 1 + len(node.input) - 2, len(node.input) - 2
+    else:  # Scan: state variables come first
+        n_state = len(node.input) - next(a.i for a in node.attribute if a.name == "num_scan_inputs")
+        first_in, first_out, first_node_out = n_state, n_state, n_state
+    inner = dict(state)
+    body_in, body_out, node_out = [], [], []
+    for s in under:
+        width = 1 + sum(s.shape_ranks)
+        inner[s.id] = f"onnxft.{s.id}/executions@{tag}/in"
+        body_in.append(helper.make_tensor_value_info(inner[s.id], TensorProto.INT64, [None, width]))
+        node_out.append(f"onnxft.{s.id}/executions@{tag}")
+    _thread_body(body, loc + ("body",), nested, inner, build)
+    for s in under:
+        name = f"onnxft.{s.id}/executions@{tag}/out"
+        body.node.append(helper.make_node("Identity", [inner[s.id]], [name], name=name))
+        body_out.append(helper.make_tensor_value_info(name, TensorProto.INT64, [None, 1 + sum(s.shape_ranks)]))
+    ins = list(body.input)
+    ins[first_in:first_in] = body_in
+    del body.input[:]
+    body.input.extend(ins)
+    outs = list(body.output)
+    outs[first_out:first_out] = body_out
+    del body.output[:]
+    body.output.extend(outs)
+    node_inputs = list(node.input)
+    where = len(node_inputs) if node.op_type == "Loop" else first_in
+    node_inputs[where:where] = [state[i] for i in ids]
+    node_outputs = list(node.output)
+    node_outputs[first_node_out:first_node_out] = node_out
+    del node.input[:]
+    node.input.extend(node_inputs)
+    del node.output[:]
+    node.output.extend(node_outputs)
+    state.update(zip(ids, node_out))
+    return [], []
+
+
+def _thread_scan(node, body, loc, nested, state, build, under, tag) -> tuple[list, list]:
+    """``_thread`` for a Scan: counters as state variables, execution rows as scan outputs."""
+    n_state = len(node.input) - next(a.i for a in node.attribute if a.name == "num_scan_inputs")
+    pre, post = _Nodes(f"onnxft.scan@{tag}/before"), _Nodes(f"onnxft.scan@{tag}/after")
+    inner = dict(state)
+    counters_in, counters_body_in = [], []
+    for s in under:
+        counters_in.append(pre.op("Squeeze", pre.op("Shape", state[s.id], end=1)))
+        counters_body_in.append(f"onnxft.{s.id}/count@{tag}/in")
+        inner[s.id] = ("scan", counters_body_in[-1])
+    _thread_body(body, loc + ("body",), nested, inner, build)
+    counters_body_out, rows = [], []
+    for s, c in zip(under, counters_body_in):
+        one = f"onnxft.{s.id}/count@{tag}/one"
+        body.node.append(helper.make_node("Constant", [], [one], name=one, value=numpy_helper.from_array(np.int64(1))))
+        counters_body_out.append(f"onnxft.{s.id}/count@{tag}/out")
+        body.node.append(helper.make_node("Add", [c, one], [counters_body_out[-1]], name=counters_body_out[-1]))
+        rows.append(inner[s.id][1])
+    scalar = lambda n: helper.make_tensor_value_info(n, TensorProto.INT64, [])  # noqa: E731
+    ins = list(body.input)
+    ins[n_state:n_state] = [scalar(c) for c in counters_body_in]
+    del body.input[:]
+    body.input.extend(ins)
+    outs = list(body.output)
+    outs[n_state:n_state] = [scalar(c) for c in counters_body_out]
+    outs += [helper.make_tensor_value_info(r, TensorProto.INT64, [1 + sum(s.shape_ranks)]) for s, r in zip(under, rows)]
+    del body.output[:]
+    body.output.extend(outs)
+    node_inputs = list(node.input)
+    node_inputs[n_state:n_state] = counters_in
+    node_outputs = list(node.output)
+    node_outputs[n_state:n_state] = [f"onnxft.{s.id}/count@{tag}" for s in under]
+    row_outs = [f"onnxft.{s.id}/rows@{tag}" for s in under]
+    node_outputs += row_outs
+    del node.input[:]
+    node.input.extend(node_inputs)
+    del node.output[:]
+    node.output.extend(node_outputs)
+    for a in node.attribute:  # scan outputs stack along axis 0, forwards
+        if a.name in ("scan_output_axes", "scan_output_directions"):
+            a.ints.extend([0] * len(under))
+    for s, r in zip(under, row_outs):
+        state[s.id] = post.op("Concat", state[s.id], r, axis=0)
+    return pre.nodes, post.nodes
+
+
+def _thread_body(graph: onnx.GraphProto, loc: tuple, nested: dict, state: dict, build) -> None:
+    """Fault the sites of one branch or body (nodes at ``loc + (position,)``), recursing into the
+    control flow nodes that hold more."""
+    new_nodes = []
+    for i, n in enumerate(list(graph.node)):
+        where = loc + (i,)
+        if where in nested:
+            site, extra = nested[where]
+            new_nodes.extend(_site_in_body(site, n, extra, state, build))
+        elif any(k[:len(where)] == where for k in nested):
+            n = copy.deepcopy(n)
+            pre, post = _thread(n, where, nested, state, build)
+            new_nodes.extend(pre + [n] + post)
+        else:
+            new_nodes.append(n)
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+
+
+def _site_in_body(site: Site, node: onnx.NodeProto, extra: dict, state: dict, build) -> list:
+    """A site inside control flow: its fault operator reads the rows of its table whose
+    ``execution`` column equals the number of earlier executions (the rows of its log), and a
+    row with its shapes is appended to the log."""
+    log = state[site.id]
+    f = _Nodes(f"onnxft.{site.id}/execution")
+    cols = len(site.columns()) - 1
+    table = site.input_names()["faults"]
+    if isinstance(log, tuple):  # directly in a Scan body: the counter (``_thread_scan``)
+        execution = f.op("Unsqueeze", log[1], _const(f, np.array([0], np.int64)))
+    else:
+        execution = f.op("Shape", log, end=1)
+    column = f.op("Gather", table, _const(f, np.int64(cols)), axis=1)
+    keep = f.op("Reshape", f.op("NonZero", f.op("Equal", column, execution)), _const(f, np.array([-1], np.int64)))
+    rows = f.op("Slice", f.op("Gather", table, keep, axis=0), _const(f, np.array([0], np.int64)),
+                _const(f, np.array([cols], np.int64)), _const(f, np.array([1], np.int64)))
+    nodes = f.nodes + build(site, node, extra, rows)
+    r = _Nodes(f"onnxft.{site.id}/executed")
+    parts = [_const(r, np.array([1], np.int64)), r.op("Shape", node.output[0])]
+    if site.kind != "elementwise":
+        parts += [r.op("Shape", node.input[0]), r.op("Shape", node.input[1])]
+    if isinstance(log, tuple):  # a scan output of the Scan
+        state[site.id] = ("row", r.op("Concat", *parts, axis=0))
+        return nodes + r.nodes
+    row = r.op("Unsqueeze", r.op("Concat", *parts, axis=0), _const(r, np.array([0], np.int64)))
+    state[site.id] = r.op("Concat", log, row, axis=0)
+    return nodes + r.nodes
 
 
 def _fault_free_fast_path(graph: onnx.GraphProto, original: onnx.GraphProto, sites: list[Site]) -> None:
@@ -837,11 +1122,12 @@ def _fault_free_fast_path(graph: onnx.GraphProto, original: onnx.GraphProto, sit
             total = sum(sum(s.shape_ranks) for s in sites)
             else_nodes.append(helper.make_node("Constant", [], [v.name], name="onnxft/clean_shapes",
                                                value=helper.make_tensor("z", TensorProto.INT64, [total], [0] * total)))
-        elif vi.name.startswith("onnxft."):  # fault logs: empty
+        elif vi.name.startswith("onnxft."):  # fault logs, executions of control-flow sites: empty
             v.name = f"{vi.name}@clean"
             width = vi.type.tensor_type.shape.dim[1].dim_value
             else_nodes.append(helper.make_node("Constant", [], [v.name], name=f"onnxft/clean_log{len(else_nodes)}",
-                                               value=helper.make_tensor("e", TensorProto.DOUBLE, [0, width], [])))
+                                               value=helper.make_tensor("e", vi.type.tensor_type.elem_type,
+                                                                        [0, width], [])))
         else:
             v.name = rename.get(vi.name, vi.name)
             if v.name == vi.name:  # an output that is an input or a weight: pass it through

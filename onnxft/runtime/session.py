@@ -1,6 +1,7 @@
 """ONNX Runtime sessions: provider choice, and running an injection graph with a fault set."""
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -177,6 +178,7 @@ class InjectionSession:
                             if i.name not in inits and not i.name.startswith("onnxft.")]
         self.output_names = [o.name for o in model.graph.output if not o.name.startswith("onnxft.")]
         self.log_names = [s.log_output() for s in self.table.sites] if self.table.logging else []
+        self.executions_names = [s.executions_output() for s in self.table.sites if s.path]
         self._plans: dict[tuple, list[SitePlan]] = {}
         self.providers = providers_for(provider)
         self._batch_axes = {s.name: s.batch_axis for s in input_specs(model)}
@@ -195,12 +197,25 @@ class InjectionSession:
                 return int(np.shape(v)[axis])
         return 1
 
+    def _plans_key(self, feeds):
+        """Plans depend on the input shapes, and with sites inside control flow on the values
+        too (the branch an If takes, a Loop's trip count)."""
+        key = self._key(feeds)
+        if self.executions_names:
+            key += tuple(hashlib.sha1(np.ascontiguousarray(v).tobytes()).hexdigest() for _, v in sorted(feeds.items()))
+        return key
+
     def session_for(self, feeds):
         """A session specialised to these input shapes. With every shape static, onnxruntime's
         planner lets the fault scatters update a site's output in place instead of copying it."""
         key = self._key(feeds)
+        if self.executions_names:  # user control flow: one session for every shape, because static
+            # shapes make onnxruntime infer the untaken branches too, which real models (an If on
+            # the sample rate) cannot always pass
+            key = ()
         if key not in self._sessions:
-            self._sessions[key] = make_session(with_static_inputs(self.model, feeds), *self._options)
+            model = self.model if self.executions_names else with_static_inputs(self.model, feeds)
+            self._sessions[key] = make_session(model, *self._options)
             self.providers = self._sessions[key].get_providers()
         return self._sessions[key]
 
@@ -213,12 +228,14 @@ class InjectionSession:
         # The probe run takes every decomposed path, so that all sites report their shapes.
         probe = dict(feeds)
         probe[PROBE_INPUT] = np.array(True)
-        shapes = self.session_for(feeds).run([SHAPES_OUTPUT], probe)[0]
-        return make_plans(self.table, shapes, self.batch_size(feeds))
+        shapes, *executions = self.session_for(feeds).run([SHAPES_OUTPUT] + self.executions_names, probe)
+        return make_plans(self.table, shapes, self.batch_size(feeds), dict(zip(self.executions_names, executions)))
 
     def plans(self, feeds) -> list[SitePlan]:
-        key = (self._key(feeds), self.batch_size(feeds))
+        key = (self._plans_key(feeds), self.batch_size(feeds))
         if key not in self._plans:
+            if len(self._plans) >= 64:  # value-keyed plans (control flow): one per batch
+                self._plans.pop(next(iter(self._plans)))
             self._plans[key] = self._probe(feeds)
         return self._plans[key]
 
