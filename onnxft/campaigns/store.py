@@ -1,0 +1,129 @@
+"""The durable campaign store: one SQLite database in a campaign's ``--out DIR``.
+
+A campaign (eval, compare, vuln) is a set of *units* of work, model/scheme x BER x trial x batch.
+Every unit draws its faults from its own random stream (``trial_rng(seed, trial, batch)``), so its
+result does not depend on which process ran it or when. The store keeps:
+
+- ``meta``: the campaign's kind and its spec (JSON, ``CampaignSpec.to_json``), written once;
+- ``units``: one row per finished unit (its key is the primary key, so no unit can be stored twice):
+  the outcome counts as JSON, the number of flips, seconds, which worker ran it, when.
+
+A row is committed as soon as its unit is done (WAL journal: a reader never blocks the writer, and
+a killed process loses at most the unit it was computing). results.json, CSV and plots are views
+computed from the rows. ``--resume DIR`` opens the store again: the spec must match the stored one
+(else a one-line error naming the fields that differ), and only the missing units run. The unit
+results are integer counts, summed in key order, so a resumed campaign's results.json is the
+uninterrupted one's, byte for byte.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+STORE_NAME = "campaign.sqlite"
+SCHEMA_VERSION = 1
+
+
+class StoreError(ValueError):
+    """A user-facing problem with a campaign store (resume without one, a spec mismatch)."""
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One unit of work. ``key`` is its identity in the store; the rest says what to compute."""
+
+    model: str
+    scheme: str
+    ber: float
+    trial: int
+    batch: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.model}|{self.scheme}|{self.ber!r}|t{self.trial}|b{self.batch}"
+
+
+def _canonical(spec: dict) -> str:
+    return json.dumps(spec, sort_keys=True, separators=(",", ":"))
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+
+class CampaignStore:
+    """Open (or create) ``DIR/campaign.sqlite`` for a campaign of ``kind`` with ``spec``.
+
+    ``resume=False`` starts a new campaign (an old store there is replaced: re-running a command
+    means running it again); ``resume=True`` continues the stored one and refuses a different spec.
+    """
+
+    def __init__(self, out_dir: str | Path, kind: str, spec: dict, resume: bool = False):
+        self.dir = Path(out_dir)
+        self.path = self.dir / STORE_NAME
+        self.kind = kind
+        if resume and not self.path.is_file():
+            raise StoreError(f"--resume {out_dir}: no campaign there (no {STORE_NAME})")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            for suffix in ("", "-wal", "-shm"):
+                p = Path(str(self.path) + suffix)
+                if p.exists():
+                    p.unlink()
+        try:
+            self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")  # durable across a killed process (not a power cut)
+            self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            self.db.execute("CREATE TABLE IF NOT EXISTS units (key TEXT PRIMARY KEY, model TEXT, scheme TEXT, "
+                            "ber REAL, trial INTEGER, batch INTEGER, result TEXT NOT NULL, faults INTEGER, "
+                            "seconds REAL, worker TEXT, finished REAL)")
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{self.path} is not a readable campaign store ({exc})") from None
+        stored = dict(self.db.execute("SELECT key, value FROM meta").fetchall())
+        if resume:
+            if stored.get("kind") != kind:
+                raise StoreError(f"--resume {out_dir}: that campaign is an {stored.get('kind')!r} campaign, "
+                                 f"not {kind!r}")
+            old = json.loads(stored.get("spec", "{}"))
+            if _canonical(old) != _canonical(spec):
+                raise StoreError(f"--resume {out_dir}: the campaign there was started with other options "
+                                 f"(differs in: {', '.join(_differences(old, spec))})")
+        else:
+            self.db.execute("BEGIN")
+            self.db.executemany("INSERT INTO meta VALUES (?, ?)",
+                                [("kind", kind), ("spec", _canonical(spec)), ("version", str(SCHEMA_VERSION)),
+                                 ("created", str(time.time()))])
+            self.db.execute("COMMIT")
+        self.spec = spec
+
+    def done(self) -> dict[str, dict]:
+        """Finished units: key -> stored result."""
+        return {k: json.loads(r) for k, r in self.db.execute("SELECT key, result FROM units")}
+
+    def record(self, unit: Unit, result: dict, faults: int = 0, seconds: float = 0.0, worker: str | None = None):
+        """Commit one finished unit (raises if the unit is already stored: never computed twice silently)."""
+        self.db.execute("INSERT INTO units VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (unit.key, unit.model, unit.scheme, unit.ber, unit.trial, unit.batch,
+                         json.dumps(result, sort_keys=True), int(faults), float(seconds),
+                         worker or f"{socket.gethostname()}:{os.getpid()}", time.time()))
+
+    def rows(self) -> list[dict]:
+        cur = self.db.execute("SELECT key, model, scheme, ber, trial, batch, result, faults, seconds, worker, finished "
+                              "FROM units ORDER BY key")
+        cols = [c[0] for c in cur.description]
+        return [dict(zip(cols, r), result=json.loads(r[6])) for r in cur]
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,136 @@
+"""The campaign store and the unit runners: resume after SIGKILL, spec mismatch, Ray workers."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from onnxft.campaigns.store import STORE_NAME, CampaignStore, StoreError, Unit
+from onnxft.campaigns.workers import RAY_HINT, run_units, threads_per_worker
+from tests.toy_runner import ToyRunner
+
+SPEC = {"model": "toy", "bers": [1e-8, 1e-7], "trials": 3, "seed": 0}
+UNITS = [Unit("toy", "none", b, t, j) for t in range(3) for j in range(4) for b in (1e-8, 1e-7)]
+
+
+def _summary(results: dict) -> str:
+    return json.dumps({k: results[k] for k in sorted(results)}, sort_keys=True)
+
+
+def test_local_run_commits_every_unit_once(tmp_path):
+    with CampaignStore(tmp_path, "eval", SPEC) as store:
+        first = run_units(UNITS, ToyRunner, {}, store)
+        keys = [r["key"] for r in store.rows()]
+    assert len(keys) == len(UNITS) == len(set(keys))
+    with CampaignStore(tmp_path, "eval", SPEC, resume=True) as store:
+        calls = []
+        again = run_units(UNITS, ToyRunner, {}, store, progress=lambda d, t: calls.append((d, t)))
+    assert _summary(again) == _summary(first)
+    assert calls == [(len(UNITS), len(UNITS))]  # nothing left to run
+
+
+def test_resume_refuses_another_spec_and_a_missing_store(tmp_path):
+    CampaignStore(tmp_path, "eval", SPEC).close()
+    with pytest.raises(StoreError, match=r"differs in: trials"):
+        CampaignStore(tmp_path, "eval", dict(SPEC, trials=4), resume=True)
+    with pytest.raises(StoreError, match="not 'compare'"):
+        CampaignStore(tmp_path, "compare", SPEC, resume=True)
+    with pytest.raises(StoreError, match="no campaign there"):
+        CampaignStore(tmp_path / "empty", "eval", SPEC, resume=True)
+
+
+def test_a_new_campaign_replaces_the_old_store(tmp_path):
+    with CampaignStore(tmp_path, "eval", SPEC) as store:
+        run_units(UNITS[:3], ToyRunner, {}, store)
+    with CampaignStore(tmp_path, "eval", SPEC) as store:
+        assert store.done() == {}
+
+
+def test_store_never_holds_a_unit_twice(tmp_path):
+    import sqlite3
+
+    with CampaignStore(tmp_path, "eval", SPEC) as store:
+        store.record(UNITS[0], {"correct": 1})
+        with pytest.raises(sqlite3.IntegrityError):
+            store.record(UNITS[0], {"correct": 1})
+
+
+_KILLABLE = """
+import sys
+from onnxft.campaigns.store import CampaignStore, Unit
+from onnxft.campaigns.workers import run_units
+from tests.toy_runner import ToyRunner
+units = [Unit("toy", "none", b, t, j) for t in range(3) for j in range(4) for b in (1e-8, 1e-7)]
+spec = {"model": "toy", "bers": [1e-8, 1e-7], "trials": 3, "seed": 0}
+with CampaignStore(sys.argv[1], "eval", spec, resume=len(sys.argv) > 2) as store:
+    run_units(units, ToyRunner, {"sleep": 0.05}, store)
+"""
+
+
+def test_sigkill_midway_then_resume_gives_the_uninterrupted_results(tmp_path):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    with CampaignStore(whole, "eval", SPEC) as store:
+        expected = _summary(run_units(UNITS, ToyRunner, {"sleep": 0.0}, store))
+    script = tmp_path / "campaign.py"
+    script.write_text(_KILLABLE)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.Popen([sys.executable, str(script), str(killed)], env=env)
+    deadline = time.time() + 60
+    while time.time() < deadline:  # kill it once some, not all, units are committed
+        time.sleep(0.05)
+        if (killed / STORE_NAME).exists():
+            with CampaignStore(killed, "eval", SPEC, resume=True) as peek:
+                if len(peek.done()) >= 5:
+                    break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    with CampaignStore(killed, "eval", SPEC, resume=True) as store:
+        before = len(store.done())
+        assert 5 <= before < len(UNITS)
+        resumed = _summary(run_units(UNITS, ToyRunner, {}, store))
+        keys = [r["key"] for r in store.rows()]
+    assert resumed == expected
+    assert len(keys) == len(set(keys)) == len(UNITS)  # every unit exactly once
+
+
+def test_threads_per_worker():
+    assert threads_per_worker(1, 3) == 3
+    assert 1 <= threads_per_worker(64) <= max(1, (os.cpu_count() or 1) // 64) or threads_per_worker(64) == 1
+
+
+ray = pytest.importorskip("ray", reason=RAY_HINT)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    here = str(Path(__file__).resolve().parents[1])
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             runtime_env={"env_vars": {"PYTHONPATH": here}})
+    yield
+    ray.shutdown()
+
+
+def test_two_ray_workers_equal_one(ray_cluster, tmp_path):
+    with CampaignStore(tmp_path / "one", "eval", SPEC) as store:
+        one = run_units(UNITS, ToyRunner, {}, store)
+    with CampaignStore(tmp_path / "two", "eval", SPEC) as store:
+        two = run_units(UNITS, ToyRunner, {}, store, workers=2)
+        workers = {r["worker"] for r in store.rows()}
+    assert _summary(two) == _summary(one)
+    assert len(workers) == 2  # both workers took units
+
+
+def test_a_worker_killed_mid_unit_is_retried(ray_cluster, tmp_path):
+    marker = tmp_path / "died"
+    with CampaignStore(tmp_path / "ref", "eval", SPEC) as store:
+        ref = run_units(UNITS, ToyRunner, {}, store)
+    with CampaignStore(tmp_path / "kill", "eval", SPEC) as store:
+        got = run_units(UNITS, ToyRunner, {"die_on": UNITS[4].key, "marker": str(marker)}, store, workers=2)
+        keys = [r["key"] for r in store.rows()]
+    assert marker.exists()  # a worker really died in the middle of that unit
+    assert _summary(got) == _summary(ref)
+    assert len(keys) == len(set(keys)) == len(UNITS)
