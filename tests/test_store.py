@@ -21,12 +21,18 @@ def _summary(results: dict) -> str:
     return json.dumps({k: results[k] for k in sorted(results)}, sort_keys=True)
 
 
+def _open(path, spec=SPEC, resume=False, kind="eval", part="toy"):
+    store = CampaignStore(path, resume)
+    store.register(part, kind, spec)
+    return store
+
+
 def test_local_run_commits_every_unit_once(tmp_path):
-    with CampaignStore(tmp_path, "eval", SPEC) as store:
+    with _open(tmp_path) as store:
         first = run_units(UNITS, ToyRunner, {}, store)
         keys = [r["key"] for r in store.rows()]
     assert len(keys) == len(UNITS) == len(set(keys))
-    with CampaignStore(tmp_path, "eval", SPEC, resume=True) as store:
+    with _open(tmp_path, resume=True) as store:
         calls = []
         again = run_units(UNITS, ToyRunner, {}, store, progress=lambda d, t: calls.append((d, t)))
     assert _summary(again) == _summary(first)
@@ -34,26 +40,29 @@ def test_local_run_commits_every_unit_once(tmp_path):
 
 
 def test_resume_refuses_another_spec_and_a_missing_store(tmp_path):
-    CampaignStore(tmp_path, "eval", SPEC).close()
+    _open(tmp_path).close()
     with pytest.raises(StoreError, match=r"differs in: trials"):
-        CampaignStore(tmp_path, "eval", dict(SPEC, trials=4), resume=True)
+        _open(tmp_path, dict(SPEC, trials=4), resume=True)
     with pytest.raises(StoreError, match="not 'compare'"):
-        CampaignStore(tmp_path, "compare", SPEC, resume=True)
+        _open(tmp_path, kind="compare", resume=True)
+    with pytest.raises(StoreError, match="not part of the campaign"):
+        _open(tmp_path, resume=True, part="other")
     with pytest.raises(StoreError, match="no campaign there"):
-        CampaignStore(tmp_path / "empty", "eval", SPEC, resume=True)
+        _open(tmp_path / "empty", resume=True)
+    _open(tmp_path, dict(SPEC, threads=7), resume=True).close()  # threads change no result
 
 
 def test_a_new_campaign_replaces_the_old_store(tmp_path):
-    with CampaignStore(tmp_path, "eval", SPEC) as store:
+    with _open(tmp_path) as store:
         run_units(UNITS[:3], ToyRunner, {}, store)
-    with CampaignStore(tmp_path, "eval", SPEC) as store:
+    with _open(tmp_path) as store:
         assert store.done() == {}
 
 
 def test_store_never_holds_a_unit_twice(tmp_path):
     import sqlite3
 
-    with CampaignStore(tmp_path, "eval", SPEC) as store:
+    with _open(tmp_path) as store:
         store.record(UNITS[0], {"correct": 1})
         with pytest.raises(sqlite3.IntegrityError):
             store.record(UNITS[0], {"correct": 1})
@@ -66,14 +75,15 @@ from onnxft.campaigns.workers import run_units
 from tests.toy_runner import ToyRunner
 units = [Unit("toy", "none", b, t, j) for t in range(3) for j in range(4) for b in (1e-8, 1e-7)]
 spec = {"model": "toy", "bers": [1e-8, 1e-7], "trials": 3, "seed": 0}
-with CampaignStore(sys.argv[1], "eval", spec, resume=len(sys.argv) > 2) as store:
+with CampaignStore(sys.argv[1], resume=len(sys.argv) > 2) as store:
+    store.register("toy", "eval", spec)
     run_units(units, ToyRunner, {"sleep": 0.05}, store)
 """
 
 
 def test_sigkill_midway_then_resume_gives_the_uninterrupted_results(tmp_path):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    with CampaignStore(whole, "eval", SPEC) as store:
+    with _open(whole) as store:
         expected = _summary(run_units(UNITS, ToyRunner, {"sleep": 0.0}, store))
     script = tmp_path / "campaign.py"
     script.write_text(_KILLABLE)
@@ -83,12 +93,12 @@ def test_sigkill_midway_then_resume_gives_the_uninterrupted_results(tmp_path):
     while time.time() < deadline:  # kill it once some, not all, units are committed
         time.sleep(0.05)
         if (killed / STORE_NAME).exists():
-            with CampaignStore(killed, "eval", SPEC, resume=True) as peek:
+            with _open(killed, resume=True) as peek:
                 if len(peek.done()) >= 5:
                     break
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    with CampaignStore(killed, "eval", SPEC, resume=True) as store:
+    with _open(killed, resume=True) as store:
         before = len(store.done())
         assert 5 <= before < len(UNITS)
         resumed = _summary(run_units(UNITS, ToyRunner, {}, store))
@@ -115,9 +125,9 @@ def ray_cluster():
 
 
 def test_two_ray_workers_equal_one(ray_cluster, tmp_path):
-    with CampaignStore(tmp_path / "one", "eval", SPEC) as store:
+    with _open(tmp_path / "one") as store:
         one = run_units(UNITS, ToyRunner, {}, store)
-    with CampaignStore(tmp_path / "two", "eval", SPEC) as store:
+    with _open(tmp_path / "two") as store:
         two = run_units(UNITS, ToyRunner, {}, store, workers=2)
         workers = {r["worker"] for r in store.rows()}
     assert _summary(two) == _summary(one)
@@ -126,9 +136,9 @@ def test_two_ray_workers_equal_one(ray_cluster, tmp_path):
 
 def test_a_worker_killed_mid_unit_is_retried(ray_cluster, tmp_path):
     marker = tmp_path / "died"
-    with CampaignStore(tmp_path / "ref", "eval", SPEC) as store:
+    with _open(tmp_path / "ref") as store:
         ref = run_units(UNITS, ToyRunner, {}, store)
-    with CampaignStore(tmp_path / "kill", "eval", SPEC) as store:
+    with _open(tmp_path / "kill") as store:
         got = run_units(UNITS, ToyRunner, {"die_on": UNITS[4].key, "marker": str(marker)}, store, workers=2)
         keys = [r["key"] for r in store.rows()]
     assert marker.exists()  # a worker really died in the middle of that unit

@@ -99,90 +99,150 @@ def check_spec(spec: CampaignSpec, data: Dataset) -> None:
     spec.outcome.validate()
 
 
+class EvalRunner:
+    """Runs units of an eval campaign: one (trial, batch, BER) each, all items of that batch.
+
+    Built once per worker from a payload ``{"model", "data", "spec"}`` (the model as a ModelProto
+    or its serialised bytes, the Dataset, ``CampaignSpec.to_json()``); builds the injection session
+    and each batch's fault-free outputs and site plans once. A unit's faults come from
+    ``trial_rng(seed, trial, batch)`` whatever the BER (common random numbers) and whoever runs it,
+    so results are the same for any worker count and schedule."""
+
+    def __init__(self, payload: dict):
+        model = payload["model"]
+        if isinstance(model, bytes):
+            model = onnx.load_from_string(model)
+        self.spec = spec = CampaignSpec.from_json(payload["spec"])
+        self.data: Dataset = payload["data"]
+        self.log = payload.get("fault_log")  # an open file (in-process campaigns only)
+        progress = payload.get("progress")
+        threads = payload.get("threads", spec.threads)
+        report_phase(progress, "building the injection graph")
+        self.sess = InjectionSession(campaign_graph(model, spec.selection, spec.int_widths, self.log is not None),
+                                     spec.provider, threads, level="basic")
+        self.starts = list(range(0, len(self.data), spec.batch))
+        self._clean: dict[int, tuple] = {}
+        for j in range(len(self.starts)):  # every batch's fault-free run before the first unit
+            report_phase(progress, f"clean pass, batch {j + 1}/{len(self.starts)}")
+            self.clean(j)
+        out, _ = self.clean(0)
+        axes = output_batch_axes(lambda f: self.sess.clean(f)[0], self.data, self.sess.output_names)
+        self.judge = Judge(self.sess.output_names, out, spec.outcome, items=self.feeds(0).batch_size, axes=axes)
+
+    def feeds(self, j: int):
+        s = self.starts[j]
+        return self.data.batch(s, s + self.spec.batch)
+
+    def labels(self, j: int):
+        s = self.starts[j]
+        return self.data.labels_of(s, s + self.spec.batch)
+
+    def clean(self, j: int) -> tuple[list, list]:
+        """Fault-free outputs and site plans of batch ``j`` (computed once)."""
+        if j not in self._clean:
+            self._clean[j] = self.sess.clean(self.feeds(j))
+        return self._clean[j]
+
+    def run(self, unit) -> dict:
+        spec, j = self.spec, unit.batch
+        clean, plans = self.clean(j)
+        feeds, labels = self.feeds(j), self.labels(j)
+        rng = trial_rng(spec.seed, unit.trial, j)
+        faults = sample_faults(plans, unit.ber, rng, spec.max_faults) if unit.ber > 0 else Faults.empty()
+        if self.log is not None:
+            out, logs = self.sess.run(feeds, faults, plans, with_log=True)
+        else:
+            out = self.sess.run(feeds, faults, plans)
+        codes = self.judge.classify(out, clean, labels)
+        counts = OutcomeCounts()
+        counts.add(codes)
+        result = {"masked": counts.masked, "sdc": counts.sdc, "due": counts.due, "faults": len(faults)}
+        if spec.metric == "top1":
+            result["correct"] = int(np.sum(self.judge.correct(out, labels, clean)))
+        if self.log is not None:
+            s = self.starts[j]
+            rec = _log_record(self.sess, spec.model or spec.model_name, self.data, s, spec.batch, unit.ber, spec.seed,
+                              unit.trial, j, faults, plans, logs, out)
+            rec["int_widths"] = list(spec.int_widths)
+            rec["selection"] = _selection_dict(spec.selection)
+            rec["outcomes"] = codes.tolist()  # per item: 0 masked, 1 SDC, 2 DUE
+            self.log.write(json.dumps(rec) + "\n")
+        return {"result": result, "faults": len(faults)}
+
+
+def eval_units(spec: CampaignSpec, n_items: int) -> list:
+    """The campaign's units in their canonical order: trial, batch, BER (as the fault log lists them)."""
+    from .store import Unit
+
+    batches = range(len(range(0, n_items, spec.batch)))
+    return [Unit(spec.model_name, "none", float(ber), t, j) for t in range(spec.trials) for j in batches
+            for ber in spec.bers]
+
+
 def evaluate(model: onnx.ModelProto, data: Dataset, spec: CampaignSpec, progress: Callable | None = None,
-             fault_log: str | Path | None = None) -> EvalResult:
+             fault_log: str | Path | None = None, store=None, workers: int = 1,
+             ray_address: str | None = None) -> EvalResult:
     """Measure ``spec.metric`` and the outcome rates at each of ``spec.bers`` (see the module docstring).
 
+    The campaign is a set of units (``EvalRunner``): with ``store`` (a ``CampaignStore``) each is
+    committed when done and a resumed campaign runs only the missing ones; with ``workers`` > 1 or
+    ``ray_address`` they run on Ray workers (``campaigns.workers``). Results are the same either way.
     Uses spec fields bers, trials, seed, metric, outcome, selection, int_widths, provider, threads,
-    batch, model (fault log) and model_name (the result's label)."""
+    batch, max_faults, model (fault log) and model_name (the result's label)."""
+    from .workers import run_units, threads_per_worker
+
     check_spec(spec, data)
-    bers, batch, metric = list(spec.bers), spec.batch, spec.metric
-    report_phase(progress, "building the injection graph")
-    sess = InjectionSession(campaign_graph(model, spec.selection, spec.int_widths, fault_log is not None),
-                            spec.provider, spec.threads, level="basic")
-    n_items = len(data)
-    starts = list(range(0, n_items, batch))
-    # "clean" is the user's model as it is; the injection graph's own fault-free outputs are the
-    # outcome baseline (so that BER 0 gives exactly 0 SDC and 0 DUE).
-    original = make_session(model, spec.provider, spec.threads, level="basic") if metric == "top1" else None
-    clean_outs, plans_per_batch, clean_ok, graph_ok = [], [], 0, 0
-    judge = None
-    for j, s in enumerate(starts):
-        report_phase(progress, f"clean pass, batch {j + 1}/{len(starts)}")
-        feeds = data.batch(s, s + batch)
-        out, plans = sess.clean(feeds)
-        if judge is None:
-            axes = output_batch_axes(lambda f: sess.clean(f)[0], data, sess.output_names)
-            judge = Judge(sess.output_names, out, spec.outcome, items=feeds.batch_size, axes=axes)
-        clean_outs.append(out)
-        plans_per_batch.append(plans)
-        if original is not None:
-            labels = data.labels[s:s + batch]
-            ref = original.run(sess.output_names, feeds)
-            clean_ok += int(np.sum(judge.correct(ref, labels)))
-            graph_ok += int(np.sum(judge.correct(out, labels)))
-    clean = clean_ok / n_items if metric == "top1" else 0.0
-    counts = np.zeros(len(bers), np.int64)
-    outcomes = [OutcomeCounts() for _ in bers]
-    n_faults = np.zeros(len(bers), np.int64)
+    if fault_log is not None and (workers > 1 or ray_address or (store is not None and store.resume)):
+        raise ValueError("--fault-log needs the whole campaign in this process: drop --workers/--resume")
+    bers, metric = list(spec.bers), spec.metric
+    if store is not None:
+        store.register(spec.model_name, "eval", spec.to_json())
     log_file = open(fault_log, "w") if fault_log else None
-    total = spec.trials * len(starts) * len(bers)
-    done = 0
     try:
-        for t in range(spec.trials):
-            for j, s in enumerate(starts):
-                feeds = data.batch(s, s + batch)
-                labels = None if data.labels is None else data.labels[s:s + batch]
-                for i, ber in enumerate(bers):
-                    rng = trial_rng(spec.seed, t, j)
-                    faults = (sample_faults(plans_per_batch[j], ber, rng, spec.max_faults) if ber > 0
-                              else Faults.empty())
-                    if log_file is not None:
-                        out, logs = sess.run(feeds, faults, plans_per_batch[j], with_log=True)
-                    else:
-                        out = sess.run(feeds, faults, plans_per_batch[j])
-                    codes = judge.classify(out, clean_outs[j], labels)
-                    outcomes[i].add(codes)
-                    if metric == "top1":
-                        counts[i] += int(np.sum(judge.correct(out, labels, clean_outs[j])))
-                    else:
-                        counts[i] += int(np.sum(codes == SDC))
-                    if log_file is not None:
-                        rec = _log_record(sess, spec.model or spec.model_name, data, s, batch, ber, spec.seed, t, j,
-                                          faults, plans_per_batch[j], logs, out)
-                        rec["int_widths"] = list(spec.int_widths)
-                        rec["selection"] = _selection_dict(spec.selection)
-                        rec["outcomes"] = codes.tolist()  # per item: 0 masked, 1 SDC, 2 DUE
-                        log_file.write(json.dumps(rec) + "\n")
-                    n_faults[i] += len(faults)
-                    done += 1
-                    if progress:
-                        progress(done, total)
+        runner = EvalRunner({"model": model, "data": data, "spec": spec.to_json(), "fault_log": log_file,
+                             "progress": progress})
+        clean, graph_ok = _clean_accuracy(model, data, spec, runner) if metric == "top1" else (0.0, None)
+        units = eval_units(spec, len(data))
+        if workers > 1 or ray_address:
+            payload = {"model": model.SerializeToString(), "data": data, "spec": spec.to_json(),
+                       "threads": threads_per_worker(workers, spec.threads)}
+            results = run_units(units, EvalRunner, payload, store, workers, ray_address, progress)
+        else:
+            results = run_units(units, lambda _: runner, None, store, progress=progress)
     finally:
         if log_file is not None:
             log_file.close()
-    n = n_items * spec.trials
+    n = len(data) * spec.trials
     points = []
-    for i, b in enumerate(bers):
-        r = outcomes[i].rates()
-        points.append(Point(float(b), counts[i] / n, wilson_interval(int(counts[i]), n), spec.trials, n,
-                            float(n_faults[i]) / n, r["sdc"], r["due"], r["masked"], tuple(r["sdc_ci"]),
-                            tuple(r["due_ci"])))
-    result = EvalResult(spec.model_name, metric, clean, points, spec.seed, data.path, n_items,
-                        ",".join(sess.providers), len(sess.table.sites), batch, judge.describe(), spec.to_json())
-    if original is not None:
-        result.extra["clean_injection_graph"] = graph_ok / n_items
+    for b in bers:
+        rows = [results[u.key] for u in units if u.ber == float(b)]
+        counts = OutcomeCounts(*(sum(r[k] for r in rows) for k in ("masked", "sdc", "due")))
+        value = sum(r["correct"] for r in rows) if metric == "top1" else counts.sdc
+        flips = sum(r["faults"] for r in rows)
+        rates = counts.rates()
+        points.append(Point(float(b), value / n, wilson_interval(int(value), n), spec.trials, n, flips / n,
+                            rates["sdc"], rates["due"], rates["masked"], tuple(rates["sdc_ci"]),
+                            tuple(rates["due_ci"])))
+    sess = runner.sess
+    result = EvalResult(spec.model_name, metric, clean, points, spec.seed, data.path, len(data),
+                        ",".join(sess.providers), len(sess.table.sites), spec.batch, runner.judge.describe(),
+                        spec.to_json())
+    if graph_ok is not None:
+        result.extra["clean_injection_graph"] = graph_ok
     return result
+
+
+def _clean_accuracy(model: onnx.ModelProto, data: Dataset, spec: CampaignSpec, runner: EvalRunner):
+    """Top-1 of the user's model as it is ("clean") and of the injection graph at BER 0."""
+    original = make_session(model, spec.provider, spec.threads, level="basic")
+    clean_ok = graph_ok = 0
+    for j in range(len(runner.starts)):
+        feeds, labels = runner.feeds(j), runner.labels(j)
+        out, _ = runner.clean(j)
+        ref = original.run(runner.sess.output_names, feeds)
+        clean_ok += int(np.sum(runner.judge.correct(ref, labels)))
+        graph_ok += int(np.sum(runner.judge.correct(out, labels)))
+    return clean_ok / len(data), graph_ok / len(data)
 
 
 def _selection_dict(sel: SiteSelection | None) -> dict:

@@ -4,14 +4,16 @@ A campaign (eval, compare, vuln) is a set of *units* of work, model/scheme x BER
 Every unit draws its faults from its own random stream (``trial_rng(seed, trial, batch)``), so its
 result does not depend on which process ran it or when. The store keeps:
 
-- ``meta``: the campaign's kind and its spec (JSON, ``CampaignSpec.to_json``), written once;
+- ``meta``: the kind and spec (JSON, ``CampaignSpec.to_json``) of each part of the campaign (each
+  model of an ``eval``), written once;
 - ``units``: one row per finished unit (its key is the primary key, so no unit can be stored twice):
   the outcome counts as JSON, the number of flips, seconds, which worker ran it, when.
 
 A row is committed as soon as its unit is done (WAL journal: a reader never blocks the writer, and
 a killed process loses at most the unit it was computing). results.json, CSV and plots are views
 computed from the rows. ``--resume DIR`` opens the store again: the spec must match the stored one
-(else a one-line error naming the fields that differ), and only the missing units run. The unit
+(else a one-line error naming the fields that differ; the thread count may change, it changes no
+result), and only the missing units run. The unit
 results are integer counts, summed in key order, so a resumed campaign's results.json is the
 uninterrupted one's, byte for byte.
 """
@@ -56,17 +58,21 @@ def _differences(old: dict, new: dict) -> list[str]:
     return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
 
 
+# Spec fields that do not change any result: a campaign may resume with other values.
+NEUTRAL_FIELDS = ("threads",)
+
+
 class CampaignStore:
-    """Open (or create) ``DIR/campaign.sqlite`` for a campaign of ``kind`` with ``spec``.
+    """``DIR/campaign.sqlite``: ``resume=False`` starts a new campaign (an old store there is
+    replaced: re-running a command means running it again); ``resume=True`` continues the stored one.
 
-    ``resume=False`` starts a new campaign (an old store there is replaced: re-running a command
-    means running it again); ``resume=True`` continues the stored one and refuses a different spec.
-    """
+    A campaign has one or more *parts* (the models of one ``eval``, say), each registered with its
+    kind and spec (``register``); on resume a part's spec must equal the stored one."""
 
-    def __init__(self, out_dir: str | Path, kind: str, spec: dict, resume: bool = False):
+    def __init__(self, out_dir: str | Path, resume: bool = False):
         self.dir = Path(out_dir)
         self.path = self.dir / STORE_NAME
-        self.kind = kind
+        self.resume = resume
         if resume and not self.path.is_file():
             raise StoreError(f"--resume {out_dir}: no campaign there (no {STORE_NAME})")
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -83,24 +89,28 @@ class CampaignStore:
             self.db.execute("CREATE TABLE IF NOT EXISTS units (key TEXT PRIMARY KEY, model TEXT, scheme TEXT, "
                             "ber REAL, trial INTEGER, batch INTEGER, result TEXT NOT NULL, faults INTEGER, "
                             "seconds REAL, worker TEXT, finished REAL)")
+            if not resume:
+                self.db.executemany("INSERT INTO meta VALUES (?, ?)",
+                                    [("version", str(SCHEMA_VERSION)), ("created", str(time.time()))])
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{self.path} is not a readable campaign store ({exc})") from None
-        stored = dict(self.db.execute("SELECT key, value FROM meta").fetchall())
-        if resume:
-            if stored.get("kind") != kind:
-                raise StoreError(f"--resume {out_dir}: that campaign is an {stored.get('kind')!r} campaign, "
-                                 f"not {kind!r}")
-            old = json.loads(stored.get("spec", "{}"))
-            if _canonical(old) != _canonical(spec):
-                raise StoreError(f"--resume {out_dir}: the campaign there was started with other options "
-                                 f"(differs in: {', '.join(_differences(old, spec))})")
-        else:
-            self.db.execute("BEGIN")
-            self.db.executemany("INSERT INTO meta VALUES (?, ?)",
-                                [("kind", kind), ("spec", _canonical(spec)), ("version", str(SCHEMA_VERSION)),
-                                 ("created", str(time.time()))])
-            self.db.execute("COMMIT")
-        self.spec = spec
+
+    def register(self, part: str, kind: str, spec: dict) -> None:
+        """Record (new campaign) or check (resume) the kind and spec of one part of the campaign."""
+        key = f"part:{part}"
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        spec = {k: v for k, v in spec.items() if k not in NEUTRAL_FIELDS}
+        if row is None:
+            if self.resume:
+                raise StoreError(f"--resume {self.dir}: {part!r} is not part of the campaign there")
+            self.db.execute("INSERT INTO meta VALUES (?, ?)", (key, _canonical({"kind": kind, "spec": spec})))
+            return
+        stored = json.loads(row[0])
+        if stored["kind"] != kind:
+            raise StoreError(f"--resume {self.dir}: that campaign is {stored['kind']!r}, not {kind!r}")
+        if _canonical(stored["spec"]) != _canonical(spec):
+            raise StoreError(f"--resume {self.dir}: the campaign there was started with other options "
+                             f"(differs in: {', '.join(_differences(stored['spec'], spec))})")
 
     def done(self) -> dict[str, dict]:
         """Finished units: key -> stored result."""
