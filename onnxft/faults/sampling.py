@@ -72,6 +72,24 @@ def _conv_pads(site: Site, x_shape, w_shape, y_shape):
     return [c["pads"][0], c["pads"][1]]
 
 
+def _begin_pads(site: Site, x_shape, w_shape, y_shape) -> list[int]:
+    """Padding before each spatial axis of a gathered convolution (auto_pad resolved as ONNX
+    Conv does: SAME_UPPER puts the odd pixel at the end)."""
+    c = site.conv
+    d = len(x_shape) - 2
+    mode = c.get("auto_pad", "NOTSET")
+    if mode == "VALID":
+        return [0] * d
+    if mode in ("SAME_UPPER", "SAME_LOWER") and not c.get("transpose"):
+        out = []
+        for i in range(d):
+            total = max((y_shape[2 + i] - 1) * c["strides"][i] + (w_shape[2 + i] - 1) * c["dilations"][i] + 1
+                        - x_shape[2 + i], 0)
+            out.append(total // 2 if mode == "SAME_UPPER" else total - total // 2)
+        return out
+    return [int(p) for p in c["pads"][:d]]
+
+
 def make_plans(table: SiteTable, shapes: np.ndarray, batch: int) -> list[SitePlan]:
     """Geometry of every site for one batch, from the ``onnxft.shapes`` output."""
     plans = []
@@ -85,13 +103,17 @@ def make_plans(table: SiteTable, shapes: np.ndarray, batch: int) -> list[SitePla
             continue
         wp, wa = site.widths["product"], site.widths["sum"]
         a, b = shp[1], shp[2]
-        if site.kind == "conv":
+        if site.kind == "conv" and site.conv.get("transpose"):  # W [C_in, M/group, kernel...]
+            k = b[0] // site.conv["group"] * int(np.prod(b[2:]))
+        elif site.kind == "conv":
             k = int(np.prod(b[1:]))
         else:
             k = a[-1]
         per = k * wp + (k - 1) * wa + (wa if site.bias else 0)
         plan = SitePlan(site, y, items, elements, per, k, a, b)
-        if site.kind == "conv":
+        if site.gathered:
+            plan.conv = dict(site.conv, begin=_begin_pads(site, a, b, y))
+        elif site.kind == "conv":
             plan.conv = dict(site.conv, pads2=_conv_pads(site, a, b, y))
         plans.append(plan)
     return plans
@@ -227,7 +249,11 @@ def site_tables(plan: SitePlan, faults: Faults, site_index: int | None = None):
     starts = np.flatnonzero(~same)
     rank = np.arange(f) - np.repeat(starts, np.diff(np.append(starts, f)))
     column = np.where(is_sum, t + 1, t)
-    if site.kind == "conv":
+    if site.gathered:
+        b_base, channel, feeds[names["a_index"]], feeds[names["b_off"]] = _gather_geometry(plan, o)
+        extra_cols = []
+        operands = [b_base]
+    elif site.kind == "conv":
         a_base, b_base, channel, ih0, iw0, a_off, b_off, dh, dw = _conv_geometry(plan, o)
         extra_cols = [ih0, iw0]
         feeds[names["dh"]], feeds[names["dw"]] = dh, dw
@@ -282,7 +308,10 @@ def _site_tables_small(plan: SitePlan, item, element, step, bit):
         cols["rank"].append(0 if first else cols["rank"][-1] + 1)
         cols["width_mask"].append((1 << (wa if is_sum else wp)) - 1)
     feeds = {}
-    if site.kind == "conv":
+    if site.gathered:
+        b_base, channel, feeds[names["a_index"]], feeds[names["b_off"]] = _gather_geometry(plan, o)
+        table, extra = [b_base], []
+    elif site.kind == "conv":
         a_base, b_base, channel, ih0, iw0, a_off, b_off, dh, dw = _conv_geometry(plan, o)
         feeds.update({names["dh"]: dh, names["dw"]: dw, names["a_off"]: a_off, names["b_off"]: b_off})
         table = [a_base, b_base]
@@ -350,6 +379,53 @@ def _conv_geometry(plan: SitePlan, o: np.ndarray):
     return a_base, bco * (cg * kh * kw), bco, ih0, iw0, g["a_off"], g["b_off"], g["dh"], g["dw"]
 
 
+def _gather_geometry(plan: SitePlan, o: np.ndarray):
+    """(b_base, channel, a_index [F, K], b_off [K]) of output elements ``o`` of a gathered
+    convolution (docs/fault_model.md, "Convolutions"): reduction index (c, kernel tap) row-major
+    over [C_in/group, kernel...]; a_index is -1 where the operand is a zero (padding, or for
+    ConvTranspose a tap that falls between the input positions of the stride)."""
+    x, w, y = plan.a_shape, plan.b_shape, plan.out_shape
+    c = plan.conv
+    d, group, transpose = len(x) - 2, c["group"], bool(c.get("transpose"))
+    g = plan.geometry
+    if g is None:
+        cg, kernel = x[1] // group, tuple(w[2:])
+        taps = int(np.prod(kernel))
+        idx = np.indices((cg,) + kernel).reshape(1 + d, -1).astype(np.int64)  # [1 + D, K], row-major
+        mg = y[1] // group
+        b_off = idx[0] * (mg * taps) + np.arange(len(idx[0])) % taps if transpose else np.arange(idx.shape[1])
+        g = plan.geometry = {
+            "cg": cg, "mg": mg, "taps": taps, "ci": idx[0],
+            "kd": idx[1:] * np.array(c["dilations"], np.int64)[:, None],  # [D, K] tap offsets
+            "b_off": b_off.astype(np.int64),
+            "in": np.array(x[2:], np.int64)[:, None, None],
+            "in_strides": np.array([int(np.prod(x[3 + i:])) for i in range(d)], np.int64),
+            "s": np.array(c["strides"], np.int64)[:, None, None],
+            "pb": np.array(c["begin"], np.int64)[:, None],
+        }
+    coords = np.unravel_index(np.asarray(o, np.int64), y)
+    n, m = coords[0], coords[1]
+    opos = np.stack(coords[2:]).astype(np.int64) if d else np.zeros((0, len(o)), np.int64)  # [D, F]
+    grp = m // g["mg"]
+    if transpose:  # output o = i*s - pad + k*dil: input i = (o + pad - k*dil) / s where whole
+        num = (opos + g["pb"])[:, :, None] - g["kd"][:, None, :]  # [D, F, K]
+        pos = num // g["s"]
+        valid = ((num % g["s"]) == 0) & (num >= 0) & (pos < g["in"])
+    else:
+        pos = (opos * g["s"][:, :, 0] - g["pb"])[:, :, None] + g["kd"][:, None, :]
+        valid = (pos >= 0) & (pos < g["in"])
+    spatial = int(np.prod(x[2:]))
+    lin = np.tensordot(g["in_strides"], pos, axes=(0, 0))  # [F, K]
+    base = (n * x[1] + grp * g["cg"]) * spatial
+    a_index = np.where(valid.all(axis=0), base[:, None] + g["ci"][None, :] * spatial + lin, -1)
+    k = len(g["ci"])
+    if transpose:  # W [C_in, M/group, kernel...]
+        b_base = (grp * g["cg"] * g["mg"] + (m - grp * g["mg"])) * g["taps"]
+    else:
+        b_base = m * k
+    return b_base.astype(np.int64), m.astype(np.int64), a_index.astype(np.int64), g["b_off"]
+
+
 def fault_feeds(plans: list[SitePlan], faults: Faults) -> dict[str, np.ndarray]:
     """All fault inputs for one trial; sites without faults are left out (they default to empty).
 
@@ -406,7 +482,14 @@ def fault_feeds(plans: list[SitePlan], faults: Faults) -> dict[str, np.ndarray]:
     table = np.stack([a_row, b_col, o, column, is_sum, mask_col, prev, rank, channel, width_mask], axis=1)
     for a, b, idx in gemm_segs:
         plan = plans[idx]
-        if plan.site.kind == "conv":
+        if plan.site.gathered:
+            b_base, ch, a_index, b_off = _gather_geometry(plan, o[a:b])
+            cols = [b_base, o[a:b], column[a:b], is_sum[a:b], mask_col[a:b], prev[a:b], rank[a:b], ch] + (
+                [width_mask[a:b]] if pa.int8[idx] else [])
+            names = plan.site.input_names()
+            feeds[names["faults"]] = np.stack([np.asarray(c, np.int64) for c in cols], axis=1)
+            feeds[names["a_index"]], feeds[names["b_off"]] = a_index, b_off
+        elif plan.site.kind == "conv":
             a_base, b_base, ch, ih0, iw0, a_off, b_off, dh, dw = _conv_geometry(plan, o[a:b])
             cols = [a_base, b_base, o[a:b], column[a:b], is_sum[a:b], mask_col[a:b], prev[a:b], rank[a:b], ch,
                     ih0, iw0] + ([width_mask[a:b]] if pa.int8[idx] else [])

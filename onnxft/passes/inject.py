@@ -255,6 +255,9 @@ def _recovery_site(g: _Graph, if_node: onnx.NodeProto, sel: SiteSelection, int_w
     if found is None:
         return None
     site, _, extra = found
+    if site.gathered:  # the recovery path filters table rows, not the per-fault index matrix
+        result.skipped.append((label, "recovery of a gathered convolution (not 2-D Conv) is not a site yet"))
+        return None
     site.recovery_of = info["unit"]
     extra["operands"] = stand_in
     return site, if_node, extra
@@ -294,14 +297,10 @@ def _describe(g: _Graph, node: onnx.NodeProto, handler, label: str, origin: str,
         conv = {}
         bias = False
         if handler.kind == "conv":
-            if ranks[1] != 4:
-                result.skipped.append((label, "only 2-D convolutions are fault sites so far"))
+            conv = _conv_attrs(node, ranks[1])
+            if isinstance(conv, str):
+                result.skipped.append((label, conv))
                 return None
-            conv = {"strides": list(_attr(node, "strides", [1, 1])),
-                    "pads": list(_attr(node, "pads", [0, 0, 0, 0])),
-                    "dilations": list(_attr(node, "dilations", [1, 1])),
-                    "group": int(_attr(node, "group", 1)),
-                    "auto_pad": _text(_attr(node, "auto_pad", "NOTSET"))}
             bias = len(node.input) > 2 and bool(node.input[2])
             if bias and fmt == "int8":
                 bsrc = g.producers.get(node.input[2])
@@ -341,6 +340,27 @@ def _describe(g: _Graph, node: onnx.NodeProto, handler, label: str, origin: str,
                     origin=origin, origin_node=origin_node, output=out, dtype=dtype,
                     widths={"element": _ELEMENT_BITS[dtype]}, shape_ranks=[out_rank])
     return site, wrapped, extra
+
+
+def _conv_attrs(node: onnx.NodeProto, x_rank: int) -> dict | str:
+    """The geometry of a Conv/ConvTranspose site, or the reason it is not a site. Plain 2-D Conv
+    keeps the offset form (``ConvFaults``); every other convolution is gathered
+    (``ConvGatherFaults``: the sampler gives each fault's K input indices)."""
+    d = x_rank - 2
+    if d < 1:
+        return f"{node.op_type} input of rank {x_rank} has no spatial axis"
+    conv = {"strides": list(_attr(node, "strides", [1] * d)),
+            "pads": list(_attr(node, "pads", [0] * (2 * d))),
+            "dilations": list(_attr(node, "dilations", [1] * d)),
+            "group": int(_attr(node, "group", 1)),
+            "auto_pad": _text(_attr(node, "auto_pad", "NOTSET"))}
+    if node.op_type == "ConvTranspose":
+        if _attr(node, "output_shape", None) is not None or conv["auto_pad"] in ("SAME_UPPER", "SAME_LOWER"):
+            return "ConvTranspose with output_shape or auto_pad SAME is not a site yet (give explicit pads)"
+        conv["transpose"] = True
+    if node.op_type == "ConvTranspose" or d != 2:
+        conv["gather"] = True
+    return conv
 
 
 def _quantizer_of(g: _Graph, out: str, through_protection: bool) -> onnx.NodeProto | None:
@@ -436,14 +456,17 @@ def _fault_op(p: "_Nodes", site: Site, node: onnx.NodeProto, y: str, faults: str
         bias = zero_bias
         if site.bias:
             bias = extra["bias_q"] if site.format == "int8" else node.input[2]
-        args += [names["a_off"], names["b_off"], names["dh"], names["dw"], bias]
+        if site.gathered:
+            args += [names["a_index"], names["b_off"], bias]
+        else:
+            args += [names["a_off"], names["b_off"], names["dh"], names["dw"], bias]
     if site.format == "int8":
         da, db = extra["da"], extra["db"]
         args += [da["zero"] or extra["za0"], db["zero"] or extra["zb0"], da["scale"], db["scale"]]
     b_rank = site.shape_ranks[2]
     attrs = {}
     if site.kind == "conv":
-        name = op_name("ConvFaults", fmt, logging)
+        name = op_name("ConvGatherFaults" if site.gathered else "ConvFaults", fmt, logging)
     elif b_rank == 2 and extra.get("b_constant"):
         # A constant weight: hand the operator B^T, whose rows are the columns a fault reads
         # (contiguous gathers; a column gather from B is strided and ~10x slower). onnxruntime
@@ -714,6 +737,10 @@ def inject(model: onnx.ModelProto, selection: SiteSelection | None = None,
         new_inits.append(numpy_helper.from_array(np.zeros((0, n_cols), np.int64), names["faults"]))
         for key, name in names.items():
             if key == "faults":
+                continue
+            if key == "a_index":  # [F, K]: the K input indices of each fault (gathered convolutions)
+                new_inputs.append(helper.make_tensor_value_info(name, TensorProto.INT64, [f"F_{site.id}", f"K_{site.id}"]))
+                new_inits.append(numpy_helper.from_array(np.zeros((0, 0), np.int64), name))
                 continue
             new_inputs.append(helper.make_tensor_value_info(name, TensorProto.INT64, [f"K_{site.id}"]))
             new_inits.append(numpy_helper.from_array(np.zeros((0,), np.int64), name))
