@@ -45,12 +45,15 @@ from ..faults.sites import PROBE_INPUT, SHAPES_OUTPUT, SITES_KEY, SOURCE_OPSET_K
 from ..ops.registry import INPUT_HANDLER, handler_for
 from ..runtime.model_io import external_data_dir
 from .decompose import ORIGIN_KEY, ORIGIN_NODE_KEY, constant_value, decompose
+from .non_sites import INTEGER, NOT_SELECTED, non_sites, why_no_sites
+from .non_sites import PROTECTION as PROTECTION_REASON
 from .result import PassResult
 
 FORMATS = ("fp32", "fp16", "int8")
 _TWO_GB = 2**31 - 1
 _DTYPE_NAMES = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16",
                 TensorProto.INT8: "int8", TensorProto.UINT8: "uint8"}
+_INTEGER_TYPES = (TensorProto.INT64, TensorProto.INT32, TensorProto.BOOL)
 _ELEMENT_BITS = {"float32": 32, "float16": 16, "int8": 8, "uint8": 8}
 
 
@@ -95,6 +98,8 @@ class _Graph:
     inits: dict = field(default_factory=dict)
     types: dict = field(default_factory=dict)  # tensor -> (elem_type, rank or None)
     claimed_quantizers: set = field(default_factory=set)  # QuantizeLinear outputs already a site's
+    reasons: dict = field(default_factory=dict)  # first output -> why that candidate is not a site
+    covered: set = field(default_factory=set)  # first outputs of the nodes that are (or a site wraps)
 
     def __post_init__(self):
         g = self.model.graph
@@ -196,7 +201,9 @@ def _find_sites(g: _Graph, sel: SiteSelection, int_widths, result: PassResult):
             continue
         site, wrapped, extra = found
         if sel.formats is not None and site.format not in sel.formats:
+            g.reasons[node.output[0]] = NOT_SELECTED
             continue
+        g.covered.update((node.output[0], wrapped.output[0]))
         site.scale = sel.scale_for(site.node + " " + site.origin_node)
         sites.append((site, wrapped, extra))
     # Ids in the order of the nodes the sites wrap, which is the order their shape vectors are
@@ -223,10 +230,15 @@ def _node_site(g: _Graph, node: onnx.NodeProto, sel: SiteSelection, int_widths, 
     if handler is None or node.domain not in ("", "ai.onnx"):
         return None
     if role_of(node) == PROTECTION and not sel.include_protection:
+        g.reasons[node.output[0]] = PROTECTION_REASON
+        return None
+    if handler.kind == "elementwise" and g.types.get(node.output[0], (None,))[0] in _INTEGER_TYPES:
+        g.reasons[node.output[0]] = INTEGER  # never a site, whatever the selection
         return None
     label = node.name or node.output[0]
     origin, origin_node = _origin(node)
     if not _selected(sel, node.op_type, origin, label, origin_node):
+        g.reasons[node.output[0]] = NOT_SELECTED
         return None
     return _describe(g, node, handler, label, origin, origin_node, int_widths, result)
 
@@ -328,8 +340,9 @@ def _describe(g: _Graph, node: onnx.NodeProto, handler, label: str, origin: str,
             out, out_rank = q_out, g.types[q_out][1]
         elif elem in (TensorProto.FLOAT, TensorProto.FLOAT16):
             fmt, dtype = ("fp32", "float32") if elem == TensorProto.FLOAT else ("fp16", "float16")
-        elif elem in (TensorProto.INT64, TensorProto.INT32, TensorProto.BOOL):
-            return None  # shape and index arithmetic, not the network's data path
+        elif elem in _INTEGER_TYPES:
+            g.reasons[node.output[0]] = INTEGER  # shape and index arithmetic, not the network's data path
+            return None
         else:
             result.skipped.append((label, f"output type {elem} is not a float or quantized tensor"))
             return None
@@ -694,8 +707,9 @@ def inject(model: onnx.ModelProto, selection: SiteSelection | None = None,
     result = PassResult(model=m, inserted=list(dec.inserted), skipped=list(dec.skipped))
     g = _Graph(m)
     found = _find_sites(g, selection, int_widths, result)
+    result.details["non_sites"] = non_sites(m.graph, g.covered, g.reasons, result.skipped)
     if not found:
-        raise InjectError("no fault sites match the selection (check --sites / --format)")
+        raise InjectError(why_no_sites(result.details["non_sites"]))
 
     graph = m.graph
     by_node = {id(n): (s, e) for s, n, e in found}
