@@ -336,4 +336,4 @@ def test_subgraph_nodes_skipped():
 
 def test_registry_covers_brief():
     assert set(HANDLERS) == {"Softmax", "LogSoftmax", "LayerNormalization", "Gelu", "BatchNormalization",
-                             "Sigmoid", "HardSigmoid", "HardSwish", "Gemm"}
+                             "Sigmoid", "HardSigmoid", "HardSwish", "Gemm", "Einsum"}
