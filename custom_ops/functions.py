@@ -26,10 +26,10 @@ Operators (``FAULT_DOMAIN``, version 1):
 
 ``GemmFaultsBT_<fmt>``: ``GemmFaults_<fmt>`` with B given transposed (``[N, K]``).
 
-``ConvGatherFaults_<fmt>(A, B, Y, faults, a_index, b_off, bias, [int…]) -> Z``
+``ConvGatherFaults_<fmt>(A, B, Y, faults, a_index, b_index, bias, [int…]) -> Z``
     ``ConvFaults_<fmt>`` for any convolution (1-D, 3-D, ConvTranspose): the sampler gives the K
-    flat input indices of each fault's output element whole (``a_index`` [F, K], -1 for a zero
-    operand: padding, or a transposed convolution's tap that falls between input positions).
+    flat operand indices of each fault's output element whole (``a_index``, ``b_index`` [F, K];
+    ``a_index`` -1 for a zero operand: padding, or a missing tap of a transposed convolution).
 
 Each operator also exists as ``<name>NoLog_<suffix>`` (e.g. ``GemmFaultsNoLog_fp32``): the same
 ``Z`` without the ``log`` output, so that graphs built without fault logging do no log work.
@@ -160,14 +160,14 @@ GEMM_COLUMNS = ("a_row", "b_col") + FAULT_COLUMNS
 CONV_COLUMNS = ("a_base", "b_base") + FAULT_COLUMNS + ("ih0", "iw0")
 # Convolutions other than plain 2-D Conv (1-D, 3-D, ConvTranspose): the operand indices of each
 # fault's K input values come whole from the sampler (input ``a_index`` [F, K], -1 = a zero operand).
-GATHER_COLUMNS = ("b_base",) + FAULT_COLUMNS
+GATHER_COLUMNS = FAULT_COLUMNS
 INT_COLUMNS = ("width_mask",)
 # Column vectors [F] vs. column matrices [F, 1] (these broadcast against [K] offsets).
 _MATRIX_COLUMNS = ("a_base", "b_base", "ih0", "iw0")
 
 GEMM_INPUTS = ["A", "B", "Y", "faults"]
 CONV_INPUTS = ["A", "B", "Y", "faults", "a_off", "b_off", "dh", "dw", "bias"]
-GATHER_INPUTS = ["A", "B", "Y", "faults", "a_index", "b_off", "bias"]
+GATHER_INPUTS = ["A", "B", "Y", "faults", "a_index", "b_index", "bias"]
 INT_INPUTS = ["za", "zb", "sa", "sb"]
 
 
@@ -307,8 +307,8 @@ def gemm_faults_function(fmt: str, conv: bool = False, batched: bool = False,
     """Build ``GemmFaults_<fmt>`` (B a matrix), ``GemmFaultsBT_<fmt>`` (``b_transposed``: the
     second input is B^T [N, K], so a fault's operand column is one contiguous row),
     ``BatchedGemmFaults_<fmt>`` (B with batch axes), ``ConvFaults_<fmt>`` (``conv=True``) or
-    ``ConvGatherFaults_<fmt>`` (``gathered=True``: any convolution, the K input indices of each
-    fault given whole as ``a_index`` [F, K], -1 for a zero operand such as padding)."""
+    ``ConvGatherFaults_<fmt>`` (``gathered=True``: any convolution, the K operand indices of each
+    fault given whole as ``a_index`` and ``b_index`` [F, K]; ``a_index`` -1 for a zero operand)."""
     if fmt not in GEMM_FORMATS:
         raise ValueError(f"unknown gemm format {fmt!r}")
     conv = conv or gathered
@@ -328,7 +328,7 @@ def gemm_faults_function(fmt: str, conv: bool = False, batched: bool = False,
         # Flatten aliases the operands (Reshape of a tensor used elsewhere would copy it).
         a_flat = b.op("Flatten", "A", axis=0)  # [1, size]
         b_flat = b.op("Flatten", "B", axis=0)
-        b_idx = b.op("Add", "b_base", "b_off")
+        b_idx = "b_index" if gathered else b.op("Add", "b_base", "b_off")
         zero = b.const_int(0)
         if gathered:  # -1 marks a zero operand (padding, or a tap between a transposed conv's strides)
             valid = b.op("GreaterOrEqual", "a_index", zero)

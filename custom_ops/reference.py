@@ -95,9 +95,9 @@ def gemm_faults(fmt, A, B, Y, a_base, a_off, b_base, b_off, out_index, column, i
     A, B, Y = np.asarray(A), np.asarray(B), np.asarray(Y)
     a_flat, b_flat = A.reshape(-1), B.reshape(-1)
     a_base = None if a_base is None else np.asarray(a_base, np.int64).reshape(-1)
-    b_base = np.asarray(b_base, np.int64).reshape(-1)
+    b_base = None if b_base is None else np.asarray(b_base, np.int64).reshape(-1)
     a_off = None if a_off is None else np.asarray(a_off, np.int64).reshape(-1)
-    b_off = np.asarray(b_off, np.int64).reshape(-1)
+    b_off = None if b_off is None else np.asarray(b_off, np.int64).reshape(-1)
     out_index = np.asarray(out_index, np.int64).reshape(-1)
     column = np.asarray(column, np.int64).reshape(-1)
     is_sum = np.asarray(is_sum, bool).reshape(-1)
@@ -105,16 +105,17 @@ def gemm_faults(fmt, A, B, Y, a_base, a_off, b_base, b_off, out_index, column, i
     prev = np.asarray(prev, np.int64).reshape(-1)
     rank = np.asarray(rank, np.int64).reshape(-1)
     channel = np.asarray(channel, np.int64).reshape(-1)
-    F, K = len(out_index), len(b_off)
+    F, K = len(out_index), (None if b_off is None else len(b_off))
     if a_off is not None and len(a_off) != K:
         raise ValueError("a_off and b_off differ in length")
     if F and int(np.asarray(rounds)) < int(rank.max()) + 1:
         raise ValueError("rounds must cover every rank")
     a_index = None
-    if conv is not None and len(conv) == 2:  # ConvGatherFaults: (bias, a_index [F, K], -1 = zero)
-        bias, a_index = conv
+    if conv is not None and len(conv) == 3:  # ConvGatherFaults: (bias, a_index, b_index [F, K]; -1 = zero)
+        bias, a_index, b_index = conv
         bias = np.asarray(bias).reshape(-1)
         a_index = np.asarray(a_index, np.int64).reshape(F, -1)
+        b_index = np.asarray(b_index, np.int64).reshape(F, -1)
         K = a_index.shape[1]
     elif conv is not None:
         bias, ih0, iw0, dh, dw = conv
@@ -166,7 +167,7 @@ def gemm_faults(fmt, A, B, Y, a_base, a_off, b_base, b_off, out_index, column, i
             ih, iw = ih0[f0] + dh, iw0[f0] + dw
             valid = (ih >= 0) & (ih < height) & (iw >= 0) & (iw < width)
         a_vals = [a_flat[i] if v else None for i, v in zip(a_idx.tolist(), valid.tolist())]
-        b_vals = b_flat[b_base[f0] + b_off]
+        b_vals = b_flat[b_base[f0] + b_off] if a_index is None else b_flat[b_index[f0]]
         by_column = defaultdict(list)
         for f in fs:
             by_column[int(column[f])].append(f)
@@ -241,13 +242,12 @@ def _gather_ref(fmt):
     is_int = fmt == "int"
 
     def fn(*inputs):
-        A, B, Y, faults, a_index, b_off, bias = (np.asarray(v) for v in inputs[:7])
+        A, B, Y, faults, a_index, b_index, bias = (np.asarray(v) for v in inputs[:7])
         c = _columns(faults, table_columns(True, is_int, gathered=True))
         rest = [c["out_index"], c["column"], c["is_sum"].astype(bool), c["mask"], c["prev"], c["rank"],
                 np.int64(c["rank"].max() + 1 if len(c["rank"]) else 0), c["channel"]]
         q = tuple(inputs[7:11]) + (c["width_mask"],) if is_int else None
-        return gemm_faults(fmt, A, B, Y, None, None, c["b_base"][:, None], b_off, *rest,
-                           conv=(bias, a_index), quant=q)
+        return gemm_faults(fmt, A, B, Y, None, None, None, None, *rest, conv=(bias, a_index, b_index), quant=q)
     fn.__name__ = f"ConvGatherFaults_{fmt}"
     return fn
 

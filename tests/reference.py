@@ -506,32 +506,62 @@ def _conv_nd_geometry(x_shape, w_shape, strides, pads, dilations, group, transpo
     return Nb, C, Cg, M, kernel, tuple(out), strides, pads[:d], dilations
 
 
+def _phase_taps(kernel, stride, dilation):
+    """ConvTranspose, one axis: for each output phase r (o + pad_begin = r mod stride), the taps
+    t with t * dilation = r (mod stride) in increasing order, padded with None (a zero product)
+    to the longest phase."""
+    rows = [[t for t in range(kernel) if (t * dilation) % stride == r] for r in range(stride)]
+    n = max(1, max(len(r) for r in rows))
+    return [r + [None] * (n - len(r)) for r in rows]
+
+
 def _conv_nd_pairs(x, w, n, m, opos, geo, transpose, zero):
     """The K operand pairs of output element (n, m, opos) in the documented order: input channel
-    of the group slowest, then the kernel taps row-major. Padding, and for ConvTranspose a tap
-    whose input position falls between strides, is a real product with a zero operand."""
+    of the group slowest, then the kernel taps row-major (ConvTranspose: the taps of the output's
+    phase, those that meet an input position). Padding, and a missing tap of a ConvTranspose
+    phase, is a real product with a zero operand."""
     Nb, C, Cg, M, kernel, out, strides, pb, dil = geo
     Mg = M // (C // Cg)
     g = m // Mg
+    if transpose:
+        per_axis = [_phase_taps(kernel[i], strides[i], dil[i])[(opos[i] + pb[i]) % strides[i]]
+                    for i in range(len(kernel))]
+    else:
+        per_axis = [list(range(k)) for k in kernel]
     for c in range(Cg):
-        for tap in np.ndindex(*kernel):
+        for slot in np.ndindex(*[len(a) for a in per_axis]):
+            tap = tuple(per_axis[i][j] for i, j in enumerate(slot))
             pos = []
             for i, k in enumerate(tap):
-                if transpose:
-                    num = opos[i] + pb[i] - k * dil[i]
-                    ok = num >= 0 and num % strides[i] == 0 and num // strides[i] < x.shape[2 + i]
-                    pos.append(num // strides[i] if ok else None)
+                if k is None:
+                    pos.append(None)
+                elif transpose:
+                    num = opos[i] + pb[i] - k * dil[i]  # a multiple of the stride by the phase
+                    pos.append(num // strides[i] if 0 <= num // strides[i] < x.shape[2 + i] else None)
                 else:
                     p = opos[i] * strides[i] - pb[i] + k * dil[i]
                     pos.append(p if 0 <= p < x.shape[2 + i] else None)
-            xv = zero if None in pos else x[(n, g * Cg + c) + tuple(pos)]
-            wv = w[(g * Cg + c, m - g * Mg) + tap] if transpose else w[(m, c) + tap]
+            if None in pos:
+                # a zero product 0 * w; w (which sets the sign of the zero) is the tap's weight, tap 0
+                # on an axis whose phase has no tap in this slot
+                wt = tuple(0 if k is None else k for k in tap)
+                xv = zero
+            else:
+                wt, xv = tap, x[(n, g * Cg + c) + tuple(pos)]
+            wv = w[(g * Cg + c, m - g * Mg) + wt] if transpose else w[(m, c) + wt]
             yield xv, wv
+
+
+def _conv_nd_k(geo, transpose):
+    Nb, C, Cg, M, kernel, out, strides, pb, dil = geo
+    if not transpose:
+        return Cg * int(np.prod(kernel))
+    return Cg * int(np.prod([len(_phase_taps(kernel[i], strides[i], dil[i])[0]) for i in range(len(kernel))]))
 
 
 def _conv_nd_loop(x, w, bias, geo, transpose, grouped, arith, out_dtype, zero, applied_to=None):
     Nb, C, Cg, M, kernel, out, *_ = geo
-    K = Cg * int(np.prod(kernel))
+    K = _conv_nd_k(geo, transpose)
     result = np.zeros((Nb, M) + out, dtype=out_dtype)
     flat = result.reshape(-1)
     base = None if applied_to is None else np.asarray(applied_to).reshape(-1)
@@ -556,13 +586,14 @@ def conv_nd_reference(x, w, bias, strides, pads, dilations, group, faults, fmt, 
 
     x: [N, C, *spatial]; w: Conv [M, C/group, *kernel] or ConvTranspose [C, M/group, *kernel];
     pads [begin..., end...] (ONNX order). Output element (n, m, o) reduces over (c, tap) in
-    [C/group, *kernel] row-major. ``applied_to``: see :func:`matmul_reference`."""
+    [C/group, *kernel] row-major (ConvTranspose: [C/group, *phase taps], see :func:`_phase_taps`).
+    ``applied_to``: see :func:`matmul_applied_reference`."""
     arith = _FloatArith(fmt)
     x = np.asarray(x).astype(arith.operand_dtype)
     w = np.asarray(w).astype(arith.operand_dtype)
     geo = _conv_nd_geometry(x.shape, w.shape, strides, pads, dilations, group, transpose, output_padding)
     Nb, C, Cg, M, kernel, out = geo[:6]
-    K = Cg * int(np.prod(kernel))
+    K = _conv_nd_k(geo, transpose)
     if bias is not None:
         bias = np.asarray(bias).astype(arith.operand_dtype).astype(np.float32)
     grouped = _group_gemm_faults(faults, Nb * M * int(np.prod(out)), K, bias is not None,
@@ -587,7 +618,7 @@ def conv_nd_int_reference(qx, zx, qw, zw, bias_int, strides, pads, dilations, gr
     cw = qw64 - (zw.reshape((-1,) + (1,) * (qw.ndim - 1)) if zw.ndim == 1 and m_axis == 0 else zw)
     geo = _conv_nd_geometry(cx.shape, cw.shape, strides, pads, dilations, group, transpose, output_padding)
     Nb, C, Cg, M, kernel, out = geo[:6]
-    K = Cg * int(np.prod(kernel))
+    K = _conv_nd_k(geo, transpose)
     arith = _IntArith(product_bits, accum_bits)
     if bias_int is not None:
         bias_int = [int(v) for v in np.asarray(bias_int)]

@@ -28,6 +28,7 @@ CASES = {
     "convtranspose1d": ("ConvTranspose", (2, 3, 5), (3, 2, 4), dict(strides=[3], pads=[1, 2], output_padding=[1])),
     "convtranspose2d_grouped": ("ConvTranspose", (2, 4, 4, 3), (4, 3, 3, 2),
                                 dict(pads=[1, 0, 0, 1], strides=[2, 3], group=2, output_padding=[1, 0])),
+    "convtranspose2d_k4s2": ("ConvTranspose", (2, 3, 3, 3), (3, 2, 4, 4), dict(strides=[2, 2], pads=[1, 1, 1, 1])),
     "convtranspose3d": ("ConvTranspose", (2, 2, 2, 3, 2), (2, 2, 2, 2, 3), dict(strides=[2, 1, 2], dilations=[1, 2, 1])),
 }
 
@@ -78,6 +79,12 @@ def test_conv_forms_fp32_to_the_bit(case):
     assert_close(clean, _reference(op, x, w, bias, attrs, [], "fp32"), RTOL32, f"{case} clean vs onnxruntime")
     plans = sess.plans(feeds)
     k = x_shape[1] // attrs.get("group", 1) * int(np.prod(w_shape[2:]))
+    if op == "ConvTranspose":  # the taps of one output phase: the longest phase per axis
+        d = len(w_shape) - 2
+        strides, dil = attrs.get("strides", [1] * d), attrs.get("dilations", [1] * d)
+        k = x_shape[1] // attrs.get("group", 1) * int(np.prod([
+            max(sum((t * dil[i]) % strides[i] == r for t in range(w_shape[2 + i])) for r in range(strides[i]))
+            for i in range(d)]))
     assert plans[0].k == k and plans[0].out_shape == clean.shape
     assert plans[0].per_op_bits == 2 * k * 32
     hand_f = _hand(k, plans[0].elements)

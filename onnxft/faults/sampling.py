@@ -103,10 +103,8 @@ def make_plans(table: SiteTable, shapes: np.ndarray, batch: int) -> list[SitePla
             continue
         wp, wa = site.widths["product"], site.widths["sum"]
         a, b = shp[1], shp[2]
-        if site.kind == "conv" and site.conv.get("transpose"):  # W [C_in, M/group, kernel...]
-            k = b[0] // site.conv["group"] * int(np.prod(b[2:]))
-        elif site.kind == "conv":
-            k = int(np.prod(b[1:]))
+        if site.kind == "conv":
+            k = conv_reduction_length(site, a, b)
         else:
             k = a[-1]
         per = k * wp + (k - 1) * wa + (wa if site.bias else 0)
@@ -250,9 +248,9 @@ def site_tables(plan: SitePlan, faults: Faults, site_index: int | None = None):
     rank = np.arange(f) - np.repeat(starts, np.diff(np.append(starts, f)))
     column = np.where(is_sum, t + 1, t)
     if site.gathered:
-        b_base, channel, feeds[names["a_index"]], feeds[names["b_off"]] = _gather_geometry(plan, o)
+        channel, feeds[names["a_index"]], feeds[names["b_index"]] = _gather_geometry(plan, o)
         extra_cols = []
-        operands = [b_base]
+        operands = []
     elif site.kind == "conv":
         a_base, b_base, channel, ih0, iw0, a_off, b_off, dh, dw = _conv_geometry(plan, o)
         extra_cols = [ih0, iw0]
@@ -309,8 +307,8 @@ def _site_tables_small(plan: SitePlan, item, element, step, bit):
         cols["width_mask"].append((1 << (wa if is_sum else wp)) - 1)
     feeds = {}
     if site.gathered:
-        b_base, channel, feeds[names["a_index"]], feeds[names["b_off"]] = _gather_geometry(plan, o)
-        table, extra = [b_base], []
+        channel, feeds[names["a_index"]], feeds[names["b_index"]] = _gather_geometry(plan, o)
+        table, extra = [], []
     elif site.kind == "conv":
         a_base, b_base, channel, ih0, iw0, a_off, b_off, dh, dw = _conv_geometry(plan, o)
         feeds.update({names["dh"]: dh, names["dw"]: dw, names["a_off"]: a_off, names["b_off"]: b_off})
@@ -379,25 +377,41 @@ def _conv_geometry(plan: SitePlan, o: np.ndarray):
     return a_base, bco * (cg * kh * kw), bco, ih0, iw0, g["a_off"], g["b_off"], g["dh"], g["dw"]
 
 
+def transpose_phase_taps(kernel: int, stride: int, dilation: int) -> np.ndarray:
+    """[stride, n] kernel taps of one ConvTranspose axis by output phase: row ``r`` lists, in
+    increasing order, the taps ``t`` with ``t * dilation = r (mod stride)`` (those that meet an
+    input position at an output position ``o`` with ``o + pad_begin = r (mod stride)``), padded
+    with -1 to the longest row (a missing tap is a zero product)."""
+    rows = [[t for t in range(kernel) if (t * dilation) % stride == r] for r in range(stride)]
+    n = max(1, max(len(r) for r in rows))
+    return np.array([r + [-1] * (n - len(r)) for r in rows], np.int64).reshape(stride, n)
+
+
+def conv_reduction_length(site: Site, x_shape, w_shape) -> int:
+    """K of a Conv or ConvTranspose site (docs/fault_model.md, "Convolutions")."""
+    if not site.conv.get("transpose"):
+        return int(np.prod(w_shape[1:]))
+    c = site.conv
+    taps = [transpose_phase_taps(k, s, d).shape[1] for k, s, d in zip(w_shape[2:], c["strides"], c["dilations"])]
+    return x_shape[1] // c["group"] * int(np.prod(taps))
+
+
 def _gather_geometry(plan: SitePlan, o: np.ndarray):
-    """(b_base, channel, a_index [F, K], b_off [K]) of output elements ``o`` of a gathered
-    convolution (docs/fault_model.md, "Convolutions"): reduction index (c, kernel tap) row-major
-    over [C_in/group, kernel...]; a_index is -1 where the operand is a zero (padding, or for
-    ConvTranspose a tap that falls between the input positions of the stride)."""
+    """(channel, a_index, b_index [F, K]) of output elements ``o`` of a gathered convolution
+    (docs/fault_model.md, "Convolutions"): reduction index (c, tap slot) row-major; a_index is
+    -1 where the operand is a zero (padding, or a missing tap of a ConvTranspose phase)."""
     x, w, y = plan.a_shape, plan.b_shape, plan.out_shape
     c = plan.conv
     d, group, transpose = len(x) - 2, c["group"], bool(c.get("transpose"))
     g = plan.geometry
     if g is None:
         cg, kernel = x[1] // group, tuple(w[2:])
-        taps = int(np.prod(kernel))
-        idx = np.indices((cg,) + kernel).reshape(1 + d, -1).astype(np.int64)  # [1 + D, K], row-major
-        mg = y[1] // group
-        b_off = idx[0] * (mg * taps) + np.arange(len(idx[0])) % taps if transpose else np.arange(idx.shape[1])
+        phases = [transpose_phase_taps(k, s, dl) for k, s, dl in zip(kernel, c["strides"], c["dilations"])]
+        slots = tuple(p.shape[1] for p in phases) if transpose else kernel
+        idx = np.indices((cg,) + slots).reshape(1 + d, -1).astype(np.int64)  # [1 + D, K], row-major
         g = plan.geometry = {
-            "cg": cg, "mg": mg, "taps": taps, "ci": idx[0],
-            "kd": idx[1:] * np.array(c["dilations"], np.int64)[:, None],  # [D, K] tap offsets
-            "b_off": b_off.astype(np.int64),
+            "cg": cg, "mg": y[1] // group, "kernel": kernel, "ci": idx[0], "slot": idx[1:], "phases": phases,
+            "dil": np.array(c["dilations"], np.int64)[:, None, None],
             "in": np.array(x[2:], np.int64)[:, None, None],
             "in_strides": np.array([int(np.prod(x[3 + i:])) for i in range(d)], np.int64),
             "s": np.array(c["strides"], np.int64)[:, None, None],
@@ -405,25 +419,29 @@ def _gather_geometry(plan: SitePlan, o: np.ndarray):
         }
     coords = np.unravel_index(np.asarray(o, np.int64), y)
     n, m = coords[0], coords[1]
-    opos = np.stack(coords[2:]).astype(np.int64) if d else np.zeros((0, len(o)), np.int64)  # [D, F]
+    opos = np.stack(coords[2:]).astype(np.int64)  # [D, F]
     grp = m // g["mg"]
-    if transpose:  # output o = i*s - pad + k*dil: input i = (o + pad - k*dil) / s where whole
-        num = (opos + g["pb"])[:, :, None] - g["kd"][:, None, :]  # [D, F, K]
-        pos = num // g["s"]
-        valid = ((num % g["s"]) == 0) & (num >= 0) & (pos < g["in"])
+    if transpose:  # output o = i*s - pad + t*dil: the taps of o's phase, input i = (o + pad - t*dil) / s
+        shifted = opos + g["pb"]  # [D, F]
+        taps = np.stack([ph[shifted[i] % ph.shape[0]][:, g["slot"][i]]
+                         for i, ph in enumerate(g["phases"])])  # [D, F, K]
+        pos = (shifted[:, :, None] - np.maximum(taps, 0) * g["dil"]) // g["s"]
+        valid = (taps >= 0) & (pos >= 0) & (pos < g["in"])
     else:
-        pos = (opos * g["s"][:, :, 0] - g["pb"])[:, :, None] + g["kd"][:, None, :]
+        taps = np.broadcast_to(g["slot"][:, None, :], (d, len(m), g["slot"].shape[1]))
+        pos = (opos * g["s"][:, :, 0] - g["pb"])[:, :, None] + taps * g["dil"]
         valid = (pos >= 0) & (pos < g["in"])
     spatial = int(np.prod(x[2:]))
     lin = np.tensordot(g["in_strides"], pos, axes=(0, 0))  # [F, K]
-    base = (n * x[1] + grp * g["cg"]) * spatial
-    a_index = np.where(valid.all(axis=0), base[:, None] + g["ci"][None, :] * spatial + lin, -1)
-    k = len(g["ci"])
+    a_index = np.where(valid.all(axis=0), ((n * x[1] + grp * g["cg"]) * spatial)[:, None]
+                       + g["ci"][None, :] * spatial + lin, -1)
+    tap = np.ravel_multi_index(tuple(np.maximum(taps, 0)), g["kernel"])  # [F, K] flat kernel tap
+    ks = int(np.prod(g["kernel"]))
     if transpose:  # W [C_in, M/group, kernel...]
-        b_base = (grp * g["cg"] * g["mg"] + (m - grp * g["mg"])) * g["taps"]
-    else:
-        b_base = m * k
-    return b_base.astype(np.int64), m.astype(np.int64), a_index.astype(np.int64), g["b_off"]
+        b_index = ((grp * g["cg"])[:, None] + g["ci"][None, :]) * g["mg"] * ks + (m - grp * g["mg"])[:, None] * ks + tap
+    else:  # W [M, C_in/group, kernel...]
+        b_index = (m[:, None] * g["cg"] + g["ci"][None, :]) * ks + tap
+    return m.astype(np.int64), a_index.astype(np.int64), b_index.astype(np.int64)
 
 
 def fault_feeds(plans: list[SitePlan], faults: Faults) -> dict[str, np.ndarray]:
@@ -483,12 +501,12 @@ def fault_feeds(plans: list[SitePlan], faults: Faults) -> dict[str, np.ndarray]:
     for a, b, idx in gemm_segs:
         plan = plans[idx]
         if plan.site.gathered:
-            b_base, ch, a_index, b_off = _gather_geometry(plan, o[a:b])
-            cols = [b_base, o[a:b], column[a:b], is_sum[a:b], mask_col[a:b], prev[a:b], rank[a:b], ch] + (
+            ch, a_index, b_index = _gather_geometry(plan, o[a:b])
+            cols = [o[a:b], column[a:b], is_sum[a:b], mask_col[a:b], prev[a:b], rank[a:b], ch] + (
                 [width_mask[a:b]] if pa.int8[idx] else [])
             names = plan.site.input_names()
             feeds[names["faults"]] = np.stack([np.asarray(c, np.int64) for c in cols], axis=1)
-            feeds[names["a_index"]], feeds[names["b_off"]] = a_index, b_off
+            feeds[names["a_index"]], feeds[names["b_index"]] = a_index, b_index
         elif plan.site.kind == "conv":
             a_base, b_base, ch, ih0, iw0, a_off, b_off, dh, dw = _conv_geometry(plan, o[a:b])
             cols = [a_base, b_base, o[a:b], column[a:b], is_sum[a:b], mask_col[a:b], prev[a:b], rank[a:b], ch,

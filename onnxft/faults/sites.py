@@ -59,7 +59,7 @@ class Site:
         """Graph inputs that carry this site's faults (all default to empty tensors)."""
         names = {"faults": f"onnxft.{self.id}.faults"}
         if self.gathered:
-            names.update({k: f"onnxft.{self.id}.{k}" for k in ("a_index", "b_off")})
+            names.update({k: f"onnxft.{self.id}.{k}" for k in ("a_index", "b_index")})
         elif self.kind == "conv":
             names.update({k: f"onnxft.{self.id}.{k}" for k in ("a_off", "b_off", "dh", "dw")})
         return names

@@ -470,7 +470,7 @@ def _fault_op(p: "_Nodes", site: Site, node: onnx.NodeProto, y: str, faults: str
         if site.bias:
             bias = extra["bias_q"] if site.format == "int8" else node.input[2]
         if site.gathered:
-            args += [names["a_index"], names["b_off"], bias]
+            args += [names["a_index"], names["b_index"], bias]
         else:
             args += [names["a_off"], names["b_off"], names["dh"], names["dw"], bias]
     if site.format == "int8":
@@ -752,7 +752,7 @@ def inject(model: onnx.ModelProto, selection: SiteSelection | None = None,
         for key, name in names.items():
             if key == "faults":
                 continue
-            if key == "a_index":  # [F, K]: the K input indices of each fault (gathered convolutions)
+            if key in ("a_index", "b_index"):  # [F, K]: each fault's K operand indices (gathered convolutions)
                 new_inputs.append(helper.make_tensor_value_info(name, TensorProto.INT64, [f"F_{site.id}", f"K_{site.id}"]))
                 new_inits.append(numpy_helper.from_array(np.zeros((0, 0), np.int64), name))
                 continue
