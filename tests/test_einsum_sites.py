@@ -11,7 +11,7 @@ from onnx import helper as h
 
 import reference as R
 from onnxft.passes.decompose import decompose, einsum_as_matmul
-from onnxft.passes.inject import inject, prepare
+from onnxft.passes.inject import prepare
 from test_inject_reference import (assert_bits_equal, assert_close, build, check_ber0, hand, make_model,
                                    merge, plain_run, sampled, vi)
 

@@ -753,7 +753,8 @@ def inject(model: onnx.ModelProto, selection: SiteSelection | None = None,
             if key == "faults":
                 continue
             if key in ("a_index", "b_index"):  # [F, K]: each fault's K operand indices (gathered convolutions)
-                new_inputs.append(helper.make_tensor_value_info(name, TensorProto.INT64, [f"F_{site.id}", f"K_{site.id}"]))
+                dims = [f"F_{site.id}", f"K_{site.id}"]
+                new_inputs.append(helper.make_tensor_value_info(name, TensorProto.INT64, dims))
                 new_inits.append(numpy_helper.from_array(np.zeros((0, 0), np.int64), name))
                 continue
             new_inputs.append(helper.make_tensor_value_info(name, TensorProto.INT64, [f"K_{site.id}"]))
