@@ -417,7 +417,13 @@ def _gather_geometry(plan: SitePlan, o: np.ndarray):
             "s": np.array(c["strides"], np.int64)[:, None, None],
             "pb": np.array(c["begin"], np.int64)[:, None],
         }
-    coords = np.unravel_index(np.asarray(o, np.int64), y)
+    o = np.asarray(o, np.int64)
+    k = len(g["ci"])
+    step = max(1, (1 << 22) // k)  # bounds the [D, F, K] intermediates (~32 MB each)
+    if len(o) > step:
+        parts = [_gather_geometry(plan, o[i:i + step]) for i in range(0, len(o), step)]
+        return tuple(np.concatenate([p[j] for p in parts]) for j in range(3))
+    coords = np.unravel_index(o, y)
     n, m = coords[0], coords[1]
     opos = np.stack(coords[2:]).astype(np.int64)  # [D, F]
     grp = m // g["mg"]
