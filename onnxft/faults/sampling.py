@@ -396,58 +396,63 @@ def conv_reduction_length(site: Site, x_shape, w_shape) -> int:
     return x_shape[1] // c["group"] * int(np.prod(taps))
 
 
+def _axis_tables(out: int, size: int, kernel: int, stride: int, dilation: int, pad: int, transpose: bool):
+    """One spatial axis of a gathered convolution, for every output position and tap slot:
+    (input position, valid, kernel tap) as [out, slots] arrays."""
+    o = np.arange(out, dtype=np.int64)[:, None]
+    if transpose:  # the taps of o's phase; input i = (o + pad - t*dilation) / stride
+        taps = transpose_phase_taps(kernel, stride, dilation)[(o[:, 0] + pad) % stride]  # [out, n]
+        pos = (o + pad - np.maximum(taps, 0) * dilation) // stride
+        valid = (taps >= 0) & (pos >= 0) & (pos < size)
+    else:
+        taps = np.broadcast_to(np.arange(kernel, dtype=np.int64), (out, kernel))
+        pos = o * stride - pad + taps * dilation
+        valid = (pos >= 0) & (pos < size)
+    return pos, valid, np.maximum(taps, 0)
+
+
 def _gather_geometry(plan: SitePlan, o: np.ndarray):
     """(channel, a_index, b_index [F, K]) of output elements ``o`` of a gathered convolution
     (docs/fault_model.md, "Convolutions"): reduction index (c, tap slot) row-major; a_index is
-    -1 where the operand is a zero (padding, or a missing tap of a ConvTranspose phase)."""
+    -1 where the operand is a zero (padding, or a missing tap of a ConvTranspose phase).
+
+    The spatial part ([F, slots]) comes from small per-axis tables; only the final indices are
+    [F, K] (K = C_in/group x slots)."""
     x, w, y = plan.a_shape, plan.b_shape, plan.out_shape
     c = plan.conv
     d, group, transpose = len(x) - 2, c["group"], bool(c.get("transpose"))
     g = plan.geometry
     if g is None:
-        cg, kernel = x[1] // group, tuple(w[2:])
-        phases = [transpose_phase_taps(k, s, dl) for k, s, dl in zip(kernel, c["strides"], c["dilations"])]
-        slots = tuple(p.shape[1] for p in phases) if transpose else kernel
-        idx = np.indices((cg,) + slots).reshape(1 + d, -1).astype(np.int64)  # [1 + D, K], row-major
+        kernel = tuple(w[2:])
+        axes = [_axis_tables(y[2 + i], x[2 + i], kernel[i], c["strides"][i], c["dilations"][i], c["begin"][i],
+                             transpose) for i in range(d)]
+        slots = tuple(a[0].shape[1] for a in axes)
         g = plan.geometry = {
-            "cg": cg, "mg": y[1] // group, "kernel": kernel, "ci": idx[0], "slot": idx[1:], "phases": phases,
-            "dil": np.array(c["dilations"], np.int64)[:, None, None],
-            "in": np.array(x[2:], np.int64)[:, None, None],
-            "in_strides": np.array([int(np.prod(x[3 + i:])) for i in range(d)], np.int64),
-            "s": np.array(c["strides"], np.int64)[:, None, None],
-            "pb": np.array(c["begin"], np.int64)[:, None],
+            "cg": x[1] // group, "mg": y[1] // group, "ks": int(np.prod(kernel)), "axes": axes,
+            "slot": np.indices(slots).reshape(d, -1),  # [D, S] row-major over the slots
+            "in_strides": [int(np.prod(x[3 + i:])) for i in range(d)],
+            "k_strides": [int(np.prod(kernel[i + 1:])) for i in range(d)],
         }
     o = np.asarray(o, np.int64)
-    k = len(g["ci"])
-    step = max(1, (1 << 22) // k)  # bounds the [D, F, K] intermediates (~32 MB each)
-    if len(o) > step:
-        parts = [_gather_geometry(plan, o[i:i + step]) for i in range(0, len(o), step)]
-        return tuple(np.concatenate([p[j] for p in parts]) for j in range(3))
     coords = np.unravel_index(o, y)
     n, m = coords[0], coords[1]
-    opos = np.stack(coords[2:]).astype(np.int64)  # [D, F]
-    grp = m // g["mg"]
-    if transpose:  # output o = i*s - pad + t*dil: the taps of o's phase, input i = (o + pad - t*dil) / s
-        shifted = opos + g["pb"]  # [D, F]
-        taps = np.stack([ph[shifted[i] % ph.shape[0]][:, g["slot"][i]]
-                         for i, ph in enumerate(g["phases"])])  # [D, F, K]
-        pos = (shifted[:, :, None] - np.maximum(taps, 0) * g["dil"]) // g["s"]
-        valid = (taps >= 0) & (pos >= 0) & (pos < g["in"])
-    else:
-        taps = np.broadcast_to(g["slot"][:, None, :], (d, len(m), g["slot"].shape[1]))
-        pos = (opos * g["s"][:, :, 0] - g["pb"])[:, :, None] + taps * g["dil"]
-        valid = (pos >= 0) & (pos < g["in"])
+    lin = tap = valid = None
+    for i, (pos, ok, taps) in enumerate(g["axes"]):
+        rows, cols = coords[2 + i][:, None], g["slot"][i][None, :]
+        part, ok_i, tap_i = pos[rows, cols] * g["in_strides"][i], ok[rows, cols], taps[rows, cols] * g["k_strides"][i]
+        lin, valid, tap = (part, ok_i, tap_i) if lin is None else (lin + part, valid & ok_i, tap + tap_i)
+    cg, mg, ks = g["cg"], g["mg"], g["ks"]
+    ci = np.arange(cg, dtype=np.int64)[None, :, None]
     spatial = int(np.prod(x[2:]))
-    lin = np.tensordot(g["in_strides"], pos, axes=(0, 0))  # [F, K]
-    a_index = np.where(valid.all(axis=0), ((n * x[1] + grp * g["cg"]) * spatial)[:, None]
-                       + g["ci"][None, :] * spatial + lin, -1)
-    tap = np.ravel_multi_index(tuple(np.maximum(taps, 0)), g["kernel"])  # [F, K] flat kernel tap
-    ks = int(np.prod(g["kernel"]))
+    grp = m // mg
+    a_index = ((n * x[1] + grp * cg) * spatial)[:, None, None] + ci * spatial + lin[:, None, :]  # [F, cg, S]
+    a_index = np.where(valid[:, None, :], a_index, -1).reshape(len(o), -1)
     if transpose:  # W [C_in, M/group, kernel...]
-        b_index = ((grp * g["cg"])[:, None] + g["ci"][None, :]) * g["mg"] * ks + (m - grp * g["mg"])[:, None] * ks + tap
+        b_row, c_step = (grp * cg * mg + (m - grp * mg)) * ks, mg * ks
     else:  # W [M, C_in/group, kernel...]
-        b_index = (m[:, None] * g["cg"] + g["ci"][None, :]) * ks + tap
-    return m.astype(np.int64), a_index.astype(np.int64), b_index.astype(np.int64)
+        b_row, c_step = m * cg * ks, ks
+    b_index = (b_row[:, None, None] + ci * c_step + tap[:, None, :]).reshape(len(o), -1)
+    return m.astype(np.int64), a_index, b_index
 
 
 def fault_feeds(plans: list[SitePlan], faults: Faults) -> dict[str, np.ndarray]:
