@@ -191,3 +191,23 @@ def test_convtranspose_output_shape_is_reported_not_a_site():
     assert [s.op_type for s in SiteTable.from_model(r.model).sites] == ["Add"]
     assert ("up", "ConvTranspose with output_shape or auto_pad SAME is not a site yet (give explicit pads)") in r.skipped
     assert {"node": "up", "op_type": "ConvTranspose", "reason": dict(r.skipped)["up"]} in r.details["non_sites"]
+
+
+def test_chained_faults_on_negative_zero_sums():
+    """All products 0 * (negative w) = -0, so every partial sum is -0: a chain of faults must flip
+    -0's bit pattern (a tiny negative number, then about -2), not +0's (onnxruntime's Where
+    turns a selected -0 into +0; the operator selects by gathering instead)."""
+    w = -np.abs(np.random.default_rng(4).standard_normal((2, 2, 3))).astype(np.float32) - 0.5
+    model = _model("Conv", (2, 2, 5), w, np.zeros(2, np.float32), pads=[1, 1])
+    sess = build(model)
+    x = np.zeros((2, 2, 5), np.float32)
+    x[1] = 1.0
+    feeds = {"x": x}
+    clean = sess.clean(feeds)[0][0]
+    k = 6
+    faults = hand([(0, 0, 2, k, 3), (0, 0, 2, k + 2, 30), (0, 0, 7, k + 1, 31), (0, 0, 7, 2 * k - 2, 29)])
+    y = sess.run(feeds, faults)[0]
+    rows = gemm_rows(faults, 0, y.shape)
+    want = _reference("Conv", x, w, np.zeros(2, np.float32), {"pads": [1, 1]}, rows, "fp32", applied_to=clean)
+    assert want.reshape(-1)[2] < -1.5  # the chain through -0: -tiny (bit 3), then exponent bit 30: about -2
+    assert_bits_equal(y, want, "chained faults on -0 partial sums")
