@@ -26,6 +26,11 @@ Operators (``FAULT_DOMAIN``, version 1):
 
 ``GemmFaultsBT_<fmt>``: ``GemmFaults_<fmt>`` with B given transposed (``[N, K]``).
 
+``ConvGatherFaults_<fmt>(A, B, Y, faults, a_index, b_index, bias, [int…]) -> Z``
+    ``ConvFaults_<fmt>`` for any convolution (1-D, 3-D, ConvTranspose): the sampler gives the K
+    flat operand indices of each fault's output element whole (``a_index``, ``b_index`` [F, K];
+    ``a_index`` -1 for a zero operand: padding, or a missing tap of a transposed convolution).
+
 Each operator also exists as ``<name>NoLog_<suffix>`` (e.g. ``GemmFaultsNoLog_fp32``): the same
 ``Z`` without the ``log`` output, so that graphs built without fault logging do no log work.
 """
@@ -153,17 +158,22 @@ ELEMENTWISE_COLUMNS = ("index", "mask")
 FAULT_COLUMNS = ("out_index", "column", "is_sum", "mask", "prev", "rank", "channel")
 GEMM_COLUMNS = ("a_row", "b_col") + FAULT_COLUMNS
 CONV_COLUMNS = ("a_base", "b_base") + FAULT_COLUMNS + ("ih0", "iw0")
+# Convolutions other than plain 2-D Conv (1-D, 3-D, ConvTranspose): the operand indices of each
+# fault's K input values come whole from the sampler (input ``a_index`` [F, K], -1 = a zero operand).
+GATHER_COLUMNS = FAULT_COLUMNS
 INT_COLUMNS = ("width_mask",)
 # Column vectors [F] vs. column matrices [F, 1] (these broadcast against [K] offsets).
 _MATRIX_COLUMNS = ("a_base", "b_base", "ih0", "iw0")
 
 GEMM_INPUTS = ["A", "B", "Y", "faults"]
 CONV_INPUTS = ["A", "B", "Y", "faults", "a_off", "b_off", "dh", "dw", "bias"]
+GATHER_INPUTS = ["A", "B", "Y", "faults", "a_index", "b_index", "bias"]
 INT_INPUTS = ["za", "zb", "sa", "sb"]
 
 
-def table_columns(conv: bool, is_int: bool) -> tuple[str, ...]:
-    return (CONV_COLUMNS if conv else GEMM_COLUMNS) + (INT_COLUMNS if is_int else ())
+def table_columns(conv: bool, is_int: bool, gathered: bool = False) -> tuple[str, ...]:
+    base = GATHER_COLUMNS if gathered else CONV_COLUMNS if conv else GEMM_COLUMNS
+    return base + (INT_COLUMNS if is_int else ())
 
 
 def _unpack(b: "_Body", columns, types: dict | None = None, keep=_MATRIX_COLUMNS) -> None:
@@ -181,6 +191,15 @@ def _unpack(b: "_Body", columns, types: dict | None = None, keep=_MATRIX_COLUMNS
             b.nodes.append(helper.make_node("Squeeze", [part, squeeze], [name]))
         else:
             b.nodes.append(helper.make_node("Cast", [b.op("Squeeze", part, squeeze)], [name], to=to))
+
+
+def _pick(b: _Body, cond: str, if_true: str, if_false: str) -> str:
+    """``Where(cond, if_true, if_false)`` for [F] vectors that keeps every bit: onnxruntime's
+    Where turns a selected -0 of its second input into +0, which then flips differently."""
+    one = b.const_ints([1])
+    both = b.op("Concat", b.op("Unsqueeze", if_true, one), b.op("Unsqueeze", if_false, one), axis=1)  # [F, 2]
+    column = b.op("Unsqueeze", b.op("Cast", b.op("Not", cond), to=TensorProto.INT64), one)
+    return b.op("Squeeze", b.op("GatherElements", both, column, axis=1), one)
 
 
 def _flip_float32(b: _Body, v: str, mask: str) -> str:
@@ -212,7 +231,7 @@ def _flipped(b: _Body, value: str, fmt: str) -> str:
         m16 = b.op("Cast", "mask", to=TensorProto.INT16)
         flip16 = b.op("Cast", b.op("BitCast", b.op("BitwiseXor", b.op("BitCast", v16, to=TensorProto.INT16), m16),
                                    to=TensorProto.FLOAT16), to=TensorProto.FLOAT)
-        return b.op("Where", "is_sum", flip32, flip16)
+        return _pick(b, "is_sum", flip32, flip16)
     return _flip_float32(b, value, "mask")
 
 
@@ -284,16 +303,19 @@ def _gemm_clean(b: _Body, fmt: str, batched: bool, minus1: str, b_transposed: bo
 
 
 def gemm_faults_function(fmt: str, conv: bool = False, batched: bool = False,
-                         b_transposed: bool = False, log: bool = True) -> onnx.FunctionProto:
+                         b_transposed: bool = False, log: bool = True, gathered: bool = False) -> onnx.FunctionProto:
     """Build ``GemmFaults_<fmt>`` (B a matrix), ``GemmFaultsBT_<fmt>`` (``b_transposed``: the
     second input is B^T [N, K], so a fault's operand column is one contiguous row),
-    ``BatchedGemmFaults_<fmt>`` (B with batch axes) or ``ConvFaults_<fmt>`` (``conv=True``)."""
+    ``BatchedGemmFaults_<fmt>`` (B with batch axes), ``ConvFaults_<fmt>`` (``conv=True``) or
+    ``ConvGatherFaults_<fmt>`` (``gathered=True``: any convolution, the K operand indices of each
+    fault given whole as ``a_index`` and ``b_index`` [F, K]; ``a_index`` -1 for a zero operand)."""
     if fmt not in GEMM_FORMATS:
         raise ValueError(f"unknown gemm format {fmt!r}")
+    conv = conv or gathered
     b = _Body("gf")
     is_int = fmt == "int"
     minus1 = b.const_ints([-1])
-    _unpack(b, table_columns(conv, is_int),
+    _unpack(b, table_columns(conv, is_int, gathered),
             {"is_sum": TensorProto.BOOL, "mask": None if is_int else TensorProto.INT32},
             # [F, 1] columns need no Squeeze; prev/rank are squeezed only where chains are applied
             keep=_MATRIX_COLUMNS + ("column", "prev", "rank") + (() if conv else ("a_row", "b_col"))
@@ -306,19 +328,23 @@ def gemm_faults_function(fmt: str, conv: bool = False, batched: bool = False,
         # Flatten aliases the operands (Reshape of a tensor used elsewhere would copy it).
         a_flat = b.op("Flatten", "A", axis=0)  # [1, size]
         b_flat = b.op("Flatten", "B", axis=0)
-        a_idx = b.op("Add", "a_base", "a_off")  # [F, K]
-        b_idx = b.op("Add", "b_base", "b_off")
-        # Input positions outside the image are padding: read them as 0 (a real 0*w product).
-        x_shape = b.op("Shape", "A")
-        height = b.op("Gather", x_shape, b.const_int(2))
-        width = b.op("Gather", x_shape, b.const_int(3))
-        ih = b.op("Add", "ih0", "dh")
-        iw = b.op("Add", "iw0", "dw")
+        b_idx = "b_index" if gathered else b.op("Add", "b_base", "b_off")
         zero = b.const_int(0)
-        valid = b.op("And",
-                     b.op("And", b.op("GreaterOrEqual", ih, zero), b.op("Less", ih, height)),
-                     b.op("And", b.op("GreaterOrEqual", iw, zero), b.op("Less", iw, width)))
-        a_idx = b.op("Where", valid, a_idx, zero)
+        if gathered:  # -1 marks a zero operand (padding, or a tap between a transposed conv's strides)
+            valid = b.op("GreaterOrEqual", "a_index", zero)
+            a_idx = b.op("Where", valid, "a_index", zero)
+        else:
+            a_idx = b.op("Add", "a_base", "a_off")  # [F, K]
+            # Input positions outside the image are padding: read them as 0 (a real 0*w product).
+            x_shape = b.op("Shape", "A")
+            height = b.op("Gather", x_shape, b.const_int(2))
+            width = b.op("Gather", x_shape, b.const_int(3))
+            ih = b.op("Add", "ih0", "dh")
+            iw = b.op("Add", "iw0", "dw")
+            valid = b.op("And",
+                         b.op("And", b.op("GreaterOrEqual", ih, zero), b.op("Less", ih, height)),
+                         b.op("And", b.op("GreaterOrEqual", iw, zero), b.op("Less", iw, width)))
+            a_idx = b.op("Where", valid, a_idx, zero)
         a_vals = b.op("Squeeze", b.op("Gather", a_flat, a_idx, axis=1), b.const_ints([0]))  # [F, K]
         b_vals = b.op("Squeeze", b.op("Gather", b_flat, b_idx, axis=1), b.const_ints([0]))
         if is_int:
@@ -368,21 +394,24 @@ def gemm_faults_function(fmt: str, conv: bool = False, batched: bool = False,
     # Faults of one output element must be applied in execution order. Chains are rare, so the
     # loop over ranks runs only when some element has several faults (rounds > 1).
     chained = _Body("ch")
-    zero_slot = chained.op("Constant", value=helper.make_tensor("zs", acc_type, [1], [0]))
+    # The zero slot (``before`` of an element's first fault) is -0 for floats: x + (-0) is x for
+    # every x, -0 included, so a first fault sees its clean value exactly as without chains.
+    zero_slot = chained.op("Constant", value=helper.make_tensor(
+        "zs", acc_type, [1], [-0.0 if acc_type == TensorProto.FLOAT else 0]))
     cum0 = chained.op("Concat", chained.op("Sub", clean, clean), zero_slot, axis=0)  # [F+1] zeros
     lb = _Body("lb")
     before = lb.op("Gather", "cum_in", "prev_v")
     # A product's value is its own (adding a zero ``before`` would turn a -0 product into +0); after
     # a partial-sum fault the element's total change is (flipped - clean), computed directly so that
     # it neither overflows (sign flip of a huge sum) nor cancels (a huge sum flipped back to small).
-    value = lb.op("Where", "is_sum", lb.op("Add", clean, before), clean)
+    value = _pick(lb, "is_sum", lb.op("Add", clean, before), clean)
     flipped = _flipped(lb, value, fmt)
-    through = lb.op("Where", "is_sum", lb.op("Sub", flipped, clean),
-                    lb.op("Add", before, lb.op("Sub", flipped, value)))
+    through = _pick(lb, "is_sum", lb.op("Sub", flipped, clean), lb.op("Add", before, lb.op("Sub", flipped, value)))
     through_ext = lb.op("Concat", through, lb.op("Slice", "cum_in", lb.const_ints([-1]), lb.const_ints([2**62])), axis=0)
     this_rank = lb.op("Equal", "rank_ext", "iter")
+    cum_out = _pick(lb, this_rank, through_ext, "cum_in")
     body_nodes = lb.nodes + [
-        helper.make_node("Where", [this_rank, through_ext, "cum_in"], ["cum_out"]),
+        helper.make_node("Identity", [cum_out], ["cum_out"]),
         helper.make_node("Identity", ["cond_in"], ["cond_out"]),
     ]
     body = helper.make_graph(
@@ -414,7 +443,7 @@ def gemm_faults_function(fmt: str, conv: bool = False, batched: bool = False,
         "Where", [is_last, chained.op("Slice", cum, chained.const_ints([0]), chained.const_ints([-1])),
                   chained.op("Constant", value=helper.make_tensor("zc", acc_type, [], [0]))], ["ch_change"]))
     chained.nodes.append(helper.make_node(
-        "Where", ["is_sum", chained.op("Add", clean, before), clean], ["ch_value"]))
+        "Identity", [_pick(chained, "is_sum", chained.op("Add", clean, before), clean)], ["ch_value"]))
     single = _Body("sg")
     single.nodes.append(helper.make_node("Identity", [clean], ["sg_value"]))
     single.nodes.append(helper.make_node("Identity", [_change(single, clean, fmt)], ["sg_change"]))
@@ -451,9 +480,9 @@ def gemm_faults_function(fmt: str, conv: bool = False, batched: bool = False,
     t.nodes.append(helper.make_node("Reshape", [updated, y_shape], ["Z"]))
     b = t
 
-    inputs = list(CONV_INPUTS if conv else GEMM_INPUTS) + (INT_INPUTS if is_int else [])
-    name = op_name(("Conv" if conv else "BatchedGemm" if batched else "Gemm") + ("FaultsBT" if b_transposed else "Faults"),
-                   fmt, log)
+    inputs = list(GATHER_INPUTS if gathered else CONV_INPUTS if conv else GEMM_INPUTS) + (INT_INPUTS if is_int else [])
+    base = "ConvGather" if gathered else "Conv" if conv else "BatchedGemm" if batched else "Gemm"
+    name = op_name(base + ("FaultsBT" if b_transposed else "Faults"), fmt, log)
     return helper.make_function(
         FAULT_DOMAIN, name, inputs, ["Z", "log"] if log else ["Z"], b.nodes, [helper.make_opsetid("", OPSET)],
         attributes=["perm"] if batched else [],
@@ -467,6 +496,7 @@ def all_functions() -> dict[str, onnx.FunctionProto]:
     for log in (True, False):
         fns += [flip_bits_function(d, log=log) for d in FLIP_DTYPES]
         fns += [gemm_faults_function(f, conv=True, log=log) for f in GEMM_FORMATS]
+        fns += [gemm_faults_function(f, gathered=True, log=log) for f in GEMM_FORMATS]
         fns += [gemm_faults_function(f, batched=batched, log=log) for f in GEMM_FORMATS for batched in (False, True)]
         fns += [gemm_faults_function(f, b_transposed=True, log=log) for f in GEMM_FORMATS]
     return {f.name: f for f in fns}

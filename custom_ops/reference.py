@@ -94,10 +94,10 @@ def gemm_faults(fmt, A, B, Y, a_base, a_off, b_base, b_off, out_index, column, i
         raise ValueError("quant parameters are required exactly for fmt='int'")
     A, B, Y = np.asarray(A), np.asarray(B), np.asarray(Y)
     a_flat, b_flat = A.reshape(-1), B.reshape(-1)
-    a_base = np.asarray(a_base, np.int64).reshape(-1)
-    b_base = np.asarray(b_base, np.int64).reshape(-1)
-    a_off = np.asarray(a_off, np.int64).reshape(-1)
-    b_off = np.asarray(b_off, np.int64).reshape(-1)
+    a_base = None if a_base is None else np.asarray(a_base, np.int64).reshape(-1)
+    b_base = None if b_base is None else np.asarray(b_base, np.int64).reshape(-1)
+    a_off = None if a_off is None else np.asarray(a_off, np.int64).reshape(-1)
+    b_off = None if b_off is None else np.asarray(b_off, np.int64).reshape(-1)
     out_index = np.asarray(out_index, np.int64).reshape(-1)
     column = np.asarray(column, np.int64).reshape(-1)
     is_sum = np.asarray(is_sum, bool).reshape(-1)
@@ -105,12 +105,19 @@ def gemm_faults(fmt, A, B, Y, a_base, a_off, b_base, b_off, out_index, column, i
     prev = np.asarray(prev, np.int64).reshape(-1)
     rank = np.asarray(rank, np.int64).reshape(-1)
     channel = np.asarray(channel, np.int64).reshape(-1)
-    F, K = len(out_index), len(a_off)
-    if len(b_off) != K:
+    F, K = len(out_index), (None if b_off is None else len(b_off))
+    if a_off is not None and len(a_off) != K:
         raise ValueError("a_off and b_off differ in length")
     if F and int(np.asarray(rounds)) < int(rank.max()) + 1:
         raise ValueError("rounds must cover every rank")
-    if conv is not None:
+    a_index = None
+    if conv is not None and len(conv) == 3:  # ConvGatherFaults: (bias, a_index, b_index [F, K]; -1 = zero)
+        bias, a_index, b_index = conv
+        bias = np.asarray(bias).reshape(-1)
+        a_index = np.asarray(a_index, np.int64).reshape(F, -1)
+        b_index = np.asarray(b_index, np.int64).reshape(F, -1)
+        K = a_index.shape[1]
+    elif conv is not None:
         bias, ih0, iw0, dh, dw = conv
         bias = np.asarray(bias).reshape(-1)
         ih0 = np.asarray(ih0, np.int64).reshape(-1)
@@ -154,13 +161,13 @@ def gemm_faults(fmt, A, B, Y, a_base, a_off, b_base, b_off, out_index, column, i
     for o, fs in groups.items():
         f0 = fs[0]
         ch = int(channel[f0])
-        a_idx = a_base[f0] + a_off
-        valid = np.ones(K, bool)
-        if conv is not None:
+        a_idx = a_base[f0] + a_off if a_index is None else np.maximum(a_index[f0], 0)
+        valid = np.ones(K, bool) if a_index is None else a_index[f0] >= 0
+        if conv is not None and a_index is None:
             ih, iw = ih0[f0] + dh, iw0[f0] + dw
             valid = (ih >= 0) & (ih < height) & (iw >= 0) & (iw < width)
         a_vals = [a_flat[i] if v else None for i, v in zip(a_idx.tolist(), valid.tolist())]
-        b_vals = b_flat[b_base[f0] + b_off]
+        b_vals = b_flat[b_base[f0] + b_off] if a_index is None else b_flat[b_index[f0]]
         by_column = defaultdict(list)
         for f in fs:
             by_column[int(column[f])].append(f)
@@ -228,6 +235,23 @@ def _columns(faults, names):
     return {n: faults[:, i] for i, n in enumerate(names)}
 
 
+def _gather_ref(fmt):
+    """Reference of ConvGatherFaults_* (the K input indices of each fault given whole)."""
+    from .functions import table_columns
+
+    is_int = fmt == "int"
+
+    def fn(*inputs):
+        A, B, Y, faults, a_index, b_index, bias = (np.asarray(v) for v in inputs[:7])
+        c = _columns(faults, table_columns(True, is_int, gathered=True))
+        rest = [c["out_index"], c["column"], c["is_sum"].astype(bool), c["mask"], c["prev"], c["rank"],
+                np.int64(c["rank"].max() + 1 if len(c["rank"]) else 0), c["channel"]]
+        q = tuple(inputs[7:11]) + (c["width_mask"],) if is_int else None
+        return gemm_faults(fmt, A, B, Y, None, None, None, None, *rest, conv=(bias, a_index, b_index), quant=q)
+    fn.__name__ = f"ConvGatherFaults_{fmt}"
+    return fn
+
+
 def _gemm_ref(fmt, conv=False, batched=False, b_transposed=False):
     """Reference of ConvFaults_* (index-based operands), (Batched)GemmFaults_* and GemmFaultsBT_*
     (row gathers; GemmFaultsBT_* takes B^T [N, K] as its second input)."""
@@ -266,6 +290,7 @@ def _gemm_ref(fmt, conv=False, batched=False, b_transposed=False):
 
 REFERENCES = {f"FlipBits_{d}": _flip_ref(f"FlipBits_{d}") for d in ("float32", "float16", "int8", "uint8")}
 REFERENCES.update({f"ConvFaults_{f}": _gemm_ref(f, conv=True) for f in ("fp32", "fp16", "int")})
+REFERENCES.update({f"ConvGatherFaults_{f}": _gather_ref(f) for f in ("fp32", "fp16", "int")})
 REFERENCES.update({("BatchedGemm" if bt else "Gemm") + f"Faults_{f}": _gemm_ref(f, batched=bt)
                    for f in ("fp32", "fp16", "int") for bt in (False, True)})
 REFERENCES.update({f"GemmFaultsBT_{f}": _gemm_ref(f, b_transposed=True) for f in ("fp32", "fp16", "int")})

@@ -472,3 +472,224 @@ def elementwise_reference(y, faults, fmt):
             raise ValueError(f"bit {bit} out of range for {fmt} ({width} bits)")
         bits[element] ^= bits.dtype.type(1 << bit)
     return out
+
+
+# --------------------------------------------------------------------------------------
+# Conv of any spatial rank, grouped, and ConvTranspose (the gathered convolutions)
+# --------------------------------------------------------------------------------------
+
+
+def _conv_nd_geometry(x_shape, w_shape, strides, pads, dilations, group, transpose, output_padding):
+    d = len(x_shape) - 2
+    strides = [1] * d if strides is None else [int(v) for v in strides]
+    pads = [0] * (2 * d) if pads is None else [int(v) for v in pads]
+    dilations = [1] * d if dilations is None else [int(v) for v in dilations]
+    output_padding = [0] * d if output_padding is None else [int(v) for v in output_padding]
+    group = int(group)
+    Nb, C = x_shape[:2]
+    kernel = tuple(w_shape[2:])
+    if C % group:
+        raise ValueError(f"bad group {group} for {C} input channels")
+    Cg = C // group
+    if transpose:
+        if w_shape[0] != C:
+            raise ValueError("ConvTranspose weight must be [C_in, M/group, kernel...]")
+        M = w_shape[1] * group
+        out = [strides[i] * (x_shape[2 + i] - 1) + output_padding[i] + (kernel[i] - 1) * dilations[i] + 1
+               - pads[i] - pads[d + i] for i in range(d)]
+    else:
+        if w_shape[1] != Cg or w_shape[0] % group:
+            raise ValueError(f"bad group {group} for x {x_shape}, w {w_shape}")
+        M = w_shape[0]
+        out = [(x_shape[2 + i] + pads[i] + pads[d + i] - dilations[i] * (kernel[i] - 1) - 1) // strides[i] + 1
+               for i in range(d)]
+    return Nb, C, Cg, M, kernel, tuple(out), strides, pads[:d], dilations
+
+
+def _phase_taps(kernel, stride, dilation):
+    """ConvTranspose, one axis: for each output phase r (o + pad_begin = r mod stride), the taps
+    t with t * dilation = r (mod stride) in increasing order, padded with None (a zero product)
+    to the longest phase."""
+    rows = [[t for t in range(kernel) if (t * dilation) % stride == r] for r in range(stride)]
+    n = max(1, max(len(r) for r in rows))
+    return [r + [None] * (n - len(r)) for r in rows]
+
+
+def _conv_nd_pairs(x, w, n, m, opos, geo, transpose, zero):
+    """The K operand pairs of output element (n, m, opos) in the documented order: input channel
+    of the group slowest, then the kernel taps row-major (ConvTranspose: the taps of the output's
+    phase, those that meet an input position). Padding, and a missing tap of a ConvTranspose
+    phase, is a real product with a zero operand."""
+    Nb, C, Cg, M, kernel, out, strides, pb, dil = geo
+    Mg = M // (C // Cg)
+    g = m // Mg
+    if transpose:
+        per_axis = [_phase_taps(kernel[i], strides[i], dil[i])[(opos[i] + pb[i]) % strides[i]]
+                    for i in range(len(kernel))]
+    else:
+        per_axis = [list(range(k)) for k in kernel]
+    for c in range(Cg):
+        for slot in np.ndindex(*[len(a) for a in per_axis]):
+            tap = tuple(per_axis[i][j] for i, j in enumerate(slot))
+            pos = []
+            for i, k in enumerate(tap):
+                if k is None:
+                    pos.append(None)
+                elif transpose:
+                    num = opos[i] + pb[i] - k * dil[i]  # a multiple of the stride by the phase
+                    pos.append(num // strides[i] if 0 <= num // strides[i] < x.shape[2 + i] else None)
+                else:
+                    p = opos[i] * strides[i] - pb[i] + k * dil[i]
+                    pos.append(p if 0 <= p < x.shape[2 + i] else None)
+            if None in pos:
+                # a zero product 0 * w; w (which sets the sign of the zero) is the tap's weight, tap 0
+                # on an axis whose phase has no tap in this slot
+                wt = tuple(0 if k is None else k for k in tap)
+                xv = zero
+            else:
+                wt, xv = tap, x[(n, g * Cg + c) + tuple(pos)]
+            wv = w[(g * Cg + c, m - g * Mg) + wt] if transpose else w[(m, c) + wt]
+            yield xv, wv
+
+
+def _conv_nd_k(geo, transpose):
+    Nb, C, Cg, M, kernel, out, strides, pb, dil = geo
+    if not transpose:
+        return Cg * int(np.prod(kernel))
+    return Cg * int(np.prod([len(_phase_taps(kernel[i], strides[i], dil[i])[0]) for i in range(len(kernel))]))
+
+
+def _conv_nd_loop(x, w, bias, geo, transpose, grouped, arith, out_dtype, zero, applied_to=None):
+    Nb, C, Cg, M, kernel, out, *_ = geo
+    K = _conv_nd_k(geo, transpose)
+    result = np.zeros((Nb, M) + out, dtype=out_dtype)
+    flat = result.reshape(-1)
+    base = None if applied_to is None else np.asarray(applied_to).reshape(-1)
+    e = 0
+    for n in range(Nb):
+        for m in range(M):
+            for opos in np.ndindex(*out):
+                pairs = _conv_nd_pairs(x, w, n, m, opos, geo, transpose, zero)
+                b = None if bias is None else bias[m]
+                if base is None:
+                    flat[e] = _dot(pairs, K, grouped.get(e, {}), arith, b)
+                else:
+                    flat[e] = _dot_applied(pairs, K, grouped.get(e, {}), arith, b, base[e])
+                e += 1
+    return result
+
+
+def conv_nd_reference(x, w, bias, strides, pads, dilations, group, faults, fmt, transpose=False,
+                      output_padding=None, applied_to=None):
+    """Faulty Conv of any spatial rank (1-D, 2-D, 3-D; grouped, depthwise) or ConvTranspose,
+    computed one scalar operation at a time (docs/fault_model.md, "Convolutions").
+
+    x: [N, C, *spatial]; w: Conv [M, C/group, *kernel] or ConvTranspose [C, M/group, *kernel];
+    pads [begin..., end...] (ONNX order). Output element (n, m, o) reduces over (c, tap) in
+    [C/group, *kernel] row-major (ConvTranspose: [C/group, *phase taps], see :func:`_phase_taps`).
+    ``applied_to``: see :func:`matmul_applied_reference`."""
+    arith = _FloatArith(fmt)
+    x = np.asarray(x).astype(arith.operand_dtype)
+    w = np.asarray(w).astype(arith.operand_dtype)
+    geo = _conv_nd_geometry(x.shape, w.shape, strides, pads, dilations, group, transpose, output_padding)
+    Nb, C, Cg, M, kernel, out = geo[:6]
+    K = _conv_nd_k(geo, transpose)
+    if bias is not None:
+        bias = np.asarray(bias).astype(arith.operand_dtype).astype(np.float32)
+    grouped = _group_gemm_faults(faults, Nb * M * int(np.prod(out)), K, bias is not None,
+                                 arith.prod_kind, arith.acc_kind)
+    with np.errstate(all="ignore"):
+        return _conv_nd_loop(x, w, bias, geo, transpose, grouped, arith,
+                             np.float32 if applied_to is None else np.asarray(applied_to).dtype,
+                             arith.operand_dtype(0), applied_to)
+
+
+def conv_nd_int_reference(qx, zx, qw, zw, bias_int, strides, pads, dilations, group, faults,
+                          product_bits=16, accum_bits=32, transpose=False, output_padding=None):
+    """Integer (QDQ) twin of :func:`conv_nd_reference`: products (qx-zx)*(qw-zw[m]), integer
+    sums; zw is a scalar or a vector over output channels. Returns the int64 accumulators."""
+    qx64, zx = _centered(qx, zx, None, "zx")
+    qw = np.asarray(qw)
+    m_axis = 1 if transpose else 0
+    qw64, zw = _centered(qw, zw, None, "zw")
+    if zw.ndim == 1 and transpose:
+        raise ValueError("per-channel zero points of a ConvTranspose are not modelled")
+    cx = qx64 - zx
+    cw = qw64 - (zw.reshape((-1,) + (1,) * (qw.ndim - 1)) if zw.ndim == 1 and m_axis == 0 else zw)
+    geo = _conv_nd_geometry(cx.shape, cw.shape, strides, pads, dilations, group, transpose, output_padding)
+    Nb, C, Cg, M, kernel, out = geo[:6]
+    K = _conv_nd_k(geo, transpose)
+    arith = _IntArith(product_bits, accum_bits)
+    if bias_int is not None:
+        bias_int = [int(v) for v in np.asarray(bias_int)]
+    grouped = _group_gemm_faults(faults, Nb * M * int(np.prod(out)), K, bias_int is not None,
+                                 arith.prod_kind, arith.acc_kind)
+    return _conv_nd_loop(cx, cw, bias_int, geo, transpose, grouped, arith, np.int64, 0)
+
+
+# --------------------------------------------------------------------------------------
+# float faults as the injection graph applies them (bit-exact comparisons)
+# --------------------------------------------------------------------------------------
+
+
+def _exec_time(step, K):
+    """Execution order inside one output element: p_0, p_1, s_1, p_2, s_2, ..., bias add."""
+    return max(2 * step - 1, 0) if step < K else 2 * (step - K + 1)
+
+
+def _dot_applied(pairs, K, steps, arith, bias, base):
+    """One output element as docs/fault_model.md ("Float faults, to the bit") specifies it: the
+    clean products and sequential partial sums, each fault's change computed in binary32 in
+    execution order, and the element's total change added once to ``base``, the clean output
+    element computed by the runtime's kernel.
+
+    D starts at -0 (x + (-0) == x for every x). A product fault: D = D + (flip(p) - p). A partial
+    sum or bias add fault: v = s + D (the value after the earlier faults), D = flip(v) - s.
+    Result: base + D in binary32, then rounded to base's type."""
+    f32 = np.float32
+    prods, sums = [], []
+    for k, (x, y) in enumerate(pairs):
+        p = arith.mul(x, y)
+        prods.append(p)
+        sums.append(arith.to_acc(p) if k == 0 else arith.add(sums[-1], arith.to_acc(p)))
+    if len(prods) != K:
+        raise AssertionError(f"expected {K} products, got {len(prods)}")
+    if bias is not None:
+        sums.append(arith.add(sums[-1], bias))  # sums[K]: the bias add
+    change = f32(-0.0)
+    for step in sorted(steps, key=lambda t: _exec_time(t, K)):
+        bits = steps[step]
+        if step < K:
+            p = prods[step]
+            flipped = apply_flips(p, bits, arith.prod_kind)
+            change = f32(change + f32(f32(flipped) - f32(p)))
+        else:
+            s = sums[step - K + 1]
+            v = f32(s + change)
+            change = f32(apply_flips(v, bits, "fp32") - s)
+    out = f32(f32(base) + change)
+    return out.astype(np.asarray(base).dtype)
+
+
+def matmul_applied_reference(a, b, faults, fmt, applied_to):
+    """``a @ b`` with faults as the injection graph applies them (:func:`_dot_applied`):
+    ``applied_to`` is the clean output computed by the runtime, to which each element's change
+    is added once. Equal to the graph's output bit for bit; within rounding of
+    :func:`matmul_reference` (the sequential semantics), which the tests check too."""
+    arith = _FloatArith(fmt)
+    a = np.asarray(a).astype(arith.operand_dtype)
+    b = np.asarray(b).astype(arith.operand_dtype)
+    a3, b3, batch, M, K, N, out_shape = _matmul_shapes(a, b)
+    base = np.asarray(applied_to).reshape(-1)
+    n_out = int(np.prod(batch, dtype=np.int64)) * M * N
+    grouped = _group_gemm_faults(faults, n_out, K, False, arith.prod_kind, arith.acc_kind)
+    out = np.zeros(n_out, dtype=base.dtype)
+    e = 0
+    with np.errstate(all="ignore"):
+        for bidx in np.ndindex(*batch):
+            for m in range(M):
+                for n in range(N):
+                    pairs = ((a3[bidx + (m, k)], b3[bidx + (k, n)]) for k in range(K))
+                    out[e] = _dot_applied(pairs, K, grouped.get(e, {}), arith, None, base[e])
+                    e += 1
+    return out.reshape(np.asarray(applied_to).shape)

@@ -341,4 +341,4 @@ def test_subgraph_nodes_rewritten():
 
 def test_registry_covers_brief():
     assert set(HANDLERS) == {"Softmax", "LogSoftmax", "LayerNormalization", "Gelu", "BatchNormalization",
-                             "Sigmoid", "HardSigmoid", "HardSwish", "Gemm", "LSTM", "GRU", "RNN"}
+                             "Sigmoid", "HardSigmoid", "HardSwish", "Gemm", "LSTM", "GRU", "RNN", "Einsum"}

@@ -56,6 +56,8 @@ def inspect_model(model: onnx.ModelProto, selection: SiteSelection | None = None
                    "bits_per_item": sum(r["bits"] for r in sites)},
         "by": dict(totals),
         "skipped": [{"node": n, "reason": r} for n, r in res.skipped],
+        # every node that is not a site, with the reason (data movement, integer arithmetic, ...)
+        "non_sites": res.details.get("non_sites", []),
         "opset": next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
         "inputs": [{"name": s.name, "shape": s.shape, "dtype": str(s.dtype.__name__), "batch_axis": s.batch_axis,
                     "run_shape": list(np.shape(feeds[s.name])) if s.name in feeds else None} for s in specs],
@@ -85,8 +87,19 @@ def inspect_table(info: dict, limit: int | None = None) -> str:
                  f"{t['bits_per_item']:,} result bits per item")
     for key, v in sorted(info["by"].items()):
         lines.append(f"  {key:<30} {v['sites']:>5} sites {v['operations']:>15,} operations")
+    rows = info.get("non_sites", [])
+    if rows:
+        by_reason: dict[str, list[str]] = {}
+        for r in rows:
+            by_reason.setdefault(r["reason"], []).append(r["node"])
+        lines.append(f"not sites: {len(rows)} nodes (--json lists every one)")
+        for reason, nodes in sorted(by_reason.items(), key=lambda kv: -len(kv[1])):
+            shown = ", ".join(nodes[:3]) + (f", … {len(nodes) - 3} more" if len(nodes) > 3 else "")
+            lines.append(f"  {len(nodes):>5} {reason}: {shown}")
+    listed = {r["node"] for r in rows}
     for s in info["skipped"]:
-        lines.append(f"  skipped {s['node']}: {s['reason']}")
+        if s["node"] not in listed:
+            lines.append(f"  skipped {s['node']}: {s['reason']}")
     for i in info.get("inputs", []):
         axis = "no batch axis (fed whole)" if i["batch_axis"] is None else f"batch axis {i['batch_axis']}"
         run = "x".join(map(str, i["run_shape"])) if i.get("run_shape") is not None else "?"

@@ -81,6 +81,24 @@ def _conv_pads(site: Site, x_shape, w_shape, y_shape):
     return [c["pads"][0], c["pads"][1]]
 
 
+def _begin_pads(site: Site, x_shape, w_shape, y_shape) -> list[int]:
+    """Padding before each spatial axis of a gathered convolution (auto_pad resolved as ONNX
+    Conv does: SAME_UPPER puts the odd pixel at the end)."""
+    c = site.conv
+    d = len(x_shape) - 2
+    mode = c.get("auto_pad", "NOTSET")
+    if mode == "VALID":
+        return [0] * d
+    if mode in ("SAME_UPPER", "SAME_LOWER") and not c.get("transpose"):
+        out = []
+        for i in range(d):
+            total = max((y_shape[2 + i] - 1) * c["strides"][i] + (w_shape[2 + i] - 1) * c["dilations"][i] + 1
+                        - x_shape[2 + i], 0)
+            out.append(total // 2 if mode == "SAME_UPPER" else total - total // 2)
+        return out
+    return [int(p) for p in c["pads"][:d]]
+
+
 def _plan(site: Site, shp: list[tuple], batch: int) -> SitePlan:
     """Geometry of one site (or one execution of a control-flow site) from its shapes."""
     y = shp[0]
@@ -92,16 +110,16 @@ def _plan(site: Site, shp: list[tuple], batch: int) -> SitePlan:
     wp, wa = site.widths["product"], site.widths["sum"]
     a, b = shp[1], shp[2]
     if site.kind == "conv":
-        k = int(np.prod(b[1:]))
+        k = conv_reduction_length(site, a, b)
     else:
         k = a[-1]
     per = k * wp + (k - 1) * wa + (wa if site.bias else 0)
     plan = SitePlan(site, y, items, elements, per, k, a, b)
-    if site.kind == "conv":
+    if site.gathered:
+        plan.conv = dict(site.conv, begin=_begin_pads(site, a, b, y))
+    elif site.kind == "conv":
         plan.conv = dict(site.conv, pads2=_conv_pads(site, a, b, y))
     return plan
-
-
 def _execution_plans(site: Site, rows: np.ndarray, batch: int) -> SitePlan:
     """The plan of a control-flow site: one plan per execution (row of its executions output),
     each sampled like a site of its own; the site's own numbers are their sums."""
@@ -324,7 +342,11 @@ def site_tables(plan: SitePlan, faults: Faults, site_index: int | None = None):
     starts = np.flatnonzero(~same)
     rank = np.arange(f) - np.repeat(starts, np.diff(np.append(starts, f)))
     column = np.where(is_sum, t + 1, t)
-    if site.kind == "conv":
+    if site.gathered:
+        channel, feeds[names["a_index"]], feeds[names["b_index"]] = _gather_geometry(plan, o)
+        extra_cols = []
+        operands = []
+    elif site.kind == "conv":
         a_base, b_base, channel, ih0, iw0, a_off, b_off, dh, dw = _conv_geometry(plan, o)
         extra_cols = [ih0, iw0]
         feeds[names["dh"]], feeds[names["dw"]] = dh, dw
@@ -379,7 +401,10 @@ def _site_tables_small(plan: SitePlan, item, element, step, bit):
         cols["rank"].append(0 if first else cols["rank"][-1] + 1)
         cols["width_mask"].append((1 << (wa if is_sum else wp)) - 1)
     feeds = {}
-    if site.kind == "conv":
+    if site.gathered:
+        channel, feeds[names["a_index"]], feeds[names["b_index"]] = _gather_geometry(plan, o)
+        table, extra = [], []
+    elif site.kind == "conv":
         a_base, b_base, channel, ih0, iw0, a_off, b_off, dh, dw = _conv_geometry(plan, o)
         feeds.update({names["dh"]: dh, names["dw"]: dw, names["a_off"]: a_off, names["b_off"]: b_off})
         table = [a_base, b_base]
@@ -445,6 +470,84 @@ def _conv_geometry(plan: SitePlan, o: np.ndarray):
     grp = bco // (co // plan.conv["group"])
     a_base = bn * (c * h * w) + grp * (cg * h * w) + ih0 * w + iw0
     return a_base, bco * (cg * kh * kw), bco, ih0, iw0, g["a_off"], g["b_off"], g["dh"], g["dw"]
+
+
+def transpose_phase_taps(kernel: int, stride: int, dilation: int) -> np.ndarray:
+    """[stride, n] kernel taps of one ConvTranspose axis by output phase: row ``r`` lists, in
+    increasing order, the taps ``t`` with ``t * dilation = r (mod stride)`` (those that meet an
+    input position at an output position ``o`` with ``o + pad_begin = r (mod stride)``), padded
+    with -1 to the longest row (a missing tap is a zero product)."""
+    rows = [[t for t in range(kernel) if (t * dilation) % stride == r] for r in range(stride)]
+    n = max(1, max(len(r) for r in rows))
+    return np.array([r + [-1] * (n - len(r)) for r in rows], np.int64).reshape(stride, n)
+
+
+def conv_reduction_length(site: Site, x_shape, w_shape) -> int:
+    """K of a Conv or ConvTranspose site (docs/fault_model.md, "Convolutions")."""
+    if not site.conv.get("transpose"):
+        return int(np.prod(w_shape[1:]))
+    c = site.conv
+    taps = [transpose_phase_taps(k, s, d).shape[1] for k, s, d in zip(w_shape[2:], c["strides"], c["dilations"])]
+    return x_shape[1] // c["group"] * int(np.prod(taps))
+
+
+def _axis_tables(out: int, size: int, kernel: int, stride: int, dilation: int, pad: int, transpose: bool):
+    """One spatial axis of a gathered convolution, for every output position and tap slot:
+    (input position, valid, kernel tap) as [out, slots] arrays."""
+    o = np.arange(out, dtype=np.int64)[:, None]
+    if transpose:  # the taps of o's phase; input i = (o + pad - t*dilation) / stride
+        taps = transpose_phase_taps(kernel, stride, dilation)[(o[:, 0] + pad) % stride]  # [out, n]
+        pos = (o + pad - np.maximum(taps, 0) * dilation) // stride
+        valid = (taps >= 0) & (pos >= 0) & (pos < size)
+    else:
+        taps = np.broadcast_to(np.arange(kernel, dtype=np.int64), (out, kernel))
+        pos = o * stride - pad + taps * dilation
+        valid = (pos >= 0) & (pos < size)
+    return pos, valid, np.maximum(taps, 0)
+
+
+def _gather_geometry(plan: SitePlan, o: np.ndarray):
+    """(channel, a_index, b_index [F, K]) of output elements ``o`` of a gathered convolution
+    (docs/fault_model.md, "Convolutions"): reduction index (c, tap slot) row-major; a_index is
+    -1 where the operand is a zero (padding, or a missing tap of a ConvTranspose phase).
+
+    The spatial part ([F, slots]) comes from small per-axis tables; only the final indices are
+    [F, K] (K = C_in/group x slots)."""
+    x, w, y = plan.a_shape, plan.b_shape, plan.out_shape
+    c = plan.conv
+    d, group, transpose = len(x) - 2, c["group"], bool(c.get("transpose"))
+    g = plan.geometry
+    if g is None:
+        kernel = tuple(w[2:])
+        axes = [_axis_tables(y[2 + i], x[2 + i], kernel[i], c["strides"][i], c["dilations"][i], c["begin"][i],
+                             transpose) for i in range(d)]
+        slots = tuple(a[0].shape[1] for a in axes)
+        g = plan.geometry = {
+            "cg": x[1] // group, "mg": y[1] // group, "ks": int(np.prod(kernel)), "axes": axes,
+            "slot": np.indices(slots).reshape(d, -1),  # [D, S] row-major over the slots
+            "in_strides": [int(np.prod(x[3 + i:])) for i in range(d)],
+            "k_strides": [int(np.prod(kernel[i + 1:])) for i in range(d)],
+        }
+    o = np.asarray(o, np.int64)
+    coords = np.unravel_index(o, y)
+    n, m = coords[0], coords[1]
+    lin = tap = valid = None
+    for i, (pos, ok, taps) in enumerate(g["axes"]):
+        rows, cols = coords[2 + i][:, None], g["slot"][i][None, :]
+        part, ok_i, tap_i = pos[rows, cols] * g["in_strides"][i], ok[rows, cols], taps[rows, cols] * g["k_strides"][i]
+        lin, valid, tap = (part, ok_i, tap_i) if lin is None else (lin + part, valid & ok_i, tap + tap_i)
+    cg, mg, ks = g["cg"], g["mg"], g["ks"]
+    ci = np.arange(cg, dtype=np.int64)[None, :, None]
+    spatial = int(np.prod(x[2:]))
+    grp = m // mg
+    a_index = ((n * x[1] + grp * cg) * spatial)[:, None, None] + ci * spatial + lin[:, None, :]  # [F, cg, S]
+    a_index = np.where(valid[:, None, :], a_index, -1).reshape(len(o), -1)
+    if transpose:  # W [C_in, M/group, kernel...]
+        b_row, c_step = (grp * cg * mg + (m - grp * mg)) * ks, mg * ks
+    else:  # W [M, C_in/group, kernel...]
+        b_row, c_step = m * cg * ks, ks
+    b_index = (b_row[:, None, None] + ci * c_step + tap[:, None, :]).reshape(len(o), -1)
+    return m.astype(np.int64), a_index, b_index
 
 
 def fault_feeds(plans: list[SitePlan], faults: Faults) -> dict[str, np.ndarray]:
@@ -584,7 +687,14 @@ def _fault_feeds(plans: list[SitePlan], faults: Faults) -> dict[str, np.ndarray]
     table = np.stack([a_row, b_col, o, column, is_sum, mask_col, prev, rank, channel, width_mask], axis=1)
     for a, b, idx in gemm_segs:
         plan = plans[idx]
-        if plan.site.kind == "conv":
+        if plan.site.gathered:
+            ch, a_index, b_index = _gather_geometry(plan, o[a:b])
+            cols = [o[a:b], column[a:b], is_sum[a:b], mask_col[a:b], prev[a:b], rank[a:b], ch] + (
+                [width_mask[a:b]] if pa.int8[idx] else [])
+            names = plan.site.input_names()
+            feeds[names["faults"]] = np.stack([np.asarray(c, np.int64) for c in cols], axis=1)
+            feeds[names["a_index"]], feeds[names["b_index"]] = a_index, b_index
+        elif plan.site.kind == "conv":
             a_base, b_base, ch, ih0, iw0, a_off, b_off, dh, dw = _conv_geometry(plan, o[a:b])
             cols = [a_base, b_base, o[a:b], column[a:b], is_sum[a:b], mask_col[a:b], prev[a:b], rank[a:b], ch,
                     ih0, iw0] + ([width_mask[a:b]] if pa.int8[idx] else [])

@@ -35,7 +35,9 @@ class Site:
     dtype: str  # element type of the faulted tensor: float32 | float16 | int8 | uint8
     widths: dict = field(default_factory=dict)  # gemm: product/sum bits; elementwise: element bits
     shape_ranks: list = field(default_factory=list)  # ranks of [output, a, b] in the shapes vector
-    conv: dict = field(default_factory=dict)  # strides, pads, dilations, group, auto_pad
+    # strides, pads, dilations, group, auto_pad; "gather": True for ConvGatherFaults sites, with
+    # "transpose": True for ConvTranspose
+    conv: dict = field(default_factory=dict)
     bias: bool = False
     per_channel: bool = False  # int8: weight scale/zero point per output channel
     scale: float = 1.0  # multiplies the BER at this site (0 = perfectly protected)
@@ -51,7 +53,7 @@ class Site:
         if self.kind == "elementwise":
             base = ELEMENTWISE_COLUMNS
         else:
-            base = table_columns(conv=self.kind == "conv", is_int=self.format == "int8")
+            base = table_columns(conv=self.kind == "conv", is_int=self.format == "int8", gathered=self.gathered)
         return base + (EXECUTION_COLUMN,) if self.path else base
 
     def executions_output(self) -> str:
@@ -59,10 +61,18 @@ class Site:
         execution in execution order: 1, then the shapes of its output (and operands)."""
         return f"onnxft.{self.id}.executions"
 
+    @property
+    def gathered(self) -> bool:
+        """A convolution whose operand indices the sampler gives whole (ConvGatherFaults): 1-D,
+        3-D, ConvTranspose; plain 2-D Conv uses the offset form (ConvFaults)."""
+        return self.kind == "conv" and bool(self.conv.get("gather"))
+
     def input_names(self) -> dict[str, str]:
         """Graph inputs that carry this site's faults (all default to empty tensors)."""
         names = {"faults": f"onnxft.{self.id}.faults"}
-        if self.kind == "conv":
+        if self.gathered:
+            names.update({k: f"onnxft.{self.id}.{k}" for k in ("a_index", "b_index")})
+        elif self.kind == "conv":
             names.update({k: f"onnxft.{self.id}.{k}" for k in ("a_off", "b_off", "dh", "dw")})
         return names
 

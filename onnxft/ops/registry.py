@@ -23,7 +23,8 @@ class OpHandler:
 
 
 def _table() -> dict[str, OpHandler]:
-    rows = [OpHandler("MatMul", "gemm", "linear"), OpHandler("Conv", "conv", "linear")]
+    rows = [OpHandler("MatMul", "gemm", "linear"), OpHandler("Conv", "conv", "linear"),
+            OpHandler("ConvTranspose", "conv", "linear")]
     rows += [OpHandler(t, "elementwise", "elementwise") for t in ("Add", "Sub", "Mul", "Div")]
     nonlinear = (
         "Exp", "Log", "Erf", "Tanh", "Sqrt", "Reciprocal", "Pow", "Sin", "Cos",

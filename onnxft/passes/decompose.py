@@ -30,6 +30,9 @@ What is inserted, per original node:
   steps, then a ``Loop`` over the time steps whose body is the cell in primitives (MatMul(H, R^T),
   gate Adds, Split, sigmoid as above, Tanh, the Mul/Add cell update); see docs/fault_model.md,
   "Recurrent ops".
+* ``Einsum`` in batched-matmul form (``bhid,bhjd->bhij``, ``bid,de->bie``...) -> [Transpose]
+  [Reshape] of each operand, MatMul, [Reshape] [Transpose]; other equations are skipped with the
+  reason (``einsum_as_matmul``).
 
 The replacement's last node writes the original output tensor name, so
 consumers are untouched; replacement nodes are inserted where the original
@@ -719,9 +722,90 @@ def _recurrent_body(ctx: RewriteContext, node: onnx.NodeProto, kind: str, d: int
         [vi(cond_out, TensorProto.BOOL, [])] + [vi(n, et, [None, H]) for n in new_state] + [vi(y, et, [None, H])],
         value_info=blocks)
     return body, c.inits
+def einsum_as_matmul(equation: str) -> dict | str:
+    """The batched matrix product an Einsum equation is, or why it is not one.
+
+    Returns ``{"a": letters, "b": letters, "out": letters, "batch", "rows", "cols", "sums"}``:
+    batch letters are in both operands and the output (in output order), rows in the first
+    operand and the output, cols in the second and the output, sums in both operands only (rows
+    and cols in output order, sums in first-operand order)."""
+    eq = equation.replace(" ", "")
+    if "->" not in eq:
+        return f"Einsum {equation!r}: implicit output (no '->') is not decomposed"
+    lhs, out = eq.split("->")
+    ops = lhs.split(",")
+    if len(ops) != 2:
+        return f"Einsum {equation!r}: {len(ops)} operand(s); only two-operand products are decomposed"
+    a, b = ops
+    if "." in eq:
+        return f"Einsum {equation!r}: ellipsis is not decomposed"
+    for term in (a, b, out):
+        if len(set(term)) != len(term):
+            return f"Einsum {equation!r}: a repeated letter in {term!r} (a diagonal or trace) is not a matrix product"
+    only_one = [c for c in a + b if c not in out and ((c in a) != (c in b))]
+    if only_one:
+        return f"Einsum {equation!r}: letter(s) {''.join(only_one)!r} summed within one operand (not a matrix product)"
+    extra = [c for c in out if c not in a and c not in b]
+    if extra:
+        return f"Einsum {equation!r}: output letter(s) {''.join(extra)!r} in no operand"
+    return {"a": a, "b": b, "out": out,
+            "batch": [c for c in out if c in a and c in b],
+            "rows": [c for c in out if c in a and c not in b],
+            "cols": [c for c in out if c in b and c not in a],
+            "sums": [c for c in a if c in b and c not in out]}
+
+
+def _einsum(node: onnx.NodeProto, ctx: RewriteContext) -> Replacement:
+    """Batched-matmul Einsum -> Transpose/Reshape of each operand to [batch..., M, K] and
+    [batch..., K, N], one MatMul, Reshape/Transpose of the result to the output's letter order.
+    Only the MatMul is arithmetic (a gemm site whose ``k`` runs over the summed letters flattened
+    row-major in first-operand order); the rest moves data."""
+    form = einsum_as_matmul(_text(_attr(node, "equation", "")))
+    if isinstance(form, str):
+        raise SkipNode(form)
+    b = ctx.builder(node)
+    batch, rows, cols, sums = form["batch"], form["rows"], form["cols"], form["sums"]
+
+    def arrange(x: str, letters: str, order: list, tag: str, groups: list) -> str:
+        perm = [letters.index(c) for c in order]
+        if perm != list(range(len(perm))):
+            x = b.op("Transpose", [x], f"{tag}_T", perm=perm)
+        if all(len(g) == 1 for g in groups):
+            return x
+        # [batch..., group1 dims..., group2 dims...] -> [batch..., prod(group1), prod(group2)]
+        shape = b.op("Shape", [x], f"{tag}_shape")
+        parts, pos = [], 0
+        for g in [[c] for c in batch] + groups:
+            idx = b.init(np.arange(pos, pos + len(g), dtype=np.int64), f"{tag}_axes")
+            dims = b.op("Gather", [shape, idx], f"{tag}_dims")
+            parts.append(dims if len(g) == 1 else b.op("ReduceProd", [dims], f"{tag}_size", keepdims=1))
+            pos += len(g)
+        return b.op("Reshape", [x, b.op("Concat", parts, f"{tag}_new_shape", axis=0)], f"{tag}_mat")
+
+    lhs = arrange(node.input[0], form["a"], batch + rows + sums, "A", [rows, sums])
+    rhs = arrange(node.input[1], form["b"], batch + sums + cols, "B", [sums, cols])
+    y = b.op("MatMul", [lhs, rhs], "matmul")
+    if not (len(rows) == 1 and len(cols) == 1):  # [batch..., M, N] -> [batch..., rows..., cols...]
+        a_shape = b.op("Shape", [node.input[0]], "A_in_shape")
+        b_shape = b.op("Shape", [node.input[1]], "B_in_shape")
+        a_idx = b.init(np.array([form["a"].index(c) for c in batch + rows], np.int64), "out_axes_a")
+        b_idx = b.init(np.array([form["b"].index(c) for c in cols], np.int64), "out_axes_b")
+        new_shape = b.op("Concat", [b.op("Gather", [a_shape, a_idx], "out_dims_a"),
+                                    b.op("Gather", [b_shape, b_idx], "out_dims_b")], "out_shape", axis=0)
+        y = b.op("Reshape", [y, new_shape], "unflat")
+    have = batch + rows + cols
+    perm = [have.index(c) for c in form["out"]]
+    if perm != list(range(len(perm))):
+        y = b.op("Transpose", [y], "out_T", perm=perm)
+    return b.finish(y)
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 HANDLERS: dict[str, Handler] = {
+    "Einsum": _einsum,
     "Softmax": _softmax,
     "LogSoftmax": _log_softmax,
     "LayerNormalization": _layer_norm,

@@ -45,12 +45,15 @@ from ..faults.sites import PROBE_INPUT, SHAPES_OUTPUT, SITES_KEY, SOURCE_OPSET_K
 from ..ops.registry import INPUT_HANDLER, handler_for
 from ..runtime.model_io import external_data_dir
 from .decompose import ORIGIN_KEY, ORIGIN_NODE_KEY, constant_value, decompose
+from .non_sites import INTEGER, NOT_SELECTED, non_sites, why_no_sites
+from .non_sites import PROTECTION as PROTECTION_REASON
 from .result import PassResult
 
 FORMATS = ("fp32", "fp16", "int8")
 _TWO_GB = 2**31 - 1
 _DTYPE_NAMES = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16",
                 TensorProto.INT8: "int8", TensorProto.UINT8: "uint8"}
+_INTEGER_TYPES = (TensorProto.INT64, TensorProto.INT32, TensorProto.BOOL)
 _ELEMENT_BITS = {"float32": 32, "float16": 16, "int8": 8, "uint8": 8}
 
 
@@ -95,6 +98,8 @@ class _Graph:
     inits: dict = field(default_factory=dict)
     types: dict = field(default_factory=dict)  # tensor -> (elem_type, rank or None)
     claimed_quantizers: set = field(default_factory=set)  # QuantizeLinear outputs already a site's
+    reasons: dict = field(default_factory=dict)  # first output -> why that candidate is not a site
+    covered: set = field(default_factory=set)  # first outputs of the nodes that are (or a site wraps)
 
     def __post_init__(self):
         g = self.model.graph
@@ -209,6 +214,7 @@ def _find_sites(g: _Graph, sel: SiteSelection, int_widths, result: PassResult):
                     if sel.formats is not None and site.format not in sel.formats:
                         continue
                     site.scale = sel.scale_for(site.node + " " + site.origin_node)
+                    g.covered.add(wrapped.output[0])
                     nested[loc] = (site, extra)
                     sites.append((site, wrapped, extra))
                     order.append(loc)
@@ -216,7 +222,9 @@ def _find_sites(g: _Graph, sel: SiteSelection, int_widths, result: PassResult):
             continue
         site, wrapped, extra = found
         if sel.formats is not None and site.format not in sel.formats:
+            g.reasons[node.output[0]] = NOT_SELECTED
             continue
+        g.covered.update((node.output[0], wrapped.output[0]))
         site.scale = sel.scale_for(site.node + " " + site.origin_node)
         sites.append((site, wrapped, extra))
         # Ids in the order of the nodes the sites wrap, which is the order their shape vectors are
@@ -291,10 +299,15 @@ def _node_site(g: _Graph, node: onnx.NodeProto, sel: SiteSelection, int_widths, 
     if handler is None or node.domain not in ("", "ai.onnx"):
         return None
     if role_of(node) == PROTECTION and not sel.include_protection:
+        g.reasons[node.output[0]] = PROTECTION_REASON
+        return None
+    if handler.kind == "elementwise" and g.types.get(node.output[0], (None,))[0] in _INTEGER_TYPES:
+        g.reasons[node.output[0]] = INTEGER  # never a site, whatever the selection
         return None
     label = node.name or node.output[0]
     origin, origin_node = _origin(node)
     if not _selected(sel, node.op_type, origin, label, origin_node):
+        g.reasons[node.output[0]] = NOT_SELECTED
         return None
     return _describe(g, node, handler, label, origin, origin_node, int_widths, result)
 
@@ -323,6 +336,9 @@ def _recovery_site(g: _Graph, if_node: onnx.NodeProto, sel: SiteSelection, int_w
     if found is None:
         return None
     site, _, extra = found
+    if site.gathered:  # the recovery path filters table rows, not the per-fault index matrix
+        result.skipped.append((label, "recovery of a gathered convolution (not 2-D Conv) is not a site yet"))
+        return None
     site.recovery_of = info["unit"]
     extra["operands"] = stand_in
     return site, if_node, extra
@@ -362,14 +378,10 @@ def _describe(g: _Graph, node: onnx.NodeProto, handler, label: str, origin: str,
         conv = {}
         bias = False
         if handler.kind == "conv":
-            if ranks[1] != 4:
-                result.skipped.append((label, "only 2-D convolutions are fault sites so far"))
+            conv = _conv_attrs(node, ranks[1])
+            if isinstance(conv, str):
+                result.skipped.append((label, conv))
                 return None
-            conv = {"strides": list(_attr(node, "strides", [1, 1])),
-                    "pads": list(_attr(node, "pads", [0, 0, 0, 0])),
-                    "dilations": list(_attr(node, "dilations", [1, 1])),
-                    "group": int(_attr(node, "group", 1)),
-                    "auto_pad": _text(_attr(node, "auto_pad", "NOTSET"))}
             bias = len(node.input) > 2 and bool(node.input[2])
             if bias and fmt == "int8":
                 bsrc = g.producers.get(node.input[2])
@@ -397,8 +409,9 @@ def _describe(g: _Graph, node: onnx.NodeProto, handler, label: str, origin: str,
             out, out_rank = q_out, g.types[q_out][1]
         elif elem in (TensorProto.FLOAT, TensorProto.FLOAT16):
             fmt, dtype = ("fp32", "float32") if elem == TensorProto.FLOAT else ("fp16", "float16")
-        elif elem in (TensorProto.INT64, TensorProto.INT32, TensorProto.BOOL):
-            return None  # shape and index arithmetic, not the network's data path
+        elif elem in _INTEGER_TYPES:
+            g.reasons[node.output[0]] = INTEGER  # shape and index arithmetic, not the network's data path
+            return None
         else:
             result.skipped.append((label, f"output type {elem} is not a float or quantized tensor"))
             return None
@@ -409,6 +422,27 @@ def _describe(g: _Graph, node: onnx.NodeProto, handler, label: str, origin: str,
                     origin=origin, origin_node=origin_node, output=out, dtype=dtype,
                     widths={"element": _ELEMENT_BITS[dtype]}, shape_ranks=[out_rank])
     return site, wrapped, extra
+
+
+def _conv_attrs(node: onnx.NodeProto, x_rank: int) -> dict | str:
+    """The geometry of a Conv/ConvTranspose site, or the reason it is not a site. Plain 2-D Conv
+    keeps the offset form (``ConvFaults``); every other convolution is gathered
+    (``ConvGatherFaults``: the sampler gives each fault's K input indices)."""
+    d = x_rank - 2
+    if d < 1:
+        return f"{node.op_type} input of rank {x_rank} has no spatial axis"
+    conv = {"strides": list(_attr(node, "strides", [1] * d)),
+            "pads": list(_attr(node, "pads", [0] * (2 * d))),
+            "dilations": list(_attr(node, "dilations", [1] * d)),
+            "group": int(_attr(node, "group", 1)),
+            "auto_pad": _text(_attr(node, "auto_pad", "NOTSET"))}
+    if node.op_type == "ConvTranspose":
+        if _attr(node, "output_shape", None) is not None or conv["auto_pad"] in ("SAME_UPPER", "SAME_LOWER"):
+            return "ConvTranspose with output_shape or auto_pad SAME is not a site yet (give explicit pads)"
+        conv["transpose"] = True
+    if node.op_type == "ConvTranspose" or d != 2:
+        conv["gather"] = True
+    return conv
 
 
 def _quantizer_of(g: _Graph, out: str, through_protection: bool) -> onnx.NodeProto | None:
@@ -508,14 +542,17 @@ def _fault_op(p: "_Nodes", site: Site, node: onnx.NodeProto, y: str, faults: str
         bias = zero_bias
         if site.bias:
             bias = extra["bias_q"] if site.format == "int8" else node.input[2]
-        args += [names["a_off"], names["b_off"], names["dh"], names["dw"], bias]
+        if site.gathered:
+            args += [names["a_index"], names["b_index"], bias]
+        else:
+            args += [names["a_off"], names["b_off"], names["dh"], names["dw"], bias]
     if site.format == "int8":
         da, db = extra["da"], extra["db"]
         args += [da["zero"] or extra["za0"], db["zero"] or extra["zb0"], da["scale"], db["scale"]]
     b_rank = site.shape_ranks[2]
     attrs = {}
     if site.kind == "conv":
-        name = op_name("ConvFaults", fmt, logging)
+        name = op_name("ConvGatherFaults" if site.gathered else "ConvFaults", fmt, logging)
     elif b_rank == 2 and extra.get("b_constant"):
         # A constant weight: hand the operator B^T, whose rows are the columns a fault reads
         # (contiguous gathers; a column gather from B is strided and ~10x slower). onnxruntime
@@ -743,8 +780,9 @@ def inject(model: onnx.ModelProto, selection: SiteSelection | None = None,
     result = PassResult(model=m, inserted=list(dec.inserted), skipped=list(dec.skipped))
     g = _Graph(m)
     found, nested = _find_sites(g, selection, int_widths, result)
+    result.details["non_sites"] = non_sites(m.graph, g.covered, g.reasons, result.skipped)
     if not found:
-        raise InjectError("no fault sites match the selection (check --sites / --format)")
+        raise InjectError(why_no_sites(result.details["non_sites"]))
 
     graph = m.graph
     by_node = {id(n): (s, e) for s, n, e in found}
@@ -780,6 +818,11 @@ def inject(model: onnx.ModelProto, selection: SiteSelection | None = None,
         new_inits.append(numpy_helper.from_array(np.zeros((0, n_cols), np.int64), names["faults"]))
         for key, name in names.items():
             if key == "faults":
+                continue
+            if key in ("a_index", "b_index"):  # [F, K]: each fault's K operand indices (gathered convolutions)
+                dims = [f"F_{site.id}", f"K_{site.id}"]
+                new_inputs.append(helper.make_tensor_value_info(name, TensorProto.INT64, dims))
+                new_inits.append(numpy_helper.from_array(np.zeros((0, 0), np.int64), name))
                 continue
             new_inputs.append(helper.make_tensor_value_info(name, TensorProto.INT64, [f"K_{site.id}"]))
             new_inits.append(numpy_helper.from_array(np.zeros((0,), np.int64), name))
