@@ -181,3 +181,45 @@ def test_mixture_formula_against_direct_simulation():
     assert point.truncation < 1e-3
     assert abs(z) < Z, f"curve {point.value:.4f} vs direct {direct:.4f} (z={z:.2f})"
     assert direct < 0.999  # the faults matter at this BER, so the comparison means something
+
+
+def test_cli_ra_json_and_outputs(tmp_path, capsys):
+    import json
+
+    import onnxruntime as ort
+    from models import run_cli
+
+    model = tiny_transformer(seed=1)
+    onnx.save(model, tmp_path / "m.onnx")
+    x = np.random.default_rng(0).standard_normal((8, 6, 8)).astype(np.float32)
+    y = np.argmax(ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+                  .run(None, {"x": x})[0], axis=1)
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    base = [str(tmp_path / "m.onnx"), "--data", str(tmp_path / "d.npz"), "--batch", "8", "--provider", "cpu"]
+    code, out, err = run_cli(["ra"] + base + ["--budget", "16", "--json"], capsys)
+    assert code == 0, err
+    r = json.loads(out)
+    assert {"ra", "ci", "inferences", "method", "ess", "hw"} <= set(r)
+    assert r["method"] == "mc" and r["hw"] == "op" and r["inferences"] == 16 and r["ci"][0] <= r["ra"] <= r["ci"][1]
+    code, out, err = run_cli(["ra"] + base + ["--budget", "16", "--hw", "os:8x8", "--method", "is", "--json",
+                                              "--out", str(tmp_path / "o")], capsys)
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["hw"] == "os:8x8" and r["method"] == "is" and 0 < r["ess"] <= 16
+    assert {p.name for p in (tmp_path / "o").iterdir()} == {"results.json", "results.csv", "ra.png"}
+    code, out, err = run_cli(["ra"] + base + ["--budget", "32", "--curve", "--ber", "1e-6,1e-5", "--json"], capsys)
+    assert code == 0, err
+    r = json.loads(out)
+    assert [p["ber"] for p in r["points"]] == [1e-6, 1e-5] and r["per_k"][0]["k"] == 0
+
+
+def test_cli_ra_user_errors(capsys):
+    from models import run_cli
+
+    for argv, msg in ((["ra", "vit", "--hw", "ws:3"], "--hw"),
+                      (["ra", "vit", "--curve"], "--curve and --ber"),
+                      (["ra", "vit", "--curve", "--ber", "1e-9", "--hw", "equal", "--limit", "8"], "operation-wise"),
+                      (["ra", "vit", "--faults", "2", "--hw", "equal", "--limit", "8"], "one fault per inference"),
+                      (["ra", "vit", "--faults", "2", "--method", "is", "--limit", "8"], "RA_1")):
+        code, out, err = run_cli(argv, capsys)
+        assert code == 1 and err.startswith("onnxft: error:") and msg in err and "Traceback" not in err, (argv, err)

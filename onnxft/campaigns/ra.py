@@ -208,13 +208,16 @@ class _Samples:
     def mean_and_se(self) -> tuple[float, float]:
         n = self.n
         total, var_sum = 0.0, 0.0
+        w_all = np.concatenate(self.weights)
         for s in self.stages:
             if not s:
                 continue
             y = np.concatenate(s)
             total += y.sum()
-            if len(y) > 1:
-                var_sum += len(y) * y.var(ddof=1)
+            # Floor: as if one more inference had changed its outcome with the mean weight, so that
+            # a run that saw no outcome change (zero sample variance) still gets an honest width.
+            floor = float(np.mean(w_all)) ** 2 / (len(y) + 2)
+            var_sum += len(y) * max(y.var(ddof=1) if len(y) > 1 else 0.0, floor)
         return total / n, math.sqrt(var_sum) / n
 
     def ess(self) -> float:
