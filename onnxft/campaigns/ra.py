@@ -465,8 +465,8 @@ def ra_curve(runner: Runner, bers: list[float], budget: int = 2000, k_max: int |
     n = np.zeros(k_max + 1, np.int64)
     streams = {int(k): runner.visits(seed, int(k)) for k in ks}
 
-    def run_until(k, target):
-        while n[k] < target:
+    def run_until(k, target):  # whole batches, never past the target (after the first batch)
+        while n[k] == 0 or n[k] + runner.batch <= target:
             t, j = next(streams[k])
             correct = runner.run(j, sample_exact_faults(runner.plans[j], int(k), _rng(seed, k, t, j)))
             d = runner.clean_correct[j].astype(np.int64) - correct
@@ -476,7 +476,11 @@ def ra_curve(runner: Runner, bers: list[float], budget: int = 2000, k_max: int |
             if progress:
                 progress(runner.inferences - start)
 
-    first = min(runner.batch, max(1, budget // max(len(ks), 1)))
+    live = [k for k in ks if c[k - 1] > 0]
+    if len(live) * runner.batch > budget:
+        raise ValueError(f"--budget {budget} is less than one batch for each k = 1..{k_max} "
+                         f"({len(live)} x {runner.batch}): lower --batch or --k-max, or raise --budget")
+    first = runner.batch
     for k in ks:
         if c[k - 1] > 0:
             run_until(k, first)

@@ -338,7 +338,7 @@ class VariableSpace:
                 row, kk = f.index0, f.index1
                 cols = np.arange(f.first, f.end)
                 a = self._a(p, a_op, f.item, f.group, np.array([row]), np.array([kk]))[0]
-                w = np.array([self._b(p, b_op, f.item, f.group, kk, c) for c in cols.tolist()], np.float32)
+                w = self._b(p, b_op, f.item, f.group, kk, cols)
                 new, old = _flip32(a, bit) * w, np.float32(a) * w
                 elements = self._element(p, f.group, np.full(len(cols), row), cols)
         return _mask_rows(f.site, f.item, elements, kk, _bits32(old) ^ _bits32(new))
@@ -368,12 +368,15 @@ class VariableSpace:
         vals = x[g * cg + ci, np.clip(ih, 0, hgt - 1), np.clip(iw, 0, wid - 1)]
         return np.where(inside, vals, np.float32(0)).astype(np.float32)
 
-    def _b(self, p: Product, b_op: np.ndarray, item: int, g: int, kk: int, col: int) -> np.float32:
-        if p.conv:
-            return np.float32(np.asarray(b_op, np.float32).reshape(b_op.shape[0], -1)[g * p.n + col, kk])
-        if p.shared_b:
-            return np.float32(b_op[kk, col])
-        return np.float32(np.asarray(b_op[item]).reshape(p.groups, p.k, p.n)[g, kk, col])
+    def _b(self, p: Product, b_op: np.ndarray, item: int, g: int, kk: int, cols) -> np.ndarray:
+        """B[g][kk, cols] (a scalar for a scalar column)."""
+        if p.conv:  # weight [C_out, C_in/group, kH, kW]: column n of group g is channel g * N + n
+            w = np.asarray(b_op, np.float32).reshape(b_op.shape[0], -1)[g * p.n + np.asarray(cols), kk]
+        elif p.shared_b:
+            w = np.asarray(b_op, np.float32)[kk, cols]
+        else:
+            w = np.asarray(b_op[item], np.float32).reshape(p.groups, p.k, p.n)[g, kk, cols]
+        return np.float32(w) if np.ndim(w) == 0 else w.astype(np.float32)
 
 
 def _mask_rows(site: int, item: int, elements: np.ndarray, step: int, masks: np.ndarray) -> Faults:
