@@ -207,7 +207,7 @@ def test_cli_ra_json_and_outputs(tmp_path, capsys):
     r = json.loads(out)
     assert r["hw"] == "os:8x8" and r["method"] == "is" and 0 < r["ess"] <= 16
     assert {p.name for p in (tmp_path / "o").iterdir()} == {"results.json", "results.csv", "ra.png"}
-    code, out, err = run_cli(["ra"] + base + ["--budget", "32", "--curve", "--ber", "1e-6,1e-5", "--json"], capsys)
+    code, out, err = run_cli(["ra"] + base + ["--budget", "96", "--curve", "--ber", "1e-6,1e-5", "--json"], capsys)
     assert code == 0, err
     r = json.loads(out)
     assert [p["ber"] for p in r["points"]] == [1e-6, 1e-5] and r["per_k"][0]["k"] == 0
