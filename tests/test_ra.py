@@ -149,10 +149,12 @@ def test_defensive_proposal_bounds_the_weights():
     q = ra._proposal(st, rates, alpha=0.1)
     assert abs(q.sum() - 1) < 1e-12 and (q >= 0.1 * st.mass - 1e-15).all()
     assert (st.mass / q).max() <= 10 + 1e-9
-    q0 = ra._pilot_proposal(st)  # every (kind, bit) class the same mass
-    cls = st.classes()
-    per_class = np.bincount(np.unique(cls, return_inverse=True)[1], weights=q0)
-    assert np.allclose(per_class, 1 / len(per_class))
+    q0 = ra._pilot_proposal(st)  # the bit heuristic: exponent MSB 64x, other exponent bits and sign 4x
+    assert abs(q0.sum() - 1) < 1e-12 and (q0 >= ra.HEURISTIC_ALPHA * st.mass - 1e-15).all()
+    ratio = q0 / st.mass
+    mean_prior = float((st.mass * ra.bit_prior(st)).sum())
+    assert np.allclose(ratio[st.bit == 30], 0.3 + 0.7 * 64 / mean_prior)
+    assert np.allclose(ratio[st.bit == 0], 0.3 + 0.7 / mean_prior)
 
 
 def test_mixture_formula_against_direct_simulation():

@@ -56,6 +56,7 @@ class Strata:
     bit: np.ndarray
     mass: np.ndarray
     kinds: tuple[str, ...]
+    width: np.ndarray | None = None  # bits of the stratum's value (for the bit-position heuristic)
 
     def __len__(self) -> int:
         return len(self.site)
@@ -75,7 +76,7 @@ class OpWiseSpace:
 
     def __init__(self, plans: list[SitePlan]):
         self.plans = plans
-        site, kind, bit, count = [], [], [], []
+        site, kind, bit, count, width = [], [], [], [], []
         for i, p in enumerate(plans):
             if p.site.scale == 0:
                 continue
@@ -95,10 +96,11 @@ class OpWiseSpace:
                 kind += [kd] * w
                 bit += list(range(w))
                 count += [n] * w
+                width += [w] * w
         count = np.array(count, np.float64)
         self.count = count.astype(np.int64)
         self.strata = Strata(np.array(site, np.int64), np.array(kind, np.int64), np.array(bit, np.int64),
-                             count / count.sum(), self.kinds)
+                             count / count.sum(), self.kinds, np.array(width, np.int64))
 
     def bits_per_item(self) -> int:
         return int(self.count.sum())
@@ -214,9 +216,10 @@ class _Samples:
                 continue
             y = np.concatenate(s)
             total += y.sum()
-            # Floor: as if one more inference had changed its outcome with the mean weight, so that
-            # a run that saw no outcome change (zero sample variance) still gets an honest width.
-            floor = float(np.mean(w_all)) ** 2 / (len(y) + 2)
+            # Floor: a run that saw no outcome change has zero sample variance; never claim a
+            # half-width below what Wilson gives a proportion with no success (z^2 / n), in units
+            # of the mean weight.
+            floor = float(np.mean(w_all)) ** 2 * Z95**2 / len(y)  # zero changes: Wilson's upper bound z^2/n
             var_sum += len(y) * max(y.var(ddof=1) if len(y) > 1 else 0.0, floor)
         return total / n, math.sqrt(var_sum) / n
 
@@ -273,7 +276,7 @@ def estimate_ra(runner: Runner, space_for, k: int = 1, method: str = "mc", budge
 
     proposal = None  # per batch: q over strata (None = the fault model's own law)
     if method == "is":
-        n_pilot = pilot if pilot is not None else max(runner.batch, min(cap // 5, 20 * runner.batch))
+        n_pilot = pilot if pilot is not None else max(runner.batch, min(cap // 5, 256))
     else:
         n_pilot = 0
     stage = 0 if n_pilot else 1
@@ -327,13 +330,29 @@ def estimate_ra(runner: Runner, space_for, k: int = 1, method: str = "mc", budge
                       samples.ess(), hw, runner.clean, {"pilot": n_pilot if method == "is" else 0})
 
 
+HEURISTIC_ALPHA = 0.3
+
+
+def bit_prior(st: Strata) -> np.ndarray:
+    """The DNN heuristic of the pilot: relative chance that a flip of this bit changes an outcome.
+    For 32-bit floats the exponent's top bit (30) turns a value below 2 into one above 2^64, the
+    other exponent bits and the sign move it by powers of two, mantissa bits by less than 2x; for
+    integers of width w the top quarter of the bits carries the large changes."""
+    width = st.width if st.width is not None else np.full(len(st), 32)
+    prior = np.ones(len(st))
+    fp = width == 32
+    prior[fp & (st.bit == 30)] = 64.0
+    prior[fp & (((st.bit >= 23) & (st.bit < 30)) | (st.bit == 31))] = 4.0
+    prior[~fp & (st.bit >= width - np.maximum(width // 4, 1))] = 8.0
+    return prior
+
+
 def _pilot_proposal(st: Strata) -> np.ndarray:
-    """Pilot: every class (kind, bit) equally likely, the fault model's law within a class, so the
-    pilot sees every bit position even where the model makes it rare."""
-    cls = st.classes()
-    uniq, inv = np.unique(cls, return_inverse=True)
-    class_mass = np.bincount(inv, weights=st.mass)
-    return st.mass / class_mass[inv] / len(uniq)
+    """Pilot proposal: the defensive mixture with the bit-position heuristic in place of rates
+    learned from data (every stratum keeps at least ``HEURISTIC_ALPHA`` of its own mass)."""
+    h = st.mass * bit_prior(st)
+    q = HEURISTIC_ALPHA * st.mass + (1 - HEURISTIC_ALPHA) * h / h.sum()
+    return q / q.sum()
 
 
 def _pilot_rates(pilot) -> dict:
@@ -345,20 +364,24 @@ def _pilot_rates(pilot) -> dict:
 
 def _proposal(st: Strata, rates: dict, alpha: float) -> np.ndarray:
     """Defensive mixture ``q = alpha p + (1 - alpha) h`` with ``h ∝ p x r``: ``r`` the pilot's
-    rate of outcome-changing faults of the stratum's class (kind, bit), shrunk towards the pooled
-    rate, times the site's rate relative to its class (shrunk the same way). ``q >= alpha p``
-    keeps every weight at most ``1 / alpha``."""
+    rate of outcome-changing faults of the stratum's class (kind, bit), shrunk towards the
+    bit-position prior (scaled to the pilot's overall rate), times the site's rate relative to its
+    classes (shrunk the same way). ``q >= alpha p`` keeps every weight at most ``1 / alpha``."""
     cls = st.classes()
-    pooled = (rates["hit"].sum() + 0.5) / (len(rates["hit"]) + 1)
+    prior = bit_prior(st)
+    # the prior's rate per class, scaled so that it predicts the pilot's pooled hit rate
+    ucls_all, first = np.unique(cls, return_index=True)
+    prior_c = dict(zip(ucls_all.tolist(), prior[first].tolist()))
+    seen_prior = np.array([prior_c[c] for c in rates["class"].tolist()])
+    scale = (rates["hit"].sum() + 0.5) / (seen_prior.sum() + 1)
     m = 2.0
     ucls, inv = np.unique(rates["class"], return_inverse=True)
     hits_c = np.bincount(inv, weights=rates["hit"])
     n_c = np.bincount(inv).astype(np.float64)
-    rate_c = (hits_c + m * pooled) / (n_c + m)
-    lookup = dict(zip(ucls.tolist(), rate_c.tolist()))
-    r_class = np.array([lookup.get(c, pooled) for c in cls.tolist()])
+    lookup = {c: (h + m * scale * prior_c[c]) / (n + m) for c, h, n in zip(ucls.tolist(), hits_c, n_c)}
+    r_class = np.array([lookup.get(c, scale * prior_c[c]) for c in cls.tolist()])
     # site factor: hits at the site against what its classes' rates predict
-    expect = np.array([lookup.get(c, pooled) for c in rates["class"].tolist()])
+    expect = np.array([lookup[c] for c in rates["class"].tolist()])
     usite, sinv = np.unique(rates["site"], return_inverse=True)
     obs_s = np.bincount(sinv, weights=rates["hit"])
     exp_s = np.bincount(sinv, weights=expect)

@@ -263,7 +263,7 @@ class VariableSpace:
         self.plans, self.hw, self.reader = plans, hw, reader
         self.products: dict[int, Product] = {}
         self.skipped: list[tuple[str, str]] = []
-        site, kind, bit, mass = [], [], [], []
+        site, kind, bit, mass, widths = [], [], [], [], []
         for i, plan in enumerate(plans):
             prod, why = product_of(i, plan)
             if prod is None:
@@ -287,11 +287,12 @@ class VariableSpace:
                 kind += [kd] * width
                 bit += list(range(width))
                 mass += [per_bit] * width
+                widths += [width] * width
         if not mass:
             raise ValueError("the variable-level model found no fp32 GEMM/Conv site whose operands it can read")
         mass = np.array(mass, np.float64)
         self.strata = Strata(np.array(site, np.int64), np.array(kind, np.int64), np.array(bit, np.int64),
-                             mass / mass.sum(), VARIABLE_KINDS)
+                             mass / mass.sum(), VARIABLE_KINDS, np.array(widths, np.int64))
         self.operands: dict | None = None
 
     def prepare(self, feeds) -> None:
