@@ -214,3 +214,55 @@ def test_operand_faults_match_dense_reference(build, hw):
         _close(out[item], want.reshape(out.shape[1:]))
         applied += f.end > f.first
     assert applied >= len(chosen) // 3  # most drawn faults were read at least once
+
+
+def test_importance_sampling_unbiased_under_the_variable_model():
+    """RA_1 under ws:2x2 by enumerating every (register, cycle, bit) event of a [2,3] x [3,4]
+    MatMul (all equally likely: 24 weight + 24 input + 16 partial-sum register-cycles, x 32 bits),
+    against the mean of independent importance-sampling estimates."""
+    from onnxft.campaigns import ra
+    from onnxft.runtime.data import Dataset
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((3, 4)).astype(np.float32)
+    model = _model([h.make_node("MatMul", ["x", "w"], ["y"], name="mm")], [_vi("x", ["b", 2, 3])],
+                   [_vi("y", ["b", 8])], [nh.from_array(w, "w")])
+    model.graph.node.append(h.make_node("Reshape", ["y0", "shape"], ["y"], name="flat"))
+    model.graph.node[0].output[0] = "y0"
+    model.graph.initializer.append(nh.from_array(np.array([-1, 8], np.int64), "shape"))
+    x = rng.standard_normal((12, 2, 3)).astype(np.float32)
+    labels = np.argmax((x @ w).reshape(12, 8), axis=1)
+    labels[:2] = (labels[:2] + 1) % 8
+    runner = ra.Runner(model, Dataset({"x": x}, labels), batch=12, provider="cpu")
+    reader = V.OperandReader(inject(model, transposed_weights=True).model, "cpu", 1)
+    hw = V.parse_hw("ws:2x2")
+    space = V.VariableSpace(runner.plans[0], hw, reader)
+    space.prepare(runner.feeds(0))
+    events = []  # (kind, index0, index1, first, end, psum step j) per register-cycle
+    for k in range(3):
+        for n in range(4):
+            for t in range(2):  # weight held while rows 0, 1 stream: a flip at cycle t hits rows t..1
+                events.append(("weight", k, n, t, 2))
+    for m in range(2):
+        for k in range(3):
+            for n_star in range(4):  # passed through column tiles {0,1}, {2,3}
+                events.append(("input", m, k, n_star, (n_star // 2 + 1) * 2))
+    for m in range(2):
+        for n in range(4):
+            for j in (1, 2):
+                events.append(("psum", m, n, j, j + 1))
+    assert len(events) == 64
+    ok = 0
+    for kind, i0, i1, first, end in events:
+        for bit in range(32):
+            parts = [space.apply(V.VariableFault(0, item, kind, 0, i0, i1, first, end, bit)) for item in range(12)]
+            from onnxft.faults.sampling import Faults
+
+            ok += int(runner.run(0, Faults.concat(parts)).sum())
+    exact = ok / (64 * 32 * 12)
+    assert exact < runner.clean
+    ests = [ra.estimate_ra(runner, lambda plans: V.VariableSpace(plans, hw, reader), 1, "is", budget=240,
+                           seed=s, pilot=48).value for s in range(25)]
+    mean, sd = float(np.mean(ests)), float(np.std(ests, ddof=1))
+    z = (mean - exact) / (sd / math.sqrt(len(ests)))
+    assert abs(z) < 4.5, f"IS mean {mean:.5f} vs exact {exact:.5f} (z={z:.2f})"
