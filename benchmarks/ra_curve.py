@@ -2,6 +2,7 @@
 
     python benchmarks/ra_curve.py                                   # sample ViT, 256 items
     python benchmarks/ra_curve.py --model vit --limit 256 --trials 4 --out docs/figures/ra_curve
+    python benchmarks/ra_curve.py --bers 1e-9,2e-9,4e-9,7e-9,1e-8 --curve-batch 8 --out docs/figures/ra_curve_high
 
 Direct: ``onnxft eval`` at 5 BERs, ``trials`` passes over the items at each (items x trials x 5
 inferences). Conditional: ``onnxft ra --curve`` with a budget of one fifth of that over
@@ -26,6 +27,7 @@ def main(argv=None):
     ap.add_argument("--model", default="vit")
     ap.add_argument("--limit", type=int, default=256)
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--curve-batch", type=int, default=16, help="batch of the conditional runs (one per k at least)")
     ap.add_argument("--trials", type=int, default=4)
     ap.add_argument("--bers", default="1e-10,3e-10,1e-9,2e-9,3e-9")
     ap.add_argument("--seed", type=int, default=0)
@@ -39,7 +41,7 @@ def main(argv=None):
     t_direct = time.perf_counter() - t0
     direct_n = sum(p.n for p in direct.points)
     t0 = time.perf_counter()
-    curve = ft.ra(a.model, curve_bers=bers, budget=direct_n // 5 - direct.items, seed=a.seed, batch=a.batch,
+    curve = ft.ra(a.model, curve_bers=bers, budget=direct_n // 5 - direct.items, seed=a.seed, batch=a.curve_batch,
                   limit=a.limit, provider="cpu", threads=a.threads)
     t_curve = time.perf_counter() - t0
     rows = []

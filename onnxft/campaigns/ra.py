@@ -423,7 +423,7 @@ def binomial_tail(n: int, p: float, k_max: int) -> float:
     return min(total, 1.0)
 
 
-def choose_k_max(n_bits: int, bers: list[float], tail: float = 1e-3, cap: int = 32) -> int:
+def choose_k_max(n_bits: int, bers: list[float], tail: float = 1e-3, cap: int = 64) -> int:
     """The smallest k_max with P(K > k_max) <= tail at every BER (at most ``cap``)."""
     for k in range(cap + 1):
         if all(binomial_tail(n_bits, b, k) <= tail for b in bers):
