@@ -355,6 +355,8 @@ def ra(model=None, data=None, hw: str | None = None, faults: int = 1, method: st
         hw_name = str(hardware)
     elif method == "is":
         space_for = _ra.OpWiseSpace
+    if hw is not None:  # int8 operand faults change products by more than 16 bits can hold
+        int_widths = (32, int_widths[1])
     runner = _ra.Runner(m, ds, batch, provider, selection, int_widths, threads)
     if hw is not None:
         graph = _inject(m, selection, int_widths=int_widths, transposed_weights=True).model

@@ -266,3 +266,51 @@ def test_importance_sampling_unbiased_under_the_variable_model():
     mean, sd = float(np.mean(ests)), float(np.std(ests, ddof=1))
     z = (mean - exact) / (sd / math.sqrt(len(ests)))
     assert abs(z) < 4.5, f"IS mean {mean:.5f} vs exact {exact:.5f} (z={z:.2f})"
+
+
+def test_int8_operand_faults_match_integer_reference():
+    """QDQ MatMul (uint8 activations, int8 per-channel weights with non-zero zero points): a flip of
+    a stored 8-bit operand changes each corrupted product (qa - za)(qb - zb) exactly; the output
+    moves by sa sb[n] times the integer change."""
+    rng = np.random.default_rng(5)
+    wq = rng.integers(-128, 128, (3, 4)).astype(np.int8)
+    sw, zw = (rng.random(4) * 0.05 + 0.01).astype(np.float32), rng.integers(-3, 4, 4).astype(np.int8)
+    sx, zx = np.float32(0.02), np.uint8(120)
+    inits = [nh.from_array(wq, "wq"), nh.from_array(sw, "sw"), nh.from_array(zw, "zw"),
+             nh.from_array(np.array(sx), "sx"), nh.from_array(np.array(zx), "zx")]
+    nodes = [h.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"], name="q"),
+             h.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"], name="dq"),
+             h.make_node("DequantizeLinear", ["wq", "sw", "zw"], ["wd"], axis=1, name="dqw"),
+             h.make_node("MatMul", ["xd", "wd"], ["y"], name="mm")]
+    model = _model(nodes, [_vi("x", ["b", 2, 3])], [_vi("y", ["b", 2, 4])], inits)
+    x = rng.standard_normal((3, 2, 3)).astype(np.float32)
+    feeds = {"x": x}
+    qx = np.clip(np.rint(x / sx) + int(zx), 0, 255).astype(np.int64)
+    sess = InjectionSession(campaign_graph(model, int_widths=(32, 32)), "cpu", threads=1)
+    clean, plans = sess.clean(feeds)
+    assert plans[[p.site.kind for p in plans].index("gemm")].site.format == "int8"
+    reader = V.OperandReader(inject(model, int_widths=(32, 32), transposed_weights=True).model, "cpu", 1)
+    for hw in ("ws:2x2", "is:2x2", "equal"):
+        space = V.VariableSpace(plans, V.parse_hw(hw), reader)
+        space.prepare(feeds)
+        st = space.strata
+        assert set(st.bit[st.kind == 0].tolist()) == set(range(8))  # 8-bit weights
+        draw = np.random.default_rng(3)
+        for s in [s for s in range(len(st)) if st.kind[s] in (0, 1)]:
+            item = int(draw.integers(0, 3))
+            f = space.describe(s, item, draw)
+            out = sess.run(feeds, space.apply(f), plans)[0]
+            want = clean[0].astype(np.float64).copy()
+            qa, qb = qx[item].reshape(2, 3).copy(), wq.astype(np.int64).copy()
+            for m in range(2):
+                for n in range(4):
+                    for k in range(3):
+                        a, b = qa[m, k], qb[k, n]
+                        if f.kind == "weight" and (k, n) == (f.index0, f.index1) and f.first <= m < f.end:
+                            b = ((b & 0xFF) ^ (1 << f.bit))
+                            b = b - 256 if b >= 128 else b
+                        if f.kind == "input" and (m, k) == (f.index0, f.index1) and f.first <= n < f.end:
+                            a = (a & 0xFF) ^ (1 << f.bit)
+                        change = (a - int(zx)) * (b - int(zw[n])) - (qa[m, k] - int(zx)) * (qb[k, n] - int(zw[n]))
+                        want[item, m, n] += float(sx) * float(sw[n]) * change
+            assert np.allclose(out, want, rtol=1e-5, atol=1e-5), (hw, f)

@@ -154,8 +154,10 @@ def product_of(index: int, plan: SitePlan) -> tuple[Product | None, str]:
     site = plan.site
     if site.kind == "elementwise":
         return None, "elementwise"
-    if site.format != "fp32":
-        return None, f"{site.format} operands are not modelled yet (fp32 only)"
+    if site.format == "fp16":
+        return None, "fp16 operands are not modelled yet (fp32 and int8 are)"
+    if site.format == "int8" and site.widths["product"] < 32:
+        return None, "int8 products narrower than 32 bits (the variable-level model runs with 32-bit products)"
     if site.recovery_of:
         return None, "ABFT recovery site"
     if site.kind == "conv":
@@ -182,13 +184,28 @@ class OperandReader:
     def __init__(self, injection_graph: onnx.ModelProto, provider: str = "auto", threads: int | None = None):
         table = SiteTable.from_model(injection_graph)
         main = {n.name: n for n in injection_graph.graph.node}
+        producer = {o: n for n in injection_graph.graph.node for o in n.output}
+        inits = {t.name: t for t in injection_graph.graph.initializer}
         self.names: dict[int, tuple[str, str]] = {}
+        # int8 sites: the stored operands are the 8-bit integers that DequantizeLinear reads, with
+        # their zero points (constants)
+        self.zero_points: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         for i, s in enumerate(table.sites):
             if s.kind == "elementwise":
                 continue
             a, b = main.get(f"{s.node}/onnxft/shape1"), main.get(f"{s.node}/onnxft/shape2")
-            if a is not None and b is not None:
-                self.names[i] = (a.input[0], b.input[0])
+            if a is None or b is None:
+                continue
+            names = (a.input[0], b.input[0])
+            if s.format == "int8":
+                dqs = [producer.get(t) for t in names]
+                if any(d is None or d.op_type != "DequantizeLinear" or len(d.input) < 3 or d.input[2] not in inits
+                       for d in dqs):
+                    continue
+                names = (dqs[0].input[0], dqs[1].input[0])
+                self.zero_points[i] = tuple(onnx.numpy_helper.to_array(inits[d.input[2]]).astype(np.int64)
+                                            for d in dqs)
+            self.names[i] = names
         m = onnx.ModelProto()
         m.CopyFrom(injection_graph)
         g = m.graph
@@ -271,7 +288,8 @@ class VariableSpace:
                     self.skipped.append((plan.site.node, why))
                 continue
             if i not in reader.names:
-                self.skipped.append((plan.site.node, "inside a fused op (operands not readable)"))
+                self.skipped.append((plan.site.node, "inside a fused op, or int8 operands without a constant "
+                                                     "zero point (operands not readable)"))
                 continue
             if plan.site.scale == 0:
                 continue
@@ -280,7 +298,7 @@ class VariableSpace:
             for kd, name in enumerate(VARIABLE_KINDS):
                 if exp[name] <= 0:
                     continue
-                width = plan.site.widths["sum"] if name == "psum" else 32
+                width = plan.site.widths["sum"] if name == "psum" else (8 if plan.site.format == "int8" else 32)
                 # equal: every variable equally likely, then a bit of it; else bits x residency
                 per_bit = exp[name] * prod.groups / (width if hw.kind == "equal" else 1)
                 site += [i] * width
@@ -327,6 +345,8 @@ class VariableSpace:
             return Faults.empty()  # the flip came after the copy's last read: masked
         a_op, b_op = self.operands[f.site]
         bit = np.array(f.bit)
+        if f.site in self.reader.zero_points:
+            return self._apply_int(p, f, a_op, b_op)
         with np.errstate(all="ignore"):
             if f.kind == "weight":
                 kk, col = f.index0, f.index1
@@ -344,16 +364,52 @@ class VariableSpace:
                 elements = self._element(p, f.group, np.full(len(cols), row), cols)
         return _mask_rows(f.site, f.item, elements, kk, _bits32(old) ^ _bits32(new))
 
+    def _apply_int(self, p: Product, f: "VariableFault", a_op, b_op) -> Faults:
+        """int8: products (qa - za)(qb - zb) of the stored 8-bit values; the flip is on the 8-bit
+        pattern of qa or qb; the mask turns the 32-bit two's complement product into the new one
+        (exact: |product| < 2^16)."""
+        za, zb = self.reader.zero_points[f.site]
+        za = int(np.reshape(za, -1)[0])
+        signed_a, signed_b = a_op.dtype == np.int8, b_op.dtype == np.int8
+
+        def zb_of(cols):
+            z = np.reshape(zb, -1)
+            return z[(f.group * p.n + cols) % len(z)] if p.conv else z[cols % len(z)]
+
+        if f.kind == "weight":
+            kk, col = f.index0, f.index1
+            rows = np.arange(f.first, f.end)
+            qa = self._a(p, a_op, f.item, f.group, rows, np.full(len(rows), kk), pad=za).astype(np.int64)
+            qb = np.int64(self._b(p, b_op, f.item, f.group, kk, col, raw=True))
+            z = zb_of(np.array([col]))[0]
+            old = (qa - za) * (qb - z)
+            new = (qa - za) * (_flip8(qb, f.bit, signed_b) - z)
+            elements = self._element(p, f.group, rows, np.full(len(rows), col))
+        else:
+            row, kk = f.index0, f.index1
+            cols = np.arange(f.first, f.end)
+            qa = np.int64(self._a(p, a_op, f.item, f.group, np.array([row]), np.array([kk]), pad=za)[0])
+            qb = self._b(p, b_op, f.item, f.group, kk, cols, raw=True).astype(np.int64)
+            z = zb_of(cols)
+            old = (qa - za) * (qb - z)
+            new = (_flip8(qa, f.bit, signed_a) - za) * (qb - z)
+            elements = self._element(p, f.group, np.full(len(cols), row), cols)
+        mask = (old.astype(np.int64) & 0xFFFFFFFF) ^ (new.astype(np.int64) & 0xFFFFFFFF)
+        return _mask_rows(f.site, f.item, elements, kk, mask.astype(np.uint32))
+
     # operand access per item ----------------------------------------------------------------
     def _element(self, p: Product, g: int, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         if p.conv:  # output [C_out, OH, OW]: channel g * N + col, position row
             return ((g * p.n + cols) * p.m + rows).astype(np.int64)
         return ((g * p.m + rows) * p.n + cols).astype(np.int64)
 
-    def _a(self, p: Product, a_op: np.ndarray, item: int, g: int, rows: np.ndarray, kk: np.ndarray) -> np.ndarray:
+    def _a(self, p: Product, a_op: np.ndarray, item: int, g: int, rows: np.ndarray, kk: np.ndarray,
+           pad=None) -> np.ndarray:
+        """A[g][rows, kk] as stored (float32, or the raw integers with ``pad`` for padding)."""
+        dtype = np.float32 if pad is None else np.int64
         if not p.conv:
-            return np.asarray(a_op[item], np.float32).reshape(p.groups, -1, p.k)[g][rows, kk] if not p.shared_b \
-                else np.asarray(a_op[item], np.float32).reshape(-1, p.k)[rows, kk]
+            return np.asarray(a_op[item], dtype).reshape(p.groups, -1, p.k)[g][rows, kk] if not p.shared_b \
+                else np.asarray(a_op[item], dtype).reshape(-1, p.k)[rows, kk]
         plan = self.plans[p.site]
         _, c, hgt, wid = plan.a_shape
         _, cg, kh, kw = plan.b_shape
@@ -365,19 +421,27 @@ class VariableSpace:
         orow, ocol = np.divmod(rows, ow)
         ih, iw = orow * sh - pt + ki * dh, ocol * sw - pl + kj * dw
         inside = (ih >= 0) & (ih < hgt) & (iw >= 0) & (iw < wid)
-        x = np.asarray(a_op[item], np.float32)
+        x = np.asarray(a_op[item], dtype)
         vals = x[g * cg + ci, np.clip(ih, 0, hgt - 1), np.clip(iw, 0, wid - 1)]
-        return np.where(inside, vals, np.float32(0)).astype(np.float32)
+        # padding streams a zero: 0.0, or the zero point of an integer operand
+        return np.where(inside, vals, dtype(0) if pad is None else pad).astype(dtype)
 
-    def _b(self, p: Product, b_op: np.ndarray, item: int, g: int, kk: int, cols) -> np.ndarray:
-        """B[g][kk, cols] (a scalar for a scalar column)."""
+    def _b(self, p: Product, b_op: np.ndarray, item: int, g: int, kk: int, cols, raw: bool = False) -> np.ndarray:
+        """B[g][kk, cols] (a scalar for a scalar column); ``raw``: the stored integers."""
+        dtype = np.int64 if raw else np.float32
         if p.conv:  # weight [C_out, C_in/group, kH, kW]: column n of group g is channel g * N + n
-            w = np.asarray(b_op, np.float32).reshape(b_op.shape[0], -1)[g * p.n + np.asarray(cols), kk]
+            w = np.asarray(b_op, dtype).reshape(b_op.shape[0], -1)[g * p.n + np.asarray(cols), kk]
         elif p.shared_b:
-            w = np.asarray(b_op, np.float32)[kk, cols]
+            w = np.asarray(b_op, dtype)[kk, cols]
         else:
-            w = np.asarray(b_op[item], np.float32).reshape(p.groups, p.k, p.n)[g, kk, cols]
-        return np.float32(w) if np.ndim(w) == 0 else w.astype(np.float32)
+            w = np.asarray(b_op[item], dtype).reshape(p.groups, p.k, p.n)[g, kk, cols]
+        return dtype(w) if np.ndim(w) == 0 else w.astype(dtype)
+
+
+def _flip8(q, bit: int, signed: bool):
+    """Flip bit ``bit`` of the 8-bit pattern of ``q`` (int8 two's complement or uint8)."""
+    x = (np.asarray(q, np.int64) & 0xFF) ^ (1 << bit)
+    return np.where(x >= 128, x - 256, x) if signed else x
 
 
 def _mask_rows(site: int, item: int, elements: np.ndarray, step: int, masks: np.ndarray) -> Faults:
