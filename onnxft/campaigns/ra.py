@@ -274,7 +274,7 @@ def estimate_ra(runner: Runner, space_for, k: int = 1, method: str = "mc", budge
             spaces[j] = space_for(runner.plans[j])
         return spaces[j]
 
-    proposal = None  # per batch: q over strata (None = the fault model's own law)
+    proposals: dict[int, np.ndarray] = {}  # per batch (its strata), once the pilot is done
     if method == "is":
         n_pilot = pilot if pilot is not None else max(runner.batch, min(cap // 5, 256))
     else:
@@ -304,10 +304,12 @@ def estimate_ra(runner: Runner, space_for, k: int = 1, method: str = "mc", budge
             st = sp.strata
             if method == "mc":
                 q = st.mass
-            elif stage == 0:
+            elif stage == 0 or rates is None:  # the pilot, or no pilot at all: the heuristic
                 q = _pilot_proposal(st)
             else:
-                q = _proposal(st, rates, alpha)
+                if j not in proposals:
+                    proposals[j] = _proposal(st, rates, alpha)
+                q = proposals[j]
             strata = rng.choice(len(st), size=items, p=q)
             sp.prepare(runner.feeds(runner.starts[j]))
             faults = sp.draw(strata, np.arange(items), rng)
