@@ -31,7 +31,7 @@ def plot(rows, path, title):
     drops = [r["clean"] - r["ra"] for r in rows]
     err = [[r["ra"] - r["ci"][0] for r in rows], [r["ci"][1] - r["ra"] for r in rows]]
     ax.bar(xs, drops, yerr=[err[1], err[0]], capsize=4, color="#1f77b4")
-    ax.set_xticks(list(xs), [r["hw"] for r in rows])
+    ax.set_xticks(list(xs), [r["hw"] for r in rows], rotation=20, fontsize=8)
     ax.set_ylabel("fault-free accuracy - RA_1 (95% CI)")
     ax.set_title(title, fontsize=10)
     ax.grid(True, axis="y", alpha=0.3)
