@@ -341,6 +341,9 @@ def ra(model=None, data=None, hw: str | None = None, faults: int = 1, method: st
         raise ValueError("--curve uses the operation-wise model (no --hw): the BER is per operation bit")
     if curve_bers is not None and budget is None:
         raise ValueError("--curve needs --budget N")
+    if curve_bers is not None and (ci_width is not None or method != "mc" or faults != 1):
+        raise ValueError("--curve takes --budget only (it estimates every RA_k by Monte Carlo): "
+                         "drop --ci-width, --method and --faults")
     if method not in _ra.METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(_ra.METHODS)}")
     if method == "is" and faults != 1:

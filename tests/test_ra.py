@@ -221,6 +221,7 @@ def test_cli_ra_user_errors(capsys):
     for argv, msg in ((["ra", "vit", "--hw", "ws:3"], "--hw"),
                       (["ra", "vit", "--curve"], "--curve and --ber"),
                       (["ra", "vit", "--curve", "--ber", "1e-9", "--hw", "equal", "--limit", "8"], "operation-wise"),
+                      (["ra", "vit", "--curve", "--ber", "1e-9", "--method", "is", "--limit", "8"], "--budget only"),
                       (["ra", "vit", "--faults", "2", "--hw", "equal", "--limit", "8"], "one fault per inference"),
                       (["ra", "vit", "--faults", "2", "--method", "is", "--limit", "8"], "RA_1")):
         code, out, err = run_cli(argv, capsys)
