@@ -226,3 +226,21 @@ def test_cli_ra_user_errors(capsys):
                       (["ra", "vit", "--faults", "2", "--method", "is", "--limit", "8"], "RA_1")):
         code, out, err = run_cli(argv, capsys)
         assert code == 1 and err.startswith("onnxft: error:") and msg in err and "Traceback" not in err, (argv, err)
+
+
+def test_curve_truncation_is_bounded_and_exact_when_k_max_covers_everything():
+    """With k_max = 1 at a BER where two flips are common, the omitted mass P(K > 1) is reported
+    and the interval is widened by it; the per-k weights are the Binomial pmf."""
+    m, data = _toy()
+    runner = ra.Runner(m, data, batch=16, provider="cpu")
+    n_bits = ra.OpWiseSpace(runner.plans[0]).bits_per_item()
+    assert n_bits == 640
+    ber = 1.5 / n_bits
+    res = ra.ra_curve(runner, [ber], budget=64, k_max=1, seed=0)
+    point = res["points"][0]
+    tail = ra.binomial_tail(n_bits, ber, 1)
+    assert tail > 0.3 and point.truncation == tail
+    pmf = ra.binomial_pmf(n_bits, ber, [0, 1])
+    ra_k = [q["ra"] for q in res["per_k"]]
+    assert abs(point.value - (pmf @ ra_k + tail * ra_k[1])) < 1e-12
+    assert point.ci[1] - point.ci[0] >= tail  # whatever RA_k for k > 1 are, the interval holds them
