@@ -10,6 +10,7 @@
     ft.harden("model.onnx", "model.hardened.onnx", calib="calib.npz")   # LB-ABFT + range restriction
     ft.overhead("model.hardened.onnx", baseline="model.onnx")           # fault-free latency ratio
     ft.vuln("vit", granularity=["layer", "module"], target_losses=[0.1])   # vulnerability factors
+    ft.ra("vit", hw="ws:128x128", method="is", budget=2000)           # Resiliency Accuracy (RA_1)
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ from .runtime.data import Batch, DataError, Dataset, InputLayout, fixed_batch, i
 from .runtime.model_io import check_writable, external_data_dir, load_model, save_model
 
 __all__ = ["samples", "inspect", "inject", "evaluate", "bench", "replay", "vuln", "harden", "overhead",
-           "compare", "intensity", "load", "SiteSelection", "selection_from_options", "HardenOptions", "CampaignSpec",
+           "compare", "intensity", "ra", "load", "SiteSelection", "selection_from_options", "HardenOptions", "CampaignSpec",
            "OutcomeOptions", "outcome_options", "InputLayout", "Dataset", "example_feeds"]
 
 
@@ -413,3 +414,74 @@ def vuln(model=None, data=None, granularity: Iterable[str] = ("layer",), ber: fl
                         max_trials=max_trials, ci_width=ci_width, search_trials=search_trials,
                         patch=None if patch is None else (int(patch[0]), int(patch[1])), inputs=inputs or InputLayout())
     return analyse(m, ds, spec, progress=progress).to_dict()
+
+
+def ra(model=None, data=None, hw: str | None = None, faults: int = 1, method: str = "mc",
+       budget: int | None = 2000, ci_width: float | None = None, seed: int = 0, batch: int = 64,
+       limit: int | None = None, provider: str = "auto", threads: int | None = None,
+       selection: SiteSelection | None = None, int_widths=(16, 32), curve_bers: Iterable[float] | None = None,
+       k_max: int | None = None, pilot: int | None = None, progress=None) -> dict:
+    """Resiliency Accuracy (campaigns.ra): RA_k, accuracy given exactly ``faults`` faults in one
+    inference, with a 95% interval. ``hw``: None for the operation-wise model, else a dataflow
+    (``ws:RxC``, ``os:RxC``, ``is:RxC``, ``gpu:TMxTNxTK``) or ``equal`` for the variable-level
+    model. ``method``: ``mc`` or ``is`` (importance sampling, RA_1). Stops at ``budget``
+    inferences or at a 95% half-width of ``ci_width``.
+
+    With ``curve_bers``: accuracy at those BERs from conditional campaigns (operation-wise model),
+    ``budget`` inferences spread over k = 1..k_max; the result has ``points`` as eval's."""
+    from .campaigns import ra as _ra
+
+    m, name, default = load(model)
+    ds = _dataset(m, data, default, limit)
+    fixed = fixed_batch(input_specs(m))
+    if fixed is not None:
+        batch = fixed
+        ds = ds.head(len(ds) - len(ds) % fixed)
+    if curve_bers is not None and hw is not None:
+        raise ValueError("--curve uses the operation-wise model (no --hw): the BER is per operation bit")
+    if curve_bers is not None and budget is None:
+        raise ValueError("--curve needs --budget N")
+    if curve_bers is not None and (ci_width is not None or method != "mc" or faults != 1):
+        raise ValueError("--curve takes --budget only (it estimates every RA_k by Monte Carlo): "
+                         "drop --ci-width, --method and --faults")
+    if method not in _ra.METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(_ra.METHODS)}")
+    if method == "is" and faults != 1:
+        raise ValueError("importance sampling estimates RA_1 (one fault per inference): use --faults 1 or --method mc")
+    if hw is not None and faults != 1:
+        raise ValueError("the variable-level model applies one fault per inference exactly (RA = RA_1): use --faults 1")
+    space_for, hw_name = None, "op"
+    if hw is not None:
+        from .faults import variable as _var
+
+        hardware = _var.parse_hw(hw)
+        hw_name = str(hardware)
+    elif method == "is":
+        space_for = _ra.OpWiseSpace
+    if hw is not None:  # int8 operand faults change products by more than 16 bits can hold
+        int_widths = (32, int_widths[1])
+    runner = _ra.Runner(m, ds, batch, provider, selection, int_widths, threads)
+    if hw is not None:
+        graph = _inject(m, selection, int_widths=int_widths, transposed_weights=True).model
+        reader = _var.OperandReader(graph, provider, threads)
+
+        def space_for(plans):
+            return _var.VariableSpace(plans, hardware, reader)
+        space_for.single_fault_only = True
+    out = {"model": display_name(model, name), "data": ds.path, "items": len(ds), "seed": seed,
+           "hw": hw_name, "clean": runner.clean}
+    if curve_bers is not None:
+        res = _ra.ra_curve(runner, list(curve_bers), budget, k_max, seed=seed, progress=progress)
+        out.update({"method": "mc", "metric": "top1", "inferences": res["inferences"], "k_max": res["k_max"],
+                    "bits_per_item": res["bits_per_item"], "per_k": res["per_k"],
+                    "points": [{"ber": p.ber, "value": p.value, "ci": list(p.ci), "n": res["inferences"],
+                                "truncation": p.truncation, "faults_per_item": p.faults_per_item}
+                               for p in res["points"]]})
+        return out
+    est = _ra.estimate_ra(runner, space_for, faults, method, budget, ci_width, seed, hw_name, pilot,
+                          progress=progress)
+    out.update({"ra": est.value, "ci": list(est.ci), "inferences": est.inferences, "method": est.method,
+                "ess": est.ess, "k": est.k, "pilot": est.extra.get("pilot", 0)})
+    if hw is not None:
+        out["skipped"] = [list(s) for s in space_for(runner.plans[0]).skipped]
+    return out

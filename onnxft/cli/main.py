@@ -389,6 +389,7 @@ from . import compare as _compare_verb  # noqa: E402,F401  (registers the verb)
 from . import harden as _harden_verb  # noqa: E402,F401  (registers the verb)
 cli.add_command(__import__("onnxft.cli.vuln", fromlist=["vuln"]).vuln)  # verb in its own module
 cli.add_command(__import__("onnxft.cli.intensity", fromlist=["intensity"]).intensity)
+cli.add_command(__import__("onnxft.cli.ra", fromlist=["ra"]).ra)  # verb in its own module
 
 
 def main(argv=None):

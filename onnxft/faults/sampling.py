@@ -794,3 +794,45 @@ def _matmul_rows(pa: _PlanArrays, site: np.ndarray, o: np.ndarray):
         if channel is None:
             channel = coord
     return a_row, b_col, channel
+
+
+def sample_exact_faults(plans: list[SitePlan], k: int, rng: np.random.Generator) -> Faults:
+    """Exactly ``k`` faults in every item: ``k`` distinct (operation, bit) positions drawn uniformly
+    out of all the positions of one item, over every site (sites with BER scale 0 excluded).
+
+    This is the operation-wise model of ``sample_faults`` conditioned on the number of flips in one
+    inference being ``k``: with every bit an independent Bernoulli(BER) trial, given ``K = k`` the
+    set of flipped positions is uniform over the ``k``-subsets (docs/resiliency_accuracy.md). Scales
+    other than 0 and 1 make the conditional law non-uniform and are refused.
+
+    Positions are drawn with replacement per item and the item's draw repeated while two coincide
+    (rejection), which leaves a uniformly random ``k``-subset."""
+    if k < 0:
+        raise ValueError(f"the number of faults must be at least 0, got {k}")
+    if k == 0 or not plans:
+        return Faults.empty()
+    pa = _plan_arrays(plans)
+    if np.any((pa.scale != 0) & (pa.scale != 1)):
+        raise ValueError("exactly-k sampling needs BER scales of 0 or 1 (the conditional law is not uniform otherwise)")
+    items = max(p.items for p in plans)
+    live = np.flatnonzero(pa.scale > 0)
+    shared = [plans[i].site.id for i in live if plans[i].items != items]
+    if items > 1 and shared:
+        raise ValueError(f"site {shared[0]} has no batch axis, so its faults would be shared by every item: "
+                         "use batch 1")
+    bits = pa.bits_per_item[live]
+    ends = np.cumsum(bits)
+    total = int(ends[-1]) if len(ends) else 0
+    if k > total:
+        raise ValueError(f"{k} faults asked for, one item has only {total} bit positions")
+    pos = rng.integers(0, total, size=(items, k), dtype=np.int64)
+    for i in range(items):
+        while len(np.unique(pos[i])) < k:
+            pos[i] = rng.integers(0, total, size=k, dtype=np.int64)
+    flat = pos.reshape(-1)
+    which = np.searchsorted(ends, flat, side="right")
+    site = live[which]
+    local = flat - (ends[which] - bits[which])
+    element, step, bit = _decode(plans, site, local)
+    item = np.repeat(np.arange(items, dtype=np.int64), k)
+    return Faults(site.astype(np.int64), item, element, step, bit)

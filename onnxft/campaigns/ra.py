@@ -1,0 +1,537 @@
+"""Resiliency Accuracy (RA): accuracy given exactly ``k`` faults in one inference
+(docs/resiliency_accuracy.md).
+
+* ``estimate_ra``: RA_k by plain Monte Carlo (``method="mc"``), or for ``k = 1`` by importance
+  sampling (``method="is"``) over fault *strata* (site, kind, bit) with a proposal learned from a
+  pilot run and likelihood-ratio weights.
+* ``ra_curve``: accuracy against BER under the operation-wise model from conditional campaigns,
+  ``acc(BER) = sum_k P(K = k) RA_k`` with ``K ~ Binomial(bits per inference, BER)``.
+
+Every item of a batch is one inference with its own faults. Items are visited in order, pass after
+pass (``pass`` plays the role of eval's trial), with one random stream per (seed, k, pass, batch).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx
+
+from ..faults.sampling import Faults, SitePlan, sample_exact_faults
+from ..passes.inject import SiteSelection
+from ..runtime.data import Dataset
+from ..runtime.session import InjectionSession
+from .evaluate import campaign_graph
+from .stats import wilson_interval
+
+Z95 = 1.959963984540054
+METHODS = ("mc", "is")
+
+
+def score_outputs(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per item: correct (arg-max equals the label and every output value is finite). A row with a
+    NaN or Inf is never correct (a detected error, DUE). The one place that decides what counts
+    as correct; the shared outcome classification (masked / SDC / DUE) can replace it."""
+    flat = logits.reshape(len(logits), -1)
+    return (np.argmax(flat, axis=1) == labels) & np.isfinite(flat).all(axis=1)
+
+
+def _rng(seed: int, *stream: int) -> np.random.Generator:
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed)] + [int(s) for s in stream])))
+
+
+# ---------------------------------------------------------------------------------------------
+# Fault spaces: the fault model of one inference, cut into strata (site, kind, bit)
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Strata:
+    """A single-fault law cut into strata. ``mass[s]`` is the probability that the fault lies in
+    stratum ``s``; within a stratum the fault model's own conditional law is used by ``draw``, so a
+    proposal over strata has likelihood ratio ``mass[s] / q[s]``."""
+
+    site: np.ndarray
+    kind: np.ndarray  # index into ``kinds``
+    bit: np.ndarray
+    mass: np.ndarray
+    kinds: tuple[str, ...]
+    width: np.ndarray | None = None  # bits of the stratum's value (for the bit-position heuristic)
+
+    def __len__(self) -> int:
+        return len(self.site)
+
+    def classes(self) -> np.ndarray:
+        """Stratum -> class (kind, bit), pooled over sites: what the pilot learns rates for."""
+        width = int(self.bit.max()) + 1 if len(self) else 1
+        return self.kind * width + self.bit
+
+
+class OpWiseSpace:
+    """The operation-wise model of docs/fault_model.md for one fault: every (operation, bit)
+    position equally likely. Kinds: product, sum (partial sums), bias, element (elementwise)."""
+
+    kinds = ("product", "sum", "bias", "element")
+    name = "op"
+
+    def __init__(self, plans: list[SitePlan]):
+        self.plans = plans
+        site, kind, bit, count, width = [], [], [], [], []
+        for i, p in enumerate(plans):
+            if p.site.scale == 0:
+                continue
+            if p.site.scale != 1:
+                raise ValueError("RA needs BER scales of 0 or 1")
+            if p.site.kind == "elementwise":
+                parts = [(3, p.elements, p.site.widths["element"])]
+            else:
+                wp, wa = p.site.widths["product"], p.site.widths["sum"]
+                parts = [(0, p.elements * p.k, wp), (1, p.elements * (p.k - 1), wa)]
+                if p.site.bias:
+                    parts.append((2, p.elements, wa))
+            for kd, n, w in parts:
+                if n <= 0:
+                    continue
+                site += [i] * w
+                kind += [kd] * w
+                bit += list(range(w))
+                count += [n] * w
+                width += [w] * w
+        count = np.array(count, np.float64)
+        self.count = count.astype(np.int64)
+        self.strata = Strata(np.array(site, np.int64), np.array(kind, np.int64), np.array(bit, np.int64),
+                             count / count.sum(), self.kinds, np.array(width, np.int64))
+
+    def bits_per_item(self) -> int:
+        return int(self.count.sum())
+
+    def prepare(self, feeds) -> None:
+        """Per-batch state (none for this model)."""
+
+    def draw(self, strata: np.ndarray, items: np.ndarray, rng: np.random.Generator) -> Faults:
+        """One fault per entry: uniform over the stratum's operations, for ``items[i]``."""
+        st = self.strata
+        site, kind, bit = st.site[strata], st.kind[strata], st.bit[strata]
+        u = rng.integers(0, self.count[strata])
+        k = np.array([self.plans[s].k for s in site.tolist()], np.int64)
+        element = np.where(kind == 0, u // np.maximum(k, 1), np.where(kind == 1, u // np.maximum(k - 1, 1), u))
+        step = np.select([kind == 0, kind == 1, kind == 2], [u % np.maximum(k, 1), k + u % np.maximum(k - 1, 1),
+                                                              2 * k - 1], 0)
+        return Faults(site, items.astype(np.int64), element, step, bit)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running inferences
+# ---------------------------------------------------------------------------------------------
+
+class Runner:
+    """An injection session over a labelled dataset, batch by batch, with each item's fault-free
+    correctness (the baseline that importance sampling's control variate uses)."""
+
+    def __init__(self, model: onnx.ModelProto, data: Dataset, batch: int = 64, provider: str = "auto",
+                 selection: SiteSelection | None = None, int_widths=(16, 32), threads: int | None = None):
+        if data.labels is None:
+            raise ValueError("RA is an accuracy: the data needs labels (array 'y')")
+        self.model = model
+        self.data = data
+        self.batch = batch
+        self.sess = InjectionSession(campaign_graph(model, selection, int_widths), provider, threads, level="basic")
+        self.starts = list(range(0, len(data), batch))
+        self.plans, self.clean_correct = [], []
+        for s in self.starts:
+            out, plans = self.sess.clean(self.feeds(s))
+            self.plans.append(plans)
+            self.clean_correct.append(score_outputs(out[0], self.labels(s)))
+        self.clean = float(np.mean(np.concatenate(self.clean_correct)))
+        self.inferences = 0
+
+    def feeds(self, start: int):
+        return self.data.batch(start, start + self.batch)
+
+    def labels(self, start: int):
+        return self.data.labels[start:start + self.batch]
+
+    def run(self, j: int, faults: Faults) -> np.ndarray:
+        s = self.starts[j]
+        out = self.sess.run(self.feeds(s), faults, self.plans[j])
+        self.inferences += len(self.clean_correct[j])
+        return score_outputs(out[0], self.labels(s))
+
+    def visits(self, seed: int, stream: int):
+        """(pass, batch index) forever: every batch once per pass, in a random order per pass, so
+        that a run stopped inside a pass still sees each item with the same probability."""
+        t = 0
+        while True:
+            for j in _rng(seed, 1 << 20, stream, t).permutation(len(self.starts)).tolist():
+                yield t, j
+            t += 1
+
+
+# ---------------------------------------------------------------------------------------------
+# RA_k
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class RAEstimate:
+    k: int
+    value: float
+    ci: tuple[float, float]
+    inferences: int
+    method: str
+    ess: float
+    hw: str
+    clean: float
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["ci"] = list(self.ci)
+        return d
+
+
+class _Samples:
+    """The per-inference values ``y_i`` of an estimator (mean = RA) with their weights, kept by
+    stage (pilot, main) so that the variance is estimated within each stage's own law."""
+
+    def __init__(self):
+        self.stages: list[list[np.ndarray]] = [[], []]
+        self.weights: list[np.ndarray] = []
+        self.correct = 0
+
+    def add(self, stage: int, y: np.ndarray, w: np.ndarray, correct: np.ndarray):
+        self.stages[stage].append(y)
+        self.weights.append(w)
+        self.correct += int(correct.sum())
+
+    @property
+    def n(self) -> int:
+        return sum(len(a) for s in self.stages for a in s)
+
+    def mean_and_se(self) -> tuple[float, float]:
+        n = self.n
+        total, var_sum = 0.0, 0.0
+        w_all = np.concatenate(self.weights)
+        for s in self.stages:
+            if not s:
+                continue
+            y = np.concatenate(s)
+            total += y.sum()
+            # Floor: a run that saw no outcome change has zero sample variance; never claim a
+            # half-width below what Wilson gives a proportion with no success (z^2 / n), in units
+            # of the mean weight.
+            floor = float(np.mean(w_all)) ** 2 * Z95**2 / len(y)  # zero changes: Wilson's upper bound z^2/n
+            var_sum += len(y) * max(y.var(ddof=1) if len(y) > 1 else 0.0, floor)
+        return total / n, math.sqrt(var_sum) / n
+
+    def ess(self) -> float:
+        w = np.concatenate(self.weights)
+        return float(w.sum() ** 2 / np.sum(w * w)) if len(w) else 0.0
+
+
+def _ci(s: _Samples, method: str) -> tuple[float, tuple[float, float], float]:
+    if method == "mc":  # a plain proportion
+        return s.correct / s.n, wilson_interval(s.correct, s.n), Z95 * math.sqrt(0.25 / s.n)
+    mean, se = s.mean_and_se()
+    lo, hi = mean - Z95 * se, mean + Z95 * se
+    return mean, (max(0.0, lo), min(1.0, hi)), Z95 * se
+
+
+def _half_width(s: _Samples, method: str) -> float:
+    _, (lo, hi), _ = _ci(s, method)
+    return (hi - lo) / 2
+
+
+def estimate_ra(runner: Runner, space_for, k: int = 1, method: str = "mc", budget: int | None = 2000,
+                ci_width: float | None = None, seed: int = 0, hw: str = "op", pilot: int | None = None,
+                alpha: float = 0.1, progress=None) -> RAEstimate:
+    """RA_k with a 95% interval. ``space_for(plans)`` gives the fault space of one batch
+    (``OpWiseSpace`` or a variable-level space); ``None`` means the operation-wise model sampled
+    with ``sample_exact_faults`` (the only way to get ``k > 1`` faults).
+
+    Stops when the interval's half-width is at most ``ci_width`` (checked after every batch, once
+    the pilot is done) or after ``budget`` inferences (at least one is required)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    if budget is None and ci_width is None:
+        raise ValueError("give a budget (--budget N) or a target interval half-width (--ci-width W)")
+    if budget is not None and budget < 1:
+        raise ValueError("--budget must be at least 1")
+    if ci_width is not None and not ci_width > 0:
+        raise ValueError("--ci-width must be positive")
+    if k < 0:
+        raise ValueError("--faults must be at least 0")
+    if method == "is" and k != 1:
+        raise ValueError("importance sampling estimates RA_1 (one fault per inference): use --faults 1 or --method mc")
+    if k > 1 and space_for is not None and getattr(space_for, "single_fault_only", False):
+        raise ValueError("the variable-level model applies one fault per inference exactly (RA = RA_1): use --faults 1")
+    start = runner.inferences
+    samples = _Samples()
+    cap = budget if budget is not None else 10**9
+    spaces: dict[int, object] = {}
+
+    def space(j):
+        if j not in spaces:
+            spaces[j] = space_for(runner.plans[j])
+        return spaces[j]
+
+    proposals: dict[int, np.ndarray] = {}  # per batch (its strata), once the pilot is done
+    if method == "is":
+        n_pilot = pilot if pilot is not None else max(runner.batch, min(cap // 5, 256))
+    else:
+        n_pilot = 0
+    stage = 0 if n_pilot else 1
+    rates, pilot_log = None, []
+    for t, j in runner.visits(seed, k):
+        done = runner.inferences - start
+        if done >= cap:
+            break
+        if stage == 0 and done >= n_pilot:
+            rates = _pilot_rates(pilot_log)
+            stage = 1
+        if stage == 1 and ci_width is not None and samples.n >= max(2 * runner.batch, n_pilot + runner.batch) \
+                and _half_width(samples, method) <= ci_width:
+            break
+        rng = _rng(seed, k, t, j)
+        items = len(runner.clean_correct[j])
+        if k == 0:
+            correct = runner.run(j, Faults.empty())
+            samples.add(1, correct.astype(np.float64), np.ones(items), correct)
+        elif space_for is None:
+            correct = runner.run(j, sample_exact_faults(runner.plans[j], k, rng))
+            samples.add(1, correct.astype(np.float64), np.ones(items), correct)
+        else:
+            sp = space(j)
+            st = sp.strata
+            if method == "mc":
+                q = st.mass
+            elif stage == 0 or rates is None:  # the pilot, or no pilot at all: the heuristic
+                q = _pilot_proposal(st)
+            else:
+                if j not in proposals:
+                    proposals[j] = _proposal(st, rates, alpha)
+                q = proposals[j]
+            strata = rng.choice(len(st), size=items, p=q)
+            sp.prepare(runner.feeds(runner.starts[j]))
+            faults = sp.draw(strata, np.arange(items), rng)
+            correct = runner.run(j, faults)
+            w = st.mass[strata] / q[strata]
+            clean = runner.clean_correct[j].astype(np.float64)
+            # Control variate: RA = (fault-free accuracy of the items, known exactly) - E_p[clean -
+            # faulty], and y = clean accuracy - w (clean - faulty) has E_q[y] = RA for any proposal
+            # that covers the law; masked faults contribute no variance.
+            y = runner.clean - w * (clean - correct)
+            samples.add(stage, y, w, correct)
+            if stage == 0:
+                pilot_log.append((st.classes()[strata], st.site[strata], clean != correct))
+        if progress:
+            progress(runner.inferences - start)
+    if samples.n == 0:
+        raise ValueError("no inference was run (budget too small?)")
+    value, ci, _ = _ci(samples, method)
+    return RAEstimate(k, float(value), (float(ci[0]), float(ci[1])), runner.inferences - start, method,
+                      samples.ess(), hw, runner.clean, {"pilot": n_pilot if method == "is" else 0})
+
+
+HEURISTIC_ALPHA = 0.3
+
+
+def bit_prior(st: Strata) -> np.ndarray:
+    """The DNN heuristic of the pilot: relative chance that a flip of this bit changes an outcome.
+    For 32-bit floats the exponent's top bit (30) turns a value below 2 into one above 2^64, the
+    other exponent bits and the sign move it by powers of two, mantissa bits by less than 2x; for
+    integers of width w the top quarter of the bits carries the large changes."""
+    width = st.width if st.width is not None else np.full(len(st), 32)
+    prior = np.ones(len(st))
+    fp = width == 32
+    prior[fp & (st.bit == 30)] = 64.0
+    prior[fp & (((st.bit >= 23) & (st.bit < 30)) | (st.bit == 31))] = 4.0
+    prior[~fp & (st.bit >= width - np.maximum(width // 4, 1))] = 8.0
+    return prior
+
+
+def _pilot_proposal(st: Strata) -> np.ndarray:
+    """Pilot proposal: the defensive mixture with the bit-position heuristic in place of rates
+    learned from data (every stratum keeps at least ``HEURISTIC_ALPHA`` of its own mass)."""
+    h = st.mass * bit_prior(st)
+    q = HEURISTIC_ALPHA * st.mass + (1 - HEURISTIC_ALPHA) * h / h.sum()
+    return q / q.sum()
+
+
+def _pilot_rates(pilot) -> dict:
+    cls = np.concatenate([p[0] for p in pilot])
+    site = np.concatenate([p[1] for p in pilot])
+    hit = np.concatenate([p[2] for p in pilot]).astype(np.float64)
+    return {"class": cls, "site": site, "hit": hit}
+
+
+def _proposal(st: Strata, rates: dict, alpha: float) -> np.ndarray:
+    """Defensive mixture ``q = alpha p + (1 - alpha) h`` with ``h ∝ p x r``: ``r`` the pilot's
+    rate of outcome-changing faults of the stratum's class (kind, bit), shrunk towards the
+    bit-position prior (scaled to the pilot's overall rate), times the site's rate relative to its
+    classes (shrunk the same way). ``q >= alpha p`` keeps every weight at most ``1 / alpha``."""
+    cls = st.classes()
+    prior = bit_prior(st)
+    # the prior's rate per class, scaled so that it predicts the pilot's pooled hit rate
+    ucls_all, first = np.unique(cls, return_index=True)
+    prior_c = dict(zip(ucls_all.tolist(), prior[first].tolist()))
+    seen_prior = np.array([prior_c[c] for c in rates["class"].tolist()])
+    scale = (rates["hit"].sum() + 0.5) / (seen_prior.sum() + 1)
+    m = 2.0
+    ucls, inv = np.unique(rates["class"], return_inverse=True)
+    hits_c = np.bincount(inv, weights=rates["hit"])
+    n_c = np.bincount(inv).astype(np.float64)
+    lookup = {c: (h + m * scale * prior_c[c]) / (n + m) for c, h, n in zip(ucls.tolist(), hits_c, n_c)}
+    r_class = np.array([lookup.get(c, scale * prior_c[c]) for c in cls.tolist()])
+    # site factor: hits at the site against what its classes' rates predict
+    expect = np.array([lookup[c] for c in rates["class"].tolist()])
+    usite, sinv = np.unique(rates["site"], return_inverse=True)
+    obs_s = np.bincount(sinv, weights=rates["hit"])
+    exp_s = np.bincount(sinv, weights=expect)
+    factor = dict(zip(usite.tolist(), ((obs_s + m * 0.5) / (exp_s + m * 0.5)).tolist()))
+    r = r_class * np.array([factor.get(s, 1.0) for s in st.site.tolist()])
+    h = st.mass * r
+    h = h / h.sum() if h.sum() > 0 else st.mass
+    q = alpha * st.mass + (1 - alpha) * h
+    return q / q.sum()
+
+
+# ---------------------------------------------------------------------------------------------
+# The BER curve from conditional campaigns (operation-wise model)
+# ---------------------------------------------------------------------------------------------
+
+def binomial_pmf(n: int, p: float, ks) -> np.ndarray:
+    ks = np.asarray(ks, np.float64)
+    if p <= 0:
+        return (ks == 0).astype(np.float64)
+    if p >= 1:
+        return (ks == n).astype(np.float64)
+    lg = np.array([math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) for k in ks])
+    return np.exp(lg + ks * math.log(p) + (n - ks) * math.log1p(-p))
+
+
+def binomial_tail(n: int, p: float, k_max: int) -> float:
+    """P(K > k_max), summed term by term from k_max + 1 (no cancellation for tiny tails)."""
+    if p <= 0 or k_max >= n:
+        return 0.0
+    total, k = 0.0, k_max + 1
+    term = float(binomial_pmf(n, p, [k])[0])
+    mode = (n + 1) * p
+    while k <= n:
+        total += term
+        if k > mode and term < 1e-18 * max(total, 1e-300):
+            break
+        term *= (n - k) / (k + 1) * p / (1 - p)
+        k += 1
+    return min(total, 1.0)
+
+
+def choose_k_max(n_bits: int, bers: list[float], tail: float = 1e-3, cap: int = 64) -> int:
+    """The smallest k_max with P(K > k_max) <= tail at every BER (at most ``cap``)."""
+    for k in range(cap + 1):
+        if all(binomial_tail(n_bits, b, k) <= tail for b in bers):
+            return k
+    return cap
+
+
+def neyman_allocation(weights_sq: np.ndarray, sigma: np.ndarray, total: int, floor: np.ndarray) -> np.ndarray:
+    """Trials per k minimising ``sum_k c_k sigma_k^2 / n_k`` for ``sum_k n_k = total`` (Lagrange:
+    ``n_k ∝ sqrt(c_k) sigma_k``), never below ``floor`` (what is already spent)."""
+    score = np.sqrt(weights_sq) * sigma
+    n = np.maximum(floor.astype(np.float64), 0)
+    if score.sum() <= 0 or total <= n.sum():
+        return n.astype(np.int64)
+    # water-filling: raise the ones below their share until the budget is used
+    active = np.ones(len(n), bool)
+    for _ in range(len(n)):
+        budget = total - n[~active].sum()
+        share = budget * score / score[active].sum()
+        below = active & (share < n)
+        if not below.any():
+            n[active] = share[active]
+            break
+        active &= ~below
+    return np.floor(n).astype(np.int64)
+
+
+@dataclass
+class CurvePoint:
+    ber: float
+    value: float
+    ci: tuple[float, float]
+    truncation: float  # P(K > k_max): the most the omitted terms can add
+    faults_per_item: float
+
+
+def ra_curve(runner: Runner, bers: list[float], budget: int = 2000, k_max: int | None = None,
+             tail: float = 1e-3, seed: int = 0, progress=None) -> dict:
+    """acc(BER) = sum_{k <= k_max} P(K = k) RA_k + (truncation, at most P(K > k_max)) for every BER,
+    from RA_k estimated once (Monte Carlo with ``sample_exact_faults``).
+
+    RA_0 is the fault-free accuracy of the items (measured on all of them, exact for this item
+    set); RA_k = RA_0 - D_k with D_k the mean of (clean - faulty) correctness over k-fault
+    inferences. Budget: ``budget`` inferences over k = 1..k_max: one batch per k first, then Neyman
+    allocation of the rest (``neyman_allocation``) with ``c_k = sum_b P_b(K = k)^2`` and
+    ``sigma_k^2`` = the smoothed share of inferences whose outcome changed (>= Var of the
+    difference). A point's interval is normal with that same conservative variance, widened above by
+    the truncation bound P(K > k_max)."""
+    for b in bers:
+        if not 0.0 <= b <= 1.0:
+            raise ValueError(f"BER must be in [0, 1], got {b}")
+    plans0 = runner.plans[0]
+    n_bits = OpWiseSpace(plans0).bits_per_item()
+    k_max = choose_k_max(n_bits, bers, tail) if k_max is None else int(k_max)
+    ks = np.arange(1, k_max + 1)
+    pmf = np.array([binomial_pmf(n_bits, b, np.arange(k_max + 1)) for b in bers])  # [B, k_max+1]
+    c = (pmf[:, 1:] ** 2).sum(axis=0)
+    start = runner.inferences
+    # RA_k = clean - D_k, D_k = E[clean - faulty] (control variate: a masked fault adds no variance)
+    diff = np.zeros(k_max + 1)  # sum of (clean - faulty) per k
+    moved = np.zeros(k_max + 1, np.int64)  # inferences whose outcome changed
+    n = np.zeros(k_max + 1, np.int64)
+    streams = {int(k): runner.visits(seed, int(k)) for k in ks}
+
+    def run_until(k, target):  # whole batches, never past the target (after the first batch)
+        while n[k] == 0 or n[k] + runner.batch <= target:
+            t, j = next(streams[k])
+            correct = runner.run(j, sample_exact_faults(runner.plans[j], int(k), _rng(seed, k, t, j)))
+            d = runner.clean_correct[j].astype(np.int64) - correct
+            diff[k] += d.sum()
+            moved[k] += int(np.count_nonzero(d))
+            n[k] += len(correct)
+            if progress:
+                progress(runner.inferences - start)
+
+    live = [k for k in ks if c[k - 1] > 0]
+    if len(live) * runner.batch > budget:
+        raise ValueError(f"--budget {budget} is less than one batch for each k = 1..{k_max} "
+                         f"({len(live)} x {runner.batch}): lower --batch or --k-max, or raise --budget")
+    first = runner.batch
+    for k in ks:
+        if c[k - 1] > 0:
+            run_until(k, first)
+
+    def second_moment():  # E[d^2] = P(outcome changed), smoothed: an upper bound on Var(d)
+        return (moved + 1) / (n + 2)
+
+    target = neyman_allocation(c, np.sqrt(second_moment()[1:]), budget, n[1:])
+    for k, tk in zip(ks, target):
+        if c[k - 1] > 0:
+            run_until(k, int(tk))
+    ra = runner.clean - np.where(n > 0, diff / np.maximum(n, 1), 0.0)
+    ra[0] = runner.clean
+    m2 = second_moment()
+    points = []
+    for bi, b in enumerate(bers):
+        trunc = binomial_tail(n_bits, b, k_max)
+        value = float(pmf[bi] @ ra)
+        var = float(np.sum(pmf[bi, 1:] ** 2 * m2[1:] / np.maximum(n[1:], 1)))
+        half = Z95 * math.sqrt(var)
+        points.append(CurvePoint(float(b), value + trunc * float(ra[k_max]), (max(0.0, value - half),
+                                 min(1.0, value + trunc + half)), trunc, n_bits * float(b)))
+    half_k = Z95 * np.sqrt(m2 / np.maximum(n, 1))
+    per_k = [{"k": 0, "ra": runner.clean, "ci": [runner.clean, runner.clean], "n": len(runner.data),
+              "weight_sq": None}]
+    per_k += [{"k": int(k), "ra": float(ra[k]), "ci": [max(0.0, ra[k] - half_k[k]), min(1.0, ra[k] + half_k[k])],
+               "n": int(n[k]), "weight_sq": float(c[k - 1])} for k in ks]
+    return {"points": points, "per_k": per_k, "k_max": k_max, "bits_per_item": n_bits,
+            "inferences": int(runner.inferences - start + len(runner.data)), "clean": runner.clean}

@@ -1,0 +1,246 @@
+"""Resiliency Accuracy: exactly-k sampling, the conditional BER curve, importance sampling
+(docs/resiliency_accuracy.md). Statistical checks use z-tests at |z| < 4.5 and chi-square at
+p > 1e-5 (as test_sampling_stats), with fixed seeds."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+from onnx import TensorProto as T
+from onnx import helper as h
+from onnx import numpy_helper as nh
+
+from onnxft.campaigns import ra
+from onnxft.faults.sampling import Faults, sample_exact_faults, sample_faults
+from onnxft.runtime.data import Dataset
+
+from models import tiny_transformer
+from test_sampling_stats import P_MIN, chi_square, plans_mixed, positions
+
+Z = 4.5
+
+
+def test_exactly_k_distinct_faults_per_item_uniform_over_all_positions():
+    plans = plans_mixed()
+    bits = [p.bits_per_item for p in plans]
+    offsets = np.cumsum([0] + bits[:-1])
+    rng = np.random.default_rng(11)
+    hist = np.zeros(sum(bits))
+    for _ in range(1500):
+        f = sample_exact_faults(plans, 3, rng)
+        assert np.array_equal(np.bincount(f.item, minlength=8), np.full(8, 3))
+        glob = np.zeros(len(f), np.int64)
+        for s, plan in enumerate(plans):
+            sel = f.site == s
+            glob[sel] = offsets[s] + positions(plan, f.subset(sel))
+        for i in range(8):
+            assert len(np.unique(glob[f.item == i])) == 3
+        hist += np.bincount(glob, minlength=len(hist))
+    pval, stat, df = chi_square(hist, np.full(len(hist), 1 / len(hist)))
+    assert pval > P_MIN, f"positions chi2={stat:.1f} df={df}"
+
+
+def test_exact_k_skips_protected_sites_and_refuses_bad_input():
+    plans = plans_mixed()
+    plans[0].site.scale = 0.0
+    f = sample_exact_faults(plans, 5, np.random.default_rng(0))
+    assert len(f) == 40 and not (f.site == 0).any()
+    for bad in (-1,):
+        try:
+            sample_exact_faults(plans, bad, np.random.default_rng(0))
+        except ValueError:
+            continue
+        raise AssertionError("k < 0 accepted")
+
+
+def test_opwise_strata_reproduce_the_uniform_position_law():
+    plans = plans_mixed()
+    space = ra.OpWiseSpace(plans)
+    assert space.bits_per_item() == sum(p.bits_per_item for p in plans)
+    assert abs(space.strata.mass.sum() - 1) < 1e-12
+    rng = np.random.default_rng(5)
+    bits = [p.bits_per_item for p in plans]
+    offsets = np.cumsum([0] + bits[:-1])
+    hist = np.zeros(sum(bits))
+    for _ in range(40):
+        st = rng.choice(len(space.strata), size=1000, p=space.strata.mass)
+        f = space.draw(st, np.zeros(1000, np.int64), rng)
+        for s, plan in enumerate(plans):
+            sel = f.site == s
+            np.add.at(hist, offsets[s] + positions(plan, f.subset(sel)), 1)
+    pval, stat, df = chi_square(hist, np.full(len(hist), 1 / len(hist)))
+    assert pval > P_MIN, f"positions chi2={stat:.1f} df={df}"
+
+
+def test_binomial_tail_and_k_max():
+    n, p = 40, 0.07
+    pmf = ra.binomial_pmf(n, p, np.arange(n + 1))
+    assert abs(pmf.sum() - 1) < 1e-12
+    exact = sum(math.comb(n, k) * p**k * (1 - p) ** (n - k) for k in range(6, n + 1))
+    assert abs(ra.binomial_tail(n, p, 5) - exact) < 1e-13
+    k = ra.choose_k_max(n, [p, p / 2], tail=1e-3)
+    assert ra.binomial_tail(n, p, k) <= 1e-3 < ra.binomial_tail(n, p, k - 1)
+
+
+def test_neyman_allocation_is_proportional_and_respects_floor():
+    c, sigma = np.array([4.0, 1.0, 0.0]), np.array([0.5, 0.5, 0.5])
+    n = ra.neyman_allocation(c, sigma, 300, np.zeros(3))
+    assert list(n) == [200, 100, 0]  # sqrt(c) sigma = 1 : 0.5 : 0
+    n = ra.neyman_allocation(c, sigma, 300, np.array([10, 150, 0]))
+    assert list(n) == [150, 150, 0]  # k=2 already has more than its share: keep it, give k=1 the rest
+
+
+def _toy(labels_from_clean=True, n=16, seed=0):
+    """x [B, 3] @ W [3, 4] -> logits: 4 outputs x (3 products + 2 sums) x 32 bits = 640 positions."""
+    rng = np.random.default_rng(seed)
+    w = nh.from_array(rng.standard_normal((3, 4)).astype(np.float32), "w")
+    g = h.make_graph([h.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "toy",
+                     [h.make_tensor_value_info("x", T.FLOAT, ["b", 3])],
+                     [h.make_tensor_value_info("y", T.FLOAT, ["b", 4])], [w])
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
+    x = rng.standard_normal((n, 3)).astype(np.float32)
+    y = np.argmax(x @ nh.to_array(w), axis=1)
+    y[:3] = (y[:3] + 1) % 4  # three items wrong without faults: a fault can make them right
+    return m, Dataset({"x": x}, y)
+
+
+def _exact_ra1(runner: ra.Runner) -> float:
+    """RA_1 by enumeration: every (operation, bit) position, in every item."""
+    plans = runner.plans[0]
+    p = plans[0]
+    ok = 0
+    for pos in range(p.bits_per_item):
+        per = p.per_op_bits
+        element, r = divmod(pos, per)
+        kp = p.k * 32
+        step, bit = (r // 32, r % 32) if r < kp else (p.k + (r - kp) // 32, (r - kp) % 32)
+        n = len(runner.data)
+        f = Faults(np.zeros(n, np.int64), np.arange(n), np.full(n, element), np.full(n, step), np.full(n, bit))
+        ok += int(runner.run(0, f).sum())
+    return ok / (p.bits_per_item * len(runner.data))
+
+
+def test_importance_sampling_is_unbiased_against_enumeration():
+    m, data = _toy()
+    runner = ra.Runner(m, data, batch=16, provider="cpu")
+    exact = _exact_ra1(runner)
+    assert runner.clean == 13 / 16 and exact < runner.clean
+    ests, ses, covered = [], [], 0
+    for seed in range(30):
+        e = ra.estimate_ra(runner, ra.OpWiseSpace, 1, "is", budget=320, seed=seed, pilot=64)
+        ests.append(e.value)
+        ses.append((e.ci[1] - e.ci[0]) / (2 * ra.Z95))
+        covered += e.ci[0] <= exact <= e.ci[1]
+        assert 0 < e.ess <= e.inferences
+    # the mean of 30 independent estimates: its spread, not the intervals, sets the test's width
+    mean, sd = float(np.mean(ests)), float(np.std(ests, ddof=1))
+    z = (mean - exact) / (sd / math.sqrt(len(ests)))
+    assert abs(z) < Z, f"IS mean {mean:.5f} vs exact {exact:.5f} (z={z:.2f})"
+    assert covered >= 22  # 95% intervals: at least 22 of 30 (P(fewer) < 1e-5 if they are right)
+
+
+def test_defensive_proposal_bounds_the_weights():
+    m, data = _toy()
+    runner = ra.Runner(m, data, batch=16, provider="cpu")
+    st = ra.OpWiseSpace(runner.plans[0]).strata
+    rng = np.random.default_rng(0)
+    rates = {"class": st.classes()[:40], "site": st.site[:40], "hit": (rng.random(40) < 0.3).astype(float)}
+    q = ra._proposal(st, rates, alpha=0.1)
+    assert abs(q.sum() - 1) < 1e-12 and (q >= 0.1 * st.mass - 1e-15).all()
+    assert (st.mass / q).max() <= 10 + 1e-9
+    q0 = ra._pilot_proposal(st)  # the bit heuristic: exponent MSB 64x, other exponent bits and sign 4x
+    assert abs(q0.sum() - 1) < 1e-12 and (q0 >= ra.HEURISTIC_ALPHA * st.mass - 1e-15).all()
+    ratio = q0 / st.mass
+    mean_prior = float((st.mass * ra.bit_prior(st)).sum())
+    assert np.allclose(ratio[st.bit == 30], 0.3 + 0.7 * 64 / mean_prior)
+    assert np.allclose(ratio[st.bit == 0], 0.3 + 0.7 / mean_prior)
+
+
+def test_mixture_formula_against_direct_simulation():
+    """acc(BER) from RA_k (conditional campaigns) equals accuracy from sample_faults at that BER."""
+    model = tiny_transformer(seed=3)
+    import onnxruntime as ort
+
+    x = np.random.default_rng(2).standard_normal((64, 6, 8)).astype(np.float32)
+    y = np.argmax(ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+                  .run(None, {"x": x})[0], axis=1)
+    runner = ra.Runner(model, Dataset({"x": x}, y), batch=64, provider="cpu")
+    n_bits = ra.OpWiseSpace(runner.plans[0]).bits_per_item()
+    ber = 2.0 / n_bits  # two flips per inference on average
+    curve = ra.ra_curve(runner, [ber], budget=3000, seed=1)
+    point = curve["points"][0]
+    # direct simulation: the eval campaign's law (Binomial count, uniform positions)
+    correct = []
+    for t in range(60):
+        f = sample_faults(runner.plans[0], ber, np.random.default_rng([9, t]))
+        correct.append(runner.run(0, f))
+    correct = np.concatenate(correct).astype(np.float64)
+    direct = correct.mean()
+    se_curve = (point.ci[1] - point.truncation - point.ci[0]) / (2 * ra.Z95)
+    se_direct = correct.std(ddof=1) / math.sqrt(len(correct))
+    z = (point.value - direct) / math.hypot(se_curve, se_direct)
+    assert point.truncation < 1e-3
+    assert abs(z) < Z, f"curve {point.value:.4f} vs direct {direct:.4f} (z={z:.2f})"
+    assert direct < 0.999  # the faults matter at this BER, so the comparison means something
+
+
+def test_cli_ra_json_and_outputs(tmp_path, capsys):
+    import json
+
+    import onnxruntime as ort
+    from models import run_cli
+
+    model = tiny_transformer(seed=1)
+    onnx.save(model, tmp_path / "m.onnx")
+    x = np.random.default_rng(0).standard_normal((8, 6, 8)).astype(np.float32)
+    y = np.argmax(ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+                  .run(None, {"x": x})[0], axis=1)
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    base = [str(tmp_path / "m.onnx"), "--data", str(tmp_path / "d.npz"), "--batch", "8", "--provider", "cpu"]
+    code, out, err = run_cli(["ra"] + base + ["--budget", "16", "--json"], capsys)
+    assert code == 0, err
+    r = json.loads(out)
+    assert {"ra", "ci", "inferences", "method", "ess", "hw"} <= set(r)
+    assert r["method"] == "mc" and r["hw"] == "op" and r["inferences"] == 16 and r["ci"][0] <= r["ra"] <= r["ci"][1]
+    code, out, err = run_cli(["ra"] + base + ["--budget", "16", "--hw", "os:8x8", "--method", "is", "--json",
+                                              "--out", str(tmp_path / "o")], capsys)
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["hw"] == "os:8x8" and r["method"] == "is" and 0 < r["ess"] <= 16
+    assert {p.name for p in (tmp_path / "o").iterdir()} == {"results.json", "results.csv", "ra.png"}
+    code, out, err = run_cli(["ra"] + base + ["--budget", "96", "--curve", "--ber", "1e-6,1e-5", "--json"], capsys)
+    assert code == 0, err
+    r = json.loads(out)
+    assert [p["ber"] for p in r["points"]] == [1e-6, 1e-5] and r["per_k"][0]["k"] == 0
+
+
+def test_cli_ra_user_errors(capsys):
+    from models import run_cli
+
+    for argv, msg in ((["ra", "vit", "--hw", "ws:3"], "--hw"),
+                      (["ra", "vit", "--curve"], "--curve and --ber"),
+                      (["ra", "vit", "--curve", "--ber", "1e-9", "--hw", "equal", "--limit", "8"], "operation-wise"),
+                      (["ra", "vit", "--curve", "--ber", "1e-9", "--method", "is", "--limit", "8"], "--budget only"),
+                      (["ra", "vit", "--faults", "2", "--hw", "equal", "--limit", "8"], "one fault per inference"),
+                      (["ra", "vit", "--faults", "2", "--method", "is", "--limit", "8"], "RA_1")):
+        code, out, err = run_cli(argv, capsys)
+        assert code == 1 and err.startswith("onnxft: error:") and msg in err and "Traceback" not in err, (argv, err)
+
+
+def test_curve_truncation_is_bounded_and_exact_when_k_max_covers_everything():
+    """With k_max = 1 at a BER where two flips are common, the omitted mass P(K > 1) is reported
+    and the interval is widened by it; the per-k weights are the Binomial pmf."""
+    m, data = _toy()
+    runner = ra.Runner(m, data, batch=16, provider="cpu")
+    n_bits = ra.OpWiseSpace(runner.plans[0]).bits_per_item()
+    assert n_bits == 640
+    ber = 1.5 / n_bits
+    res = ra.ra_curve(runner, [ber], budget=64, k_max=1, seed=0)
+    point = res["points"][0]
+    tail = ra.binomial_tail(n_bits, ber, 1)
+    assert tail > 0.3 and point.truncation == tail
+    pmf = ra.binomial_pmf(n_bits, ber, [0, 1])
+    ra_k = [q["ra"] for q in res["per_k"]]
+    assert abs(point.value - (pmf @ ra_k + tail * ra_k[1])) < 1e-12
+    assert point.ci[1] - point.ci[0] >= tail  # whatever RA_k for k > 1 are, the interval holds them

@@ -1,0 +1,316 @@
+"""The variable-level fault model: residencies against hand-computed tilings, the law of the
+corrupted reads, and operand faults applied by the injection graph against a dense reference
+(every product and running sum recomputed one at a time with the flipped operand)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from onnx import TensorProto as T
+from onnx import helper as h
+from onnx import numpy_helper as nh
+
+from onnxft.campaigns.evaluate import campaign_graph
+from onnxft.faults import variable as V
+from onnxft.passes.inject import inject
+from onnxft.runtime.session import InjectionSession
+
+RTOL = 1e-5
+
+
+def test_parse_hw():
+    assert str(V.parse_hw("ws:128x128")) == "ws:128x128"
+    assert V.parse_hw("gpu:64x64x8").dims == (64, 64, 8)
+    assert V.parse_hw("EQUAL").kind == "equal"
+    for bad in ("ws:4", "gpu:4x4", "xs:4x4", "ws:0x4", "ws"):
+        with pytest.raises(ValueError):
+            V.parse_hw(bad)
+
+
+def test_residency_counts_against_hand_computed_tilings():
+    # M=4 rows, N=3 columns, K=5 (docs/resiliency_accuracy.md, worked example)
+    ws = V.exposure(V.parse_hw("ws:2x2"), 4, 3, 5)
+    # 15 weights held while the 4 rows stream through; 20 inputs through column tiles of 2 and 1
+    # (2 + 1 = 3 cycles each); 12 outputs x 4 partial sums s_1..s_4 of one cycle each
+    assert ws == {"weight": 60, "input": 60, "psum": 48}
+    assert V.exposure(V.parse_hw("os:2x2"), 4, 3, 5) == ws
+    assert V.exposure(V.parse_hw("is:2x2"), 4, 3, 5) == ws
+    # gpu 2x2x2: K chunks of 2, 2, 1 -> residency 2,2,2,2,1 (sum of squares of chunk lengths = 9);
+    # inputs: 4 rows x 2 column tiles x 9 = 72; weights: 3 columns x 2 row tiles x 9 = 54
+    assert V.exposure(V.parse_hw("gpu:2x2x2"), 4, 3, 5) == {"weight": 54, "input": 72, "psum": 48}
+    assert V.exposure(V.parse_hw("equal"), 4, 3, 5) == {"weight": 15, "input": 20, "psum": 0}
+
+
+def _reads(hw, kind, m, n, k, count=200_000, seed=0):
+    rng = np.random.default_rng(seed)
+    i0, i1, first, end = V.corrupted_reads(V.parse_hw(hw), kind, m, n, k, rng, count)
+    return i0, i1, first, end - first
+
+
+def _z(sample_mean, mean, var, n):
+    return (sample_mean - mean) / math.sqrt(var / n)
+
+
+@pytest.mark.parametrize("hw,kind,lengths", [
+    # ws weight: stationary over M=4 rows, flip at cycle t uniform in 0..3 -> rows t..3
+    ("ws:2x2", "weight", {4: 1, 3: 1, 2: 1, 1: 1}),
+    # os weight: passes through row tiles of R=2: starts 0,1,2,3 -> 2,1,2,1 reads
+    ("os:2x2", "weight", {2: 2, 1: 2}),
+    # ws input: column tiles of C=2 over N=3: columns 0,1 | 2 -> 2,1 | 1 reads
+    ("ws:2x2", "input", {2: 1, 1: 2}),
+    # is input: stationary while the N=3 columns stream -> 3,2,1 reads
+    ("is:2x2", "input", {3: 1, 2: 1, 1: 1}),
+    # gpu 2x2x2 input: copy per column tile (2 or 1 columns), read at cycle k mod 2 of its chunk;
+    # hit iff the flip is not after that read: P = sum_k (k mod 2 + 1) / sum_k L(k) = 7/9
+    ("gpu:2x2x2", "input", None),
+    ("equal", "weight", {4: 1}),
+])
+def test_corrupted_reads_follow_the_dataflow(hw, kind, lengths):
+    m, n, k = 4, 3, 5
+    i0, i1, first, length = _reads(hw, kind, m, n, k)
+    if lengths is None:
+        hit = length > 0
+        z = _z(hit.mean(), 7 / 9, (7 / 9) * (2 / 9), len(hit))
+        assert abs(z) < 4.5, z
+        # which tile: 2 column tiles equally likely; the hit copies read the whole tile
+        assert set(np.unique(length[hit])) == {1, 2}
+        # reduction index drawn proportional to its chunk length: k = 4 has 1/9
+        z = _z((i1 == 4).mean(), 1 / 9, (1 / 9) * (8 / 9), len(i1))
+        assert abs(z) < 4.5, z
+        return
+    total = sum(lengths.values())
+    if len(lengths) == 1:
+        assert (length == next(iter(lengths))).all()
+        return
+    for ln, share in lengths.items():
+        p = share / total
+        z = _z((length == ln).mean(), p, p * (1 - p), len(length))
+        assert abs(z) < 4.5, (ln, z)
+    assert set(np.unique(length)) == set(lengths)
+
+
+# --------------------------------------------------------------------------------------------
+# operand faults against a dense reference
+# --------------------------------------------------------------------------------------------
+
+def _model(nodes, inputs, outputs, inits=()):
+    g = h.make_graph(nodes, "g", inputs, outputs, list(inits))
+    return h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
+
+
+def _vi(name, shape):
+    return h.make_tensor_value_info(name, T.FLOAT, shape)
+
+
+def mm_shared():
+    w = np.random.default_rng(1).standard_normal((3, 5)).astype(np.float32)
+    m = _model([h.make_node("MatMul", ["x", "w"], ["y"], name="mm")], [_vi("x", ["b", 2, 4, 3])],
+               [_vi("y", ["b", 2, 4, 5])], [nh.from_array(w, "w")])
+    x = np.random.default_rng(2).standard_normal((3, 2, 4, 3)).astype(np.float32)
+    return m, {"x": x}, lambda item: (x[item].reshape(1, 8, 3), w[None]), None
+
+
+def mm_batched():
+    m = _model([h.make_node("MatMul", ["x", "z"], ["y"], name="mm")], [_vi("x", ["b", 2, 4, 3]), _vi("z", ["b", 2, 3, 5])],
+               [_vi("y", ["b", 2, 4, 5])])
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3, 2, 4, 3)).astype(np.float32)
+    z = rng.standard_normal((3, 2, 3, 5)).astype(np.float32)
+    return m, {"x": x, "z": z}, lambda item: (x[item], z[item]), None
+
+
+def conv_grouped():
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((6, 2, 3, 3)).astype(np.float32)
+    bias = rng.standard_normal(6).astype(np.float32)
+    m = _model([h.make_node("Conv", ["x", "w", "bias"], ["y"], group=2, pads=[1, 1, 1, 1], strides=[2, 2], name="cv")],
+               [_vi("x", ["b", 4, 5, 5])], [_vi("y", ["b", 6, 3, 3])],
+               [nh.from_array(w, "w"), nh.from_array(bias, "bias")])
+    x = rng.standard_normal((2, 4, 5, 5)).astype(np.float32)
+
+    def units(item):  # im2col per group, built with explicit loops: [2, 9, 18] and [2, 18, 3]
+        a = np.zeros((2, 9, 18), np.float32)
+        for g in range(2):
+            for oh in range(3):
+                for ow in range(3):
+                    for ci in range(2):
+                        for ki in range(3):
+                            for kj in range(3):
+                                ih, iw = oh * 2 - 1 + ki, ow * 2 - 1 + kj
+                                if 0 <= ih < 5 and 0 <= iw < 5:
+                                    a[g, oh * 3 + ow, ci * 9 + ki * 3 + kj] = x[item, g * 2 + ci, ih, iw]
+        b = np.stack([w[g * 3:(g + 1) * 3].reshape(3, 18).T for g in range(2)])
+        return a, b
+    return m, {"x": x}, units, bias
+
+
+def _flip(v, bit):
+    return (np.array(v, np.float32).view(np.uint32) ^ np.uint32(1 << bit)).view(np.float32)
+
+
+def dense(a, b, f: V.VariableFault, bias=None):
+    """Y[g, m, n] for one item, one scalar operation at a time, with the fault applied."""
+    G, M, K = a.shape
+    N = b.shape[2]
+    y = np.zeros((G, M, N), np.float32)
+    with np.errstate(all="ignore"):
+        for g in range(G):
+            for m in range(M):
+                for n in range(N):
+                    s = np.float32(0)
+                    for k in range(K):
+                        av, bv = a[g, m, k], b[g, k, n]
+                        if g == f.group and f.kind == "weight" and (k, n) == (f.index0, f.index1) \
+                                and f.first <= m < f.end:
+                            bv = _flip(bv, f.bit)
+                        if g == f.group and f.kind == "input" and (m, k) == (f.index0, f.index1) \
+                                and f.first <= n < f.end:
+                            av = _flip(av, f.bit)
+                        p = np.float32(av * bv)
+                        s = p if k == 0 else np.float32(s + p)
+                        if g == f.group and f.kind == "psum" and (m, n) == (f.index0, f.index1) and k == f.first:
+                            s = _flip(s, f.bit)
+                    if bias is not None:
+                        s = np.float32(s + bias[g * N + n])
+                    y[g, m, n] = s
+    return y
+
+
+def _close(got, want):
+    both_nan = np.isnan(got) & np.isnan(want)
+    assert np.array_equal(np.isnan(got), np.isnan(want)), "NaN positions differ"
+    inf = np.isinf(want)
+    assert np.array_equal(got[inf], want[inf]), "Inf values differ"
+    ok = both_nan | inf | (np.abs(got - want) <= RTOL * np.maximum(np.abs(want), 1))
+    assert ok.all(), np.max(np.abs(got - want)[~(both_nan | inf)])
+
+
+@pytest.mark.parametrize("build", [mm_shared, mm_batched, conv_grouped])
+@pytest.mark.parametrize("hw", ["ws:2x2", "os:2x3", "is:3x2", "gpu:2x2x2", "equal"])
+def test_operand_faults_match_dense_reference(build, hw):
+    model, feeds, units, bias = build()
+    sess = InjectionSession(campaign_graph(model), "cpu", threads=1)
+    clean, plans = sess.clean(feeds)
+    reader = V.OperandReader(inject(model, transposed_weights=True).model, "cpu", 1)
+    space = V.VariableSpace(plans, V.parse_hw(hw), reader)
+    space.prepare(feeds)
+    st = space.strata
+    rng = np.random.default_rng(7)
+    # every kind, with sign, high exponent, low exponent and mantissa bits
+    chosen = [s for s in range(len(st)) if st.bit[s] in (31, 30, 24, 3)]
+    n_items = len(next(iter(feeds.values())))
+    applied = 0
+    for s in chosen:
+        item = int(rng.integers(0, n_items))
+        f = space.describe(s, item, rng)
+        out = sess.run(feeds, space.apply(f), plans)[0]
+        others = [i for i in range(n_items) if i != item]
+        assert np.array_equal(out[others], clean[0][others])
+        a, b = units(item)
+        want = dense(a, b, f, bias)
+        if bias is not None:  # conv: [g, m, n] -> [g*N + n, oh, ow]
+            want = want.transpose(0, 2, 1).reshape(out.shape[1:])
+        _close(out[item], want.reshape(out.shape[1:]))
+        applied += f.end > f.first
+    assert applied >= len(chosen) // 3  # most drawn faults were read at least once
+
+
+def test_importance_sampling_unbiased_under_the_variable_model():
+    """RA_1 under ws:2x2 by enumerating every (register, cycle, bit) event of a [2,3] x [3,4]
+    MatMul (all equally likely: 24 weight + 24 input + 16 partial-sum register-cycles, x 32 bits),
+    against the mean of independent importance-sampling estimates."""
+    from onnxft.campaigns import ra
+    from onnxft.runtime.data import Dataset
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((3, 4)).astype(np.float32)
+    model = _model([h.make_node("MatMul", ["x", "w"], ["y"], name="mm")], [_vi("x", ["b", 2, 3])],
+                   [_vi("y", ["b", 8])], [nh.from_array(w, "w")])
+    model.graph.node.append(h.make_node("Reshape", ["y0", "shape"], ["y"], name="flat"))
+    model.graph.node[0].output[0] = "y0"
+    model.graph.initializer.append(nh.from_array(np.array([-1, 8], np.int64), "shape"))
+    x = rng.standard_normal((12, 2, 3)).astype(np.float32)
+    labels = np.argmax((x @ w).reshape(12, 8), axis=1)
+    labels[:2] = (labels[:2] + 1) % 8
+    runner = ra.Runner(model, Dataset({"x": x}, labels), batch=12, provider="cpu")
+    reader = V.OperandReader(inject(model, transposed_weights=True).model, "cpu", 1)
+    hw = V.parse_hw("ws:2x2")
+    space = V.VariableSpace(runner.plans[0], hw, reader)
+    space.prepare(runner.feeds(0))
+    events = []  # (kind, index0, index1, first, end, psum step j) per register-cycle
+    for k in range(3):
+        for n in range(4):
+            for t in range(2):  # weight held while rows 0, 1 stream: a flip at cycle t hits rows t..1
+                events.append(("weight", k, n, t, 2))
+    for m in range(2):
+        for k in range(3):
+            for n_star in range(4):  # passed through column tiles {0,1}, {2,3}
+                events.append(("input", m, k, n_star, (n_star // 2 + 1) * 2))
+    for m in range(2):
+        for n in range(4):
+            for j in (1, 2):
+                events.append(("psum", m, n, j, j + 1))
+    assert len(events) == 64
+    ok = 0
+    for kind, i0, i1, first, end in events:
+        for bit in range(32):
+            parts = [space.apply(V.VariableFault(0, item, kind, 0, i0, i1, first, end, bit)) for item in range(12)]
+            from onnxft.faults.sampling import Faults
+
+            ok += int(runner.run(0, Faults.concat(parts)).sum())
+    exact = ok / (64 * 32 * 12)
+    assert exact < runner.clean
+    ests = [ra.estimate_ra(runner, lambda plans: V.VariableSpace(plans, hw, reader), 1, "is", budget=240,
+                           seed=s, pilot=48).value for s in range(25)]
+    mean, sd = float(np.mean(ests)), float(np.std(ests, ddof=1))
+    z = (mean - exact) / (sd / math.sqrt(len(ests)))
+    assert abs(z) < 4.5, f"IS mean {mean:.5f} vs exact {exact:.5f} (z={z:.2f})"
+
+
+def test_int8_operand_faults_match_integer_reference():
+    """QDQ MatMul (uint8 activations, int8 per-channel weights with non-zero zero points): a flip of
+    a stored 8-bit operand changes each corrupted product (qa - za)(qb - zb) exactly; the output
+    moves by sa sb[n] times the integer change."""
+    rng = np.random.default_rng(5)
+    wq = rng.integers(-128, 128, (3, 4)).astype(np.int8)
+    sw, zw = (rng.random(4) * 0.05 + 0.01).astype(np.float32), rng.integers(-3, 4, 4).astype(np.int8)
+    sx, zx = np.float32(0.02), np.uint8(120)
+    inits = [nh.from_array(wq, "wq"), nh.from_array(sw, "sw"), nh.from_array(zw, "zw"),
+             nh.from_array(np.array(sx), "sx"), nh.from_array(np.array(zx), "zx")]
+    nodes = [h.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"], name="q"),
+             h.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"], name="dq"),
+             h.make_node("DequantizeLinear", ["wq", "sw", "zw"], ["wd"], axis=1, name="dqw"),
+             h.make_node("MatMul", ["xd", "wd"], ["y"], name="mm")]
+    model = _model(nodes, [_vi("x", ["b", 2, 3])], [_vi("y", ["b", 2, 4])], inits)
+    x = rng.standard_normal((3, 2, 3)).astype(np.float32)
+    feeds = {"x": x}
+    qx = np.clip(np.rint(x / sx) + int(zx), 0, 255).astype(np.int64)
+    sess = InjectionSession(campaign_graph(model, int_widths=(32, 32)), "cpu", threads=1)
+    clean, plans = sess.clean(feeds)
+    assert plans[[p.site.kind for p in plans].index("gemm")].site.format == "int8"
+    reader = V.OperandReader(inject(model, int_widths=(32, 32), transposed_weights=True).model, "cpu", 1)
+    for hw in ("ws:2x2", "is:2x2", "equal"):
+        space = V.VariableSpace(plans, V.parse_hw(hw), reader)
+        space.prepare(feeds)
+        st = space.strata
+        assert set(st.bit[st.kind == 0].tolist()) == set(range(8))  # 8-bit weights
+        draw = np.random.default_rng(3)
+        for s in [s for s in range(len(st)) if st.kind[s] in (0, 1)]:
+            item = int(draw.integers(0, 3))
+            f = space.describe(s, item, draw)
+            out = sess.run(feeds, space.apply(f), plans)[0]
+            want = clean[0].astype(np.float64).copy()
+            qa, qb = qx[item].reshape(2, 3).copy(), wq.astype(np.int64).copy()
+            for m in range(2):
+                for n in range(4):
+                    for k in range(3):
+                        a, b = qa[m, k], qb[k, n]
+                        if f.kind == "weight" and (k, n) == (f.index0, f.index1) and f.first <= m < f.end:
+                            b = ((b & 0xFF) ^ (1 << f.bit))
+                            b = b - 256 if b >= 128 else b
+                        if f.kind == "input" and (m, k) == (f.index0, f.index1) and f.first <= n < f.end:
+                            a = (a & 0xFF) ^ (1 << f.bit)
+                        change = (a - int(zx)) * (b - int(zw[n])) - (qa[m, k] - int(zx)) * (qb[k, n] - int(zw[n]))
+                        want[item, m, n] += float(sx) * float(sw[n]) * change
+            assert np.allclose(out, want, rtol=1e-5, atol=1e-5), (hw, f)
