@@ -38,7 +38,7 @@ from .runtime.data import Batch, DataError, Dataset, InputLayout, fixed_batch, i
 from .runtime.model_io import check_writable, external_data_dir, load_model, save_model
 
 __all__ = ["samples", "inspect", "inject", "evaluate", "bench", "replay", "vuln", "harden", "overhead",
-           "compare", "intensity", "ra", "load", "SiteSelection", "selection_from_options", "HardenOptions", "CampaignSpec",
+           "compare", "intensity", "ra", "open_store", "load", "SiteSelection", "selection_from_options", "HardenOptions", "CampaignSpec",
            "OutcomeOptions", "outcome_options", "InputLayout", "Dataset", "example_feeds"]
 
 
@@ -182,14 +182,18 @@ def evaluate(model=None, data=None, bers: Iterable[float] = (0.0, 1e-9, 1e-8, 1e
              selection: SiteSelection | None = None, int_widths=(16, 32), limit: int | None = None,
              progress=None, fault_log: str | Path | None = None, threads: int | None = None,
              outputs=None, sdc: str = "auto", tol=None, inputs: InputLayout | None = None,
-             max_faults: float | None = DEFAULT_MAX_FAULTS) -> EvalResult:
+             max_faults: float | None = DEFAULT_MAX_FAULTS, store=None, workers: int = 1,
+             ray_address: str | None = None) -> EvalResult:
     """Top-1 accuracy (``metric="top1"``) or SDC rate (``"sdc"``) against BER, and the masked / SDC /
     DUE rates of every point (``campaigns.evaluate``, ``campaigns.outcomes``).
 
     ``outputs``: checked outputs (names, or ``"a,b"``; default every float output); ``sdc``: the
     SDC criterion (auto, top1, tol, cosine or ``package.module:function``); ``tol``: ``"rel=R,abs=A,cos=C"``
     or a dict. ``inputs``: shapes and batch axes (``--shape``, ``--batch-axis``); ``max_faults``: the
-    expected flips per batch above which a BER is refused before sampling (None: no limit)."""
+    expected flips per batch above which a BER is refused before sampling (None: no limit).
+    ``store``: a ``CampaignStore`` (``open_store``) that commits every unit and, opened with
+    ``resume=True``, runs only the missing ones; ``workers`` > 1 or ``ray_address``: the units run on
+    Ray workers. Results are identical for any of these."""
     m, name, default = load(model)
     ds = _dataset(m, data, default, limit, inputs)
     fixed = fixed_batch(input_specs(m, inputs))
@@ -205,10 +209,19 @@ def evaluate(model=None, data=None, bers: Iterable[float] = (0.0, 1e-9, 1e-8, 1e
                         selection=selection or SiteSelection(), int_widths=tuple(int(w) for w in int_widths),
                         provider=provider, threads=threads, batch=batch, limit=limit,
                         inputs=inputs or InputLayout(), max_faults=max_faults)
-    result = _evaluate(m, ds, spec, progress=progress, fault_log=fault_log)
+    result = _evaluate(m, ds, spec, progress=progress, fault_log=fault_log, store=store, workers=workers,
+                       ray_address=ray_address)
     result.extra["int_widths"] = list(int_widths)
     result.extra["path"] = name
     return result
+
+
+def open_store(out_dir: str | Path, resume: bool = False):
+    """The campaign store in ``out_dir`` (``campaigns.store.CampaignStore``): a new campaign, or with
+    ``resume`` the one there. Close it when the campaign is done."""
+    from .campaigns.store import CampaignStore
+
+    return CampaignStore(out_dir, resume)
 
 
 def bench(model, ber: float = 1e-8, batch: int = 8, provider: str = "auto", repeats: int = 20,

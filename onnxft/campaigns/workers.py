@@ -74,10 +74,14 @@ def run_units(units: Iterable[Unit], runner_factory: Callable, payload, store: C
 class _Actor:
     """One Ray worker: a runner built once from the payload."""
 
-    def __init__(self, runner_factory, payload):
+    def __init__(self, runner_factory, boxed_payload):
         import socket
 
-        self.runner = runner_factory(payload)
+        import ray
+
+        # The payload comes boxed ([ref]) so that Ray hands the reference over instead of resolving
+        # it as a constructor argument; a restarted worker fetches it again from the object store.
+        self.runner = runner_factory(ray.get(boxed_payload[0]))
         self.name = f"{socket.gethostname()}:{os.getpid()}"
 
     def run(self, unit: Unit):
@@ -93,7 +97,9 @@ def _run_on_ray(todo: list[Unit], runner_factory, payload, workers: int, address
         raise RuntimeError(RAY_HINT) from None
     started_here = not ray.is_initialized()
     if started_here:
-        kwargs = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
+        import logging
+
+        kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
         if address:
             ray.init(address=address, **kwargs)
         else:
@@ -101,7 +107,7 @@ def _run_on_ray(todo: list[Unit], runner_factory, payload, workers: int, address
     try:
         payload_ref = ray.put(payload)  # one copy in the object store, read by every worker
         actor_cls = ray.remote(num_cpus=1, max_restarts=RETRIES, max_task_retries=RETRIES)(_Actor)
-        actors = [actor_cls.remote(runner_factory, payload_ref) for _ in range(max(1, workers))]
+        actors = [actor_cls.remote(runner_factory, [payload_ref]) for _ in range(max(1, workers))]
         queue = list(reversed(todo))
         pending = {}
         for actor in actors:  # two units in flight per worker: the next one is queued while one runs

@@ -68,6 +68,38 @@ def _scales(values) -> tuple[tuple[str, float], ...]:
     return tuple(out)
 
 
+def campaign_run_options(f):
+    """--resume, --workers, --ray-address: how a campaign runs (campaigns.store, campaigns.workers)."""
+    f = click.option("--ray-address", default=None,
+                     help="Run the units on this Ray cluster (e.g. auto, or HOST:6379 of `ray start --head`).")(f)
+    f = click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1),
+                     help="Units run on N Ray workers (a local cluster onnxft starts and stops).")(f)
+    f = click.option("--resume", default=None, type=click.Path(file_okay=False),
+                     help="Continue the campaign stored in DIR (same options; only missing units run).")(f)
+    return f
+
+
+def campaign_out_dir(out_dir, resume, workers, ray_address):
+    """The folder of the campaign's store and outputs: --out, or --resume's (they must agree)."""
+    if resume is not None:
+        if out_dir is not None and Path(out_dir).resolve() != Path(resume).resolve():
+            raise ValueError(f"--resume {resume} writes its results there: drop --out {out_dir} or make it the same")
+        out_dir = resume
+    if (workers > 1 or ray_address) and not _has_ray():
+        from ..campaigns.workers import RAY_HINT
+
+        raise ValueError(RAY_HINT)
+    if out_dir is not None:
+        _check_out_dir(out_dir)
+    return out_dir
+
+
+def _has_ray() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("ray") is not None
+
+
 def site_options(f):
     """Shared options choosing the fault sites."""
     f = click.option("--sites", "names", default=None, help="Regex on node names: only matching nodes are sites.")(f)
@@ -198,7 +230,9 @@ def inject(model, output, ber, seed, batch, faults_out, logging, data, shapes, b
 @click.option("--batch", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--limit", default=None, type=click.IntRange(min=1), help="Use only the first N items.")
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
-              help="Directory for results.json, results.csv and the plots (accuracy/metric and SDC/DUE rates).")
+              help="Directory for results.json, results.csv, the plots (accuracy/metric and SDC/DUE rates) and "
+                   "the campaign store (campaign.sqlite: every unit committed as it finishes).")
+@campaign_run_options
 @click.option("--title", default=None, help="Plot title.")
 @click.option("--fault-log", default=None, type=click.Path(dir_okay=False),
               help="Write every trial's faults (JSON lines) for onnxft replay (one model only).")
@@ -210,9 +244,9 @@ def inject(model, output, ber, seed, batch, faults_out, logging, data, shapes, b
 @input_options(shapes=False)
 @max_faults_option
 @site_options
-def eval_(models, data, ber_text, trials, seed, metric, provider, batch, limit, out_dir, title, fault_log, threads,
-          quiet, inject_protection, outputs, sdc, tol, batch_axes, max_faults, names, op_types, formats, scales,
-          int_widths):
+def eval_(models, data, ber_text, trials, seed, metric, provider, batch, limit, out_dir, resume, workers, ray_address,
+          title, fault_log, threads, quiet, inject_protection, outputs, sdc, tol, batch_axes, max_faults, names,
+          op_types, formats, scales, int_widths):
     """Accuracy (or SDC rate) of MODELS against BER, and the masked / SDC / DUE rates, with 95%
     confidence intervals.
 
@@ -226,23 +260,28 @@ def eval_(models, data, ber_text, trials, seed, metric, provider, batch, limit, 
     layout = input_layout((), batch_axes)
     budget = parse_max_faults(max_faults)
     _run(_check_inputs, list(models) or [None], data, layout, needs_data=True)
-    if out_dir is not None:
-        _run(_check_out_dir, out_dir)
+    out_dir = _run(campaign_out_dir, out_dir, resume, workers, ray_address)
     from ..report.outputs import eval_table, write_eval_outputs
 
     results = []
-    for model in models or (None,):
-        bars = []
-        try:
-            result = _run(api.evaluate, model, data, bers=bers, trials=trials, seed=seed, metric=metric,
-                          provider=provider, batch=batch, selection=sel, int_widths=_widths(int_widths), limit=limit,
-                          progress=None if quiet else _progress(bars, model or "vit"), fault_log=fault_log,
-                          threads=threads, outputs=outputs, sdc=sdc, tol=tol, inputs=layout, max_faults=budget)
-        finally:
-            for bar in bars:
-                bar.close()
-        results.append(result.to_dict())
-        click.echo(eval_table(results[-1:]))
+    store = _run(api.open_store, out_dir, bool(resume)) if out_dir is not None else None
+    try:
+        for model in models or (None,):
+            bars = []
+            try:
+                result = _run(api.evaluate, model, data, bers=bers, trials=trials, seed=seed, metric=metric,
+                              provider=provider, batch=batch, selection=sel, int_widths=_widths(int_widths),
+                              limit=limit, progress=None if quiet else _progress(bars, model or "vit"),
+                              fault_log=fault_log, threads=threads, outputs=outputs, sdc=sdc, tol=tol, inputs=layout,
+                              max_faults=budget, store=store, workers=workers, ray_address=ray_address)
+            finally:
+                for bar in bars:
+                    bar.close()
+            results.append(result.to_dict())
+            click.echo(eval_table(results[-1:]))
+    finally:
+        if store is not None:
+            store.close()
     if out_dir is not None:
         for p in _run(write_eval_outputs, results, out_dir, title):
             click.echo(f"wrote {p}")
