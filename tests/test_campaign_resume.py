@@ -1,0 +1,90 @@
+"""eval campaigns in the store: SIGKILL and --resume, a spec mismatch, --workers 2 against 1."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from onnxft.campaigns.store import STORE_NAME, CampaignStore
+from tests.models import labelled_data, run_cli, tiny_transformer
+
+ARGS = ["--ber", "0,1e-6,1e-5", "--trials", "3", "--batch", "4", "--quiet", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def model_and_data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("campaign")
+    model = tiny_transformer()
+    onnx.save(model, d / "m.onnx")
+    x, y = labelled_data(model, n=32)
+    np.savez(d / "d.npz", x=x, y=y)
+    return str(d / "m.onnx"), str(d / "d.npz")
+
+
+def _keys(out: Path) -> list[str]:
+    store = CampaignStore(out, resume=True)
+    try:
+        return [r["key"] for r in store.rows()]
+    finally:
+        store.close()
+
+
+def test_sigkill_midway_and_resume_equals_an_uninterrupted_run(model_and_data, tmp_path, capsys):
+    model, data = model_and_data
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert run_cli(["eval", model, "--data", data, *ARGS, "--out", str(whole)], capsys)[0] == 0
+    units = 3 * 8 * 3  # trials x batches x BERs
+    assert len(_keys(whole)) == units
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "onnxft.cli.main", "eval", model, "--data", data, *ARGS,
+                             "--out", str(killed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    done = 0
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+        if (killed / STORE_NAME).exists():
+            try:
+                done = len(_keys(killed))
+            except Exception:  # the store is being created
+                continue
+            if done >= 10:
+                break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = len(_keys(killed))
+    assert 10 <= before < units, "the campaign must be killed midway"
+    assert not (killed / "results.json").exists()
+    assert run_cli(["eval", model, "--data", data, *ARGS, "--resume", str(killed)], capsys)[0] == 0
+    keys = _keys(killed)
+    assert len(keys) == len(set(keys)) == units  # every unit exactly once
+    assert (killed / "results.json").read_bytes() == (whole / "results.json").read_bytes()
+
+
+def test_resume_refuses_other_options_in_one_line(model_and_data, tmp_path, capsys):
+    model, data = model_and_data
+    out = tmp_path / "c"
+    assert run_cli(["eval", model, "--data", data, *ARGS, "--out", str(out)], capsys)[0] == 0
+    other = [a if a != "3" else "4" for a in ARGS]  # --trials 4
+    code, _, err = run_cli(["eval", model, "--data", data, *other, "--resume", str(out)], capsys)
+    assert code == 1 and err.count("\n") == 1 and "differs in: trials" in err
+    code, _, err = run_cli(["eval", model, "--data", data, *ARGS, "--resume", str(tmp_path / "none")], capsys)
+    assert code == 1 and "no campaign there" in err
+
+
+def test_two_workers_give_the_results_of_one(model_and_data, tmp_path, capsys):
+    pytest.importorskip("ray")
+    model, data = model_and_data
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = ["--ber", "1e-6,1e-5", "--trials", "2", "--batch", "8", "--quiet"]
+    assert run_cli(["eval", model, "--data", data, *args, "--out", str(one)], capsys)[0] == 0
+    assert run_cli(["eval", model, "--data", data, *args, "--out", str(two), "--workers", "2"], capsys)[0] == 0
+    assert (one / "results.json").read_bytes() == (two / "results.json").read_bytes()
+    store = CampaignStore(two, resume=True)
+    workers = {r["worker"] for r in store.rows()}
+    store.close()
+    assert len(workers) == 2
