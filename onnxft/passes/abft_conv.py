@@ -10,8 +10,9 @@ Summing over the output channels therefore gives one more convolution, with the 
 
 This is the row-checksum test of the GEMM view of the convolution (M = output positions,
 N = Cout, K = Cin x kernel size), built from two single-channel convolutions that ONNX Runtime
-runs with its own Conv kernel, so the test needs no im2col. ``tau`` is the float32 rounding bound
-gamma_{K + Cout + 4}, as for the GEMMs, so no fault-free input can be flagged.
+runs with its own Conv kernel, so the test needs no im2col. ``tau`` is the rounding bound of
+``passes.thresholds`` (K-term dot products, Cout-term sums, at the serving precision), as for the
+GEMMs, so no fault-free input can be flagged.
 
 Recovery recomputes the whole item (every item of a batch is its own unit, as for the GEMMs):
 the patch embedding of a ViT, the one Conv there, is a small part of the model, and block-wise
@@ -30,6 +31,7 @@ from onnx import TensorProto, helper
 
 from ..graph.checksums import Nodes, any_false, mark_recompute, reduce, unsqueeze
 from .blocksize import p_faulty
+from .thresholds import DEFAULT_PRECISION, tau_bound  # noqa: F401 (tau_bound: the threshold of every test)
 
 
 @dataclass
@@ -86,21 +88,13 @@ def _describe(m, node) -> ConvSite:
     return s
 
 
-def tau_bound(K: int, n_sum: int) -> float:
-    """Rounding bound on |sum(Y) - ref| / scale: gamma_{K + n_sum + 4} in float32 (K-term dot
-    products, an n_sum-term sum, the checksum's own rounding and the bias add)."""
-    n = K + n_sum + 4
-    u = 2.0**-24
-    return n * u / (1 - n * u)
-
-
-def protect_conv(s: ConvSite, idx: int, opset: int, ber: float):
+def protect_conv(s: ConvSite, idx: int, opset: int, ber: float, precision: str = DEFAULT_PRECISION):
     """Main-graph test and recovery branch for one Conv. Returns (plan entry, main Nodes, then Nodes,
     raw name, fixed name, count name, cond name)."""
     prefix = f"onnxft.abft.c{idx:03d}"
     main = Nodes(prefix, opset)
     raw = f"{prefix}/unchecked"
-    tau = tau_bound(s.K, s.N)
+    tau = tau_bound(s.K, s.N, precision, extra_roundings=1 if s.bias is not None else 0)
     conv_attrs = {a.name: helper.get_attribute_value(a) for a in s.attrs}
     ws = s.weight.sum(axis=0, keepdims=True).astype(np.float32)
     wabs = (tau * np.abs(s.weight).sum(axis=0, keepdims=True)).astype(np.float32)
@@ -120,10 +114,10 @@ def protect_conv(s: ConvSite, idx: int, opset: int, ber: float):
     per_item = nb.op("Reshape", bad, nb.ints([0, -1]))
     items = nb.op("Reshape", nb.op("NonZero", nb.op("Cast", reduce(nb, "ReduceMax", per_item, [1], keepdims=0),
                                                         to=TensorProto.BOOL)), nb.ints([-1]))
-    w_name = nb.const(s.weight.astype(np.float32), hint="W")
-    ins = [nb.op("Gather", s.x, items, axis=0), w_name]
+    # the Conv's own weight and bias, read from the main graph by name (outer scope): no copy
+    ins = [nb.op("Gather", s.x, items, axis=0), s.w]
     if s.bias is not None:
-        ins.append(nb.const(s.bias.astype(np.float32), hint="b"))
+        ins.append(s.b)
     y_new = nb.op("Conv", *ins, **conv_attrs)
     item_idx = unsqueeze(nb, items, [1])
     mark_recompute(nb, y_new, item_idx, raw)  # (bias included: a Conv site's bias add is one of its operations)
@@ -132,7 +126,7 @@ def protect_conv(s: ConvSite, idx: int, opset: int, ber: float):
     count = nb.op("Mul", nb.op("Size", items), per_item_elems)
     costs = conv_cost(s.M, s.N, s.K, ber) if s.M else {}
     entry = {"name": s.name, "op_type": "Conv", "output": s.out, "M": s.M, "N": s.N, "K": s.K,
-             "scheme": "recompute", "tau": tau, "tau_source": "rounding bound", "has_bias": s.bias is not None,
+             "scheme": "recompute", "tau": tau, "tau_source": "rounding bound", "precision": precision, "has_bias": s.bias is not None,
              "main_graph_nodes": len(main.nodes),
              "ops_gemm": (s.M * s.N * 2 * s.K) if s.M else None,
              "ops_detection": costs.get("detection"), "ops_expected_recovery": costs.get("recovery"),
