@@ -10,6 +10,8 @@ from collections import defaultdict
 import onnx
 
 from ..ops.registry import handler_for
+from .coverage import coverage_line
+from .coverage import stored as stored_coverage
 from ..passes.inject import SiteSelection, inject
 from ..runtime.data import fixed_batch, input_specs, synthetic
 from ..runtime.session import InjectionSession
@@ -51,6 +53,7 @@ def inspect_model(model: onnx.ModelProto, selection: SiteSelection | None = None
         "skipped": [{"node": n, "reason": r} for n, r in res.skipped],
         "opset": next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
         "inputs": [{"name": s.name, "shape": s.shape, "dtype": str(s.dtype.__name__)} for s in input_specs(model)],
+        "coverage": stored_coverage(model),  # what ``harden`` protected (None for a model it did not write)
     }
 
 
@@ -77,4 +80,8 @@ def inspect_table(info: dict, limit: int | None = None) -> str:
         lines.append(f"  {key:<30} {v['sites']:>5} sites {v['operations']:>15,} operations")
     for s in info["skipped"]:
         lines.append(f"  skipped {s['node']}: {s['reason']}")
+    if info.get("coverage"):
+        lines.append("hardened by onnxft: " + coverage_line(info["coverage"]))
+        for u in info["coverage"]["unprotected"][:10]:
+            lines.append(f"  unprotected {u['op_type']} {u['name']}: {u['reason']}")
     return "\n".join(lines)
