@@ -177,6 +177,31 @@ def test_tf32_emulation_breaks_the_fp32_bound():
     assert any_detection(tf32_emulated(hard), feeds, "all")
 
 
+def _truncate_tf32(x):
+    return (np.asarray(x, np.float32).view(np.uint32) & np.uint32(0xFFFFE000)).view(np.float32)
+
+
+def test_tf32_truncation_stays_within_the_bound():
+    """Tensor cores fed float32 registers drop the 13 low mantissa bits (truncation, error up to
+    2^-10): both sides of the test computed that way in numpy float32 stay within the tf32 bound,
+    with every weight truncated in the same direction."""
+    rng = np.random.default_rng(7)
+    K, N = 768, 768
+    w = ((1 + 0.999 * 2.0**-10) * 2.0 ** rng.integers(-3, 3, (K, N))).astype(np.float32)
+    x = rng.uniform(0.1, 1.0, (8, K)).astype(np.float32)
+    tau = tau_bound(K, N, "tf32")
+    y = _truncate_tf32(x) @ _truncate_tf32(w)
+    r = y.sum(1, dtype=np.float32)
+    be = w.astype(np.float64).sum(1).astype(np.float32)
+    abe = (tau * np.abs(w.astype(np.float64)).sum(1)).astype(np.float32)
+    ref = _truncate_tf32(x) @ _truncate_tf32(be)
+    scale = np.abs(_truncate_tf32(x)) @ _truncate_tf32(abe)
+    ratio = np.abs(r - ref) / scale
+    assert ratio.max() <= 1.0
+    assert ratio.max() > 0.15  # the case is close to tight (about 2^-10 of 4 x 2^-10 + (2K + N) u)
+    assert (np.abs(r - ref) > tau_bound(K, N, "fp32") / tau * scale).all()  # fp32's bound would flag every row
+
+
 def test_emulated_rounding_is_tf32():
     m = tf32_emulated(_model([h.make_node("MatMul", ["x", "W"], ["y"])], [h.make_tensor_value_info("x", T.FLOAT, [1, 1])],
                              [h.make_tensor_value_info("y", T.FLOAT, [1, 1])], [nh.from_array(np.ones((1, 1), np.float32), "W")]))
@@ -208,7 +233,7 @@ def test_runtime_line_is_above_the_bound():
 
 
 def test_precision_names():
-    assert precision("tf32").u_in == 2.0**-11 and precision("bf16").u_in == 2.0**-8
+    assert precision("tf32").u_in == 2.0**-10 and precision("bf16").u_in == 2.0**-8
     with pytest.raises(ValueError, match="unknown precision 'fp64'"):
         precision("fp64")
     from onnxft.passes.abft import AbftError

@@ -60,7 +60,8 @@ def _block_size(text: str):
               help="--select auto: trials per measurement.")
 @click.option("--precision", type=click.Choice(list(PRECISIONS)), default=DEFAULT_PRECISION, show_default=True,
               help="Arithmetic of the runtime that will serve the model; ABFT thresholds are rounding bounds for it "
-                   "(tf32: safe on CPU and on onnxruntime CUDA's defaults; fp32: tighter, CPU or use_tf32=0).")
+                   "(tf32: safe on CPU and on onnxruntime CUDA's defaults; fp32: 30x tighter, for CPU or CUDA with "
+                   "use_tf32=0).")
 @click.option("--tolerance", default=1e-5, show_default=True, type=click.FloatRange(min=0),
               help="Largest fault-free difference (relative to each output's largest magnitude) on held-out "
                    "items at onnxruntime's default level; harden refuses a model beyond it.")
