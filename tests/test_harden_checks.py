@@ -265,3 +265,17 @@ def test_absorbed_chain_is_checked_and_recovered(which):
         name = "/layer1/conv/Conv" if which == "bn" else "conv2"
         assert bool(got[f"onnxft.abft.{name}.detected"]), value
         np.testing.assert_allclose(got[out_name], clean, rtol=1e-5, atol=1e-5)
+
+
+def test_range_restriction_alone_keeps_opset9(tmp_path, capsys):
+    """Range restriction is written in opset-9 forms: nothing to raise, and no opset line."""
+    onnx.save(opset9_model(), tmp_path / "m9.onnx")
+    code, text, err = run_cli(["harden", str(tmp_path / "m9.onnx"), "-o", str(tmp_path / "r.onnx"), "--abft", "none"],
+                              capsys)
+    assert code == 0, err
+    assert "opset raised" not in text
+    hardened = onnx.load(str(tmp_path / "r.onnx"))
+    assert hardened.opset_import[0].version == 9
+    onnx.checker.check_model(hardened, full_check=True)
+    plan = json.loads((tmp_path / "r.plan.json").read_text())
+    assert plan["opset"] == {"original": 9, "hardened": 9, "raised": False} and plan["ranges"]
