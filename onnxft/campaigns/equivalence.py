@@ -68,8 +68,9 @@ def check_equivalence(original: onnx.ModelProto, hardened: onnx.ModelProto, data
     Returns ``{"items", "level", "data", "max_abs_diff", "max_rel_diff", "bit_identical",
     "top1_changed", "out_of_range", "in_range_max_abs_diff", "in_range_max_rel_diff"}``:
     relative differences are per output, relative to its largest magnitude in the batch;
-    ``top1_changed`` counts items whose argmax over the last axis changes in any float output with
-    more than one class; ``out_of_range`` counts items for which some range-restricted tensor of
+    ``top1_changed`` counts items whose argmax over the last axis changes in a float output of
+    rank 2 or 3 (``[batch, classes]``, ``[batch, steps, classes]``; a detector's maps are not
+    classes); ``out_of_range`` counts items for which some range-restricted tensor of
     the original model (``ranges``: the plan's entries) leaves its bounds, where range restriction
     changes the output by design; the ``in_range_`` figures leave those items out."""
     produced = {o for node in original.graph.node for o in node.output}
@@ -107,7 +108,7 @@ def check_equivalence(original: onnx.ModelProto, hardened: onnx.ModelProto, data
                 if mask.any():
                     m = float(per_item[mask].max())
                     worst[key] = [max(worst[key][0], m), max(worst[key][1], m / top)]
-            if x.ndim >= 2 and x.shape[-1] > 1 and x.shape[0] == items:
+            if x.ndim in (2, 3) and x.shape[-1] > 1 and x.shape[0] == items:  # [batch, classes], [batch, steps, classes]
                 changed |= (np.argmax(x, -1) != np.argmax(y, -1)).reshape(items, -1).any(1)
         top1 += int(changed.sum())
         n += items
