@@ -7,8 +7,9 @@ seen and the threshold that follows from it:
 
     tau = min(max(CAL_MARGIN * max_ratio, CAL_FLOOR_ULPS * u), rounding bound)
 
-(margin 4, floor 16 unit roundoffs of the serving precision's coarsest arithmetic, so for tf32,
-fp16 and bf16 the bound: ``passes.thresholds.calibrated_tau``; docs/abft.md). Calibrate on items
+(margin 4, floor 16 float32 unit roundoffs; for a serving precision other than fp32 the bound
+itself, since these CPU sessions cannot show its rounding: ``passes.thresholds.calibrated_tau``;
+docs/abft.md). Calibrate on items
 that the equivalence check does not use (``campaigns.harden`` splits its data). The result is plain data; ``abft(model,
 thresholds=...)`` consumes it. This step runs sessions; the pass never does.
 """

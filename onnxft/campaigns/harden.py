@@ -162,7 +162,8 @@ def harden(model: onnx.ModelProto, options: HardenOptions, calib: Dataset | None
     before_abft = m
     if options.abft != "none":
         thresholds = None
-        if calib is not None and any(g.skip is None for g in find_gemms(m)):
+        if calib is not None and options.precision == "fp32" and any(g.skip is None for g in find_gemms(m)):
+            # (calibration tightens float32 thresholds only: passes.thresholds.calibrated_tau)
             thresholds = calibrate_abft(m, _batches(calib, m, options.calib_batch), names=options.gemms,
                                         precision=options.precision)
         res = abft(m, scheme=options.abft, ber=options.ber, block_size=options.block_size,

@@ -48,10 +48,6 @@ class Precision:
     u_elt: float
     note: str
 
-    @property
-    def coarsest(self) -> float:
-        return max(self.u_in, self.u_acc, self.u_out, self.u_elt)
-
 
 PRECISIONS = {
     "fp32": Precision("fp32", 0.0, U32, 0.0, U32, "IEEE float32 throughout (onnxruntime CPU, CUDA with use_tf32=0)"),
@@ -126,9 +122,10 @@ def tau_line(K: int, prec: str | Precision = DEFAULT_PRECISION, extra_roundings:
 def calibrated_tau(max_ratio: float, bound: float, prec: str | Precision = DEFAULT_PRECISION,
                    margin: float = 4.0, floor_units: float = 16.0) -> float:
     """Threshold from a measured worst residual ratio: ``margin x max_ratio``, never below
-    ``floor_units`` unit roundoffs of the precision's coarsest arithmetic, never above the bound.
-    Calibration sessions run onnxruntime's CPU float32 kernels, which show none of TF32's, fp16's or
-    bf16's rounding, so for those precisions the floor reaches the bound: calibrating tightens
-    float32 thresholds only."""
+    ``floor_units`` float32 unit roundoffs, never above the bound. Calibration sessions run
+    onnxruntime's CPU kernels, which show none of TF32's rounding nor a GPU's fp16/bf16 kernels',
+    so for any precision but fp32 the result is the bound: calibrating tightens float32 only."""
     p = prec if isinstance(prec, Precision) else precision(prec)
-    return min(max(margin * max_ratio, floor_units * p.coarsest), bound)
+    if p.name != "fp32":
+        return bound
+    return min(max(margin * max_ratio, floor_units * U32), bound)
