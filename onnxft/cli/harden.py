@@ -73,7 +73,7 @@ def _block_size(text: str):
 def harden(model, output, abft, range_mode, range_ops, calib, calib_limit, ber_text, block_size, gemms, fixed_batch,
            alpha, dmr, select, target_drop, max_overhead, data, limit, trials, precision, tolerance, force, keep_opset,
            provider, as_json):
-    """Write a hardened MODEL: standard ONNX at the model's own opset, runs on stock onnxruntime.
+    """Write a hardened MODEL: standard ONNX (opset raised to 13 only where ABFT needs it), runs on stock onnxruntime.
 
     The plan (GEMMs, block sizes, thresholds, expected operation counts, calibrated bounds,
     what was skipped and why) is written beside it as OUTPUT-stem.plan.json.
