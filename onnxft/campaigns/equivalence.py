@@ -115,6 +115,7 @@ def check_equivalence(original: onnx.ModelProto, hardened: onnx.ModelProto, data
     return {"items": n, "level": level, "data": "held-out calibration items" if data is not None else "synthetic items",
             "max_abs_diff": worst["all"][0], "max_rel_diff": worst["all"][1], "bit_identical": exact,
             "top1_changed": top1, "out_of_range": outside,
+            "in_range_items": n - outside,
             "in_range_max_abs_diff": worst["in_range"][0], "in_range_max_rel_diff": worst["in_range"][1]}
 
 

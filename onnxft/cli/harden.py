@@ -147,6 +147,11 @@ def plan_summary(plan: dict) -> str:
                      + (" (bit-identical)" if v.get("bit_identical") else "")
                      + f"; {v.get('top1_changed', 0)} top-1 changes, {v.get('out_of_range', 0)} items outside the "
                        f"calibrated ranges" + ("; FORCED past the tolerance" if v.get("forced") else ""))
+        if v.get("out_of_range"):
+            lines.append(f"  inside the calibrated ranges ({v['in_range_items']} items): max relative difference "
+                         f"{v['in_range_max_rel_diff']:.3g} (tolerance {v['tolerance']:g})"
+                         + ("; no held-out item stayed inside: calibrate on more data to check the tolerance"
+                            if not v["in_range_items"] else ""))
     for node, reason in plan.get("skipped", [])[:20]:
         lines.append(f"  skipped {node}: {reason}")
     return "\n".join(lines)
