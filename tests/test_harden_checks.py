@@ -44,6 +44,7 @@ def test_equivalence_uses_held_out_items_only(tmp_path, capsys):
     assert v["items"] == 16 and v["level"] == "all" and v["data"] == "held-out calibration items"
     assert v["out_of_range"] >= 1 and v["in_range_max_rel_diff"] <= 1e-5
     assert "held-out calibration items (onnxruntime level all)" in out and "items outside the calibrated ranges" in out
+    assert f"inside the calibrated ranges ({16 - v['out_of_range']} items)" in out
     assert plan["precision"] == "fp32"
 
 

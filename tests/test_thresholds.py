@@ -247,3 +247,18 @@ def test_precision_reaches_the_plan():
     taus = {p: abft(model, precision=p).details["gemms"][0]["tau"] for p in ("fp32", "tf32", "bf16")}
     assert taus["fp32"] < taus["tf32"] < taus["bf16"]
     assert all(role_of(n) == PROTECTION for n in abft(model).model.graph.node if n.name.startswith("onnxft"))
+
+
+def test_default_thresholds_raise_no_false_alarm_on_the_sample_models():
+    """harden's default (tf32 rounding bounds) on the bundled ViT and ResNet, 64 test images, at
+    onnxruntime's default level and with optimisations off: no GEMM or Conv flags a fault-free
+    image (benchmarks/abft_false_alarms.py --precision tf32 --level all runs all 2000)."""
+    from onnxft import samples
+
+    x = np.load(samples.sample_data_path())["x"][:64]
+    for name in ("vit", "resnet"):
+        model = onnx.load(samples.sample_model(name)["path"])
+        hard = abft(model, expose_flags=True).model
+        feeds = {model.graph.input[0].name: x.astype(np.float32)}
+        for level in ("disabled", "all"):
+            assert not any_detection(hard, feeds, level), (name, level)
