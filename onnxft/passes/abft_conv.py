@@ -161,7 +161,7 @@ def _absorb_fusable(m, s: ConvSite, rank: int) -> None:
                 else:
                     scale, shift, shift_abs = scale * v, shift * v, shift_abs * np.abs(v)
                     rounds += 2  # the multiply, and the folded weight's rounding
-            elif (nxt.op_type == "Add" and other != cur and other not in (s.conv_out, s.x)
+            elif (nxt.op_type == "Add" and other not in (cur, s.conv_out)
                   and m.vi.get(other) is not None and out_dims is not None
                   and m.vi[other].type.tensor_type.shape == out_dims.type.tensor_type.shape
                   and all(d.HasField("dim_value") or d.dim_param for d in out_dims.type.tensor_type.shape.dim)):
