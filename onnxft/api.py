@@ -29,6 +29,7 @@ from .campaigns.harden import harden as _harden
 from .campaigns.overhead import latency_overhead
 from .campaigns.inspect import inspect_model
 from .passes.inject import SiteSelection, inject as _inject, selection_from_options
+from .passes.thresholds import DEFAULT_PRECISION
 from .runtime.data import DataError, Dataset, fixed_batch, input_specs, load_npz
 from .runtime.model_io import check_writable, external_data_dir, load_model, save_model
 
@@ -278,8 +279,9 @@ def compare(model, schemes=("none", "range", "standard", "lb", "lb+range"), bers
             limit: int | None = None, design_ber: float | None = None, select=None, latency: bool = False,
             progress=None, threads: int | None = None, range_mode: str = "clamp",
             range_kinds=("softmax", "gelu"), alpha: float = 0.02, inject_protection: bool = False,
-            dmr=("layernorm",)) -> dict:
+            dmr=("layernorm",), precision: str = DEFAULT_PRECISION) -> dict:
     """Accuracy and overhead of protection schemes side by side (``campaigns.compare``).
+    ``precision``: the serving precision of the ABFT thresholds (as ``harden``).
     ``dmr``: what ``lb+range+dmr`` duplicates (``passes.dmr`` names or op types).
     ``range_mode``, ``range_kinds`` and ``alpha`` set the range restriction of ``range`` and ``lb+range``;
     ``inject_protection`` faults each scheme's protection too (checks and ABFT recovery)."""
@@ -293,7 +295,7 @@ def compare(model, schemes=("none", "range", "standard", "lb", "lb+range"), bers
         cal = ds.head(min(512, len(ds)))
     out = _compare(m, ds, list(schemes), list(bers), trials, seed, batch, provider, cal, design_ber, select,
                    latency, progress, threads, range_mode, tuple(range_kinds), alpha, inject_protection,
-                   op_types_from(dmr))
+                   op_types_from(dmr), precision)
     out["model"] = display_name(model, name)
     return out
 

@@ -280,3 +280,15 @@ def test_range_restriction_alone_keeps_opset9(tmp_path, capsys):
     onnx.checker.check_model(hardened, full_check=True)
     plan = json.loads((tmp_path / "r.plan.json").read_text())
     assert plan["opset"] == {"original": 9, "hardened": 9, "raised": False} and plan["ranges"]
+
+
+def test_compare_passes_the_precision_to_its_hardened_variants(tmp_path):
+    from onnxft import api
+
+    m = tiny_transformer(seed=4)
+    onnx.save(m, tmp_path / "tf.onnx")
+    x, y = labelled_data(m, 32)
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    out = api.compare(str(tmp_path / "tf.onnx"), ["lb"], [1e-4], str(tmp_path / "d.npz"), trials=1, batch=32,
+                      provider="cpu", precision="fp32")
+    assert out["precision"] == "fp32"

@@ -33,6 +33,7 @@ from ..analysis import grouping
 from ..passes.abft_conv import conv_cost
 from ..passes.blocksize import lb_cost, standard_cost
 from ..passes.inject import SiteSelection, inject
+from ..passes.thresholds import DEFAULT_PRECISION
 from ..passes.tmr import tmr
 from ..runtime.data import Dataset
 from ..runtime.session import InjectionSession
@@ -93,7 +94,7 @@ def model_ops(model: onnx.ModelProto, data: Dataset) -> tuple[float, list, objec
 def build_variants(model: onnx.ModelProto, schemes: list[str], bers: list[float], data: Dataset,
                    calib: Dataset | None, design_ber: float, select_options: SelectOptions | None = None,
                    progress=None, range_mode: str = "clamp", range_kinds=("softmax", "gelu"),
-                   alpha: float = 0.02, dmr=("LayerNormalization",)) -> list[Variant]:
+                   alpha: float = 0.02, dmr=("LayerNormalization",), precision: str = DEFAULT_PRECISION) -> list[Variant]:
     bad = [s for s in schemes if s not in SCHEMES]
     if bad:
         raise ValueError(f"unknown scheme(s) {bad}; choose from {', '.join(SCHEMES)}")
@@ -130,13 +131,13 @@ def build_variants(model: onnx.ModelProto, schemes: list[str], bers: list[float]
             if not sel.chosen:
                 out.append(Variant(scheme, model, {b: 0.0 for b in bers}, info))
                 continue
-            opts = HardenOptions(abft="lb", range_mode="none", ber=design_ber,
+            opts = HardenOptions(abft="lb", range_mode="none", ber=design_ber, precision=precision,
                                  gemms="^(" + "|".join(re.escape(c) for c in sel.chosen) + ")$")
         else:
             abft_scheme = {"range": "none", "standard": "standard", "sec": "sec"}.get(scheme, "lb")
             opts = HardenOptions(abft=abft_scheme, range_mode=range_mode if "range" in scheme else "none",
                                  range_kinds=tuple(range_kinds), alpha=alpha, ber=design_ber,
-                                 dmr=tuple(dmr) if scheme.endswith("+dmr") else ())
+                                 dmr=tuple(dmr) if scheme.endswith("+dmr") else (), precision=precision)
         res = harden(model, opts, calib)
         plan = res.plan
         r_ops = _range_ops(res.model, [r["tensor"] for r in plan.get("ranges", [])])
@@ -155,8 +156,11 @@ def compare(model: onnx.ModelProto, data: Dataset, schemes: list[str], bers: lis
             design_ber: float | None = None, select_options: SelectOptions | None = None,
             latency: bool = False, progress=None, threads: int | None = None, range_mode: str = "clamp",
             range_kinds=("softmax", "gelu"), alpha: float = 0.02, inject_protection: bool = False,
-            dmr=("LayerNormalization",)) -> dict:
+            dmr=("LayerNormalization",), precision: str = DEFAULT_PRECISION) -> dict:
     """Accuracy (top-1 with 95% intervals) and overhead of each scheme at each BER.
+
+    ``precision``: the serving precision whose rounding bounds the ABFT thresholds are (as
+    ``harden --precision``; fp32 calibrates them, the tighter choice for CPU serving).
 
     ``inject_protection``: fault each scheme's protection too (checksums, range checks, voters and
     the ABFT recovery recomputes; ``SiteSelection(include_protection=True)``), not only the model's
@@ -165,7 +169,7 @@ def compare(model: onnx.ModelProto, data: Dataset, schemes: list[str], bers: lis
         raise ValueError("compare needs labelled data (an array 'y' in the .npz)")
     design_ber = design_ber if design_ber is not None else max(bers)
     variants = build_variants(model, schemes, bers, data, calib, design_ber, select_options, progress, range_mode,
-                              range_kinds, alpha, dmr)
+                              range_kinds, alpha, dmr, precision)
     rows, results = [], []
     for v in variants:
         if progress:
@@ -184,6 +188,7 @@ def compare(model: onnx.ModelProto, data: Dataset, schemes: list[str], bers: lis
         rows.append(row)
     return {"schemes": rows, "bers": bers, "design_ber": design_ber,
             "range": {"mode": range_mode, "ops": list(range_kinds), "alpha": alpha}, "dmr": list(dmr),
+            "precision": precision,
             "items": len(data), "trials": trials,
             "inject_protection": inject_protection,
             "eval_results": results}

@@ -35,6 +35,8 @@ SCHEMES = ("none", "range", "standard", "sec", "lb", "lb+range", "lb+range+dmr",
               help="Margin of calibrated range bounds (as harden --alpha; 0.25 suits --range zero).")
 @click.option("--dmr", default="layernorm", show_default=True,
               help="What lb+range+dmr duplicates and compares (as harden --dmr).")
+@click.option("--precision", type=click.Choice(["fp32", "tf32", "fp16", "bf16"]), default="tf32", show_default=True,
+              help="Serving precision of the ABFT thresholds (as harden --precision; fp32 for CPU serving).")
 @click.option("--latency", is_flag=True, help="Also measure each scheme's fault-free latency ratio (CPU, batch 8).")
 @click.option("--inject-protection", is_flag=True,
               help="Also fault each scheme's protection: checks, range restriction, voters and ABFT recovery.")
@@ -44,7 +46,8 @@ SCHEMES = ("none", "range", "standard", "sec", "lb", "lb+range", "lb+range+dmr",
               help="Write compare.json, compare.csv, accuracy_vs_ber.png and overhead.png here.")
 @click.option("--json", "as_json", is_flag=True)
 def compare(model, schemes, ber_text, design_ber, data, calib, trials, limit, batch, seed, target_drop, max_overhead,
-            range_mode, range_ops, alpha, dmr, latency, inject_protection, provider, threads, out_dir, as_json):
+            range_mode, range_ops, alpha, dmr, precision, latency, inject_protection, provider, threads, out_dir,
+            as_json):
     """Accuracy under injection and operation overhead of protection schemes for MODEL."""
     names = [s.strip() for s in schemes.split(",") if s.strip()]
     bad = [s for s in names if s not in SCHEMES]
@@ -65,7 +68,7 @@ def compare(model, schemes, ber_text, design_ber, data, calib, trials, limit, ba
 
     out = _run(api.compare, model, names, bers, data, calib, trials, seed, batch, provider, limit, dber, sel,
                latency, progress, threads, range_mode, [k.strip() for k in range_ops.split(",") if k.strip()], alpha,
-               inject_protection, dmr.split(","))
+               inject_protection, dmr.split(","), precision)
     from ..report.compare import compare_table, write_compare_outputs
 
     if as_json:
