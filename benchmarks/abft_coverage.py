@@ -2,6 +2,7 @@
 
     python benchmarks/abft_coverage.py                       # sample vit, lb, 16 trials per cell
     python benchmarks/abft_coverage.py --model vit_int8 --trials 32 --scheme standard
+    python benchmarks/abft_coverage.py --precision fp32,tf32,bf16 --trials 8   # one table per precision
 
 For every bit 0..31 and every kind of operation of a protected GEMM (a product, a partial sum, the
 final sum = the GEMM's output element, and the bias add of MatMul+Add units), it injects single
@@ -39,15 +40,30 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--calibrate", type=int, default=0, metavar="N",
                     help="thresholds calibrated on the last N test images (default: rounding bound)")
+    ap.add_argument("--precision", default="fp32",
+                    help="comma-separated serving precisions (fp32, tf32, fp16, bf16): the thresholds are the "
+                         "rounding bounds for each (faults are injected into onnxruntime's float32 arithmetic)")
     args = ap.parse_args(argv)
+    summary = []
+    for prec in args.precision.split(","):
+        summary.append((prec, run_table(args, prec.strip())))
+    print("\n# detected % / output still wrong % over all bits, per precision")
+    print(f"{'precision':<10} " + " ".join(f"{k:>22}" for k in KINDS))
+    for prec, totals in summary:
+        print(f"{prec:<10} " + " ".join(f"{(100 * d / n if n else float('nan')):>13.1f} / {(100 * w / n if n else float('nan')):>5.1f}"
+                                        for d, w, n in totals.values()))
+    return 0
+
+
+def run_table(args, prec: str) -> dict:
     s = samples.sample_model(args.model)
     model = onnx.load(s["path"] if s else args.model)
     x = np.load(samples.sample_data_path())["x"]
     thresholds = None
     if args.calibrate:
         from onnxft.campaigns.calibrate_abft import calibrate_abft
-        thresholds = calibrate_abft(model, [{"x": x[-args.calibrate:]}])
-    hardened = abft(model, scheme=args.scheme, expose_flags=True, thresholds=thresholds)
+        thresholds = calibrate_abft(model, [{"x": x[-args.calibrate:]}], precision=prec)
+    hardened = abft(model, scheme=args.scheme, expose_flags=True, thresholds=thresholds, precision=prec)
     by_output = {}
     for g in hardened.details["gemms"]:
         by_output[g["name"]] = g["name"]
@@ -60,7 +76,7 @@ def main(argv=None) -> int:
     bias_sites = [i for i, t in enumerate(table) if t.kind == "elementwise" and t.node in by_output]
     names = [o.name for o in sess.model.graph.output]
     out_i = names.index(sess.output_names[0])
-    print(f"# {args.model}, {args.scheme}, {len(gemm_sites)} protected GEMM sites, {len(bias_sites)} bias adds, "
+    print(f"# {args.model}, {args.scheme}, precision {prec}, {len(gemm_sites)} protected GEMM sites, {len(bias_sites)} bias adds, "
           f"{args.trials} single faults per cell, seed {args.seed}, thresholds: "
           f"{'calibrated on %d images' % args.calibrate if args.calibrate else 'rounding bound'}")
     print(f"{'bit':>3} " + " ".join(f"{k + ' det%':>16} {'wrong%':>6}" for k in KINDS))
@@ -110,7 +126,7 @@ def main(argv=None) -> int:
         print(f"{bit:>3} " + " ".join(cells), flush=True)
     print("all " + " ".join(f"{(100 * d / n if n else float('nan')):>16.1f} {(100 * w / n if n else float('nan')):>6.1f}"
                             for d, w, n in totals.values()))
-    return 0
+    return totals
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from .passes.inject import SiteSelection, inject as _inject, selection_from_opti
 from .passes.optional_inputs import optional_fault_inputs
 from .faults.sampling import DEFAULT_MAX_FAULTS
 from .runtime.data import Batch, DataError, Dataset, InputLayout, fixed_batch, input_specs, load_npz, synthetic
+from .passes.thresholds import DEFAULT_PRECISION
 from .runtime.model_io import check_writable, external_data_dir, load_model, save_model
 
 __all__ = ["samples", "inspect", "inject", "evaluate", "bench", "replay", "vuln", "harden", "overhead",
@@ -378,9 +379,11 @@ def compare(model, schemes=("none", "range", "standard", "lb", "lb+range"), bers
             progress=None, threads: int | None = None, range_mode: str = "clamp",
             range_kinds=("softmax", "gelu"), alpha: float = 0.02, inject_protection: bool = False,
             dmr=("layernorm",), target_drop: float = 0.02, max_overhead: float = 0.02, max_trials: int | None = None,
-            outputs=None, sdc: str = "auto", tol=None, inputs: InputLayout | None = None) -> dict:
+            outputs=None, sdc: str = "auto", tol=None, inputs: InputLayout | None = None,
+            precision: str = DEFAULT_PRECISION) -> dict:
     """Accuracy, outcome rates (SDC, DUE, masked) and overhead of protection schemes side by side
-    (``campaigns.compare``). ``dmr``: what ``lb+range+dmr`` duplicates (``passes.dmr`` names or op types).
+    (``campaigns.compare``). ``precision``: the serving precision of the ABFT thresholds (as ``harden``).
+    ``dmr``: what ``lb+range+dmr`` duplicates (``passes.dmr`` names or op types).
     ``range_mode``, ``range_kinds`` and ``alpha`` set the range restriction of ``range`` and ``lb+range``;
     ``inject_protection`` faults each scheme's protection too (checks and ABFT recovery);
     ``target_drop``, ``max_overhead`` and ``max_trials`` (default max(trials, 4)) drive ``auto``
@@ -401,7 +404,7 @@ def compare(model, schemes=("none", "range", "standard", "lb", "lb+range"), bers
                         design_ber=design_ber, range_mode=range_mode, range_kinds=tuple(range_kinds), alpha=alpha,
                         dmr=tuple(op_types_from(dmr)), latency=latency, target_drop=target_drop,
                         max_overhead=max_overhead, max_trials=max(trials, 4) if max_trials is None else max_trials,
-                        ci_width=0.03, inputs=inputs or InputLayout())
+                        ci_width=0.03, inputs=inputs or InputLayout(), precision=precision)
     out = _compare(m, ds, spec, cal, progress)
     out["model"] = spec.model_name
     return out

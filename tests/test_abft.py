@@ -284,7 +284,7 @@ def test_inject_into_hardened_vit():
     """A sampled-style single fault at a protected MatMul site of the real injection graph: the
     hardened output equals the fault-free output; inject skips the protection nodes."""
     model = onnx.load(samples.sample_model("vit")["path"])
-    hardened = abft(model, scheme="lb").model
+    hardened = abft(model, scheme="lb", precision="fp32").model  # (tf32's looser bound misses some sign flips)
     inj = inject(hardened)
     assert not any(s.node.startswith("onnxft.abft") for s in InjectionSession(inj.model, "cpu").table.sites)
     with_prot = inject(hardened, SiteSelection(include_protection=True))
@@ -354,12 +354,12 @@ def test_calibration_and_no_false_detection():
     x = images(750)
     for name in ("vit", "vit_int8"):
         model = onnx.load(samples.sample_model(name)["path"])
-        cal = calibrate_abft(model, [{"x": x[500:750]}])
+        cal = calibrate_abft(model, [{"x": x[500:750]}], precision="fp32")
         assert len(cal) == 37
         for c in cal.values():
             assert 0 < c["max_ratio"] < c["tau"] <= c["tau_bound"]
         for thresholds in (cal, None):
-            r = abft(model, scheme="lb", thresholds=thresholds, expose_flags=True)
+            r = abft(model, scheme="lb", thresholds=thresholds, expose_flags=True, precision="fp32")
             if thresholds:
                 assert {g["tau_source"] for g in r.details["gemms"]} == {"calibrated"}
             s = session(r.model)

@@ -5,9 +5,12 @@ The residual ratio of a row is ``|sum(Y row) - A row @ (B e)| / (|A row| @ |B| e
 detection test compares with ``tau``. ``calibrate_abft`` returns, per GEMM, the largest ratio
 seen and the threshold that follows from it:
 
-    tau = min(max(CAL_MARGIN * max_ratio, CAL_FLOOR_ULPS * u), rigorous bound)
+    tau = min(max(CAL_MARGIN * max_ratio, CAL_FLOOR_ULPS * u), rounding bound)
 
-(margin 4, floor 16 unit roundoffs; docs/abft.md). The result is plain data; ``abft(model,
+(margin 4, floor 16 float32 unit roundoffs; for a serving precision other than fp32 the bound
+itself, since these CPU sessions cannot show its rounding: ``passes.thresholds.calibrated_tau``;
+docs/abft.md). Calibrate on items
+that the equivalence check does not use (``campaigns.harden`` splits its data). The result is plain data; ``abft(model,
 thresholds=...)`` consumes it. This step runs sessions; the pass never does.
 """
 from __future__ import annotations
@@ -18,15 +21,18 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ..passes.abft import CAL_FLOOR_ULPS, CAL_MARGIN, UNIT_ROUNDOFF, abft
+from ..passes.abft import CAL_FLOOR_ULPS, CAL_MARGIN, abft
+from ..passes.thresholds import DEFAULT_PRECISION, calibrated_tau
 from ..runtime.session import make_session
 
 
 def calibrate_abft(model: onnx.ModelProto, batches_of_feeds: Iterable[dict], gemms=None,
                    names: str | None = None, margin: float = CAL_MARGIN, provider: str = "cpu",
-                   threads: int | None = None) -> dict:
-    """``{gemm name: {"max_ratio", "tau", "tau_bound", "rows"}}`` over all batches."""
-    probe = abft(model, scheme="standard", gemms=gemms, names=names, unit_scale=True)
+                   threads: int | None = None, precision: str = DEFAULT_PRECISION) -> dict:
+    """``{gemm name: {"max_ratio", "tau", "tau_bound", "rows"}}`` over all batches; ``tau`` and
+    ``tau_bound`` for the serving ``precision`` (``abft`` re-derives tau from ``max_ratio`` for the
+    precision it is given)."""
+    probe = abft(model, scheme="standard", gemms=gemms, names=names, unit_scale=True, precision=precision)
     plan = probe.details["gemms"]
     m = probe.model
     extra = []
@@ -46,8 +52,7 @@ def calibrate_abft(model: onnx.ModelProto, batches_of_feeds: Iterable[dict], gem
                 ratio = np.where(unit > 0, np.abs(d.astype(np.float64)) / unit, 0.0)
             worst[g["name"]] = max(worst[g["name"]], float(np.max(ratio)) if ratio.size else 0.0)
             rows[g["name"]] += int(ratio.size)
-    u = UNIT_ROUNDOFF[onnx.TensorProto.FLOAT]
     return {g["name"]: {"max_ratio": worst[g["name"]],
-                        "tau": min(max(margin * worst[g["name"]], CAL_FLOOR_ULPS * u), g["tau_bound"]),
+                        "tau": calibrated_tau(worst[g["name"]], g["tau_bound"], precision, margin, CAL_FLOOR_ULPS),
                         "tau_bound": g["tau_bound"], "rows": rows[g["name"]]}
             for g in plan}

@@ -131,13 +131,13 @@ def build_variants(model: onnx.ModelProto, data: Dataset, spec: CampaignSpec, ca
             if not sel.chosen:
                 out.append(Variant(scheme, model, {b: 0.0 for b in bers}, info))
                 continue
-            opts = HardenOptions(abft="lb", range_mode="none", ber=design_ber,
+            opts = HardenOptions(abft="lb", range_mode="none", ber=design_ber, precision=precision,
                                  gemms="^(" + "|".join(re.escape(c) for c in sel.chosen) + ")$")
         else:
             abft_scheme = {"range": "none", "standard": "standard", "sec": "sec"}.get(scheme, "lb")
             opts = HardenOptions(abft=abft_scheme, range_mode=spec.range_mode if "range" in scheme else "none",
                                  range_kinds=tuple(spec.range_kinds), alpha=spec.alpha, ber=design_ber,
-                                 dmr=tuple(spec.dmr) if scheme.endswith("+dmr") else ())
+                                 dmr=tuple(spec.dmr) if scheme.endswith("+dmr") else (), precision=spec.precision)
         res = harden(model, opts, calib)
         plan = res.plan
         r_ops = _range_ops(res.model, [r["tensor"] for r in plan.get("ranges", [])])
@@ -185,7 +185,7 @@ def compare(model: onnx.ModelProto, data: Dataset, spec: CampaignSpec, calib: Da
         rows.append(row)
     return {"schemes": rows, "bers": list(spec.bers), "design_ber": spec.design_ber,
             "range": {"mode": spec.range_mode, "ops": list(spec.range_kinds), "alpha": spec.alpha},
-            "dmr": list(spec.dmr), "items": len(data), "trials": spec.trials,
+            "dmr": list(spec.dmr), "precision": spec.precision, "items": len(data), "trials": spec.trials,
             "inject_protection": spec.selection.include_protection,
             "outputs": results[0]["outputs"] if results else {}, "spec": spec.to_json(),
             "eval_results": results}

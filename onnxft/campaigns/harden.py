@@ -9,8 +9,14 @@ The order is fixed and each step is plain data in, plain data out:
 3. ABFT thresholds calibrated on the range-restricted model (``calibrate_abft``), or the rigorous
    rounding bound without calibration data;
 4. ``abft`` (a pass): standard or LB-ABFT around the selected MatMul/Gemm;
-5. verification: the full ONNX checker, and the hardened outputs against the original model's on
-   calibration (or synthetic) items: they must agree within 1e-5 relative (floats) or exactly.
+0. the opset raised by the minimum the protection needs (``raise_opset``, verified), unless
+   ``keep_opset``; the calibration data split: its last quarter (at most 256 items) is held out
+   (``equivalence.split_holdout``) and steps 1-4 never see it;
+5. verification: the full ONNX checker; coverage (GEMM+Conv MACs per item by scheme, stored in
+   the plan and the model's metadata); the hardened outputs against the original model's on the
+   held-out items in sessions at onnxruntime's default level (``equivalence.check_equivalence``):
+   outside ``tolerance`` (relative to each output's largest magnitude) harden refuses unless
+   ``force``.
 
 The plan written beside the model records every choice: GEMMs, block sizes, thresholds, expected
 operation counts, calibrated bounds, and what was skipped and why.
@@ -22,19 +28,24 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import onnx
 
+from onnx import version_converter
+
 from ..passes.abft import MIN_OPSET as ABFT_MIN_OPSET
 from ..passes.abft import abft, find_gemms
+from ..passes.dmr import MIN_OPSET as DMR_MIN_OPSET
 from ..passes.dmr import duplicate
 from ..passes.ranges import MIN_OPSET as RANGE_MIN_OPSET
 from ..passes.ranges import RangeSites, find_range_sites, restrict_ranges, site_bounds
 from ..runtime.data import Dataset, fixed_batch, input_specs, synthetic
-from ..runtime.session import make_session
+from ..passes.thresholds import DEFAULT_PRECISION, PRECISIONS
 from .calibrate_abft import calibrate_abft
+from .coverage import coverage, gemm_conv_macs
+from .coverage import store as store_coverage
+from .equivalence import DEFAULT_TOLERANCE, check_equivalence, enforce, split_holdout
 from .calibrate_ranges import calibrate_ranges
 
 ABFT_SCHEMES = ("lb", "standard", "sec", "none")
 RANGE_MODES = ("clamp", "zero", "none")
-EQUIVALENCE_RTOL = 1e-5
 
 
 @dataclass(frozen=True)
@@ -54,6 +65,10 @@ class HardenOptions:
     calib_batch: int = 64
     batch: int | None = None  # fix the inputs' batch axis to this size (in-place updates, see fix_batch)
     dmr: tuple[str, ...] = ()  # op types to duplicate and compare (passes.dmr), e.g. ("LayerNormalization",)
+    precision: str = DEFAULT_PRECISION  # the serving runtime's arithmetic (passes.thresholds.PRECISIONS)
+    tolerance: float = DEFAULT_TOLERANCE  # largest fault-free relative difference harden writes
+    force: bool = False  # write the model even outside ``tolerance``
+    keep_opset: bool = False  # refuse rather than raise the opset when the protection needs a newer one
 
     def validate(self) -> None:
         if self.abft not in ABFT_SCHEMES:
@@ -70,6 +85,10 @@ class HardenOptions:
             raise ValueError(f"alpha must be in [0, 1), got {self.alpha}")
         if self.abft == "none" and self.range_mode == "none" and not self.dmr:
             raise ValueError("nothing to do: --abft none and --range none")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; choose from {', '.join(PRECISIONS)}")
+        if not self.tolerance >= 0:
+            raise ValueError(f"tolerance must be >= 0, got {self.tolerance}")
 
 
 @dataclass
@@ -96,19 +115,19 @@ def _batches(data: Dataset | None, model: onnx.ModelProto, batch: int):
 def harden(model: onnx.ModelProto, options: HardenOptions, calib: Dataset | None = None) -> HardenResult:
     """Range restriction then ABFT on ``model`` (see the module docstring)."""
     options.validate()
-    plan: dict = {"ber": options.ber,
-                  "calibration": {"items": len(calib) if calib is not None else 0,
-                                  "data": calib.path if calib is not None else None},
-                  "skipped": []}
     if options.batch is not None:
         model = fix_batch(model, options.batch)
+    fixed = fixed_batch(input_specs(model))
+    calib, holdout = split_holdout(calib, fixed)
+    plan: dict = {"ber": options.ber, "precision": options.precision,
+                  "calibration": {"items": len(calib) if calib is not None else 0,
+                                  "data": calib.path if calib is not None else None,
+                                  "held_out_for_equivalence": len(holdout) if holdout is not None else 0},
+                  "skipped": []}
+    if options.batch is not None:
         plan["batch"] = options.batch
-    m = model
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    if options.abft != "none" and opset < ABFT_MIN_OPSET:
-        plan["skipped"].append(("abft", f"the model's opset is {opset}; ABFT needs opset {ABFT_MIN_OPSET} or later "
-                                        f"(hardened graphs keep the model's opset: upgrade it with onnx.version_converter)"))
-        options = replace(options, abft="none")
+    m, plan["opset"] = raise_opset(model, options, holdout if holdout is not None else calib)
+    opset = plan["opset"]["hardened"]
     if options.range_mode != "none" and opset < RANGE_MIN_OPSET:
         plan["skipped"].append(("range", f"the model's opset is {opset}; range restriction needs opset "
                                          f"{RANGE_MIN_OPSET} or later"))
@@ -140,12 +159,15 @@ def harden(model: onnx.ModelProto, options: HardenOptions, calib: Dataset | None
         m = res.model
         plan["skipped"] += list(res.skipped)
         plan["dmr"] = res.details
+    before_abft = m
     if options.abft != "none":
         thresholds = None
-        if calib is not None and any(g.skip is None for g in find_gemms(m)):
-            thresholds = calibrate_abft(m, _batches(calib, m, options.calib_batch), names=options.gemms)
+        if calib is not None and options.precision == "fp32" and any(g.skip is None for g in find_gemms(m)):
+            # (calibration tightens float32 thresholds only: passes.thresholds.calibrated_tau)
+            thresholds = calibrate_abft(m, _batches(calib, m, options.calib_batch), names=options.gemms,
+                                        precision=options.precision)
         res = abft(m, scheme=options.abft, ber=options.ber, block_size=options.block_size,
-                   thresholds=thresholds, names=options.gemms)
+                   thresholds=thresholds, names=options.gemms, precision=options.precision)
         m = res.model
         plan["skipped"] += list(res.skipped)
         plan["gemms"] = res.details.get("gemms", [])
@@ -155,38 +177,57 @@ def harden(model: onnx.ModelProto, options: HardenOptions, calib: Dataset | None
         why = plan["skipped"][-1][1] if plan["skipped"] else "no protectable node"
         raise ValueError(f"nothing to protect: {why}")
     onnx.checker.check_model(m, full_check=True)
-    plan["verification"] = verify_equivalence(model, m, calib)
+    src = holdout if holdout is not None else calib
+    macs, nested = gemm_conv_macs(before_abft, next(_batches(src.head(min(len(src), fixed or 1)) if src is not None
+                                                             else None, before_abft, 1)))
+    plan["coverage"] = coverage(macs, nested, plan.get("gemms", []), plan.get("convs", []), plan["skipped"])
+    store_coverage(m, plan["coverage"])
+    plan["verification"] = check_equivalence(model, m, holdout, plan.get("ranges"))
+    if holdout is None:
+        plan["verification"]["note"] = ("too few calibration items to hold any out: checked on synthetic items"
+                                        if calib is not None else "no calibration data: checked on synthetic items")
+    enforce(plan["verification"], options.tolerance, options.force)
     plan["skipped"] = [list(s) for s in plan["skipped"]]
     return HardenResult(m, plan)
 
 
-def verify_equivalence(original: onnx.ModelProto, hardened: onnx.ModelProto, data: Dataset | None,
-                       items: int = 64) -> dict:
-    """Run both models fault-free on up to ``items`` items; report the largest relative difference.
+def needed_opset(options: HardenOptions) -> int:
+    """The lowest default opset the chosen protection can be written at."""
+    need = RANGE_MIN_OPSET if options.range_mode != "none" else 1
+    if options.abft != "none":
+        need = max(need, ABFT_MIN_OPSET)
+    if options.dmr:
+        need = max(need, DMR_MIN_OPSET)
+    return need
 
-    Raises when the hardened graph changes a fault-free output beyond ``EQUIVALENCE_RTOL``: a
-    protection that alters clean results is a bug, never something to ship."""
-    a = make_session(original, "cpu", level="basic")
-    b = make_session(hardened, "cpu", level="basic")
-    names = [o.name for o in a.get_outputs()]
-    src = data.head(min(items, len(data))) if data is not None else None
-    worst, exact, n = 0.0, True, 0
-    for feeds in _batches(src, original, 32):
-        ra = a.run(names, feeds)
-        rb = b.run(names, feeds)
-        for x, y in zip(ra, rb):
-            exact &= bool(np.array_equal(x, y))
-            if np.issubdtype(x.dtype, np.floating):
-                if x.size:  # relative to the output's largest magnitude (logits near 0 are not special)
-                    top = max(float(np.max(np.abs(x))), 1e-30)
-                    worst = max(worst, float(np.max(np.abs(x.astype(np.float64) - y))) / top)
-            elif not np.array_equal(x, y):
-                worst = float("inf")
-        n += len(next(iter(feeds.values())))
-    if not worst <= EQUIVALENCE_RTOL:
-        raise RuntimeError(f"the hardened graph changes fault-free outputs (max relative difference {worst:.3g} "
-                           f"on {n} items): please report this as a bug")
-    return {"items": n, "max_rel_diff": worst, "bit_identical": exact}
+
+def raise_opset(model: onnx.ModelProto, options: HardenOptions, data: Dataset | None) -> tuple[onnx.ModelProto, dict]:
+    """``(model at the opset the protection needs, plan entry)``: raised by the minimum with
+    ``onnx.version_converter`` and verified (fault-free outputs equal, onnxruntime level basic)
+    when the model's opset is lower; ``options.keep_opset`` refuses instead."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    need = needed_opset(options)
+    info = {"original": opset, "hardened": opset, "raised": False}
+    if opset >= need:
+        return model, info
+    what = "ABFT" if options.abft != "none" else "duplication"
+    if options.keep_opset:
+        raise ValueError(f"the model's opset is {opset}; {what} needs opset {need} or later and --keep-opset "
+                         f"forbids raising it")
+    try:
+        up = version_converter.convert_version(model, need)
+        onnx.checker.check_model(up, full_check=True)
+    except Exception as exc:
+        raise ValueError(f"onnx.version_converter could not raise the model's opset from {opset} to {need} "
+                         f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    check = check_equivalence(model, up, data, level="basic")
+    if not check["max_rel_diff"] <= options.tolerance:
+        raise ValueError(f"raising the opset from {opset} to {need} changed fault-free outputs (max relative "
+                         f"difference {check['max_rel_diff']:.3g}): rerun with --keep-opset and upgrade it yourself")
+    info.update(hardened=need, raised=True,
+                reason=f"{what} needs opset {need}; raised with onnx.version_converter",
+                verification={k: check[k] for k in ("items", "data", "max_abs_diff", "max_rel_diff", "bit_identical")})
+    return up, info
 
 
 def abft_totals(gemms: list[dict]) -> dict:

@@ -12,6 +12,8 @@ import numpy as np
 import onnx
 
 from ..ops.registry import handler_for
+from .coverage import coverage_line
+from .coverage import stored as stored_coverage
 from ..passes.inject import SiteSelection, inject
 from ..runtime.data import InputLayout, fixed_batch, input_specs, synthetic
 from ..runtime.session import InjectionSession
@@ -61,6 +63,7 @@ def inspect_model(model: onnx.ModelProto, selection: SiteSelection | None = None
         "opset": next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
         "inputs": [{"name": s.name, "shape": s.shape, "dtype": str(s.dtype.__name__), "batch_axis": s.batch_axis,
                     "run_shape": list(np.shape(feeds[s.name])) if s.name in feeds else None} for s in specs],
+        "coverage": stored_coverage(model),  # what ``harden`` protected (None for a model it did not write)
     }
 
 
@@ -104,4 +107,8 @@ def inspect_table(info: dict, limit: int | None = None) -> str:
         axis = "no batch axis (fed whole)" if i["batch_axis"] is None else f"batch axis {i['batch_axis']}"
         run = "x".join(map(str, i["run_shape"])) if i.get("run_shape") is not None else "?"
         lines.append(f"  input {i['name']}: {i['dtype']}, counted at shape [{run}], {axis}")
+    if info.get("coverage"):
+        lines.append("hardened by onnxft: " + coverage_line(info["coverage"]))
+        for u in info["coverage"]["unprotected"][:10]:
+            lines.append(f"  unprotected {u['op_type']} {u['name']}: {u['reason']}")
     return "\n".join(lines)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields, replace
 
 from ..faults.sampling import DEFAULT_MAX_FAULTS
 from ..passes.inject import SiteSelection
+from ..passes.thresholds import DEFAULT_PRECISION
 from ..runtime.data import InputLayout
 from .outcomes import OutcomeOptions
 
@@ -47,6 +48,7 @@ class CampaignSpec:
     range_mode: str = "clamp"
     range_kinds: tuple[str, ...] = ("softmax", "gelu")
     alpha: float = 0.02
+    precision: str = DEFAULT_PRECISION  # arithmetic of the serving runtime: ABFT thresholds (passes.thresholds)
     dmr: tuple[str, ...] = ("LayerNormalization",)
     latency: bool = False
     # Algorithm 1 (harden --select auto, compare's auto)

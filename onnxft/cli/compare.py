@@ -35,6 +35,8 @@ SCHEMES = ("none", "range", "standard", "sec", "lb", "lb+range", "lb+range+dmr",
               help="Margin of calibrated range bounds (as harden --alpha; 0.25 suits --range zero).")
 @click.option("--dmr", default="layernorm", show_default=True,
               help="What lb+range+dmr duplicates and compares (as harden --dmr).")
+@click.option("--precision", type=click.Choice(["fp32", "tf32", "fp16", "bf16"]), default="tf32", show_default=True,
+              help="Serving precision of the ABFT thresholds (as harden --precision; fp32 for CPU serving).")
 @click.option("--latency", is_flag=True, help="Also measure each scheme's fault-free latency ratio (CPU, batch 8).")
 @click.option("--inject-protection", is_flag=True,
               help="Also fault each scheme's protection: checks, range restriction, voters and ABFT recovery.")
@@ -45,7 +47,7 @@ SCHEMES = ("none", "range", "standard", "sec", "lb", "lb+range", "lb+range+dmr",
               help="Write compare.json, compare.csv, accuracy_vs_ber.png, outcomes_vs_ber.png and overhead.png here.")
 @click.option("--json", "as_json", is_flag=True)
 def compare(model, schemes, ber_text, design_ber, data, calib, trials, limit, batch, seed, target_drop, max_overhead,
-            range_mode, range_ops, alpha, dmr, latency, inject_protection, provider, threads, outputs, sdc, tol, out_dir,
+            range_mode, range_ops, alpha, dmr, precision, latency, inject_protection, provider, threads, outputs, sdc, tol, out_dir,
             as_json):
     """Accuracy and masked / SDC / DUE rates under injection, and operation overhead, of protection
     schemes for MODEL."""
@@ -65,7 +67,7 @@ def compare(model, schemes, ber_text, design_ber, data, calib, trials, limit, ba
                provider=provider, limit=limit, design_ber=dber, latency=latency, progress=progress, threads=threads,
                range_mode=range_mode, range_kinds=[k.strip() for k in range_ops.split(",") if k.strip()], alpha=alpha,
                inject_protection=inject_protection, dmr=dmr.split(","), target_drop=target_drop,
-               max_overhead=max_overhead, outputs=outputs, sdc=sdc, tol=tol)
+               max_overhead=max_overhead, outputs=outputs, sdc=sdc, tol=tol, precision=precision)
     from ..report.compare import compare_table, write_compare_outputs
 
     if as_json:

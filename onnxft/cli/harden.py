@@ -6,7 +6,9 @@ import json
 import click
 
 from .. import api
+from ..campaigns.coverage import coverage_line
 from ..passes.dmr import op_types_from
+from ..passes.thresholds import DEFAULT_PRECISION, PRECISIONS
 from .main import UserError, _one_ber, _run, cli
 
 
@@ -56,11 +58,22 @@ def _block_size(text: str):
 @click.option("--limit", default=None, type=click.IntRange(min=1), help="--select auto: first N items only.")
 @click.option("--trials", default=2, show_default=True, type=click.IntRange(min=1),
               help="--select auto: trials per measurement.")
+@click.option("--precision", type=click.Choice(list(PRECISIONS)), default=DEFAULT_PRECISION, show_default=True,
+              help="Arithmetic of the runtime that will serve the model; ABFT thresholds are rounding bounds for it "
+                   "(tf32: safe on CPU and on onnxruntime CUDA's defaults; fp32: 30x tighter, for CPU or CUDA with "
+                   "use_tf32=0).")
+@click.option("--tolerance", default=1e-5, show_default=True, type=click.FloatRange(min=0),
+              help="Largest fault-free difference (relative to each output's largest magnitude) on held-out "
+                   "items at onnxruntime's default level; harden refuses a model beyond it.")
+@click.option("--force", is_flag=True, help="Write the model even when it is outside --tolerance.")
+@click.option("--keep-opset", is_flag=True, help="Refuse, rather than raise the opset, when the protection "
+                                                  "needs a newer one (ABFT: 13).")
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def harden(model, output, abft, range_mode, range_ops, calib, calib_limit, ber_text, block_size, gemms, fixed_batch,
-           alpha, dmr, select, target_drop, max_overhead, data, limit, trials, provider, as_json):
-    """Write a hardened MODEL: standard ONNX at the model's own opset, runs on stock onnxruntime.
+           alpha, dmr, select, target_drop, max_overhead, data, limit, trials, precision, tolerance, force, keep_opset,
+           provider, as_json):
+    """Write a hardened MODEL: standard ONNX (opset raised to 13 only where ABFT needs it), runs on stock onnxruntime.
 
     The plan (GEMMs, block sizes, thresholds, expected operation counts, calibrated bounds,
     what was skipped and why) is written beside it as OUTPUT-stem.plan.json.
@@ -69,7 +82,8 @@ def harden(model, output, abft, range_mode, range_ops, calib, calib_limit, ber_t
     kinds = tuple(k.strip() for k in range_ops.split(",") if k.strip())
     opts = api.HardenOptions(abft=abft, range_mode=range_mode, ber=ber, block_size=_block_size(block_size),
                              range_kinds=kinds, alpha=alpha, gemms=gemms, batch=fixed_batch,
-                             dmr=op_types_from(dmr.split(",")))
+                             dmr=op_types_from(dmr.split(",")), precision=precision, tolerance=tolerance,
+                             force=force, keep_opset=keep_opset)
     sel = None
     if select == "auto":
         if gemms is not None:
@@ -91,6 +105,14 @@ def harden(model, output, abft, range_mode, range_ops, calib, calib_limit, ber_t
 
 def plan_summary(plan: dict) -> str:
     lines = [f"wrote {plan['output']} and {plan['plan_path']}"]
+    op = plan.get("opset") or {}
+    if op.get("raised"):
+        v = op["verification"]
+        lines.append(f"opset raised from {op['original']} to {op['hardened']} ({op['reason']}); fault-free outputs "
+                     f"on {v['items']} {v['data']}: max abs difference {v['max_abs_diff']:.3g}"
+                     + (" (bit-identical)" if v["bit_identical"] else ""))
+    if "coverage" in plan:
+        lines.append(coverage_line(plan["coverage"]))
     gemms = plan.get("gemms", [])
     if plan["abft"] != "none":
         t = plan.get("abft_totals", {})
@@ -119,8 +141,16 @@ def plan_summary(plan: dict) -> str:
                      f"hardened graph ({'target reached' if sel['reached'] else 'target NOT reached under the cap'})")
     v = plan.get("verification", {})
     if v:
-        lines.append(f"fault-free check on {v['items']} items: max relative difference {v['max_rel_diff']:.2g}"
-                     + (" (bit-identical)" if v.get("bit_identical") else ""))
+        lines.append(f"fault-free check on {v['items']} {v.get('data', 'items')} (onnxruntime level {v.get('level')}): "
+                     f"max abs difference {v['max_abs_diff']:.3g}, max relative {v['max_rel_diff']:.3g}"
+                     + (" (bit-identical)" if v.get("bit_identical") else "")
+                     + f"; {v.get('top1_changed', 0)} top-1 changes, {v.get('out_of_range', 0)} items outside the "
+                       f"calibrated ranges" + ("; FORCED past the tolerance" if v.get("forced") else ""))
+        if v.get("out_of_range"):
+            lines.append(f"  inside the calibrated ranges ({v['in_range_items']} items): max relative difference "
+                         f"{v['in_range_max_rel_diff']:.3g} (tolerance {v['tolerance']:g})"
+                         + ("; no held-out item stayed inside: calibrate on more data to check the tolerance"
+                            if not v["in_range_items"] else ""))
     for node, reason in plan.get("skipped", [])[:20]:
         lines.append(f"  skipped {node}: {reason}")
     return "\n".join(lines)

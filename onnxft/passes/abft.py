@@ -48,14 +48,14 @@ from ..graph.checksums import (Nodes, any_false, block_indicator, checksum_test,
 from ..graph.edit import insert_after, producer_index
 from ..graph.roles import PROTECTION, RECOVERY_KEY, role_of, set_meta
 from ..runtime.model_io import external_data_dir
-from .abft_conv import find_convs, protect_conv, tau_bound
+from .abft_conv import find_convs, protect_conv
+from .thresholds import DEFAULT_PRECISION, calibrated_tau, precision as get_precision, tau_bound, tau_line
 from .blocksize import lb_cost, opt_block_size, standard_cost
 from .decompose import constant_value
 from .result import PassResult
 
 SCHEMES = ("lb", "standard", "sec")
 MIN_OPSET = 13
-UNIT_ROUNDOFF = {TensorProto.FLOAT: 2.0**-24}
 CAL_MARGIN = 4.0
 CAL_FLOOR_ULPS = 16.0  # calibrated tau never goes below 16 unit roundoffs
 FLAG_PREFIX = "onnxft.abft."
@@ -327,8 +327,11 @@ def _ops(s: GemmSite) -> int:
 
 def abft(model: onnx.ModelProto, scheme: str = "lb", ber: float = 1e-8, block_size="auto",
          thresholds: dict | None = None, names: str | None = None, gemms=None,
-         expose_flags: bool = False, unit_scale: bool = False) -> PassResult:
+         expose_flags: bool = False, unit_scale: bool = False, precision: str = DEFAULT_PRECISION) -> PassResult:
     """Protect the model's GEMMs with ABFT (see the module docstring).
+
+    ``precision``: the serving runtime's arithmetic (``passes.thresholds.PRECISIONS``: fp32, tf32,
+    fp16, bf16); the rounding bounds hold for it (default tf32: safe on CPU and on CUDA's defaults).
 
     ``block_size``: ``"auto"`` (Algorithm 2 at ``ber``), an int, or ``{gemm name: int}`` (others
     auto). ``thresholds``: ``{gemm name: tau}`` from ``calibrate_abft`` (others use the rounding
@@ -347,6 +350,10 @@ def abft(model: onnx.ModelProto, scheme: str = "lb", ber: float = 1e-8, block_si
             re.compile(names)
         except re.error as exc:
             raise AbftError(f"bad GEMM name pattern {names!r}: {exc}") from None
+    try:
+        get_precision(precision)
+    except ValueError as exc:
+        raise AbftError(str(exc)) from None
     opset = default_opset(model)
     if opset < MIN_OPSET:
         raise AbftError(f"the model's default opset is {opset}; ABFT needs opset {MIN_OPSET} or later")
@@ -383,7 +390,7 @@ def abft(model: onnx.ModelProto, scheme: str = "lb", ber: float = 1e-8, block_si
     for idx, s in enumerate(protect):
         node = nodes_by_name[s.name]
         taus = {s.name: "unit"} if unit_scale else (thresholds or {})
-        entry, built = _protect(m, s, node, idx, scheme, ber, block_size, taus, expose_flags, opset)
+        entry, built = _protect(m, s, node, idx, scheme, ber, block_size, taus, expose_flags, opset, precision)
         plan.append(entry)
         nb_main, raw = built["main"], built["raw"]
         owner = out.graph.node[producers[s.out]]
@@ -400,7 +407,7 @@ def abft(model: onnx.ModelProto, scheme: str = "lb", ber: float = 1e-8, block_si
         if c.skip:
             result.skipped.append((c.name, c.skip))
             continue
-        entry, nb_main, then_nb, raw, fixed, count, cond = protect_conv(c, idx, opset, ber)
+        entry, nb_main, then_nb, raw, fixed, count, cond = protect_conv(c, idx, opset, ber, precision)
         recovery = {"unit": c.name, "op_type": "Conv", "a": c.x, "b": c.w, "bias": c.b or "", "output": raw}
         outputs = checked_output(nb_main, then_nb, c, raw, f"onnxft.abft.c{idx:03d}", fixed, count,
                                   expose_flags, cond, recovery)
@@ -414,14 +421,22 @@ def abft(model: onnx.ModelProto, scheme: str = "lb", ber: float = 1e-8, block_si
     insert_after(out.graph, inserted_after)
     out.graph.initializer.extend(new_inits)
     out.graph.output.extend(new_outputs)
-    result.details = {"scheme": scheme, "ber": ber, "opset": opset, "gemms": plan, "convs": conv_plan}
+    result.details = {"scheme": scheme, "ber": ber, "opset": opset, "precision": precision, "gemms": plan,
+                      "convs": conv_plan}
     return result
 
 
-def _threshold(s: GemmSite, thresholds: dict, n_sum: int) -> tuple[float, str]:
+def _extra_roundings(s: GemmSite, node, has_bias: bool) -> int:
+    """Elementwise roundings inside the unit after the products (``passes.thresholds``): the
+    post-scale and B's scaling (2), a bias and Gemm's beta (2), Gemm's alpha (1)."""
+    gemm_alpha = s.op_type == "Gemm" and _attr(node, "alpha", 1.0) != 1.0
+    return s.extra_roundings + (2 if has_bias else 0) + (1 if gemm_alpha else 0)
+
+
+def _threshold(s: GemmSite, thresholds: dict, n_sum: int, precision: str, extra: int) -> tuple[float, str]:
     """(tau for the row test, its source). The recovery branch's column and block tests use
     min(their own rounding bound, this tau): a calibrated tau tightens them too."""
-    bound = tau_bound(s.K + s.extra_roundings, n_sum)
+    bound = tau_bound(s.K, n_sum, precision, extra, runtime_checksums=not s.b_constant)
     if thresholds.get(s.name) == "unit":
         return 1.0, "unit (calibration)"
     if s.name in thresholds:
@@ -429,20 +444,23 @@ def _threshold(s: GemmSite, thresholds: dict, n_sum: int) -> tuple[float, str]:
         tau = float(given["tau"] if isinstance(given, dict) else given)
         if not tau > 0:
             raise AbftError(f"threshold for {s.name!r} must be positive, got {tau}")
-        return min(tau, bound), "calibrated"
+        if isinstance(given, dict) and "max_ratio" in given:  # calibration data: re-derive for this precision
+            tau = calibrated_tau(given["max_ratio"], bound, precision, CAL_MARGIN, CAL_FLOOR_ULPS)
+        return min(tau, bound), "calibrated" if tau < bound else "rounding bound"
     return bound, "rounding bound"
 
 
 def _protect(m: _Model, s: GemmSite, node, idx: int, scheme: str, ber: float, block_size, thresholds: dict,
-             expose: bool, opset: int):
+             expose: bool, opset: int, precision: str = DEFAULT_PRECISION):
     """Build the main-graph test and the If for one unit; return (plan entry, built parts)."""
     prefix = f"onnxft.abft.g{idx:03d}"
     main = Nodes(prefix, opset)
     raw = f"{prefix}/unchecked"
     N_row = s.N if s.N is not None else 4096  # (only for the plan when N is dynamic)
-    tau, tau_src = _threshold(s, thresholds, N_row)
     weight = _weight(m, s, node)
     bias = _bias_vector(m, s, node)
+    extra = _extra_roundings(s, node, bias is not None)
+    tau, tau_src = _threshold(s, thresholds, N_row, precision, extra)
 
     # --- detection in the main graph ----------------------------------------------------------
     if s.post_scale is not None:  # check and recover with B * f (see _absorb_post_scale)
@@ -451,11 +469,13 @@ def _protect(m: _Model, s: GemmSite, node, idx: int, scheme: str, ber: float, bl
     tau_name = None
     dynamic = s.N is None and tau_src == "rounding bound"
     if dynamic:
-        # dynamic N (e.g. attention over a dynamic sequence): the bound gamma_{K+N+4} at run time
+        # dynamic N (e.g. attention over a dynamic sequence): the bound at run time, from its chord
+        # c0 + c1 N over N <= 2^20 (passes.thresholds.tau_line)
         last = main.op("Slice", main.op("Shape", raw), main.ints([-1]), main.ints([2**62]))  # (Shape's start: opset 15)
         n = main.op("Cast", last, to=TensorProto.FLOAT)
-        u = UNIT_ROUNDOFF[TensorProto.FLOAT] * 1.001  # (1.001 covers the 1/(1 - n u) factor)
-        tau_name = main.op("Mul", main.op("Add", n, main.const(np.float32([s.K + 4 + s.extra_roundings]))), main.const(np.float32([u])))
+        c0, c1 = tau_line(s.K, precision, extra, runtime_checksums=not s.b_constant)
+        tau_name = main.op("Add", main.op("Mul", n, main.const(np.float32([c1 * (1 + 2**-20)]))),
+                           main.const(np.float32([c0 * (1 + 2**-20)])))  # (1 + 2^-20: the float32 roundings of c0, c1)
         tau_src = "rounding bound (run time, N dynamic)"
     fold = 1.0 if dynamic else tau  # tau folded into the constants when it is known
     if weight is not None:
@@ -500,14 +520,20 @@ def _protect(m: _Model, s: GemmSite, node, idx: int, scheme: str, ber: float, bl
     if bias is not None:
         bias_name = main.const(bias.astype(np.float32), hint="bias")
     if weight is not None:
-        w_name = main.const(weight.astype(np.float32), hint="W") if (
-            s.op_type == "Gemm" and (_attr(node, "transB", 0) or _attr(node, "alpha", 1.0) != 1.0)) else s.b
+        # the recompute multiplies the model's own weight (never a copy in the file): a Gemm's
+        # transB and alpha become main-graph nodes, which onnxruntime constant-folds at load
+        w_name = s.b
+        if s.op_type == "Gemm" and _attr(node, "transB", 0):
+            w_name = main.op("Transpose", w_name)
+        if s.op_type == "Gemm" and _attr(node, "alpha", 1.0) != 1.0:
+            w_name = main.op("Mul", w_name, main.const(np.float32(_attr(node, "alpha", 1.0)), hint="alpha"))
     ctx = _Canon(then_nb, s, raw, ok, w_name, bias_name)
     if eff_scheme in ("standard", "sec"):
-        fixed, count = _standard_then(ctx, min(tau_bound(s.K + s.extra_roundings, rows if rows else 4096), tau),
+        fixed, count = _standard_then(ctx, min(tau_bound(s.K, rows if rows else 4096, precision, extra, True), tau),
                                       recompute_multiple=eff_scheme == "standard")
     else:
-        fixed, count = _lb_then(ctx, b_size, min(tau_bound(s.K + s.extra_roundings, b_size), tau), weight, bias)
+        fixed, count = _lb_then(ctx, b_size, min(tau_bound(s.K, b_size, precision, extra, weight is None), tau),
+                                weight, bias)
     # The If returns a scatter (indices, values) rather than the checked tensor: the fault-free
     # branch returns an empty one, and ScatterElements then updates Y's own buffer (Flatten aliases
     # it), so a clean run never copies Y. (An If returning Identity(Y) copies the whole output.)
@@ -527,7 +553,7 @@ def _protect(m: _Model, s: GemmSite, node, idx: int, scheme: str, ber: float, bl
              "unit_rows": rows, "batch_dims": list(s.batch_dims), "rowwise": s.rowwise,
              "bias": s.bias_node, "has_bias": bias is not None, "b_constant": s.b_constant, "qdq": s.qdq,
              "scheme": eff_scheme, "fallback": fallback, "block_size": b_size,
-             "tau": tau, "tau_bound": tau_bound(s.K + s.extra_roundings, N_row), "post_scale": s.post_node, "tau_source": tau_src,
+             "tau": tau, "tau_bound": tau_bound(s.K, N_row, precision, extra, not s.b_constant), "post_scale": s.post_node, "tau_source": tau_src,
              "main_graph_nodes": len(main.nodes),
              "ops_gemm": (M_ * N_ * 2 * K_) if M_ and N_ else None,
              "ops_detection": costs.get("detection"),

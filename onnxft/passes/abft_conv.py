@@ -10,8 +10,9 @@ Summing over the output channels therefore gives one more convolution, with the 
 
 This is the row-checksum test of the GEMM view of the convolution (M = output positions,
 N = Cout, K = Cin x kernel size), built from two single-channel convolutions that ONNX Runtime
-runs with its own Conv kernel, so the test needs no im2col. ``tau`` is the float32 rounding bound
-gamma_{K + Cout + 4}, as for the GEMMs, so no fault-free input can be flagged.
+runs with its own Conv kernel, so the test needs no im2col. ``tau`` is the rounding bound of
+``passes.thresholds`` (K-term dot products, Cout-term sums, at the serving precision), as for the
+GEMMs, so no fault-free input can be flagged.
 
 Recovery recomputes the whole item (every item of a batch is its own unit, as for the GEMMs):
 the patch embedding of a ViT, the one Conv there, is a small part of the model, and block-wise
@@ -23,13 +24,14 @@ constant, a non-float32 output, unknown channel counts.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from onnx import TensorProto, helper
 
 from ..graph.checksums import Nodes, any_false, mark_recompute, reduce, unsqueeze
 from .blocksize import p_faulty
+from .thresholds import DEFAULT_PRECISION, tau_bound  # noqa: F401 (tau_bound: the threshold of every test)
 
 
 @dataclass
@@ -48,16 +50,38 @@ class ConvSite:
     N: int | None = None  # output channels
     K: int | None = None  # input channels x kernel size
     skip: str | None = None
+    # per-channel affine ops after the Conv that join the unit (BatchNormalization, Add/Mul of a
+    # constant) and a residual Add: onnxruntime fuses them into the Conv, so the check reads the
+    # end of the chain and the fusion still happens (fault-free outputs stay bit-identical)
+    post: list = field(default_factory=list)  # the absorbed nodes, in order
+    scale: np.ndarray | None = None  # y_end = scale_c * conv_c (no bias) + shift_c (+ residual)
+    shift: np.ndarray | None = None
+    shift_abs: np.ndarray | None = None  # magnitude of every constant that entered shift
+    residual: str | None = None
+    post_roundings: int = 0
+    conv_out: str = ""  # the Conv node's own output
 
 
 def find_convs(m) -> list[ConvSite]:
     """Every Conv of the main graph, described (``m`` is abft's ``_Model``)."""
-    return [_describe(m, n) for n in m.inferred.graph.node if n.op_type == "Conv"]
+    sites = [_describe(m, n) for n in m.inferred.graph.node if n.op_type == "Conv"]
+    claimed: set = set()
+    for c in sites:  # a residual Add of two Convs joins the first one's unit only
+        names = {id(n) for n in c.post}
+        if names & claimed:
+            _drop_absorbed(c)
+        claimed |= {id(n) for n in c.post}
+    return sites
+
+
+def _drop_absorbed(c: ConvSite) -> None:
+    c.out = c.conv_out
+    c.post, c.scale, c.shift, c.shift_abs, c.residual, c.post_roundings = [], None, None, None, None, 0
 
 
 def _describe(m, node) -> ConvSite:
     s = ConvSite(name=node.name or node.output[0], x=node.input[0], out=node.output[0], w=node.input[1],
-                 b=node.input[2] if len(node.input) > 2 else "")
+                 b=node.input[2] if len(node.input) > 2 else "", conv_out=node.output[0])
     s.attrs = tuple(a for a in node.attribute)
     group = next((a.i for a in node.attribute if a.name == "group"), 1)
     if group != 1:
@@ -83,32 +107,107 @@ def _describe(m, node) -> ConvSite:
     dims = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
     if len(dims) >= 3 and all(isinstance(d, int) and d > 0 for d in dims[2:]):
         s.M = int(np.prod(dims[2:]))
+    _absorb_fusable(m, s, len(dims))
     return s
 
 
-def tau_bound(K: int, n_sum: int) -> float:
-    """Rounding bound on |sum(Y) - ref| / scale: gamma_{K + n_sum + 4} in float32 (K-term dot
-    products, an n_sum-term sum, the checksum's own rounding and the bias add)."""
-    n = K + n_sum + 4
-    u = 2.0**-24
-    return n * u / (1 - n * u)
+def _channel_vector(c, n: int, rank: int):
+    """A constant that broadcasts per output channel (scalar, [N,1,..,1] or [1,N,1,..,1]) as [N]."""
+    c = np.asarray(c, np.float64)
+    if c.size == 1:
+        return np.full(n, float(c.reshape(())))
+    shape = list(c.shape)
+    if len(shape) == rank and shape[1] == n and c.size == n and shape[0] == 1:
+        return c.reshape(n)
+    if len(shape) == rank - 1 and shape[0] == n and c.size == n:
+        return c.reshape(n)
+    return None
 
 
-def protect_conv(s: ConvSite, idx: int, opset: int, ber: float):
+def _absorb_fusable(m, s: ConvSite, rank: int) -> None:
+    """Extend the unit over what onnxruntime fuses into a Conv: BatchNormalization, Add or Mul of a
+    per-channel constant, then at most one Add of a same-shaped activation (a residual), each the
+    only consumer of the previous tensor. The channel sum of the chain's output is still one
+    convolution: ``sum_c y_c = Conv(X, sum_c scale_c W_c) + sum_c shift_c (+ sum_c residual_c)``."""
+    n = s.N
+    scale, shift = np.ones(n), (s.bias.copy() if s.bias is not None else np.zeros(n))
+    shift_abs, rounds, cur = np.abs(shift), 0, s.out
+    out_dims = m.vi.get(s.out)
+    while True:
+        cons = m.consumers.get(cur, [])
+        if len(cons) != 1 or cur in m.outputs:
+            break
+        nxt = cons[0]
+        if nxt.op_type == "BatchNormalization" and nxt.input[0] == cur and len(nxt.output) == 1:
+            p = [m.const(t) for t in nxt.input[1:5]]
+            if any(v is None for v in p):
+                break
+            gamma, beta, mean, var = (np.asarray(v, np.float64).reshape(-1) for v in p)
+            eps = next((a.f for a in nxt.attribute if a.name == "epsilon"), 1e-5)
+            k = gamma / np.sqrt(var + eps)
+            scale, shift = scale * k, (shift - mean) * k + beta
+            shift_abs = (shift_abs + np.abs(mean)) * np.abs(k) + np.abs(beta)
+            rounds += 6  # k's own sqrt, add and divide; the multiply and add; the folded weight's rounding
+        elif nxt.op_type in ("Add", "Mul") and cur in nxt.input[:2]:
+            other = nxt.input[1] if nxt.input[0] == cur else nxt.input[0]
+            c = m.const(other)
+            if c is not None:
+                v = _channel_vector(c, n, rank)
+                if v is None:
+                    break
+                if nxt.op_type == "Add":
+                    shift, shift_abs = shift + v, shift_abs + np.abs(v)
+                    rounds += 1
+                else:
+                    scale, shift, shift_abs = scale * v, shift * v, shift_abs * np.abs(v)
+                    rounds += 2  # the multiply, and the folded weight's rounding
+            elif (nxt.op_type == "Add" and other not in (cur, s.conv_out)
+                  and m.vi.get(other) is not None and out_dims is not None
+                  and m.vi[other].type.tensor_type.shape == out_dims.type.tensor_type.shape
+                  and all(d.HasField("dim_value") or d.dim_param for d in out_dims.type.tensor_type.shape.dim)):
+                s.residual = other
+                rounds += 1
+                s.post.append(nxt)
+                cur = nxt.output[0]
+                break
+            else:
+                break
+        else:
+            break
+        s.post.append(nxt)
+        cur = nxt.output[0]
+    if s.post:
+        s.out, s.scale, s.shift, s.shift_abs, s.post_roundings = cur, scale, shift, shift_abs, rounds
+
+
+def protect_conv(s: ConvSite, idx: int, opset: int, ber: float, precision: str = DEFAULT_PRECISION):
     """Main-graph test and recovery branch for one Conv. Returns (plan entry, main Nodes, then Nodes,
     raw name, fixed name, count name, cond name)."""
     prefix = f"onnxft.abft.c{idx:03d}"
     main = Nodes(prefix, opset)
     raw = f"{prefix}/unchecked"
-    tau = tau_bound(s.K, s.N)
     conv_attrs = {a.name: helper.get_attribute_value(a) for a in s.attrs}
-    ws = s.weight.sum(axis=0, keepdims=True).astype(np.float32)
-    wabs = (tau * np.abs(s.weight).sum(axis=0, keepdims=True)).astype(np.float32)
+    if s.post:  # (a fused kernel adds the bias and the residual as two more terms of the dot product)
+        tau = tau_bound(s.K + 2, s.N, precision, extra_roundings=s.post_roundings + 1,
+                        runtime_checksums=s.residual is not None)
+        chan = s.scale.reshape((-1,) + (1,) * (s.weight.ndim - 1))
+        shift, shift_abs = s.shift, s.shift_abs
+    else:
+        tau = tau_bound(s.K, s.N, precision, extra_roundings=1 if s.bias is not None else 0)
+        chan = 1.0
+        shift = s.bias if s.bias is not None else None
+        shift_abs = np.abs(s.bias) if s.bias is not None else None
+    ws = (s.weight * chan).sum(axis=0, keepdims=True).astype(np.float32)
+    wabs = (tau * np.abs(s.weight * chan).sum(axis=0, keepdims=True)).astype(np.float32)
     ref = main.op("Conv", s.x, main.const(ws, hint="Wsum"), **conv_attrs)
     scale = main.op("Conv", main.op("Abs", s.x), main.const(wabs, hint="AbsWsum"), **conv_attrs)
-    if s.bias is not None:
-        ref = main.op("Add", ref, main.const(np.float32(s.bias.sum()), hint="biasSum"))
-        scale = main.op("Add", scale, main.const(np.float32(tau * np.abs(s.bias).sum()), hint="biasAbs"))
+    if shift is not None:
+        ref = main.op("Add", ref, main.const(np.float32(shift.sum()), hint="biasSum"))
+        scale = main.op("Add", scale, main.const(np.float32(tau * shift_abs.sum()), hint="biasAbs"))
+    if s.residual is not None:
+        ref = main.op("Add", ref, reduce(main, "ReduceSum", s.residual, [1], keepdims=1))
+        scale = main.op("Add", scale, main.op("Mul", reduce(main, "ReduceSum", main.op("Abs", s.residual), [1],
+                                                            keepdims=1), main.const(np.float32(tau), hint="tau")))
     r = reduce(main, "ReduceSum", raw, [1], keepdims=1)
     diff = main.op("Sub", r, ref)
     ok = main.op("LessOrEqual", main.op("Abs", diff), scale)
@@ -120,19 +219,25 @@ def protect_conv(s: ConvSite, idx: int, opset: int, ber: float):
     per_item = nb.op("Reshape", bad, nb.ints([0, -1]))
     items = nb.op("Reshape", nb.op("NonZero", nb.op("Cast", reduce(nb, "ReduceMax", per_item, [1], keepdims=0),
                                                         to=TensorProto.BOOL)), nb.ints([-1]))
-    w_name = nb.const(s.weight.astype(np.float32), hint="W")
-    ins = [nb.op("Gather", s.x, items, axis=0), w_name]
+    # the Conv's own weight and bias, read from the main graph by name (outer scope): no copy
+    ins = [nb.op("Gather", s.x, items, axis=0), s.w]
     if s.bias is not None:
-        ins.append(nb.const(s.bias.astype(np.float32), hint="b"))
+        ins.append(s.b)
     y_new = nb.op("Conv", *ins, **conv_attrs)
     item_idx = unsqueeze(nb, items, [1])
     mark_recompute(nb, y_new, item_idx, raw)  # (bias included: a Conv site's bias add is one of its operations)
+    prev = s.post[0].input[0] if s.post else None
+    for node in s.post:  # the absorbed ops again, on the recomputed items
+        ins = [y_new if t == prev else (nb.op("Gather", t, items, axis=0) if t == s.residual else t) for t in node.input]
+        y_new = nb.op(node.op_type, *ins, **{a.name: helper.get_attribute_value(a) for a in node.attribute})
+        prev = node.output[0]
     fixed = nb.op("ScatterND", raw, item_idx, y_new)
     per_item_elems = nb.op("Div", nb.op("Size", raw), nb.op("Gather", nb.op("Shape", raw), nb.ints(0), axis=0))
     count = nb.op("Mul", nb.op("Size", items), per_item_elems)
     costs = conv_cost(s.M, s.N, s.K, ber) if s.M else {}
     entry = {"name": s.name, "op_type": "Conv", "output": s.out, "M": s.M, "N": s.N, "K": s.K,
-             "scheme": "recompute", "tau": tau, "tau_source": "rounding bound", "has_bias": s.bias is not None,
+             "scheme": "recompute", "tau": tau, "tau_source": "rounding bound", "precision": precision, "has_bias": s.bias is not None,
+             "absorbed": [n.name or n.output[0] for n in s.post],
              "main_graph_nodes": len(main.nodes),
              "ops_gemm": (s.M * s.N * 2 * s.K) if s.M else None,
              "ops_detection": costs.get("detection"), "ops_expected_recovery": costs.get("recovery"),

@@ -115,7 +115,9 @@ def make_session(model: onnx.ModelProto | str | Path, provider: str = "auto", th
     so = ort.SessionOptions()
     so.log_severity_level = 3
     so.graph_optimization_level = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-                                   "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC}[level]
+                                   "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                                   "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                                   "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}[level]
     if threads:
         so.intra_op_num_threads = int(threads)
         so.inter_op_num_threads = 1

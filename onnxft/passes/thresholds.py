@@ -1,0 +1,131 @@
+"""ABFT detection thresholds: a rounding bound that holds for any summation order and FMA on both
+sides of the checksum test, for the arithmetic the serving runtime uses.
+
+The test of one row (or block, or conv output position) is
+
+    |fl(r - ref)| <= scale,   r = sum of the n_sum computed outputs,   ref = A @ (B e),
+    scale = tau * |A| @ (|B| e)
+
+and ``tau_bound`` returns the smallest ``tau`` this module can prove never fails on fault-free
+data (no overflow or underflow). Every error is counted in **roundings of u = 2^-24** (float32's
+unit roundoff, the arithmetic of the checks): a rounding with a coarser unit ``u'`` counts as
+``u'/u`` of them, since ``(1 + u)^(u'/u) >= 1 + u'``. With ``gamma_m = m u / (1 - m u)`` and
+Higham's ``(1 + gamma_j)(1 + gamma_k) <= 1 + gamma_{j+k}``:
+
+    t_Y   = 2 r_in + K r_acc + r_out + e r_elt   one output: inputs rounded (TF32 ...), K-term dot
+                                                 product in any order / FMA, output rounding, e
+                                                 elementwise ops inside the unit (bias add, scaling)
+    a     = n_sum - 1 + t_Y                      the computed row sum r against the exact one
+    t_c   = 1   (B e offline: float64, rounded once)   or   n_sum - 1 + r_in   (B e at run time)
+    b     = 2 r_in + K + t_c + 2                 ref = A @ (B e) (+ sum bias): its own K-term dot
+                                                 product, the checksum's error, the bias-sum add
+    c     = 2 r_in + K + t_c + 4                 the computed scale's shortfall below tau |A||B|e
+                                                 (tau fold or multiply, bias add, tau arithmetic)
+    tau   = (1 + u) (gamma_a + gamma_b) / (1 - gamma_c)          (1 + u: the subtraction r - ref)
+
+Leading order (float32, constant B): ``tau ~ (2K + n_sum + e + 2) u``. docs/abft.md derives it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+U32 = 2.0**-24  # float32 unit roundoff: every check is computed in float32
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Arithmetic of the serving runtime's GEMMs/Convs, as unit roundoffs.
+
+    ``u_in``: rounding of each GEMM input before the products (TF32: 10 mantissa bits);
+    ``u_acc``: the accumulation; ``u_out``: rounding of the result to a narrower storage format;
+    ``u_elt``: the elementwise ops of a unit (bias add, scaling). The checks themselves run in
+    float32, their GEMV products with the same input rounding ``u_in``."""
+
+    name: str
+    u_in: float
+    u_acc: float
+    u_out: float
+    u_elt: float
+    note: str
+
+
+PRECISIONS = {
+    "fp32": Precision("fp32", 0.0, U32, 0.0, U32, "IEEE float32 throughout (onnxruntime CPU, CUDA with use_tf32=0)"),
+    # TF32 keeps 10 mantissa bits: rounding to nearest errs by 2^-11, but tensor cores fed float32
+    # registers ignore the 13 low bits (truncation, 2^-10), and which one a kernel does is not
+    # documented: the bound takes the larger
+    "tf32": Precision("tf32", 2.0**-10, U32, 0.0, U32,
+                      "float32 with GEMM/Conv inputs cut to 10 mantissa bits (rounded or truncated), float32 "
+                      "accumulation (onnxruntime CUDA on Ampere and later with its default use_tf32=1)"),
+    "fp16": Precision("fp16", 2.0**-11, 2.0**-11, 0.0, 2.0**-11,
+                      "float16 inputs, float16 accumulation (the worst case: onnxruntime's CPU/ARM half kernels)"),
+    "bf16": Precision("bf16", 2.0**-8, U32, 2.0**-8, 2.0**-8,
+                      "bfloat16 inputs and outputs, float32 accumulation (bf16 'fast math' GEMMs, bf16 models)"),
+}
+DEFAULT_PRECISION = "tf32"  # safe on CPU (fp32 is finer) and on CUDA with its default options
+
+
+def precision(name: str) -> Precision:
+    try:
+        return PRECISIONS[name]
+    except KeyError:
+        raise ValueError(f"unknown precision {name!r}; choose from {', '.join(PRECISIONS)}") from None
+
+
+def _gamma(m: float) -> float:
+    x = m * U32
+    return x / (1.0 - x) if x < 1.0 else float("inf")
+
+
+def rounding_counts(K: int, n_sum: int, prec: str | Precision = DEFAULT_PRECISION, extra_roundings: int = 0,
+                    runtime_checksums: bool = False) -> tuple[float, float, float]:
+    """``(a, b, c)``: the rounding counts of the module docstring, in units of 2^-24."""
+    p = prec if isinstance(prec, Precision) else precision(prec)
+    r_in, r_acc, r_out, r_elt = p.u_in / U32, p.u_acc / U32, p.u_out / U32, p.u_elt / U32
+    n = max(int(n_sum), 1)
+    t_y = 2 * r_in + K * r_acc + r_out + extra_roundings * r_elt
+    t_c = (n - 1 + r_in) if runtime_checksums else 1
+    return n - 1 + t_y, 2 * r_in + K + t_c + 2, 2 * r_in + K + t_c + 4
+
+
+def tau_bound(K: int, n_sum: int, prec: str | Precision = DEFAULT_PRECISION, extra_roundings: int = 0,
+              runtime_checksums: bool = False) -> float:
+    """The rounding bound on ``|r - ref| / (|A| @ |B| e)`` (module docstring); no fault-free input
+    (without overflow/underflow) can exceed it, in any summation order, with or without FMA.
+
+    ``K``: terms of each dot product (Conv: Cin/group x kernel size); ``n_sum``: outputs summed by
+    the test (N for a row test, the block width for LB-ABFT's block test, M for a column test,
+    Cout for a Conv); ``prec``: the runtime's arithmetic (``PRECISIONS``); ``extra_roundings``:
+    elementwise ops inside the unit after the products (a bias add: 1; attention's scaling: 2);
+    ``runtime_checksums``: ``B e`` computed in the graph (activation B, column sums of A) rather
+    than offline in float64. Returns ``inf`` when no finite bound exists (fp16 accumulation with
+    K >= 2048)."""
+    a, b, c = rounding_counts(K, n_sum, prec, extra_roundings, runtime_checksums)
+    ga, gb, gc = _gamma(a), _gamma(b), _gamma(c)
+    if not gc < 1.0 or ga == float("inf") or gb == float("inf"):
+        return float("inf")
+    return (1.0 + U32) * (ga + gb) / (1.0 - gc)
+
+
+def tau_line(K: int, prec: str | Precision = DEFAULT_PRECISION, extra_roundings: int = 0,
+             runtime_checksums: bool = False, n_max: int = 2**20) -> tuple[float, float]:
+    """``(c0, c1)`` with ``tau_bound(K, n) <= c0 + c1 * n`` for every ``1 <= n <= n_max``: the bound
+    when ``n_sum`` is known only at run time (the graph computes ``c0 + c1 * N``). ``tau_bound`` is
+    convex in ``n`` (a positive combination of the convex ``gamma_m``, divided by a decreasing
+    positive ``1 - gamma_c``), so its chord over ``[1, n_max]`` lies above it there."""
+    lo, hi = tau_bound(K, 1, prec, extra_roundings, runtime_checksums), tau_bound(
+        K, n_max, prec, extra_roundings, runtime_checksums)
+    c1 = (hi - lo) / (n_max - 1)
+    return lo - c1, c1
+
+
+def calibrated_tau(max_ratio: float, bound: float, prec: str | Precision = DEFAULT_PRECISION,
+                   margin: float = 4.0, floor_units: float = 16.0) -> float:
+    """Threshold from a measured worst residual ratio: ``margin x max_ratio``, never below
+    ``floor_units`` float32 unit roundoffs, never above the bound. Calibration sessions run
+    onnxruntime's CPU kernels, which show none of TF32's rounding nor a GPU's fp16/bf16 kernels',
+    so for any precision but fp32 the result is the bound: calibrating tightens float32 only."""
+    p = prec if isinstance(prec, Precision) else precision(prec)
+    if p.name != "fp32":
+        return bound
+    return min(max(margin * max_ratio, floor_units * U32), bound)
