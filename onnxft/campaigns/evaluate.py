@@ -126,7 +126,7 @@ class EvalRunner:
             report_phase(progress, f"clean pass, batch {j + 1}/{len(self.starts)}")
             self.clean(j)
         out, _ = self.clean(0)
-        axes = output_batch_axes(lambda f: self.sess.clean(f)[0], self.data, self.sess.output_names)
+        axes = output_batch_axes(self.sess.outputs_any_shape, self.data, self.sess.output_names)
         self.judge = Judge(self.sess.output_names, out, spec.outcome, items=self.feeds(0).batch_size, axes=axes)
 
     def feeds(self, j: int):

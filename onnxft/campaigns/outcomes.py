@@ -126,10 +126,9 @@ def output_batch_axes(run, data, names: list[str]) -> dict[str, int | None]:
     outputs in ``names`` order; ``data`` is a ``Dataset``. With fewer than two items: {} (axis 0)."""
     if len(data) < 2:
         return {}
-    one = run(data.batch(0, 1))
     try:
-        two = run(data.batch(0, 2))
-    except Exception:  # a model exported for a fixed batch of 1 takes no second item: axis 0, as declared
+        one, two = run(data.batch(0, 1)), run(data.batch(0, 2))
+    except Exception:  # a model exported for a fixed batch takes no other item count: axis 0, as declared
         return {}
     axes = {}
     for name, a, b in zip(names, one, two):

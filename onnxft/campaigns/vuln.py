@@ -141,7 +141,7 @@ class Campaign:
             feeds = data.batch(s, s + self.batch)
             out, plans = sess.clean(feeds)
             if self.judge is None:
-                axes = output_batch_axes(lambda f: sess.clean(f)[0], data, sess.output_names)
+                axes = output_batch_axes(sess.outputs_any_shape, data, sess.output_names)
                 self.judge = Judge(sess.output_names, out, outcome, items=feeds.batch_size, axes=axes)
             self.plans.append(plans)
             self.clean_outs.append(out)

@@ -175,6 +175,7 @@ class InjectionSession:
         self.table = SiteTable.from_model(model)
         self._options = (provider, threads, level, _disabled_optimizers(model, level))
         self._sessions: dict[tuple, object] = {}  # one per input shape (see session_for)
+        self._any_shape = None  # outputs_any_shape
         inits = {t.name for t in model.graph.initializer}
         self.input_names = [i.name for i in model.graph.input
                             if i.name not in inits and not i.name.startswith("onnxft.")]
@@ -220,6 +221,13 @@ class InjectionSession:
             self._sessions[key] = make_session(model, *self._options)
             self.providers = self._sessions[key].get_providers()
         return self._sessions[key]
+
+    def outputs_any_shape(self, feeds) -> list[np.ndarray]:
+        """Fault-free outputs from one session that takes any input shape, built once and kept apart
+        from the per-shape sessions: for small probes (``outcomes.output_batch_axes``)."""
+        if self._any_shape is None:
+            self._any_shape = make_session(self.model, *self._options)
+        return self._any_shape.run(self.output_names, feeds)
 
     def clean(self, feeds: dict[str, np.ndarray]) -> tuple[list[np.ndarray], list[SitePlan]]:
         """Fault-free outputs and the site plans for this input shape."""
