@@ -303,7 +303,10 @@ def _cli(args: list[str], timeout: int = 900) -> tuple[int, str, float]:
         return 124, "timeout", time.perf_counter() - t0
 
 
-def run(root: Path, only, bers: list[float], out_json: Path | None) -> None:
+def run(root: Path, only, bers: list[float], out_json: Path | None, items: int = 4) -> None:
+    """inspect (with and without data), inject --ber, eval --metric sdc at BER 0 and ``bers`` on the
+    first ``items`` items, and bench, each through the CLI as a user types it; then a table of the
+    masked / SDC / DUE rates."""
     rows = []
     for m in ALL:
         if only and m.name not in only:
@@ -313,24 +316,54 @@ def run(root: Path, only, bers: list[float], out_json: Path | None) -> None:
             print(f"{m.name}: not fetched (run fetch first)")
             continue
         row = {"model": m.name, "what": m.what}
+        n = min(items, m.batch)
         with tempfile.TemporaryDirectory() as tmp:
             steps = {
                 "inspect": ["inspect", str(model)],
                 "inspect_data": ["inspect", str(model), "--data", str(data)],
-                "inject": ["inject", str(model), "-o", f"{tmp}/i.onnx", "--ber", "1e-5", "--data", str(data)],
+                "inject": ["inject", str(model), "-o", f"{tmp}/i.onnx", "--ber", f"{bers[-1]:g}", "--data", str(data),
+                           "--batch", str(n)],
                 "eval": ["eval", str(model), "--data", str(data), "--metric", "sdc", "--ber",
-                         ",".join(["0"] + [f"{b:g}" for b in bers]), "--trials", "1", "--quiet", "--out", f"{tmp}/e"],
-                "bench": ["bench", str(model), "--data", str(data), "--repeats", "3", "--ber", "1e-8", "--json"],
+                         ",".join(["0"] + [f"{b:g}" for b in bers]), "--trials", "1", "--limit", str(n), "--batch",
+                         str(min(n, 2)), "--quiet", "--out", f"{tmp}/e"],
+                "bench": ["bench", str(model), "--data", str(data), "--repeats", "3", "--batch", str(min(n, 2)),
+                          "--ber", "1e-8", "--json"],
             }
             for step, args in steps.items():
                 rc, text, secs = _cli(args)
                 row[step] = {"rc": rc, "seconds": round(secs, 1), "tail": text.strip().splitlines()[-3:]}
                 if step == "eval" and rc == 0:
                     row["eval_results"] = json.loads(Path(f"{tmp}/e/results.json").read_text())
-                print(f"{m.name:18s} {step:13s} rc={rc} {secs:6.1f}s  {(text.strip().splitlines() or [''])[-1][:110]}")
+                print(f"{m.name:18s} {step:13s} rc={rc} {secs:6.1f}s  {(text.strip().splitlines() or [''])[-1][:110]}",
+                      flush=True)
         rows.append(row)
     if out_json:
         out_json.write_text(json.dumps(rows, indent=1))
+    print(outcome_table(rows))
+
+
+def outcome_table(rows: list[dict]) -> str:
+    """Markdown: per model, the sites, the criterion and masked / SDC / DUE at each BER."""
+    lines = []
+    for row in rows:
+        r = row.get("eval_results")
+        steps = "/".join("ok" if row[s]["rc"] == 0 else f"rc {row[s]['rc']}" for s in
+                         ("inspect", "inspect_data", "inject", "eval", "bench"))
+        if r is None:
+            lines.append(f"| {row['model']} | {steps} | | | |")
+            continue
+        pts = {p["ber"]: p for p in r["points"]}
+        cells = [f"{p['masked']:.2f} / {p['sdc']:.2f} / {p['due']:.2f} ({p['faults_per_item']:.3g} flips)"
+                 for b, p in sorted(pts.items()) if b > 0]
+        zero = pts.get(0.0)
+        clean = "0" if zero and zero["sdc"] == 0 and zero["due"] == 0 else "NOT 0"
+        lines.append(f"| {row['model']} | {steps} | {r['sites']} | {r['outputs']['sdc_criterion']} | {clean} | "
+                     + " | ".join(cells) + " |")
+    bers = sorted({p["ber"] for row in rows if row.get("eval_results")
+                   for p in row["eval_results"]["points"] if p["ber"] > 0})
+    head = ("| model | inspect / +data / inject / eval / bench | sites | SDC criterion | SDC+DUE at BER 0 | "
+            + " | ".join(f"masked / SDC / DUE at {b:g}" for b in bers) + " |")
+    return "\n".join([head, "|" + "---|" * (5 + len(bers))] + lines)
 
 
 def main() -> None:
@@ -338,7 +371,8 @@ def main() -> None:
     ap.add_argument("action", choices=["fetch", "list", "run"])
     ap.add_argument("--dir", type=Path, default=DEFAULT_DIR)
     ap.add_argument("--only", default=None, help="comma-separated model names")
-    ap.add_argument("--ber", default="1e-6,1e-5")
+    ap.add_argument("--ber", default="1e-7,1e-5")
+    ap.add_argument("--items", type=int, default=4, help="run: items per model (a fixed-batch model: its batch)")
     ap.add_argument("--json", type=Path, default=None, help="run: write every step's result here")
     a = ap.parse_args()
     only = a.only.split(",") if a.only else None
@@ -347,7 +381,7 @@ def main() -> None:
     elif a.action == "list":
         describe(a.dir)
     else:
-        run(a.dir, only, [float(b) for b in a.ber.split(",")], a.json)
+        run(a.dir, only, [float(b) for b in a.ber.split(",")], a.json, a.items)
 
 
 if __name__ == "__main__":
