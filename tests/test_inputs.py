@@ -261,3 +261,27 @@ def test_eval_reports_phases_before_the_first_run():
     first_run = calls.index(("run", 1))
     phases = [t for kind, t in calls[:first_run] if kind == "phase"]
     assert phases[0] == "building the injection graph" and "clean pass, batch 2/2" in phases
+
+
+def test_fault_budget_counts_the_products_a_gemm_flip_recomputes():
+    """A flip in a MatMul recomputes its element's K products: the budget counts them, so a BER
+    whose flip count alone fits is refused when the recomputes would not."""
+    from onnx import TensorProto as T
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
+
+    from onnxft.faults.sampling import BYTES_PER_FLIP, BYTES_PER_PRODUCT, expected_fault_bytes
+
+    K = 512
+    g = h.make_graph([h.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+                     [h.make_tensor_value_info("x", T.FLOAT, ["b", K])], [h.make_tensor_value_info("y", T.FLOAT, ["b", 4])],
+                     [nh.from_array(np.ones((K, 4), np.float32), "w")])
+    model = h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
+    plans = _plans(model, 2)
+    n = expected_faults(plans, 1e-4)
+    assert expected_fault_bytes(plans, 1e-4) == pytest.approx(n * (BYTES_PER_FLIP + BYTES_PER_PRODUCT * K))
+    budget = 2 * n  # twice the flips, far less than their recomputes
+    with pytest.raises(FaultBudgetError, match="products a GEMM/Conv flip recomputes"):
+        sample_faults(plans, 1e-4, _NoDraws(), max_faults=budget)
+    assert len(sample_faults(plans, 1e-4, np.random.default_rng(0), max_faults=budget * (1 + BYTES_PER_PRODUCT * K /
+                                                                                          BYTES_PER_FLIP))) >= 0

@@ -194,10 +194,13 @@ class Faults:
 
 
 # Memory budget of one batch's faults (``--max-faults``): sampling and the fault tables of one
-# batch take about BYTES_PER_FLIP bytes per flip at their peak (measured, docs/fault_model.md), so
-# the default keeps a batch under about 6 GiB.
+# batch take about BYTES_PER_FLIP bytes per flip at their peak (measured, docs/fault_model.md), and
+# a flip in a GEMM/Conv product or partial sum also recomputes that output element's K products and
+# running sums (operand gathers, products, sums, indices: about BYTES_PER_PRODUCT bytes each). The
+# budget is in plain flips' worth: the default keeps a batch under about 6 GiB.
 DEFAULT_MAX_FAULTS = 10_000_000
 BYTES_PER_FLIP = 600
+BYTES_PER_PRODUCT = 24
 
 
 class FaultBudgetError(ValueError):
@@ -210,16 +213,26 @@ def expected_faults(plans: list[SitePlan], ber: float) -> float:
     return float(sum(min(ber * p.site.scale, 1.0) * p.bits_per_item * p.items for p in plans))
 
 
+def expected_fault_bytes(plans: list[SitePlan], ber: float) -> float:
+    """Expected peak memory of one batch's faults at ``ber``: BYTES_PER_FLIP per flip, plus
+    BYTES_PER_PRODUCT per product a GEMM/Conv flip recomputes (its site's K)."""
+    return float(sum(min(ber * p.site.scale, 1.0) * p.bits_per_item * p.items
+                     * (BYTES_PER_FLIP + BYTES_PER_PRODUCT * p.k) for p in plans))
+
+
 def check_fault_budget(plans: list[SitePlan], ber: float, max_faults: float | None = DEFAULT_MAX_FAULTS) -> float:
-    """Refuse (FaultBudgetError, one line) a BER whose expected flips per batch exceed
-    ``max_faults`` (None: no limit), before anything is drawn; returns the expected count."""
+    """Refuse (FaultBudgetError, one line) a BER whose faults of one batch would take more memory
+    than ``max_faults`` plain flips (``max_faults x BYTES_PER_FLIP`` bytes; None: no limit), before
+    anything is drawn; returns the expected number of flips."""
     n = expected_faults(plans, ber)
-    if max_faults is not None and n > max_faults:
-        batch = max((p.items for p in plans), default=1)
-        raise FaultBudgetError(
-            f"BER {ber:g} means {n:.3g} flips per batch of {batch} (about {_gib(n * BYTES_PER_FLIP)} of fault "
-            f"tables), over the limit of {max_faults:.3g} (--max-faults): lower the BER or --batch, or raise "
-            f"--max-faults")
+    if max_faults is not None:
+        need = expected_fault_bytes(plans, ber)
+        if need > max_faults * BYTES_PER_FLIP:
+            batch = max((p.items for p in plans), default=1)
+            raise FaultBudgetError(
+                f"BER {ber:g} means {n:.3g} flips per batch of {batch} (about {_gib(need)} with the products a "
+                f"GEMM/Conv flip recomputes), over the limit of {max_faults:.3g} flips' worth "
+                f"({_gib(max_faults * BYTES_PER_FLIP)}, --max-faults): lower the BER or --batch, or raise --max-faults")
     return n
 
 
