@@ -279,7 +279,7 @@ def test_fault_budget_counts_the_products_a_gemm_flip_recomputes():
     model = h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
     plans = _plans(model, 2)
     n = expected_faults(plans, 1e-4)
-    assert expected_fault_bytes(plans, 1e-4) == pytest.approx(n * (BYTES_PER_FLIP + BYTES_PER_PRODUCT * K))
+    assert expected_fault_bytes(plans, 1e-4) == pytest.approx(n * (BYTES_PER_FLIP + BYTES_PER_PRODUCT * K))  # one site
     budget = 2 * n  # twice the flips, far less than their recomputes
     with pytest.raises(FaultBudgetError, match="products a GEMM/Conv flip recomputes"):
         sample_faults(plans, 1e-4, _NoDraws(), max_faults=budget)

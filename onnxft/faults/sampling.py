@@ -196,8 +196,8 @@ class Faults:
 # Memory budget of one batch's faults (``--max-faults``): sampling and the fault tables of one
 # batch take about BYTES_PER_FLIP bytes per flip at their peak (measured, docs/fault_model.md), and
 # a flip in a GEMM/Conv product or partial sum also recomputes that output element's K products and
-# running sums (operand gathers, products, sums, indices: about BYTES_PER_PRODUCT bytes each). The
-# budget is in plain flips' worth: the default keeps a batch under about 6 GiB.
+# running sums (operand gathers, products, sums, indices: about BYTES_PER_PRODUCT bytes each), one
+# site at a time. The budget is in plain flips' worth: the default keeps a batch under about 6 GiB.
 DEFAULT_MAX_FAULTS = 10_000_000
 BYTES_PER_FLIP = 600
 BYTES_PER_PRODUCT = 24
@@ -214,10 +214,12 @@ def expected_faults(plans: list[SitePlan], ber: float) -> float:
 
 
 def expected_fault_bytes(plans: list[SitePlan], ber: float) -> float:
-    """Expected peak memory of one batch's faults at ``ber``: BYTES_PER_FLIP per flip, plus
-    BYTES_PER_PRODUCT per product a GEMM/Conv flip recomputes (its site's K)."""
-    return float(sum(min(ber * p.site.scale, 1.0) * p.bits_per_item * p.items
-                     * (BYTES_PER_FLIP + BYTES_PER_PRODUCT * p.k) for p in plans))
+    """Expected peak memory of one batch's faults at ``ber``: BYTES_PER_FLIP per flip (every site's
+    tables exist at once), plus the largest site's recompute, BYTES_PER_PRODUCT per product its
+    flips recompute (K each; sites apply their faults one after another)."""
+    flips = [min(ber * p.site.scale, 1.0) * p.bits_per_item * p.items for p in plans]
+    recompute = max((f * p.k for f, p in zip(flips, plans)), default=0.0)
+    return float(sum(flips) * BYTES_PER_FLIP + recompute * BYTES_PER_PRODUCT)
 
 
 def check_fault_budget(plans: list[SitePlan], ber: float, max_faults: float | None = DEFAULT_MAX_FAULTS) -> float:
