@@ -69,9 +69,26 @@ def attention_model(opset=17):
 
 
 def dynamic_attention_model(opset=17):
-    """QK^T over a dynamic sequence length: N is not static (run-time tau; LB falls back)."""
+    """QK^T over a dynamic sequence length: M and N are not static (run-time tau and block grid)."""
     return make([h.make_node("MatMul", ["q", "k"], ["out"], name="qk_dyn")],
                 [vi("q", ["n", 2, "s", 4]), vi("k", ["n", 2, 4, "s"])], [vi("out", ["n", 2, "s", "s"])], opset=opset)
+
+
+def dynamic_av_model(opset=17):
+    """Attention x V over a dynamic sequence: M and the inner dimension K are not static (run-time
+    checksums of V and a tau from the run-time K); A is a Softmax output (the one-MatMul test)."""
+    return make([h.make_node("Softmax", ["scores"], ["p"], name="sm", axis=-1),
+                 h.make_node("MatMul", ["p", "v"], ["out"], name="av_dyn")],
+                [vi("scores", ["n", 2, "s", "s"]), vi("v", ["n", 2, "s", 4])], [vi("out", ["n", 2, "s", 4])],
+                opset=opset)
+
+
+def dynamic_linear_model(opset=17):
+    """torch Linear over a dynamic token axis: M is not static (LB block rows built at run time)."""
+    return make([h.make_node("MatMul", ["a", "w"], ["y"], name="mm_dyn"),
+                 h.make_node("Add", ["y", "bias"], ["out"], name="add")],
+                [vi("a", ["n", "s", 8])], [vi("out", ["n", "s", 12])],
+                [nh.from_array(W, "w"), nh.from_array(BIAS, "bias")], opset)
 
 
 def gemm_model(opset=17):
@@ -81,18 +98,19 @@ def gemm_model(opset=17):
                 [nh.from_array(W.T.copy(), "w"), nh.from_array(BIAS, "c")], opset)
 
 
-def feeds_for(model, batch=2, seed=1):
+def feeds_for(model, batch=2, seed=1, s_len=5):
     rng = np.random.default_rng(seed)
     out = {}
     for i in model.graph.input:
-        shape = [(5 if d.dim_param == "s" else batch) if d.dim_param else d.dim_value
+        shape = [(s_len if d.dim_param == "s" else batch) if d.dim_param else d.dim_value
                  for d in i.type.tensor_type.shape.dim]
         out[i.name] = rng.standard_normal(shape).astype(np.float32)
     return out
 
 
 MODELS = {"linear": linear_model, "attention": attention_model, "gemm": gemm_model,
-          "dynamic": dynamic_attention_model}
+          "dynamic": dynamic_attention_model, "dynamic_av": dynamic_av_model, "dynamic_linear": dynamic_linear_model}
+DYNAMIC = [k for k in MODELS if k.startswith("dynamic")]
 
 
 def perturbed(hardened: onnx.ModelProto, unit: int = 0) -> onnx.ModelProto:
@@ -133,7 +151,7 @@ def test_fault_free_identical_and_portable(kind, scheme, opset):
     for k, v in want.items():
         np.testing.assert_array_equal(got[k], v)  # else branch = Identity: bit-identical
     assert len(r.details["gemms"]) == 1
-    assert r.details["gemms"][0]["scheme"] == (scheme if kind != "dynamic" else "standard")
+    assert r.details["gemms"][0]["scheme"] == scheme and r.details["gemms"][0]["fallback"] is None
     inserted = [n for n in r.model.graph.node if n.name.startswith("onnxft.abft")]
     assert inserted and all(role_of(n) == PROTECTION for n in inserted)
     assert not any(n.name.startswith("onnxft.abft") for n in model.graph.node)  # input untouched
@@ -389,7 +407,7 @@ def test_sec_corrects_one_error_and_leaves_several(kind):
     clean = run(model, feeds)
     out_name = model.graph.output[0].name
     r = abft(model, scheme="sec", expose_flags=True)
-    assert r.details["gemms"][0]["scheme"] == "sec" or kind == "dynamic"
+    assert r.details["gemms"][0]["scheme"] == "sec"
     bad = perturbed(r.model)
     y_shape = run(r.model, feeds)[out_name].shape
     one = np.zeros(y_shape, np.float32)
@@ -457,3 +475,79 @@ def test_conv_fault_free_identical_and_errors_recomputed(opset):
 def test_conv_skips_grouped():
     r = abft(conv_model(group=2), scheme="lb")
     assert r.details["convs"] == [] and r.skipped and "group" in r.skipped[0][1]
+
+
+# ---------------------------------------------------------------------------------------------
+# run-time shapes: LB-ABFT with dynamic M, N and K
+
+
+@pytest.mark.parametrize("kind", DYNAMIC)
+def test_dynamic_shapes_keep_lb_at_two_run_time_shapes(kind):
+    """Dynamic batch, token and sequence axes: LB-ABFT is built (no fallback), fault-free outputs
+    are bit-identical at two run-time shapes, and single and multiple corrupted outputs are
+    detected and recovered against a numpy reference of the product."""
+    model = MODELS[kind]()
+    r = abft(model, scheme="lb", block_size=4, expose_flags=True)
+    plan = r.details["gemms"][0]
+    assert plan["scheme"] == "lb" and plan["fallback"] is None
+    onnx.checker.check_model(r.model, full_check=True)
+    bad = perturbed(r.model)
+    out_name = model.graph.output[0].name
+    for batch, s_len in ((2, 5), (3, 11)):
+        feeds = feeds_for(model, batch=batch, s_len=s_len)
+        want = run(model, feeds)[out_name]
+        got = run(r.model, feeds)
+        np.testing.assert_array_equal(got[out_name], want)
+        assert flags(got) == (False, 0)
+        ref = numpy_reference(kind, feeds)
+        np.testing.assert_allclose(want, ref, rtol=1e-5, atol=1e-5)
+        y_shape = want.shape
+        rng = np.random.default_rng(s_len)
+        # one error anywhere (edge blocks included), then several in different blocks and items
+        for n_err in (1, 4):
+            delta = np.zeros(y_shape, np.float32)
+            for _ in range(n_err):
+                delta[tuple(int(rng.integers(d)) for d in y_shape)] = rng.choice([np.inf, -1e4, 3.0, np.nan])
+            got = run(bad, {**feeds, "delta": delta})
+            det, rec = flags(got)
+            assert det and 16 <= rec <= 16 * n_err, (s_len, n_err, rec)
+            np.testing.assert_allclose(got[out_name], ref, rtol=1e-5, atol=1e-5)
+
+
+def numpy_reference(kind, feeds):
+    if kind == "dynamic":
+        return feeds["q"].astype(np.float64) @ feeds["k"]
+    if kind == "dynamic_av":
+        s = feeds["scores"].astype(np.float64)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        return (p / p.sum(-1, keepdims=True)) @ feeds["v"]
+    return feeds["a"].astype(np.float64) @ W + BIAS
+
+
+def test_runtime_bound_is_tau_bound():
+    """The run-time threshold (a graph expression of the run-time K and N) equals the threshold
+    function's value at those sizes: the two must stay the same formula."""
+    from onnxft.graph.checksums import Nodes
+    from onnxft.passes.abft import _runtime_bound
+    from onnxft.passes.abft_conv import tau_bound
+
+    nb = Nodes("t", 17)
+    out = _runtime_bound(nb, ["k", "n", 4], 2.0**-24)
+    g = h.make_graph(nb.nodes, "g", [vi("k", [1]), vi("n", [1])], [vi(out, [1])], nb.initializers)
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
+    for k, n in ((4, 4), (197, 64), (4096, 4096), (50000, 10)):
+        got = run(m, {"k": np.float32([k]), "n": np.float32([n])})[out][0]
+        assert got == pytest.approx(tau_bound(k, n), rel=1e-5)
+
+
+def test_block_size_from_representative_shapes():
+    """A dynamic GEMM's block size is Algorithm 2's at the representative shape (given, or one
+    calibration batch in harden), and the plan records the shape it was chosen at."""
+    model = dynamic_linear_model()
+    e = abft(model, scheme="lb", ber=1e-8, shapes={"a": [8, 197, 8]}).details["gemms"][0]
+    assert e["shape_for_costs"] == {"rows": 197, "N": 12, "K": 8, "source": "representative shapes"}
+    assert e["block_size"] == opt_block_size(197, 12, 8, 1e-8)[0]
+    e = abft(model, scheme="lb", ber=1e-8).details["gemms"][0]
+    assert e["shape_for_costs"]["rows"] == 256 and "unknown" in e["shape_for_costs"]["source"]
+    with pytest.raises(AbftError):
+        abft(model, shapes={"a": [8, 197]})

@@ -43,7 +43,7 @@ import onnx
 from onnx import TensorProto, helper, shape_inference
 
 from ..graph.checksums import (Nodes, any_false, block_indicator, checksum_test, count_true, mark_recompute,
-                               reduce, runtime_checksums, unsqueeze, weight_checksums, weight_row_test,
+                               reduce, unsqueeze, weight_checksums, weight_row_test,
                                activation_row_test)
 from ..graph.edit import insert_after, producer_index
 from ..graph.roles import PROTECTION, RECOVERY_KEY, role_of, set_meta
@@ -223,7 +223,7 @@ def _describe(m: _Model, node) -> GemmSite:
     s.K = static(da[-1]) or static(db[-1] if trans_b else db[-2])
     s.N = static(dy[-1]) or static(db[-2] if trans_b else db[-1])
     s.M = static(dy[-2])
-    if s.K is None:
+    if s.K is None and (bval is not None or node.op_type == "Gemm"):
         s.skip = "inner dimension K is not static"
         return s
     if s.a_rank == 2 and s.b_rank == 2:
@@ -320,14 +320,48 @@ def _nonnegative(m: _Model, tensor: str, depth: int = 0) -> bool:
     return False
 
 
-def _ops(s: GemmSite) -> int:
-    rows = s.M if s.M is not None else 1
-    return rows * (s.N or 1) * 2 * s.K
+REPRESENTATIVE_DIM = 256  # a dynamic dimension nobody gave a representative size for
+
+
+def representative_dims(model: onnx.ModelProto, shapes: dict | None) -> dict:
+    """``{gemm name: (unit rows, N, K)}`` at representative input shapes: the model's inputs fixed to
+    ``shapes`` (``{input name: dims}``, e.g. one calibration batch), shapes inferred again. A dimension
+    still unknown (or every dynamic one without ``shapes``) is ``None``."""
+    if not shapes:
+        return {}
+    fixed = copy.deepcopy(model)
+    for vi in fixed.graph.input:
+        dims = shapes.get(vi.name)
+        if dims is None or not vi.type.tensor_type.HasField("shape"):
+            continue
+        if len(dims) != len(vi.type.tensor_type.shape.dim):
+            raise AbftError(f"representative shape of {vi.name!r} has rank {len(dims)}, the input has rank "
+                            f"{len(vi.type.tensor_type.shape.dim)}")
+        for d, v in zip(vi.type.tensor_type.shape.dim, dims):
+            d.Clear()
+            d.dim_value = int(v)
+    del fixed.graph.value_info[:]
+    return {g.name: (g.unit_rows, g.N, g.K) for g in find_gemms(fixed) if g.skip is None}
+
+
+def _rep(s: GemmSite, rep: dict) -> tuple[tuple[int, int, int], str]:
+    """(rows, N, K) for block sizes and the plan: static dims, else representative ones, else
+    REPRESENTATIVE_DIM; and where they came from."""
+    given = rep.get(s.name, (None, None, None))
+    own = (s.unit_rows, s.N, s.K)
+    dims = tuple(o if o is not None else g for o, g in zip(own, given))
+    if None not in own:
+        source = "static"
+    elif None not in dims:
+        source = "representative shapes"
+    else:
+        source = f"representative shapes, {REPRESENTATIVE_DIM} for unknown dimensions"
+    return tuple(d if d is not None else REPRESENTATIVE_DIM for d in dims), source
 
 
 def abft(model: onnx.ModelProto, scheme: str = "lb", ber: float = 1e-8, block_size="auto",
          thresholds: dict | None = None, names: str | None = None, gemms=None,
-         expose_flags: bool = False, unit_scale: bool = False) -> PassResult:
+         expose_flags: bool = False, unit_scale: bool = False, shapes: dict | None = None) -> PassResult:
     """Protect the model's GEMMs with ABFT (see the module docstring).
 
     ``block_size``: ``"auto"`` (Algorithm 2 at ``ber``), an int, or ``{gemm name: int}`` (others
@@ -337,6 +371,9 @@ def abft(model: onnx.ModelProto, scheme: str = "lb", ber: float = 1e-8, block_si
     ``onnxft.abft.<name>.recomputed`` (int64: output elements recomputed).
     ``unit_scale`` (for calibration): tau = 1 everywhere, so each plan entry's ``scale`` tensor is
     exactly ``|A| @ |B| e`` (+ |bias| sum) and ``residual / scale`` is the residual ratio.
+    ``shapes``: representative input shapes ``{input name: dims}`` (e.g. one calibration batch):
+    GEMMs with dynamic dimensions get their block size (and the plan its costs) at these shapes;
+    the checks themselves work at any run-time shape.
     """
     if scheme not in SCHEMES:
         raise AbftError(f"unknown ABFT scheme {scheme!r}; choose from {', '.join(SCHEMES)}")
@@ -376,6 +413,7 @@ def abft(model: onnx.ModelProto, scheme: str = "lb", ber: float = 1e-8, block_si
             result.skipped.append((s.name, s.skip))
             continue
         protect.append(s)
+    rep = representative_dims(model, shapes) if any(None in (g.unit_rows, g.N, g.K) for g in protect) else {}
     producers = producer_index(out.graph)
     inserted_after: dict[int, list] = {}
     new_inits = []
@@ -383,7 +421,7 @@ def abft(model: onnx.ModelProto, scheme: str = "lb", ber: float = 1e-8, block_si
     for idx, s in enumerate(protect):
         node = nodes_by_name[s.name]
         taus = {s.name: "unit"} if unit_scale else (thresholds or {})
-        entry, built = _protect(m, s, node, idx, scheme, ber, block_size, taus, expose_flags, opset)
+        entry, built = _protect(m, s, node, idx, scheme, ber, block_size, taus, expose_flags, opset, rep)
         plan.append(entry)
         nb_main, raw = built["main"], built["raw"]
         owner = out.graph.node[producers[s.out]]
@@ -433,30 +471,56 @@ def _threshold(s: GemmSite, thresholds: dict, n_sum: int) -> tuple[float, str]:
     return bound, "rounding bound"
 
 
+def _runtime_bound(nb: Nodes, terms: list, u: float) -> str:
+    """The rounding bound ``gamma_n = n u / (1 - n u)`` as a graph expression, ``n`` the sum of
+    ``terms`` (ints, and float tensors of one element such as a run-time K): the same formula as
+    ``tau_bound`` (n = K + n_sum + 4 (+ extra roundings)) for dimensions known only at run time.
+    Where ``n u >= 1`` there is no bound, and the result is +inf (nothing is flagged)."""
+    n = nb.const(np.float32([sum(t for t in terms if isinstance(t, int))]), hint="n")
+    for t in terms:
+        if not isinstance(t, int):
+            n = nb.op("Add", n, t)
+    nu = nb.op("Mul", n, nb.const(np.float32([u]), hint="u"))
+    left = nb.op("Sub", nb.const(np.float32([1.0]), hint="one"), nu)
+    gamma = nb.op("Div", nu, left)
+    return nb.op("Where", nb.op("Greater", left, nb.const(np.float32([0.0]), hint="zero")), gamma,
+                 nb.const(np.float32([np.inf]), hint="inf"))
+
+
+def _dim(nb: Nodes, tensor: str, axis: int) -> str:
+    """``tensor``'s size along ``axis`` as a float32 ``[1]`` (for run-time thresholds)."""
+    end = axis + 1 if axis != -1 else 2**62
+    return nb.op("Cast", nb.op("Slice", nb.op("Shape", tensor), nb.ints([axis]), nb.ints([end])),
+                 to=TensorProto.FLOAT)
+
+
 def _protect(m: _Model, s: GemmSite, node, idx: int, scheme: str, ber: float, block_size, thresholds: dict,
-             expose: bool, opset: int):
+             expose: bool, opset: int, rep: dict):
     """Build the main-graph test and the If for one unit; return (plan entry, built parts)."""
     prefix = f"onnxft.abft.g{idx:03d}"
     main = Nodes(prefix, opset)
     raw = f"{prefix}/unchecked"
-    N_row = s.N if s.N is not None else 4096  # (only for the plan when N is dynamic)
-    tau, tau_src = _threshold(s, thresholds, N_row)
+    (rows_r, N_r, K_r), rep_source = _rep(s, rep)
+    # thresholds at the representative shape; dimensions known only at run time get the same
+    # rounding bound as a graph expression (below)
+    tau, tau_src = _threshold(replace(s, K=K_r), thresholds, N_r)
     weight = _weight(m, s, node)
     bias = _bias_vector(m, s, node)
+    u = UNIT_ROUNDOFF[TensorProto.FLOAT]
+    k_rt = None if s.K is not None else _dim(main, s.a, -1)  # run-time K (attention x V, dynamic sequence)
 
     # --- detection in the main graph ----------------------------------------------------------
     if s.post_scale is not None:  # check and recover with B * f (see _absorb_post_scale)
         s = replace(s, b=main.op("Mul", s.b, main.const(np.float32(s.post_scale), hint="postScale")))
     a = s.a
     tau_name = None
-    dynamic = s.N is None and tau_src == "rounding bound"
+    dynamic = (s.N is None or s.K is None) and tau_src == "rounding bound"
     if dynamic:
-        # dynamic N (e.g. attention over a dynamic sequence): the bound gamma_{K+N+4} at run time
-        last = main.op("Slice", main.op("Shape", raw), main.ints([-1]), main.ints([2**62]))  # (Shape's start: opset 15)
-        n = main.op("Cast", last, to=TensorProto.FLOAT)
-        u = UNIT_ROUNDOFF[TensorProto.FLOAT] * 1.001  # (1.001 covers the 1/(1 - n u) factor)
-        tau_name = main.op("Mul", main.op("Add", n, main.const(np.float32([s.K + 4 + s.extra_roundings]))), main.const(np.float32([u])))
-        tau_src = "rounding bound (run time, N dynamic)"
+        # dynamic N or K (attention over a dynamic sequence): gamma_{K+N+4} at run time
+        n_rt = s.N if s.N is not None else _dim(main, raw, -1)
+        tau_name = _runtime_bound(main, [s.K if s.K is not None else k_rt, n_rt, 4 + s.extra_roundings], u)
+        tau_src = "rounding bound (run time, " + " and ".join(
+            d for d, v in (("K", s.K), ("N", s.N)) if v is None) + " dynamic)"
     fold = 1.0 if dynamic else tau  # tau folded into the constants when it is known
     if weight is not None:
         w64 = weight.astype(np.float64)
@@ -484,16 +548,15 @@ def _protect(m: _Model, s: GemmSite, node, idx: int, scheme: str, ber: float, bl
     b_size = None
     fallback = None
     rows = s.unit_rows
-    if scheme == "lb" and (rows is None or s.N is None):
-        eff_scheme, fallback = "standard", "M or N not static: LB-ABFT needs static block indicators"
     if eff_scheme == "lb":
         if isinstance(block_size, dict) and s.name in block_size:
             b_size = int(block_size[s.name])
         elif isinstance(block_size, int):
             b_size = int(block_size)
         else:
-            b_size = opt_block_size(rows, s.N, s.K, ber)[0]
-        b_size = max(1, min(b_size, max(rows, s.N)))
+            b_size = opt_block_size(rows_r, N_r, K_r, ber)[0]
+        if rows is not None and s.N is not None:
+            b_size = max(1, min(b_size, max(rows, s.N)))
     then_nb = Nodes(f"{prefix}/then", opset, branch=True)
     w_name = None
     bias_name = None
@@ -503,11 +566,21 @@ def _protect(m: _Model, s: GemmSite, node, idx: int, scheme: str, ber: float, bl
         w_name = main.const(weight.astype(np.float32), hint="W") if (
             s.op_type == "Gemm" and (_attr(node, "transB", 0) or _attr(node, "alpha", 1.0) != 1.0)) else s.b
     ctx = _Canon(then_nb, s, raw, ok, w_name, bias_name)
+
+    def branch_tau(n_sum):
+        """min(the rounding bound of a test summing ``n_sum`` terms, tau): a constant when every
+        dimension is static, else computed in the branch from the run-time K and rows."""
+        if s.K is not None and isinstance(n_sum, int):
+            return min(tau_bound(s.K + s.extra_roundings, n_sum), tau)
+        bound = _runtime_bound(then_nb, [s.K if s.K is not None else k_rt, n_sum, 4 + s.extra_roundings], u)
+        return bound if tau_src.startswith("rounding bound") else then_nb.op(
+            "Min", bound, then_nb.const(np.float32([tau]), hint="tau"))
+
     if eff_scheme in ("standard", "sec"):
-        fixed, count = _standard_then(ctx, min(tau_bound(s.K + s.extra_roundings, rows if rows else 4096), tau),
-                                      recompute_multiple=eff_scheme == "standard")
+        n_rows = rows if rows is not None else _dim(then_nb, ctx.Y3, 1)
+        fixed, count = _standard_then(ctx, branch_tau(n_rows), recompute_multiple=eff_scheme == "standard")
     else:
-        fixed, count = _lb_then(ctx, b_size, min(tau_bound(s.K + s.extra_roundings, b_size), tau), weight, bias)
+        fixed, count = _lb_then(ctx, b_size, branch_tau(b_size), weight, bias)
     # The If returns a scatter (indices, values) rather than the checked tensor: the fault-free
     # branch returns an empty one, and ScatterElements then updates Y's own buffer (Flatten aliases
     # it), so a clean run never copies Y. (An If returning Identity(Y) copies the whole output.)
@@ -517,21 +590,20 @@ def _protect(m: _Model, s: GemmSite, node, idx: int, scheme: str, ber: float, bl
     outputs = checked_output(main, then_nb, s, raw, prefix, fixed, count, expose, cond, recovery)
 
     # --- plan ---------------------------------------------------------------------------------
-    M_, N_, K_ = rows or 0, s.N or 0, s.K
-    if M_ and N_:
-        costs = lb_cost(M_, N_, K_, ber, b_size) if eff_scheme == "lb" else standard_cost(
-            M_, N_, K_, ber, recompute_multiple=eff_scheme == "standard")
-    else:
-        costs = {}
+    # costs at the representative shape when a dimension is dynamic
+    costs = lb_cost(rows_r, N_r, K_r, ber, b_size) if eff_scheme == "lb" else standard_cost(
+        rows_r, N_r, K_r, ber, recompute_multiple=eff_scheme == "standard")
     entry = {"name": s.name, "op_type": s.op_type, "output": s.out, "M": s.M, "N": s.N, "K": s.K,
              "unit_rows": rows, "batch_dims": list(s.batch_dims), "rowwise": s.rowwise,
              "bias": s.bias_node, "has_bias": bias is not None, "b_constant": s.b_constant, "qdq": s.qdq,
              "scheme": eff_scheme, "fallback": fallback, "block_size": b_size,
-             "tau": tau, "tau_bound": tau_bound(s.K + s.extra_roundings, N_row), "post_scale": s.post_node, "tau_source": tau_src,
+             "shape_for_costs": {"rows": rows_r, "N": N_r, "K": K_r, "source": rep_source},
+             "tau": tau, "tau_bound": tau_bound(K_r + s.extra_roundings, N_r), "post_scale": s.post_node,
+             "tau_source": tau_src,
              "main_graph_nodes": len(main.nodes),
-             "ops_gemm": (M_ * N_ * 2 * K_) if M_ and N_ else None,
+             "ops_gemm": rows_r * N_r * 2 * K_r,
              "ops_detection": costs.get("detection"),
-             "ops_expected_recovery": (costs["block_detection"] + costs["recovery"]) if costs else None,
+             "ops_expected_recovery": costs["block_detection"] + costs["recovery"],
              "p_gemm_faulty": costs.get("p_gemm_faulty"),
              "residual": diff, "scale": scale}  # tensor names, for calibrate_abft
     return entry, {"main": main, "raw": raw, "outputs": outputs, "diff": diff, "scale": scale}
@@ -602,11 +674,12 @@ def _standard_then(c: _Canon, tau_col: float, recompute_multiple: bool = True):
     a_l1 = reduce(nb, "ReduceL1", c.A3, [1])
     bmat = c.B if c.B3 is None else c.B3
     ref = nb.op("MatMul", a_sum, bmat)
-    scale = nb.op("Mul", nb.op("MatMul", a_l1, nb.op("Abs", bmat)), f32(tau_col))
+    tau_c = tau_col if isinstance(tau_col, str) else f32(tau_col)  # (a run-time bound when K or M is dynamic)
+    scale = nb.op("Mul", nb.op("MatMul", a_l1, nb.op("Abs", bmat)), tau_c)
     if c.bias is not None:
         rows_f = nb.op("Cast", nb.op("Slice", nb.op("Shape", c.Y3), nb.ints([1]), nb.ints([2])), to=TensorProto.FLOAT)
         ref = nb.op("Add", ref, nb.op("Mul", c.bias, rows_f))
-        scale = nb.op("Add", scale, nb.op("Mul", nb.op("Abs", c.bias), nb.op("Mul", rows_f, f32(tau_col))))
+        scale = nb.op("Add", scale, nb.op("Mul", nb.op("Abs", c.bias), nb.op("Mul", rows_f, tau_c)))
     okc = nb.op("LessOrEqual", nb.op("Abs", nb.op("Sub", y_cols, ref)), scale)
     n_only = nb.op("Slice", nb.op("Shape", c.Y3), nb.ints([2]), nb.ints([3]))
     colbad = nb.op("Reshape", nb.op("Not", okc), nb.op("Concat", nb.ints([-1]), n_only, axis=0))  # [G, N]
@@ -647,41 +720,70 @@ def _standard_then(c: _Canon, tau_col: float, recompute_multiple: bool = True):
     return y, count
 
 
-def _lb_then(c: _Canon, b: int, tau_blk: float, weight, bias):
+def _pad_last(nb: Nodes, x: str, rank: int, b: int, n: int | None) -> str:
+    """``x`` zero-padded along its last axis to a multiple of ``b`` (static or run-time length)."""
+    if n is not None:
+        pad = (-n) % b
+        return x if pad == 0 else nb.op("Pad", x, nb.ints([0] * (2 * rank - 1) + [pad]))
+    length = nb.op("Slice", nb.op("Shape", x), nb.ints([-1]), nb.ints([2**62]))
+    pad = nb.op("Mod", nb.op("Sub", nb.ints([b]), nb.op("Mod", length, nb.ints([b]))), nb.ints([b]))
+    return nb.op("Pad", x, nb.op("Concat", nb.ints([0] * (2 * rank - 1)), pad, axis=0))
+
+
+def _lb_then(c: _Canon, b: int, tau_blk, weight, bias):
+    """Block-wise test and recovery on ``b x b`` output blocks. Works at any run-time shape: block
+    sums by padding to a multiple of ``b`` and reshaping, block flags aggregated over row blocks the
+    same way, edge indices clamped to the run-time sizes."""
     nb, s = c.nb, c.s
     rows, N = s.unit_rows, s.N
-    ind = block_indicator(N, b)  # [N, nbc]
-    # block sums by pad + reshape + ReduceSum, not Y @ E: a NaN or Inf times 0 would spread to
-    # every block of its row
-    nbc = ind.shape[1]
-    y_pad = c.Y3 if N % b == 0 else nb.op("Pad", c.Y3, nb.ints([0, 0, 0, 0, 0, nbc * b - N]))
-    y_blk = reduce(nb, "ReduceSum", nb.op("Reshape", y_pad, nb.ints([0, 0, nbc, b])), [-1], keepdims=0)
-    if weight is not None:
+
+    def block_reduce(x, rank, n, op_type="ReduceSum"):
+        # (pad + reshape + reduce, not x @ E: a NaN or Inf times 0 would spread to every block)
+        shape = [0] * (rank - 1) + [-1, b]
+        return reduce(nb, op_type, nb.op("Reshape", _pad_last(nb, x, rank, b, n), nb.ints(shape)), [-1], keepdims=0)
+
+    y_blk = block_reduce(c.Y3, 3, N)  # [G, rows, nbc]
+    tau_n = None
+    if weight is not None:  # (N is static: the weight's)
+        ind = block_indicator(N, b)  # [N, nbc]
         be, abe, bs, babs = weight_checksums(weight, tau_blk, bias, ind)
-        be_n, abe_n, tau_n = nb.const(be), nb.const(abe), None
+        be_n, abe_n = nb.const(be), nb.const(abe)
     else:
-        be_n, abe_n = runtime_checksums(nb, c.B if c.B3 is None else c.B3, nb.const(ind, hint="E"))
-        tau_n = nb.const(np.float32(tau_blk))
+        bmat, rank = (c.B, 2) if c.B3 is None else (c.B3, 3)
+        be_n = block_reduce(bmat, rank, N)  # [..., K, nbc]
+        abe_n = block_reduce(nb.op("Abs", bmat), rank, N)
+        tau_n = tau_blk if isinstance(tau_blk, str) else nb.const(np.float32(tau_blk))
         bs = babs = None
-        if bias is not None:
+        if bias is not None:  # (a bias fixes N)
+            ind = block_indicator(N, b)
             b64 = bias.astype(np.float64).reshape(1, -1)
             bs = (b64 @ ind).astype(np.float32)
-            babs = (tau_blk * (np.abs(b64) @ ind)).astype(np.float32)
+            babs = (np.abs(b64) @ ind).astype(np.float32)
     bs_n = nb.const(bs.astype(np.float32)) if bs is not None else None
-    babs_n = nb.const(babs.astype(np.float32)) if babs is not None else None
+    babs_n = None
+    if babs is not None:
+        babs_n = nb.const(babs.astype(np.float32))
+        if tau_n is not None:
+            babs_n = nb.op("Mul", babs_n, tau_n)
     ok, _, _ = checksum_test(nb, y_blk, c.A3, be_n, abe_n, tau_n, bs_n, babs_n)
     bad = nb.op("Where", ok, nb.const(np.float32(0)), nb.const(np.float32(1)))  # [G, rows, nbc]
-    row_ind = nb.const(block_indicator(rows, b).T.copy(), hint="Er")  # [nbr, rows]
-    blocks = nb.op("Greater", nb.op("MatMul", row_ind, bad), nb.const(np.float32(0)))  # [G, nbr, nbc]
+    # aggregate over row blocks: [G, nbc, rows] -> [G, nbc, nbr] -> [G, nbr, nbc]
+    per_col = block_reduce(nb.op("Transpose", bad, perm=[0, 2, 1]), 3, rows, "ReduceMax")
+    blocks = nb.op("Greater", nb.op("Transpose", per_col, perm=[0, 2, 1]), nb.const(np.float32(0)))
     idx = nb.op("Transpose", nb.op("NonZero", blocks))  # [F, 3]
     g = nb.op("Gather", idx, nb.ints(0), axis=1)
     bi = nb.op("Gather", idx, nb.ints(1), axis=1)
     bj = nb.op("Gather", idx, nb.ints(2), axis=1)
     ar = nb.ints(np.arange(b))
     bb = nb.ints(b)
+    shape_y = nb.op("Shape", c.Y3)
+    last_row = nb.ints(rows - 1) if rows is not None else nb.op(
+        "Sub", nb.op("Gather", shape_y, nb.ints(1), axis=0), nb.ints(1))
+    last_col = nb.ints(N - 1) if N is not None else nb.op(
+        "Sub", nb.op("Gather", shape_y, nb.ints(2), axis=0), nb.ints(1))
     # clamp edge blocks into range; the duplicate indices this makes write identical values
-    r_idx = nb.op("Min", nb.op("Add", nb.op("Mul", unsqueeze(nb, bi, [1]), bb), ar), nb.ints(rows - 1))  # [F, b]
-    c_idx = nb.op("Min", nb.op("Add", nb.op("Mul", unsqueeze(nb, bj, [1]), bb), ar), nb.ints(N - 1))
+    r_idx = nb.op("Min", nb.op("Add", nb.op("Mul", unsqueeze(nb, bi, [1]), bb), ar), last_row)  # [F, b]
+    c_idx = nb.op("Min", nb.op("Add", nb.op("Mul", unsqueeze(nb, bj, [1]), bb), ar), last_col)
     a_rows = c.a_rows(g, r_idx)  # [F, b, K]
     b_cols = c.b_rows_t(g, c_idx)  # [F, b, K]
     y_dot = nb.op("MatMul", a_rows, nb.op("Transpose", b_cols, perm=[0, 2, 1]))  # [F, b, b]
