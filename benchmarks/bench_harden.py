@@ -2,6 +2,11 @@
 
     python benchmarks/bench_harden.py                        # sample vit and a ViT-B/16, lb and standard
     python benchmarks/bench_harden.py --models vit --repeats 200 --threads 1
+    python benchmarks/bench_harden.py --models vit-s16-dyn,vit-b16 --schemes lb --threads 1 --repeats 5
+
+(``vit-s16-dyn``: ViT-S/16-sized with a dynamic token axis, run at ``--image`` pixels.) The hardened
+graphs expose their detection flags, and every run's flags are counted: fault-free inputs, so any
+flag is a false alarm.
 
 Interleaved runs (original, lb, standard, original, ...) on the same inputs, medians, ratio to the
 original. Sessions at onnxruntime's default level (all optimizations), CPU, batch 8 by default.
@@ -35,13 +40,15 @@ def load(name: str) -> onnx.ModelProto:
     return onnx.load(s["path"] if s else name)
 
 
-def feeds(model: onnx.ModelProto, batch: int) -> dict:
+def feeds(model: onnx.ModelProto, batch: int, image: int = 224) -> dict:
+    """Random inputs: a dynamic first axis is the batch, other dynamic axes (height, width) ``image``."""
     rng = np.random.default_rng(0)
     out = {}
     for i in model.graph.input:
         if i.name in {t.name for t in model.graph.initializer}:
             continue
-        shape = [batch if not d.dim_value else d.dim_value for d in i.type.tensor_type.shape.dim]
+        shape = [d.dim_value if d.dim_value else (batch if k == 0 else image)
+                 for k, d in enumerate(i.type.tensor_type.shape.dim)]
         out[i.name] = rng.standard_normal(shape).astype(np.float32)
     return out
 
@@ -63,36 +70,47 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--ber", type=float, default=1e-8)
+    ap.add_argument("--image", type=int, default=224, help="size of dynamic spatial input axes")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="cpu: the calling thread's CPU time (with --threads 1 onnxruntime runs there), "
+                         "steadier on a shared machine")
     args = ap.parse_args(argv)
     print(f"# onnxruntime {ort.__version__}, CPU, batch {args.batch}, {args.repeats} interleaved repeats, "
-          f"threads {args.threads or 'default'}")
-    print(f"{'model':<10} {'scheme':<9} {'GEMMs':>5} {'nodes+':>6} {'original ms':>11} {'hardened ms':>11} {'ratio':>6}")
+          f"threads {args.threads or 'default'}, {args.clock} clock")
+    print(f"{'model':<12} {'scheme':<9} {'GEMMs':>5} {'nodes+':>6} {'original ms':>11} {'hardened ms':>11} "
+          f"{'ratio':>6} {'alarms':>6}")
     with tempfile.TemporaryDirectory() as td:
         tmp = Path(td)
         for name in args.models.split(","):
             model = load(name)
-            x = feeds(model, args.batch)
+            x = feeds(model, args.batch, args.image)
             variants = {"original": session(model, args.threads, tmp, "orig")}
             info = {}
+            shapes = {k: [1, *v.shape[1:]] for k, v in x.items()}  # representative shapes: one item
             for scheme in args.schemes.split(","):
-                r = abft(model, scheme=scheme, ber=args.ber)
+                r = abft(model, scheme=scheme, ber=args.ber, shapes=shapes, expose_flags=True)
                 info[scheme] = (len(r.details["gemms"]), len(r.model.graph.node) - len(model.graph.node))
                 variants[scheme] = session(r.model, args.threads, tmp, scheme)
             for s in variants.values():  # warm up
                 for _ in range(3):
                     s.run(None, x)
             times = {k: [] for k in variants}
-            for _ in range(args.repeats):
-                for k, s in variants.items():
-                    t = time.perf_counter()
-                    s.run(None, x)
-                    times[k].append(time.perf_counter() - t)
+            alarms = {k: 0 for k in variants}
+            clock = time.thread_time if args.clock == "cpu" else time.perf_counter
+            for i in range(args.repeats):
+                order = list(variants.items())
+                for k, s in (order if i % 2 == 0 else order[::-1]):  # alternate who goes first
+                    t = clock()
+                    outs = s.run(None, x)
+                    times[k].append(clock() - t)
+                    names = [o.name for o in s.get_outputs()]
+                    alarms[k] += sum(bool(v) for n, v in zip(names, outs) if n.endswith(".detected"))
             base = statistics.median(times["original"])
             for scheme in args.schemes.split(","):
                 med = statistics.median(times[scheme])
                 g, n = info[scheme]
-                print(f"{name:<10} {scheme:<9} {g:>5} {n:>6} {base * 1e3:>11.2f} {med * 1e3:>11.2f} {med / base:>6.3f}",
-                      flush=True)
+                print(f"{name:<12} {scheme:<9} {g:>5} {n:>6} {base * 1e3:>11.2f} {med * 1e3:>11.2f} {med / base:>6.3f} "
+                      f"{alarms[scheme]:>6}", flush=True)
     return 0
 
 

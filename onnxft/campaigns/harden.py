@@ -54,6 +54,8 @@ class HardenOptions:
     calib_batch: int = 64
     batch: int | None = None  # fix the inputs' batch axis to this size (in-place updates, see fix_batch)
     dmr: tuple[str, ...] = ()  # op types to duplicate and compare (passes.dmr), e.g. ("LayerNormalization",)
+    shapes: dict | None = None  # representative input shapes {name: dims} for dynamic GEMMs' block sizes
+    # (None: the calibration data's item shapes, or synthetic ones)
 
     def validate(self) -> None:
         if self.abft not in ABFT_SCHEMES:
@@ -144,8 +146,10 @@ def harden(model: onnx.ModelProto, options: HardenOptions, calib: Dataset | None
         thresholds = None
         if calib is not None and any(g.skip is None for g in find_gemms(m)):
             thresholds = calibrate_abft(m, _batches(calib, m, options.calib_batch), names=options.gemms)
+        shapes = options.shapes or representative_shapes(m, calib)
         res = abft(m, scheme=options.abft, ber=options.ber, block_size=options.block_size,
-                   thresholds=thresholds, names=options.gemms)
+                   thresholds=thresholds, names=options.gemms, shapes=shapes)
+        plan["representative_shapes"] = {k: list(v) for k, v in shapes.items()}
         m = res.model
         plan["skipped"] += list(res.skipped)
         plan["gemms"] = res.details.get("gemms", [])
@@ -158,6 +162,14 @@ def harden(model: onnx.ModelProto, options: HardenOptions, calib: Dataset | None
     plan["verification"] = verify_equivalence(model, m, calib)
     plan["skipped"] = [list(s) for s in plan["skipped"]]
     return HardenResult(m, plan)
+
+
+def representative_shapes(model: onnx.ModelProto, data: Dataset | None) -> dict:
+    """``{input name: dims}`` that dynamic GEMMs get their LB block size at: the calibration items'
+    shapes (one item per batch: block sizes depend on the rows of one matrix, not the batch), else
+    the synthetic inputs'."""
+    feeds = data.batch(0, 1) if data is not None else synthetic(input_specs(model), 1, 0)
+    return {k: [int(d) for d in np.shape(v)] for k, v in feeds.items()}
 
 
 def verify_equivalence(original: onnx.ModelProto, hardened: onnx.ModelProto, data: Dataset | None,

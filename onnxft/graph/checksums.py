@@ -39,6 +39,7 @@ class Nodes:
         self.branch = branch
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
+        self.value_info: list[onnx.ValueInfoProto] = []  # shape annotations for the main graph
         self._n = 0
 
     def name(self, hint: str = "t") -> str:
