@@ -472,82 +472,98 @@ def test_conv_fault_free_identical_and_errors_recomputed(opset):
         np.testing.assert_allclose(got["out"], clean, rtol=1e-5, atol=1e-6)
 
 
-def test_conv_skips_grouped():
-    r = abft(conv_model(group=2), scheme="lb")
-    assert r.details["convs"] == [] and r.skipped and "group" in r.skipped[0][1]
+def conv_nd_reference(x, w, b, group, pad):
+    """Grouped N-D convolution, stride 1, symmetric zero padding ``pad``, in float64 (numpy)."""
+    nd = w.ndim - 2
+    xp = np.pad(x.astype(np.float64), [(0, 0), (0, 0)] + [(pad, pad)] * nd)
+    win = np.lib.stride_tricks.sliding_window_view(xp, w.shape[2:], axis=tuple(range(2, 2 + nd)))
+    cin_g, cout_g = w.shape[1], w.shape[0] // group
+    outs = []
+    for g in range(group):
+        xs = win[:, g * cin_g:(g + 1) * cin_g]  # [n, cin_g, spatial..., kernel...]
+        ws = w[g * cout_g:(g + 1) * cout_g].astype(np.float64)  # [cout_g, cin_g, kernel...]
+        letters = "defg"[:nd]
+        outs.append(np.einsum(f"nc{'pqr'[:nd]}{letters},oc{letters}->no{'pqr'[:nd]}", xs, ws))
+    y = np.concatenate(outs, axis=1)
+    return y + b.reshape(1, -1, *([1] * nd))
 
 
-# ---------------------------------------------------------------------------------------------
-# run-time shapes: LB-ABFT with dynamic M, N and K
+CONV_FORMS = {"grouped": (4, 6, 2, [3, 3]), "depthwise": (8, 8, 8, [3, 3]), "depthwise_x2_1d": (4, 8, 4, [3]),
+              "conv3d": (4, 6, 1, [3, 3, 3]), "grouped3d": (6, 6, 3, [2, 3, 3])}
 
 
-@pytest.mark.parametrize("kind", DYNAMIC)
-def test_dynamic_shapes_keep_lb_at_two_run_time_shapes(kind):
-    """Dynamic batch, token and sequence axes: LB-ABFT is built (no fallback), fault-free outputs
-    are bit-identical at two run-time shapes, and single and multiple corrupted outputs are
-    detected and recovered against a numpy reference of the product."""
-    model = MODELS[kind]()
-    r = abft(model, scheme="lb", block_size=4, expose_flags=True)
-    plan = r.details["gemms"][0]
-    assert plan["scheme"] == "lb" and plan["fallback"] is None
+@pytest.mark.parametrize("form", list(CONV_FORMS))
+def test_conv_forms_detect_and_recover(form):
+    """Grouped, depthwise, 1-D and 3-D convolutions: one channel-sum test per group; fault-free
+    outputs bit-identical, corrupted items detected and recomputed (numpy reference)."""
+    cin, cout, group, ks = CONV_FORMS[form]
+    rng = np.random.default_rng(len(form))
+    w = rng.standard_normal((cout, cin // group, *ks)).astype(np.float32)
+    b = rng.standard_normal(cout).astype(np.float32)
+    sp = [6] * len(ks)
+    model = make([h.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", group=group, pads=[1] * 2 * len(ks)),
+                  h.make_node("Relu", ["y"], ["out"], name="relu")],
+                 [vi("x", ["n", cin, *sp])], [vi("out", ["n", cout] + [None] * len(ks))],
+                 [nh.from_array(w, "w"), nh.from_array(b, "b")])
+    r = abft(model, scheme="lb", expose_flags=True)
     onnx.checker.check_model(r.model, full_check=True)
-    bad = perturbed(r.model)
-    out_name = model.graph.output[0].name
-    for batch, s_len in ((2, 5), (3, 11)):
-        feeds = feeds_for(model, batch=batch, s_len=s_len)
-        want = run(model, feeds)[out_name]
-        got = run(r.model, feeds)
-        np.testing.assert_array_equal(got[out_name], want)
-        assert flags(got) == (False, 0)
-        ref = numpy_reference(kind, feeds)
-        np.testing.assert_allclose(want, ref, rtol=1e-5, atol=1e-5)
-        y_shape = want.shape
-        rng = np.random.default_rng(s_len)
-        # one error anywhere (edge blocks included), then several in different blocks and items
-        for n_err in (1, 4):
-            delta = np.zeros(y_shape, np.float32)
-            for _ in range(n_err):
-                delta[tuple(int(rng.integers(d)) for d in y_shape)] = rng.choice([np.inf, -1e4, 3.0, np.nan])
-            got = run(bad, {**feeds, "delta": delta})
-            det, rec = flags(got)
-            assert det and 16 <= rec <= 16 * n_err, (s_len, n_err, rec)
-            np.testing.assert_allclose(got[out_name], ref, rtol=1e-5, atol=1e-5)
+    (plan,) = r.details["convs"]
+    assert (plan["group"], plan["N"], plan["K"]) == (group, cout // group, cin // group * int(np.prod(ks)))
+    x = rng.standard_normal((3, cin, *sp)).astype(np.float32)
+    clean = run(model, {"x": x})["out"]
+    np.testing.assert_allclose(clean, np.maximum(conv_nd_reference(x, w, b, group, 1), 0), rtol=1e-5, atol=1e-5)
+    got = run(r.model, {"x": x})
+    np.testing.assert_array_equal(got["out"], clean)
+    assert flags(got) == (False, 0)
+    m = onnx.ModelProto()
+    m.CopyFrom(r.model)
+    raw = "onnxft.abft.c000/unchecked"
+    producer = next(n for n in m.graph.node if raw in n.output)
+    producer.output[0] = raw + "/clean"
+    m.graph.node.insert(list(m.graph.node).index(producer) + 1,
+                        h.make_node("Add", [raw + "/clean", "delta"], [raw], name="test/perturb"))
+    m.graph.input.append(vi("delta", None))
+    y_shape = (3, cout, *clean.shape[2:])
+    for value in (np.nan, -np.inf, 1e3, 0.5):
+        delta = np.zeros(y_shape, np.float32)
+        delta[(0, cout - 1) + (0,) * len(ks)] = value  # one error in item 0
+        delta[(2, 0) + tuple(d - 1 for d in y_shape[2:])] = value  # several in item 2
+        delta[(2, cout // 2) + (1,) * len(ks)] = -value
+        got = run(m, {"x": x, "delta": delta})
+        assert flags(got) == (True, 2 * int(np.prod(y_shape[1:]))), (form, value)
+        np.testing.assert_allclose(got["out"], clean, rtol=1e-5, atol=1e-6)
 
 
-def numpy_reference(kind, feeds):
-    if kind == "dynamic":
-        return feeds["q"].astype(np.float64) @ feeds["k"]
-    if kind == "dynamic_av":
-        s = feeds["scores"].astype(np.float64)
-        p = np.exp(s - s.max(-1, keepdims=True))
-        return (p / p.sum(-1, keepdims=True)) @ feeds["v"]
-    return feeds["a"].astype(np.float64) @ W + BIAS
-
-
-def test_runtime_bound_is_tau_bound():
-    """The run-time threshold (a graph expression of the run-time K and N) equals the threshold
-    function's value at those sizes: the two must stay the same formula."""
-    from onnxft.graph.checksums import Nodes
-    from onnxft.passes.abft import _runtime_bound
-    from onnxft.passes.abft_conv import tau_bound
-
-    nb = Nodes("t", 17)
-    out = _runtime_bound(nb, ["k", "n", 4], 2.0**-24)
-    g = h.make_graph(nb.nodes, "g", [vi("k", [1]), vi("n", [1])], [vi(out, [1])], nb.initializers)
-    m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
-    for k, n in ((4, 4), (197, 64), (4096, 4096), (50000, 10)):
-        got = run(m, {"k": np.float32([k]), "n": np.float32([n])})[out][0]
-        assert got == pytest.approx(tau_bound(k, n), rel=1e-5)
-
-
-def test_block_size_from_representative_shapes():
-    """A dynamic GEMM's block size is Algorithm 2's at the representative shape (given, or one
-    calibration batch in harden), and the plan records the shape it was chosen at."""
-    model = dynamic_linear_model()
-    e = abft(model, scheme="lb", ber=1e-8, shapes={"a": [8, 197, 8]}).details["gemms"][0]
-    assert e["shape_for_costs"] == {"rows": 197, "N": 12, "K": 8, "source": "representative shapes"}
-    assert e["block_size"] == opt_block_size(197, 12, 8, 1e-8)[0]
-    e = abft(model, scheme="lb", ber=1e-8).details["gemms"][0]
-    assert e["shape_for_costs"]["rows"] == 256 and "unknown" in e["shape_for_costs"]["source"]
-    with pytest.raises(AbftError):
-        abft(model, shapes={"a": [8, 197]})
+def test_nhwc_transpose_conv_transpose_protected():
+    """The NHWC pattern of tf2onnx exports: Transpose -> Conv (weight a Transpose of an HWIO
+    constant) -> Transpose. The Conv is protected; fault-free output bit-identical; a corrupted
+    output is recovered."""
+    rng = np.random.default_rng(7)
+    w_hwio = rng.standard_normal((3, 3, 4, 5)).astype(np.float32)
+    model = make([h.make_node("Transpose", ["x"], ["xt"], name="to_nchw", perm=[0, 3, 1, 2]),
+                  h.make_node("Transpose", ["w_hwio"], ["w"], name="w_to_oihw", perm=[3, 2, 0, 1]),
+                  h.make_node("Conv", ["xt", "w"], ["y"], name="conv", pads=[1, 1, 1, 1]),
+                  h.make_node("Transpose", ["y"], ["out"], name="to_nhwc", perm=[0, 2, 3, 1])],
+                 [vi("x", ["n", 6, 6, 4])], [vi("out", ["n", 6, 6, 5])], [nh.from_array(w_hwio, "w_hwio")])
+    r = abft(model, expose_flags=True)
+    assert [c["name"] for c in r.details["convs"]] == ["conv"] and not r.skipped
+    onnx.checker.check_model(r.model, full_check=True)
+    x = rng.standard_normal((2, 6, 6, 4)).astype(np.float32)
+    clean = run(model, {"x": x})["out"]
+    ref = conv_nd_reference(x.transpose(0, 3, 1, 2), w_hwio.transpose(3, 2, 0, 1), np.zeros(5, np.float32), 1, 1)
+    np.testing.assert_allclose(clean, ref.transpose(0, 2, 3, 1), rtol=1e-5, atol=1e-5)
+    got = run(r.model, {"x": x})
+    np.testing.assert_array_equal(got["out"], clean)
+    m = onnx.ModelProto()
+    m.CopyFrom(r.model)
+    raw = "onnxft.abft.c000/unchecked"
+    producer = next(n for n in m.graph.node if raw in n.output)
+    producer.output[0] = raw + "/clean"
+    m.graph.node.insert(list(m.graph.node).index(producer) + 1,
+                        h.make_node("Add", [raw + "/clean", "delta"], [raw], name="test/perturb"))
+    m.graph.input.append(vi("delta", None))
+    delta = np.zeros((2, 5, 6, 6), np.float32)
+    delta[1, 2, 3, 4] = 1e4
+    got = run(m, {"x": x, "delta": delta})
+    assert flags(got) == (True, 5 * 36)
+    np.testing.assert_allclose(got["out"], clean, rtol=1e-5, atol=1e-6)

@@ -79,7 +79,7 @@ def _abft_ops(plan: dict, ber: float) -> float:
         ops += c * matrices_per_item(g)
     for c in plan.get("convs", []):
         if c.get("M"):
-            ops += conv_cost(c["M"], c["N"], c["K"], ber)["total"]
+            ops += conv_cost(c["M"] * c.get("group", 1), c["N"], c["K"], ber)["total"]
     return ops
 
 

@@ -153,6 +153,10 @@ class _Model:
         if v is not None:
             return v
         n = self.producers.get(name)
+        if n is not None and n.op_type == "Transpose" and n.domain in ("", "ai.onnx"):
+            # a weight stored in another layout (tf2onnx's HWIO -> OIHW when not folded)
+            w = self.const(n.input[0])
+            return None if w is None else np.transpose(w, _attr(n, "perm", None))
         if n is None or n.op_type != "DequantizeLinear":
             return None
         q = constant_value(n.input[0], self.inits, self.producers, self.ext)
@@ -457,12 +461,13 @@ def abft(model: onnx.ModelProto, scheme: str = "lb", ber: float = 1e-8, block_si
         entry, nb_main, then_nb, raw, fixed, count, cond = protect_conv(c, idx, opset, ber)
         recovery = {"unit": c.name, "op_type": "Conv", "a": c.x, "b": c.w, "bias": c.b or "", "output": raw}
         outputs = checked_output(nb_main, then_nb, c, raw, f"onnxft.abft.c{idx:03d}", fixed, count,
-                                  expose_flags, cond, recovery)
+                                  expose_flags, cond, recovery, dims=_dims(m.vi, c.out))
         conv_plan.append(entry)
         owner = out.graph.node[producers[c.out]]
         owner.output[list(owner.output).index(c.out)] = raw
         inserted_after.setdefault(producers[c.out], []).extend(nb_main.nodes)
         new_inits.extend(nb_main.initializers)
+        new_infos.extend(nb_main.value_info)
         new_outputs.extend(outputs)
         result.inserted.append(f"{c.name} -> Conv ABFT (recompute flagged items), {len(nb_main.nodes)} nodes")
     insert_after(out.graph, inserted_after)

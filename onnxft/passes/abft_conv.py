@@ -46,7 +46,8 @@ class ConvSite:
     attrs: tuple = ()
     M: int | None = None  # output positions per item
     N: int | None = None  # output channels
-    K: int | None = None  # input channels x kernel size
+    K: int | None = None  # input channels x kernel size (of one group)
+    group: int = 1
     skip: str | None = None
 
 
@@ -59,10 +60,7 @@ def _describe(m, node) -> ConvSite:
     s = ConvSite(name=node.name or node.output[0], x=node.input[0], out=node.output[0], w=node.input[1],
                  b=node.input[2] if len(node.input) > 2 else "")
     s.attrs = tuple(a for a in node.attribute)
-    group = next((a.i for a in node.attribute if a.name == "group"), 1)
-    if group != 1:
-        s.skip = f"grouped convolution (group={group}) is not protected yet"
-        return s
+    s.group = next((a.i for a in node.attribute if a.name == "group"), 1)
     vi = m.vi.get(s.out)
     if vi is None or vi.type.tensor_type.elem_type != TensorProto.FLOAT:
         s.skip = "output is not float32"
@@ -78,8 +76,11 @@ def _describe(m, node) -> ConvSite:
             return s
         s.bias = np.asarray(b, np.float64).reshape(-1)
     s.weight = np.asarray(w, np.float64)
-    s.N = int(s.weight.shape[0])
-    s.K = int(np.prod(s.weight.shape[1:]))
+    if s.weight.ndim < 3 or s.weight.shape[0] % s.group:
+        s.skip = f"weight shape {list(s.weight.shape)} does not fit group={s.group}"
+        return s
+    s.N = int(s.weight.shape[0]) // s.group  # output channels of one group: the terms of one channel sum
+    s.K = int(np.prod(s.weight.shape[1:]))  # (input channels of one group) x kernel size
     dims = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
     if len(dims) >= 3 and all(isinstance(d, int) and d > 0 for d in dims[2:]):
         s.M = int(np.prod(dims[2:]))
@@ -102,14 +103,29 @@ def protect_conv(s: ConvSite, idx: int, opset: int, ber: float):
     raw = f"{prefix}/unchecked"
     tau = tau_bound(s.K, s.N)
     conv_attrs = {a.name: helper.get_attribute_value(a) for a in s.attrs}
-    ws = s.weight.sum(axis=0, keepdims=True).astype(np.float32)
-    wabs = (tau * np.abs(s.weight).sum(axis=0, keepdims=True)).astype(np.float32)
+    # one channel sum per group: the group's filters summed, a grouped Conv with one output channel
+    # per group (for group 1 the sum over all channels; for depthwise it is the channel itself)
+    g, per = s.group, s.N
+    w_groups = s.weight.reshape(g, per, *s.weight.shape[1:])
+    ws = w_groups.sum(axis=1).astype(np.float32)  # [g, Cin/g, k...]
+    wabs = (tau * np.abs(w_groups).sum(axis=1)).astype(np.float32)
     ref = main.op("Conv", s.x, main.const(ws, hint="Wsum"), **conv_attrs)
     scale = main.op("Conv", main.op("Abs", s.x), main.const(wabs, hint="AbsWsum"), **conv_attrs)
     if s.bias is not None:
-        ref = main.op("Add", ref, main.const(np.float32(s.bias.sum()), hint="biasSum"))
-        scale = main.op("Add", scale, main.const(np.float32(tau * np.abs(s.bias).sum()), hint="biasAbs"))
-    r = reduce(main, "ReduceSum", raw, [1], keepdims=1)
+        spatial = [1] * (s.weight.ndim - 2)
+        b_groups = s.bias.reshape(g, per)
+        ref = main.op("Add", ref, main.const(b_groups.sum(1).reshape(1, g, *spatial).astype(np.float32),
+                                             hint="biasSum"))
+        scale = main.op("Add", scale, main.const((tau * np.abs(b_groups).sum(1)).reshape(1, g, *spatial)
+                                                 .astype(np.float32), hint="biasAbs"))
+    if g == 1:
+        r = reduce(main, "ReduceSum", raw, [1], keepdims=1)
+    elif per == 1:
+        r = raw  # depthwise: each group's sum is its one channel
+    else:  # [n, g * per, ...] -> [n, g, per, positions] summed over per; ref and scale to [n, g, positions]
+        r = reduce(main, "ReduceSum", main.op("Reshape", raw, main.ints([0, g, per, -1])), [2], keepdims=0)
+        ref = main.op("Reshape", ref, main.ints([0, g, -1]))
+        scale = main.op("Reshape", scale, main.ints([0, g, -1]))
     diff = main.op("Sub", r, ref)
     ok = main.op("LessOrEqual", main.op("Abs", diff), scale)
     cond = any_false(main, ok)
@@ -130,11 +146,11 @@ def protect_conv(s: ConvSite, idx: int, opset: int, ber: float):
     fixed = nb.op("ScatterND", raw, item_idx, y_new)
     per_item_elems = nb.op("Div", nb.op("Size", raw), nb.op("Gather", nb.op("Shape", raw), nb.ints(0), axis=0))
     count = nb.op("Mul", nb.op("Size", items), per_item_elems)
-    costs = conv_cost(s.M, s.N, s.K, ber) if s.M else {}
-    entry = {"name": s.name, "op_type": "Conv", "output": s.out, "M": s.M, "N": s.N, "K": s.K,
+    costs = conv_cost(s.M * s.group, s.N, s.K, ber) if s.M else {}  # (groups: more rows of the GEMM view)
+    entry = {"name": s.name, "op_type": "Conv", "output": s.out, "M": s.M, "N": s.N, "K": s.K, "group": s.group,
              "scheme": "recompute", "tau": tau, "tau_source": "rounding bound", "has_bias": s.bias is not None,
              "main_graph_nodes": len(main.nodes),
-             "ops_gemm": (s.M * s.N * 2 * s.K) if s.M else None,
+             "ops_gemm": (s.M * s.N * s.group * 2 * s.K) if s.M else None,
              "ops_detection": costs.get("detection"), "ops_expected_recovery": costs.get("recovery"),
              "p_gemm_faulty": costs.get("p_faulty")}
     return entry, main, nb, raw, fixed, count, cond
