@@ -567,3 +567,84 @@ def test_nhwc_transpose_conv_transpose_protected():
     got = run(m, {"x": x, "delta": delta})
     assert flags(got) == (True, 5 * 36)
     np.testing.assert_allclose(got["out"], clean, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# run-time shapes: LB-ABFT with dynamic M, N and K
+
+
+@pytest.mark.parametrize("kind", DYNAMIC)
+def test_dynamic_shapes_keep_lb_at_two_run_time_shapes(kind):
+    """Dynamic batch, token and sequence axes: LB-ABFT is built (no fallback), fault-free outputs
+    are bit-identical at two run-time shapes, and single and multiple corrupted outputs are
+    detected and recovered against a numpy reference of the product."""
+    model = MODELS[kind]()
+    r = abft(model, scheme="lb", block_size=4, expose_flags=True)
+    plan = r.details["gemms"][0]
+    assert plan["scheme"] == "lb" and plan["fallback"] is None
+    onnx.checker.check_model(r.model, full_check=True)
+    bad = perturbed(r.model)
+    out_name = model.graph.output[0].name
+    for batch, s_len in ((2, 5), (3, 11)):
+        feeds = feeds_for(model, batch=batch, s_len=s_len)
+        want = run(model, feeds)[out_name]
+        got = run(r.model, feeds)
+        np.testing.assert_array_equal(got[out_name], want)
+        assert flags(got) == (False, 0)
+        ref = numpy_reference(kind, feeds)
+        np.testing.assert_allclose(want, ref, rtol=1e-5, atol=1e-5)
+        y_shape = want.shape
+        rng = np.random.default_rng(s_len)
+        # one error anywhere (edge blocks included), then several in different blocks and items
+        for n_err in (1, 4):
+            delta = np.zeros(y_shape, np.float32)
+            for _ in range(n_err):
+                delta[tuple(int(rng.integers(d)) for d in y_shape)] = rng.choice([np.inf, -1e4, 3.0, np.nan])
+            got = run(bad, {**feeds, "delta": delta})
+            det, rec = flags(got)
+            assert det and 16 <= rec <= 16 * n_err, (s_len, n_err, rec)
+            np.testing.assert_allclose(got[out_name], ref, rtol=1e-5, atol=1e-5)
+
+
+def numpy_reference(kind, feeds):
+    if kind == "dynamic":
+        return feeds["q"].astype(np.float64) @ feeds["k"]
+    if kind == "dynamic_av":
+        s = feeds["scores"].astype(np.float64)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        return (p / p.sum(-1, keepdims=True)) @ feeds["v"]
+    return feeds["a"].astype(np.float64) @ W + BIAS
+
+
+def test_runtime_tau_is_the_static_bound():
+    """The run-time threshold (a graph expression of the run-time K and N) equals the threshold
+    function's value at those sizes, float32 and float16 units: the two must stay one formula."""
+    from onnxft.graph.checksums import Nodes
+    from onnxft.passes.abft import GemmSite, _bound, _runtime_tau
+    from onnxft.passes.abft_conv import tau_bound
+
+    for fp16 in (False, True):
+        unit = GemmSite("u", "MatMul", "a", "b", "y", "y", fp16=fp16)
+        nb = Nodes("t", 17)
+        out = _runtime_tau(nb, unit, "k", "n")
+        g = h.make_graph(nb.nodes, "g", [vi("k", [1]), vi("n", [1])], [vi(out, [1])], nb.initializers)
+        m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
+        for k, n in ((4, 4), (197, 64), (4096, 4096), (50000, 10)):
+            got = run(m, {"k": np.float32([k]), "n": np.float32([n])})[out][0]
+            want = _bound(unit, k, n)
+            assert got == pytest.approx(want, rel=1e-5) or (np.isinf(got) and np.isinf(want))
+            if not fp16:
+                assert want == pytest.approx(tau_bound(k, n), rel=1e-6)
+
+
+def test_block_size_from_representative_shapes():
+    """A dynamic GEMM's block size is Algorithm 2's at the representative shape (given, or one
+    calibration batch in harden), and the plan records the shape it was chosen at."""
+    model = dynamic_linear_model()
+    e = abft(model, scheme="lb", ber=1e-8, shapes={"a": [8, 197, 8]}).details["gemms"][0]
+    assert e["shape_for_costs"] == {"rows": 197, "N": 12, "K": 8, "source": "representative shapes"}
+    assert e["block_size"] == opt_block_size(197, 12, 8, 1e-8)[0]
+    e = abft(model, scheme="lb", ber=1e-8).details["gemms"][0]
+    assert e["shape_for_costs"]["rows"] == 256 and "unknown" in e["shape_for_costs"]["source"]
+    with pytest.raises(AbftError):
+        abft(model, shapes={"a": [8, 197]})

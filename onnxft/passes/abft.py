@@ -88,6 +88,7 @@ class GemmSite:
     a_rank: int | None = None
     b_rank: int | None = None
     rowwise: bool = False  # rank-2 A: every row is a GEMM of M=1
+    fp16: bool = False  # a float16 product: checked in float32 (inputs and output cast), float16 bound
     skip: str | None = None  # why it is not protectable (None = protectable)
 
     @property
@@ -498,20 +499,59 @@ def _threshold(s: GemmSite, thresholds: dict, n_sum: int) -> tuple[float, str]:
     return bound, "rounding bound"
 
 
-def _runtime_bound(nb: Nodes, terms: list, u: float) -> str:
-    """The rounding bound ``gamma_n = n u / (1 - n u)`` as a graph expression, ``n`` the sum of
-    ``terms`` (ints, and float tensors of one element such as a run-time K): the same formula as
-    ``tau_bound`` (n = K + n_sum + 4 (+ extra roundings)) for dimensions known only at run time.
-    Where ``n u >= 1`` there is no bound, and the result is +inf (nothing is flagged)."""
-    n = nb.const(np.float32([sum(t for t in terms if isinstance(t, int))]), hint="n")
-    for t in terms:
-        if not isinstance(t, int):
-            n = nb.op("Add", n, t)
-    nu = nb.op("Mul", n, nb.const(np.float32([u]), hint="u"))
-    left = nb.op("Sub", nb.const(np.float32([1.0]), hint="one"), nu)
-    gamma = nb.op("Div", nu, left)
-    return nb.op("Where", nb.op("Greater", left, nb.const(np.float32([0.0]), hint="zero")), gamma,
-                 nb.const(np.float32([np.inf]), hint="inf"))
+U16_IN_U32 = 2.0**13  # one float16 rounding (u = 2^-11) in float32 unit roundoffs (2^-24)
+
+
+def _rounding_counts(s, K: int, n_sum: int) -> tuple[float, float, float]:
+    """``(a, b, c)``: the rounding counts, in float32 unit roundoffs, behind the unit's threshold
+    ``tau = (1 + u) (gamma_a + gamma_b) / (1 - gamma_c)``; affine in ``K`` and ``n_sum``, which
+    the run-time form (``_runtime_tau``) relies on. Here ``tau_bound``'s ``gamma_{K + n_sum + 4}``
+    (b = c = 0), with every operation of a float16 unit's own products and output counted as a
+    float16 rounding (2^13 float32 ones); the checks themselves run in float32.
+    (One place to change when the threshold functions change: see ``passes.abft_conv.tau_bound``.)"""
+    extra = getattr(s, "extra_roundings", 0)
+    if getattr(s, "fp16", False):
+        return (U16_IN_U32 * (K + 1 + extra) + n_sum + 3, 0.0, 0.0)
+    return (K + n_sum + 4 + extra, 0.0, 0.0)
+
+
+def _gamma32(m: float) -> float:
+    x = m * 2.0**-24
+    return x / (1.0 - x) if x < 1.0 else float("inf")
+
+
+def _bound(s, K: int, n_sum: int) -> float:
+    """The unit's rounding bound at static sizes (``tau_bound`` for float32 units)."""
+    if not getattr(s, "fp16", False):
+        return tau_bound(K + getattr(s, "extra_roundings", 0), n_sum)
+    a, b, c = _rounding_counts(s, K, n_sum)
+    gc = _gamma32(c)
+    return (1 + 2.0**-24) * (_gamma32(a) + _gamma32(b)) / (1 - gc) if gc < 1 else float("inf")
+
+
+def _runtime_tau(nb: Nodes, s, k, n) -> str:
+    """The unit's rounding bound as a graph expression of a run-time ``k`` and/or ``n`` (ints, or
+    float32 ``[1]`` tensors such as ``_dim``'s): the affine rounding counts of ``_rounding_counts``
+    computed in the graph, then ``(1 + u)(gamma_a + gamma_b) / (1 - gamma_c)``. Where a count
+    reaches ``1/u`` there is no bound, and the result is +inf (nothing is flagged)."""
+    c0 = np.array(_rounding_counts(s, 0, 0), np.float64)
+    ck = np.array(_rounding_counts(s, 1, 0), np.float64) - c0
+    cn = np.array(_rounding_counts(s, 0, 1), np.float64) - c0
+    static = c0 + (ck * k if isinstance(k, int) else 0) + (cn * n if isinstance(n, int) else 0)
+    counts = nb.const(static.astype(np.float32), hint="counts")
+    for size, coef in ((k, ck), (n, cn)):
+        if not isinstance(size, int):
+            counts = nb.op("Add", counts, nb.op("Mul", size, nb.const(coef.astype(np.float32), hint="coef")))
+    xu = nb.op("Mul", counts, nb.const(np.float32([2.0**-24]), hint="u"))
+    left = nb.op("Sub", nb.const(np.float32([1.0]), hint="one"), xu)
+    inf = nb.const(np.float32([np.inf]), hint="inf")
+    gammas = nb.op("Where", nb.op("Greater", left, nb.const(np.float32([0.0]), hint="zero")),
+                   nb.op("Div", xu, left), inf)  # [gamma_a, gamma_b, gamma_c]
+    pick = lambda i: nb.op("Gather", gammas, nb.ints([i]), axis=0)  # noqa: E731
+    top = nb.op("Mul", nb.op("Add", pick(0), pick(1)), nb.const(np.float32([1 + 2.0**-23]), hint="onePlusU"))
+    bottom = nb.op("Sub", nb.const(np.float32([1.0]), hint="one"), pick(2))
+    return nb.op("Where", nb.op("Greater", bottom, nb.const(np.float32([0.0]), hint="zero")),
+                 nb.op("Div", top, bottom), inf)
 
 
 def _dim(nb: Nodes, tensor: str, axis: int) -> str:
@@ -533,7 +573,6 @@ def _protect(m: _Model, s: GemmSite, node, idx: int, scheme: str, ber: float, bl
     tau, tau_src = _threshold(replace(s, K=K_r), thresholds, N_r)
     weight = _weight(m, s, node)
     bias = _bias_vector(m, s, node)
-    u = UNIT_ROUNDOFF[TensorProto.FLOAT]
     k_rt = None if s.K is not None else _dim(main, s.a, -1)  # run-time K (attention x V, dynamic sequence)
 
     # --- detection in the main graph ----------------------------------------------------------
@@ -545,7 +584,7 @@ def _protect(m: _Model, s: GemmSite, node, idx: int, scheme: str, ber: float, bl
     if dynamic:
         # dynamic N or K (attention over a dynamic sequence): gamma_{K+N+4} at run time
         n_rt = s.N if s.N is not None else _dim(main, raw, -1)
-        tau_name = _runtime_bound(main, [s.K if s.K is not None else k_rt, n_rt, 4 + s.extra_roundings], u)
+        tau_name = _runtime_tau(main, s, s.K if s.K is not None else k_rt, n_rt)
         tau_src = "rounding bound (run time, " + " and ".join(
             d for d, v in (("K", s.K), ("N", s.N)) if v is None) + " dynamic)"
     fold = 1.0 if dynamic else tau  # tau folded into the constants when it is known
@@ -598,8 +637,8 @@ def _protect(m: _Model, s: GemmSite, node, idx: int, scheme: str, ber: float, bl
         """min(the rounding bound of a test summing ``n_sum`` terms, tau): a constant when every
         dimension is static, else computed in the branch from the run-time K and rows."""
         if s.K is not None and isinstance(n_sum, int):
-            return min(tau_bound(s.K + s.extra_roundings, n_sum), tau)
-        bound = _runtime_bound(then_nb, [s.K if s.K is not None else k_rt, n_sum, 4 + s.extra_roundings], u)
+            return min(_bound(s, s.K, n_sum), tau)
+        bound = _runtime_tau(then_nb, s, s.K if s.K is not None else k_rt, n_sum)
         return bound if tau_src.startswith("rounding bound") else then_nb.op(
             "Min", bound, then_nb.const(np.float32([tau]), hint="tau"))
 
@@ -626,7 +665,7 @@ def _protect(m: _Model, s: GemmSite, node, idx: int, scheme: str, ber: float, bl
              "bias": s.bias_node, "has_bias": bias is not None, "b_constant": s.b_constant, "qdq": s.qdq,
              "scheme": eff_scheme, "fallback": fallback, "block_size": b_size,
              "shape_for_costs": {"rows": rows_r, "N": N_r, "K": K_r, "source": rep_source},
-             "tau": tau, "tau_bound": tau_bound(K_r + s.extra_roundings, N_r), "post_scale": s.post_node,
+             "tau": tau, "tau_bound": _bound(s, K_r, N_r), "post_scale": s.post_node,
              "tau_source": tau_src,
              "main_graph_nodes": len(main.nodes),
              "ops_gemm": rows_r * N_r * 2 * K_r,
