@@ -56,6 +56,7 @@ from .result import PassResult
 SCHEMES = ("lb", "standard", "sec")
 MIN_OPSET = 13
 UNIT_ROUNDOFF = {TensorProto.FLOAT: 2.0**-24}
+_FLOATS = (TensorProto.FLOAT, TensorProto.FLOAT16)
 CAL_MARGIN = 4.0
 CAL_FLOOR_ULPS = 16.0  # calibrated tau never goes below 16 unit roundoffs
 FLAG_PREFIX = "onnxft.abft."
@@ -194,9 +195,10 @@ def _describe(m: _Model, node) -> GemmSite:
     a, b, y = node.input[0], node.input[1], node.output[0]
     s = GemmSite(name=node.name or y, op_type=node.op_type, a=a, b=b, y=y, out=y)
     da, db, dy = _dims(m.vi, a), _dims(m.vi, b), _dims(m.vi, y)
-    if _elem(m.vi, y) != TensorProto.FLOAT:
-        s.skip = f"output type {_elem(m.vi, y)} is not float32 (only float32 and QDQ-int8 GEMMs are protected)"
+    if _elem(m.vi, y) not in _FLOATS:
+        s.skip = f"output type {_elem(m.vi, y)} is not float32 or float16 (nor QDQ-int8)"
         return s
+    s.fp16 = _elem(m.vi, y) == TensorProto.FLOAT16
     if da is None or db is None or dy is None:
         s.skip = "operand ranks unknown after shape inference"
         return s
@@ -246,7 +248,7 @@ def _describe(m: _Model, node) -> GemmSite:
             other = add.input[1] if add.input[0] == y else add.input[0]
             bias = m.const(other)
             if (bias is not None and s.N is not None and bias.size == s.N and bias.shape[-1] == s.N
-                    and _elem(m.vi, add.output[0]) == TensorProto.FLOAT and not _feeds_gelu(m, add.output[0])):
+                    and _elem(m.vi, add.output[0]) == _elem(m.vi, y) and not _feeds_gelu(m, add.output[0])):
                 s.bias_node = add.name or add.output[0]
                 s.out = add.output[0]
         if not s.b_constant and s.bias_node is None:
@@ -280,7 +282,7 @@ def _absorb_post_scale(m: _Model, s: GemmSite) -> None:
         return  # c / Y is not a scaling
     other = node.input[1] if node.input[0] == s.out else node.input[0]
     c = m.const(other)
-    if c is None or np.size(c) != 1 or _elem(m.vi, node.output[0]) != TensorProto.FLOAT:
+    if c is None or np.size(c) != 1 or _elem(m.vi, node.output[0]) != _elem(m.vi, s.y):
         return
     c = float(np.asarray(c).reshape(()))
     if not np.isfinite(c) or c == 0:
@@ -570,9 +572,21 @@ def _protect(m: _Model, s: GemmSite, node, idx: int, scheme: str, ber: float, bl
     (rows_r, N_r, K_r), rep_source = _rep(s, rep)
     # thresholds at the representative shape; dimensions known only at run time get the same
     # rounding bound as a graph expression (below)
-    tau, tau_src = _threshold(replace(s, K=K_r), thresholds, N_r)
+    if s.fp16:  # (calibration runs float32 kernels: a float16 unit keeps its float16 rounding bound)
+        tau, tau_src = (1.0, "unit (calibration)") if thresholds.get(s.name) == "unit" else (
+            _bound(s, K_r, N_r), "rounding bound (float16 unit)")
+    else:
+        tau, tau_src = _threshold(replace(s, K=K_r), thresholds, N_r)
     weight = _weight(m, s, node)
     bias = _bias_vector(m, s, node)
+    a_nonnegative = _nonnegative(m, s.a)
+    y_check = raw
+    if s.fp16:
+        # float16 products are checked in float32: Y and the operands cast, checksums accumulated in
+        # float32; the recovery recomputes in float32 and rounds the result to float16
+        y_check = main.op("Cast", raw, to=TensorProto.FLOAT)
+        s = replace(s, a=main.op("Cast", s.a, to=TensorProto.FLOAT),
+                    b=s.b if weight is not None else main.op("Cast", s.b, to=TensorProto.FLOAT))
     k_rt = None if s.K is not None else _dim(main, s.a, -1)  # run-time K (attention x V, dynamic sequence)
 
     # --- detection in the main graph ----------------------------------------------------------
@@ -580,10 +594,10 @@ def _protect(m: _Model, s: GemmSite, node, idx: int, scheme: str, ber: float, bl
         s = replace(s, b=main.op("Mul", s.b, main.const(np.float32(s.post_scale), hint="postScale")))
     a = s.a
     tau_name = None
-    dynamic = (s.N is None or s.K is None) and tau_src == "rounding bound"
+    dynamic = (s.N is None or s.K is None) and tau_src.startswith("rounding bound")
     if dynamic:
         # dynamic N or K (attention over a dynamic sequence): gamma_{K+N+4} at run time
-        n_rt = s.N if s.N is not None else _dim(main, raw, -1)
+        n_rt = s.N if s.N is not None else _dim(main, y_check, -1)
         tau_name = _runtime_tau(main, s, s.K if s.K is not None else k_rt, n_rt)
         tau_src = "rounding bound (run time, " + " and ".join(
             d for d, v in (("K", s.K), ("N", s.N)) if v is None) + " dynamic)"
@@ -594,7 +608,7 @@ def _protect(m: _Model, s: GemmSite, node, idx: int, scheme: str, ber: float, bl
         if bias is not None:
             bs = float(np.sum(bias, dtype=np.float64))
             babs = fold * float(np.sum(np.abs(bias), dtype=np.float64))
-        ok, diff, scale = weight_row_test(main, raw, a, w64.sum(1), fold * np.abs(w64).sum(1),
+        ok, diff, scale = weight_row_test(main, y_check, a, w64.sum(1), fold * np.abs(w64).sum(1),
                                           tau_name if dynamic else None, bs, babs)
     else:
         if tau_name is None:
@@ -605,8 +619,8 @@ def _protect(m: _Model, s: GemmSite, node, idx: int, scheme: str, ber: float, bl
             babs_n = main.const(np.float32(fold * np.sum(np.abs(bias), dtype=np.float64)), hint="biasAbs")
             if dynamic:
                 babs_n = main.op("Mul", babs_n, tau_name)
-        ok, diff, scale = activation_row_test(main, raw, a, s.b, tau_name, s.b_rank == 2, bs_n, babs_n,
-                                              a_nonnegative=_nonnegative(m, a))
+        ok, diff, scale = activation_row_test(main, y_check, a, s.b, tau_name, s.b_rank == 2, bs_n, babs_n,
+                                              a_nonnegative=a_nonnegative)
     cond = any_false(main, ok)
 
     # --- recovery branch -----------------------------------------------------------------------
@@ -631,7 +645,9 @@ def _protect(m: _Model, s: GemmSite, node, idx: int, scheme: str, ber: float, bl
     if weight is not None:
         w_name = main.const(weight.astype(np.float32), hint="W") if (
             s.op_type == "Gemm" and (_attr(node, "transB", 0) or _attr(node, "alpha", 1.0) != 1.0)) else s.b
-    ctx = _Canon(then_nb, s, raw, ok, w_name, bias_name)
+        if s.fp16 and w_name == s.b:  # (the recovery multiplies in float32; onnxruntime folds this at load)
+            w_name = main.op("Cast", s.b, to=TensorProto.FLOAT)
+    ctx = _Canon(then_nb, s, y_check, ok, w_name, bias_name)
 
     def branch_tau(n_sum):
         """min(the rounding bound of a test summing ``n_sum`` terms, tau): a constant when every
@@ -647,6 +663,8 @@ def _protect(m: _Model, s: GemmSite, node, idx: int, scheme: str, ber: float, bl
         fixed, count = _standard_then(ctx, branch_tau(n_rows), recompute_multiple=eff_scheme == "standard")
     else:
         fixed, count = _lb_then(ctx, b_size, branch_tau(b_size), weight, bias)
+    if s.fp16:
+        fixed = then_nb.op("Cast", fixed, to=TensorProto.FLOAT16)
     # The If returns a scatter (indices, values) rather than the checked tensor: the fault-free
     # branch returns an empty one, and ScatterElements then updates Y's own buffer (Flatten aliases
     # it), so a clean run never copies Y. (An If returning Identity(Y) copies the whole output.)
@@ -654,7 +672,7 @@ def _protect(m: _Model, s: GemmSite, node, idx: int, scheme: str, ber: float, bl
     # multiplies (B as the branch reads it: folded weight, scaled B, or the model's own B).
     recovery = {"unit": s.name, "op_type": "MatMul", "a": s.a, "b": w_name or s.b, "bias": "", "output": raw}
     outputs = checked_output(main, then_nb, s, raw, prefix, fixed, count, expose, cond, recovery,
-                             dims=_dims(m.vi, s.out))
+                             dims=_dims(m.vi, s.out), elem=TensorProto.FLOAT16 if s.fp16 else TensorProto.FLOAT)
 
     # --- plan ---------------------------------------------------------------------------------
     # costs at the representative shape when a dimension is dynamic
@@ -870,7 +888,8 @@ def _lb_then(c: _Canon, b: int, tau_blk, weight, bias):
 
 
 def checked_output(main: Nodes, then_nb: Nodes, s: GemmSite, raw: str, prefix: str, fixed: str, count: str,
-                    expose: bool, cond: str, recovery: dict | None = None, dims: list | None = None) -> list:
+                    expose: bool, cond: str, recovery: dict | None = None, dims: list | None = None,
+                    elem: int = TensorProto.FLOAT) -> list:
     """The If and what writes the protected output ``s.out``; returns the extra graph outputs.
     ``recovery`` (the recompute's operands) is recorded on the If as metadata for ``inject``
     (None: a recovery ``inject`` does not fault, such as DMR's). ``dims``: the output's dimensions
@@ -879,12 +898,13 @@ def checked_output(main: Nodes, then_nb: Nodes, s: GemmSite, raw: str, prefix: s
     opset = main.opset
     else_nb = Nodes(f"{prefix}/else", opset, branch=True)
     if SCATTER_TAIL and dims:
-        return _scatter_tail(main, then_nb, else_nb, s, raw, prefix, fixed, count, expose, cond, recovery, dims)
+        return _scatter_tail(main, then_nb, else_nb, s, raw, prefix, fixed, count, expose, cond, recovery, dims,
+                             elem)
     if not SCATTER_TAIL:
         then_out = then_nb.op("Reshape", fixed, then_nb.op("Shape", raw))
         else_out = else_nb.op("Identity", raw)
-        then_outs = [helper.make_tensor_value_info(then_out, TensorProto.FLOAT, None)]
-        else_outs = [helper.make_tensor_value_info(else_out, TensorProto.FLOAT, None)]
+        then_outs = [helper.make_tensor_value_info(then_out, elem, None)]
+        else_outs = [helper.make_tensor_value_info(else_out, elem, None)]
         if_outputs = [s.out]
         return _if_with_flags(main, then_nb, else_nb, s, prefix, then_outs, else_outs, if_outputs, count, expose, cond,
                               recovery)
@@ -893,11 +913,12 @@ def checked_output(main: Nodes, then_nb: Nodes, s: GemmSite, raw: str, prefix: s
                                                   then_nb.const(np.int64(1), hint="one")), then_nb.ints([0]))
     then_vals = then_nb.op("Reshape", fixed, then_nb.ints([1, -1]))
     else_idx = else_nb.op("Identity", else_nb.const(np.zeros((1, 0), np.int64), hint="noIndex"))
-    else_vals = else_nb.op("Identity", else_nb.const(np.zeros((1, 0), np.float32), hint="noValue"))
+    np_elem = helper.tensor_dtype_to_np_dtype(elem)
+    else_vals = else_nb.op("Identity", else_nb.const(np.zeros((1, 0), np_elem), hint="noValue"))
     then_outs = [helper.make_tensor_value_info(then_idx, TensorProto.INT64, [1, None]),
-                 helper.make_tensor_value_info(then_vals, TensorProto.FLOAT, [1, None])]
+                 helper.make_tensor_value_info(then_vals, elem, [1, None])]
     else_outs = [helper.make_tensor_value_info(else_idx, TensorProto.INT64, [1, None]),
-                 helper.make_tensor_value_info(else_vals, TensorProto.FLOAT, [1, None])]
+                 helper.make_tensor_value_info(else_vals, elem, [1, None])]
     fix_idx, fix_vals = f"{prefix}/fix_index", f"{prefix}/fix_values"
     outputs = _if_with_flags(main, then_nb, else_nb, s, prefix, then_outs, else_outs, [fix_idx, fix_vals], count,
                              expose, cond, recovery)
@@ -908,7 +929,8 @@ def checked_output(main: Nodes, then_nb: Nodes, s: GemmSite, raw: str, prefix: s
 
 
 def _scatter_tail(main: Nodes, then_nb: Nodes, else_nb: Nodes, s, raw: str, prefix: str, fixed: str,
-                  count: str, expose: bool, cond: str, recovery: dict | None, dims: list) -> list:
+                  count: str, expose: bool, cond: str, recovery: dict | None, dims: list,
+                  elem: int = TensorProto.FLOAT) -> list:
     """``out = ScatterElements(Y, idx, vals, axis=-1)`` with ``(idx, vals)`` from the If: every
     element's column index and checked value after a recovery, an empty ``[1, .., 1, 0]`` on the
     fault-free path.
@@ -923,7 +945,7 @@ def _scatter_tail(main: Nodes, then_nb: Nodes, else_nb: Nodes, s, raw: str, pref
     rank = len(dims)
     named = [d if d is not None else f"{prefix}/d{i}" for i, d in enumerate(dims)]
     for t in (raw, s.out):
-        main.value_info.append(helper.make_tensor_value_info(t, TensorProto.FLOAT, named))
+        main.value_info.append(helper.make_tensor_value_info(t, elem, named))
     shape = then_nb.op("Shape", raw)
     last = then_nb.op("Slice", shape, then_nb.ints([-1]), then_nb.ints([2**62]))
     cols = then_nb.op("Range", then_nb.const(np.int64(0), hint="zero"), then_nb.op("Squeeze", last),
@@ -932,11 +954,12 @@ def _scatter_tail(main: Nodes, then_nb: Nodes, else_nb: Nodes, s, raw: str, pref
     then_vals = then_nb.op("Reshape", fixed, shape)
     empty = [1] * (rank - 1) + [0]
     else_idx = else_nb.op("Identity", else_nb.const(np.zeros(empty, np.int64), hint="noIndex"))
-    else_vals = else_nb.op("Identity", else_nb.const(np.zeros(empty, np.float32), hint="noValue"))
+    else_vals = else_nb.op("Identity", else_nb.const(np.zeros(empty, helper.tensor_dtype_to_np_dtype(elem)),
+                                                      hint="noValue"))
     then_outs = [helper.make_tensor_value_info(then_idx, TensorProto.INT64, [None] * rank),
-                 helper.make_tensor_value_info(then_vals, TensorProto.FLOAT, [None] * rank)]
+                 helper.make_tensor_value_info(then_vals, elem, [None] * rank)]
     else_outs = [helper.make_tensor_value_info(else_idx, TensorProto.INT64, [None] * rank),
-                 helper.make_tensor_value_info(else_vals, TensorProto.FLOAT, [None] * rank)]
+                 helper.make_tensor_value_info(else_vals, elem, [None] * rank)]
     fix_idx, fix_vals = f"{prefix}/fix_index", f"{prefix}/fix_values"
     outputs = _if_with_flags(main, then_nb, else_nb, s, prefix, then_outs, else_outs, [fix_idx, fix_vals], count,
                              expose, cond, recovery)
