@@ -705,3 +705,18 @@ def test_fp16_products_protected_without_false_alarms():
         got = run(bad, {"x": x, "delta": delta})
         assert bool(got[f"onnxft.abft.{plan[unit]['name']}.detected"])
         np.testing.assert_allclose(got["out"].astype(np.float32), want.astype(np.float32), rtol=2e-3, atol=2e-3)
+
+
+def test_gemms_in_subgraphs_listed_as_skipped():
+    """A MatMul inside an If branch is not protected (checks are built in the main graph) and is
+    listed with that reason; the main graph's MatMul is protected."""
+    then_g = h.make_graph([h.make_node("MatMul", ["y", "w"], ["t"], name="inner_mm")], "then", [], [vi("t", [2, 12])])
+    else_g = h.make_graph([h.make_node("Identity", ["y"], ["e"], name="inner_id")], "else", [], [vi("e", [2, 8])])
+    wsq = RNG.standard_normal((8, 8)).astype(np.float32)
+    model = make([h.make_node("MatMul", ["a", "wsq"], ["y"], name="outer_mm"),
+                  h.make_node("If", ["c"], ["out"], name="branch", then_branch=then_g, else_branch=else_g)],
+                 [vi("a", [2, 8]), h.make_tensor_value_info("c", T.BOOL, [])], [vi("out", None)],
+                 [nh.from_array(wsq, "wsq"), nh.from_array(W, "w")])
+    r = abft(model)
+    assert [g["name"] for g in r.details["gemms"]] == ["outer_mm"]
+    assert [(n, "If body" in why) for n, why in r.skipped] == [("inner_mm", True)]

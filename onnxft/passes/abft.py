@@ -45,7 +45,7 @@ from onnx import TensorProto, helper, shape_inference
 from ..graph.checksums import (Nodes, any_false, block_indicator, checksum_test, count_true, mark_recompute,
                                reduce, unsqueeze, weight_checksums, weight_row_test,
                                activation_row_test)
-from ..graph.edit import insert_after, producer_index
+from ..graph.edit import insert_after, producer_index, walk
 from ..graph.roles import PROTECTION, RECOVERY_KEY, role_of, set_meta
 from ..runtime.model_io import external_data_dir
 from .abft_conv import find_convs, protect_conv, tau_bound
@@ -423,6 +423,7 @@ def abft(model: onnx.ModelProto, scheme: str = "lb", ber: float = 1e-8, block_si
             raise AbftError(f"no MatMul/Gemm named {name!r} in the model")
     out = copy.deepcopy(model)
     result = PassResult(model=out)
+    result.skipped.extend(_in_subgraphs(model, names, gemms))
     plan = []
     protect = []
     for s in sites:
@@ -484,6 +485,24 @@ def abft(model: onnx.ModelProto, scheme: str = "lb", ber: float = 1e-8, block_si
     out.graph.output.extend(new_outputs)
     result.details = {"scheme": scheme, "ber": ber, "opset": opset, "gemms": plan, "convs": conv_plan}
     return result
+
+
+def _in_subgraphs(model: onnx.ModelProto, names: str | None, gemms) -> list:
+    """``(name, reason)`` for every MatMul/Gemm/Conv inside an If, Loop or Scan body: the checks
+    are built in the main graph only."""
+    out = []
+    for node in model.graph.node:
+        for a in node.attribute:
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                for _, n in walk(sub):
+                    label = n.name or n.output[0]
+                    if n.op_type not in ("MatMul", "Gemm", "Conv") or n.domain not in ("", "ai.onnx"):
+                        continue
+                    if (gemms is not None and label not in gemms) or (names is not None and not re.search(names, label)):
+                        continue
+                    out.append((label, f"inside the {node.op_type} body of {node.name or node.output[0]!r}: "
+                                       f"subgraphs are not protected"))
+    return out
 
 
 def _threshold(s: GemmSite, thresholds: dict, n_sum: int) -> tuple[float, str]:
