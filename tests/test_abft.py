@@ -720,3 +720,40 @@ def test_gemms_in_subgraphs_listed_as_skipped():
     r = abft(model)
     assert [g["name"] for g in r.details["gemms"]] == ["outer_mm"]
     assert [(n, "If body" in why) for n, why in r.skipped] == [("inner_mm", True)]
+
+
+def test_fp16_conv_protected_without_false_alarms():
+    """A float16 grouped Conv: checked in float32 with the float16 bound; no false alarm on random
+    inputs, output equal to the original's, a corrupted item recovered."""
+    rng = np.random.default_rng(11)
+    w = (rng.standard_normal((6, 2, 3, 3)) * 0.3).astype(np.float16)
+    b = rng.standard_normal(6).astype(np.float16)
+    f16 = lambda name, shape: h.make_tensor_value_info(name, T.FLOAT16, shape)  # noqa: E731
+    model = make([h.make_node("Conv", ["x", "w", "b"], ["out"], name="conv", group=2, pads=[1, 1, 1, 1])],
+                 [f16("x", ["n", 4, "h", "w"])], [f16("out", ["n", 6, "h", "w"])],
+                 [nh.from_array(w, "w"), nh.from_array(b, "b")])
+    r = abft(model, expose_flags=True)
+    onnx.checker.check_model(r.model, full_check=True)
+    assert "float16" in r.details["convs"][0]["tau_source"]
+    s_clean, s_hard = session(model), session(r.model)
+    names = [o.name for o in s_hard.get_outputs()]
+    for trial in range(8):
+        x = (rng.standard_normal((2, 4, 5 + trial, 7)) * rng.choice([0.1, 1.0, 10.0])).astype(np.float16)
+        got = dict(zip(names, s_hard.run(None, {"x": x})))
+        np.testing.assert_array_equal(got["out"], s_clean.run(None, {"x": x})[0])
+        assert not bool(got["onnxft.abft.conv.detected"]), trial
+    x = rng.standard_normal((2, 4, 5, 5)).astype(np.float16)
+    m = onnx.ModelProto()
+    m.CopyFrom(r.model)
+    raw = "onnxft.abft.c000/unchecked"
+    producer = next(n for n in m.graph.node if raw in n.output)
+    producer.output[0] = raw + "/clean"
+    m.graph.node.insert(list(m.graph.node).index(producer) + 1,
+                        h.make_node("Add", [raw + "/clean", "delta"], [raw], name="test/perturb"))
+    m.graph.input.append(h.make_tensor_value_info("delta", T.FLOAT16, None))
+    delta = np.zeros((2, 6, 5, 5), np.float16)
+    delta[1, 4, 2, 2] = 100
+    got = run(m, {"x": x, "delta": delta})
+    assert flags(got) == (True, 6 * 25)
+    want = s_clean.run(None, {"x": x})[0].astype(np.float32)
+    np.testing.assert_allclose(got["out"].astype(np.float32), want, rtol=0, atol=4e-3 * np.abs(want).max())

@@ -465,7 +465,8 @@ def abft(model: onnx.ModelProto, scheme: str = "lb", ber: float = 1e-8, block_si
         entry, nb_main, then_nb, raw, fixed, count, cond = protect_conv(c, idx, opset, ber)
         recovery = {"unit": c.name, "op_type": "Conv", "a": c.x, "b": c.w, "bias": c.b or "", "output": raw}
         outputs = checked_output(nb_main, then_nb, c, raw, f"onnxft.abft.c{idx:03d}", fixed, count,
-                                  expose_flags, cond, recovery, dims=_dims(m.vi, c.out))
+                                  expose_flags, cond, recovery, dims=_dims(m.vi, c.out),
+                                  elem=TensorProto.FLOAT16 if c.fp16 else TensorProto.FLOAT)
         conv_plan.append(entry)
         owner = out.graph.node[producers[c.out]]
         owner.output[list(owner.output).index(c.out)] = raw

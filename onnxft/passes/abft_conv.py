@@ -48,6 +48,7 @@ class ConvSite:
     N: int | None = None  # output channels
     K: int | None = None  # input channels x kernel size (of one group)
     group: int = 1
+    fp16: bool = False  # a float16 Conv: checked in float32 with the float16 rounding bound
     skip: str | None = None
 
 
@@ -62,9 +63,10 @@ def _describe(m, node) -> ConvSite:
     s.attrs = tuple(a for a in node.attribute)
     s.group = next((a.i for a in node.attribute if a.name == "group"), 1)
     vi = m.vi.get(s.out)
-    if vi is None or vi.type.tensor_type.elem_type != TensorProto.FLOAT:
-        s.skip = "output is not float32"
+    if vi is None or vi.type.tensor_type.elem_type not in (TensorProto.FLOAT, TensorProto.FLOAT16):
+        s.skip = "output is not float32 or float16"
         return s
+    s.fp16 = vi.type.tensor_type.elem_type == TensorProto.FLOAT16
     w = m.const(node.input[1])
     if w is None:
         s.skip = "weight is not constant"
@@ -101,7 +103,11 @@ def protect_conv(s: ConvSite, idx: int, opset: int, ber: float):
     prefix = f"onnxft.abft.c{idx:03d}"
     main = Nodes(prefix, opset)
     raw = f"{prefix}/unchecked"
-    tau = tau_bound(s.K, s.N)
+    from .abft import _bound  # (the unit's bound, float16 rounding for a float16 Conv; lazy: abft imports us)
+    tau = _bound(s, s.K, s.N)
+    x, y = s.x, raw
+    if s.fp16:  # checked in float32 (input and output cast), recomputed in float32, rounded to float16
+        x, y = main.op("Cast", s.x, to=TensorProto.FLOAT), main.op("Cast", raw, to=TensorProto.FLOAT)
     conv_attrs = {a.name: helper.get_attribute_value(a) for a in s.attrs}
     # one channel sum per group: the group's filters summed, a grouped Conv with one output channel
     # per group (for group 1 the sum over all channels; for depthwise it is the channel itself)
@@ -109,8 +115,8 @@ def protect_conv(s: ConvSite, idx: int, opset: int, ber: float):
     w_groups = s.weight.reshape(g, per, *s.weight.shape[1:])
     ws = w_groups.sum(axis=1).astype(np.float32)  # [g, Cin/g, k...]
     wabs = (tau * np.abs(w_groups).sum(axis=1)).astype(np.float32)
-    ref = main.op("Conv", s.x, main.const(ws, hint="Wsum"), **conv_attrs)
-    scale = main.op("Conv", main.op("Abs", s.x), main.const(wabs, hint="AbsWsum"), **conv_attrs)
+    ref = main.op("Conv", x, main.const(ws, hint="Wsum"), **conv_attrs)
+    scale = main.op("Conv", main.op("Abs", x), main.const(wabs, hint="AbsWsum"), **conv_attrs)
     if s.bias is not None:
         spatial = [1] * (s.weight.ndim - 2)
         b_groups = s.bias.reshape(g, per)
@@ -119,11 +125,11 @@ def protect_conv(s: ConvSite, idx: int, opset: int, ber: float):
         scale = main.op("Add", scale, main.const((tau * np.abs(b_groups).sum(1)).reshape(1, g, *spatial)
                                                  .astype(np.float32), hint="biasAbs"))
     if g == 1:
-        r = reduce(main, "ReduceSum", raw, [1], keepdims=1)
+        r = reduce(main, "ReduceSum", y, [1], keepdims=1)
     elif per == 1:
-        r = raw  # depthwise: each group's sum is its one channel
+        r = y  # depthwise: each group's sum is its one channel
     else:  # [n, g * per, ...] -> [n, g, per, positions] summed over per; ref and scale to [n, g, positions]
-        r = reduce(main, "ReduceSum", main.op("Reshape", raw, main.ints([0, g, per, -1])), [2], keepdims=0)
+        r = reduce(main, "ReduceSum", main.op("Reshape", y, main.ints([0, g, per, -1])), [2], keepdims=0)
         ref = main.op("Reshape", ref, main.ints([0, g, -1]))
         scale = main.op("Reshape", scale, main.ints([0, g, -1]))
     diff = main.op("Sub", r, ref)
@@ -137,18 +143,19 @@ def protect_conv(s: ConvSite, idx: int, opset: int, ber: float):
     items = nb.op("Reshape", nb.op("NonZero", nb.op("Cast", reduce(nb, "ReduceMax", per_item, [1], keepdims=0),
                                                         to=TensorProto.BOOL)), nb.ints([-1]))
     w_name = nb.const(s.weight.astype(np.float32), hint="W")
-    ins = [nb.op("Gather", s.x, items, axis=0), w_name]
+    ins = [nb.op("Gather", x, items, axis=0), w_name]
     if s.bias is not None:
         ins.append(nb.const(s.bias.astype(np.float32), hint="b"))
     y_new = nb.op("Conv", *ins, **conv_attrs)
     item_idx = unsqueeze(nb, items, [1])
     mark_recompute(nb, y_new, item_idx, raw)  # (bias included: a Conv site's bias add is one of its operations)
-    fixed = nb.op("ScatterND", raw, item_idx, y_new)
+    fixed = nb.op("ScatterND", raw, item_idx, nb.op("Cast", y_new, to=TensorProto.FLOAT16) if s.fp16 else y_new)
     per_item_elems = nb.op("Div", nb.op("Size", raw), nb.op("Gather", nb.op("Shape", raw), nb.ints(0), axis=0))
     count = nb.op("Mul", nb.op("Size", items), per_item_elems)
     costs = conv_cost(s.M * s.group, s.N, s.K, ber) if s.M else {}  # (groups: more rows of the GEMM view)
     entry = {"name": s.name, "op_type": "Conv", "output": s.out, "M": s.M, "N": s.N, "K": s.K, "group": s.group,
-             "scheme": "recompute", "tau": tau, "tau_source": "rounding bound", "has_bias": s.bias is not None,
+             "scheme": "recompute", "tau": tau, "tau_source": "rounding bound" + (" (float16 unit)" if s.fp16 else ""),
+             "has_bias": s.bias is not None,
              "main_graph_nodes": len(main.nodes),
              "ops_gemm": (s.M * s.N * s.group * 2 * s.K) if s.M else None,
              "ops_detection": costs.get("detection"), "ops_expected_recovery": costs.get("recovery"),
