@@ -757,3 +757,37 @@ def test_fp16_conv_protected_without_false_alarms():
     assert flags(got) == (True, 6 * 25)
     want = s_clean.run(None, {"x": x})[0].astype(np.float32)
     np.testing.assert_allclose(got["out"].astype(np.float32), want, rtol=0, atol=4e-3 * np.abs(want).max())
+
+
+def test_reshape_rank_recovered_for_tf2onnx_flatten():
+    """tf2onnx's Flatten (Shape -> Cast -> Slice -> Concat -> Cast -> Reshape): shape inference
+    loses the rank of the MatMul's input; the pass recovers it from the length of the Reshape's
+    shape input (sizes stay dynamic), protects the unit, keeps fault-free outputs identical and
+    recovers a corrupted output at two batch sizes."""
+    w = RNG.standard_normal((48, 5)).astype(np.float32)
+    ints = lambda v, n: nh.from_array(np.array(v, np.int64), n)  # noqa: E731
+    model = make([h.make_node("Relu", ["x"], ["xr"], name="relu"),
+                  h.make_node("Shape", ["xr"], ["shp"], name="shape"),
+                  h.make_node("Cast", ["shp"], ["shp32"], name="cast32", to=T.INT32),
+                  h.make_node("Slice", ["shp32", "zero", "one", "zero"], ["batch"], name="slice"),
+                  h.make_node("Concat", ["batch", "minus1"], ["target32"], name="concat", axis=0),
+                  h.make_node("Cast", ["target32"], ["target"], name="cast64", to=T.INT64),
+                  h.make_node("Reshape", ["xr", "target"], ["flat"], name="flatten"),
+                  h.make_node("MatMul", ["flat", "w"], ["out"], name="dense")],
+                 [vi("x", ["n", 3, 4, 4])], [vi("out", [None, 5])],
+                 [nh.from_array(w, "w"), ints([0], "zero"), ints([1], "one"),
+                  nh.from_array(np.array([-1], np.int32), "minus1")])
+    r = abft(model, expose_flags=True)
+    assert [g["name"] for g in r.details["gemms"]] == ["dense"] and not r.skipped
+    onnx.checker.check_model(r.model, full_check=True)
+    for batch in (2, 5):
+        x = np.random.default_rng(batch).standard_normal((batch, 3, 4, 4)).astype(np.float32)
+        want = np.maximum(x, 0).reshape(batch, -1).astype(np.float64) @ w
+        got = run(r.model, {"x": x})
+        np.testing.assert_array_equal(got["out"], run(model, {"x": x})["out"])
+        assert flags(got) == (False, 0)
+        delta = np.zeros((batch, 5), np.float32)
+        delta[batch - 1, 3] = 1e5
+        got = run(perturbed(r.model), {"x": x, "delta": delta})
+        assert flags(got)[0]
+        np.testing.assert_allclose(got["out"], want, rtol=1e-5, atol=1e-5)

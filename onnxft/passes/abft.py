@@ -24,8 +24,13 @@ never depend on how a batch is composed:
   not a scheme to ship.
 - ``lb`` (LB-ABFT, seed paper Fig. 6): block-wise tests on ``b x b`` output blocks; only the
   flagged blocks are recomputed (gather rows of A and columns of B, MatMul, ScatterND). ``b`` per
-  GEMM from ``opt_block_size`` (Algorithm 2) or given. LB needs static M and N (0/1 block
-  indicator constants); a GEMM without them falls back to ``standard`` (recorded in the plan).
+  GEMM from ``opt_block_size`` (Algorithm 2) or given; a GEMM with dynamic dimensions gets it at
+  representative shapes (``shapes``). The block grid is built from the run-time M and N (padding
+  to a multiple of b), so dynamic batch, token and sequence axes keep LB; a dynamic inner
+  dimension K (attention x V) gets its threshold computed in the graph from the run-time K.
+
+float16 products are checked in float32 with the float16 rounding bound. MatMul/Gemm/Conv inside
+If/Loop/Scan bodies are listed as skipped.
 
 The pass is pure: it returns a new model and never runs a session. Thresholds come from the
 rounding bound (no false alarm possible) or from ``calibrate_abft`` data. docs/abft.md has the
@@ -128,12 +133,48 @@ def default_opset(model: onnx.ModelProto) -> int:
     return v
 
 
+def _with_reshape_ranks(inferred: onnx.ModelProto) -> onnx.ModelProto:
+    """Shape inference again after giving each Reshape whose output rank was lost the rank it must
+    have: the length of its shape input (static even when the values are computed at run time, as
+    in tf2onnx's Flatten: Shape -> Cast -> Slice -> Concat -> Cast -> Reshape). The sizes stay
+    unknown; what follows the Reshape (MatMul, Add, ...) gets its rank from there."""
+    g = inferred.graph
+    vi = {v.name: v for v in list(g.input) + list(g.output) + list(g.value_info)}
+    inits = {t.name: t for t in g.initializer}
+
+    def shape_of(name):
+        if name in inits:
+            return list(inits[name].dims)
+        v = vi.get(name)
+        if v is None or not v.type.tensor_type.HasField("shape"):
+            return None
+        return [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+
+    added = []
+    for n in g.node:
+        if n.op_type != "Reshape" or n.domain not in ("", "ai.onnx") or len(n.input) < 2:
+            continue
+        out = n.output[0]
+        known = shape_of(out)
+        target = shape_of(n.input[1])
+        elem = vi[n.input[0]].type.tensor_type.elem_type if n.input[0] in vi else 0
+        if known is None and target is not None and len(target) == 1 and target[0] and elem:
+            added.append(helper.make_tensor_value_info(out, elem, [None] * target[0]))
+    if not added:
+        return inferred
+    named = {v.name for v in added}
+    keep = [v for v in g.value_info if v.name not in named]
+    del g.value_info[:]
+    g.value_info.extend(keep + added)
+    return shape_inference.infer_shapes(inferred, data_prop=True)
+
+
 class _Model:
     """Lookup tables over the main graph (after shape inference on a copy)."""
 
     def __init__(self, model: onnx.ModelProto):
         try:
-            self.inferred = shape_inference.infer_shapes(model, data_prop=True)
+            self.inferred = _with_reshape_ranks(shape_inference.infer_shapes(model, data_prop=True))
         except Exception as exc:
             raise AbftError(f"shape inference failed: {str(exc).splitlines()[0]}") from None
         g = self.inferred.graph
@@ -200,7 +241,7 @@ def _describe(m: _Model, node) -> GemmSite:
         return s
     s.fp16 = _elem(m.vi, y) == TensorProto.FLOAT16
     if da is None or db is None or dy is None:
-        s.skip = "operand ranks unknown after shape inference"
+        s.skip = RANKS_UNKNOWN
         return s
     s.a_rank, s.b_rank = len(da), len(db)
     if s.a_rank < 2 or s.b_rank < 2:
@@ -341,14 +382,11 @@ def _nonnegative(m: _Model, tensor: str, depth: int = 0) -> bool:
 
 
 REPRESENTATIVE_DIM = 256  # a dynamic dimension nobody gave a representative size for
+RANKS_UNKNOWN = "operand ranks unknown after shape inference"
 
 
-def representative_dims(model: onnx.ModelProto, shapes: dict | None) -> dict:
-    """``{gemm name: (unit rows, N, K)}`` at representative input shapes: the model's inputs fixed to
-    ``shapes`` (``{input name: dims}``, e.g. one calibration batch), shapes inferred again. A dimension
-    still unknown (or every dynamic one without ``shapes``) is ``None``."""
-    if not shapes:
-        return {}
+def _fixed_inputs(model: onnx.ModelProto, shapes: dict) -> onnx.ModelProto:
+    """A copy of ``model`` whose dynamic input dimensions are fixed to ``shapes``."""
     fixed = copy.deepcopy(model)
     for vi in fixed.graph.input:
         dims = shapes.get(vi.name)
@@ -362,7 +400,16 @@ def representative_dims(model: onnx.ModelProto, shapes: dict | None) -> dict:
                 d.Clear()
                 d.dim_value = int(v)
     del fixed.graph.value_info[:]
-    return {g.name: (g.unit_rows, g.N, g.K) for g in find_gemms(fixed) if g.skip is None}
+    return fixed
+
+
+def representative_dims(model: onnx.ModelProto, shapes: dict | None) -> dict:
+    """``{gemm name: (unit rows, N, K)}`` at representative input shapes: the model's inputs fixed to
+    ``shapes`` (``{input name: dims}``, e.g. one calibration batch), shapes inferred again. A dimension
+    still unknown (or every dynamic one without ``shapes``) is ``None``."""
+    if not shapes:
+        return {}
+    return {g.name: (g.unit_rows, g.N, g.K) for g in find_gemms(_fixed_inputs(model, shapes)) if g.skip is None}
 
 
 def _rep(s: GemmSite, rep: dict) -> tuple[tuple[int, int, int], str]:

@@ -18,8 +18,10 @@ the patch embedding of a ViT, the one Conv there, is a small part of the model, 
 recovery of a convolution would need an im2col gather. A Conv is therefore protected the same
 way under ``lb``, ``standard`` and ``sec``, and the plan records it as ``recompute``.
 
-Skipped (with the reason in the plan): grouped convolutions, a weight or bias that is not
-constant, a non-float32 output, unknown channel counts.
+Grouped and depthwise convolutions get one channel sum per group (a grouped Conv with one output
+channel per group); 1-D and 3-D convolutions work the same way; a float16 Conv is checked in
+float32 with the float16 rounding bound. Skipped (with the reason in the plan): a weight or bias
+that is not constant, an output that is not float32/float16, a weight that does not fit the group.
 """
 from __future__ import annotations
 
