@@ -2,7 +2,8 @@
 
     python benchmarks/bench_harden.py                        # sample vit and a ViT-B/16, lb and standard
     python benchmarks/bench_harden.py --models vit --repeats 200 --threads 1
-    python benchmarks/bench_harden.py --models vit-s16-dyn,vit-b16 --schemes lb --threads 1 --repeats 5
+    python benchmarks/bench_harden.py --models vit-s16-dyn --schemes lb --threads 1 --repeats 9 --clock cpu
+    python benchmarks/bench_harden.py --models vit-b16 --static --schemes lb --threads 1 --repeats 5 --clock cpu
 
 (``vit-s16-dyn``: ViT-S/16-sized with a dynamic token axis, run at ``--image`` pixels.) The hardened
 graphs expose their detection flags, and every run's flags are counted: fault-free inputs, so any
@@ -28,6 +29,7 @@ import onnxruntime as ort
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from onnxft import samples as ft_samples  # noqa: E402
+from onnxft.campaigns.harden import fix_batch  # noqa: E402
 from onnxft.passes.abft import abft  # noqa: E402
 from vit_graph import PRESETS, build_vit  # noqa: E402
 
@@ -71,6 +73,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--ber", type=float, default=1e-8)
     ap.add_argument("--image", type=int, default=224, help="size of dynamic spatial input axes")
+    ap.add_argument("--static", action="store_true",
+                    help="fix the batch axis to --batch before hardening (static shapes, as harden --batch)")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="cpu: the calling thread's CPU time (with --threads 1 onnxruntime runs there), "
                          "steadier on a shared machine")
@@ -83,6 +87,8 @@ def main(argv=None) -> int:
         tmp = Path(td)
         for name in args.models.split(","):
             model = load(name)
+            if args.static:
+                model = fix_batch(model, args.batch)
             x = feeds(model, args.batch, args.image)
             variants = {"original": session(model, args.threads, tmp, "orig")}
             info = {}

@@ -606,6 +606,8 @@ def _runtime_tau(nb: Nodes, s, k, n) -> str:
     c0 = np.array(_rounding_counts(s, 0, 0), np.float64)
     ck = np.array(_rounding_counts(s, 1, 0), np.float64) - c0
     cn = np.array(_rounding_counts(s, 0, 1), np.float64) - c0
+    used = 1 if not (c0[1:].any() or ck[1:].any() or cn[1:].any()) else 3  # (b = c = 0: gamma_a alone)
+    c0, ck, cn = c0[:used], ck[:used], cn[:used]
     static = c0 + (ck * k if isinstance(k, int) else 0) + (cn * n if isinstance(n, int) else 0)
     counts = nb.const(static.astype(np.float32), hint="counts")
     for size, coef in ((k, ck), (n, cn)):
@@ -615,9 +617,12 @@ def _runtime_tau(nb: Nodes, s, k, n) -> str:
     left = nb.op("Sub", nb.const(np.float32([1.0]), hint="one"), xu)
     inf = nb.const(np.float32([np.inf]), hint="inf")
     gammas = nb.op("Where", nb.op("Greater", left, nb.const(np.float32([0.0]), hint="zero")),
-                   nb.op("Div", xu, left), inf)  # [gamma_a, gamma_b, gamma_c]
+                   nb.op("Div", xu, left), inf)  # [gamma_a, gamma_b, gamma_c] (or [gamma_a])
+    one_plus_u = nb.const(np.float32([1 + 2.0**-23]), hint="onePlusU")  # (1 + u, rounded up in float32)
+    if used == 1:
+        return nb.op("Mul", gammas, one_plus_u)
     pick = lambda i: nb.op("Gather", gammas, nb.ints([i]), axis=0)  # noqa: E731
-    top = nb.op("Mul", nb.op("Add", pick(0), pick(1)), nb.const(np.float32([1 + 2.0**-23]), hint="onePlusU"))
+    top = nb.op("Mul", nb.op("Add", pick(0), pick(1)), one_plus_u)
     bottom = nb.op("Sub", nb.const(np.float32([1.0]), hint="one"), pick(2))
     return nb.op("Where", nb.op("Greater", bottom, nb.const(np.float32([0.0]), hint="zero")),
                  nb.op("Div", top, bottom), inf)
