@@ -791,3 +791,62 @@ def test_reshape_rank_recovered_for_tf2onnx_flatten():
         got = run(perturbed(r.model), {"x": x, "delta": delta})
         assert flags(got)[0]
         np.testing.assert_allclose(got["out"], want, rtol=1e-5, atol=1e-5)
+
+
+def gelu_linear_model():
+    """torch's exported GELU (x * 0.5 * (1 + erf(x / sqrt 2))) then a Linear: A >= -0.17."""
+    c = lambda v, n: nh.from_array(np.array(v, np.float32), n)  # noqa: E731
+    return make([h.make_node("Div", ["x", "sqrt2"], ["g0"], name="div"),
+                  h.make_node("Erf", ["g0"], ["g1"], name="erf"),
+                  h.make_node("Add", ["g1", "one"], ["g2"], name="add1"),
+                  h.make_node("Mul", ["x", "g2"], ["g3"], name="mul"),
+                  h.make_node("Mul", ["g3", "half"], ["g"], name="mul_half"),
+                  h.make_node("MatMul", ["g", "w"], ["y"], name="fc2"),
+                  h.make_node("Add", ["y", "bias"], ["out"], name="fc2_bias")],
+                 [vi("x", ["n", 6, 8])], [vi("out", ["n", 6, 12])],
+                 [nh.from_array(W, "w"), nh.from_array(BIAS, "bias"), c(np.sqrt(2.0), "sqrt2"), c(1.0, "one"),
+                  c(0.5, "half")])
+
+
+def test_gelu_input_needs_no_abs_pass():
+    """A GELU output is >= -0.17, so the scale |A| @ |B|e is bounded by A @ |B|e + 0.34 sum|B|e
+    without an Abs pass over A: no Abs on A in the graph, no false alarm on inputs with many
+    negative GELU outputs (x near -0.75, where GELU is lowest), a corrupted output recovered."""
+    from onnxft.passes.abft import GELU_MIN, _lower_bound, _Model
+
+    xs = np.linspace(-6, 6, 200001)
+    from math import erf
+    assert min(v * 0.5 * (1 + erf(v / np.sqrt(2))) for v in xs[::50]) > -GELU_MIN
+    model = gelu_linear_model()
+    assert _lower_bound(_Model(model), "g") == GELU_MIN
+    r = abft(model, scheme="lb", block_size=4, expose_flags=True)
+    assert not any(n.op_type == "Abs" and n.input[0] == "g" for n in r.model.graph.node)
+    rng = np.random.default_rng(2)
+    for x in (rng.standard_normal((4, 6, 8)) * 3, rng.uniform(-1.2, -0.4, (4, 6, 8)), rng.uniform(-0.1, 0.1, (4, 6, 8))):
+        feeds = {"x": x.astype(np.float32)}
+        got = run(r.model, feeds)
+        np.testing.assert_array_equal(got["out"], run(model, feeds)["out"])
+        assert flags(got) == (False, 0)
+    feeds = {"x": rng.uniform(-1.2, -0.4, (2, 6, 8)).astype(np.float32)}
+    delta = np.zeros((2, 6, 12), np.float32)
+    delta[1, 2, 7] = 1e-3  # small: within what the old |A| scale would also catch
+    got = run(perturbed(r.model), {**feeds, "delta": delta})
+    assert flags(got) == (True, 16)
+    np.testing.assert_allclose(got["out"], run(model, feeds)["out"], rtol=1e-5, atol=1e-6)
+
+
+def test_range_restricted_input_lower_bound():
+    """A range restriction Clip(x, lo, hi) (role protection, as harden inserts it) bounds A below by
+    lo: the no-Abs scale uses c = -lo; a Clip of the model's own is not trusted."""
+    from onnxft.graph.roles import set_role
+    from onnxft.passes.abft import _lower_bound, _Model
+
+    lo = nh.from_array(np.array(-0.3, np.float32), "lo")
+    hi = nh.from_array(np.array(2.0, np.float32), "hi")
+    for role, want in ((PROTECTION, 0.3), (None, None)):
+        clip = h.make_node("Clip", ["x", "lo", "hi"], ["a"], name="clip")
+        if role:
+            set_role(clip, role)
+        m = make([clip, h.make_node("MatMul", ["a", "w"], ["out"], name="mm")], [vi("x", ["n", 8])],
+                 [vi("out", ["n", 12])], [nh.from_array(W, "w"), lo, hi])
+        assert _lower_bound(_Model(m), "a") == (pytest.approx(want) if want else None)

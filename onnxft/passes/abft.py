@@ -362,6 +362,67 @@ def _weight(m: _Model, s: GemmSite, node) -> np.ndarray | None:
 _NONNEGATIVE_OPS = ("Softmax", "Relu", "Sigmoid", "Exp")
 
 
+GELU_MIN = 0.17  # min of x Phi(x) is -0.16997 (at x = -0.7518)
+
+
+def _lower_bound(m: _Model, tensor: str) -> float | None:
+    """``c >= 0`` with ``tensor >= -c`` everywhere on fault-free data, or None: 0 for a
+    non-negative tensor (``_nonnegative``), ``GELU_MIN`` for a GELU output (a ``Gelu`` node or the
+    exported ``x * 0.5 * (1 + Erf(x / sqrt 2))``), ``-lo`` for a range restriction ``Clip(., lo, .)``
+    (ABFT's scale then needs no ``Abs`` pass over ``A``: ``weight_row_test``). A fault that
+    pushes A below ``-c`` can only make the test stricter for that row (a recompute)."""
+    if _nonnegative(m, tensor):
+        return 0.0
+    node = m.producers.get(tensor)
+    if node is None:
+        return None
+    if node.op_type == "Clip" and role_of(node) == PROTECTION:
+        lo = m.const(node.input[1]) if len(node.input) > 1 and node.input[1] else _attr(node, "min", None)
+        return None if lo is None or not np.isfinite(float(np.asarray(lo))) else max(-float(np.asarray(lo)), 0.0)
+    return GELU_MIN if _is_gelu(m, node) else None
+
+
+def _is_gelu(m: _Model, node, depth: int = 0) -> bool:
+    """``node`` computes GELU: a Gelu op, or the Mul/Add/Erf tree of ``x * 0.5 * (1 + Erf(x c))``
+    (``c = 1/sqrt 2``, or a Div by ``sqrt 2``) as torch exports it, in any order of the Muls."""
+    if node.op_type in ("Gelu", "BiasGelu", "FastGelu"):  # (the tanh form's minimum is -0.1700 too)
+        return True
+    if node.op_type != "Mul" or depth > 2:
+        return False
+    erf_inputs, leaves, halves = set(), set(), 0
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        for t in n.input:
+            c = m.const(t)
+            if c is not None:
+                halves += int(np.size(c) == 1 and abs(float(np.asarray(c).reshape(())) - 0.5) < 1e-6)
+                continue
+            p = m.producers.get(t)
+            if p is not None and p.op_type == "Mul" and len(stack) < 4:
+                stack.append(p)
+            elif p is not None and p.op_type == "Add" and any(
+                    m.producers.get(i) is not None and m.producers[i].op_type == "Erf" for i in p.input):
+                e = next(m.producers[i] for i in p.input if m.producers.get(i) is not None
+                         and m.producers[i].op_type == "Erf")
+                one = next((m.const(i) for i in p.input if m.const(i) is not None), None)
+                if one is None or np.size(one) != 1 or float(np.asarray(one).reshape(())) != 1.0:
+                    return False
+                d = m.producers.get(e.input[0])
+                if d is None or d.op_type not in ("Div", "Mul"):
+                    return False
+                k = m.const(d.input[1])
+                if k is None or np.size(k) != 1:
+                    return False
+                k = float(np.asarray(k).reshape(()))
+                if abs((k if d.op_type == "Mul" else 1.0 / k) - 2**-0.5) > 1e-6:
+                    return False
+                erf_inputs.add(d.input[0])
+            else:
+                leaves.add(t)
+    return len(erf_inputs) == 1 and leaves == erf_inputs and halves == 1
+
+
 def _nonnegative(m: _Model, tensor: str, depth: int = 0) -> bool:
     """Whether ``tensor`` can never be negative: a Softmax/Relu/Sigmoid/Exp output, or a range
     restriction (Clip with lower bound >= 0, or Where choosing between such values) of one."""
@@ -652,6 +713,7 @@ def _protect(m: _Model, s: GemmSite, node, idx: int, scheme: str, ber: float, bl
     weight = _weight(m, s, node)
     bias = _bias_vector(m, s, node)
     a_nonnegative = _nonnegative(m, s.a)
+    a_lower = _lower_bound(m, s.a)
     y_check = raw
     if s.fp16:
         # float16 products are checked in float32: Y and the operands cast, checksums accumulated in
@@ -681,7 +743,7 @@ def _protect(m: _Model, s: GemmSite, node, idx: int, scheme: str, ber: float, bl
             bs = float(np.sum(bias, dtype=np.float64))
             babs = fold * float(np.sum(np.abs(bias), dtype=np.float64))
         ok, diff, scale = weight_row_test(main, y_check, a, w64.sum(1), fold * np.abs(w64).sum(1),
-                                          tau_name if dynamic else None, bs, babs)
+                                          tau_name if dynamic else None, bs, babs, a_lower)
     else:
         if tau_name is None:
             tau_name = main.const(np.float32(tau), hint="tau")
