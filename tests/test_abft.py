@@ -850,3 +850,37 @@ def test_range_restricted_input_lower_bound():
         m = make([clip, h.make_node("MatMul", ["a", "w"], ["out"], name="mm")], [vi("x", ["n", 8])],
                  [vi("out", ["n", 12])], [nh.from_array(W, "w"), lo, hi])
         assert _lower_bound(_Model(m), "a") == (pytest.approx(want) if want else None)
+
+
+def test_injected_faults_recovered_in_dynamic_token_vit():
+    """Real injected faults (the inject pass's own fault operators) at protected MatMul sites of a
+    ViT with a dynamic token axis, hardened with LB-ABFT, at two token counts: the output equals
+    the fault-free output; the same fault in the unprotected model changes it."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "vit_graph.py"
+    spec = importlib.util.spec_from_file_location("vit_graph", path)
+    vit_graph = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(vit_graph)
+    model = vit_graph.build_vit(image=32, patch=8, dim=32, depth=1, heads=2, classes=10, dynamic_tokens=True)
+    r = abft(model, scheme="lb", shapes={"x": [1, 3, 32, 32]})
+    assert {g["scheme"] for g in r.details["gemms"]} == {"lb"} and not r.skipped
+    sess = InjectionSession(inject(r.model).model, "cpu", threads=1)
+    plain = InjectionSession(inject(model).model, "cpu", threads=1)
+    rng = np.random.default_rng(0)
+    for image in (32, 24):  # 17 and 10 tokens
+        x = rng.standard_normal((2, 3, image, image)).astype(np.float32)
+        clean, plans = sess.clean({"x": x})
+        np.testing.assert_allclose(clean[0], run(model, {"x": x})["logits"], rtol=1e-5, atol=1e-6)
+        sites = [i for i, s in enumerate(sess.table.sites) if s.kind == "gemm" and s.op_type == "MatMul"]
+        assert len(sites) == len(r.details["gemms"])
+        for i in sites:
+            plan = plans[i]
+            element = int(rng.integers(plan.elements))
+            f = Faults(np.array([i]), np.array([1]), np.array([element]), np.array([2 * plan.k - 2]), np.array([30]))
+            np.testing.assert_allclose(sess.run({"x": x}, f)[0], clean[0], rtol=1e-5, atol=1e-5)
+        c0, p0 = plain.clean({"x": x})
+        j = next(k for k, s in enumerate(plain.table.sites) if s.node == "/blocks.0/mlp/fc2/MatMul")
+        f = Faults(np.array([j]), np.array([1]), np.array([3]), np.array([2 * p0[j].k - 2]), np.array([30]))
+        assert np.abs(plain.run({"x": x}, f)[0] - c0[0]).max() > 1e-3
