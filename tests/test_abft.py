@@ -884,3 +884,36 @@ def test_injected_faults_recovered_in_dynamic_token_vit():
         j = next(k for k, s in enumerate(plain.table.sites) if s.node == "/blocks.0/mlp/fc2/MatMul")
         f = Faults(np.array([j]), np.array([1]), np.array([3]), np.array([2 * p0[j].k - 2]), np.array([30]))
         assert np.abs(plain.run({"x": x}, f)[0] - c0[0]).max() > 1e-3
+
+
+def test_dynamic_hardened_graph_runs_on_stock_onnxruntime(tmp_path):
+    """The dynamic-shape forms (run-time block grids and thresholds, float16 checks)
+    are standard ONNX: a fresh interpreter that cannot import onnxft runs them at default
+    optimisation level, at run-time shapes other than the representative ones, with the original's outputs."""
+    cases = {"av": (dynamic_av_model(), feeds_for(dynamic_av_model(), 2, 3, 7)),
+             "qk": (dynamic_attention_model(), feeds_for(dynamic_attention_model(), 3, 4, 13)),
+             "fp16": (fp16_model(), {"x": np.random.default_rng(1).standard_normal((2, 9, 16)).astype(np.float16)})}
+    for name, (model, feeds) in cases.items():
+        r = abft(model, scheme="lb", block_size=4)
+        onnx.checker.check_model(r.model, full_check=True)
+        onnx.save(r.model, str(tmp_path / f"{name}.onnx"))
+        np.savez(tmp_path / f"{name}_in.npz", **feeds)
+    code = textwrap.dedent(f"""
+        import sys
+        class NoOnnxft:
+            def find_spec(self, name, path=None, target=None):
+                if name == 'onnxft' or name.startswith('onnxft.'):
+                    raise ImportError('onnxft is blocked in this process')
+        sys.meta_path.insert(0, NoOnnxft())
+        import numpy as np, onnxruntime as ort
+        for name in {list(cases)!r}:
+            s = ort.InferenceSession({str(tmp_path)!r} + '/' + name + '.onnx', providers=['CPUExecutionProvider'])
+            feeds = dict(np.load({str(tmp_path)!r} + '/' + name + '_in.npz'))
+            np.save({str(tmp_path)!r} + '/' + name + '_out.npy', s.run(None, feeds)[0])
+    """)
+    subprocess.run([sys.executable, "-I", "-c", code], check=True, cwd=str(tmp_path))
+    for name, (model, feeds) in cases.items():
+        want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+        got = np.load(tmp_path / f"{name}_out.npy")
+        tol = 4e-3 * float(np.abs(want.astype(np.float32)).max()) if name == "fp16" else 0
+        np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), rtol=0, atol=tol)
