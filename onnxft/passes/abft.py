@@ -607,7 +607,9 @@ def _in_subgraphs(model: onnx.ModelProto, names: str | None, gemms) -> list:
                     label = n.name or n.output[0]
                     if n.op_type not in ("MatMul", "Gemm", "Conv") or n.domain not in ("", "ai.onnx"):
                         continue
-                    if (gemms is not None and label not in gemms) or (names is not None and not re.search(names, label)):
+                    if gemms is not None and label not in gemms:
+                        continue
+                    if names is not None and not re.search(names, label):
                         continue
                     out.append((label, f"inside the {node.op_type} body of {node.name or node.output[0]!r}: "
                                        f"subgraphs are not protected"))
