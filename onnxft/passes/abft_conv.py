@@ -23,8 +23,8 @@ Grouped and depthwise convolutions get one channel sum per group (a grouped Conv
 channel per group); 1-D and 3-D convolutions work the same way; a float16 Conv is checked in
 float32 with the bound at ``thresholds.unit_precision(precision, fp16=True)``. The BatchNorm /
 per-channel Add/Mul / residual chain after a Conv joins its unit for every group count
-(``_absorb_fusable``): scales fold into each channel's filter before the per-group sums. Skipped (with the reason in the plan): a weight or bias
-that is not constant, an output that is not float32/float16, a weight that does not fit the group.
+(``_absorb_fusable``): scales fold into each channel's filter before the per-group sums.
+Skipped (with the reason in the plan): a weight or bias that is not constant, an output that is not float32/float16, a weight that does not fit the group.
 """
 from __future__ import annotations
 
