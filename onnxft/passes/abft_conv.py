@@ -24,7 +24,8 @@ channel per group); 1-D and 3-D convolutions work the same way; a float16 Conv i
 float32 with the bound at ``thresholds.unit_precision(precision, fp16=True)``. The BatchNorm /
 per-channel Add/Mul / residual chain after a Conv joins its unit for every group count
 (``_absorb_fusable``): scales fold into each channel's filter before the per-group sums.
-Skipped (with the reason in the plan): a weight or bias that is not constant, an output that is not float32/float16, a weight that does not fit the group.
+Skipped (with the reason in the plan): a weight or bias that is not constant, an output that is
+not float32/float16, a weight that does not fit the group.
 """
 from __future__ import annotations
 
