@@ -2,6 +2,13 @@
 
     python benchmarks/bench_harden.py                        # sample vit and a ViT-B/16, lb and standard
     python benchmarks/bench_harden.py --models vit --repeats 200 --threads 1
+    python benchmarks/bench_harden.py --models vit-s16-dyn --schemes lb --threads 1 --repeats 9 --clock cpu
+    python benchmarks/bench_harden.py --models vit-b16 --static --schemes lb --threads 1 --repeats 5 --clock cpu
+
+(``vit-s16-dyn``: ViT-S/16-sized with a dynamic token axis, run at ``--image`` pixels.) The timed
+graphs are the ones ``harden`` ships; after every timed round their twins with the detection flags
+exposed (``abft(expose_flags=True)``, the same checks) run once, untimed, on the same inputs and
+every flag is counted: fault-free inputs, so any flag is a false alarm.
 
 Interleaved runs (original, lb, standard, original, ...) on the same inputs, medians, ratio to the
 original. Sessions at onnxruntime's default level (all optimizations), CPU, batch 8 by default.
@@ -23,6 +30,7 @@ import onnxruntime as ort
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from onnxft import samples as ft_samples  # noqa: E402
+from onnxft.campaigns.harden import fix_batch  # noqa: E402
 from onnxft.passes.abft import abft  # noqa: E402
 from vit_graph import PRESETS, build_vit  # noqa: E402
 
@@ -35,13 +43,15 @@ def load(name: str) -> onnx.ModelProto:
     return onnx.load(s["path"] if s else name)
 
 
-def feeds(model: onnx.ModelProto, batch: int) -> dict:
+def feeds(model: onnx.ModelProto, batch: int, image: int = 224) -> dict:
+    """Random inputs: a dynamic first axis is the batch, other dynamic axes (height, width) ``image``."""
     rng = np.random.default_rng(0)
     out = {}
     for i in model.graph.input:
         if i.name in {t.name for t in model.graph.initializer}:
             continue
-        shape = [batch if not d.dim_value else d.dim_value for d in i.type.tensor_type.shape.dim]
+        shape = [d.dim_value if d.dim_value else (batch if k == 0 else image)
+                 for k, d in enumerate(i.type.tensor_type.shape.dim)]
         out[i.name] = rng.standard_normal(shape).astype(np.float32)
     return out
 
@@ -63,36 +73,56 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--ber", type=float, default=1e-8)
+    ap.add_argument("--image", type=int, default=224, help="size of dynamic spatial input axes")
+    ap.add_argument("--static", action="store_true",
+                    help="fix the batch axis to --batch before hardening (static shapes, as harden --batch)")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="cpu: the calling thread's CPU time (with --threads 1 onnxruntime runs there), "
+                         "steadier on a shared machine")
     args = ap.parse_args(argv)
     print(f"# onnxruntime {ort.__version__}, CPU, batch {args.batch}, {args.repeats} interleaved repeats, "
-          f"threads {args.threads or 'default'}")
-    print(f"{'model':<10} {'scheme':<9} {'GEMMs':>5} {'nodes+':>6} {'original ms':>11} {'hardened ms':>11} {'ratio':>6}")
+          f"threads {args.threads or 'default'}, {args.clock} clock")
+    print(f"{'model':<12} {'scheme':<9} {'GEMMs':>5} {'nodes+':>6} {'original ms':>11} {'hardened ms':>11} "
+          f"{'ratio':>6} {'alarms':>6}")
     with tempfile.TemporaryDirectory() as td:
         tmp = Path(td)
         for name in args.models.split(","):
             model = load(name)
-            x = feeds(model, args.batch)
+            if args.static:
+                model = fix_batch(model, args.batch)
+            x = feeds(model, args.batch, args.image)
             variants = {"original": session(model, args.threads, tmp, "orig")}
             info = {}
+            with_flags = {}
+            shapes = {k: [1, *v.shape[1:]] for k, v in x.items()}  # representative shapes: one item
             for scheme in args.schemes.split(","):
-                r = abft(model, scheme=scheme, ber=args.ber)
+                r = abft(model, scheme=scheme, ber=args.ber, shapes=shapes)
                 info[scheme] = (len(r.details["gemms"]), len(r.model.graph.node) - len(model.graph.node))
                 variants[scheme] = session(r.model, args.threads, tmp, scheme)
+                flagged = abft(model, scheme=scheme, ber=args.ber, shapes=shapes, expose_flags=True).model
+                with_flags[scheme] = session(flagged, args.threads, tmp, scheme + "_flags")
             for s in variants.values():  # warm up
                 for _ in range(3):
                     s.run(None, x)
             times = {k: [] for k in variants}
-            for _ in range(args.repeats):
-                for k, s in variants.items():
-                    t = time.perf_counter()
+            alarms = {k: 0 for k in variants}
+            clock = time.thread_time if args.clock == "cpu" else time.perf_counter
+            for i in range(args.repeats):
+                order = list(variants.items())
+                for k, s in (order if i % 2 == 0 else order[::-1]):  # alternate who goes first
+                    t = clock()
                     s.run(None, x)
-                    times[k].append(time.perf_counter() - t)
+                    times[k].append(clock() - t)
+                for k, s in with_flags.items():
+                    names = [o.name for o in s.get_outputs()]
+                    outs = s.run(None, x)
+                    alarms[k] += sum(bool(v) for n, v in zip(names, outs) if n.endswith(".detected"))
             base = statistics.median(times["original"])
             for scheme in args.schemes.split(","):
                 med = statistics.median(times[scheme])
                 g, n = info[scheme]
-                print(f"{name:<10} {scheme:<9} {g:>5} {n:>6} {base * 1e3:>11.2f} {med * 1e3:>11.2f} {med / base:>6.3f}",
-                      flush=True)
+                print(f"{name:<12} {scheme:<9} {g:>5} {n:>6} {base * 1e3:>11.2f} {med * 1e3:>11.2f} {med / base:>6.3f} "
+                      f"{alarms[scheme]:>6}", flush=True)
     return 0
 
 

@@ -24,13 +24,18 @@ PRESETS = {
     "vit-b16": dict(image=224, patch=16, dim=768, depth=12, heads=12),
     "vit-s16": dict(image=224, patch=16, dim=384, depth=12, heads=6),
     "vit-tiny16": dict(image=224, patch=16, dim=192, depth=12, heads=3),
+    "vit-s16-dyn": dict(image=224, patch=16, dim=384, depth=12, heads=6, dynamic_tokens=True),
 }
 
 
 def build_vit(image: int = 224, patch: int = 16, dim: int = 768, depth: int = 12, heads: int = 12,
               mlp_ratio: int = 4, classes: int = 1000, channels: int = 3, seed: int = 0,
-              opset: int = 17) -> onnx.ModelProto:
-    """x [batch, channels, image, image] float32 -> logits [batch, classes]; weights ~ N(0, 0.02)."""
+              opset: int = 17, dynamic_tokens: bool = False) -> onnx.ModelProto:
+    """x [batch, channels, image, image] float32 -> logits [batch, classes]; weights ~ N(0, 0.02).
+
+    ``dynamic_tokens``: the input is ``[batch, channels, height, width]`` (any multiple of the patch
+    size up to ``image``), so the token axis is dynamic in every block, as in DINOv2 exports; the
+    position embedding is sliced to the run-time token count (DINOv2 interpolates it)."""
     if opset < 17:
         raise ValueError("the fused LayerNormalization op needs opset 17 or later")
     if image % patch:
@@ -99,7 +104,14 @@ def build_vit(image: int = 224, patch: int = 16, dim: int = 768, depth: int = 12
     cls = node("Expand", "/Expand", [cls, target])
     x = node("Concat", "/Concat_1", [cls, x], axis=1)
     tokens = (image // patch) ** 2 + 1
-    x = node("Add", "/Add", [x, rand("pos_embed", 1, tokens, dim)])
+    pos = rand("pos_embed", 1, tokens, dim)
+    if dynamic_tokens:
+        n_tok = node("Slice", "/pos_embed/Slice_shape", [node("Shape", "/pos_embed/Shape", [x]),
+                                                         const("const_axis_1", [1], np.int64),
+                                                         const("const_axis_2", [2], np.int64)])
+        pos = node("Slice", "/pos_embed/Slice", [pos, const("const_start_0", [0], np.int64), n_tok,
+                                                 const("const_axes_1", [1], np.int64)])
+    x = node("Add", "/Add", [x, pos])
 
     for i in range(depth):
         blk = f"/blocks.{i}"
@@ -138,7 +150,8 @@ def build_vit(image: int = 224, patch: int = 16, dim: int = 768, depth: int = 12
     nodes.append(h.make_node("Add", [x, hb], ["logits"], name="/head/Add"))
 
     graph = h.make_graph(
-        nodes, "vit", [h.make_tensor_value_info("x", T.FLOAT, ["batch", channels, image, image])],
+        nodes, "vit", [h.make_tensor_value_info("x", T.FLOAT, ["batch", channels] + (
+            ["height", "width"] if dynamic_tokens else [image, image]))],
         [h.make_tensor_value_info("logits", T.FLOAT, ["batch", classes])], inits)
     model = h.make_model(graph, opset_imports=[h.make_opsetid("", opset)], ir_version=8,
                          producer_name="onnxft-benchmarks")
@@ -184,11 +197,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--opset", type=int, default=17)
     ap.add_argument("--no-check", action="store_true", help="skip onnx.checker")
+    ap.add_argument("--dynamic-tokens", action="store_true",
+                    help="input [batch, C, height, width]: a dynamic token axis in every block")
     args = ap.parse_args(argv)
     cfg = dict(PRESETS[args.preset])
     for k in ("image", "patch", "dim", "depth", "heads"):
         if getattr(args, k) is not None:
             cfg[k] = getattr(args, k)
+    if args.dynamic_tokens:
+        cfg["dynamic_tokens"] = True
     model = build_vit(**cfg, classes=args.classes, seed=args.seed, opset=args.opset)
     if not args.no_check:
         onnx.checker.check_model(model, full_check=True)

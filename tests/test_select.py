@@ -28,7 +28,7 @@ def test_units_cover_every_protectable_gemm_with_its_cost():
     assert {"/blocks.0/attn/q/MatMul", "/blocks.0/attn/MatMul", "/blocks.0/mlp/fc1/MatMul",
             "/head/Gemm"} <= names
     fc1 = next(u for u in units if u.name == "/blocks.0/mlp/fc1/MatMul")
-    assert len(fc1.sites) == 2  # the MatMul and its bias Add form one unit
+    assert len(fc1.sites) == 1  # (its bias Add feeds the GELU: left out of the unit for onnxruntime's BiasGelu)
     assert all(u.ops > 0 and 0 < u.overhead < 1 for u in units)
     assert matrices_per_item({"batch_dims": ["batch", 4]}) == 4 and matrices_per_item({"rowwise": True}) == 1
 

@@ -13,7 +13,8 @@ from onnx import numpy_helper as nh
 
 from onnxft.graph.roles import PROTECTION, role_of
 from onnxft.passes.abft import abft
-from onnxft.passes.thresholds import PRECISIONS, precision, tau_bound, tau_line
+from onnxft.passes.thresholds import (PRECISIONS, count_coefficients, precision, rounding_counts, tau_bound,
+                                      unit_precision)
 
 LEVELS = {"disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
           "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
@@ -224,12 +225,52 @@ def test_bound_covers_both_sides_of_the_test():
     assert tau_bound(2048, 8, "fp16") == float("inf")  # no finite bound for fp16 accumulation that long
 
 
-def test_runtime_line_is_above_the_bound():
-    for prec in PRECISIONS:
-        for K in (16, 768):
-            c0, c1 = tau_line(K, prec, extra_roundings=2, runtime_checksums=True)
-            for n in (1, 2, 7, 197, 4096, 2**20):
-                assert c0 + c1 * n >= tau_bound(K, n, prec, 2, True) * (1 - 1e-12)
+def test_count_coefficients_are_the_counts():
+    """``rounding_counts`` is affine in K and n_sum, and ``count_coefficients`` are its terms."""
+    for prec in list(PRECISIONS) + [unit_precision("tf32", fp16=True)]:
+        for extra, rc in ((0, False), (3, True)):
+            const, per_k, per_n = count_coefficients(prec, extra, rc)
+            for K, n in ((1, 1), (16, 7), (768, 3072), (50000, 10)):
+                want = rounding_counts(K, n, prec, extra, rc)
+                got = [c + K * k + n * m for c, k, m in zip(const, per_k, per_n)]
+                assert got == pytest.approx(want, rel=0, abs=1e-9)
+
+
+def test_graph_bound_equals_tau_bound():
+    """The run-time threshold abft builds in the graph (float32, from run-time K and n) is
+    ``tau_bound`` at those sizes: never below it, and within 2^-18 above it; +inf where no finite
+    bound exists."""
+    from onnxft.graph.checksums import Nodes
+    from onnxft.passes.abft import _runtime_tau
+
+    def f32(name):
+        return h.make_tensor_value_info(name, T.FLOAT, [1])
+
+    for prec in ("fp32", "tf32", "fp16", "bf16", unit_precision("tf32", fp16=True)):
+        p = precision(prec) if isinstance(prec, str) else prec
+        for extra, rc in ((0, False), (2, True)):
+            nb = Nodes("t", 17)
+            out = _runtime_tau(nb, p, extra, rc, "k", "n")
+            m = _model(nb.nodes, [f32("k"), f32("n")], [f32(out)], nb.initializers)
+            sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+            for K, n in ((1, 1), (4, 4), (197, 64), (768, 3072), (4096, 4096), (1500, 10), (50000, 10)):
+                got = float(sess.run([out], {"k": np.float32([K]), "n": np.float32([n])})[0][0])
+                want = tau_bound(K, n, p, extra, rc)
+                if np.isinf(want):
+                    assert np.isinf(got), (p.name, K, n)
+                else:
+                    assert want <= got <= want * (1 + 2.0**-18), (p.name, extra, rc, K, n, got, want)
+
+
+def test_float16_unit_precision_is_the_coarser():
+    p = unit_precision("tf32", fp16=True)
+    assert (p.u_in, p.u_acc, p.u_elt) == (2.0**-10, 2.0**-11, 2.0**-11)
+    assert unit_precision("fp32", fp16=True) is PRECISIONS["fp16"]
+    assert unit_precision("bf16", fp16=True).u_out == 2.0**-8
+    assert unit_precision("tf32") is PRECISIONS["tf32"]
+    for K, n in ((16, 24), (768, 64)):
+        b = tau_bound(K, n, p)
+        assert b >= tau_bound(K, n, "fp16") and b >= tau_bound(K, n, "tf32")
 
 
 def test_precision_names():

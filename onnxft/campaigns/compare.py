@@ -69,10 +69,11 @@ def _range_ops(model: onnx.ModelProto, tensors: list[str]) -> int:
 def _abft_ops(plan: dict, ber: float) -> float:
     ops = 0.0
     for g in plan.get("gemms", []):
-        M, N, K = g.get("M"), g.get("N"), g.get("K")
+        rep = g.get("shape_for_costs") or {}  # (dynamic dimensions: the representative shape's)
+        M, N, K = g.get("M") or rep.get("rows"), g.get("N") or rep.get("N"), g.get("K") or rep.get("K")
         if not (M and N and K):
             continue
-        rows = g.get("unit_rows") or M
+        rows = g.get("unit_rows") or rep.get("rows") or M
         if g["scheme"] == "lb" and g.get("block_size"):
             c = lb_cost(rows, N, K, ber, int(g["block_size"]))["total"]
         else:
@@ -80,7 +81,7 @@ def _abft_ops(plan: dict, ber: float) -> float:
         ops += c * matrices_per_item(g)
     for c in plan.get("convs", []):
         if c.get("M"):
-            ops += conv_cost(c["M"], c["N"], c["K"], ber)["total"]
+            ops += conv_cost(c["M"] * c.get("group", 1), c["N"], c["K"], ber)["total"]
     return ops
 
 

@@ -69,6 +69,8 @@ class HardenOptions:
     tolerance: float = DEFAULT_TOLERANCE  # largest fault-free relative difference harden writes
     force: bool = False  # write the model even outside ``tolerance``
     keep_opset: bool = False  # refuse rather than raise the opset when the protection needs a newer one
+    shapes: dict | None = None  # representative input shapes {name: dims} for dynamic GEMMs' block sizes
+    # (None: the calibration data's item shapes, or synthetic ones)
 
     def validate(self) -> None:
         if self.abft not in ABFT_SCHEMES:
@@ -166,8 +168,10 @@ def harden(model: onnx.ModelProto, options: HardenOptions, calib: Dataset | None
             # (calibration tightens float32 thresholds only: passes.thresholds.calibrated_tau)
             thresholds = calibrate_abft(m, _batches(calib, m, options.calib_batch), names=options.gemms,
                                         precision=options.precision)
+        shapes = options.shapes or representative_shapes(m, calib)
         res = abft(m, scheme=options.abft, ber=options.ber, block_size=options.block_size,
-                   thresholds=thresholds, names=options.gemms, precision=options.precision)
+                   thresholds=thresholds, names=options.gemms, precision=options.precision, shapes=shapes)
+        plan["representative_shapes"] = {k: list(v) for k, v in shapes.items()}
         m = res.model
         plan["skipped"] += list(res.skipped)
         plan["gemms"] = res.details.get("gemms", [])
@@ -199,6 +203,14 @@ def needed_opset(options: HardenOptions) -> int:
     if options.dmr:
         need = max(need, DMR_MIN_OPSET)
     return need
+
+
+def representative_shapes(model: onnx.ModelProto, data: Dataset | None) -> dict:
+    """``{input name: dims}`` that dynamic GEMMs get their LB block size at: the calibration items'
+    shapes (one item per batch: block sizes depend on the rows of one matrix, not the batch), else
+    the synthetic inputs'."""
+    feeds = data.batch(0, 1) if data is not None else synthetic(input_specs(model), 1, 0)
+    return {k: [int(d) for d in np.shape(v)] for k, v in feeds.items()}
 
 
 def raise_opset(model: onnx.ModelProto, options: HardenOptions, data: Dataset | None) -> tuple[onnx.ModelProto, dict]:

@@ -19,8 +19,13 @@ the patch embedding of a ViT, the one Conv there, is a small part of the model, 
 recovery of a convolution would need an im2col gather. A Conv is therefore protected the same
 way under ``lb``, ``standard`` and ``sec``, and the plan records it as ``recompute``.
 
-Skipped (with the reason in the plan): grouped convolutions, a weight or bias that is not
-constant, a non-float32 output, unknown channel counts.
+Grouped and depthwise convolutions get one channel sum per group (a grouped Conv with one output
+channel per group); 1-D and 3-D convolutions work the same way; a float16 Conv is checked in
+float32 with the bound at ``thresholds.unit_precision(precision, fp16=True)``. The BatchNorm /
+per-channel Add/Mul / residual chain after a Conv joins its unit for every group count
+(``_absorb_fusable``): scales fold into each channel's filter before the per-group sums.
+Skipped (with the reason in the plan): a weight or bias that is not constant, an output that is
+not float32/float16, a weight that does not fit the group.
 """
 from __future__ import annotations
 
@@ -31,7 +36,7 @@ from onnx import TensorProto, helper
 
 from ..graph.checksums import Nodes, any_false, mark_recompute, reduce, unsqueeze
 from .blocksize import p_faulty
-from .thresholds import DEFAULT_PRECISION, tau_bound  # noqa: F401 (tau_bound: the threshold of every test)
+from .thresholds import DEFAULT_PRECISION, tau_bound, unit_precision
 
 
 @dataclass
@@ -48,7 +53,9 @@ class ConvSite:
     attrs: tuple = ()
     M: int | None = None  # output positions per item
     N: int | None = None  # output channels
-    K: int | None = None  # input channels x kernel size
+    K: int | None = None  # input channels x kernel size (of one group)
+    group: int = 1
+    fp16: bool = False  # a float16 Conv: checked in float32 with the float16 rounding bound
     skip: str | None = None
     # per-channel affine ops after the Conv that join the unit (BatchNormalization, Add/Mul of a
     # constant) and a residual Add: onnxruntime fuses them into the Conv, so the check reads the
@@ -83,14 +90,12 @@ def _describe(m, node) -> ConvSite:
     s = ConvSite(name=node.name or node.output[0], x=node.input[0], out=node.output[0], w=node.input[1],
                  b=node.input[2] if len(node.input) > 2 else "", conv_out=node.output[0])
     s.attrs = tuple(a for a in node.attribute)
-    group = next((a.i for a in node.attribute if a.name == "group"), 1)
-    if group != 1:
-        s.skip = f"grouped convolution (group={group}) is not protected yet"
-        return s
+    s.group = next((a.i for a in node.attribute if a.name == "group"), 1)
     vi = m.vi.get(s.out)
-    if vi is None or vi.type.tensor_type.elem_type != TensorProto.FLOAT:
-        s.skip = "output is not float32"
+    if vi is None or vi.type.tensor_type.elem_type not in (TensorProto.FLOAT, TensorProto.FLOAT16):
+        s.skip = "output is not float32 or float16"
         return s
+    s.fp16 = vi.type.tensor_type.elem_type == TensorProto.FLOAT16
     w = m.const(node.input[1])
     if w is None:
         s.skip = "weight is not constant"
@@ -102,8 +107,11 @@ def _describe(m, node) -> ConvSite:
             return s
         s.bias = np.asarray(b, np.float64).reshape(-1)
     s.weight = np.asarray(w, np.float64)
-    s.N = int(s.weight.shape[0])
-    s.K = int(np.prod(s.weight.shape[1:]))
+    if s.weight.ndim < 3 or s.weight.shape[0] % s.group:
+        s.skip = f"weight shape {list(s.weight.shape)} does not fit group={s.group}"
+        return s
+    s.N = int(s.weight.shape[0]) // s.group  # output channels of one group: the terms of one channel sum
+    s.K = int(np.prod(s.weight.shape[1:]))  # (input channels of one group) x kernel size
     dims = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
     if len(dims) >= 3 and all(isinstance(d, int) and d > 0 for d in dims[2:]):
         s.M = int(np.prod(dims[2:]))
@@ -129,7 +137,7 @@ def _absorb_fusable(m, s: ConvSite, rank: int) -> None:
     per-channel constant, then at most one Add of a same-shaped activation (a residual), each the
     only consumer of the previous tensor. The channel sum of the chain's output is still one
     convolution: ``sum_c y_c = Conv(X, sum_c scale_c W_c) + sum_c shift_c (+ sum_c residual_c)``."""
-    n = s.N
+    n = s.N * s.group  # every output channel
     scale, shift = np.ones(n), (s.bias.copy() if s.bias is not None else np.zeros(n))
     shift_abs, rounds, cur = np.abs(shift), 0, s.out
     out_dims = m.vi.get(s.out)
@@ -186,29 +194,55 @@ def protect_conv(s: ConvSite, idx: int, opset: int, ber: float, precision: str =
     prefix = f"onnxft.abft.c{idx:03d}"
     main = Nodes(prefix, opset)
     raw = f"{prefix}/unchecked"
-    conv_attrs = {a.name: helper.get_attribute_value(a) for a in s.attrs}
+    prec = unit_precision(precision, s.fp16)
     if s.post:  # (a fused kernel adds the bias and the residual as two more terms of the dot product)
-        tau = tau_bound(s.K + 2, s.N, precision, extra_roundings=s.post_roundings + 1,
+        tau = tau_bound(s.K + 2, s.N, prec, extra_roundings=s.post_roundings + 1,
                         runtime_checksums=s.residual is not None)
         chan = s.scale.reshape((-1,) + (1,) * (s.weight.ndim - 1))
         shift, shift_abs = s.shift, s.shift_abs
     else:
-        tau = tau_bound(s.K, s.N, precision, extra_roundings=1 if s.bias is not None else 0)
+        tau = tau_bound(s.K, s.N, prec, extra_roundings=1 if s.bias is not None else 0)
         chan = 1.0
         shift = s.bias if s.bias is not None else None
         shift_abs = np.abs(s.bias) if s.bias is not None else None
-    ws = (s.weight * chan).sum(axis=0, keepdims=True).astype(np.float32)
-    wabs = (tau * np.abs(s.weight * chan).sum(axis=0, keepdims=True)).astype(np.float32)
-    ref = main.op("Conv", s.x, main.const(ws, hint="Wsum"), **conv_attrs)
-    scale = main.op("Conv", main.op("Abs", s.x), main.const(wabs, hint="AbsWsum"), **conv_attrs)
+    x, y, residual = s.x, raw, s.residual
+    if s.fp16:  # checked in float32 (input and output cast), recomputed in float32, rounded to float16
+        x, y = main.op("Cast", s.x, to=TensorProto.FLOAT), main.op("Cast", raw, to=TensorProto.FLOAT)
+        if residual is not None:
+            residual = main.op("Cast", residual, to=TensorProto.FLOAT)
+    conv_attrs = {a.name: helper.get_attribute_value(a) for a in s.attrs}
+    # one channel sum per group: the group's (scaled) filters summed, a grouped Conv with one output
+    # channel per group (for group 1 the sum over all channels; for depthwise it is the channel itself)
+    g, per = s.group, s.N
+    spatial = [1] * (s.weight.ndim - 2)
+    w_groups = (s.weight * chan).reshape(g, per, *s.weight.shape[1:])
+    ws = w_groups.sum(axis=1).astype(np.float32)  # [g, Cin/g, k...]
+    wabs = (tau * np.abs(w_groups).sum(axis=1)).astype(np.float32)
+    ref = main.op("Conv", x, main.const(ws, hint="Wsum"), **conv_attrs)
+    scale = main.op("Conv", main.op("Abs", x), main.const(wabs, hint="AbsWsum"), **conv_attrs)
     if shift is not None:
-        ref = main.op("Add", ref, main.const(np.float32(shift.sum()), hint="biasSum"))
-        scale = main.op("Add", scale, main.const(np.float32(tau * shift_abs.sum()), hint="biasAbs"))
-    if s.residual is not None:
-        ref = main.op("Add", ref, reduce(main, "ReduceSum", s.residual, [1], keepdims=1))
-        scale = main.op("Add", scale, main.op("Mul", reduce(main, "ReduceSum", main.op("Abs", s.residual), [1],
-                                                            keepdims=1), main.const(np.float32(tau), hint="tau")))
-    r = reduce(main, "ReduceSum", raw, [1], keepdims=1)
+        ref = main.op("Add", ref, main.const(shift.reshape(g, per).sum(1).reshape(1, g, *spatial)
+                                             .astype(np.float32), hint="biasSum"))
+        scale = main.op("Add", scale, main.const((tau * shift_abs.reshape(g, per).sum(1)).reshape(1, g, *spatial)
+                                                 .astype(np.float32), hint="biasAbs"))
+
+    def group_sums(t: str) -> str:
+        """[n, g * per, ...] -> the channel sum of each group: [n, 1, ...] (g = 1), the tensor itself
+        (depthwise), else [n, g, positions]."""
+        if g == 1:
+            return reduce(main, "ReduceSum", t, [1], keepdims=1)
+        if per == 1:
+            return t
+        return reduce(main, "ReduceSum", main.op("Reshape", t, main.ints([0, g, per, -1])), [2], keepdims=0)
+
+    if g > 1 and per > 1:  # ref and scale to [n, g, positions]
+        ref = main.op("Reshape", ref, main.ints([0, g, -1]))
+        scale = main.op("Reshape", scale, main.ints([0, g, -1]))
+    if residual is not None:
+        ref = main.op("Add", ref, group_sums(residual))
+        scale = main.op("Add", scale, main.op("Mul", group_sums(main.op("Abs", residual)),
+                                              main.const(np.float32(tau), hint="tau")))
+    r = group_sums(y)
     diff = main.op("Sub", r, ref)
     ok = main.op("LessOrEqual", main.op("Abs", diff), scale)
     cond = any_false(main, ok)
@@ -219,13 +253,20 @@ def protect_conv(s: ConvSite, idx: int, opset: int, ber: float, precision: str =
     per_item = nb.op("Reshape", bad, nb.ints([0, -1]))
     items = nb.op("Reshape", nb.op("NonZero", nb.op("Cast", reduce(nb, "ReduceMax", per_item, [1], keepdims=0),
                                                         to=TensorProto.BOOL)), nb.ints([-1]))
-    # the Conv's own weight and bias, read from the main graph by name (outer scope): no copy
-    ins = [nb.op("Gather", s.x, items, axis=0), s.w]
+    # the Conv's own weight and bias, read from the main graph by name (outer scope): no copy (a
+    # float16 Conv's are cast to float32 in the main graph, which onnxruntime folds at load)
+    w_name, b_name = s.w, s.b
+    if s.fp16:
+        w_name = main.op("Cast", s.w, to=TensorProto.FLOAT)
+        b_name = main.op("Cast", s.b, to=TensorProto.FLOAT) if s.bias is not None else s.b
+    ins = [nb.op("Gather", x, items, axis=0), w_name]
     if s.bias is not None:
-        ins.append(s.b)
+        ins.append(b_name)
     y_new = nb.op("Conv", *ins, **conv_attrs)
     item_idx = unsqueeze(nb, items, [1])
     mark_recompute(nb, y_new, item_idx, raw)  # (bias included: a Conv site's bias add is one of its operations)
+    if s.fp16:  # (the absorbed ops then run in float16, as in the model)
+        y_new = nb.op("Cast", y_new, to=TensorProto.FLOAT16)
     prev = s.post[0].input[0] if s.post else None
     for node in s.post:  # the absorbed ops again, on the recomputed items
         ins = [y_new if t == prev else (nb.op("Gather", t, items, axis=0) if t == s.residual else t) for t in node.input]
@@ -234,12 +275,13 @@ def protect_conv(s: ConvSite, idx: int, opset: int, ber: float, precision: str =
     fixed = nb.op("ScatterND", raw, item_idx, y_new)
     per_item_elems = nb.op("Div", nb.op("Size", raw), nb.op("Gather", nb.op("Shape", raw), nb.ints(0), axis=0))
     count = nb.op("Mul", nb.op("Size", items), per_item_elems)
-    costs = conv_cost(s.M, s.N, s.K, ber) if s.M else {}
-    entry = {"name": s.name, "op_type": "Conv", "output": s.out, "M": s.M, "N": s.N, "K": s.K,
-             "scheme": "recompute", "tau": tau, "tau_source": "rounding bound", "precision": precision, "has_bias": s.bias is not None,
+    costs = conv_cost(s.M * s.group, s.N, s.K, ber) if s.M else {}  # (groups: more rows of the GEMM view)
+    entry = {"name": s.name, "op_type": "Conv", "output": s.out, "M": s.M, "N": s.N, "K": s.K, "group": s.group,
+             "scheme": "recompute", "tau": tau, "tau_source": "rounding bound" + (" (float16 unit)" if s.fp16 else ""),
+             "precision": prec.name, "has_bias": s.bias is not None,
              "absorbed": [n.name or n.output[0] for n in s.post],
              "main_graph_nodes": len(main.nodes),
-             "ops_gemm": (s.M * s.N * 2 * s.K) if s.M else None,
+             "ops_gemm": (s.M * s.N * s.group * 2 * s.K) if s.M else None,
              "ops_detection": costs.get("detection"), "ops_expected_recovery": costs.get("recovery"),
              "p_gemm_faulty": costs.get("p_faulty")}
     return entry, main, nb, raw, fixed, count, cond

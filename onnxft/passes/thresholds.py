@@ -107,16 +107,32 @@ def tau_bound(K: int, n_sum: int, prec: str | Precision = DEFAULT_PRECISION, ext
     return (1.0 + U32) * (ga + gb) / (1.0 - gc)
 
 
-def tau_line(K: int, prec: str | Precision = DEFAULT_PRECISION, extra_roundings: int = 0,
-             runtime_checksums: bool = False, n_max: int = 2**20) -> tuple[float, float]:
-    """``(c0, c1)`` with ``tau_bound(K, n) <= c0 + c1 * n`` for every ``1 <= n <= n_max``: the bound
-    when ``n_sum`` is known only at run time (the graph computes ``c0 + c1 * N``). ``tau_bound`` is
-    convex in ``n`` (a positive combination of the convex ``gamma_m``, divided by a decreasing
-    positive ``1 - gamma_c``), so its chord over ``[1, n_max]`` lies above it there."""
-    lo, hi = tau_bound(K, 1, prec, extra_roundings, runtime_checksums), tau_bound(
-        K, n_max, prec, extra_roundings, runtime_checksums)
-    c1 = (hi - lo) / (n_max - 1)
-    return lo - c1, c1
+def unit_precision(prec: str | Precision = DEFAULT_PRECISION, fp16: bool = False) -> Precision:
+    """The arithmetic a unit's bound is computed for: ``prec``, and for a float16 unit (float16
+    tensors, checked in float32) every unit roundoff the larger of ``prec``'s and ``fp16``'s. A
+    float16 GEMM/Conv runs at least float16's rounding whatever the runtime's float32 options, and a
+    coarser requested component (TF32's input cut, bfloat16) is kept, so the bound holds for both."""
+    p = prec if isinstance(prec, Precision) else precision(prec)
+    if not fp16 or p.name == "fp16":
+        return p
+    h = PRECISIONS["fp16"]
+    if all(getattr(p, f) <= getattr(h, f) for f in ("u_in", "u_acc", "u_out", "u_elt")):
+        return h  # (fp32: float16 is coarser in every rounding)
+    return Precision(f"fp16+{p.name}", max(p.u_in, h.u_in), max(p.u_acc, h.u_acc), max(p.u_out, h.u_out),
+                     max(p.u_elt, h.u_elt), f"float16 unit under {p.name}: the coarser of the two per rounding")
+
+
+def count_coefficients(prec: str | Precision = DEFAULT_PRECISION, extra_roundings: int = 0,
+                       runtime_checksums: bool = False) -> tuple[tuple, tuple, tuple]:
+    """``(const, per_K, per_n)``, three ``(a, b, c)`` triples with ``rounding_counts(K, n_sum) ==
+    const + K per_K + n_sum per_n`` for every ``n_sum >= 1``: the counts are affine in ``K`` and
+    ``n_sum``, so a graph can compute the bound from sizes known only at run time (``passes.abft``
+    computes ``tau_bound``'s formula of these in float32)."""
+    f = lambda K, n: rounding_counts(K, n, prec, extra_roundings, runtime_checksums)  # noqa: E731
+    base, k1, n2 = f(0, 1), f(1, 1), f(0, 2)
+    per_k = tuple(x - y for x, y in zip(k1, base))
+    per_n = tuple(x - y for x, y in zip(n2, base))
+    return tuple(x - y for x, y in zip(base, per_n)), per_k, per_n
 
 
 def calibrated_tau(max_ratio: float, bound: float, prec: str | Precision = DEFAULT_PRECISION,
