@@ -380,7 +380,7 @@ def compare(model, schemes=("none", "range", "standard", "lb", "lb+range"), bers
             range_kinds=("softmax", "gelu"), alpha: float = 0.02, inject_protection: bool = False,
             dmr=("layernorm",), target_drop: float = 0.02, max_overhead: float = 0.02, max_trials: int | None = None,
             outputs=None, sdc: str = "auto", tol=None, inputs: InputLayout | None = None,
-            precision: str = DEFAULT_PRECISION) -> dict:
+            precision: str = DEFAULT_PRECISION, store=None, workers: int = 1, ray_address: str | None = None) -> dict:
     """Accuracy, outcome rates (SDC, DUE, masked) and overhead of protection schemes side by side
     (``campaigns.compare``). ``precision``: the serving precision of the ABFT thresholds (as ``harden``).
     ``dmr``: what ``lb+range+dmr`` duplicates (``passes.dmr`` names or op types).
@@ -405,7 +405,7 @@ def compare(model, schemes=("none", "range", "standard", "lb", "lb+range"), bers
                         dmr=tuple(op_types_from(dmr)), latency=latency, target_drop=target_drop,
                         max_overhead=max_overhead, max_trials=max(trials, 4) if max_trials is None else max_trials,
                         ci_width=0.03, inputs=inputs or InputLayout(), precision=precision)
-    out = _compare(m, ds, spec, cal, progress)
+    out = _compare(m, ds, spec, cal, progress, store=store, workers=workers, ray_address=ray_address)
     out["model"] = spec.model_name
     return out
 

@@ -88,3 +88,25 @@ def test_two_workers_give_the_results_of_one(model_and_data, tmp_path, capsys):
     workers = {r["worker"] for r in store.rows()}
     store.close()
     assert len(workers) == 2
+
+
+def test_compare_resumes_per_scheme(model_and_data, tmp_path, capsys):
+    """compare stores each scheme as a part: a resumed compare runs only the missing units and
+    writes the uninterrupted compare.json."""
+    import json
+
+    model, data = model_and_data
+    args = ["compare", model, "--data", data, "--schemes", "none,lb", "--ber", "1e-6,1e-5", "--trials", "2",
+            "--batch", "8", "--calib", data, "--precision", "fp32"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert run_cli([*args, "--out", str(whole)], capsys)[0] == 0
+    assert run_cli([*args, "--out", str(cut)], capsys)[0] == 0
+    store = CampaignStore(cut, resume=True)  # forget some units, as a kill would
+    keys = [r["key"] for r in store.rows()]
+    assert len(keys) == 2 * 2 * 4 * 2  # schemes x BERs x batches x trials
+    store.db.execute("DELETE FROM units WHERE trial = 1")
+    store.close()
+    assert run_cli([*args, "--resume", str(cut)], capsys)[0] == 0
+    a, b = (json.loads((d / "compare.json").read_text()) for d in (whole, cut))
+    assert a == b
+    assert len(_keys(cut)) == len(keys)

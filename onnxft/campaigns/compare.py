@@ -153,14 +153,16 @@ def build_variants(model: onnx.ModelProto, data: Dataset, spec: CampaignSpec, ca
 
 
 def compare(model: onnx.ModelProto, data: Dataset, spec: CampaignSpec, calib: Dataset | None = None,
-            progress=None) -> dict:
+            progress=None, store=None, workers: int = 1, ray_address: str | None = None) -> dict:
     """Accuracy (top-1 with 95% intervals), outcome rates (SDC, DUE, masked) and overhead of each
     of ``spec.schemes`` at each of ``spec.bers``.
 
     ``spec.selection.include_protection`` (``--inject-protection``): fault each scheme's protection
     too (checksums, range checks, voters and the ABFT recovery recomputes), not only the model's own
     computation. Every scheme's evaluation uses the spec's site selection, outcome options, trials,
-    seed, batch, provider and threads (common random numbers: every scheme sees the same seeds)."""
+    seed, batch, provider and threads (common random numbers: every scheme sees the same seeds).
+    ``store``, ``workers``, ``ray_address``: as ``evaluate`` (each scheme is a part of the stored
+    campaign; a resumed compare rebuilds the schemes and runs only their missing units)."""
     if data.labels is None:
         raise ValueError("compare needs labelled data (an array 'y' in the .npz)")
     if not spec.schemes:
@@ -172,7 +174,8 @@ def compare(model: onnx.ModelProto, data: Dataset, spec: CampaignSpec, calib: Da
     for v in variants:
         if progress:
             progress(f"evaluating {v.scheme}")
-        r = evaluate(v.model, data, eval_spec.replace(model_name=v.scheme))
+        r = evaluate(v.model, data, eval_spec.replace(model_name=v.scheme), store=store, workers=workers,
+                     ray_address=ray_address)
         d = r.to_dict()
         d["model"] = v.scheme
         results.append(d)

@@ -6,7 +6,7 @@ import json
 import click
 
 from .. import api
-from .main import _bers, _check_out_dir, _one_ber, _run, cli, outcome_cli_options
+from .main import _bers, _one_ber, _run, campaign_out_dir, campaign_run_options, cli, outcome_cli_options
 
 SCHEMES = ("none", "range", "standard", "sec", "lb", "lb+range", "lb+range+dmr", "tmr", "auto")
 
@@ -44,11 +44,13 @@ SCHEMES = ("none", "range", "standard", "sec", "lb", "lb+range", "lb+range+dmr",
 @click.option("--threads", default=None, type=click.IntRange(min=1))
 @outcome_cli_options
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
-              help="Write compare.json, compare.csv, accuracy_vs_ber.png, outcomes_vs_ber.png and overhead.png here.")
+              help="Write compare.json, compare.csv, accuracy_vs_ber.png, outcomes_vs_ber.png, overhead.png and "
+                   "the campaign store (campaign.sqlite, one part per scheme) here.")
+@campaign_run_options
 @click.option("--json", "as_json", is_flag=True)
 def compare(model, schemes, ber_text, design_ber, data, calib, trials, limit, batch, seed, target_drop, max_overhead,
-            range_mode, range_ops, alpha, dmr, precision, latency, inject_protection, provider, threads, outputs, sdc, tol, out_dir,
-            as_json):
+            range_mode, range_ops, alpha, dmr, precision, latency, inject_protection, provider, threads, outputs, sdc, tol,
+            out_dir, resume, workers, ray_address, as_json):
     """Accuracy and masked / SDC / DUE rates under injection, and operation overhead, of protection
     schemes for MODEL."""
     names = [s.strip() for s in schemes.split(",") if s.strip()]
@@ -57,17 +59,24 @@ def compare(model, schemes, ber_text, design_ber, data, calib, trials, limit, ba
         raise click.BadParameter(f"choose from {', '.join(SCHEMES)}", param_hint="--schemes")
     bers = _bers(ber_text)
     dber = None if design_ber is None else _one_ber(design_ber, "--design-ber")
-    if out_dir is not None:
-        _run(_check_out_dir, out_dir)
+    out_dir = _run(campaign_out_dir, out_dir, resume, workers, ray_address)
+
     def progress(msg):
         if not as_json:
             click.echo(msg, err=True)
 
-    out = _run(api.compare, model, names, bers, data=data, calib=calib, trials=trials, seed=seed, batch=batch,
-               provider=provider, limit=limit, design_ber=dber, latency=latency, progress=progress, threads=threads,
-               range_mode=range_mode, range_kinds=[k.strip() for k in range_ops.split(",") if k.strip()], alpha=alpha,
-               inject_protection=inject_protection, dmr=dmr.split(","), target_drop=target_drop,
-               max_overhead=max_overhead, outputs=outputs, sdc=sdc, tol=tol, precision=precision)
+    store = _run(api.open_store, out_dir, bool(resume)) if out_dir is not None else None
+    try:
+        out = _run(api.compare, model, names, bers, data=data, calib=calib, trials=trials, seed=seed, batch=batch,
+                   provider=provider, limit=limit, design_ber=dber, latency=latency, progress=progress,
+                   threads=threads, range_mode=range_mode,
+                   range_kinds=[k.strip() for k in range_ops.split(",") if k.strip()], alpha=alpha,
+                   inject_protection=inject_protection, dmr=dmr.split(","), target_drop=target_drop,
+                   max_overhead=max_overhead, outputs=outputs, sdc=sdc, tol=tol, precision=precision, store=store,
+                   workers=workers, ray_address=ray_address)
+    finally:
+        if store is not None:
+            store.close()
     from ..report.compare import compare_table, write_compare_outputs
 
     if as_json:
