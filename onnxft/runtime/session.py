@@ -283,6 +283,11 @@ def _disabled_optimizers(model: onnx.ModelProto, level: str) -> tuple[str, ...]:
 def with_static_inputs(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> onnx.ModelProto:
     """A copy of ``model`` whose data inputs have the shapes of ``feeds`` (weights are shared
     through serialisation, not deep-copied twice)."""
+    if any(n.op_type in ("If", "Loop", "Scan") and not n.name.startswith("onnxft") for n in model.graph.node):
+        # Static shapes make onnxruntime infer the untaken branches of an If too, which real models
+        # (silero's If on the sample rate) cannot always pass: the model's own control flow keeps its
+        # declared shapes (onnxft's Ifs, the fast path and ABFT recovery, are built for static shapes).
+        return model
     static = onnx.ModelProto()
     saved = []
     for vi in model.graph.input:
