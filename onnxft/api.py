@@ -197,6 +197,16 @@ def _calibration_data(m: onnx.ModelProto, calib, default: str | None, limit: int
     return full.tail(min(limit or len(full), len(full)))
 
 
+def _train_data(m: onnx.ModelProto, train, default: str | None) -> Dataset | None:
+    """Items to train clip thresholds on: ``train``, else a bundled sample's training subset
+    (distinct from its test data), else None (harden then falls back to the calibration data)."""
+    if train is not None:
+        return _dataset(m, train, None)
+    if default is not None and _samples.sample_train_path() is not None:
+        return _dataset(m, _samples.sample_train_path(), None)
+    return None
+
+
 def default_hardened_path(model) -> Path:
     """``model.onnx`` -> ``model.hardened.onnx`` beside it; a sample name -> ``./<name>.hardened.onnx``."""
     if isinstance(model, onnx.ModelProto) or model is None:
@@ -214,13 +224,15 @@ def plan_path(output: str | Path) -> Path:
 
 def harden(model, output: str | Path | None = None, options: HardenOptions | None = None, calib=None,
            calib_limit: int | None = 512, select=None, data=None, limit: int | None = None,
-           progress=None) -> dict:
+           progress=None, train=None) -> dict:
     """Write the hardened model (range restriction + ABFT, see ``campaigns.harden``) and its plan.
 
     ``calib``: .npz (or Dataset) for range bounds and ABFT thresholds; a bundled sample uses its own
     data when none is given. ``select``: a ``SelectOptions`` runs Algorithm 1 (``campaigns.select``)
     on ``data`` (first ``limit`` items) at ``options.ber`` to choose the GEMMs, then measures the
-    chosen protection under injection. Returns the plan (also written to ``<output stem>.plan.json``)."""
+    chosen protection under injection. ``train``: labelled .npz (or Dataset) for the clip thresholds
+    of ``options.clip`` (a ``ClipTrainOptions``; docs/proact.md); a bundled sample uses its bundled
+    training subset when none is given. Returns the plan (also written to ``<output stem>.plan.json``)."""
     options = options or HardenOptions()
     options.validate()
     output = Path(output) if output is not None else default_hardened_path(model)
@@ -244,7 +256,8 @@ def harden(model, output: str | Path | None = None, options: HardenOptions | Non
                              "meets the target): nothing to harden")
         options = replace(options, gemms="^(" + "|".join(re.escape(c) for c in sel.chosen) + ")$",
                           block_size={c: b for c, b in sel.block_sizes.items() if b})
-    res = _harden(m, options, _calibration_data(m, calib, default, calib_limit))
+    res = _harden(m, options, _calibration_data(m, calib, default, calib_limit),
+                  train=_train_data(m, train, default) if options.clip is not None else None)
     plan = dict(res.plan, model=name, output=str(output))
     if selection is not None:
         # the chosen protection, built for real, under injection on the same items and seeds
@@ -278,11 +291,13 @@ def compare(model, schemes=("none", "range", "standard", "lb", "lb+range"), bers
             limit: int | None = None, design_ber: float | None = None, select=None, latency: bool = False,
             progress=None, threads: int | None = None, range_mode: str = "clamp",
             range_kinds=("softmax", "gelu"), alpha: float = 0.02, inject_protection: bool = False,
-            dmr=("layernorm",)) -> dict:
+            dmr=("layernorm",), train=None, clip_options=None) -> dict:
     """Accuracy and overhead of protection schemes side by side (``campaigns.compare``).
     ``dmr``: what ``lb+range+dmr`` duplicates (``passes.dmr`` names or op types).
     ``range_mode``, ``range_kinds`` and ``alpha`` set the range restriction of ``range`` and ``lb+range``;
-    ``inject_protection`` faults each scheme's protection too (checks and ABFT recovery)."""
+    ``inject_protection`` faults each scheme's protection too (checks and ABFT recovery).
+    ``train`` (.npz or Dataset, labelled) and ``clip_options`` (a ``ClipTrainOptions``; its method
+    is set per scheme) serve the clip schemes; a bundled sample trains on its bundled training subset."""
     from .campaigns.compare import compare as _compare
     from .passes.dmr import op_types_from
 
@@ -293,7 +308,7 @@ def compare(model, schemes=("none", "range", "standard", "lb", "lb+range"), bers
         cal = ds.head(min(512, len(ds)))
     out = _compare(m, ds, list(schemes), list(bers), trials, seed, batch, provider, cal, design_ber, select,
                    latency, progress, threads, range_mode, tuple(range_kinds), alpha, inject_protection,
-                   op_types_from(dmr))
+                   op_types_from(dmr), train=_train_data(m, train, default), clip_options=clip_options)
     out["model"] = display_name(model, name)
     return out
 

@@ -12,6 +12,9 @@ Schemes (the seed paper's Figs. 9 to 12, for the user's model):
   (``passes.dmr``);
 - ``tmr``: layer-wise TMR (every layer triplicated, bitwise majority vote on what leaves it);
 - ``auto``: Algorithm 1 (``campaigns.select``): LB-ABFT on the GEMMs it picks under the target and cap.
+- ``clip-ranger``, ``clip-layer``, ``clip-neuron``, ``proact``: clipped activations alone
+  (``passes.clip``; thresholds profiled, trained jointly per layer, per channel, or ProAct's hybrid
+  trained progressively; on ``train`` items), see ``CLIP_SCHEMES`` and docs/proact.md.
 
 Accuracy: ``evaluate`` of each hardened graph (injection into the model's own computation, common
 random numbers: every scheme sees the same seeds). Overhead: expected extra operations per item
@@ -41,7 +44,9 @@ from .harden import HardenOptions, harden
 from .overhead import latency_overhead
 from .select import SelectOptions, matrices_per_item, select_gemms
 
-SCHEMES = ("none", "range", "standard", "sec", "lb", "lb+range", "lb+range+dmr", "tmr", "auto")
+SCHEMES = ("none", "range", "standard", "sec", "lb", "lb+range", "lb+range+dmr", "tmr", "auto",
+           "clip-ranger", "clip-layer", "clip-neuron", "proact")
+CLIP_SCHEMES = {"clip-ranger": "ranger", "clip-layer": "layer", "clip-neuron": "neuron", "proact": "proact"}
 
 
 @dataclass
@@ -93,7 +98,8 @@ def model_ops(model: onnx.ModelProto, data: Dataset) -> tuple[float, list, objec
 def build_variants(model: onnx.ModelProto, schemes: list[str], bers: list[float], data: Dataset,
                    calib: Dataset | None, design_ber: float, select_options: SelectOptions | None = None,
                    progress=None, range_mode: str = "clamp", range_kinds=("softmax", "gelu"),
-                   alpha: float = 0.02, dmr=("LayerNormalization",)) -> list[Variant]:
+                   alpha: float = 0.02, dmr=("LayerNormalization",), train: Dataset | None = None,
+                   clip_options=None) -> list[Variant]:
     bad = [s for s in schemes if s not in SCHEMES]
     if bad:
         raise ValueError(f"unknown scheme(s) {bad}; choose from {', '.join(SCHEMES)}")
@@ -132,18 +138,29 @@ def build_variants(model: onnx.ModelProto, schemes: list[str], bers: list[float]
                 continue
             opts = HardenOptions(abft="lb", range_mode="none", ber=design_ber,
                                  gemms="^(" + "|".join(re.escape(c) for c in sel.chosen) + ")$")
+        elif scheme in CLIP_SCHEMES:
+            from dataclasses import replace as _replace
+
+            from .train_clip import ClipTrainOptions
+
+            clip = _replace(clip_options or ClipTrainOptions(), method=CLIP_SCHEMES[scheme])
+            opts = HardenOptions(abft="none", range_mode="none", ber=design_ber, clip=clip)
         else:
             abft_scheme = {"range": "none", "standard": "standard", "sec": "sec"}.get(scheme, "lb")
             opts = HardenOptions(abft=abft_scheme, range_mode=range_mode if "range" in scheme else "none",
                                  range_kinds=tuple(range_kinds), alpha=alpha, ber=design_ber,
                                  dmr=tuple(dmr) if scheme.endswith("+dmr") else ())
-        res = harden(model, opts, calib)
+        res = harden(model, opts, calib, train=train)
         plan = res.plan
         r_ops = _range_ops(res.model, [r["tensor"] for r in plan.get("ranges", [])])
         if plan.get("dmr"):  # the copies' operations, and one comparison per element
             dup = set(plan["dmr"]["nodes"])
             r_ops += sum(p.operations_per_item for p, s in zip(plans, table.sites) if s.origin_node in dup)
             r_ops += _range_ops(res.model, plan["dmr"]["tensors"]) / 2
+        if plan.get("clip"):  # two comparisons per clipped element, like a range check
+            r_ops += _range_ops(res.model, [layer["tensor"] for layer in plan["clip"]["layers"]])
+            info["clip"] = {k: plan["clip"][k] for k in ("method", "mode", "thresholds", "bytes", "train_seconds",
+                                                          "objective")}
         over = {b: (_abft_ops(plan, b) + r_ops) / total for b in bers}
         info.update({"gemms": len(plan.get("gemms", [])), "ranges": len(plan.get("ranges", []))})
         out.append(Variant(scheme, res.model, over, info))
@@ -155,7 +172,7 @@ def compare(model: onnx.ModelProto, data: Dataset, schemes: list[str], bers: lis
             design_ber: float | None = None, select_options: SelectOptions | None = None,
             latency: bool = False, progress=None, threads: int | None = None, range_mode: str = "clamp",
             range_kinds=("softmax", "gelu"), alpha: float = 0.02, inject_protection: bool = False,
-            dmr=("LayerNormalization",)) -> dict:
+            dmr=("LayerNormalization",), train: Dataset | None = None, clip_options=None) -> dict:
     """Accuracy (top-1 with 95% intervals) and overhead of each scheme at each BER.
 
     ``inject_protection``: fault each scheme's protection too (checksums, range checks, voters and
@@ -165,7 +182,7 @@ def compare(model: onnx.ModelProto, data: Dataset, schemes: list[str], bers: lis
         raise ValueError("compare needs labelled data (an array 'y' in the .npz)")
     design_ber = design_ber if design_ber is not None else max(bers)
     variants = build_variants(model, schemes, bers, data, calib, design_ber, select_options, progress, range_mode,
-                              range_kinds, alpha, dmr)
+                              range_kinds, alpha, dmr, train=train, clip_options=clip_options)
     rows, results = [], []
     for v in variants:
         if progress:

@@ -54,6 +54,8 @@ class HardenOptions:
     calib_batch: int = 64
     batch: int | None = None  # fix the inputs' batch axis to this size (in-place updates, see fix_batch)
     dmr: tuple[str, ...] = ()  # op types to duplicate and compare (passes.dmr), e.g. ("LayerNormalization",)
+    # clipped activations (passes.clip, campaigns.train_clip; docs/proact.md): None, or a ClipTrainOptions
+    clip: object = None
 
     def validate(self) -> None:
         if self.abft not in ABFT_SCHEMES:
@@ -68,7 +70,9 @@ class HardenOptions:
             raise ValueError("--batch must be a positive integer")
         if not 0.0 <= self.alpha < 1.0:
             raise ValueError(f"alpha must be in [0, 1), got {self.alpha}")
-        if self.abft == "none" and self.range_mode == "none" and not self.dmr:
+        if self.clip is not None:
+            self.clip.validate()
+        if self.abft == "none" and self.range_mode == "none" and not self.dmr and self.clip is None:
             raise ValueError("nothing to do: --abft none and --range none")
 
 
@@ -93,8 +97,10 @@ def _batches(data: Dataset | None, model: onnx.ModelProto, batch: int):
         yield data.batch(s, s + size)
 
 
-def harden(model: onnx.ModelProto, options: HardenOptions, calib: Dataset | None = None) -> HardenResult:
-    """Range restriction then ABFT on ``model`` (see the module docstring)."""
+def harden(model: onnx.ModelProto, options: HardenOptions, calib: Dataset | None = None,
+           train: Dataset | None = None) -> HardenResult:
+    """Range restriction then ABFT on ``model`` (see the module docstring). ``train``: labelled
+    items for clip thresholds (``options.clip``; default ``calib``)."""
     options.validate()
     plan: dict = {"ber": options.ber,
                   "calibration": {"items": len(calib) if calib is not None else 0,
@@ -113,7 +119,13 @@ def harden(model: onnx.ModelProto, options: HardenOptions, calib: Dataset | None
         plan["skipped"].append(("range", f"the model's opset is {opset}; range restriction needs opset "
                                          f"{RANGE_MIN_OPSET} or later"))
         options = replace(options, range_mode="none")
-    if options.abft == "none" and options.range_mode == "none" and not options.dmr:
+    reference = model  # what fault-free outputs must equal: the clipped model once clipping is on
+    if options.clip is not None:  # clipped activations first: they change clean outputs by design
+        from .clip_step import apply_clip
+
+        m, plan["clip"], options = apply_clip(m, options, train if train is not None else calib)
+        reference = m
+    if options.abft == "none" and options.range_mode == "none" and not options.dmr and not plan.get("clip"):
         raise ValueError(f"nothing to protect: {plan['skipped'][-1][1]}" if plan["skipped"] else "nothing to protect")
     plan["abft"], plan["range"] = options.abft, options.range_mode
     if options.range_mode != "none":
@@ -151,11 +163,12 @@ def harden(model: onnx.ModelProto, options: HardenOptions, calib: Dataset | None
         plan["gemms"] = res.details.get("gemms", [])
         plan["convs"] = res.details.get("convs", [])
         plan["abft_totals"] = abft_totals(plan["gemms"] + plan["convs"])
-    if not (plan.get("gemms") or plan.get("convs") or plan.get("ranges") or (plan.get("dmr") or {}).get("nodes")):
+    if not (plan.get("gemms") or plan.get("convs") or plan.get("ranges") or (plan.get("dmr") or {}).get("nodes")
+            or plan.get("clip")):
         why = plan["skipped"][-1][1] if plan["skipped"] else "no protectable node"
         raise ValueError(f"nothing to protect: {why}")
     onnx.checker.check_model(m, full_check=True)
-    plan["verification"] = verify_equivalence(model, m, calib)
+    plan["verification"] = verify_equivalence(reference, m, calib)
     plan["skipped"] = [list(s) for s in plan["skipped"]]
     return HardenResult(m, plan)
 

@@ -6,9 +6,11 @@ import json
 import click
 
 from .. import api
+from .clip_options import clip_options, clip_train_options
 from .main import _bers, _check_out_dir, _one_ber, _run, cli
 
-SCHEMES = ("none", "range", "standard", "sec", "lb", "lb+range", "lb+range+dmr", "tmr", "auto")
+SCHEMES = ("none", "range", "standard", "sec", "lb", "lb+range", "lb+range+dmr", "tmr", "auto",
+           "clip-ranger", "clip-layer", "clip-neuron", "proact")
 
 
 @cli.command()
@@ -39,12 +41,14 @@ SCHEMES = ("none", "range", "standard", "sec", "lb", "lb+range", "lb+range+dmr",
 @click.option("--inject-protection", is_flag=True,
               help="Also fault each scheme's protection: checks, range restriction, voters and ABFT recovery.")
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@clip_options(method=False)
 @click.option("--threads", default=None, type=click.IntRange(min=1))
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
               help="Write compare.json, compare.csv, accuracy_vs_ber.png and overhead.png here.")
 @click.option("--json", "as_json", is_flag=True)
 def compare(model, schemes, ber_text, design_ber, data, calib, trials, limit, batch, seed, target_drop, max_overhead,
-            range_mode, range_ops, alpha, dmr, latency, inject_protection, provider, threads, out_dir, as_json):
+            range_mode, range_ops, alpha, dmr, latency, inject_protection, provider, clip_mode, train,
+            train_limit, epochs, penalty, threads, out_dir, as_json):
     """Accuracy under injection and operation overhead of protection schemes for MODEL."""
     names = [s.strip() for s in schemes.split(",") if s.strip()]
     bad = [s for s in names if s not in SCHEMES]
@@ -65,7 +69,8 @@ def compare(model, schemes, ber_text, design_ber, data, calib, trials, limit, ba
 
     out = _run(api.compare, model, names, bers, data, calib, trials, seed, batch, provider, limit, dber, sel,
                latency, progress, threads, range_mode, [k.strip() for k in range_ops.split(",") if k.strip()], alpha,
-               inject_protection, dmr.split(","))
+               inject_protection, dmr.split(","), train=train,
+               clip_options=clip_train_options("proact", clip_mode, train_limit, epochs, penalty))
     from ..report.compare import compare_table, write_compare_outputs
 
     if as_json:

@@ -7,6 +7,7 @@ import click
 
 from .. import api
 from ..passes.dmr import op_types_from
+from .clip_options import clip_options, clip_train_options
 from .main import UserError, _one_ber, _run, cli
 
 
@@ -57,9 +58,11 @@ def _block_size(text: str):
 @click.option("--trials", default=2, show_default=True, type=click.IntRange(min=1),
               help="--select auto: trials per measurement.")
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@clip_options
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def harden(model, output, abft, range_mode, range_ops, calib, calib_limit, ber_text, block_size, gemms, fixed_batch,
-           alpha, dmr, select, target_drop, max_overhead, data, limit, trials, provider, as_json):
+           alpha, dmr, select, target_drop, max_overhead, data, limit, trials, provider, clip, clip_mode, train,
+           train_limit, epochs, penalty, as_json):
     """Write a hardened MODEL: standard ONNX at the model's own opset, runs on stock onnxruntime.
 
     The plan (GEMMs, block sizes, thresholds, expected operation counts, calibrated bounds,
@@ -69,7 +72,8 @@ def harden(model, output, abft, range_mode, range_ops, calib, calib_limit, ber_t
     kinds = tuple(k.strip() for k in range_ops.split(",") if k.strip())
     opts = api.HardenOptions(abft=abft, range_mode=range_mode, ber=ber, block_size=_block_size(block_size),
                              range_kinds=kinds, alpha=alpha, gemms=gemms, batch=fixed_batch,
-                             dmr=op_types_from(dmr.split(",")))
+                             dmr=op_types_from(dmr.split(",")),
+                             clip=clip_train_options(clip, clip_mode, train_limit, epochs, penalty))
     sel = None
     if select == "auto":
         from ..campaigns.select import SelectOptions
@@ -83,7 +87,7 @@ def harden(model, output, abft, range_mode, range_ops, calib, calib_limit, ber_t
         if not as_json:
             click.echo(msg, err=True)
 
-    plan = _run(api.harden, model, output, opts, calib, calib_limit, sel, data, limit, progress)
+    plan = _run(api.harden, model, output, opts, calib, calib_limit, sel, data, limit, progress, train=train)
     if as_json:
         click.echo(json.dumps(plan, indent=2))
         return
@@ -104,6 +108,10 @@ def plan_summary(plan: dict) -> str:
             lines.append(f"  {g.get('name', '?'):<40} {shape:<20} {g.get('scheme')} block {g.get('block_size') or '-'}")
         if len(gemms) > 12:
             lines.append(f"  … {len(gemms) - 12} more in the plan")
+    if plan.get("clip"):
+        c = plan["clip"]
+        lines.append(f"clip {c['method']} ({c['mode']}): {c['thresholds']} thresholds ({c['bytes']} bytes) over "
+                     f"{len(c['layers'])} activations, trained in {c['train_seconds']:.1f} s on {c['train_items']} items")
     if plan["range"] != "none":
         lines.append(f"range {plan['range']}: {len(plan.get('ranges', []))} activations")
     if plan.get("dmr"):
