@@ -233,3 +233,14 @@ def test_cli_harden_clip_ranger_on_sample(tmp_path, capsys):
     code, _, err = run_cli(["harden", "resnet", "--clip", "layer", "--abft", "none", "--range", "none",
                             "--train", str(tmp_path / "missing.npz"), "-o", str(out)], capsys)
     assert code != 0 and "onnxft: error:" in err and "Traceback" not in err
+
+
+def test_bundled_training_subset_is_distinct_from_test_data():
+    from onnxft import samples
+
+    info = samples.manifest()
+    with np.load(info["train_dataset"]["path"]) as tr, np.load(info["dataset"]["path"]) as te:
+        assert tr["x"].shape == (2000, 1, 28, 28) and tr["y"].dtype == np.int64
+        assert set(np.unique(tr["y"])) == set(range(10))
+        test_rows = {row.tobytes() for row in te["x"].reshape(len(te["x"]), -1)}
+        assert not any(row.tobytes() in test_rows for row in tr["x"].reshape(len(tr["x"]), -1))

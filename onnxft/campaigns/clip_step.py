@@ -32,9 +32,10 @@ def apply_clip(model: onnx.ModelProto, options, data: Dataset | None):
              "layers": [{k: layer[k] for k in ("tensor", "kind", "shape", "count", "bytes", "min", "max")}
                         for layer in r["layers"]],
              "train_seconds": r["train_seconds"], "train_items": r["items"], "peak_rss_mb": r["peak_rss_mb"],
+             "cache_bytes": r.get("cache_bytes", 0),
              "objective": r.get("objective"), "options": r["options"],
              "blocks": [{k: b[k] for k in ("block", "thresholds", "start_objective", "end_objective", "accepted",
-                                           "seconds")} for b in r.get("blocks", [])]}
+                                           "seconds", "cache_bytes", "cut")} for b in r.get("blocks", [])]}
     kinds = tuple(k for k in options.range_kinds if k not in ("gelu", "relu"))
     options = replace(options, range_kinds=kinds, range_mode=options.range_mode if kinds else "none")
     return res.model, entry, options
