@@ -160,7 +160,7 @@ def build_variants(model: onnx.ModelProto, schemes: list[str], bers: list[float]
         if plan.get("clip"):  # two comparisons per clipped element, like a range check
             r_ops += _range_ops(res.model, [layer["tensor"] for layer in plan["clip"]["layers"]])
             info["clip"] = {k: plan["clip"][k] for k in ("method", "mode", "thresholds", "bytes", "train_seconds",
-                                                          "objective")}
+                                                          "objective", "train_items", "peak_rss_mb", "cache_bytes")}
         over = {b: (_abft_ops(plan, b) + r_ops) / total for b in bers}
         info.update({"gemms": len(plan.get("gemms", [])), "ranges": len(plan.get("ranges", []))})
         out.append(Variant(scheme, res.model, over, info))
