@@ -244,3 +244,18 @@ def test_bundled_training_subset_is_distinct_from_test_data():
         assert set(np.unique(tr["y"])) == set(range(10))
         test_rows = {row.tobytes() for row in te["x"].reshape(len(te["x"]), -1)}
         assert not any(row.tobytes() in test_rows for row in tr["x"].reshape(len(tr["x"]), -1))
+
+
+def test_compare_clip_schemes_same_sites_and_info():
+    from onnxft.campaigns.compare import compare
+
+    model = tiny_cnn()
+    data = _data(model, 48)
+    out = compare(model, data, ["none", "clip-ranger", "clip-layer", "clip-neuron", "proact"], [1e-3], trials=1,
+                  batch=48, provider="cpu", calib=data, train=data,
+                  clip_options=ClipTrainOptions(epochs=1, batch=24))
+    rows = {r["scheme"]: r for r in out["schemes"]}
+    counts = {s: rows[s]["info"]["clip"]["thresholds"] for s in rows if s != "none"}
+    assert counts == {"clip-ranger": 2, "clip-layer": 2, "clip-neuron": 10, "proact": 7}
+    assert rows["clip-ranger"]["clean"] == rows["none"]["clean"]  # profiled maxima: the data is all inside
+    assert all(0 < p["overhead_ops"] for s in counts for p in rows[s]["points"])
