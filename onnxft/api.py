@@ -9,6 +9,8 @@
     ft.replay("faults.jsonl", record=0)            # re-run one logged trial
     ft.harden("model.onnx", "model.hardened.onnx", calib="calib.npz")   # LB-ABFT + range restriction
     ft.overhead("model.hardened.onnx", baseline="model.onnx")           # fault-free latency ratio
+    ft.harden("resnet", "r.onnx", ft.HardenOptions(abft="none", range_mode="none",
+              clip=ft.ClipTrainOptions(method="proact")))                # ProAct clipped activations
     ft.vuln("vit", granularity=["layer", "module"], target_losses=[0.1])   # vulnerability factors
 """
 from __future__ import annotations
@@ -25,6 +27,7 @@ from .campaigns.evaluate import EvalResult
 from .campaigns.evaluate import evaluate as _evaluate
 from .campaigns.evaluate import replay as _replay
 from .campaigns.harden import HardenOptions
+from .campaigns.train_clip import ClipTrainOptions
 from .campaigns.harden import harden as _harden
 from .campaigns.overhead import latency_overhead
 from .campaigns.inspect import inspect_model
@@ -33,7 +36,8 @@ from .runtime.data import DataError, Dataset, fixed_batch, input_specs, load_npz
 from .runtime.model_io import check_writable, external_data_dir, load_model, save_model
 
 __all__ = ["samples", "inspect", "inject", "evaluate", "bench", "replay", "vuln", "harden", "overhead",
-           "compare", "load", "SiteSelection", "selection_from_options", "HardenOptions"]
+           "compare", "load", "SiteSelection", "selection_from_options", "HardenOptions",
+           "ClipTrainOptions"]
 
 
 def load(model: str | Path | onnx.ModelProto | None) -> tuple[onnx.ModelProto, str, str | None]:
