@@ -57,7 +57,7 @@ class ClipTrainOptions:
     method: str = "proact"
     mode: str | None = None
     epochs: int = 3
-    penalty: float = 0.05
+    penalty: float = 0.02
     lr: float = 0.05
     batch: int = 256
     limit: int = 512

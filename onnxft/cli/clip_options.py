@@ -26,7 +26,7 @@ def clip_options(fn=None, *, method: bool = True):
                      help="Train on at most this many items."),
         click.option("--epochs", default=3, show_default=True, type=click.IntRange(min=0),
                      help="Passes over the training items per trained block (a layer for proact)."),
-        click.option("--penalty", default=0.05, show_default=True, type=click.FloatRange(min=0),
+        click.option("--penalty", default=0.02, show_default=True, type=click.FloatRange(min=0),
                      help="Weight of the term pulling thresholds down (mean squared threshold / profiled max)."),
     ]
     for opt in reversed(opts if method else opts[1:]):
