@@ -9,6 +9,8 @@
     ft.replay("faults.jsonl", record=0)            # re-run one logged trial
     ft.harden("model.onnx", "model.hardened.onnx", calib="calib.npz")   # LB-ABFT + range restriction
     ft.overhead("model.hardened.onnx", baseline="model.onnx")           # fault-free latency ratio
+    ft.harden("resnet", "r.onnx", ft.HardenOptions(abft="none", range_mode="none",
+              clip=ft.ClipTrainOptions(method="proact")))                # ProAct clipped activations
     ft.vuln("vit", granularity=["layer", "module"], target_losses=[0.1])   # vulnerability factors
     ft.ra("vit", hw="ws:128x128", method="is", budget=2000)           # Resiliency Accuracy (RA_1)
 """
@@ -26,6 +28,7 @@ from .campaigns.evaluate import EvalResult
 from .campaigns.evaluate import evaluate as _evaluate
 from .campaigns.evaluate import replay as _replay
 from .campaigns.harden import HardenOptions
+from .campaigns.train_clip import ClipTrainOptions
 from .campaigns.harden import harden as _harden
 from .campaigns.overhead import latency_overhead
 from .campaigns.inspect import inspect_model
@@ -40,7 +43,8 @@ from .runtime.model_io import check_writable, external_data_dir, load_model, sav
 
 __all__ = ["samples", "inspect", "inject", "evaluate", "bench", "replay", "vuln", "harden", "overhead",
            "compare", "intensity", "ra", "open_store", "load", "SiteSelection", "selection_from_options", "HardenOptions", "CampaignSpec",
-           "OutcomeOptions", "outcome_options", "InputLayout", "Dataset", "example_feeds"]
+           "OutcomeOptions", "outcome_options", "InputLayout", "Dataset", "example_feeds",
+           "ClipTrainOptions"]
 
 
 def load(model: str | Path | onnx.ModelProto | None) -> tuple[onnx.ModelProto, str, str | None]:
@@ -267,6 +271,16 @@ def _calibration_data(m: onnx.ModelProto, calib, default: str | None, limit: int
     return full.tail(min(limit or len(full), len(full)))
 
 
+def _train_data(m: onnx.ModelProto, train, default: str | None) -> Dataset | None:
+    """Items to train clip thresholds on: ``train``, else a bundled sample's training subset
+    (distinct from its test data), else None (harden then falls back to the calibration data)."""
+    if train is not None:
+        return _dataset(m, train, None)
+    if default is not None and _samples.sample_train_path() is not None:
+        return _dataset(m, _samples.sample_train_path(), None)
+    return None
+
+
 def default_hardened_path(model) -> Path:
     """``model.onnx`` -> ``model.hardened.onnx`` beside it; a sample name -> ``./<name>.hardened.onnx``."""
     if isinstance(model, onnx.ModelProto) or model is None:
@@ -284,15 +298,17 @@ def plan_path(output: str | Path) -> Path:
 
 def harden(model, output: str | Path | None = None, options: HardenOptions | None = None, calib=None,
            calib_limit: int | None = 512, select: CampaignSpec | None = None, data=None, limit: int | None = None,
-           progress=None, inputs: InputLayout | None = None) -> dict:
+           progress=None, inputs: InputLayout | None = None, train=None) -> dict:
     """Write the hardened model (range restriction + ABFT, see ``campaigns.harden``) and its plan.
 
     ``calib``: .npz (or Dataset) for range bounds and ABFT thresholds; a bundled sample uses its own
     data when none is given. ``select``: a ``CampaignSpec`` (target_drop, max_overhead, trials,
     max_trials, ci_width, batch, seed, provider, threads, outcome) runs Algorithm 1
     (``campaigns.select``) on ``data`` (first ``limit`` items) at ``options.ber`` to choose the
-    GEMMs, then measures the chosen protection under injection. Returns the plan (also written to
-    ``<output stem>.plan.json``)."""
+    GEMMs, then measures the chosen protection under injection. ``train``: labelled .npz (or
+    Dataset) for the clip thresholds of ``options.clip`` (a ``ClipTrainOptions``; docs/proact.md); a
+    bundled sample uses its bundled training subset when none is given. Returns the plan (also
+    written to ``<output stem>.plan.json``)."""
     options = options or HardenOptions()
     options.validate()
     output = Path(output) if output is not None else default_hardened_path(model)
@@ -319,7 +335,8 @@ def harden(model, output: str | Path | None = None, options: HardenOptions | Non
                              "meets the target): nothing to harden")
         options = replace(options, gemms="^(" + "|".join(re.escape(c) for c in sel.chosen) + ")$",
                           block_size={c: b for c, b in sel.block_sizes.items() if b})
-    res = _harden(m, options, _calibration_data(m, calib, default, calib_limit, inputs))
+    res = _harden(m, options, _calibration_data(m, calib, default, calib_limit, inputs),
+                  train=_train_data(m, train, default) if options.clip is not None else None)
     plan = dict(res.plan, model=name, output=str(output))
     if selection is not None:
         # the chosen protection, built for real, under injection on the same items and seeds
@@ -380,14 +397,17 @@ def compare(model, schemes=("none", "range", "standard", "lb", "lb+range"), bers
             range_kinds=("softmax", "gelu"), alpha: float = 0.02, inject_protection: bool = False,
             dmr=("layernorm",), target_drop: float = 0.02, max_overhead: float = 0.02, max_trials: int | None = None,
             outputs=None, sdc: str = "auto", tol=None, inputs: InputLayout | None = None,
-            precision: str = DEFAULT_PRECISION, store=None, workers: int = 1, ray_address: str | None = None) -> dict:
+            precision: str = DEFAULT_PRECISION, store=None, workers: int = 1, ray_address: str | None = None,
+            train=None, clip_options=None) -> dict:
     """Accuracy, outcome rates (SDC, DUE, masked) and overhead of protection schemes side by side
     (``campaigns.compare``). ``precision``: the serving precision of the ABFT thresholds (as ``harden``).
     ``dmr``: what ``lb+range+dmr`` duplicates (``passes.dmr`` names or op types).
     ``range_mode``, ``range_kinds`` and ``alpha`` set the range restriction of ``range`` and ``lb+range``;
     ``inject_protection`` faults each scheme's protection too (checks and ABFT recovery);
     ``target_drop``, ``max_overhead`` and ``max_trials`` (default max(trials, 4)) drive ``auto``
-    (Algorithm 1); ``outputs``, ``sdc``, ``tol`` as ``evaluate``."""
+    (Algorithm 1); ``outputs``, ``sdc``, ``tol`` as ``evaluate``. ``train`` (.npz or Dataset, labelled)
+    and ``clip_options`` (a ``ClipTrainOptions``; its method is set per scheme) serve the clip
+    schemes; a bundled sample trains on its bundled training subset."""
     from .campaigns.compare import compare as _compare
     from .passes.dmr import op_types_from
 
@@ -405,7 +425,8 @@ def compare(model, schemes=("none", "range", "standard", "lb", "lb+range"), bers
                         dmr=tuple(op_types_from(dmr)), latency=latency, target_drop=target_drop,
                         max_overhead=max_overhead, max_trials=max(trials, 4) if max_trials is None else max_trials,
                         ci_width=0.03, inputs=inputs or InputLayout(), precision=precision)
-    out = _compare(m, ds, spec, cal, progress, store=store, workers=workers, ray_address=ray_address)
+    out = _compare(m, ds, spec, cal, progress, store=store, workers=workers, ray_address=ray_address,
+                   train=_train_data(m, train, default), clip_options=clip_options)
     out["model"] = spec.model_name
     return out
 

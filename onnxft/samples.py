@@ -20,6 +20,8 @@ def manifest() -> dict:
     for m in data["models"]:
         m["path"] = str(samples_dir() / m["file"])
     data["dataset"]["path"] = str(samples_dir() / data["dataset"]["file"])
+    if "train_dataset" in data:
+        data["train_dataset"]["path"] = str(samples_dir() / data["train_dataset"]["file"])
     return data
 
 
@@ -32,6 +34,12 @@ def sample_model(name: str) -> dict | None:
 
 def sample_data_path() -> str:
     return manifest()["dataset"]["path"]
+
+
+def sample_train_path() -> str | None:
+    """The bundled labelled training subset (distinct from the test data; samples/train_subset.py)."""
+    entry = manifest().get("train_dataset")
+    return entry["path"] if entry else None
 
 
 def resolve_model(model: str | None) -> tuple[str, str | None]:

@@ -12,6 +12,9 @@ Schemes (the seed paper's Figs. 9 to 12, for the user's model):
   (``passes.dmr``);
 - ``tmr``: layer-wise TMR (every layer triplicated, bitwise majority vote on what leaves it);
 - ``auto``: Algorithm 1 (``campaigns.select``): LB-ABFT on the GEMMs it picks under the target and cap.
+- ``clip-ranger``, ``clip-layer``, ``clip-neuron``, ``proact``: clipped activations alone
+  (``passes.clip``; thresholds profiled, trained jointly per layer, per channel, or ProAct's hybrid
+  trained progressively; on ``train`` items), see ``CLIP_SCHEMES`` and docs/proact.md.
 
 Accuracy: ``evaluate`` of each hardened graph (injection into the model's own computation, common
 random numbers: every scheme sees the same seeds). Overhead: expected extra operations per item
@@ -42,7 +45,9 @@ from .overhead import latency_overhead
 from .select import matrices_per_item, select_gemms
 from .spec import CampaignSpec
 
-SCHEMES = ("none", "range", "standard", "sec", "lb", "lb+range", "lb+range+dmr", "tmr", "auto")
+SCHEMES = ("none", "range", "standard", "sec", "lb", "lb+range", "lb+range+dmr", "tmr", "auto",
+           "clip-ranger", "clip-layer", "clip-neuron", "proact")
+CLIP_SCHEMES = {"clip-ranger": "ranger", "clip-layer": "layer", "clip-neuron": "neuron", "proact": "proact"}
 
 
 @dataclass
@@ -93,9 +98,10 @@ def model_ops(model: onnx.ModelProto, data: Dataset) -> tuple[float, list, objec
 
 
 def build_variants(model: onnx.ModelProto, data: Dataset, spec: CampaignSpec, calib: Dataset | None,
-                   progress=None) -> list[Variant]:
+                   progress=None, train: Dataset | None = None, clip_options=None) -> list[Variant]:
     """The hardened graph of each of ``spec.schemes`` with its expected overhead at each of ``spec.bers``
-    (block sizes and Algorithm 1 for ``spec.algorithm_ber``)."""
+    (block sizes and Algorithm 1 for ``spec.algorithm_ber``); ``train`` and ``clip_options`` serve the
+    clip schemes (``CLIP_SCHEMES``)."""
     schemes, bers, design_ber = list(spec.schemes), list(spec.bers), spec.algorithm_ber
     bad = [s for s in schemes if s not in SCHEMES]
     if bad:
@@ -132,20 +138,31 @@ def build_variants(model: onnx.ModelProto, data: Dataset, spec: CampaignSpec, ca
             if not sel.chosen:
                 out.append(Variant(scheme, model, {b: 0.0 for b in bers}, info))
                 continue
-            opts = HardenOptions(abft="lb", range_mode="none", ber=design_ber, precision=precision,
+            opts = HardenOptions(abft="lb", range_mode="none", ber=design_ber, precision=spec.precision,
                                  gemms="^(" + "|".join(re.escape(c) for c in sel.chosen) + ")$")
+        elif scheme in CLIP_SCHEMES:
+            from dataclasses import replace as _replace
+
+            from .train_clip import ClipTrainOptions
+
+            clip = _replace(clip_options or ClipTrainOptions(), method=CLIP_SCHEMES[scheme])
+            opts = HardenOptions(abft="none", range_mode="none", ber=design_ber, clip=clip)
         else:
             abft_scheme = {"range": "none", "standard": "standard", "sec": "sec"}.get(scheme, "lb")
             opts = HardenOptions(abft=abft_scheme, range_mode=spec.range_mode if "range" in scheme else "none",
                                  range_kinds=tuple(spec.range_kinds), alpha=spec.alpha, ber=design_ber,
                                  dmr=tuple(spec.dmr) if scheme.endswith("+dmr") else (), precision=spec.precision)
-        res = harden(model, opts, calib)
+        res = harden(model, opts, calib, train=train)
         plan = res.plan
         r_ops = _range_ops(res.model, [r["tensor"] for r in plan.get("ranges", [])])
         if plan.get("dmr"):  # the copies' operations, and one comparison per element
             dup = set(plan["dmr"]["nodes"])
             r_ops += sum(p.operations_per_item for p, s in zip(plans, table.sites) if s.origin_node in dup)
             r_ops += _range_ops(res.model, plan["dmr"]["tensors"]) / 2
+        if plan.get("clip"):  # two comparisons per clipped element, like a range check
+            r_ops += _range_ops(res.model, [layer["tensor"] for layer in plan["clip"]["layers"]])
+            info["clip"] = {k: plan["clip"][k] for k in ("method", "mode", "thresholds", "bytes", "train_seconds",
+                                                          "objective", "train_items", "peak_rss_mb", "cache_bytes")}
         over = {b: (_abft_ops(plan, b) + r_ops) / total for b in bers}
         info.update({"gemms": len(plan.get("gemms", [])), "ranges": len(plan.get("ranges", []))})
         out.append(Variant(scheme, res.model, over, info))
@@ -153,7 +170,8 @@ def build_variants(model: onnx.ModelProto, data: Dataset, spec: CampaignSpec, ca
 
 
 def compare(model: onnx.ModelProto, data: Dataset, spec: CampaignSpec, calib: Dataset | None = None,
-            progress=None, store=None, workers: int = 1, ray_address: str | None = None) -> dict:
+            progress=None, store=None, workers: int = 1, ray_address: str | None = None,
+            train: Dataset | None = None, clip_options=None) -> dict:
     """Accuracy (top-1 with 95% intervals), outcome rates (SDC, DUE, masked) and overhead of each
     of ``spec.schemes`` at each of ``spec.bers``.
 
@@ -168,7 +186,7 @@ def compare(model: onnx.ModelProto, data: Dataset, spec: CampaignSpec, calib: Da
     if not spec.schemes:
         raise ValueError("compare needs at least one scheme")
     spec = spec.replace(design_ber=spec.algorithm_ber)
-    variants = build_variants(model, data, spec, calib, progress)
+    variants = build_variants(model, data, spec, calib, progress, train=train, clip_options=clip_options)
     eval_spec = spec.replace(metric="top1")
     rows, results = [], []
     for v in variants:

@@ -71,6 +71,8 @@ class HardenOptions:
     keep_opset: bool = False  # refuse rather than raise the opset when the protection needs a newer one
     shapes: dict | None = None  # representative input shapes {name: dims} for dynamic GEMMs' block sizes
     # (None: the calibration data's item shapes, or synthetic ones)
+    # clipped activations (passes.clip, campaigns.train_clip; docs/proact.md): None, or a ClipTrainOptions
+    clip: object = None
 
     def validate(self) -> None:
         if self.abft not in ABFT_SCHEMES:
@@ -85,7 +87,9 @@ class HardenOptions:
             raise ValueError("--batch must be a positive integer")
         if not 0.0 <= self.alpha < 1.0:
             raise ValueError(f"alpha must be in [0, 1), got {self.alpha}")
-        if self.abft == "none" and self.range_mode == "none" and not self.dmr:
+        if self.clip is not None:
+            self.clip.validate()
+        if self.abft == "none" and self.range_mode == "none" and not self.dmr and self.clip is None:
             raise ValueError("nothing to do: --abft none and --range none")
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}; choose from {', '.join(PRECISIONS)}")
@@ -114,8 +118,10 @@ def _batches(data: Dataset | None, model: onnx.ModelProto, batch: int):
         yield data.batch(s, s + size)
 
 
-def harden(model: onnx.ModelProto, options: HardenOptions, calib: Dataset | None = None) -> HardenResult:
-    """Range restriction then ABFT on ``model`` (see the module docstring)."""
+def harden(model: onnx.ModelProto, options: HardenOptions, calib: Dataset | None = None,
+           train: Dataset | None = None) -> HardenResult:
+    """Range restriction then ABFT on ``model`` (see the module docstring). ``train``: labelled
+    items for clip thresholds (``options.clip``; default ``calib``)."""
     options.validate()
     if options.batch is not None:
         model = fix_batch(model, options.batch)
@@ -134,7 +140,13 @@ def harden(model: onnx.ModelProto, options: HardenOptions, calib: Dataset | None
         plan["skipped"].append(("range", f"the model's opset is {opset}; range restriction needs opset "
                                          f"{RANGE_MIN_OPSET} or later"))
         options = replace(options, range_mode="none")
-    if options.abft == "none" and options.range_mode == "none" and not options.dmr:
+    reference = model  # what fault-free outputs must equal: the clipped model once clipping is on
+    if options.clip is not None:  # clipped activations first: they change clean outputs by design
+        from .clip_step import apply_clip
+
+        m, plan["clip"], options = apply_clip(m, options, train if train is not None else calib)
+        reference = m
+    if options.abft == "none" and options.range_mode == "none" and not options.dmr and not plan.get("clip"):
         raise ValueError(f"nothing to protect: {plan['skipped'][-1][1]}" if plan["skipped"] else "nothing to protect")
     plan["abft"], plan["range"] = options.abft, options.range_mode
     if options.range_mode != "none":
@@ -177,7 +189,8 @@ def harden(model: onnx.ModelProto, options: HardenOptions, calib: Dataset | None
         plan["gemms"] = res.details.get("gemms", [])
         plan["convs"] = res.details.get("convs", [])
         plan["abft_totals"] = abft_totals(plan["gemms"] + plan["convs"])
-    if not (plan.get("gemms") or plan.get("convs") or plan.get("ranges") or (plan.get("dmr") or {}).get("nodes")):
+    if not (plan.get("gemms") or plan.get("convs") or plan.get("ranges") or (plan.get("dmr") or {}).get("nodes")
+            or plan.get("clip")):
         why = plan["skipped"][-1][1] if plan["skipped"] else "no protectable node"
         raise ValueError(f"nothing to protect: {why}")
     onnx.checker.check_model(m, full_check=True)
@@ -186,7 +199,7 @@ def harden(model: onnx.ModelProto, options: HardenOptions, calib: Dataset | None
                                                              else None, before_abft, 1)))
     plan["coverage"] = coverage(macs, nested, plan.get("gemms", []), plan.get("convs", []), plan["skipped"])
     store_coverage(m, plan["coverage"])
-    plan["verification"] = check_equivalence(model, m, holdout, plan.get("ranges"))
+    plan["verification"] = check_equivalence(reference, m, holdout, plan.get("ranges"))
     if holdout is None:
         plan["verification"]["note"] = ("too few calibration items to hold any out: checked on synthetic items"
                                         if calib is not None else "no calibration data: checked on synthetic items")

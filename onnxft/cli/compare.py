@@ -6,9 +6,11 @@ import json
 import click
 
 from .. import api
+from .clip_options import clip_options, clip_train_options
 from .main import _bers, _one_ber, _run, campaign_out_dir, campaign_run_options, cli, outcome_cli_options
 
-SCHEMES = ("none", "range", "standard", "sec", "lb", "lb+range", "lb+range+dmr", "tmr", "auto")
+SCHEMES = ("none", "range", "standard", "sec", "lb", "lb+range", "lb+range+dmr", "tmr", "auto",
+           "clip-ranger", "clip-layer", "clip-neuron", "proact")
 
 
 @cli.command()
@@ -41,6 +43,7 @@ SCHEMES = ("none", "range", "standard", "sec", "lb", "lb+range", "lb+range+dmr",
 @click.option("--inject-protection", is_flag=True,
               help="Also fault each scheme's protection: checks, range restriction, voters and ABFT recovery.")
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@clip_options(method=False)
 @click.option("--threads", default=None, type=click.IntRange(min=1))
 @outcome_cli_options
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
@@ -49,8 +52,8 @@ SCHEMES = ("none", "range", "standard", "sec", "lb", "lb+range", "lb+range+dmr",
 @campaign_run_options
 @click.option("--json", "as_json", is_flag=True)
 def compare(model, schemes, ber_text, design_ber, data, calib, trials, limit, batch, seed, target_drop, max_overhead,
-            range_mode, range_ops, alpha, dmr, precision, latency, inject_protection, provider, threads, outputs, sdc, tol,
-            out_dir, resume, workers, ray_address, as_json):
+            range_mode, range_ops, alpha, dmr, precision, latency, inject_protection, provider, clip_mode, train,
+            train_limit, epochs, penalty, threads, outputs, sdc, tol, out_dir, resume, workers, ray_address, as_json):
     """Accuracy and masked / SDC / DUE rates under injection, and operation overhead, of protection
     schemes for MODEL."""
     names = [s.strip() for s in schemes.split(",") if s.strip()]
@@ -73,7 +76,8 @@ def compare(model, schemes, ber_text, design_ber, data, calib, trials, limit, ba
                    range_kinds=[k.strip() for k in range_ops.split(",") if k.strip()], alpha=alpha,
                    inject_protection=inject_protection, dmr=dmr.split(","), target_drop=target_drop,
                    max_overhead=max_overhead, outputs=outputs, sdc=sdc, tol=tol, precision=precision, store=store,
-                   workers=workers, ray_address=ray_address)
+                   workers=workers, ray_address=ray_address, train=train,
+                   clip_options=clip_train_options("proact", clip_mode, train_limit, epochs, penalty))
     finally:
         if store is not None:
             store.close()

@@ -9,6 +9,7 @@ from .. import api
 from ..campaigns.coverage import coverage_line
 from ..passes.dmr import op_types_from
 from ..passes.thresholds import DEFAULT_PRECISION, PRECISIONS
+from .clip_options import clip_options, clip_train_options
 from .main import UserError, _one_ber, _run, cli
 
 
@@ -69,10 +70,11 @@ def _block_size(text: str):
 @click.option("--keep-opset", is_flag=True, help="Refuse, rather than raise the opset, when the protection "
                                                   "needs a newer one (ABFT: 13).")
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@clip_options
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def harden(model, output, abft, range_mode, range_ops, calib, calib_limit, ber_text, block_size, gemms, fixed_batch,
            alpha, dmr, select, target_drop, max_overhead, data, limit, trials, precision, tolerance, force, keep_opset,
-           provider, as_json):
+           provider, clip, clip_mode, train, train_limit, epochs, penalty, as_json):
     """Write a hardened MODEL: standard ONNX (opset raised to 13 only where ABFT needs it), runs on stock onnxruntime.
 
     The plan (GEMMs, block sizes, thresholds, expected operation counts, calibrated bounds,
@@ -83,7 +85,8 @@ def harden(model, output, abft, range_mode, range_ops, calib, calib_limit, ber_t
     opts = api.HardenOptions(abft=abft, range_mode=range_mode, ber=ber, block_size=_block_size(block_size),
                              range_kinds=kinds, alpha=alpha, gemms=gemms, batch=fixed_batch,
                              dmr=op_types_from(dmr.split(",")), precision=precision, tolerance=tolerance,
-                             force=force, keep_opset=keep_opset)
+                             force=force, keep_opset=keep_opset,
+                             clip=clip_train_options(clip, clip_mode, train_limit, epochs, penalty))
     sel = None
     if select == "auto":
         if gemms is not None:
@@ -96,7 +99,7 @@ def harden(model, output, abft, range_mode, range_ops, calib, calib_limit, ber_t
             click.echo(msg, err=True)
 
     plan = _run(api.harden, model, output, opts, calib=calib, calib_limit=calib_limit, select=sel, data=data,
-                limit=limit, progress=progress)
+                limit=limit, progress=progress, train=train)
     if as_json:
         click.echo(json.dumps(plan, indent=2))
         return
@@ -125,6 +128,10 @@ def plan_summary(plan: dict) -> str:
             lines.append(f"  {g.get('name', '?'):<40} {shape:<20} {g.get('scheme')} block {g.get('block_size') or '-'}")
         if len(gemms) > 12:
             lines.append(f"  … {len(gemms) - 12} more in the plan")
+    if plan.get("clip"):
+        c = plan["clip"]
+        lines.append(f"clip {c['method']} ({c['mode']}): {c['thresholds']} thresholds ({c['bytes']} bytes) over "
+                     f"{len(c['layers'])} activations, trained in {c['train_seconds']:.1f} s on {c['train_items']} items")
     if plan["range"] != "none":
         lines.append(f"range {plan['range']}: {len(plan.get('ranges', []))} activations")
     if plan.get("dmr"):

@@ -159,6 +159,9 @@ def samples(as_json):
         return
     d = info["dataset"]
     click.echo(f"data: {d['path']}  ({d.get('n', '?')} labelled images, {d.get('name', '')})")
+    t = info.get("train_dataset")
+    if t:
+        click.echo(f"train: {t['path']}  ({t.get('n', '?')} labelled training images, for harden --clip)")
     for m in info["models"]:
         click.echo(f"{m['name']:<12} {m['format']:<5} top-1 {m['clean_top1']:.4f}  {m['path']}")
 
