@@ -814,6 +814,50 @@ def test_grouped_conv_absorbs_batchnorm_scale_and_residual(group, dtype):
                                    else 4e-3 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("group", [1, 2, 4])
+def test_conv_chain_with_commuted_operands_recovers_flagged_items(group):
+    """Paddle and tf2onnx exports write the absorbed per-channel ops with the constant first
+    (``Mul(scale, conv)``, ``Add(shift, .)``, ``Add(residual, .)``). The recovery branch replays the
+    chain on the recomputed items only; it once substituted the first operand (the constant) and
+    kept the main graph's whole-batch Conv output, so ScatterND failed for one flagged item of two
+    and two flagged items got wrong values. Batch 2, one and two flagged items: detected, recomputed,
+    outputs equal the fault-free ones."""
+    rng = np.random.default_rng(10 + group)
+    c = 4
+    inits = [nh.from_array((rng.standard_normal((c, c // group, 3, 3)) * 0.3).astype(np.float32), "w"),
+             nh.from_array(rng.standard_normal(c).astype(np.float32), "b"),
+             nh.from_array(rng.uniform(0.5, 2, (c, 1, 1)).astype(np.float32), "mulc"),
+             nh.from_array(rng.standard_normal((1, c, 1, 1)).astype(np.float32), "addc")]
+    model = make([h.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", group=group, pads=[1, 1, 1, 1]),
+                  h.make_node("Mul", ["mulc", "y"], ["sc"], name="mul"),
+                  h.make_node("Add", ["addc", "sc"], ["sh"], name="shift"),
+                  h.make_node("Add", ["x", "sh"], ["res"], name="add"),
+                  h.make_node("Relu", ["res"], ["out"], name="relu")],
+                 [vi("x", ["n", c, 5, 5])], [vi("out", ["n", c, 5, 5])], inits)
+    r = abft(model, expose_flags=True, precision="fp32")
+    onnx.checker.check_model(r.model, full_check=True)
+    (plan,) = r.details["convs"]
+    assert plan["absorbed"] == ["mul", "shift", "add"]
+    m = onnx.ModelProto()
+    m.CopyFrom(r.model)
+    raw = "onnxft.abft.c000/unchecked"
+    producer = next(n for n in m.graph.node if raw in n.output)
+    producer.output[0] = raw + "/clean"
+    m.graph.node.insert(list(m.graph.node).index(producer) + 1,
+                        h.make_node("Add", [raw + "/clean", "delta"], [raw], name="test/perturb"))
+    m.graph.input.append(vi("delta", None))
+    s_clean = session(model)
+    x = rng.standard_normal((2, c, 5, 5)).astype(np.float32)
+    want = s_clean.run(None, {"x": x})[0]
+    for bad_items in ([1], [0, 1]):
+        delta = np.zeros_like(x)
+        for i in bad_items:
+            delta[i, i + 1, 2, 3] = -50.0
+        got = run(m, {"x": x, "delta": delta})
+        assert flags(got) == (True, len(bad_items) * c * 25), bad_items
+        np.testing.assert_allclose(got["out"], want, rtol=1e-5, atol=1e-5)
+
+
 def test_reshape_rank_recovered_for_tf2onnx_flatten():
     """tf2onnx's Flatten (Shape -> Cast -> Slice -> Concat -> Cast -> Reshape): shape inference
     loses the rank of the MatMul's input; the pass recovers it from the length of the Reshape's

@@ -267,7 +267,9 @@ def protect_conv(s: ConvSite, idx: int, opset: int, ber: float, precision: str =
     mark_recompute(nb, y_new, item_idx, raw)  # (bias included: a Conv site's bias add is one of its operations)
     if s.fp16:  # (the absorbed ops then run in float16, as in the model)
         y_new = nb.op("Cast", y_new, to=TensorProto.FLOAT16)
-    prev = s.post[0].input[0] if s.post else None
+    # the chain's running tensor is the Conv's output, whichever input of the first absorbed op it is
+    # (a commuted Mul/Add(constant, conv) names the constant first)
+    prev = s.conv_out
     for node in s.post:  # the absorbed ops again, on the recomputed items
         ins = [y_new if t == prev else (nb.op("Gather", t, items, axis=0) if t == s.residual else t) for t in node.input]
         y_new = nb.op(node.op_type, *ins, **{a.name: helper.get_attribute_value(a) for a in node.attribute})
