@@ -22,11 +22,11 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from ..faults.sampling import DEFAULT_MAX_FAULTS, Faults, sample_faults, site_tables
+from ..faults.sampling import Faults, sample_faults, site_tables
 from ..passes.inject import SiteSelection, inject
 from ..runtime.data import Dataset
 from ..runtime.session import InjectionSession, make_session
-from .outcomes import SDC, Judge, OutcomeCounts, output_batch_axes
+from .outcomes import Judge, OutcomeCounts, output_batch_axes
 from .progress import report_phase
 from .spec import METRICS, CampaignSpec
 from .stats import wilson_interval

@@ -34,6 +34,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ..graph.edit import insert_after, producer_index
 from ..graph.roles import PROTECTION, set_meta, set_role
 from .ranges import FINDERS as RANGE_FINDERS
+from .ranges import FoundSites
 from .ranges import _elem_types, _Index, _is, _label, _Names, _used_names
 from .result import PassResult
 
@@ -67,16 +68,8 @@ class ClipSite:
     low: float
 
 
-class ClipSites(list):
-    """The sites found (ClipSite, in graph order) plus ``skipped``: (node, reason) pairs."""
-
-    def __init__(self, sites: Iterable[ClipSite] = (), skipped: Iterable[tuple[str, str]] = ()):
-        super().__init__(sites)
-        self.skipped: list[tuple[str, str]] = list(skipped)
-
-    @property
-    def tensors(self) -> list[str]:
-        return [s.tensor for s in self]
+class ClipSites(FoundSites):
+    """The clip sites found (ClipSite, in graph order) plus ``skipped``: (node, reason) pairs."""
 
 
 def _low(kind: str) -> float:

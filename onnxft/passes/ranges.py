@@ -72,16 +72,21 @@ class RangeSite:
     known_range: tuple[float, float] | None = None  # always inside the bounds (a QuantizeLinear's range)
 
 
-class RangeSites(list):
-    """The sites found (a list of RangeSite) plus ``skipped``: (node or kind, reason) pairs."""
+class FoundSites(list):
+    """Sites a pass found (each with a ``tensor``), in graph order, plus ``skipped``: (node or kind,
+    reason) pairs. Shared by range restriction and clipped activations (``passes.clip``)."""
 
-    def __init__(self, sites: Iterable[RangeSite] = (), skipped: Iterable[tuple[str, str]] = ()):
+    def __init__(self, sites: Iterable = (), skipped: Iterable[tuple[str, str]] = ()):
         super().__init__(sites)
         self.skipped: list[tuple[str, str]] = list(skipped)
 
     @property
     def tensors(self) -> list[str]:
         return [s.tensor for s in self]
+
+
+class RangeSites(FoundSites):
+    """The range sites found (RangeSite) plus ``skipped``."""
 
     def needing_calibration(self) -> list[str]:
         return [s.tensor for s in self if s.fixed is None]
