@@ -6,14 +6,13 @@ step runs the model once per batch, with the tensors as extra graph outputs, and
 """
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
 import numpy as np
 import onnx
-from onnx import shape_inference
 
+from ..graph.edit import with_outputs
 from ..runtime.data import Dataset
 from ..runtime.session import make_session
 
@@ -32,21 +31,12 @@ def dataset_batches(dataset: Dataset, batch_size: int = 64, limit: int | None = 
 
 
 def _with_outputs(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
-    m = copy.deepcopy(model)
-    have = {o.name for o in m.graph.output}
-    produced = {o for n in m.graph.node for o in n.output}
+    have = {o.name for o in model.graph.output}
+    produced = {o for n in model.graph.node for o in n.output}
     missing = [t for t in tensors if t not in produced and t not in have]
     if missing:
         raise CalibrationError(f"tensor {missing[0]!r} is not produced by any node of the model")
-    try:  # typed outputs where shape inference knows them; ORT accepts untyped ones otherwise
-        known = {v.name: v for v in shape_inference.infer_shapes(model).graph.value_info}
-    except Exception:
-        known = {}
-    for t in tensors:
-        if t not in have:
-            m.graph.output.append(copy.deepcopy(known[t]) if t in known else onnx.ValueInfoProto(name=t))
-            have.add(t)
-    return m
+    return with_outputs(model, tensors)
 
 
 def calibrate_ranges(model: onnx.ModelProto | str | Path, batches_of_feeds: Iterable[Mapping[str, np.ndarray]],

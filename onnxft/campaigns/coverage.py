@@ -12,8 +12,8 @@ import json
 
 import numpy as np
 import onnx
-from onnx import helper
 
+from ..graph.edit import with_outputs
 from ..runtime.session import make_session
 
 COVERAGE_KEY = "onnxft.coverage"
@@ -39,24 +39,14 @@ def gemm_conv_macs(model: onnx.ModelProto, feeds: dict) -> tuple[dict, list]:
     """``({node name: (op_type, MACs per item)}, [names of GEMM/Conv nodes inside subgraphs])``
     from one run of ``model`` on ``feeds`` (items = the first input's leading dimension)."""
     nodes = [n for n in model.graph.node if n.op_type in _OPS and n.domain in ("", "ai.onnx")]
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    have = {o.name for o in probe.graph.output}
     wanted = []
     for n in nodes:
         for t in (n.input[0], n.input[1], n.output[0]):
             if t not in wanted:
                 wanted.append(t)
-    inits = {t.name: t for t in probe.graph.initializer}
+    inits = {t.name: t for t in model.graph.initializer}
     fetch = [t for t in wanted if t not in inits]
-    try:
-        g = onnx.shape_inference.infer_shapes(model).graph
-        elem = {v.name: v.type.tensor_type.elem_type for v in list(g.value_info) + list(g.input) + list(g.output)}
-    except Exception:  # (inference fails on a few exotic models: declare float and hope)
-        elem = {}
-    for t in fetch:
-        if t not in have:
-            probe.graph.output.append(helper.make_tensor_value_info(t, elem.get(t) or onnx.TensorProto.FLOAT, None))
+    probe = with_outputs(model, fetch)
     sess = make_session(probe, "cpu", level="disabled")
     shapes = {t: tuple(v.shape) for t, v in zip(fetch, sess.run(fetch, feeds))}
     shapes.update({t: tuple(inits[t].dims) for t in wanted if t in inits})

@@ -32,3 +32,29 @@ def insert_after(graph: onnx.GraphProto, after: dict[int, list]) -> None:
         new_nodes.extend(after.get(i, []))
     del graph.node[:]
     graph.node.extend(new_nodes)
+
+
+def with_outputs(model: onnx.ModelProto, tensors) -> onnx.ModelProto:
+    """A copy of ``model`` that also outputs ``tensors`` (to read intermediate values in a session).
+
+    Each added output carries the type shape inference (or the model's own value_info) gives it, and
+    no type at all where neither knows: onnxruntime accepts an untyped output, while a guessed one
+    (float where the graph computes float16) makes it refuse the model."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output}
+    try:
+        g = onnx.shape_inference.infer_shapes(model).graph
+    except Exception:  # custom ops, >2 GB: what the model declares
+        g = model.graph
+    known = {v.name: v for v in [*g.input, *g.value_info]}
+    for t in tensors:
+        if t not in have:
+            vi = onnx.ValueInfoProto()
+            if t in known:
+                vi.CopyFrom(known[t])
+            else:
+                vi.name = t
+            m.graph.output.append(vi)
+            have.add(t)
+    return m
