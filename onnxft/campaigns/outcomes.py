@@ -63,6 +63,8 @@ class OutcomeOptions:
         if self.sdc not in SDC_CRITERIA and ":" not in self.sdc:
             raise OutcomeError(f"unknown --sdc {self.sdc!r}; choose from {', '.join(SDC_CRITERIA)} "
                                "or give a hook as package.module:function")
+        if ":" in self.sdc:
+            load_hook(self.sdc)  # a hook that does not load is an argument mistake: say so before any work
         for key in TOLERANCE_KEYS:
             v = getattr(self, key)
             if not isinstance(v, (int, float)) or math.isnan(v) or v < 0:
