@@ -96,3 +96,42 @@ def run_cli(argv, capsys):
         main(argv)
     out, err = capsys.readouterr()
     return exc.value.code, out, err
+
+
+_STOCK_ORT = """
+import sys
+# no onnxft in this process, however it is installed (editable or not): refuse the import
+class NoOnnxft:
+    def find_spec(self, name, path=None, target=None):
+        if name == 'onnxft' or name.startswith('onnxft.'):
+            raise ImportError('onnxft is blocked in this process')
+sys.meta_path.insert(0, NoOnnxft())
+try:
+    import onnxft
+    raise SystemExit('onnxft importable')
+except ImportError:
+    pass
+import numpy as np, onnxruntime as ort
+model, feeds, out, level = sys.argv[1:5]
+so = ort.SessionOptions()
+so.graph_optimization_level = {'basic': ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                               'all': ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[level]
+s = ort.InferenceSession(model, so, providers=['CPUExecutionProvider'])
+np.save(out, s.run(None, dict(np.load(feeds)))[0])
+"""
+
+
+def run_on_stock_onnxruntime(model: onnx.ModelProto, feeds: dict, tmp_path, level: str = "all") -> np.ndarray:
+    """The first output of ``model`` on ``feeds``, computed in a fresh interpreter (``-I``) in which
+    onnxft cannot be imported: what a server without onnxft gets from a hardened graph."""
+    import subprocess
+    import sys
+    import uuid
+
+    tag = uuid.uuid4().hex[:8]
+    path, inp, out = (tmp_path / f"stock_{tag}{ext}" for ext in (".onnx", "_in.npz", "_out.npy"))
+    onnx.save(model, str(path))
+    np.savez(inp, **feeds)
+    subprocess.run([sys.executable, "-I", "-c", _STOCK_ORT, str(path), str(inp), str(out), level], check=True,
+                   cwd=str(tmp_path))
+    return np.load(out)

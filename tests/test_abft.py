@@ -2,9 +2,6 @@
 composition with the inject pass, portability (stock onnxruntime, original opset), block sizes."""
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import onnx
@@ -21,6 +18,7 @@ from onnxft.passes.abft import AbftError, abft, find_gemms
 from onnxft.passes.blocksize import candidate_sizes, lb_cost, opt_block_size, p_faulty
 from onnxft.passes.inject import SiteSelection, inject
 from onnxft.runtime.session import InjectionSession
+from models import run_on_stock_onnxruntime
 
 BASIC = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
 
@@ -272,30 +270,8 @@ def test_samples_fault_free(name, tmp_path):
         else:
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     # stock onnxruntime in a fresh interpreter that cannot import onnxft
-    path = tmp_path / "hardened.onnx"
-    onnx.save(r.model, str(path))
-    np.save(tmp_path / "x.npy", x)
-    code = textwrap.dedent(f"""
-        import sys
-        # no onnxft in this process, however it is installed (editable or not): refuse the import
-        class NoOnnxft:
-            def find_spec(self, name, path=None, target=None):
-                if name == 'onnxft' or name.startswith('onnxft.'):
-                    raise ImportError('onnxft is blocked in this process')
-        sys.meta_path.insert(0, NoOnnxft())
-        try:
-            import onnxft
-            raise SystemExit('onnxft importable')
-        except ImportError:
-            pass
-        import numpy as np, onnxruntime as ort
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        s = ort.InferenceSession({str(path)!r}, so, providers=['CPUExecutionProvider'])
-        np.save({str(tmp_path / 'y.npy')!r}, s.run(None, {{'x': np.load({str(tmp_path / 'x.npy')!r})}})[0])
-    """)
-    subprocess.run([sys.executable, "-I", "-c", code], check=True, cwd=str(tmp_path))
-    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), want, rtol=1e-5, atol=1e-6)
+    got = run_on_stock_onnxruntime(r.model, {"x": x}, tmp_path, level="basic")
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_inject_into_hardened_vit():
@@ -996,24 +972,7 @@ def test_dynamic_hardened_graph_runs_on_stock_onnxruntime(tmp_path):
     for name, (model, feeds) in cases.items():
         r = abft(model, scheme="lb", block_size=4)
         onnx.checker.check_model(r.model, full_check=True)
-        onnx.save(r.model, str(tmp_path / f"{name}.onnx"))
-        np.savez(tmp_path / f"{name}_in.npz", **feeds)
-    code = textwrap.dedent(f"""
-        import sys
-        class NoOnnxft:
-            def find_spec(self, name, path=None, target=None):
-                if name == 'onnxft' or name.startswith('onnxft.'):
-                    raise ImportError('onnxft is blocked in this process')
-        sys.meta_path.insert(0, NoOnnxft())
-        import numpy as np, onnxruntime as ort
-        for name in {list(cases)!r}:
-            s = ort.InferenceSession({str(tmp_path)!r} + '/' + name + '.onnx', providers=['CPUExecutionProvider'])
-            feeds = dict(np.load({str(tmp_path)!r} + '/' + name + '_in.npz'))
-            np.save({str(tmp_path)!r} + '/' + name + '_out.npy', s.run(None, feeds)[0])
-    """)
-    subprocess.run([sys.executable, "-I", "-c", code], check=True, cwd=str(tmp_path))
-    for name, (model, feeds) in cases.items():
+        got = run_on_stock_onnxruntime(r.model, feeds, tmp_path)
         want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
-        got = np.load(tmp_path / f"{name}_out.npy")
         tol = 4e-3 * float(np.abs(want.astype(np.float32)).max()) if name == "fp16" else 0
         np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), rtol=0, atol=tol)

@@ -3,9 +3,6 @@ mode with NaN and +-Inf, site finding, progressive training, frozen layers, faul
 inside the bounds, and the hardened graph on stock onnxruntime without onnxft."""
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import onnx
@@ -14,7 +11,7 @@ import pytest
 from onnx import TensorProto as T
 from onnx import helper as h
 
-from models import labelled_data, run_cli, tiny_cnn, tiny_transformer
+from models import labelled_data, run_cli, run_on_stock_onnxruntime, tiny_cnn, tiny_transformer
 from onnxft.campaigns import train_clip
 from onnxft.campaigns.harden import HardenOptions, harden
 from onnxft.campaigns.train_clip import ClipTrainOptions, clip_thresholds, profile_activations
@@ -189,27 +186,7 @@ def test_harden_with_clip_and_abft_runs_on_stock_onnxruntime(tmp_path):
     onnx.checker.check_model(res.model, full_check=True)
     x = data.inputs["x"][:8]
     want = run(res.model, {"x": x})
-    path = tmp_path / "hardened.onnx"
-    onnx.save(res.model, str(path))
-    np.save(tmp_path / "x.npy", x)
-    code = textwrap.dedent(f"""
-        import sys
-        class NoOnnxft:
-            def find_spec(self, name, path=None, target=None):
-                if name == 'onnxft' or name.startswith('onnxft.'):
-                    raise ImportError('onnxft is blocked in this process')
-        sys.meta_path.insert(0, NoOnnxft())
-        try:
-            import onnxft
-            raise SystemExit('onnxft importable')
-        except ImportError:
-            pass
-        import numpy as np, onnxruntime as ort
-        s = ort.InferenceSession({str(path)!r}, providers=['CPUExecutionProvider'])
-        np.save({str(tmp_path / 'y.npy')!r}, s.run(None, {{'x': np.load({str(tmp_path / 'x.npy')!r})}})[0])
-    """)
-    subprocess.run([sys.executable, "-I", "-c", code], check=True, cwd=str(tmp_path))
-    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(run_on_stock_onnxruntime(res.model, {"x": x}, tmp_path), want, rtol=1e-5, atol=1e-6)
 
 
 def test_training_needs_labels():
