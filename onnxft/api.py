@@ -435,9 +435,13 @@ def vuln(model=None, data=None, granularity: Iterable[str] = ("layer",), ber: fl
          target_losses: Iterable[float] = (), loss_mode: str = "relative", trials: int = 2, max_trials: int = 10,
          ci_width: float = 0.02, seed: int = 0, batch: int = 250, limit: int | None = None, provider: str = "auto",
          threads: int | None = None, patch: tuple[int, int] | None = None, progress=None, search_trials: int = 1,
-         outputs=None, inputs: InputLayout | None = None) -> dict:
+         outputs=None, inputs: InputLayout | None = None, store=None, workers: int = 1,
+         ray_address: str | None = None) -> dict:
     """Vulnerability factors per layer/module/op type/input patch/bit (campaigns.vuln.analyse).
-    ``outputs``: the scored output (the first named; default the first float output)."""
+    ``outputs``: the scored output (the first named; default the first float output).
+    ``progress(done, total)``: units done (the total grows with the BER search and the trials).
+    ``store``, ``workers``, ``ray_address``: as ``evaluate`` (every unit committed; a resumed
+    analysis runs only the missing ones and makes the same decisions; Ray workers)."""
     from .campaigns.vuln import analyse
 
     m, name, default = load(model)
@@ -450,7 +454,7 @@ def vuln(model=None, data=None, granularity: Iterable[str] = ("layer",), ber: fl
                         target_losses=tuple(float(x) for x in target_losses), loss_mode=loss_mode,
                         max_trials=max_trials, ci_width=ci_width, search_trials=search_trials,
                         patch=None if patch is None else (int(patch[0]), int(patch[1])), inputs=inputs or InputLayout())
-    return analyse(m, ds, spec, progress=progress).to_dict()
+    return analyse(m, ds, spec, progress=progress, store=store, workers=workers, ray_address=ray_address).to_dict()
 
 
 def ra(model=None, data=None, hw: str | None = None, faults: int = 1, method: str = "mc",
