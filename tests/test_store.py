@@ -77,7 +77,7 @@ units = [Unit("toy", "none", b, t, j) for t in range(3) for j in range(4) for b 
 spec = {"model": "toy", "bers": [1e-8, 1e-7], "trials": 3, "seed": 0}
 with CampaignStore(sys.argv[1], resume=len(sys.argv) > 2) as store:
     store.register("toy", "eval", spec)
-    run_units(units, ToyRunner, {"sleep": 0.05}, store)
+    run_units(units, ToyRunner, {"sleep": 0.15}, store)  # 3.6 s: room to kill it midway on a busy machine
 """
 
 
