@@ -215,9 +215,8 @@ def select_gemms(model: onnx.ModelProto, data: Dataset, spec: CampaignSpec,
     if store is not None:
         store.register(f"select:{spec.model_name}", "select", spec.to_json())
     setup = SelectSetup(model, data, spec, spec.threads)
-    campaign, units = setup.campaign, setup.units
     say = progress or (lambda _msg: None)
-    if not units:
+    if not setup.units:
         raise ValueError("the model has no protectable MatMul/Gemm")
     if workers > 1 or ray_address:
         payload = {"model": model.SerializeToString(), "data": data, "spec": spec.to_json(),
