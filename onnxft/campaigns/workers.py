@@ -102,8 +102,10 @@ class UnitPool:
         ray, actors = self._ray[0], self._ray[1]
         queue = list(reversed(todo))
         pending = {}
-        for actor in actors:  # two units in flight per worker: the next one is queued while one runs
-            for _ in range(2):
+        # two units in flight per worker (the next one is queued while one runs), dealt round-robin so
+        # that a round of few units (vuln's trials, a BER search step) spreads over the workers
+        for _ in range(2):
+            for actor in actors:
                 if queue:
                     unit = queue.pop()
                     pending[actor.run.remote(unit)] = (unit, actor)
