@@ -4,6 +4,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,20 +22,20 @@ from tests.models import labelled_data, tiny_cnn
 ARGS = ["-g", "layer,bit,patch", "--target-loss", "0.2", "--batch", "8", "--trials", "1", "--max-trials", "3",
         "--ci-width", "0.05", "--patch", "4", "--threads", "1"]
 
-# The CLI in a child process that SIGKILLs itself once `at` units are committed (from the progress
-# callback, so the kill point is exact): a kill as hard as an external one, at a chosen place.
+# The CLI in a child process that sends itself a signal once `at` units are committed (from the
+# progress callback, so the point is exact): SIGKILL, as hard as an external kill, or SIGINT (Ctrl-C).
 _KILLED_AT = """
 import os, signal, sys
 from onnxft.cli.main import main
 verb = sys.modules["onnxft.cli.vuln"]
-at = int(sys.argv[1])
+at, sig = int(sys.argv[1]), getattr(signal, sys.argv[2])
 def killer(bars, label):
     def progress(done, total):
         if done >= at:
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), sig)
     return progress
 verb._progress = killer
-main(sys.argv[2:])
+main(sys.argv[3:])
 """
 
 
@@ -77,16 +78,25 @@ def _keys(out: Path) -> list[str]:
         return [r["key"] for r in store.rows()]
 
 
-@pytest.mark.parametrize("at", [40, 105, 200])  # network BER search, network trial 2 of 3, input BER search
-def test_sigkill_midway_and_resume_equals_an_uninterrupted_run(files, whole, tmp_path, at):
+@pytest.mark.parametrize("at,sig", [(40, "SIGKILL"),  # in the network part's BER search
+                                    (105, "SIGKILL"),  # in its adaptive trials (the 2nd of 3)
+                                    (200, "SIGKILL"),  # in the input part's BER search
+                                    (105, "SIGINT")])  # Ctrl-C: one line, no traceback
+def test_killed_midway_and_resumed_equals_an_uninterrupted_run(files, whole, tmp_path, at, sig):
     model, data = files
     ref_dir, ref, ref_keys = whole
     assert len(ref_keys) > 200
     killed = tmp_path / "killed"
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-c", _KILLED_AT, str(at), "vuln", model, "--data", data, *ARGS,
-                           "--out", str(killed)], env=env, capture_output=True, timeout=120)
-    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    proc = subprocess.run([sys.executable, "-c", _KILLED_AT, str(at), sig, "vuln", model, "--data", data, *ARGS,
+                           "--out", str(killed)], env=env, capture_output=True, text=True, timeout=120)
+    if sig == "SIGKILL":
+        assert proc.returncode == -9, proc.stderr[-2000:]
+    else:
+        last = proc.stderr.strip().splitlines()[-1]  # (of the units known so far: the search and trials go on)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert re.fullmatch(rf"onnxft: error: interrupted: {at} of \d+ units done; continue with --resume {killed}",
+                            last), last
     assert len(_keys(killed)) == at and not (killed / "results.json").exists()
     code, _, err = _cli(["vuln", model, "--data", data, *ARGS, "--quiet", "--resume", str(killed)])
     assert code == 0, err
