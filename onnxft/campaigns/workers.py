@@ -4,7 +4,9 @@ A *runner* is a class built once per worker from a payload (the model's bytes, t
 whose ``run(unit)`` returns the unit's result (plain JSON data) and ``faults`` (flips applied). The
 driver (this process) hands out units, commits each result to the ``CampaignStore`` as it arrives,
 and moves one progress bar. Units carry their own random streams, so results are identical for any
-number of workers and any schedule.
+number of workers and any schedule. A campaign whose next units depend on earlier results (vuln's
+BER search and adaptive trials, Algorithm 1) runs them in rounds on one ``UnitPool``: the runners
+(and Ray) are started once for all rounds.
 
 With Ray, each worker is an actor holding one runner (one onnxruntime session, built once); the
 payload travels once through Ray's object store. A worker that dies mid-unit is restarted and the
