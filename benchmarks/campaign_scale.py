@@ -1,11 +1,13 @@
 """Campaigns at scale: eval throughput with --workers 2 against 1, and the memory of a long campaign.
 
-    python benchmarks/campaign_scale.py throughput [--limit 512 --trials 2 --repeats 2]
+    python benchmarks/campaign_scale.py throughput [--verb eval|vuln] [--limit 512 --trials 2 --repeats 2]
     python benchmarks/campaign_scale.py memory [--units 3000]
 
-throughput: the same eval campaign (sample ViT, BER 1e-7) with 1 worker in process and with 2 Ray
-workers, alternated ``--repeats`` times, wall clock of the whole command (Ray's start included) and
-of the units alone (from the store's per-unit times); results.json must be identical.
+throughput: the same campaign (sample ViT, BER 1e-7; ``--verb vuln``: layer and module factors,
+``--trials`` trials, so that its rounds are trials then one batch set each) with 1 worker in process
+and with 2 Ray workers, alternated ``--repeats`` times, wall clock of the whole command (Ray's start
+included) and of the units alone (from the store's per-unit times); results.json must be identical
+(vuln's less its ``seconds``, the command's wall time).
 
 memory: a campaign of ``--units`` small units (batch 8) in one process, its resident set size read
 from /proc every second, printed as a curve (units done, RSS MiB).
@@ -22,9 +24,11 @@ import time
 from pathlib import Path
 
 
-def _eval(out: Path, limit: int, trials: int, workers: int, batch: int = 64) -> float:
-    args = [sys.executable, "-m", "onnxft", "eval", "vit", "--ber", "1e-7", "--limit", str(limit), "--trials",
+def _command(verb: str, out: Path, limit: int, trials: int, workers: int, batch: int = 64) -> float:
+    args = [sys.executable, "-m", "onnxft", verb, "vit", "--ber", "1e-7", "--limit", str(limit), "--trials",
             str(trials), "--batch", str(batch), "--quiet", "--out", str(out)]
+    if verb == "vuln":
+        args += ["-g", "layer,module", "--max-trials", str(trials)]
     if workers > 1:
         args += ["--workers", str(workers)]
     t0 = time.perf_counter()
@@ -32,7 +36,13 @@ def _eval(out: Path, limit: int, trials: int, workers: int, batch: int = 64) -> 
     return time.perf_counter() - t0
 
 
-def throughput(limit: int, trials: int, repeats: int) -> None:
+def _results(out: Path) -> str:
+    res = json.loads((out / "results.json").read_text())
+    res.pop("seconds", None)  # (vuln: the command's wall time)
+    return json.dumps(res, sort_keys=True)
+
+
+def throughput(limit: int, trials: int, repeats: int, verb: str = "eval") -> None:
     from onnxft.campaigns.store import CampaignStore
 
     rows = {1: [], 2: []}
@@ -41,14 +51,14 @@ def throughput(limit: int, trials: int, repeats: int) -> None:
         for r in range(repeats):
             for w in (1, 2) if r % 2 == 0 else (2, 1):
                 out = Path(tmp) / f"w{w}r{r}"
-                wall = _eval(out, limit, trials, w)
+                wall = _command(verb, out, limit, trials, w)
                 store = CampaignStore(out, resume=True)
                 units = store.rows()
                 store.close()
                 busy = sum(u["seconds"] for u in units)
                 span = max(u["finished"] for u in units) - min(u["finished"] - u["seconds"] for u in units)
                 rows[w].append((wall, span, busy, len(units)))
-                digests.add((out / "results.json").read_text())
+                digests.add(_results(out))
                 print(f"workers {w}: {len(units)} units, command {wall:.1f} s, units span {span:.1f} s, "
                       f"unit time summed {busy:.1f} s", flush=True)
         print("results.json identical for every run:", len(digests) == 1)
@@ -102,13 +112,14 @@ def memory(units: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=["throughput", "memory"])
+    ap.add_argument("--verb", choices=["eval", "vuln"], default="eval")
     ap.add_argument("--limit", type=int, default=512)
     ap.add_argument("--trials", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--units", type=int, default=3000)
     a = ap.parse_args()
     if a.what == "throughput":
-        throughput(a.limit, a.trials, a.repeats)
+        throughput(a.limit, a.trials, a.repeats, a.verb)
     else:
         memory(a.units)
 

@@ -298,7 +298,8 @@ def plan_path(output: str | Path) -> Path:
 
 def harden(model, output: str | Path | None = None, options: HardenOptions | None = None, calib=None,
            calib_limit: int | None = 512, select: CampaignSpec | None = None, data=None, limit: int | None = None,
-           progress=None, inputs: InputLayout | None = None, train=None) -> dict:
+           progress=None, inputs: InputLayout | None = None, train=None, store=None, workers: int = 1,
+           ray_address: str | None = None) -> dict:
     """Write the hardened model (range restriction + ABFT, see ``campaigns.harden``) and its plan.
 
     ``calib``: .npz (or Dataset) for range bounds and ABFT thresholds; a bundled sample uses its own
@@ -307,7 +308,11 @@ def harden(model, output: str | Path | None = None, options: HardenOptions | Non
     (``campaigns.select``) on ``data`` (first ``limit`` items) at ``options.ber`` to choose the
     GEMMs, then measures the chosen protection under injection. ``train``: labelled .npz (or
     Dataset) for the clip thresholds of ``options.clip`` (a ``ClipTrainOptions``; docs/proact.md); a
-    bundled sample uses its bundled training subset when none is given. Returns the plan (also
+    bundled sample uses its bundled training subset when none is given. ``store`` (``open_store``),
+    ``workers``, ``ray_address``: Algorithm 1's units are committed to the store (a resumed
+    selection runs only the missing ones and takes the same steps) and run on Ray workers; the
+    check of the chosen protection under injection runs on the workers too, outside the store (its
+    graph depends on options the selection's spec does not hold). Returns the plan (also
     written to ``<output stem>.plan.json``)."""
     options = options or HardenOptions()
     options.validate()
@@ -328,7 +333,7 @@ def harden(model, output: str | Path | None = None, options: HardenOptions | Non
         select = select.replace(**_model_fields(model, name), data=eval_ds.path, limit=limit,
                                 bers=(float(options.ber),), design_ber=float(options.ber), metric="top1",
                                 inputs=inputs or InputLayout())
-        sel = select_gemms(m, eval_ds, select, progress)
+        sel = select_gemms(m, eval_ds, select, progress, store=store, workers=workers, ray_address=ray_address)
         selection = asdict(sel)
         if not sel.chosen:
             raise ValueError("Algorithm 1 chose no GEMM (none fits under --max-overhead, or the model already "
@@ -340,7 +345,8 @@ def harden(model, output: str | Path | None = None, options: HardenOptions | Non
     plan = dict(res.plan, model=name, output=str(output))
     if selection is not None:
         # the chosen protection, built for real, under injection on the same items and seeds
-        real = _evaluate(res.model, eval_ds, select.replace(model=str(output), model_name=str(output)))
+        real = _evaluate(res.model, eval_ds, select.replace(model=str(output), model_name=str(output)),
+                         workers=workers, ray_address=ray_address)
         p = real.points[0]
         selection.update({"measured_accuracy": p.value, "measured_ci": list(p.ci), "measured_sdc": p.sdc,
                           "measured_sdc_ci": list(p.sdc_ci), "measured_due": p.due,
@@ -435,9 +441,13 @@ def vuln(model=None, data=None, granularity: Iterable[str] = ("layer",), ber: fl
          target_losses: Iterable[float] = (), loss_mode: str = "relative", trials: int = 2, max_trials: int = 10,
          ci_width: float = 0.02, seed: int = 0, batch: int = 250, limit: int | None = None, provider: str = "auto",
          threads: int | None = None, patch: tuple[int, int] | None = None, progress=None, search_trials: int = 1,
-         outputs=None, inputs: InputLayout | None = None) -> dict:
+         outputs=None, inputs: InputLayout | None = None, store=None, workers: int = 1,
+         ray_address: str | None = None) -> dict:
     """Vulnerability factors per layer/module/op type/input patch/bit (campaigns.vuln.analyse).
-    ``outputs``: the scored output (the first named; default the first float output)."""
+    ``outputs``: the scored output (the first named; default the first float output).
+    ``progress(done, total)``: units done (the total grows with the BER search and the trials).
+    ``store``, ``workers``, ``ray_address``: as ``evaluate`` (every unit committed; a resumed
+    analysis runs only the missing ones and makes the same decisions; Ray workers)."""
     from .campaigns.vuln import analyse
 
     m, name, default = load(model)
@@ -450,7 +460,7 @@ def vuln(model=None, data=None, granularity: Iterable[str] = ("layer",), ber: fl
                         target_losses=tuple(float(x) for x in target_losses), loss_mode=loss_mode,
                         max_trials=max_trials, ci_width=ci_width, search_trials=search_trials,
                         patch=None if patch is None else (int(patch[0]), int(patch[1])), inputs=inputs or InputLayout())
-    return analyse(m, ds, spec, progress=progress).to_dict()
+    return analyse(m, ds, spec, progress=progress, store=store, workers=workers, ray_address=ray_address).to_dict()
 
 
 def ra(model=None, data=None, hw: str | None = None, faults: int = 1, method: str = "mc",

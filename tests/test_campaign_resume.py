@@ -110,3 +110,41 @@ def test_compare_resumes_per_scheme(model_and_data, tmp_path, capsys):
     a, b = (json.loads((d / "compare.json").read_text()) for d in (whole, cut))
     assert a == b
     assert len(_keys(cut)) == len(keys)
+
+
+def test_ctrl_c_stops_cleanly_and_the_campaign_resumes(model_and_data, tmp_path, capsys):
+    """SIGINT (Ctrl-C) midway: one line saying how to go on, no traceback, no results.json, a
+    consistent store; resumed, the uninterrupted results."""
+    import sqlite3
+
+    model, data = model_and_data
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert run_cli(["eval", model, "--data", data, *ARGS, "--out", str(whole)], capsys)[0] == 0
+    units = 3 * 8 * 3
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "onnxft", "eval", model, "--data", data, *ARGS,
+                             "--out", str(cut)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+        if (cut / STORE_NAME).exists():
+            try:
+                if len(_keys(cut)) >= 10:
+                    break
+            except Exception:  # the store is being created
+                continue
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    before = len(_keys(cut))
+    assert 10 <= before < units, "the campaign must be interrupted midway"
+    assert proc.returncode == 1 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (f"onnxft: error: interrupted: {before} of {units} units done; "
+                                            f"continue with --resume {cut}")
+    assert not (cut / "results.json").exists()
+    db = sqlite3.connect(cut / STORE_NAME)
+    assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    db.close()
+    assert run_cli(["eval", model, "--data", data, *ARGS, "--resume", str(cut)], capsys)[0] == 0
+    keys = _keys(cut)
+    assert len(keys) == len(set(keys)) == units
+    assert (cut / "results.json").read_bytes() == (whole / "results.json").read_bytes()

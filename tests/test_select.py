@@ -78,3 +78,45 @@ def test_harden_select_auto_takes_a_spec_and_records_outcomes(tmp_path):
     assert sel["measured_sdc_ci"][0] <= sel["measured_sdc"] <= sel["measured_sdc_ci"][1]
     ran = CampaignSpec.from_json(sel["spec"])
     assert ran.bers == (BER,) and ran.max_overhead == 0.15 and ran.trials == 1
+
+
+def test_harden_select_resumes_from_its_store(tmp_path, capsys):
+    """harden --select auto --select-out DIR commits Algorithm 1's units; with the last-committed
+    half of them gone (as a kill leaves the store), --resume DIR runs only those again, takes the
+    same steps and writes the same selection. Other options are refused; --resume needs --select auto."""
+    import json
+    import sqlite3
+
+    import onnx
+
+    from models import run_cli
+    from onnxft.campaigns.store import STORE_NAME
+
+    model, ds = _setup()
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", x=ds.inputs["x"], y=ds.labels)
+    args = ["harden", str(tmp_path / "m.onnx"), "--abft", "lb", "--range", "none", "--ber", str(BER), "--select",
+            "auto", "--max-overhead", "0.15", "--trials", "1", "--data", str(tmp_path / "d.npz"),
+            "--provider", "cpu", "--json"]
+    store = tmp_path / "sel"
+    code, out, err = run_cli([*args, "-o", str(tmp_path / "a.onnx"), "--select-out", str(store)], capsys)
+    assert code == 0, err
+    whole = json.loads(out)["selection"]
+    db = sqlite3.connect(store / STORE_NAME)
+    keys = sorted(k for (k,) in db.execute("SELECT key FROM units"))
+    assert {k.split("|")[1].split(":")[0] for k in keys} == {"select/layers", "select/gemms", "select/without"}
+    db.execute("DELETE FROM units WHERE key IN (SELECT key FROM units ORDER BY finished DESC LIMIT ?)",
+               (len(keys) // 2,))
+    db.commit()
+    db.close()
+    code, out, err = run_cli([*args, "-o", str(tmp_path / "b.onnx"), "--resume", str(store)], capsys)
+    assert code == 0, err
+    assert json.loads(out)["selection"] == whole
+    db = sqlite3.connect(store / STORE_NAME)
+    assert sorted(k for (k,) in db.execute("SELECT key FROM units")) == keys  # the same units, each once
+    db.close()
+    code, _, err = run_cli([*args[:-1], "--trials", "2", "-o", str(tmp_path / "c.onnx"), "--resume", str(store)],
+                           capsys)
+    assert code == 1 and "differs in: " in err and "trials" in err
+    code, _, err = run_cli(["harden", str(tmp_path / "m.onnx"), "--resume", str(store)], capsys)
+    assert code == 1 and "for --select auto" in err

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from onnxft.campaigns.store import STORE_NAME, CampaignStore, StoreError, Unit
-from onnxft.campaigns.workers import RAY_HINT, run_units, threads_per_worker
+from onnxft.campaigns.workers import RAY_HINT, UnitPool, run_units, threads_per_worker
 from tests.toy_runner import ToyRunner
 
 SPEC = {"model": "toy", "bers": [1e-8, 1e-7], "trials": 3, "seed": 0}
@@ -68,6 +68,27 @@ def test_store_never_holds_a_unit_twice(tmp_path):
             store.record(UNITS[0], {"correct": 1})
 
 
+def test_a_pool_runs_its_rounds_on_one_runner(tmp_path):
+    """A campaign that decides its next units from the last ones (vuln, Algorithm 1) runs rounds on
+    one UnitPool: one runner for all of them, units done in an earlier round come back without
+    running, and progress counts the units of every round so far."""
+    built, calls = [], []
+
+    def factory(payload):
+        built.append(payload)
+        return ToyRunner(payload)
+
+    with _open(tmp_path) as store:
+        with UnitPool(factory, {}, store, progress=lambda d, t: calls.append((d, t))) as pool:
+            first = pool.run(UNITS[:6])
+            second = pool.run(UNITS[4:10])
+        assert len(store.rows()) == 10
+    assert len(built) == 1
+    assert list(first) == [u.key for u in UNITS[:6]] and list(second) == [u.key for u in UNITS[4:10]]
+    assert {k: first[k] for k in list(first)[4:]} == {k: second[k] for k in list(second)[:2]}
+    assert calls[6] == (6, 6) and calls[7] == (8, 12) and calls[-1] == (12, 12)
+
+
 _KILLABLE = """
 import sys
 from onnxft.campaigns.store import CampaignStore, Unit
@@ -77,7 +98,7 @@ units = [Unit("toy", "none", b, t, j) for t in range(3) for j in range(4) for b 
 spec = {"model": "toy", "bers": [1e-8, 1e-7], "trials": 3, "seed": 0}
 with CampaignStore(sys.argv[1], resume=len(sys.argv) > 2) as store:
     store.register("toy", "eval", spec)
-    run_units(units, ToyRunner, {"sleep": 0.05}, store)
+    run_units(units, ToyRunner, {"sleep": 0.15}, store)  # 3.6 s: room to kill it midway on a busy machine
 """
 
 

@@ -28,6 +28,7 @@ operations per item), as in the paper's Figs. 10 and 12.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -41,7 +42,7 @@ from ..runtime.data import Dataset
 from ..runtime.session import InjectionSession
 from .evaluate import campaign_graph
 from .spec import CampaignSpec
-from .vuln import Campaign, Component, vulnerability_factors
+from .vuln import Campaign, Component, VulnUnit, factor_run, measure
 
 
 def check_select(spec: CampaignSpec) -> None:
@@ -137,33 +138,108 @@ def accuracy_without(campaign: Campaign, ber: float, sites: frozenset, trials: i
     return ok / n
 
 
+class SelectSetup:
+    """What the units of one Algorithm 1 campaign need, built the same way in the driver and in
+    every worker: the injection ``Campaign`` of the model, its GEMM units and its layers."""
+
+    def __init__(self, model: onnx.ModelProto, data: Dataset, spec: CampaignSpec, threads: int | None = None):
+        sess = InjectionSession(campaign_graph(model), spec.provider, threads, level="basic")
+        self.campaign = Campaign(sess, data, spec.batch, spec.seed, outcome=spec.outcome)
+        self.units = gemm_units(self.campaign, model, spec.algorithm_ber)
+        self.layer_sites = {g.name: frozenset(g.sites) for g in grouping.layers(self.campaign.table, model)}
+        self.layer_names = list(dict.fromkeys(u.layer for u in self.units))
+
+    def layer_components(self) -> list[Component]:
+        return [Component(name, self.layer_sites.get(name, frozenset())) for name in self.layer_names]
+
+    def gemm_components(self, layer: str) -> list[Component]:
+        return [Component(u.name, u.sites) for u in self.units if u.layer == layer]
+
+    def run(self, unit: VulnUnit) -> dict:
+        """``select/layers``: factors of the layers; ``select/gemms:LAYER``: of that layer's GEMMs;
+        ``select/without:DIGEST``: accuracy with the faults of the GEMMs ``unit.protect`` removed."""
+        kind, _, arg = unit.scheme.partition("/")[2].partition(":")
+        camp = self.campaign
+        faults = camp.faults(unit.trial, unit.batch, unit.ber, None)
+        if kind == "without":
+            by_name = {u.name: u for u in self.units}
+            sites = frozenset().union(*[by_name[n].sites for n in unit.protect])
+            kept = faults.subset(~Component("protected", sites).removes(faults)) if sites else faults
+            right = camp._run(unit.batch, kept)
+            result = {"ok": int(right.sum()), "n": len(right)}
+        else:
+            comps = self.layer_components() if kind == "layers" else self.gemm_components(arg)
+            result = measure(camp, unit.batch, faults, comps)
+        return {"result": result, "faults": len(faults)}
+
+
+class SelectRunner:
+    """Runs Algorithm 1's units in a worker, from a payload ``{"model": bytes, "data": Dataset,
+    "spec": CampaignSpec.to_json(), "threads": n}`` (``workers.UnitPool``)."""
+
+    def __init__(self, payload: dict):
+        spec = CampaignSpec.from_json(payload["spec"])
+        self.setup = SelectSetup(onnx.load_from_string(payload["model"]), payload["data"], spec,
+                                 payload.get("threads", spec.threads))
+
+    def run(self, unit: VulnUnit) -> dict:
+        return self.setup.run(unit)
+
+
+def _accuracy_without(pool, name: str, n_batches: int, ber: float, gemms: list[str], trials: int) -> float:
+    """``accuracy_without`` of the GEMMs ``gemms`` from the units ``select/without:DIGEST`` on ``pool``."""
+    protect = tuple(sorted(gemms))
+    digest = hashlib.sha256("\n".join(protect).encode()).hexdigest()[:16]
+    units = [VulnUnit(name, f"select/without:{digest}", float(ber), t, j, protect) for t in range(trials)
+             for j in range(n_batches)]
+    results = pool.run(units)
+    return sum(results[u.key]["ok"] for u in units) / sum(results[u.key]["n"] for u in units)
+
+
 def select_gemms(model: onnx.ModelProto, data: Dataset, spec: CampaignSpec,
-                 progress: Callable[[str], None] | None = None) -> Selection:
+                 progress: Callable[[str], None] | None = None, store=None, workers: int = 1,
+                 ray_address: str | None = None) -> Selection:
     """Algorithm 1 (see the module docstring) at ``spec.algorithm_ber`` (``design_ber``, else the
     largest of ``bers``), with spec fields target_drop, max_overhead, trials, max_trials, ci_width,
-    batch, seed, provider, threads and outcome (which output is scored; DUE items are never correct)."""
+    batch, seed, provider, threads and outcome (which output is scored; DUE items are never correct).
+
+    Its measurements are units (``vuln.VulnUnit``, part ``select``: layer factors, GEMM factors of
+    a layer, accuracy with a set of GEMMs protected; x trial x batch) run on a ``workers.UnitPool``:
+    ``store`` (a ``CampaignStore``) commits each one, and a resumed selection runs only the missing
+    ones and takes the same steps (each is decided from unit results alone); ``workers`` > 1 or
+    ``ray_address`` run them on Ray. ``progress(message)`` tells the steps."""
+    from .workers import UnitPool, threads_per_worker
+
     check_select(spec)
     ber = spec.algorithm_ber
-    sess = InjectionSession(campaign_graph(model), spec.provider, spec.threads, level="basic")
-    campaign = Campaign(sess, data, spec.batch, spec.seed, outcome=spec.outcome)
+    if store is not None:
+        store.register(f"select:{spec.model_name}", "select", spec.to_json())
+    setup = SelectSetup(model, data, spec, spec.threads)
     say = progress or (lambda _msg: None)
-    units = gemm_units(campaign, model, ber)
-    if not units:
+    if not setup.units:
         raise ValueError("the model has no protectable MatMul/Gemm")
-    clean = campaign.clean
+    if workers > 1 or ray_address:
+        payload = {"model": model.SerializeToString(), "data": data, "spec": spec.to_json(),
+                   "threads": threads_per_worker(workers, spec.threads)}
+        pool = UnitPool(SelectRunner, payload, store, workers, ray_address)
+    else:
+        pool = UnitPool(lambda _: setup, None, store)
+    with pool:
+        return _select(pool, setup, spec, ber, say)
+
+
+def _select(pool, setup: SelectSetup, spec: CampaignSpec, ber: float, say) -> Selection:
+    name, n_batches, units = spec.model_name, len(setup.campaign.starts), setup.units
+    clean = setup.campaign.clean
     target = clean - spec.target_drop
     kw = dict(trials=spec.trials, max_trials=spec.max_trials, ci_width=spec.ci_width)
 
-    layer_names = list(dict.fromkeys(u.layer for u in units))
-    layer_sites = {g.name: frozenset(g.sites) for g in grouping.layers(campaign.table, model)}
-    say(f"layer vulnerability of {len(layer_names)} layers at BER {ber:g}")
-    lv = vulnerability_factors(campaign, ber, [Component(name, layer_sites.get(name, frozenset()))
-                                               for name in layer_names], **kw)
+    say(f"layer vulnerability of {len(setup.layer_names)} layers at BER {ber:g}")
+    lv = factor_run(pool, name, "select", n_batches, ber, setup.layer_components(), kind="layers", **kw)
     unprotected = lv.accuracy
     ranked_layers = sorted(lv.factors, key=lambda f: -f.factor)
     sel = Selection(ber, clean, target, unprotected, [], unprotected, 0.0, unprotected >= target,
                     layers=[{"layer": f.name, "factor": f.factor, "ci": list(f.ci)} for f in ranked_layers])
-    protected: set = set()
     # same trial count as the vulnerability runs, so the accuracies are comparable
     trials = lv.trials
     for lf in ranked_layers:
@@ -173,7 +249,8 @@ def select_gemms(model: onnx.ModelProto, data: Dataset, spec: CampaignSpec,
         if not in_layer:
             continue
         say(f"GEMM vulnerability in {lf.name} ({len(in_layer)} GEMMs)")
-        mv = vulnerability_factors(campaign, ber, [Component(u.name, u.sites) for u in in_layer], **kw)
+        mv = factor_run(pool, name, "select", n_batches, ber, setup.gemm_components(lf.name),
+                        kind=f"gemms:{lf.name}", **kw)
         factor = {f.name: f for f in mv.factors}
         # vulnerability per unit of overhead (the paper ranks by vulnerability alone; see the docstring)
         for u in sorted(in_layer, key=lambda u: -factor[u.name].factor / max(u.overhead, 1e-12)):
@@ -183,9 +260,8 @@ def select_gemms(model: onnx.ModelProto, data: Dataset, spec: CampaignSpec,
                 continue
             sel.chosen.append(u.name)
             sel.block_sizes[u.name] = u.block_size
-            protected |= u.sites
             sel.overhead += u.overhead
-            sel.accuracy = accuracy_without(campaign, ber, frozenset(protected), trials)
+            sel.accuracy = _accuracy_without(pool, name, n_batches, ber, sel.chosen, trials)
             sel.steps.append({"gemm": u.name, "layer": u.layer, "factor": factor[u.name].factor,
                               "block_size": u.block_size, "overhead": sel.overhead, "accuracy": sel.accuracy})
             say(f"  + {u.name}: accuracy {sel.accuracy:.4f}, overhead {100 * sel.overhead:.3f}%")
@@ -193,21 +269,21 @@ def select_gemms(model: onnx.ModelProto, data: Dataset, spec: CampaignSpec,
                 sel.reached = True
                 break
     if sel.reached and len(sel.chosen) > 1:
-        _prune(campaign, ber, units, sel, trials, say)
+        _prune(pool, name, n_batches, ber, units, sel, trials, say)
     return sel
 
 
-def _prune(campaign: Campaign, ber: float, units: list[Unit], sel: Selection, trials: int, say) -> None:
+def _prune(pool, name: str, n_batches: int, ber: float, units: list[Unit], sel: Selection, trials: int,
+           say) -> None:
     """Drop chosen GEMMs, most expensive first, whose protection the target does not need."""
     by_name = {u.name: u for u in units}
-    for name in sorted(sel.chosen, key=lambda n: -by_name[n].overhead):
-        rest = [c for c in sel.chosen if c != name]
-        sites = frozenset().union(*[by_name[c].sites for c in rest])
-        acc = accuracy_without(campaign, ber, sites, trials)
+    for gemm in sorted(sel.chosen, key=lambda n: -by_name[n].overhead):
+        rest = [c for c in sel.chosen if c != gemm]
+        acc = _accuracy_without(pool, name, n_batches, ber, rest, trials)
         if acc >= sel.target:
             sel.chosen = rest
-            sel.block_sizes.pop(name, None)
-            sel.overhead -= by_name[name].overhead
+            sel.block_sizes.pop(gemm, None)
+            sel.overhead -= by_name[gemm].overhead
             sel.accuracy = acc
-            sel.steps.append({"gemm": name, "dropped": True, "overhead": sel.overhead, "accuracy": acc})
-            say(f"  - {name}: not needed (accuracy {acc:.4f} without it)")
+            sel.steps.append({"gemm": gemm, "dropped": True, "overhead": sel.overhead, "accuracy": acc})
+            say(f"  - {gemm}: not needed (accuracy {acc:.4f} without it)")

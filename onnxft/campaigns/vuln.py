@@ -43,6 +43,7 @@ from ..runtime.session import InjectionSession
 from .evaluate import trial_rng
 from .outcomes import Judge, OutcomeOptions, output_batch_axes
 from .spec import CampaignSpec
+from .store import Unit
 from .stats import wilson_interval
 
 GRANULARITIES = ("model", "layer", "module", "optype", "patch", "bit")
@@ -220,39 +221,82 @@ class Campaign:
         return sum(ops[i] for i in sites) / total if total else 0.0
 
 
-def vulnerability_factors(campaign: Campaign, ber: float, components: list[Component], trials: int = 2,
-                          max_trials: int = 10, ci_width: float = 0.02,
-                          scales: dict[int, float] | None = None) -> FactorRun:
-    """Each component's vulnerability factor at ``ber`` with a paired 95% interval, using common
-    random numbers (see the module docstring). ``scales`` overrides sites' BER scales for the
-    unprotected model (e.g. input faults only). Algorithm 1 calls this with one component per
-    candidate (a layer, a GEMM) to rank them."""
+@dataclass(frozen=True)
+class VulnUnit(Unit):
+    """A unit of a vulnerability campaign (vuln, Algorithm 1): one (trial, batch) at one BER of one
+    *part*, ``scheme`` = ``PART/KIND``. The part says which sites are faulted (vuln's ``network`` or
+    ``input``; Algorithm 1's ``select``) and which components are measured; ``KIND`` is
+    ``factors`` (every component of the part), ``search`` (the unprotected accuracy alone, for the
+    BER search) or a kind of Algorithm 1's (``campaigns.select``). ``protect``: GEMM names, for the
+    units of Algorithm 1 that need them (their digest is in ``scheme``, so in the key)."""
+
+    protect: tuple = ()
+
+
+def measure(campaign: Campaign, j: int, faults: Faults, components: list[Component]) -> dict:
+    """The result of one unit: batch ``j`` of ``campaign`` under ``faults`` unprotected (items right,
+    DUE) and, for each component, the items it gains and loses with its faults removed, and how
+    many of the faults fell in it. Integer counts, so sums over units do not depend on their order."""
+    runs0 = campaign.runs
+    base, base_due = campaign.run_outcomes(j, faults)
+    gained, lost, inside = [], [], []
+    for comp in components:
+        removed = comp.removes(faults)
+        count = int(removed.sum())
+        inside.append(count)
+        if count == 0:  # the same fault set: the same outputs
+            gained.append(0)
+            lost.append(0)
+            continue
+        prot = campaign.run_changed(j, faults, removed, base)
+        gained.append(int(np.sum(prot & ~base)))
+        lost.append(int(np.sum(~prot & base)))
+    return {"ok": int(base.sum()), "due": int(base_due.sum()), "n": len(base), "faults": len(faults),
+            "gained": gained, "lost": lost, "inside": inside, "runs": campaign.runs - runs0}
+
+
+class LocalRunner:
+    """Runs ``VulnUnit``s on a ``Campaign`` of this process: ``parts`` maps a unit's part to its
+    fault scales (site index -> BER scale, or None) and components."""
+
+    def __init__(self, campaign: Campaign, parts: dict[str, tuple]):
+        self.campaign, self.parts = campaign, parts
+
+    def run(self, unit: VulnUnit) -> dict:
+        part, _, kind = unit.scheme.partition("/")
+        scales, comps = self.parts[part]
+        faults = self.campaign.faults(unit.trial, unit.batch, unit.ber, scales)
+        result = measure(self.campaign, unit.batch, faults, comps if kind == "factors" else [])
+        return {"result": result, "faults": len(faults)}
+
+
+def factor_run(pool, model_name: str, part: str, n_batches: int, ber: float, components: list[Component],
+               trials: int = 2, max_trials: int = 10, ci_width: float = 0.02, kind: str = "factors",
+               protect: tuple = ()) -> FactorRun:
+    """Factors of ``components`` at ``ber`` from the units ``PART/KIND`` run on ``pool``
+    (``workers.UnitPool``), trial by trial: the first ``trials`` trials in one round, then one trial
+    a round until every factor's 95% half-width is at most ``ci_width`` or ``max_trials`` are done.
+    Every decision is a function of the results of the units done, so a resumed campaign makes the
+    same ones and runs the same units."""
     if trials < 1 or max_trials < trials:
         raise ValueError("need 1 <= trials <= max_trials")
     k = len(components)
-    gained, lost = np.zeros(k, np.int64), np.zeros(k, np.int64)
-    in_comp, n_faults = np.zeros(k, np.int64), 0
-    ok_u, n, due = 0, 0, 0
+    gained, lost, inside = np.zeros(k, np.int64), np.zeros(k, np.int64), np.zeros(k, np.int64)
+    ok_u = n = due = n_faults = runs = 0
     t = 0
-    runs0 = campaign.runs
     while True:
-        for j in range(len(campaign.starts)):
-            faults = campaign.faults(t, j, ber, scales)
-            base, base_due = campaign.run_outcomes(j, faults)
-            ok_u += int(base.sum())
-            due += int(base_due.sum())
-            n += len(base)
-            n_faults += len(faults)
-            for c, comp in enumerate(components):
-                removed = comp.removes(faults)
-                count = int(removed.sum())
-                in_comp[c] += count
-                if count == 0:  # the same fault set: the same outputs
-                    continue
-                prot = campaign.run_changed(j, faults, removed, base)
-                gained[c] += int(np.sum(prot & ~base))
-                lost[c] += int(np.sum(~prot & base))
-        t += 1
+        rounds = range(t, max(trials, t + 1))
+        units = [VulnUnit(model_name, f"{part}/{kind}", float(ber), tt, j, protect) for tt in rounds
+                 for j in range(n_batches)]
+        results = pool.run(units)
+        for u in units:
+            r = results[u.key]
+            ok_u, due, n, n_faults, runs = (ok_u + r["ok"], due + r["due"], n + r["n"], n_faults + r["faults"],
+                                            runs + r["runs"])
+            gained += np.asarray(r["gained"], np.int64).reshape(k)
+            lost += np.asarray(r["lost"], np.int64).reshape(k)
+            inside += np.asarray(r["inside"], np.int64).reshape(k)
+        t = rounds[-1] + 1
         widths = [(paired_interval(int(g), int(l), n)[1] - paired_interval(int(g), int(l), n)[0]) / 2
                   for g, l in zip(gained, lost)]
         if t >= max_trials or (t >= trials and max(widths, default=0.0) <= ci_width):
@@ -261,9 +305,30 @@ def vulnerability_factors(campaign: Campaign, ber: float, components: list[Compo
     for c, comp in enumerate(components):
         g, l = int(gained[c]), int(lost[c])
         factors.append(Factor(comp.name, (g - l) / n, paired_interval(g, l, n), n, g, l, len(comp.sites),
-                              comp.share, float(in_comp[c]) / n_faults if n_faults else 0.0, dict(comp.info)))
-    return FactorRun(float(ber), ok_u / n, wilson_interval(ok_u, n), t, n, n_faults / n, factors,
-                     campaign.runs - runs0, due / n, wilson_interval(due, n))
+                              comp.share, float(inside[c]) / n_faults if n_faults else 0.0, dict(comp.info)))
+    return FactorRun(float(ber), ok_u / n, wilson_interval(ok_u, n), t, n, n_faults / n, factors, runs, due / n,
+                     wilson_interval(due, n))
+
+
+def search_accuracy(pool, model_name: str, part: str, n_batches: int, ber: float, trials: int) -> float:
+    """Unprotected accuracy at ``ber`` from the units ``PART/search`` (trials x batches) on ``pool``."""
+    units = [VulnUnit(model_name, f"{part}/search", float(ber), t, j) for t in range(trials) for j in range(n_batches)]
+    results = pool.run(units)
+    return sum(results[u.key]["ok"] for u in units) / sum(results[u.key]["n"] for u in units)
+
+
+def vulnerability_factors(campaign: Campaign, ber: float, components: list[Component], trials: int = 2,
+                          max_trials: int = 10, ci_width: float = 0.02,
+                          scales: dict[int, float] | None = None) -> FactorRun:
+    """Each component's vulnerability factor at ``ber`` with a paired 95% interval, using common
+    random numbers (see the module docstring), in this process. ``scales`` overrides sites' BER
+    scales for the unprotected model (e.g. input faults only). ``analyse`` and Algorithm 1 run the
+    same units through ``factor_run``, with a store and workers."""
+    from .workers import UnitPool
+
+    with UnitPool(lambda _: LocalRunner(campaign, {"part": (scales, components)}), None) as pool:
+        return factor_run(pool, "model", "part", len(campaign.starts), ber, components, trials, max_trials,
+                          ci_width)
 
 
 def search_ber(accuracy: Callable[[float], float], target: float, start: float = 1e-12, stop: float = 1e-1,
@@ -409,79 +474,141 @@ def _run_dict(part: str, run: FactorRun, target_loss, groups: dict[str, list[str
     return d
 
 
-def analyse(model: onnx.ModelProto, data: Dataset, spec: CampaignSpec,
-            progress: Callable[[int], None] | None = None) -> VulnResult:
+def check_vuln(spec: CampaignSpec) -> None:
+    """The options of ``analyse``: known granularities, one BER or target losses, trial counts."""
+    grans = list(dict.fromkeys(spec.granularity))
+    bad = [g for g in grans if g not in GRANULARITIES]
+    if bad or not grans:
+        raise ValueError(f"unknown granularity {', '.join(bad) or '(none)'}; choose from {', '.join(GRANULARITIES)}")
+    if len(spec.bers) > 1:
+        raise ValueError("vuln measures at one BER (or give target losses)")
+    if (not spec.bers) == (not spec.target_losses):
+        raise ValueError("give either a BER (--ber) or target losses (--target-loss)")
+    if spec.bers and not 0 < float(spec.bers[0]) <= 1:
+        raise ValueError(f"BER must be in (0, 1], got {spec.bers[0]}")
+    for x in spec.target_losses:
+        target_accuracy(1.0, float(x), spec.loss_mode)
+    if spec.trials < 1 or spec.max_trials < spec.trials:
+        raise ValueError("need 1 <= trials <= max_trials")
+
+
+class VulnSetup:
+    """What the units of one ``onnxft vuln`` campaign need, built the same way in the driver and in
+    every worker: the injection ``Campaign`` (input sites added for ``patch``) and the *parts*,
+    ``network`` (every network granularity's components, input sites at BER scale 0) and ``input``
+    (one component per patch, every network site at scale 0): name -> (scales, components, the
+    component names of each granularity)."""
+
+    def __init__(self, model: onnx.ModelProto, data: Dataset, spec: CampaignSpec, threads: int | None = None,
+                 progress=None):
+        from .progress import report_phase
+
+        grans = list(dict.fromkeys(spec.granularity))
+        report_phase(progress, "building the injection graph")
+        prepared = prepare(model)
+        if "patch" in grans:
+            prepared = add_input_sites(prepared).model
+        inj = inject(prepared, SiteSelection(), prepared=True)
+        report_phase(progress, "clean pass")
+        self.campaign = camp = Campaign(InjectionSession(inj.model, spec.provider, threads, level="basic"), data,
+                                        spec.batch, spec.seed, outcome=spec.outcome)
+        table = camp.table
+        net, inp = grouping.network_sites(table), grouping.input_sites(table)
+        self.network_sites = net
+        self.parts: dict[str, tuple] = {}
+        self.patch_grid = None
+        net_comps, groups = [], {}
+        builders = {"layer": lambda: site_components(camp, grouping.layers(table, prepared)),
+                    "module": lambda: site_components(camp, grouping.modules(table)),
+                    "optype": lambda: site_components(camp, grouping.op_types(table)),
+                    "bit": lambda: bit_components(camp)}
+        for g in grans:
+            if g in builders:
+                comps = builders[g]()
+                for c in comps:
+                    c.name = f"{g}:{c.name}" if any(c.name == o.name for o in net_comps) else c.name
+                groups[g] = [c.name for c in comps]
+                net_comps += comps
+        if net_comps or "model" in grans:
+            self.parts["network"] = ({i: 0.0 for i in inp}, net_comps, groups)
+        if "patch" in grans:
+            comps, self.patch_grid = patch_components(camp, prepared, spec.patch)
+            self.parts["input"] = ({i: 0.0 for i in net}, comps, {"patch": [c.name for c in comps]})
+
+    def runner(self) -> LocalRunner:
+        return LocalRunner(self.campaign, {p: (scales, comps) for p, (scales, comps, _) in self.parts.items()})
+
+
+class VulnRunner:
+    """Runs vuln units in a worker, from a payload ``{"model": bytes, "data": Dataset, "spec":
+    CampaignSpec.to_json(), "threads": n}`` (``workers.UnitPool``)."""
+
+    def __init__(self, payload: dict):
+        spec = CampaignSpec.from_json(payload["spec"])
+        setup = VulnSetup(onnx.load_from_string(payload["model"]), payload["data"], spec,
+                          payload.get("threads", spec.threads))
+        self.local = setup.runner()
+
+    def run(self, unit: VulnUnit) -> dict:
+        return self.local.run(unit)
+
+
+def analyse(model: onnx.ModelProto, data: Dataset, spec: CampaignSpec, progress: Callable | None = None,
+            store=None, workers: int = 1, ray_address: str | None = None) -> VulnResult:
     """The whole ``onnxft vuln`` analysis (see the module docstring and docs/vulnerability.md).
 
     Spec fields: granularity; either one BER in ``bers`` or ``target_losses`` (with loss_mode and
     search_trials); trials, max_trials, ci_width, seed, batch, provider, threads, patch, outcome
     (the scored output) and model_name. Network granularities (layer, module, optype, bit) share
     one set of fault samples per BER; patch faults only the input values (every network site at
-    scale 0), at its own BER."""
+    scale 0), at its own BER.
+
+    The analysis is a sequence of units (``VulnUnit``: part x BER x trial x batch, each with its
+    own random stream), run in rounds on a ``workers.UnitPool``: ``store`` (a ``CampaignStore``)
+    commits each one and, resumed, returns the stored ones without running them; ``workers`` > 1 or
+    ``ray_address`` run them on Ray. The BER search's steps and the number of trials are decided
+    from the units' results alone, so every way of running gives the same units and results.
+    ``progress(done, total)`` counts units (the total grows as the search and trials go on)."""
+    from .workers import UnitPool, threads_per_worker
+
     t0 = time.perf_counter()
+    check_vuln(spec)
     grans = list(dict.fromkeys(spec.granularity))
-    bad = [g for g in grans if g not in GRANULARITIES]
-    if bad or not grans:
-        raise ValueError(f"unknown granularity {', '.join(bad) or '(none)'}; choose from {', '.join(GRANULARITIES)}")
     targets = [float(x) for x in spec.target_losses]
-    if len(spec.bers) > 1:
-        raise ValueError("vuln measures at one BER (or give target losses)")
     ber = float(spec.bers[0]) if spec.bers else None
-    if (ber is None) == (not targets):
-        raise ValueError("give either a BER (--ber) or target losses (--target-loss)")
-    if ber is not None and not 0 < ber <= 1:
-        raise ValueError(f"BER must be in (0, 1], got {ber}")
-    loss_mode, trials, max_trials, ci_width = spec.loss_mode, spec.trials, spec.max_trials, spec.ci_width
-    for x in targets:
-        target_accuracy(1.0, x, loss_mode)
-    prepared = prepare(model)
-    if "patch" in grans:
-        prepared = add_input_sites(prepared).model
-    inj = inject(prepared, SiteSelection(), prepared=True)
-    camp = Campaign(InjectionSession(inj.model, spec.provider, spec.threads, level="basic"), data, spec.batch,
-                    spec.seed, progress, outcome=spec.outcome)
-    table = camp.table
-    net, inp = grouping.network_sites(table), grouping.input_sites(table)
-    result = VulnResult(spec.model_name, grans, camp.clean, len(data), spec.batch, spec.seed, len(net), loss_mode,
+    if store is not None:
+        store.register(spec.model_name, "vuln", spec.to_json())
+    setup = VulnSetup(model, data, spec, spec.threads, progress)
+    camp = setup.campaign
+    result = VulnResult(spec.model_name, grans, camp.clean, len(data), spec.batch, spec.seed,
+                        len(setup.network_sites), spec.loss_mode, patch_grid=setup.patch_grid,
                         outputs=camp.judge.describe(), spec=spec.to_json())
-
-    parts = []  # (part name, scales, components, group names)
-    net_comps, groups = [], {}
-    builders = {"layer": lambda: site_components(camp, grouping.layers(table, prepared)),
-                "module": lambda: site_components(camp, grouping.modules(table)),
-                "optype": lambda: site_components(camp, grouping.op_types(table)),
-                "bit": lambda: bit_components(camp)}
-    for g in grans:
-        if g in builders:
-            comps = builders[g]()
-            for c in comps:
-                c.name = f"{g}:{c.name}" if any(c.name == o.name for o in net_comps) else c.name
-            groups[g] = [c.name for c in comps]
-            net_comps += comps
-    if net_comps or "model" in grans:
-        parts.append(("network", {i: 0.0 for i in inp}, net_comps, groups))
-    if "patch" in grans:
-        comps, grid = patch_components(camp, prepared, spec.patch)
-        result.patch_grid = grid
-        parts.append(("input", {i: 0.0 for i in net}, comps, {"patch": [c.name for c in comps]}))
-
-    for part, scales, comps, names in parts:
-        if targets:
-            cache: dict = {}
-            start = 1e-12 if part == "network" else 1e-9
-            found = []
-            for loss in targets:
-                goal = target_accuracy(camp.clean, loss, loss_mode)
-                b, _ = search_ber(lambda x: camp.accuracy(x, spec.search_trials, scales), goal, start=start,
-                                  cache=cache)
-                found.append({"loss": loss, "target_accuracy": goal, "ber": b})
-            result.searches.append({"part": part, "targets": found, "trials": spec.search_trials,
-                                    "points": sorted([b, a] for b, a in cache.items())})
-            bers = [(f["ber"], f["loss"]) for f in found]
-        else:
-            bers = [(float(ber), None)]
-        for b, loss in bers:  # (with no components: the unprotected accuracy alone, for "model")
-            run = vulnerability_factors(camp, b, comps, trials, max_trials, ci_width, scales)
-            result.runs.append(_run_dict(part, run, loss, names))
+    if workers > 1 or ray_address:
+        payload = {"model": model.SerializeToString(), "data": data, "spec": spec.to_json(),
+                   "threads": threads_per_worker(workers, spec.threads)}
+        pool = UnitPool(VulnRunner, payload, store, workers, ray_address, progress)
+    else:
+        pool = UnitPool(lambda _: setup.runner(), None, store, progress=progress)
+    n_batches = len(camp.starts)
+    with pool:
+        for part, (scales, comps, names) in setup.parts.items():
+            if targets:
+                cache: dict = {}
+                start = 1e-12 if part == "network" else 1e-9
+                found = []
+                for loss in targets:
+                    goal = target_accuracy(camp.clean, loss, spec.loss_mode)
+                    b, _ = search_ber(lambda x: search_accuracy(pool, spec.model_name, part, n_batches, x,
+                                                                spec.search_trials), goal, start=start, cache=cache)
+                    found.append({"loss": loss, "target_accuracy": goal, "ber": b})
+                result.searches.append({"part": part, "targets": found, "trials": spec.search_trials,
+                                        "points": sorted([b, a] for b, a in cache.items())})
+                bers = [(f["ber"], f["loss"]) for f in found]
+            else:
+                bers = [(ber, None)]
+            for b, loss in bers:  # (with no components: the unprotected accuracy alone, for "model")
+                run = factor_run(pool, spec.model_name, part, n_batches, b, comps, spec.trials, spec.max_trials,
+                                 spec.ci_width)
+                result.runs.append(_run_dict(part, run, loss, names))
     result.seconds = time.perf_counter() - t0
     return result

@@ -10,7 +10,7 @@ from ..campaigns.coverage import coverage_line
 from ..passes.dmr import op_types_from
 from ..passes.thresholds import DEFAULT_PRECISION, PRECISIONS
 from .clip_options import clip_options, clip_train_options
-from .main import UserError, _one_ber, _run, cli
+from .main import UserError, _one_ber, _run, campaign_out_dir, campaign_run_options, cli
 
 
 def _block_size(text: str):
@@ -59,6 +59,10 @@ def _block_size(text: str):
 @click.option("--limit", default=None, type=click.IntRange(min=1), help="--select auto: first N items only.")
 @click.option("--trials", default=2, show_default=True, type=click.IntRange(min=1),
               help="--select auto: trials per measurement.")
+@click.option("--select-out", default=None, type=click.Path(file_okay=False),
+              help="--select auto: commit Algorithm 1's measurements to DIR/campaign.sqlite (continue a killed "
+                   "selection with --resume DIR).")
+@campaign_run_options
 @click.option("--precision", type=click.Choice(list(PRECISIONS)), default=DEFAULT_PRECISION, show_default=True,
               help="Arithmetic of the runtime that will serve the model; ABFT thresholds are rounding bounds for it "
                    "(tf32: safe on CPU and on onnxruntime CUDA's defaults; fp32: 30x tighter, for CPU or CUDA with "
@@ -73,7 +77,8 @@ def _block_size(text: str):
 @clip_options
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def harden(model, output, abft, range_mode, range_ops, calib, calib_limit, ber_text, block_size, gemms, fixed_batch,
-           alpha, dmr, select, target_drop, max_overhead, data, limit, trials, precision, tolerance, force, keep_opset,
+           alpha, dmr, select, target_drop, max_overhead, data, limit, trials, select_out, resume, workers,
+           ray_address, precision, tolerance, force, keep_opset,
            provider, clip, clip_mode, train, train_limit, epochs, penalty, as_json):
     """Write a hardened MODEL: standard ONNX (opset raised to 13 only where ABFT needs it), runs on stock onnxruntime.
 
@@ -98,8 +103,17 @@ def harden(model, output, abft, range_mode, range_ops, calib, calib_limit, ber_t
         if not as_json:
             click.echo(msg, err=True)
 
-    plan = _run(api.harden, model, output, opts, calib=calib, calib_limit=calib_limit, select=sel, data=data,
-                limit=limit, progress=progress, train=train)
+    if sel is None and (select_out or resume or workers > 1 or ray_address):
+        raise UserError("--select-out, --resume, --workers and --ray-address are for --select auto")
+    store_dir = _run(campaign_out_dir, select_out, resume, workers, ray_address, "--select-out")
+    store = _run(api.open_store, store_dir, bool(resume)) if store_dir is not None else None
+    try:
+        plan = _run(api.harden, model, output, opts, calib=calib, calib_limit=calib_limit, select=sel, data=data,
+                    limit=limit, progress=progress, train=train, store=store, workers=workers,
+                    ray_address=ray_address)
+    finally:
+        if store is not None:
+            store.close()
     if as_json:
         click.echo(json.dumps(plan, indent=2))
         return

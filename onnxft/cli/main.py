@@ -79,18 +79,18 @@ def campaign_run_options(f):
     return f
 
 
-def campaign_out_dir(out_dir, resume, workers, ray_address):
-    """The folder of the campaign's store and outputs: --out, or --resume's (they must agree)."""
+def campaign_out_dir(out_dir, resume, workers, ray_address, flag: str = "--out"):
+    """The folder of the campaign's store and outputs: ``flag`` (--out), or --resume's (they must agree)."""
     if resume is not None:
         if out_dir is not None and Path(out_dir).resolve() != Path(resume).resolve():
-            raise ValueError(f"--resume {resume} writes its results there: drop --out {out_dir} or make it the same")
+            raise ValueError(f"--resume {resume} writes its results there: drop {flag} {out_dir} or make it the same")
         out_dir = resume
     if (workers > 1 or ray_address) and not _has_ray():
         from ..campaigns.workers import RAY_HINT
 
         raise ValueError(RAY_HINT)
     if out_dir is not None:
-        _check_out_dir(out_dir)
+        _check_out_dir(out_dir, flag)
     return out_dir
 
 
@@ -341,18 +341,18 @@ def _check_inputs(models, data, layout, needs_data: bool = False):
                                 if len(models) > 1 else ""))
 
 
-def _check_out_dir(out_dir):
+def _check_out_dir(out_dir, flag: str = "--out"):
     p = Path(out_dir)
     if p.exists() and not p.is_dir():
-        raise ValueError(f"--out {out_dir} exists and is not a directory")
+        raise ValueError(f"{flag} {out_dir} exists and is not a directory")
     try:
         p.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ValueError(f"--out {out_dir}: cannot create the folder ({exc.strerror})") from None
+        raise ValueError(f"{flag} {out_dir}: cannot create the folder ({exc.strerror})") from None
     import os
 
     if not os.access(p, os.W_OK):
-        raise ValueError(f"--out {out_dir} is not writable")
+        raise ValueError(f"{flag} {out_dir} is not writable")
 
 
 @cli.command()

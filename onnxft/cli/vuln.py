@@ -6,7 +6,7 @@ import json
 import click
 
 from .. import api
-from .main import UserError, _check_out_dir, _one_ber, _run
+from .main import UserError, _one_ber, _progress, _run, campaign_out_dir, campaign_run_options
 
 GRANULARITIES = ("model", "layer", "module", "optype", "patch", "bit")
 
@@ -44,11 +44,12 @@ def _list(text: str, param: str) -> list[float]:
 @click.option("--output", "outputs", default=None,
               help="The output whose arg-max is scored against the labels (default: the first float output).")
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
-              help="Write results.json, results.csv and plots here.")
+              help="Write results.json, results.csv, plots and the campaign store (campaign.sqlite) here.")
+@campaign_run_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def vuln(model, data, granularity, ber, target_loss, loss_mode, trials, ci_width, max_trials, search_trials, patch,
-         limit, batch, seed, provider, threads, outputs, out_dir, as_json, quiet):
+         limit, batch, seed, provider, threads, outputs, out_dir, resume, workers, ray_address, as_json, quiet):
     """Vulnerability factor of each component of MODEL: accuracy with the component fault-free
     minus accuracy unprotected, with paired 95% intervals (common random numbers)."""
     grans = [g.strip() for g in granularity.split(",") if g.strip()]
@@ -61,29 +62,22 @@ def vuln(model, data, granularity, ber, target_loss, loss_mode, trials, ci_width
     losses = _list(target_loss, "--target-loss") if target_loss is not None else []
     if max_trials < trials:
         raise click.BadParameter("must be at least --trials", param_hint="--max-trials")
-    if out_dir is not None:
-        _run(_check_out_dir, out_dir)
-    bar = []
-
-    def progress(runs):
-        if quiet or as_json:
-            return
-        if not bar:
-            from tqdm import tqdm
-            import sys
-
-            bar.append(tqdm(unit="run", leave=False, file=sys.stderr, desc=model or "vit"))
-        bar[0].update(runs - bar[0].n)
-
+    out_dir = _run(campaign_out_dir, out_dir, resume, workers, ray_address)
+    bars = []
+    store = _run(api.open_store, out_dir, bool(resume)) if out_dir is not None else None
     try:
         result = _run(api.vuln, model, data, granularity=grans, ber=one_ber, target_losses=losses,
                       loss_mode=loss_mode, trials=trials, max_trials=max_trials, ci_width=ci_width, seed=seed,
                       batch=batch, limit=limit, provider=provider, threads=threads,
-                      patch=(patch, patch) if patch else None, progress=progress, search_trials=search_trials,
-                      outputs=outputs)
+                      patch=(patch, patch) if patch else None,
+                      progress=None if quiet or as_json else _progress(bars, model or "vit"),
+                      search_trials=search_trials, outputs=outputs, store=store, workers=workers,
+                      ray_address=ray_address)
     finally:
-        for b in bar:
+        for b in bars:
             b.close()
+        if store is not None:
+            store.close()
     from ..report.vuln_plots import vuln_table, write_vuln_outputs
 
     click.echo(json.dumps(result, indent=2) if as_json else vuln_table(result))
