@@ -188,7 +188,8 @@ def evaluate(model=None, data=None, bers: Iterable[float] = (0.0, 1e-9, 1e-8, 1e
              progress=None, fault_log: str | Path | None = None, threads: int | None = None,
              outputs=None, sdc: str = "auto", tol=None, inputs: InputLayout | None = None,
              max_faults: float | None = DEFAULT_MAX_FAULTS, store=None, workers: int = 1,
-             ray_address: str | None = None) -> EvalResult:
+             ray_address: str | None = None, fault_model: str = "operation", hw: str | None = None,
+             variables=None) -> EvalResult:
     """Top-1 accuracy (``metric="top1"``) or SDC rate (``"sdc"``) against BER, and the masked / SDC /
     DUE rates of every point (``campaigns.evaluate``, ``campaigns.outcomes``).
 
@@ -198,7 +199,18 @@ def evaluate(model=None, data=None, bers: Iterable[float] = (0.0, 1e-9, 1e-8, 1e
     expected flips per batch above which a BER is refused before sampling (None: no limit).
     ``store``: a ``CampaignStore`` (``open_store``) that commits every unit and, opened with
     ``resume=True``, runs only the missing ones; ``workers`` > 1 or ``ray_address``: the units run on
-    Ray workers. Results are identical for any of these."""
+    Ray workers. Results are identical for any of these.
+
+    ``fault_model="variable"`` with ``hw`` (``ws:RxC``, ``os:RxC``, ``is:RxC``, ``gpu:TMxTNxTK``,
+    ``equal``): the BER is per stored bit-cycle of the GEMM/Conv weights, inputs and partial sums
+    under that dataflow (docs/resiliency_accuracy.md); ``variables`` restricts the kinds hit
+    (``"weight"``, ``"activation"``, ``"psum"``, comma-separated, or ``"all"``). int8 products are
+    then 32 bits wide (the accumulator width of ``int_widths`` is kept)."""
+    from .faults.variable import parse_variables
+
+    kinds = parse_variables(variables)
+    if fault_model == "variable":
+        int_widths = (32, int(int_widths[1]))
     m, name, default = load(model)
     ds = _dataset(m, data, default, limit, inputs)
     fixed = fixed_batch(input_specs(m, inputs))
@@ -213,7 +225,8 @@ def evaluate(model=None, data=None, bers: Iterable[float] = (0.0, 1e-9, 1e-8, 1e
                         trials=trials, seed=seed, metric=metric, outcome=outcome_options(outputs, sdc, tol),
                         selection=selection or SiteSelection(), int_widths=tuple(int(w) for w in int_widths),
                         provider=provider, threads=threads, batch=batch, limit=limit,
-                        inputs=inputs or InputLayout(), max_faults=max_faults)
+                        inputs=inputs or InputLayout(), max_faults=max_faults, fault_model=fault_model,
+                        hw=hw, variables=kinds)
     result = _evaluate(m, ds, spec, progress=progress, fault_log=fault_log, store=store, workers=workers,
                        ray_address=ray_address)
     result.extra["int_widths"] = list(int_widths)
@@ -398,7 +411,8 @@ def compare(model, schemes=("none", "range", "standard", "lb", "lb+range"), bers
             dmr=("layernorm",), target_drop: float = 0.02, max_overhead: float = 0.02, max_trials: int | None = None,
             outputs=None, sdc: str = "auto", tol=None, inputs: InputLayout | None = None,
             precision: str = DEFAULT_PRECISION, store=None, workers: int = 1, ray_address: str | None = None,
-            train=None, clip_options=None) -> dict:
+            train=None, clip_options=None, fault_model: str = "operation", hw: str | None = None,
+            variables=None) -> dict:
     """Accuracy, outcome rates (SDC, DUE, masked) and overhead of protection schemes side by side
     (``campaigns.compare``). ``precision``: the serving precision of the ABFT thresholds (as ``harden``).
     ``dmr``: what ``lb+range+dmr`` duplicates (``passes.dmr`` names or op types).
@@ -407,9 +421,13 @@ def compare(model, schemes=("none", "range", "standard", "lb", "lb+range"), bers
     ``target_drop``, ``max_overhead`` and ``max_trials`` (default max(trials, 4)) drive ``auto``
     (Algorithm 1); ``outputs``, ``sdc``, ``tol`` as ``evaluate``. ``train`` (.npz or Dataset, labelled)
     and ``clip_options`` (a ``ClipTrainOptions``; its method is set per scheme) serve the clip
-    schemes; a bundled sample trains on its bundled training subset."""
+    schemes; a bundled sample trains on its bundled training subset. ``fault_model``, ``hw``,
+    ``variables``: the fault model of the accuracy campaigns, as ``evaluate``."""
     from .campaigns.compare import compare as _compare
+    from .faults.variable import parse_variables
     from .passes.dmr import op_types_from
+
+    kinds = parse_variables(variables)
 
     m, name, default = load(model)
     ds = _dataset(m, data, default, limit, inputs)
@@ -424,7 +442,9 @@ def compare(model, schemes=("none", "range", "standard", "lb", "lb+range"), bers
                         design_ber=design_ber, range_mode=range_mode, range_kinds=tuple(range_kinds), alpha=alpha,
                         dmr=tuple(op_types_from(dmr)), latency=latency, target_drop=target_drop,
                         max_overhead=max_overhead, max_trials=max(trials, 4) if max_trials is None else max_trials,
-                        ci_width=0.03, inputs=inputs or InputLayout(), precision=precision)
+                        ci_width=0.03, inputs=inputs or InputLayout(), precision=precision,
+                        fault_model=fault_model, hw=hw, variables=kinds,
+                        int_widths=(32, 32) if fault_model == "variable" else (16, 32))
     out = _compare(m, ds, spec, cal, progress, store=store, workers=workers, ray_address=ray_address,
                    train=_train_data(m, train, default), clip_options=clip_options)
     out["model"] = spec.model_name
