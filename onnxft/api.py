@@ -477,7 +477,8 @@ def ra(model=None, data=None, hw: str | None = None, faults: int = 1, method: st
        budget: int | None = 2000, ci_width: float | None = None, seed: int = 0, batch: int = 64,
        limit: int | None = None, provider: str = "auto", threads: int | None = None,
        selection: SiteSelection | None = None, int_widths=(16, 32), curve_bers: Iterable[float] | None = None,
-       k_max: int | None = None, pilot: int | None = None, progress=None) -> dict:
+       k_max: int | None = None, pilot: int | None = None, progress=None, metric: str = "top1", outputs=None,
+       sdc: str = "auto", tol=None) -> dict:
     """Resiliency Accuracy (campaigns.ra): RA_k, accuracy given exactly ``faults`` faults in one
     inference, with a 95% interval. ``hw``: None for the operation-wise model, else a dataflow
     (``ws:RxC``, ``os:RxC``, ``is:RxC``, ``gpu:TMxTNxTK``) or ``equal`` for the variable-level
@@ -485,7 +486,12 @@ def ra(model=None, data=None, hw: str | None = None, faults: int = 1, method: st
     inferences or at a 95% half-width of ``ci_width``.
 
     With ``curve_bers``: accuracy at those BERs from conditional campaigns (operation-wise model),
-    ``budget`` inferences spread over k = 1..k_max; the result has ``points`` as eval's."""
+    ``budget`` inferences spread over k = 1..k_max; the result has ``points`` as eval's.
+
+    Items are classified masked / SDC / DUE by the shared outcome rules (``outputs``, ``sdc``,
+    ``tol`` as ``evaluate``); RA is top-1 accuracy (``metric="top1"``, a DUE item never correct) or
+    ``1 - SDC - DUE`` (``metric="sdc"``, no labels needed). The SDC and DUE rates given the faults
+    are reported with their intervals too."""
     from .campaigns import ra as _ra
 
     m, name, default = load(model)
@@ -517,7 +523,8 @@ def ra(model=None, data=None, hw: str | None = None, faults: int = 1, method: st
         space_for = _ra.OpWiseSpace
     if hw is not None:  # int8 operand faults change products by more than 16 bits can hold
         int_widths = (32, int_widths[1])
-    runner = _ra.Runner(m, ds, batch, provider, selection, int_widths, threads)
+    runner = _ra.Runner(m, ds, batch, provider, selection, int_widths, threads, outcome_options(outputs, sdc, tol),
+                        metric)
     if hw is not None:
         graph = _inject(m, selection, int_widths=int_widths, transposed_weights=True).model
         reader = _var.OperandReader(graph, provider, threads)
@@ -526,10 +533,10 @@ def ra(model=None, data=None, hw: str | None = None, faults: int = 1, method: st
             return _var.VariableSpace(plans, hardware, reader)
         space_for.single_fault_only = True
     out = {"model": display_name(model, name), "data": ds.path, "items": len(ds), "seed": seed,
-           "hw": hw_name, "clean": runner.clean}
+           "hw": hw_name, "clean": runner.clean, "metric": metric, "outputs": runner.judge.describe()}
     if curve_bers is not None:
         res = _ra.ra_curve(runner, list(curve_bers), budget, k_max, seed=seed, progress=progress)
-        out.update({"method": "mc", "metric": "top1", "inferences": res["inferences"], "k_max": res["k_max"],
+        out.update({"method": "mc", "inferences": res["inferences"], "k_max": res["k_max"],
                     "bits_per_item": res["bits_per_item"], "per_k": res["per_k"],
                     "points": [{"ber": p.ber, "value": p.value, "ci": list(p.ci), "n": res["inferences"],
                                 "truncation": p.truncation, "faults_per_item": p.faults_per_item}
@@ -538,7 +545,9 @@ def ra(model=None, data=None, hw: str | None = None, faults: int = 1, method: st
     est = _ra.estimate_ra(runner, space_for, faults, method, budget, ci_width, seed, hw_name, pilot,
                           progress=progress)
     out.update({"ra": est.value, "ci": list(est.ci), "inferences": est.inferences, "method": est.method,
-                "ess": est.ess, "k": est.k, "pilot": est.extra.get("pilot", 0)})
+                "ess": est.ess, "k": est.k, "pilot": est.extra.get("pilot", 0),
+                "sdc": est.extra["sdc"], "sdc_ci": est.extra["sdc_ci"], "due": est.extra["due"],
+                "due_ci": est.extra["due_ci"]})
     if hw is not None:
         out["skipped"] = [list(s) for s in space_for(runner.plans[0]).skipped]
     return out

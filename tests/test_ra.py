@@ -244,3 +244,64 @@ def test_curve_truncation_is_bounded_and_exact_when_k_max_covers_everything():
     ra_k = [q["ra"] for q in res["per_k"]]
     assert abs(point.value - (pmf @ ra_k + tail * ra_k[1])) < 1e-12
     assert point.ci[1] - point.ci[0] >= tail  # whatever RA_k for k > 1 are, the interval holds them
+
+
+def test_ra_is_scored_by_the_shared_outcome_rules():
+    """Items are classified masked / SDC / DUE against the fault-free run (campaigns.outcomes):
+    checked here against a hand classification of the logits; with --metric sdc RA = 1 - SDC - DUE
+    (no labels needed) for plain MC and for importance sampling, whose SDC and DUE estimates share
+    the draws and weights; --metric top1 needs labels and a DUE item is never correct."""
+    from onnxft.campaigns.outcomes import DUE, MASKED, SDC
+
+    m, data = _toy()
+    top1 = ra.Runner(m, data, batch=16, provider="cpu")
+    rng = np.random.default_rng(4)
+    clean = top1.clean_out[0][0]
+    seen = set()
+    for _ in range(40):
+        f = sample_exact_faults(top1.plans[0], 3, rng)
+        good, codes = top1.run_codes(0, f)
+        out = top1.sess.run(top1.feeds(0), f, top1.plans[0])[0]
+        due = ~np.isfinite(out).all(axis=1)
+        sdc = ~due & (np.argmax(out, axis=1) != np.argmax(clean, axis=1))
+        assert np.array_equal(codes, np.where(due, DUE, np.where(sdc, SDC, MASKED)))
+        assert np.array_equal(good, (np.argmax(out, axis=1) == data.labels) & ~due)
+        seen |= set(codes.tolist())
+    assert seen == {MASKED, SDC, DUE}  # every class occurred, so the comparison means something
+    unlabelled = Dataset({"x": data.batch(0, len(data))["x"]}, None)
+    try:
+        ra.Runner(m, unlabelled, batch=16, provider="cpu")
+        raise AssertionError("top-1 RA without labels accepted")
+    except ValueError as exc:
+        assert "--metric sdc" in str(exc)
+    masked = ra.Runner(m, unlabelled, batch=16, provider="cpu", metric="sdc")
+    assert masked.clean == 1.0
+    for method, space in (("mc", None), ("is", ra.OpWiseSpace)):
+        e = ra.estimate_ra(masked, space, 1, method, budget=160, seed=1, pilot=32)
+        assert e.extra["metric"] == "sdc" and e.extra["sdc"] + e.extra["due"] > 0
+        assert abs(e.value - (1 - e.extra["sdc"] - e.extra["due"])) < 1e-12, method
+        for key in ("sdc", "due"):
+            lo, hi = e.extra[f"{key}_ci"]
+            assert lo <= e.extra[key] <= hi
+
+
+def test_cli_ra_outcome_options(tmp_path, capsys):
+    import json
+
+    from models import run_cli
+
+    m, data = _toy()
+    onnx.save(m, tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", x=data.batch(0, len(data))["x"])  # no labels: --metric sdc needs none
+    base = ["ra", str(tmp_path / "m.onnx"), "--data", str(tmp_path / "d.npz"), "--batch", "16", "--provider", "cpu",
+            "--budget", "32", "--json"]
+    code, out, err = run_cli(base + ["--metric", "sdc", "--sdc", "tol", "--tol", "rel=1e-2,abs=1e-3"], capsys)
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["metric"] == "sdc" and r["outputs"]["sdc_criterion"] == "tol" and r["clean"] == 1.0
+    assert {"ra", "ci", "inferences", "method", "ess", "hw", "sdc", "sdc_ci", "due", "due_ci"} <= set(r)
+    assert abs(r["ra"] - (1 - r["sdc"] - r["due"])) < 1e-12
+    code, out, err = run_cli(base, capsys)
+    assert code == 1 and "--metric sdc" in err and "Traceback" not in err
+    code, out, err = run_cli(base + ["--metric", "sdc", "--output", "nope"], capsys)
+    assert code == 1 and "--output" in err and "Traceback" not in err

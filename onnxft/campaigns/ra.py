@@ -23,18 +23,14 @@ from ..passes.inject import SiteSelection
 from ..runtime.data import Dataset
 from ..runtime.session import InjectionSession
 from .evaluate import campaign_graph
+from .outcomes import DUE, MASKED, SDC, Judge, OutcomeOptions, output_batch_axes
 from .stats import wilson_interval
 
 Z95 = 1.959963984540054
 METHODS = ("mc", "is")
 
 
-def score_outputs(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Per item: correct (arg-max equals the label and every output value is finite). A row with a
-    NaN or Inf is never correct (a detected error, DUE). The one place that decides what counts
-    as correct; the shared outcome classification (masked / SDC / DUE) can replace it."""
-    flat = logits.reshape(len(logits), -1)
-    return (np.argmax(flat, axis=1) == labels) & np.isfinite(flat).all(axis=1)
+RA_METRICS = ("top1", "sdc")
 
 
 def _rng(seed: int, *stream: int) -> np.random.Generator:
@@ -125,23 +121,41 @@ class OpWiseSpace:
 # ---------------------------------------------------------------------------------------------
 
 class Runner:
-    """An injection session over a labelled dataset, batch by batch, with each item's fault-free
-    correctness (the baseline that importance sampling's control variate uses)."""
+    """An injection session over a dataset, batch by batch, with each item's fault-free score (the
+    baseline that the control variate uses).
+
+    Every faulty item is classified masked / SDC / DUE against the fault-free run by the shared
+    ``campaigns.outcomes.Judge`` (``outcome``: checked outputs and SDC criterion, as eval's
+    ``--output``/``--sdc``/``--tol``). An item is *good* when, with ``metric="top1"``, its top-1
+    prediction equals the label and it is not DUE (RA = accuracy given the faults), or, with
+    ``metric="sdc"``, it is masked (RA = 1 - SDC - DUE; every fault-free item is good)."""
 
     def __init__(self, model: onnx.ModelProto, data: Dataset, batch: int = 64, provider: str = "auto",
-                 selection: SiteSelection | None = None, int_widths=(16, 32), threads: int | None = None):
-        if data.labels is None:
-            raise ValueError("RA is an accuracy: the data needs labels (array 'y')")
+                 selection: SiteSelection | None = None, int_widths=(16, 32), threads: int | None = None,
+                 outcome: OutcomeOptions | None = None, metric: str = "top1"):
+        if metric not in RA_METRICS:
+            raise ValueError(f"unknown metric {metric!r}; choose from {', '.join(RA_METRICS)}")
+        if metric == "top1" and data.labels is None:
+            raise ValueError("RA as accuracy needs labels (array 'y'): add them, or use --metric sdc (1 - SDC - DUE)")
         self.model = model
         self.data = data
         self.batch = batch
+        self.metric = metric
         self.sess = InjectionSession(campaign_graph(model, selection, int_widths), provider, threads, level="basic")
         self.starts = list(range(0, len(data), batch))
-        self.plans, self.clean_correct = [], []
+        self.plans, self.clean_out, self.clean_correct = [], [], []
         for s in self.starts:
             out, plans = self.sess.clean(self.feeds(s))
             self.plans.append(plans)
-            self.clean_correct.append(score_outputs(out[0], self.labels(s)))
+            self.clean_out.append(out)
+        axes = output_batch_axes(self.sess.outputs_any_shape, data, self.sess.output_names)
+        self.judge = Judge(self.sess.output_names, self.clean_out[0], outcome or OutcomeOptions(),
+                           items=self.feeds(0).batch_size, axes=axes)
+        for j, s in enumerate(self.starts):
+            out = self.clean_out[j]
+            items = min(s + batch, len(data)) - s
+            good = self.judge.correct(out, self.labels(s)) if metric == "top1" else np.ones(items, bool)
+            self.clean_correct.append(np.asarray(good, bool))
         self.clean = float(np.mean(np.concatenate(self.clean_correct)))
         self.inferences = 0
 
@@ -149,13 +163,23 @@ class Runner:
         return self.data.batch(start, start + self.batch)
 
     def labels(self, start: int):
-        return self.data.labels[start:start + self.batch]
+        return None if self.data.labels is None else self.data.labels[start:start + self.batch]
 
     def run(self, j: int, faults: Faults) -> np.ndarray:
+        """Good items (see the class docstring) of batch ``j`` under ``faults``."""
+        return self.run_codes(j, faults)[0]
+
+    def run_codes(self, j: int, faults: Faults) -> tuple[np.ndarray, np.ndarray]:
+        """(good items, outcome codes MASKED / SDC / DUE) of batch ``j`` under ``faults``."""
         s = self.starts[j]
         out = self.sess.run(self.feeds(s), faults, self.plans[j])
         self.inferences += len(self.clean_correct[j])
-        return score_outputs(out[0], self.labels(s))
+        codes = self.judge.classify(out, self.clean_out[j], self.labels(s))
+        if self.metric == "top1":
+            good = self.judge.correct(out, self.labels(s), self.clean_out[j])
+        else:
+            good = codes == MASKED
+        return np.asarray(good, bool), codes
 
     def visits(self, seed: int, stream: int):
         """(pass, batch index) forever: every batch once per pass, in a random order per pass, so
@@ -266,6 +290,7 @@ def estimate_ra(runner: Runner, space_for, k: int = 1, method: str = "mc", budge
         raise ValueError("the variable-level model applies one fault per inference exactly (RA = RA_1): use --faults 1")
     start = runner.inferences
     samples = _Samples()
+    outcome_rates = {"sdc": _Samples(), "due": _Samples()}  # SDC and DUE rates given k faults, same draws
     cap = budget if budget is not None else 10**9
     spaces: dict[int, object] = {}
 
@@ -293,12 +318,13 @@ def estimate_ra(runner: Runner, space_for, k: int = 1, method: str = "mc", budge
             break
         rng = _rng(seed, k, t, j)
         items = len(runner.clean_correct[j])
-        if k == 0:
-            correct = runner.run(j, Faults.empty())
-            samples.add(1, correct.astype(np.float64), np.ones(items), correct)
-        elif space_for is None:
-            correct = runner.run(j, sample_exact_faults(runner.plans[j], k, rng))
-            samples.add(1, correct.astype(np.float64), np.ones(items), correct)
+        if k == 0 or space_for is None:
+            faults = Faults.empty() if k == 0 else sample_exact_faults(runner.plans[j], k, rng)
+            correct, codes = runner.run_codes(j, faults)
+            ones = np.ones(items)
+            samples.add(1, correct.astype(np.float64), ones, correct)
+            for name, code in (("sdc", SDC), ("due", DUE)):
+                outcome_rates[name].add(1, (codes == code).astype(np.float64), ones, codes == code)
         else:
             sp = space(j)
             st = sp.strata
@@ -313,7 +339,7 @@ def estimate_ra(runner: Runner, space_for, k: int = 1, method: str = "mc", budge
             strata = rng.choice(len(st), size=items, p=q)
             sp.prepare(runner.feeds(runner.starts[j]))
             faults = sp.draw(strata, np.arange(items), rng)
-            correct = runner.run(j, faults)
+            correct, codes = runner.run_codes(j, faults)
             w = st.mass[strata] / q[strata]
             clean = runner.clean_correct[j].astype(np.float64)
             # Control variate: RA = (fault-free accuracy of the items, known exactly) - E_p[clean -
@@ -321,6 +347,8 @@ def estimate_ra(runner: Runner, space_for, k: int = 1, method: str = "mc", budge
             # that covers the law; masked faults contribute no variance.
             y = runner.clean - w * (clean - correct)
             samples.add(stage, y, w, correct)
+            for name, code in (("sdc", SDC), ("due", DUE)):  # rates are 0 without faults: E_q[w 1{code}]
+                outcome_rates[name].add(stage, w * (codes == code), w, codes == code)
             if stage == 0:
                 pilot_log.append((st.classes()[strata], st.site[strata], clean != correct))
         if progress:
@@ -328,8 +356,12 @@ def estimate_ra(runner: Runner, space_for, k: int = 1, method: str = "mc", budge
     if samples.n == 0:
         raise ValueError("no inference was run (budget too small?)")
     value, ci, _ = _ci(samples, method)
+    extra = {"pilot": n_pilot if method == "is" else 0, "metric": runner.metric}
+    for name, r in outcome_rates.items():
+        v, c, _ = _ci(r, method)
+        extra[name], extra[f"{name}_ci"] = float(v), [float(c[0]), float(c[1])]
     return RAEstimate(k, float(value), (float(ci[0]), float(ci[1])), runner.inferences - start, method,
-                      samples.ess(), hw, runner.clean, {"pilot": n_pilot if method == "is" else 0})
+                      samples.ess(), hw, runner.clean, extra)
 
 
 HEURISTIC_ALPHA = 0.3
