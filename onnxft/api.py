@@ -482,7 +482,7 @@ def ra(model=None, data=None, hw: str | None = None, faults: int = 1, method: st
     """Resiliency Accuracy (campaigns.ra): RA_k, accuracy given exactly ``faults`` faults in one
     inference, with a 95% interval. ``hw``: None for the operation-wise model, else a dataflow
     (``ws:RxC``, ``os:RxC``, ``is:RxC``, ``gpu:TMxTNxTK``) or ``equal`` for the variable-level
-    model. ``method``: ``mc`` or ``is`` (importance sampling, RA_1). Stops at ``budget``
+    model. ``method``: ``mc`` or ``is`` (importance sampling, any ``faults``). Stops at ``budget``
     inferences or at a 95% half-width of ``ci_width``.
 
     With ``curve_bers``: accuracy at those BERs from conditional campaigns (operation-wise model),
@@ -509,10 +509,8 @@ def ra(model=None, data=None, hw: str | None = None, faults: int = 1, method: st
                          "drop --ci-width, --method and --faults")
     if method not in _ra.METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(_ra.METHODS)}")
-    if method == "is" and faults != 1:
-        raise ValueError("importance sampling estimates RA_1 (one fault per inference): use --faults 1 or --method mc")
-    if hw is not None and faults != 1:
-        raise ValueError("the variable-level model applies one fault per inference exactly (RA = RA_1): use --faults 1")
+    if method == "is" and faults < 1:
+        raise ValueError("importance sampling needs at least one fault per inference (--faults >= 1)")
     space_for, hw_name = None, "op"
     if hw is not None:
         from .faults import variable as _var
@@ -531,7 +529,6 @@ def ra(model=None, data=None, hw: str | None = None, faults: int = 1, method: st
 
         def space_for(plans):
             return _var.VariableSpace(plans, hardware, reader)
-        space_for.single_fault_only = True
     out = {"model": display_name(model, name), "data": ds.path, "items": len(ds), "seed": seed,
            "hw": hw_name, "clean": runner.clean, "metric": metric, "outputs": runner.judge.describe()}
     if curve_bers is not None:

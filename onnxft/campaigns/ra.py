@@ -104,6 +104,25 @@ class OpWiseSpace:
     def prepare(self, feeds) -> None:
         """Per-batch state (none for this model)."""
 
+    def distinct_probability(self, k: int) -> float:
+        """P(k independent uniform positions are distinct) = prod_{i<k} (1 - i/n)."""
+        n = self.bits_per_item()
+        return float(np.prod(1.0 - np.arange(k) / n))
+
+    def draw_tuples(self, strata: np.ndarray, rng: np.random.Generator, feeds=None, plans=None):
+        """``strata[i]``: the k faults of item i, each drawn in its stratum. Returns (faults, valid):
+        an item whose k positions are not distinct is outside the target law (a uniform k-subset)
+        and is run without faults, with ``valid`` False (its weight is 0)."""
+        items, k = strata.shape
+        f = self.draw(strata.ravel(), np.repeat(np.arange(items), k), rng)
+        valid = np.ones(items, bool)
+        if k > 1:
+            key = np.stack([f.item, f.site, f.element, f.step, f.bit], axis=1)
+            u, counts = np.unique(key, axis=0, return_counts=True)
+            valid[u[counts > 1, 0]] = False
+            f = f.subset(valid[f.item])
+        return f, valid
+
     def draw(self, strata: np.ndarray, items: np.ndarray, rng: np.random.Generator) -> Faults:
         """One fault per entry: uniform over the stratum's operations, for ``items[i]``."""
         st = self.strata
@@ -284,10 +303,8 @@ def estimate_ra(runner: Runner, space_for, k: int = 1, method: str = "mc", budge
         raise ValueError("--ci-width must be positive")
     if k < 0:
         raise ValueError("--faults must be at least 0")
-    if method == "is" and k != 1:
-        raise ValueError("importance sampling estimates RA_1 (one fault per inference): use --faults 1 or --method mc")
-    if k > 1 and space_for is not None and getattr(space_for, "single_fault_only", False):
-        raise ValueError("the variable-level model applies one fault per inference exactly (RA = RA_1): use --faults 1")
+    if method == "is" and k < 1:
+        raise ValueError("importance sampling needs at least one fault per inference (--faults >= 1)")
     start = runner.inferences
     samples = _Samples()
     outcome_rates = {"sdc": _Samples(), "due": _Samples()}  # SDC and DUE rates given k faults, same draws
@@ -336,11 +353,15 @@ def estimate_ra(runner: Runner, space_for, k: int = 1, method: str = "mc", budge
                 if j not in proposals:
                     proposals[j] = _proposal(st, rates, alpha)
                 q = proposals[j]
-            strata = rng.choice(len(st), size=items, p=q)
-            sp.prepare(runner.feeds(runner.starts[j]))
-            faults = sp.draw(strata, np.arange(items), rng)
+            # k faults per item, each from q independently: the likelihood ratio is the product;
+            # a tuple outside the target law (two faults on one position, op-wise) weighs 0 and the
+            # rest are scaled by 1 / P_p(distinct) (``draw_tuples``)
+            strata = rng.choice(len(st), size=(items, k), p=q)
+            feeds = runner.feeds(runner.starts[j])
+            sp.prepare(feeds)
+            faults, valid = sp.draw_tuples(strata, rng, feeds, runner.plans[j])
             correct, codes = runner.run_codes(j, faults)
-            w = st.mass[strata] / q[strata]
+            w = np.prod(st.mass[strata] / q[strata], axis=1) * valid / sp.distinct_probability(k)
             clean = runner.clean_correct[j].astype(np.float64)
             # Control variate: RA = (fault-free accuracy of the items, known exactly) - E_p[clean -
             # faulty], and y = clean accuracy - w (clean - faulty) has E_q[y] = RA for any proposal
@@ -349,8 +370,9 @@ def estimate_ra(runner: Runner, space_for, k: int = 1, method: str = "mc", budge
             samples.add(stage, y, w, correct)
             for name, code in (("sdc", SDC), ("due", DUE)):  # rates are 0 without faults: E_q[w 1{code}]
                 outcome_rates[name].add(stage, w * (codes == code), w, codes == code)
-            if stage == 0:
-                pilot_log.append((st.classes()[strata], st.site[strata], clean != correct))
+            if stage == 0:  # with k faults, the tuple's outcome is credited to each of its classes
+                pilot_log.append((st.classes()[strata].ravel(), st.site[strata].ravel(),
+                                  np.repeat(clean != correct, k)))
         if progress:
             progress(runner.inferences - start)
     if samples.n == 0:

@@ -18,7 +18,7 @@ from .main import UserError, _bers, _check_out_dir, _run, _selection, _widths, o
               help="Variable-level model: ws:RxC, os:RxC, is:RxC, gpu:TMxTNxTK or equal (default: operation-wise).")
 @click.option("--faults", default=1, show_default=True, type=click.IntRange(min=0), help="k: faults per inference.")
 @click.option("--method", type=click.Choice(["mc", "is"]), default="mc", show_default=True,
-              help="Plain Monte Carlo, or importance sampling (RA_1).")
+              help="Plain Monte Carlo, or importance sampling (any --faults; product proposal for k > 1).")
 @click.option("--budget", default=None, type=click.IntRange(min=1),
               help="Inferences at most (default 2000 without --ci-width).")
 @click.option("--ci-width", default=None, type=click.FloatRange(min=0, min_open=True),

@@ -334,6 +334,17 @@ class VariableSpace:
         parts = [self.draw_one(int(s), int(i), rng) for s, i in zip(strata.tolist(), items.tolist())]
         return Faults.concat(parts)
 
+    def distinct_probability(self, k: int) -> float:
+        """RA_k under this model is defined with k independent faults (the law of k upsets of a
+        Poisson process over the stored bit-cycles), so every tuple is in the law: 1."""
+        return 1.0
+
+    def draw_tuples(self, strata: np.ndarray, rng: np.random.Generator, feeds, plans) -> tuple[Faults, np.ndarray]:
+        """``strata[i]``: the k faults of item i, each placed in its stratum (``describe``), applied
+        together exactly (``inject``). Returns (faults, every item valid)."""
+        drawn = [self.describe(int(s), i, rng) for i, row in enumerate(strata.tolist()) for s in row]
+        return self.inject(drawn, feeds, plans), np.ones(len(strata), bool)
+
     def draw_one(self, stratum: int, item: int, rng: np.random.Generator) -> Faults:
         return self.apply(self.describe(stratum, item, rng))
 
