@@ -1,9 +1,9 @@
 """Resiliency Accuracy (RA): accuracy given exactly ``k`` faults in one inference
 (docs/resiliency_accuracy.md).
 
-* ``estimate_ra``: RA_k by plain Monte Carlo (``method="mc"``), or for ``k = 1`` by importance
-  sampling (``method="is"``) over fault *strata* (site, kind, bit) with a proposal learned from a
-  pilot run and likelihood-ratio weights.
+* ``estimate_ra``: RA_k by plain Monte Carlo (``method="mc"``), or by importance sampling
+  (``method="is"``) over fault *strata* (site, kind, bit) with a proposal learned from a pilot run
+  and likelihood-ratio weights (for k faults: a product of per-fault proposals).
 * ``ra_curve``: accuracy against BER under the operation-wise model from conditional campaigns,
   ``acc(BER) = sum_k P(K = k) RA_k`` with ``K ~ Binomial(bits per inference, BER)``.
 
