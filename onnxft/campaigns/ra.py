@@ -53,6 +53,7 @@ class Strata:
     mass: np.ndarray
     kinds: tuple[str, ...]
     width: np.ndarray | None = None  # bits of the stratum's value (for the bit-position heuristic)
+    floating: np.ndarray | None = None  # the value is a float (None: the 32-bit ones are)
 
     def __len__(self) -> int:
         return len(self.site)
@@ -72,7 +73,7 @@ class OpWiseSpace:
 
     def __init__(self, plans: list[SitePlan]):
         self.plans = plans
-        site, kind, bit, count, width = [], [], [], [], []
+        site, kind, bit, count, width, floating = [], [], [], [], [], []
         for i, p in enumerate(plans):
             if p.site.scale == 0:
                 continue
@@ -93,10 +94,12 @@ class OpWiseSpace:
                 bit += list(range(w))
                 count += [n] * w
                 width += [w] * w
+                floating += [p.site.format != "int8"] * w
         count = np.array(count, np.float64)
         self.count = count.astype(np.int64)
         self.strata = Strata(np.array(site, np.int64), np.array(kind, np.int64), np.array(bit, np.int64),
-                             count / count.sum(), self.kinds, np.array(width, np.int64))
+                             count / count.sum(), self.kinds, np.array(width, np.int64),
+                             np.array(floating, bool))
 
     def bits_per_item(self) -> int:
         return int(self.count.sum())
@@ -395,10 +398,13 @@ def bit_prior(st: Strata) -> np.ndarray:
     other exponent bits and the sign move it by powers of two, mantissa bits by less than 2x; for
     integers of width w the top quarter of the bits carries the large changes."""
     width = st.width if st.width is not None else np.full(len(st), 32)
+    fp = st.floating if st.floating is not None else width == 32
     prior = np.ones(len(st))
-    fp = width == 32
-    prior[fp & (st.bit == 30)] = 64.0
-    prior[fp & (((st.bit >= 23) & (st.bit < 30)) | (st.bit == 31))] = 4.0
+    # float32: exponent bits 23..30, sign 31; float16: exponent bits 10..14, sign 15
+    mant = np.where(width == 16, 10, 23)
+    top = width - 2  # the exponent's top bit
+    prior[fp & (st.bit == top)] = 64.0
+    prior[fp & (((st.bit >= mant) & (st.bit < top)) | (st.bit == width - 1))] = 4.0
     prior[~fp & (st.bit >= width - np.maximum(width // 4, 1))] = 8.0
     return prior
 

@@ -35,6 +35,7 @@ from .sites import SiteTable
 
 HW_KINDS = ("ws", "os", "is", "gpu", "equal")
 VARIABLE_KINDS = ("weight", "input", "psum")
+OPERAND_BITS = {"fp32": 32, "fp16": 16, "int8": 8}  # bits of a stored weight / input by the site's format
 
 
 @dataclass(frozen=True)
@@ -154,8 +155,6 @@ def product_of(index: int, plan: SitePlan) -> tuple[Product | None, str]:
     site = plan.site
     if site.kind == "elementwise":
         return None, "elementwise"
-    if site.format == "fp16":
-        return None, "fp16 operands are not modelled yet (fp32 and int8 are)"
     if site.format == "int8" and site.widths["product"] < 32:
         return None, "int8 products narrower than 32 bits (the variable-level model runs with 32-bit products)"
     if site.recovery_of:
@@ -275,7 +274,7 @@ class VariableSpace:
 
     ``kinds``: the variable kinds that can be hit (weight, input, psum; default all).
 
-    Sites the model does not cover (elementwise ops, fp16/int8-with-narrow-product GEMMs, broadcast
+    Sites the model does not cover (elementwise ops, int8 GEMMs with products under 32 bits, broadcast
     operands, GEMMs inside a fused op) are listed in ``skipped``: RA is then conditional on the fault
     being in a covered site, and eval puts no faults there."""
 
@@ -289,7 +288,7 @@ class VariableSpace:
         self.plans, self.hw, self.reader = plans, hw, reader
         self.products: dict[int, Product] = {}
         self.skipped: list[tuple[str, str]] = []
-        site, kind, bit, mass, widths, positions = [], [], [], [], [], []
+        site, kind, bit, mass, widths, positions, floating = [], [], [], [], [], [], []
         for i, plan in enumerate(plans):
             prod, why = product_of(i, plan)
             if prod is None:
@@ -307,7 +306,7 @@ class VariableSpace:
             for kd, name in enumerate(VARIABLE_KINDS):
                 if exp[name] <= 0 or name not in kinds:
                     continue
-                width = plan.site.widths["sum"] if name == "psum" else (8 if plan.site.format == "int8" else 32)
+                width = plan.site.widths["sum"] if name == "psum" else OPERAND_BITS[plan.site.format]
                 # equal: every variable equally likely, then a bit of it; else bits x residency
                 per_bit = exp[name] * prod.groups / (width if hw.kind == "equal" else 1)
                 site += [i] * width
@@ -315,14 +314,15 @@ class VariableSpace:
                 bit += list(range(width))
                 mass += [per_bit] * width
                 widths += [width] * width
+                floating += [plan.site.format != "int8"] * width
                 # stored bit-cycles of this bit position per item (equal: stored bits, one per variable)
                 positions += [exp[name] * prod.groups] * width
         if not mass:
-            raise ValueError("the variable-level model found no fp32/int8 GEMM/Conv site whose operands it can read "
+            raise ValueError("the variable-level model found no fp32/fp16/int8 GEMM/Conv site whose operands it can read "
                              f"(variable kinds: {', '.join(kinds)})")
         mass = np.array(mass, np.float64)
         self.strata = Strata(np.array(site, np.int64), np.array(kind, np.int64), np.array(bit, np.int64),
-                             mass / mass.sum(), VARIABLE_KINDS, np.array(widths, np.int64))
+                             mass / mass.sum(), VARIABLE_KINDS, np.array(widths, np.int64), np.array(floating, bool))
         self.positions = np.array(positions, np.int64)
         self.scale = np.array([plans[i].site.scale for i in site], np.float64)
         self.operands: dict | None = None
@@ -422,12 +422,13 @@ class VariableSpace:
         operands = self.operands if operands is None else operands
         parts = []
         reads: dict[tuple[int, int, int], list] = {}
+        psums: dict[tuple, int] = {}
         for f in faults:
             p = self.products[f.site]
             if f.kind == "psum":  # the operation-wise partial-sum fault on s_j (step K-1+j)
-                e = self._element(p, f.group, np.array([f.index0]), np.array([f.index1]))
-                parts.append(Faults(np.array([f.site]), np.array([f.item]), e, np.array([p.k - 1 + f.first]),
-                                    np.array([f.bit])))
+                e = int(self._element(p, f.group, np.array([f.index0]), np.array([f.index1]))[0])
+                key = (f.site, f.item, e, p.k - 1 + f.first, f.bit)
+                psums[key] = psums.get(key, 0) ^ 1  # the same bit flipped twice is restored
                 continue
             if f.end <= f.first:
                 continue  # the flip came after the copy's last read: masked
@@ -441,6 +442,9 @@ class VariableSpace:
                 rows, cols, kk = one * f.index0, span, one * f.index1
                 am, bm = np.full(len(span), flip), np.zeros(len(span), np.uint64)
             reads.setdefault((f.site, f.item, f.group), []).append((rows, cols, kk, am, bm))
+        kept = [key for key, odd in psums.items() if odd]
+        if kept:
+            parts.append(Faults(*(np.array(c, np.int64) for c in zip(*kept))))
         for (site, item, g), lst in sorted(reads.items()):
             p = self.products[site]
             rows, cols, kk, am, bm = (np.concatenate([r[c] for r in lst]) for c in range(5))
@@ -453,6 +457,15 @@ class VariableSpace:
             a_op, b_op = operands[site]
             if site in self.reader.zero_points:
                 masks = self._int_masks(p, site, item, g, rows, cols, kk, a_mask, b_mask, a_op, b_op)
+            elif self.plans[site].site.format == "fp16":
+                # binary16 operands; the product is the float32 product rounded once to binary16
+                # (exact before rounding), and the mask is on its 16 bits
+                a = np.float16(self._a(p, a_op, item, g, rows, kk))
+                b = np.float16(self._b(p, b_op, item, g, kk, cols))
+                with np.errstate(all="ignore"):
+                    new = (_xor16(a, a_mask).astype(np.float32) * _xor16(b, b_mask).astype(np.float32)).astype(np.float16)
+                    old = (a.astype(np.float32) * b.astype(np.float32)).astype(np.float16)
+                masks = (new.view(np.uint16) ^ old.view(np.uint16)).astype(np.uint32)
             else:
                 with np.errstate(all="ignore"):
                     a = self._a(p, a_op, item, g, rows, kk)
@@ -522,6 +535,10 @@ def _flip8(q, mask, signed: bool):
     """XOR ``mask`` into the 8-bit pattern of ``q`` (int8 two's complement or uint8)."""
     x = (np.asarray(q, np.int64) & 0xFF) ^ np.asarray(mask, np.int64)
     return np.where(x >= 128, x - 256, x) if signed else x
+
+
+def _xor16(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    return (np.asarray(x, np.float16).view(np.uint16) ^ np.asarray(mask, np.uint16)).view(np.float16)
 
 
 def _xor32(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
