@@ -83,12 +83,27 @@ def test_binomial_tail_and_k_max():
     assert ra.binomial_tail(n, p, k) <= 1e-3 < ra.binomial_tail(n, p, k - 1)
 
 
-def test_neyman_allocation_is_proportional_and_respects_floor():
-    c, sigma = np.array([4.0, 1.0, 0.0]), np.array([0.5, 0.5, 0.5])
-    n = ra.neyman_allocation(c, sigma, 300, np.zeros(3))
-    assert list(n) == [200, 100, 0]  # sqrt(c) sigma = 1 : 0.5 : 0
-    n = ra.neyman_allocation(c, sigma, 300, np.array([10, 150, 0]))
-    assert list(n) == [150, 150, 0]  # k=2 already has more than its share: keep it, give k=1 the rest
+def test_proposal_over_k_is_neyman_with_a_defensive_share():
+    pmf = np.array([[0.5, 0.3, 0.0], [0.1, 0.2, 0.4]])  # two BERs, k = 1..3
+    rate, weight = np.array([0.1, 0.4, 0.9]), np.array([1.0, 4.0])
+    g = ra.proposal_over_k(pmf, rate, weight, defensive=0.0)
+    score = np.sqrt((weight[:, None] * pmf**2).sum(axis=0) * rate)  # Lagrange: g ∝ sqrt(sum_b w_b P_b^2 E[d^2])
+    assert np.allclose(g, score / score.sum())
+    g = ra.proposal_over_k(pmf, rate, weight, defensive=0.5)
+    avg = (pmf / pmf.sum(axis=1, keepdims=True)).mean(axis=0)
+    assert np.allclose(g, 0.5 * avg + 0.5 * score / score.sum()) and (g >= 0.5 * avg - 1e-15).all()
+    # balanced over BERs: the predicted variance relative to direct eval is (nearly) the same at each
+    pmf = np.array([[0.6, 0.3, 0.1, 0.0], [0.0, 0.1, 0.3, 0.6]])
+    rate, direct = np.array([0.01, 0.02, 0.03, 0.04]), np.array([0.12, 0.2])
+    g = ra.balanced_proposal(pmf, rate, direct)
+    ratio = (pmf**2 * rate / g).sum(axis=1) / direct
+    assert abs(ratio[0] / ratio[1] - 1) < 0.02 and abs(g.sum() - 1) < 1e-12
+    # the pilot's rate model: 1 - (1 - r)^k by maximum likelihood (all moved at k=2, none at k=1 -> 0 < r < 1)
+    rng = np.random.default_rng(0)
+    ks = rng.integers(1, 6, 4000)
+    moved = rng.random(4000) < 1 - (1 - 0.07) ** ks
+    fit = ra.moved_rate_model(ks, moved, 5)
+    assert np.allclose(fit, 1 - (1 - 0.07) ** np.arange(1, 6), atol=0.01)
 
 
 def _toy(labels_from_clean=True, n=16, seed=0):
@@ -167,21 +182,21 @@ def test_mixture_formula_against_direct_simulation():
                   .run(None, {"x": x})[0], axis=1)
     runner = ra.Runner(model, Dataset({"x": x}, y), batch=64, provider="cpu")
     n_bits = ra.OpWiseSpace(runner.plans[0]).bits_per_item()
-    ber = 2.0 / n_bits  # two flips per inference on average
-    curve = ra.ra_curve(runner, [ber], budget=3000, seed=1)
-    point = curve["points"][0]
-    # direct simulation: the eval campaign's law (Binomial count, uniform positions)
-    correct = []
-    for t in range(60):
-        f = sample_faults(runner.plans[0], ber, np.random.default_rng([9, t]))
-        correct.append(runner.run(0, f))
-    correct = np.concatenate(correct).astype(np.float64)
-    direct = correct.mean()
-    se_curve = (point.ci[1] - point.truncation - point.ci[0]) / (2 * ra.Z95)
-    se_direct = correct.std(ddof=1) / math.sqrt(len(correct))
-    z = (point.value - direct) / math.hypot(se_curve, se_direct)
-    assert point.truncation < 1e-3
-    assert abs(z) < Z, f"curve {point.value:.4f} vs direct {direct:.4f} (z={z:.2f})"
+    bers = [0.5 / n_bits, 2.0 / n_bits]  # half a flip and two flips per inference on average
+    curve = ra.ra_curve(runner, bers, budget=3000, seed=1)
+    for ber, point in zip(bers, curve["points"]):
+        # direct simulation: the eval campaign's law (Binomial count, uniform positions)
+        correct = []
+        for t in range(60):
+            f = sample_faults(runner.plans[0], ber, np.random.default_rng([9, t]))
+            correct.append(runner.run(0, f))
+        correct = np.concatenate(correct).astype(np.float64)
+        direct = correct.mean()
+        se_curve = (point.ci[1] - point.truncation - point.ci[0]) / (2 * ra.Z95)
+        se_direct = correct.std(ddof=1) / math.sqrt(len(correct))
+        z = (point.value - direct) / math.hypot(se_curve, se_direct)
+        assert point.truncation < 1e-3
+        assert abs(z) < Z, f"curve {point.value:.4f} vs direct {direct:.4f} at {ber:.3g} (z={z:.2f})"
     assert direct < 0.999  # the faults matter at this BER, so the comparison means something
 
 
@@ -240,8 +255,9 @@ def test_curve_truncation_is_bounded_and_exact_when_k_max_covers_everything():
     tail = ra.binomial_tail(n_bits, ber, 1)
     assert tail > 0.3 and point.truncation == tail
     pmf = ra.binomial_pmf(n_bits, ber, [0, 1])
-    ra_k = [q["ra"] for q in res["per_k"]]
-    assert abs(point.value - (pmf @ ra_k + tail * ra_k[1])) < 1e-12
+    ra_k = [q["ra"] for q in res["per_k"]]  # with k_max = 1 every inference has k = 1: g(1) = 1
+    inner = pmf @ ra_k
+    assert abs(point.value - (inner + tail * inner / (1 - tail))) < 1e-12
     assert point.ci[1] - point.ci[0] >= tail  # whatever RA_k for k > 1 are, the interval holds them
 
 
