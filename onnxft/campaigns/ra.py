@@ -570,8 +570,9 @@ def ra_curve(runner: Runner, bers: list[float], budget: int = 2000, k_max: int |
     inferences) draws k from the BERs' average law of K given K >= 1; the rest from the Neyman
     allocation ``proposal_over_k`` with the pilot's ``E[d^2 | k]`` (``moved_rate_model``) and the
     BERs weighted so that the predicted widths relative to a direct eval at each BER (variance
-    acc(1 - acc) per inference, from the pilot) are as even as possible (``balanced_proposal``). Interval: normal, variance within each stage (pilot, main) from
-    its own samples, widened above by the truncation bound."""
+    acc(1 - acc) per inference, from the pilot) are as even as possible (``balanced_proposal``).
+    Interval: normal, variance within each stage (pilot, main) from its own samples, widened above
+    by the truncation bound."""
     for b in bers:
         if not 0.0 <= b <= 1.0:
             raise ValueError(f"BER must be in [0, 1], got {b}")

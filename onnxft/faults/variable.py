@@ -318,7 +318,8 @@ class VariableSpace:
                 # stored bit-cycles of this bit position per item (equal: stored bits, one per variable)
                 positions += [exp[name] * prod.groups] * width
         if not mass:
-            raise ValueError("the variable-level model found no fp32/fp16/int8 GEMM/Conv site whose operands it can read "
+            raise ValueError("the variable-level model found no fp32/fp16/int8 GEMM/Conv site whose operands it can "
+                             "read "
                              f"(variable kinds: {', '.join(kinds)})")
         mass = np.array(mass, np.float64)
         self.strata = Strata(np.array(site, np.int64), np.array(kind, np.int64), np.array(bit, np.int64),
@@ -463,7 +464,8 @@ class VariableSpace:
                 a = np.float16(self._a(p, a_op, item, g, rows, kk))
                 b = np.float16(self._b(p, b_op, item, g, kk, cols))
                 with np.errstate(all="ignore"):
-                    new = (_xor16(a, a_mask).astype(np.float32) * _xor16(b, b_mask).astype(np.float32)).astype(np.float16)
+                    new = (_xor16(a, a_mask).astype(np.float32)
+                           * _xor16(b, b_mask).astype(np.float32)).astype(np.float16)
                     old = (a.astype(np.float32) * b.astype(np.float32)).astype(np.float16)
                 masks = (new.view(np.uint16) ^ old.view(np.uint16)).astype(np.uint32)
             else:
