@@ -345,31 +345,75 @@ def _decode_positions(plan, pos):
     return element, step, bit
 
 
+_EXACT_TOY2: list = []
+
+
+def _exact_toy2() -> tuple[float, float, float]:
+    """(RA_0, RA_1, RA_2) of ``_toy2`` exactly: every position, and every pair of positions, in
+    every item (64 copies of the 16 items per run, one position or pair each)."""
+    from itertools import combinations
+
+    if _EXACT_TOY2:
+        return _EXACT_TOY2[0]
+    m, x, y = _toy2()
+    copies = 64
+    big = ra.Runner(m, Dataset({"x": np.tile(x, (copies, 1))}, np.tile(y, copies)), batch=16 * copies, provider="cpu")
+    plan = big.plans[0][0]
+    assert plan.bits_per_item == 192
+    exact = [float(np.mean(big.clean_correct[0][:16]))]
+    for k in (1, 2):
+        tuples = np.array(list(combinations(range(192), k)))
+        ok = 0
+        for start in range(0, len(tuples), copies):
+            chunk = tuples[start:start + copies]
+            c = len(chunk)
+            item = np.arange(16 * c)
+            pos = np.repeat(chunk, 16, axis=0).reshape(-1)  # item c*16 + b gets tuple c
+            e, st, b = _decode_positions(plan, pos)
+            f = Faults(np.zeros(len(pos), np.int64), np.repeat(item, k), e, st, b)
+            ok += int(big.run(0, f)[:16 * c].sum())
+        exact.append(ok / (len(tuples) * 16))
+    _EXACT_TOY2.append(tuple(exact))
+    return _EXACT_TOY2[0]
+
+
+def test_curve_is_unbiased_against_enumeration():
+    """acc(BER) of the 2x2 MatMul from exact RA_0, RA_1, RA_2 (k_max = 2; the omitted P(K > 2),
+    0.4-2.3% here, bounded), against 30 independent curves whose inferences draw k from the Neyman law over k:
+    their mean within 4.5 standard errors at two BERs, and at least 22 of 30 intervals cover."""
+    m, x, y = _toy2()
+    ra0, ra1, ra2 = _exact_toy2()
+    runner = ra.Runner(m, Dataset({"x": x}, y), batch=16, provider="cpu")
+    bers = [0.3 / 192, 0.6 / 192]
+    exact, tails = [], []
+    for b in bers:
+        pmf = ra.binomial_pmf(192, b, [0, 1, 2])
+        exact.append(float(pmf @ [ra0, ra1, ra2]))
+        tails.append(ra.binomial_tail(192, b, 2))
+    values, covered = [[], []], [0, 0]
+    for seed in range(30):
+        res = ra.ra_curve(runner, bers, budget=160, k_max=2, seed=seed)
+        for i, p in enumerate(res["points"]):
+            values[i].append(p.value)
+            covered[i] += p.ci[0] <= exact[i] <= p.ci[1]
+    for i in range(2):
+        v = np.array(values[i])
+        # the point adds T x the accuracy given K <= 2 for the omitted k > 2: it estimates exact / (1 - T)
+        target = exact[i] / (1 - tails[i])
+        z = (v.mean() - target) / (v.std(ddof=1) / math.sqrt(len(v)))
+        assert abs(z) < Z, (bers[i], v.mean(), target, z)
+        assert covered[i] >= 22, (bers[i], covered[i])  # the interval holds sum_{k<=2} and the T bound
+    assert ra2 < ra1 < ra0  # faults matter on this toy
+
+
 def test_importance_sampling_k2_is_unbiased_against_enumeration():
     """RA_2 (two distinct faults, operation-wise) of a 2x2 MatMul computed exactly by running every
     pair of its 192 positions in every item (64 copies of the 16 items per run, one pair each),
     against 30 independent IS estimates whose proposal is a product of per-fault proposals (weight
     the product of per-fault ratios, tuples with a repeated position weighing 0, scaled by
     1 / P(distinct))."""
-    from itertools import combinations
-
     m, x, y = _toy2()
-    copies = 64
-    big = ra.Runner(m, Dataset({"x": np.tile(x, (copies, 1))}, np.tile(y, copies)), batch=16 * copies, provider="cpu")
-    plan = big.plans[0][0]
-    assert plan.bits_per_item == 192
-    pairs = np.array(list(combinations(range(192), 2)))
-    ok = 0
-    for start in range(0, len(pairs), copies):
-        chunk = pairs[start:start + copies]
-        c = len(chunk)
-        item = np.arange(16 * c)
-        pos = np.repeat(chunk, 16, axis=0)  # item c*16 + b gets pair c
-        pos = pos.reshape(-1)
-        e, st, b = _decode_positions(plan, pos)
-        f = Faults(np.zeros(len(pos), np.int64), np.repeat(item, 2), e, st, b)
-        ok += int(big.run(0, f)[:16 * c].sum())
-    exact = ok / (len(pairs) * 16)
+    exact = _exact_toy2()[2]
     small = ra.Runner(m, Dataset({"x": x}, y), batch=16, provider="cpu")
     assert exact < small.clean
     ests, covered = [], 0
