@@ -537,8 +537,9 @@ def ra(model=None, data=None, hw: str | None = None, faults: int = 1, method: st
         graph = _inject(m, selection, int_widths=int_widths, transposed_weights=True).model
         reader = _var.OperandReader(graph, provider, threads)
 
-        def space_for(plans):
+        def variable_space(plans):
             return _var.VariableSpace(plans, hardware, reader)
+        space_for = variable_space
     out = {"model": display_name(model, name), "data": ds.path, "items": len(ds), "seed": seed,
            "hw": hw_name, "clean": runner.clean, "metric": metric, "outputs": runner.judge.describe()}
     if curve_bers is not None:
