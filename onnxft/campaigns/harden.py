@@ -8,7 +8,9 @@ The order is fixed and each step is plain data in, plain data out:
 2b. ``duplicate`` (a pass, only when ``dmr`` names op types): duplicate-and-compare of LayerNorm & co.;
 3. ABFT thresholds calibrated on the range-restricted model (``calibrate_abft``), or the rigorous
    rounding bound without calibration data;
-4. ``abft`` (a pass): standard or LB-ABFT around the selected MatMul/Gemm;
+4. ``abft`` (a pass): standard or LB-ABFT around the selected MatMul/Gemm; then
+   ``share_constants`` (a pass): one copy of each checksum constant that several GEMMs derive from
+   one shared weight;
 0. the opset raised by the minimum the protection needs (``raise_opset``, verified), unless
    ``keep_opset``; the calibration data split: its last quarter (at most 256 items) is held out
    (``equivalence.split_holdout``) and steps 1-4 never see it;
@@ -35,6 +37,7 @@ from ..passes.abft import abft, find_gemms
 from ..passes.dmr import MIN_OPSET as DMR_MIN_OPSET
 from ..passes.dmr import duplicate
 from ..passes.ranges import MIN_OPSET as RANGE_MIN_OPSET
+from ..passes.share_constants import share_constants
 from ..passes.ranges import RangeSites, find_range_sites, restrict_ranges, site_bounds
 from ..runtime.data import Dataset, fixed_batch, input_specs, synthetic
 from ..passes.thresholds import DEFAULT_PRECISION, PRECISIONS
@@ -189,6 +192,10 @@ def harden(model: onnx.ModelProto, options: HardenOptions, calib: Dataset | None
         plan["gemms"] = res.details.get("gemms", [])
         plan["convs"] = res.details.get("convs", [])
         plan["abft_totals"] = abft_totals(plan["gemms"] + plan["convs"])
+        shared = share_constants(m)  # one copy of checksums derived from a weight many GEMMs share
+        m = shared.model
+        if shared.details["copies_removed"]:
+            plan["shared_constants"] = shared.details
     if not (plan.get("gemms") or plan.get("convs") or plan.get("ranges") or (plan.get("dmr") or {}).get("nodes")
             or plan.get("clip")):
         why = plan["skipped"][-1][1] if plan["skipped"] else "no protectable node"
