@@ -8,7 +8,8 @@ The order is fixed and each step is plain data in, plain data out:
 2b. ``duplicate`` (a pass, only when ``dmr`` names op types): duplicate-and-compare of LayerNorm & co.;
 3. ABFT thresholds calibrated on the range-restricted model (``calibrate_abft``), or the rigorous
    rounding bound without calibration data;
-4. ``abft`` (a pass): standard or LB-ABFT around the selected MatMul/Gemm; then
+4. ``abft_nested`` (a pass): standard or LB-ABFT around the selected MatMul/Gemm/Conv, in the main
+   graph and inside If/Loop/Scan bodies; then
    ``share_constants`` (a pass): one copy of each checksum constant that several GEMMs derive from
    one shared weight;
 0. the opset raised by the minimum the protection needs (``raise_opset``, verified), unless
@@ -33,7 +34,8 @@ import onnx
 from onnx import version_converter
 
 from ..passes.abft import MIN_OPSET as ABFT_MIN_OPSET
-from ..passes.abft import abft, find_gemms
+from ..passes.abft import find_gemms
+from ..passes.abft_nested import abft_nested
 from ..passes.dmr import MIN_OPSET as DMR_MIN_OPSET
 from ..passes.dmr import duplicate
 from ..passes.ranges import MIN_OPSET as RANGE_MIN_OPSET
@@ -44,7 +46,7 @@ from ..passes.thresholds import DEFAULT_PRECISION, PRECISIONS
 from .calibrate_abft import calibrate_abft
 from .coverage import coverage, gemm_conv_macs
 from .coverage import store as store_coverage
-from .equivalence import DEFAULT_TOLERANCE, check_equivalence, enforce, split_holdout
+from .equivalence import check_equivalence, default_tolerance, enforce, split_holdout
 from .calibrate_ranges import calibrate_ranges
 
 ABFT_SCHEMES = ("lb", "standard", "sec", "none")
@@ -69,7 +71,8 @@ class HardenOptions:
     batch: int | None = None  # fix the inputs' batch axis to this size (in-place updates, see fix_batch)
     dmr: tuple[str, ...] = ()  # op types to duplicate and compare (passes.dmr), e.g. ("LayerNormalization",)
     precision: str = DEFAULT_PRECISION  # the serving runtime's arithmetic (passes.thresholds.PRECISIONS)
-    tolerance: float = DEFAULT_TOLERANCE  # largest fault-free relative difference harden writes
+    tolerance: float | None = None  # largest fault-free relative difference harden writes (None: the model's
+    # precision decides, equivalence.default_tolerance: 1e-5 for float32, 4 ulps of float16/bfloat16)
     force: bool = False  # write the model even outside ``tolerance``
     keep_opset: bool = False  # refuse rather than raise the opset when the protection needs a newer one
     shapes: dict | None = None  # representative input shapes {name: dims} for dynamic GEMMs' block sizes
@@ -96,7 +99,7 @@ class HardenOptions:
             raise ValueError("nothing to do: --abft none and --range none")
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}; choose from {', '.join(PRECISIONS)}")
-        if not self.tolerance >= 0:
+        if self.tolerance is not None and not self.tolerance >= 0:
             raise ValueError(f"tolerance must be >= 0, got {self.tolerance}")
 
 
@@ -126,6 +129,11 @@ def harden(model: onnx.ModelProto, options: HardenOptions, calib: Dataset | None
     """Range restriction then ABFT on ``model`` (see the module docstring). ``train``: labelled
     items for clip thresholds (``options.clip``; default ``calib``)."""
     options.validate()
+    if options.tolerance is None:
+        tolerance, basis = default_tolerance(model)
+        options = replace(options, tolerance=tolerance)
+    else:
+        basis = "given (--tolerance)"
     if options.batch is not None:
         model = fix_batch(model, options.batch)
     fixed = fixed_batch(input_specs(model))
@@ -184,7 +192,7 @@ def harden(model: onnx.ModelProto, options: HardenOptions, calib: Dataset | None
             thresholds = calibrate_abft(m, _batches(calib, m, options.calib_batch), names=options.gemms,
                                         precision=options.precision)
         shapes = options.shapes or representative_shapes(m, calib)
-        res = abft(m, scheme=options.abft, ber=options.ber, block_size=options.block_size,
+        res = abft_nested(m, scheme=options.abft, ber=options.ber, block_size=options.block_size,
                    thresholds=thresholds, names=options.gemms, precision=options.precision, shapes=shapes)
         plan["representative_shapes"] = {k: list(v) for k, v in shapes.items()}
         m = res.model
@@ -210,6 +218,7 @@ def harden(model: onnx.ModelProto, options: HardenOptions, calib: Dataset | None
     if holdout is None:
         plan["verification"]["note"] = ("too few calibration items to hold any out: checked on synthetic items"
                                         if calib is not None else "no calibration data: checked on synthetic items")
+    plan["verification"]["tolerance_basis"] = basis
     enforce(plan["verification"], options.tolerance, options.force)
     plan["skipped"] = [list(s) for s in plan["skipped"]]
     return HardenResult(m, plan)

@@ -82,16 +82,32 @@ def scope_types(model: onnx.ModelProto) -> dict:
     return types
 
 
-def body_as_model(body: onnx.GraphProto, types: dict, like: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+def outer_constants(model: onnx.ModelProto) -> dict:
+    """Tensor name -> TensorProto of the main graph's initializers and Constant nodes."""
+    consts = {t.name: t for t in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].type == onnx.AttributeProto.TENSOR:
+            t = onnx.TensorProto()
+            t.CopyFrom(n.attribute[0].t)
+            t.name = n.output[0]
+            consts[n.output[0]] = t
+    return consts
+
+
+def body_as_model(body: onnx.GraphProto, types: dict, like: onnx.ModelProto,
+                  consts: dict | None = None) -> tuple[onnx.ModelProto, list[str]]:
     """``(model, outer-scope names)``: ``body`` as a standalone model whose extra inputs are the
-    outer-scope tensors it reads (typed from ``types``)."""
+    outer-scope tensors it reads (typed from ``types``); those in ``consts`` (the enclosing
+    graph's weights) become its initializers, so that the rewrite sees constant weights."""
+    consts = consts or {}
     outer = captured(body)
-    missing = [t for t in outer if t not in types]
+    missing = [t for t in outer if t not in types and t not in consts]
     if missing:
         raise AbftError(f"outer-scope tensor {missing[0]!r} has no known type")
-    inputs = list(body.input) + [types[t] for t in outer]
+    inputs = list(body.input) + [types[t] for t in outer if t not in consts]
     graph = helper.make_graph(list(body.node), body.name or "body", inputs, list(body.output),
-                              initializer=list(body.initializer), value_info=list(body.value_info))
+                              initializer=list(body.initializer) + [consts[t] for t in outer if t in consts],
+                              value_info=list(body.value_info))
     model = helper.make_model(graph, opset_imports=list(like.opset_import), ir_version=like.ir_version)
     model.functions.extend(like.functions)
     return model, outer
@@ -125,9 +141,13 @@ def _as_body(protected: onnx.ModelProto, body: onnx.GraphProto, outer: list[str]
     g = onnx.GraphProto()
     g.CopyFrom(protected.graph)
     _rename(g, PREFIX, f"{PREFIX}{tag}.")
-    keep = [i for i in g.input if i.name not in set(outer)]
+    gone = set(outer)  # read from the enclosing scope again (weights included: never copied)
+    keep = [i for i in g.input if i.name not in gone]
     del g.input[:]
     g.input.extend(keep)
+    inits = [t for t in g.initializer if t.name not in gone]
+    del g.initializer[:]
+    g.initializer.extend(inits)
     if [o.name for o in g.output] != [o.name for o in body.output]:
         raise AbftError("the protected body's outputs changed")
     g.name = body.name
@@ -145,7 +165,7 @@ def abft_nested(model: onnx.ModelProto, _tags: list | None = None, **options) ->
     nested_opts = {k: v for k, v in options.items() if k not in ("thresholds", "gemms", "shapes", "expose_flags")}
     if isinstance(nested_opts.get("block_size"), dict):
         nested_opts["block_size"] = "auto"
-    types = None
+    types = consts = None
     gemms, convs = list(res.details.get("gemms", [])), list(res.details.get("convs", []))
     inserted = list(res.inserted)
     for node in out.graph.node:
@@ -156,9 +176,9 @@ def abft_nested(model: onnx.ModelProto, _tags: list | None = None, **options) ->
                 continue
             path = f"{node.name or node.output[0]}.{attr}"
             if types is None:
-                types = scope_types(model)
+                types, consts = scope_types(model), outer_constants(model)
             try:
-                sub, outer = body_as_model(body, types, model)
+                sub, outer = body_as_model(body, types, model, consts)
                 r = abft_nested(sub, tags, **nested_opts)
                 tag = f"s{tags[0]}"
                 tags[0] += 1
