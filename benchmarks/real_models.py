@@ -388,9 +388,9 @@ print(json.dumps({"outputs": len(outs), "finite": bool(all(np.isfinite(o).all() 
 # BERs tried: the table reports the lowest at which the unprotected model's SDC + DUE is >= 50%.
 NATURAL = {
     "minilm_l3": (["--output", "461", "--sdc", "cosine", "--tol", "cos=0.99"],
-                  "sentence embedding cosine < 0.99", (1e-9, 3e-9)),
+                  "sentence embedding cosine < 0.99", (1e-8, 3e-8)),
     "minilm_l3_fp16": (["--output", "461", "--sdc", "cosine", "--tol", "cos=0.99"],
-                       "sentence embedding cosine < 0.99", (1e-9, 3e-9)),
+                       "sentence embedding cosine < 0.99", (1e-8, 3e-8)),
     "minilm_l6_int8": (["--sdc", "cosine", "--tol", "cos=0.99"],
                        "token embeddings (per item) cosine < 0.99", (3e-9, 1e-8)),
     "yolov8n_nudenet": (["--sdc", "onnxft.metrics.detection:yolo_sdc"],
@@ -406,7 +406,7 @@ NATURAL = {
     "vit_s_focus": (["--sdc", "onnxft.metrics.maps:focus_sdc"], "focus mask (normalised > 0.8) IoU < 0.9",
                     (3e-10, 1e-9)),
     "captcha_crnn": (["--sdc", "onnxft.metrics.ctc:ctc_sdc_blank_last"], "greedy CTC string differs (blank 36)",
-                     (1e-9, 3e-9)),
+                     (3e-9, 1e-8)),
     "mtcnn_onet": (["--sdc", "tol", "--tol", "rel=0,abs=0.02"], "box, landmarks or face prob off by > 0.02",
                    (3e-8, 1e-7)),
 }
@@ -489,7 +489,7 @@ def harden_check(root: Path, only, runs: int = 64, items: int = 8, extra: list[s
                   [(a["ber"], round(a["bad"], 3), round(b["bad"], 3)) for a, b in zip(ev["original"], ev["hardened"])],
                   flush=True)
             point = headline(row)
-            if attribute and point and not point["tenfold"]:
+            if attribute and point and point["reached_half"] and not point["tenfold"]:
                 row["attribution"] = {}
                 for label, ops in (("gemm_conv", "MatMul,Gemm,Conv"), ("other", None)):
                     if ops is None:
