@@ -396,7 +396,7 @@ NATURAL = {
     "yolov8n_nudenet": (["--sdc", "onnxft.metrics.detection:yolo_sdc"],
                         "detections (score 0.25, NMS 0.45) differ: IoU < 0.5 or class", (1e-9, 3e-9)),
     "silero_vad": (["--output", "output,stateN", "--sdc", "tol", "--tol", "rel=0,abs=0.01"],
-                   "speech probability or LSTM state off by > 0.01", (1e-7, 3e-7)),
+                   "speech probability or LSTM state off by > 0.01", (1e-6, 3e-6)),
     "open_nsfw": (["--sdc", "top1"], "top1", (3e-9, 1e-8)),
     "vgg16_tumor": (["--sdc", "top1"], "top1", (3e-10, 1e-9)),
     "layout_picodet": (["--sdc", "onnxft.metrics.detection:anchor_sdc"],
@@ -409,6 +409,14 @@ NATURAL = {
                      (3e-9, 1e-8)),
     "mtcnn_onet": (["--sdc", "tol", "--tol", "rel=0,abs=0.02"], "box, landmarks or face prob off by > 0.02",
                    (3e-8, 1e-7)),
+}
+
+
+# harden options a model needs beyond the defaults, with the reason stated in the table
+HARDEN_ARGS = {
+    # its LSTMs are GEMM work too: decomposed so ABFT checks them; the decomposition sums the gates
+    # in another order than onnxruntime's LSTM kernel (1e-4 of a 6e-4 speech probability, 6e-8 abs)
+    "silero_vad": ["--recurrent", "--tolerance", "1e-3"],
 }
 
 
@@ -457,7 +465,8 @@ def harden_check(root: Path, only, runs: int = 64, items: int = 8, extra: list[s
         row = {"model": m.name, "criterion": criterion, "sdc_args": args}
         with tempfile.TemporaryDirectory() as tmp:
             hard = Path(tmp) / "h.onnx"
-            rc, text, secs = _cli(["harden", str(model), "--calib", str(data), "-o", str(hard), *extra])
+            row["harden_args"] = [*HARDEN_ARGS.get(m.name, []), *extra]
+            rc, text, secs = _cli(["harden", str(model), "--calib", str(data), "-o", str(hard), *row["harden_args"]])
             lines = text.strip().splitlines()
             row["harden"] = {"rc": rc, "seconds": round(secs, 1),
                              "coverage_line": next((ln for ln in lines if ln.startswith("coverage:")), None),
@@ -559,7 +568,9 @@ def harden_table(rows: list[dict]) -> str:
             if not h["reached_half"]:
                 red += " (original < 50%)"
             tail = f"{h['ber']:g} | {a['runs']} | {ci(a)} | {ci(b)} | {red} |"
-        lines.append(f"| {r['model']} | {pct(1 - f.get('none', 0))} ({pct(f.get('lb', 0))} / {pct(f.get('recompute', 0))} / "
+        args = " ".join(r.get("harden_args") or [])
+        name = f"{r['model']} (`{args}`)" if args else r["model"]
+        lines.append(f"| {name} | {pct(1 - f.get('none', 0))} ({pct(f.get('lb', 0))} / {pct(f.get('recompute', 0))} / "
                      f"{pct(f.get('standard', 0))}) | {op} | {ok} | {eq} | {r['size_ratio']:.2f}x | {r['criterion']} | "
                      + tail)
     return "\n".join(lines)

@@ -164,3 +164,47 @@ def test_plain_harden_of_an_fp16_model_states_its_tolerance(tmp_path, capsys):
         code, _, err = run_cli(["harden", path, "--calib", data, "-o", str(tmp_path / "x.onnx"), "--tolerance",
                                 f"{v['in_range_max_rel_diff'] / 2:g}"], capsys)
         assert code != 0 and "tolerance" in err
+
+
+def lstm_model(hidden=8, inp=6):
+    """x [n, 3, 6] -> Transpose -> LSTM over [seq 3, batch n, 6] -> Y_h [1, n, 8] -> [n, 8], opset 17."""
+    w = (RNG.standard_normal((1, 4 * hidden, inp)) * 0.3).astype(np.float32)
+    r = (RNG.standard_normal((1, 4 * hidden, hidden)) * 0.3).astype(np.float32)
+    b = (RNG.standard_normal((1, 8 * hidden)) * 0.1).astype(np.float32)
+    g = h.make_graph([h.make_node("Transpose", ["x"], ["xt"], perm=[1, 0, 2], name="time_major"),
+                      h.make_node("LSTM", ["xt", "W", "R", "B"], ["", "yh"], hidden_size=hidden, name="lstm"),
+                      h.make_node("Squeeze", ["yh", "zero"], ["y"], name="squeeze")],
+                     "rnn", [h.make_tensor_value_info("x", T.FLOAT, ["n", 3, inp])],
+                     [h.make_tensor_value_info("y", T.FLOAT, ["n", hidden])],
+                     [nh.from_array(w, "W"), nh.from_array(r, "R"), nh.from_array(b, "B"),
+                      nh.from_array(np.array([0], np.int64), "zero")])
+    return h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
+
+
+def test_lstm_counted_unprotected_then_protected_with_recurrent(tmp_path, capsys):
+    path, data = save_with_data(lstm_model(), tmp_path, "lstm",
+                                {"x": RNG.standard_normal((8, 3, 6)).astype(np.float32)})
+    # without --recurrent: nothing protectable (an LSTM is not a GEMM node), said in one line
+    code, _, err = run_cli(["harden", path, "--calib", data, "-o", str(tmp_path / "a.onnx"), "--range", "none"], capsys)
+    assert code != 0 and "nothing to protect" in err
+    out = tmp_path / "b.onnx"
+    code, text, err = run_cli(["harden", path, "--calib", data, "-o", str(out), "--range", "none", "--recurrent"],
+                              capsys)
+    assert code == 0, err
+    plan = json.loads((tmp_path / "b.plan.json").read_text())
+    assert plan["opset"]["hardened"] == 18 and plan["recurrent"]["decomposed"]
+    # X @ W^T for all steps in the main graph, H @ R^T inside the Loop body: both checked
+    assert any(not e.get("graph") for e in plan["gemms"]) and any(e.get("graph") for e in plan["gemms"])
+    assert plan["coverage"]["by_scheme"]["none"] == 0
+    onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+    assert plan["verification"]["within_tolerance"]
+
+
+def test_lstm_in_coverage_is_unprotected_gemm_work():
+    from onnxft.campaigns.coverage import coverage, gemm_conv_macs
+
+    macs, nested = gemm_conv_macs(lstm_model(), {"x": np.zeros((2, 3, 6), np.float32)})
+    # seq 3 x batch 2 x 4 gates x 8 hidden x (6 + 8), per item
+    assert macs == {"lstm": ("LSTM", 3 * 2 * 4 * 8 * 14 / 2)} and nested == []
+    cov = coverage(macs, nested, [], [], [])
+    assert cov["fraction"]["none"] == 1.0 and "recurrent" in cov["unprotected"][0]["reason"]

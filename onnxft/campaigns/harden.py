@@ -13,8 +13,10 @@ The order is fixed and each step is plain data in, plain data out:
    ``share_constants`` (a pass): one copy of each checksum constant that several GEMMs derive from
    one shared weight;
 0. the opset raised by the minimum the protection needs (``raise_opset``, verified), unless
-   ``keep_opset``; the calibration data split: its last quarter (at most 256 items) is held out
-   (``equivalence.split_holdout``) and steps 1-4 never see it;
+   ``keep_opset``; with ``recurrent``, LSTM/GRU/RNN decomposed into MatMuls and a Loop
+   (``passes.decompose``, opset 18) so that step 4 checks their gate products; the calibration
+   data split: its last quarter (at most 256 items) is held out (``equivalence.split_holdout``)
+   and steps 1-4 never see it;
 5. verification: the full ONNX checker; coverage (GEMM+Conv MACs per item by scheme, stored in
    the plan and the model's metadata); the hardened outputs against the original model's on the
    held-out items in sessions at onnxruntime's default level (``equivalence.check_equivalence``):
@@ -36,6 +38,8 @@ from onnx import version_converter
 from ..passes.abft import MIN_OPSET as ABFT_MIN_OPSET
 from ..passes.abft import find_gemms
 from ..passes.abft_nested import abft_nested
+from ..passes.decompose import MIN_OPSET as DECOMPOSE_MIN_OPSET
+from ..passes.decompose import decompose
 from ..passes.dmr import MIN_OPSET as DMR_MIN_OPSET
 from ..passes.dmr import duplicate
 from ..passes.ranges import MIN_OPSET as RANGE_MIN_OPSET
@@ -75,6 +79,9 @@ class HardenOptions:
     # precision decides, equivalence.default_tolerance: 1e-5 for float32, 4 ulps of float16/bfloat16)
     force: bool = False  # write the model even outside ``tolerance``
     keep_opset: bool = False  # refuse rather than raise the opset when the protection needs a newer one
+    # decompose LSTM/GRU/RNN into MatMuls and a Loop (passes.decompose) so ABFT checks their gate
+    # products (needs opset 18; fault-free outputs then differ by float rounding: see docs/abft.md)
+    recurrent: bool = False
     shapes: dict | None = None  # representative input shapes {name: dims} for dynamic GEMMs' block sizes
     # (None: the calibration data's item shapes, or synthetic ones)
     # clipped activations (passes.clip, campaigns.train_clip; docs/proact.md): None, or a ClipTrainOptions
@@ -147,6 +154,10 @@ def harden(model: onnx.ModelProto, options: HardenOptions, calib: Dataset | None
         plan["batch"] = options.batch
     m, plan["opset"] = raise_opset(model, options, holdout if holdout is not None else calib)
     opset = plan["opset"]["hardened"]
+    if options.recurrent and options.abft != "none" and has_recurrent(m):
+        dec = decompose(m, RECURRENT_OPS)
+        m = dec.model
+        plan["recurrent"] = {"decomposed": list(dec.inserted), "skipped": [list(x) for x in dec.skipped]}
     if options.range_mode != "none" and opset < RANGE_MIN_OPSET:
         plan["skipped"].append(("range", f"the model's opset is {opset}; range restriction needs opset "
                                          f"{RANGE_MIN_OPSET} or later"))
@@ -224,11 +235,22 @@ def harden(model: onnx.ModelProto, options: HardenOptions, calib: Dataset | None
     return HardenResult(m, plan)
 
 
-def needed_opset(options: HardenOptions) -> int:
+RECURRENT_OPS = ("LSTM", "GRU", "RNN")
+
+
+def has_recurrent(model: onnx.ModelProto) -> bool:
+    from ..graph.edit import walk
+
+    return any(n.op_type in RECURRENT_OPS and n.domain in ("", "ai.onnx") for _, n in walk(model.graph))
+
+
+def needed_opset(options: HardenOptions, model: onnx.ModelProto | None = None) -> int:
     """The lowest default opset the chosen protection can be written at."""
     need = RANGE_MIN_OPSET if options.range_mode != "none" else 1
     if options.abft != "none":
         need = max(need, ABFT_MIN_OPSET)
+    if options.recurrent and options.abft != "none" and model is not None and has_recurrent(model):
+        need = max(need, DECOMPOSE_MIN_OPSET)
     if options.dmr:
         need = max(need, DMR_MIN_OPSET)
     return need
@@ -247,11 +269,13 @@ def raise_opset(model: onnx.ModelProto, options: HardenOptions, data: Dataset | 
     ``onnx.version_converter`` and verified (fault-free outputs equal, onnxruntime level basic)
     when the model's opset is lower; ``options.keep_opset`` refuses instead."""
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    need = needed_opset(options)
+    need = needed_opset(options, model)
     info = {"original": opset, "hardened": opset, "raised": False}
     if opset >= need:
         return model, info
     what = "ABFT" if options.abft != "none" else "duplication"
+    if need > ABFT_MIN_OPSET and options.recurrent:
+        what = "ABFT of recurrent operators (--recurrent: their decomposition)"
     if options.keep_opset:
         raise ValueError(f"the model's opset is {opset}; {what} needs opset {need} or later and --keep-opset "
                          f"forbids raising it")

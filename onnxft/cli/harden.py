@@ -70,12 +70,15 @@ def _block_size(text: str):
 @click.option("--force", is_flag=True, help="Write the model even when it is outside --tolerance.")
 @click.option("--keep-opset", is_flag=True, help="Refuse, rather than raise the opset, when the protection "
                                                   "needs a newer one (ABFT: 13).")
+@click.option("--recurrent", is_flag=True,
+              help="Also protect LSTM/GRU/RNN: decompose them into MatMuls and a Loop whose products ABFT checks "
+                   "(raises the opset to 18; fault-free outputs then differ by float32 rounding).")
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @clip_options
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def harden(model, output, abft, range_mode, range_ops, calib, calib_limit, ber_text, block_size, gemms, fixed_batch,
            alpha, dmr, select, target_drop, max_overhead, data, limit, trials, precision, tolerance, force, keep_opset,
-           provider, clip, clip_mode, train, train_limit, epochs, penalty, as_json):
+           recurrent, provider, clip, clip_mode, train, train_limit, epochs, penalty, as_json):
     """Write a hardened MODEL: standard ONNX (opset raised to 13 only where ABFT needs it), runs on stock onnxruntime.
 
     The plan (GEMMs, block sizes, thresholds, expected operation counts, calibrated bounds,
@@ -86,7 +89,7 @@ def harden(model, output, abft, range_mode, range_ops, calib, calib_limit, ber_t
     opts = api.HardenOptions(abft=abft, range_mode=range_mode, ber=ber, block_size=_block_size(block_size),
                              range_kinds=kinds, alpha=alpha, gemms=gemms, batch=fixed_batch,
                              dmr=op_types_from(dmr.split(",")), precision=precision, tolerance=tolerance,
-                             force=force, keep_opset=keep_opset,
+                             force=force, keep_opset=keep_opset, recurrent=recurrent,
                              clip=clip_train_options(clip, clip_mode, train_limit, epochs, penalty))
     sel = None
     if select == "auto":
