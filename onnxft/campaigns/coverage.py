@@ -155,7 +155,7 @@ def coverage(macs: dict, in_subgraphs: list, gemms: list[dict], convs: list[dict
         sch = scheme.get(name, "none")
         by[sch] = by.get(sch, 0.0) + m
         if sch == "none":
-            why = ("recurrent operator: its gate products are not checked by ABFT yet" if op_type in _RECURRENT_GATES
+            why = ("recurrent operator: its gate products are checked only with --recurrent (decomposed)" if op_type in _RECURRENT_GATES
                    else "not selected for protection")
             unprotected.append({"name": name, "op_type": op_type, "macs": m,
                                 "reason": reasons.get(name, reasons.get(name.rsplit("/", 1)[-1], why))})
