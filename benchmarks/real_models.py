@@ -432,8 +432,8 @@ def _rate(p: dict) -> dict:
 
 def _eval_pair(model: Path, hard: Path, data: Path, bers, n: int, trials: int, args: list, out: str,
                extra: list = ()) -> dict:
-    ev = ["eval", str(model), str(hard), "--data", str(data), "--metric", "sdc", "--ber", ",".join(f"{b:g}" for b in bers),
-          "--trials", str(trials), "--limit", str(n), "--batch", str(n), "--threads", "1", "--quiet", "--out", out,
+    ev = ["eval", str(model), str(hard), "--data", str(data), "--metric", "sdc",
+          "--ber", ",".join(f"{b:g}" for b in bers), "--trials", str(trials), "--limit", str(n), "--batch", str(n), "--threads", "1", "--quiet", "--out", out,
           *args, *extra]
     rc, text, secs = _cli(ev, timeout=3000)
     if rc != 0:
@@ -542,8 +542,8 @@ def headline(row: dict) -> dict | None:
 
 
 def harden_table(rows: list[dict]) -> str:
-    lines = ["| model | MACs protected (lb / recompute / standard) | opset | checker + stock ORT | held-out items: max rel diff "
-             "(tolerance) | size | SDC criterion | BER | runs | SDC+DUE original [95% CI] | hardened [95% CI] | "
+    lines = ["| model | MACs protected (lb / recompute / standard) | opset | checker + stock ORT | "
+             "held-out items: max rel diff (tolerance) | size | SDC criterion | BER | runs | SDC+DUE original [95% CI] | hardened [95% CI] | "
              "reduction |", "|" + "---|" * 12]
     pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731
     ci = lambda r: f"{r['bad']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]"  # noqa: E731

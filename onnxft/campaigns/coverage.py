@@ -49,7 +49,8 @@ def _subgraph_nodes(graph, prefix: str = ""):
             yield from _subgraph_nodes(body, path + "/")
 
 
-def gemm_conv_macs(model: onnx.ModelProto, feeds: dict, items: int | None = None, prefix: str = "") -> tuple[dict, list]:
+def gemm_conv_macs(model: onnx.ModelProto, feeds: dict, items: int | None = None,
+                   prefix: str = "") -> tuple[dict, list]:
     """``({node name: (op_type, MACs per item)}, [GEMM/Conv nodes inside bodies not measured])``
     from one run of ``model`` on ``feeds`` (items = the first input's leading dimension). GEMMs and
     Convs of the ``If`` branch the run takes are measured too (the branch run as a model of its own
@@ -57,7 +58,8 @@ def gemm_conv_macs(model: onnx.ModelProto, feeds: dict, items: int | None = None
     in the branch not taken and in ``Loop``/``Scan`` bodies are listed as not measured."""
     from ..passes.abft_nested import body_as_model, outer_constants
 
-    nodes = [n for n in model.graph.node if n.op_type in _OPS + tuple(_RECURRENT_GATES) and n.domain in ("", "ai.onnx")]
+    nodes = [n for n in model.graph.node
+             if n.op_type in _OPS + tuple(_RECURRENT_GATES) and n.domain in ("", "ai.onnx")]
     branches = []  # (If node, attr, body) of main-graph Ifs holding GEMM/Conv
     for n in model.graph.node:
         if n.op_type == "If":
@@ -155,8 +157,8 @@ def coverage(macs: dict, in_subgraphs: list, gemms: list[dict], convs: list[dict
         sch = scheme.get(name, "none")
         by[sch] = by.get(sch, 0.0) + m
         if sch == "none":
-            why = ("recurrent operator: its gate products are checked only with --recurrent (decomposed)" if op_type in _RECURRENT_GATES
-                   else "not selected for protection")
+            why = ("recurrent operator: its gate products are checked only with --recurrent (decomposed)"
+                   if op_type in _RECURRENT_GATES else "not selected for protection")
             unprotected.append({"name": name, "op_type": op_type, "macs": m,
                                 "reason": reasons.get(name, reasons.get(name.rsplit("/", 1)[-1], why))})
     not_measured = []

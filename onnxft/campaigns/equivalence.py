@@ -24,7 +24,8 @@ DEFAULT_TOLERANCE = 1e-5  # largest |hardened - original| / max |original|, per 
 # format: TOLERANCE_ULPS units in the last place at 1 (2^-10 for float16, 2^-7 for bfloat16),
 # relative to each output's largest magnitude (docs/abft.md, "Fault-free equivalence").
 TOLERANCE_ULPS = 4
-_ULP_AT_ONE = {onnx.TensorProto.FLOAT16: ("float16", 2.0 ** -10), onnx.TensorProto.BFLOAT16: ("bfloat16", 2.0 ** -7)}
+_ULP_AT_ONE = {onnx.TensorProto.FLOAT16: ("float16", 2.0 ** -10),
+               onnx.TensorProto.BFLOAT16: ("bfloat16", 2.0 ** -7)}
 SERVER_LEVEL = "all"  # onnxruntime's default graph optimisation level (ORT_ENABLE_ALL)
 
 
@@ -44,7 +45,8 @@ def compute_format(model: onnx.ModelProto) -> int:
                 found.add(a.i)
             elif a.type == onnx.AttributeProto.TENSOR:
                 found.add(a.t.data_type)
-    return next((f for f in (onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT16) if f in found), onnx.TensorProto.FLOAT)
+    narrow = (onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT16)
+    return next((f for f in narrow if f in found), onnx.TensorProto.FLOAT)
 
 
 def default_tolerance(model: onnx.ModelProto) -> tuple[float, str]:
