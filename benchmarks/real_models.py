@@ -543,8 +543,8 @@ def headline(row: dict) -> dict | None:
 
 def harden_table(rows: list[dict]) -> str:
     lines = ["| model | MACs protected (lb / recompute / standard) | opset | checker + stock ORT | "
-             "held-out items: max rel diff (tolerance) | size | SDC criterion | BER | runs | SDC+DUE original [95% CI] | hardened [95% CI] | "
-             "reduction |", "|" + "---|" * 12]
+             "held-out items: max rel diff (tolerance) | size | SDC criterion | BER | runs | "
+             "SDC+DUE original [95% CI] | hardened [95% CI] | reduction (point; bound) |", "|" + "---|" * 12]
     pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731
     ci = lambda r: f"{r['bad']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]"  # noqa: E731
     for r in rows:
@@ -557,14 +557,17 @@ def harden_table(rows: list[dict]) -> str:
         o = r.get("opset") or {}
         op = f"{o.get('original')}" + (f" -> {o.get('hardened')}" if o.get("raised") else "")
         ok = "ok" if str(r.get("stock_ort", "")).startswith("{") else "FAILED"
-        eq = (f"{v.get('in_range_max_rel_diff', 0):.2g} ({v.get('tolerance', 0):.2g}) on {v.get('items')} "
-              f"[{v.get('in_range_items')} in range]")
+        eq = (f"{v.get('in_range_max_rel_diff', 0):.2g} (tol {v.get('tolerance', 0):.2g}) on "
+              f"{v.get('in_range_items')}/{v.get('items')} in range"
+              + (f"; all items {v.get('max_rel_diff', 0):.2g} (range clamp)" if v.get("out_of_range") else ""))
         h = headline(r)
         if h is None:
             tail = f"{(r.get('eval') or {}).get('error')} | | | | |"
         else:
             a, b = h["original"], h["hardened"]
-            red = f"{a['bad'] / b['bad']:.0f}x" if b["bad"] else "inf (0 events)"
+            point = f"{a['bad'] / b['bad']:.1f}x" if b["bad"] else f"0 of {b['runs']}"
+            # the conservative ratio: the original's lower 95% bound over the hardened upper one
+            red = f"{point}; >= {a['ci'][0] / b['ci'][1]:.1f}x at 95%"
             if not h["reached_half"]:
                 red += " (original < 50%)"
             tail = f"{h['ber']:g} | {a['runs']} | {ci(a)} | {ci(b)} | {red} |"
