@@ -208,3 +208,19 @@ def test_lstm_in_coverage_is_unprotected_gemm_work():
     assert macs == {"lstm": ("LSTM", 3 * 2 * 4 * 8 * 14 / 2)} and nested == []
     cov = coverage(macs, nested, [], [], [])
     assert cov["fraction"]["none"] == 1.0 and "recurrent" in cov["unprotected"][0]["reason"]
+
+
+def test_conv_transpose_counted_as_unprotected_gemm_work():
+    """An upsampling ConvTranspose (no ABFT check yet) is GEMM work: counted, unprotected, with
+    its reason. x [2, 4, 5, 5], W [4, 3, 2, 2], stride 2: 4*5*5 inputs x 3*2*2 = 1200 MACs per item."""
+    from onnxft.campaigns.coverage import coverage, gemm_conv_macs
+
+    w = RNG.standard_normal((4, 3, 2, 2)).astype(np.float32)
+    g = h.make_graph([h.make_node("ConvTranspose", ["x", "w"], ["y"], strides=[2, 2], name="up")], "up",
+                     [h.make_tensor_value_info("x", T.FLOAT, ["n", 4, 5, 5])],
+                     [h.make_tensor_value_info("y", T.FLOAT, ["n", 3, 10, 10])], [nh.from_array(w, "w")])
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
+    macs, _ = gemm_conv_macs(m, {"x": np.zeros((2, 4, 5, 5), np.float32)})
+    assert macs == {"up": ("ConvTranspose", 1200.0)}
+    cov = coverage(macs, [], [], [], [])
+    assert cov["fraction"]["none"] == 1.0 and "ConvTranspose" in cov["unprotected"][0]["reason"]

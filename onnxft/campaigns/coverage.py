@@ -2,8 +2,9 @@
 
 ``gemm_conv_macs`` measures every main-graph MatMul, Gemm and Conv on one fault-free batch (the
 shapes of the real run, so dynamic axes count at their real sizes), those of the ``If`` branches
-the run takes, and the gate products of LSTM/GRU/RNN operators (GEMM work the injector faults,
-which ABFT does not check: always unprotected); ``coverage`` splits the total
+the run takes, the gate products of LSTM/GRU/RNN operators (GEMM work the injector faults; checked
+only once ``harden --recurrent`` decomposed them) and ConvTranspose (no check yet: unprotected);
+``coverage`` splits the total
 by the scheme that protects each node (``lb``, ``standard``, ``sec``, ``recompute`` for Convs,
 ``none``) and lists every unprotected node with its reason. ``harden`` stores the result in the
 plan and in the hardened model's metadata (``COVERAGE_KEY``), where ``onnxft inspect`` reads it.
@@ -23,6 +24,10 @@ _OPS = ("MatMul", "Gemm", "Conv")
 # Recurrent operators: their gate products are GEMMs the injector faults (inject decomposes them);
 # ABFT does not check them yet, so they count as unprotected GEMM work. Gates per hidden unit:
 _RECURRENT_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+# GEMM work ABFT has no check for yet, counted so the coverage says so (a saliency or
+# segmentation decoder's upsampling is mostly ConvTranspose)
+_UNCHECKED = ("ConvTranspose",)
+_MEASURED = _OPS + tuple(_RECURRENT_GATES) + _UNCHECKED
 
 
 def _node_name(node) -> str:
@@ -44,7 +49,7 @@ def _subgraph_nodes(graph, prefix: str = ""):
         for attr, body in _bodies(node):
             path = f"{prefix}{_node_name(node)}.{attr}"
             for n in body.node:
-                if n.op_type in _OPS or n.op_type in _RECURRENT_GATES:
+                if n.op_type in _MEASURED:
                     yield path, n
             yield from _subgraph_nodes(body, path + "/")
 
@@ -58,17 +63,16 @@ def gemm_conv_macs(model: onnx.ModelProto, feeds: dict, items: int | None = None
     in the branch not taken and in ``Loop``/``Scan`` bodies are listed as not measured."""
     from ..passes.abft_nested import body_as_model, outer_constants
 
-    nodes = [n for n in model.graph.node
-             if n.op_type in _OPS + tuple(_RECURRENT_GATES) and n.domain in ("", "ai.onnx")]
+    nodes = [n for n in model.graph.node if n.op_type in _MEASURED and n.domain in ("", "ai.onnx")]
     branches = []  # (If node, attr, body) of main-graph Ifs holding GEMM/Conv
     for n in model.graph.node:
         if n.op_type == "If":
             for attr, body in _bodies(n):
-                if any(x.op_type in _OPS + tuple(_RECURRENT_GATES) for _, x in walk(body)):
+                if any(x.op_type in _MEASURED for _, x in walk(body)):
                     branches.append((n, attr, body))
     wanted = []
     for n in nodes:
-        for t in (n.input[0], n.input[1], n.output[0] if n.op_type in _OPS else n.input[2]):
+        for t in (n.input[0], n.input[1], n.input[2] if n.op_type in _RECURRENT_GATES else n.output[0]):
             if t not in wanted:
                 wanted.append(t)
     for n, _, _ in branches:
@@ -93,6 +97,9 @@ def gemm_conv_macs(model: onnx.ModelProto, feeds: dict, items: int | None = None
                                            (int(w[2]) + int(r[2])) / items)
             continue
         a, b, y = shapes[n.input[0]], shapes[n.input[1]], shapes[n.output[0]]
+        if n.op_type == "ConvTranspose":  # every input element times its W[ci] slice: Cout/group x kernel
+            out[prefix + _node_name(n)] = (n.op_type, int(np.prod(a, dtype=np.int64)) * int(np.prod(b[1:])) / items)
+            continue
         if n.op_type == "Conv":
             k = int(np.prod(b[1:]))
         elif n.op_type == "Gemm":
@@ -158,7 +165,9 @@ def coverage(macs: dict, in_subgraphs: list, gemms: list[dict], convs: list[dict
         by[sch] = by.get(sch, 0.0) + m
         if sch == "none":
             why = ("recurrent operator: its gate products are checked only with --recurrent (decomposed)"
-                   if op_type in _RECURRENT_GATES else "not selected for protection")
+                   if op_type in _RECURRENT_GATES else
+                   "ConvTranspose: not protected yet (GEMM work without an ABFT check)" if op_type in _UNCHECKED
+                   else "not selected for protection")
             unprotected.append({"name": name, "op_type": op_type, "macs": m,
                                 "reason": reasons.get(name, reasons.get(name.rsplit("/", 1)[-1], why))})
     not_measured = []
