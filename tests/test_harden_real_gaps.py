@@ -224,3 +224,45 @@ def test_conv_transpose_counted_as_unprotected_gemm_work():
     assert macs == {"up": ("ConvTranspose", 1200.0)}
     cov = coverage(macs, [], [], [], [])
     assert cov["fraction"]["none"] == 1.0 and "ConvTranspose" in cov["unprotected"][0]["reason"]
+
+
+@pytest.mark.parametrize("pads", [[0, 0, 0, 0], [1, 1, 0, 0]])
+def test_conv_transpose_protected_and_recovered(pads):
+    """An upsampling ConvTranspose (stride 2, bias, then BatchNorm-style scale) is checked by its
+    channel sums and its faulty items recomputed: fault-free outputs equal, a real injected fault
+    at the ConvTranspose site recovered, the same fault in the unprotected model visible."""
+    import onnxruntime as ort
+
+    from onnxft.faults.sampling import Faults
+    from onnxft.passes.abft_nested import abft_nested
+    from onnxft.passes.inject import inject
+    from onnxft.runtime.session import InjectionSession
+
+    w = (RNG.standard_normal((4, 3, 3, 3)) * 0.3).astype(np.float32)
+    b = RNG.standard_normal(3).astype(np.float32)
+    sc = (RNG.random((1, 3, 1, 1)) + 0.5).astype(np.float32)
+    g = h.make_graph([h.make_node("ConvTranspose", ["x", "w", "b"], ["y"], strides=[2, 2], pads=pads, name="up"),
+                      h.make_node("Mul", ["y", "sc"], ["z"], name="scale"),
+                      h.make_node("Relu", ["z"], ["out"], name="relu")], "up",
+                     [h.make_tensor_value_info("x", T.FLOAT, ["n", 4, 5, 5])],
+                     [h.make_tensor_value_info("out", T.FLOAT, ["n", 3, None, None])],
+                     [nh.from_array(w, "w"), nh.from_array(b, "b"), nh.from_array(sc, "sc")])
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
+    r = abft_nested(m)
+    assert [(c["name"], c["op_type"], c["scheme"]) for c in r.details["convs"]] == [("up", "ConvTranspose", "recompute")]
+    onnx.checker.check_model(r.model, full_check=True)
+    x = RNG.standard_normal((3, 4, 5, 5)).astype(np.float32)
+    ref = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    got = ort.InferenceSession(r.model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(got, ref)
+    sess = InjectionSession(inject(r.model).model, "cpu", threads=1)
+    plain = InjectionSession(inject(m).model, "cpu", threads=1)
+    for s_, expect_same in ((sess, True), (plain, False)):
+        clean, plans = s_.clean({"x": x})
+        i = next(k for k, site in enumerate(s_.table.sites) if site.node == "up")
+        f = Faults(np.array([i]), np.array([1]), np.array([7]), np.array([0]), np.array([30]))
+        faulty = s_.run({"x": x}, f)[0]
+        if expect_same:
+            np.testing.assert_allclose(faulty, clean[0], rtol=1e-6, atol=1e-6)
+        else:
+            assert not np.allclose(faulty, clean[0], rtol=1e-3, atol=1e-3)
