@@ -392,7 +392,8 @@ NATURAL = {
     "minilm_l3_fp16": (["--output", "461", "--sdc", "cosine", "--tol", "cos=0.99"],
                        "sentence embedding cosine < 0.99", (1e-8, 3e-8)),
     "minilm_l6_int8": (["--sdc", "cosine", "--tol", "cos=0.99"],
-                       "token embeddings (per item) cosine < 0.99", (3e-9, 1e-8)),
+                       "token embeddings (per item) cosine < 0.99; no faults in the weight dequantisation "
+                       "onnxruntime folds at load", (3e-9, 1e-8)),
     "yolov8n_nudenet": (["--sdc", "onnxft.metrics.detection:yolo_sdc"],
                         "detections (score 0.25, NMS 0.45) differ: IoU < 0.5 or class", (1e-9, 3e-9)),
     "silero_vad": (["--output", "output,stateN", "--sdc", "tol", "--tol", "rel=0,abs=0.01"],
@@ -421,6 +422,14 @@ HARDEN_ARGS = {
     # tf32 thresholds, 1.6% with fp32 ones)
     "silero_vad": ["--recurrent", "--tolerance", "1e-3", "--precision", "fp32"],
 }
+
+
+# eval options a model needs: this int8 export dequantises its weights in the graph (Cast + Mul by
+# the scale, 38 `*_mul` nodes, 22.5M elements including the word-embedding table), which
+# onnxruntime constant-folds at load (checked: none is left in its optimised graph). That arithmetic
+# does not run per inference, so it is not a fault site here (a fault there would be a memory error
+# in a weight, not an arithmetic one, and would hit every item of a batch).
+EVAL_ARGS = {"minilm_l6_int8": ["--sites", "^(?!.*_mul$)"]}
 
 
 def _rate(p: dict) -> dict:
@@ -495,6 +504,8 @@ def harden_check(root: Path, only, runs: int = 64, items: int = 8, extra: list[s
             row["stock_ort"] = r.stdout.strip().splitlines()[-1] if r.returncode == 0 else f"FAILED: {r.stderr[-300:]}"
             n = min(items, m.batch)
             trials = -(-runs // n)
+            args = [*args, *EVAL_ARGS.get(m.name, [])]
+            row["sdc_args"] = args
             ev = _eval_pair(model, hard, data, bers or default_bers, n, trials, args, f"{tmp}/e")
             row["eval"] = ev
             print(f"{m.name:18s} eval {ev.get('seconds')}s", ev.get("error") or
