@@ -17,12 +17,46 @@ from ..runtime.session import make_session
 
 HOLDOUT_FRACTION = 4  # the last quarter of the calibration items ...
 HOLDOUT_MAX = 256  # ... at most 256 of them
-DEFAULT_TOLERANCE = 1e-5  # largest |hardened - original| / max |original|, per output
+DEFAULT_TOLERANCE = 1e-5  # largest |hardened - original| / max |original|, per output (a float32 model)
+# A model that computes in a 16-bit float: onnxruntime rounds its intermediate tensors to that
+# format, and a tensor that gains a reader (a checksum) may be rounded at another point of a fused
+# kernel, so bit-identical outputs are not to be had. The default is then stated in units of the
+# format: TOLERANCE_ULPS units in the last place at 1 (2^-10 for float16, 2^-7 for bfloat16),
+# relative to each output's largest magnitude (docs/abft.md, "Fault-free equivalence").
+TOLERANCE_ULPS = 4
+_ULP_AT_ONE = {onnx.TensorProto.FLOAT16: ("float16", 2.0 ** -10),
+               onnx.TensorProto.BFLOAT16: ("bfloat16", 2.0 ** -7)}
 SERVER_LEVEL = "all"  # onnxruntime's default graph optimisation level (ORT_ENABLE_ALL)
 
 
 class EquivalenceError(ValueError):
     """The hardened model changes fault-free outputs beyond the tolerance."""
+
+
+def compute_format(model: onnx.ModelProto) -> int:
+    """The narrowest float format the model computes in: FLOAT16 / BFLOAT16 when any weight,
+    constant or cast of the main graph or its bodies is in it, else FLOAT."""
+    from ..graph.edit import walk
+
+    found = {t.data_type for t in model.graph.initializer}
+    for _, n in walk(model.graph):
+        for a in n.attribute:
+            if n.op_type == "Cast" and a.name == "to":
+                found.add(a.i)
+            elif a.type == onnx.AttributeProto.TENSOR:
+                found.add(a.t.data_type)
+    narrow = (onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT16)
+    return next((f for f in narrow if f in found), onnx.TensorProto.FLOAT)
+
+
+def default_tolerance(model: onnx.ModelProto) -> tuple[float, str]:
+    """``(tolerance, why)``: ``DEFAULT_TOLERANCE`` for a float32 model; ``TOLERANCE_ULPS`` units in
+    the last place of the 16-bit format a model computes in (see ``TOLERANCE_ULPS``)."""
+    fmt = compute_format(model)
+    if fmt in _ULP_AT_ONE:
+        name, ulp = _ULP_AT_ONE[fmt]
+        return TOLERANCE_ULPS * ulp, f"{TOLERANCE_ULPS} {name} ulps (relative): the model computes in {name}"
+    return DEFAULT_TOLERANCE, "float32 model"
 
 
 def split_holdout(data: Dataset | None, batch: int | None = None) -> tuple[Dataset | None, Dataset | None]:

@@ -8,10 +8,15 @@ The order is fixed and each step is plain data in, plain data out:
 2b. ``duplicate`` (a pass, only when ``dmr`` names op types): duplicate-and-compare of LayerNorm & co.;
 3. ABFT thresholds calibrated on the range-restricted model (``calibrate_abft``), or the rigorous
    rounding bound without calibration data;
-4. ``abft`` (a pass): standard or LB-ABFT around the selected MatMul/Gemm;
+4. ``abft_nested`` (a pass): standard or LB-ABFT around the selected MatMul/Gemm/Conv, in the main
+   graph and inside If/Loop/Scan bodies; then
+   ``share_constants`` (a pass): one copy of each checksum constant that several GEMMs derive from
+   one shared weight;
 0. the opset raised by the minimum the protection needs (``raise_opset``, verified), unless
-   ``keep_opset``; the calibration data split: its last quarter (at most 256 items) is held out
-   (``equivalence.split_holdout``) and steps 1-4 never see it;
+   ``keep_opset``; with ``recurrent``, LSTM/GRU/RNN decomposed into MatMuls and a Loop
+   (``passes.decompose``, opset 18) so that step 4 checks their gate products; the calibration
+   data split: its last quarter (at most 256 items) is held out (``equivalence.split_holdout``)
+   and steps 1-4 never see it;
 5. verification: the full ONNX checker; coverage (GEMM+Conv MACs per item by scheme, stored in
    the plan and the model's metadata); the hardened outputs against the original model's on the
    held-out items in sessions at onnxruntime's default level (``equivalence.check_equivalence``):
@@ -31,17 +36,21 @@ import onnx
 from onnx import version_converter
 
 from ..passes.abft import MIN_OPSET as ABFT_MIN_OPSET
-from ..passes.abft import abft, find_gemms
+from ..passes.abft import find_gemms
+from ..passes.abft_nested import abft_nested
+from ..passes.decompose import MIN_OPSET as DECOMPOSE_MIN_OPSET
+from ..passes.decompose import decompose
 from ..passes.dmr import MIN_OPSET as DMR_MIN_OPSET
 from ..passes.dmr import duplicate
 from ..passes.ranges import MIN_OPSET as RANGE_MIN_OPSET
+from ..passes.share_constants import share_constants
 from ..passes.ranges import RangeSites, find_range_sites, restrict_ranges, site_bounds
 from ..runtime.data import Dataset, fixed_batch, input_specs, synthetic
 from ..passes.thresholds import DEFAULT_PRECISION, PRECISIONS
 from .calibrate_abft import calibrate_abft
 from .coverage import coverage, gemm_conv_macs
 from .coverage import store as store_coverage
-from .equivalence import DEFAULT_TOLERANCE, check_equivalence, enforce, split_holdout
+from .equivalence import check_equivalence, default_tolerance, enforce, split_holdout
 from .calibrate_ranges import calibrate_ranges
 
 ABFT_SCHEMES = ("lb", "standard", "sec", "none")
@@ -66,9 +75,13 @@ class HardenOptions:
     batch: int | None = None  # fix the inputs' batch axis to this size (in-place updates, see fix_batch)
     dmr: tuple[str, ...] = ()  # op types to duplicate and compare (passes.dmr), e.g. ("LayerNormalization",)
     precision: str = DEFAULT_PRECISION  # the serving runtime's arithmetic (passes.thresholds.PRECISIONS)
-    tolerance: float = DEFAULT_TOLERANCE  # largest fault-free relative difference harden writes
+    tolerance: float | None = None  # largest fault-free relative difference harden writes (None: the model's
+    # precision decides, equivalence.default_tolerance: 1e-5 for float32, 4 ulps of float16/bfloat16)
     force: bool = False  # write the model even outside ``tolerance``
     keep_opset: bool = False  # refuse rather than raise the opset when the protection needs a newer one
+    # decompose LSTM/GRU/RNN into MatMuls and a Loop (passes.decompose) so ABFT checks their gate
+    # products (needs opset 18; fault-free outputs then differ by float rounding: see docs/abft.md)
+    recurrent: bool = False
     shapes: dict | None = None  # representative input shapes {name: dims} for dynamic GEMMs' block sizes
     # (None: the calibration data's item shapes, or synthetic ones)
     # clipped activations (passes.clip, campaigns.train_clip; docs/proact.md): None, or a ClipTrainOptions
@@ -93,7 +106,7 @@ class HardenOptions:
             raise ValueError("nothing to do: --abft none and --range none")
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}; choose from {', '.join(PRECISIONS)}")
-        if not self.tolerance >= 0:
+        if self.tolerance is not None and not self.tolerance >= 0:
             raise ValueError(f"tolerance must be >= 0, got {self.tolerance}")
 
 
@@ -123,6 +136,11 @@ def harden(model: onnx.ModelProto, options: HardenOptions, calib: Dataset | None
     """Range restriction then ABFT on ``model`` (see the module docstring). ``train``: labelled
     items for clip thresholds (``options.clip``; default ``calib``)."""
     options.validate()
+    if options.tolerance is None:
+        tolerance, basis = default_tolerance(model)
+        options = replace(options, tolerance=tolerance)
+    else:
+        basis = "given (--tolerance)"
     if options.batch is not None:
         model = fix_batch(model, options.batch)
     fixed = fixed_batch(input_specs(model))
@@ -136,6 +154,10 @@ def harden(model: onnx.ModelProto, options: HardenOptions, calib: Dataset | None
         plan["batch"] = options.batch
     m, plan["opset"] = raise_opset(model, options, holdout if holdout is not None else calib)
     opset = plan["opset"]["hardened"]
+    if options.recurrent and options.abft != "none" and has_recurrent(m):
+        dec = decompose(m, RECURRENT_OPS)
+        m = dec.model
+        plan["recurrent"] = {"decomposed": list(dec.inserted), "skipped": [list(x) for x in dec.skipped]}
     if options.range_mode != "none" and opset < RANGE_MIN_OPSET:
         plan["skipped"].append(("range", f"the model's opset is {opset}; range restriction needs opset "
                                          f"{RANGE_MIN_OPSET} or later"))
@@ -181,7 +203,7 @@ def harden(model: onnx.ModelProto, options: HardenOptions, calib: Dataset | None
             thresholds = calibrate_abft(m, _batches(calib, m, options.calib_batch), names=options.gemms,
                                         precision=options.precision)
         shapes = options.shapes or representative_shapes(m, calib)
-        res = abft(m, scheme=options.abft, ber=options.ber, block_size=options.block_size,
+        res = abft_nested(m, scheme=options.abft, ber=options.ber, block_size=options.block_size,
                    thresholds=thresholds, names=options.gemms, precision=options.precision, shapes=shapes)
         plan["representative_shapes"] = {k: list(v) for k, v in shapes.items()}
         m = res.model
@@ -189,6 +211,10 @@ def harden(model: onnx.ModelProto, options: HardenOptions, calib: Dataset | None
         plan["gemms"] = res.details.get("gemms", [])
         plan["convs"] = res.details.get("convs", [])
         plan["abft_totals"] = abft_totals(plan["gemms"] + plan["convs"])
+        shared = share_constants(m)  # one copy of checksums derived from a weight many GEMMs share
+        m = shared.model
+        if shared.details["copies_removed"]:
+            plan["shared_constants"] = shared.details
     if not (plan.get("gemms") or plan.get("convs") or plan.get("ranges") or (plan.get("dmr") or {}).get("nodes")
             or plan.get("clip")):
         why = plan["skipped"][-1][1] if plan["skipped"] else "no protectable node"
@@ -203,16 +229,28 @@ def harden(model: onnx.ModelProto, options: HardenOptions, calib: Dataset | None
     if holdout is None:
         plan["verification"]["note"] = ("too few calibration items to hold any out: checked on synthetic items"
                                         if calib is not None else "no calibration data: checked on synthetic items")
+    plan["verification"]["tolerance_basis"] = basis
     enforce(plan["verification"], options.tolerance, options.force)
     plan["skipped"] = [list(s) for s in plan["skipped"]]
     return HardenResult(m, plan)
 
 
-def needed_opset(options: HardenOptions) -> int:
+RECURRENT_OPS = ("LSTM", "GRU", "RNN")
+
+
+def has_recurrent(model: onnx.ModelProto) -> bool:
+    from ..graph.edit import walk
+
+    return any(n.op_type in RECURRENT_OPS and n.domain in ("", "ai.onnx") for _, n in walk(model.graph))
+
+
+def needed_opset(options: HardenOptions, model: onnx.ModelProto | None = None) -> int:
     """The lowest default opset the chosen protection can be written at."""
     need = RANGE_MIN_OPSET if options.range_mode != "none" else 1
     if options.abft != "none":
         need = max(need, ABFT_MIN_OPSET)
+    if options.recurrent and options.abft != "none" and model is not None and has_recurrent(model):
+        need = max(need, DECOMPOSE_MIN_OPSET)
     if options.dmr:
         need = max(need, DMR_MIN_OPSET)
     return need
@@ -231,11 +269,13 @@ def raise_opset(model: onnx.ModelProto, options: HardenOptions, data: Dataset | 
     ``onnx.version_converter`` and verified (fault-free outputs equal, onnxruntime level basic)
     when the model's opset is lower; ``options.keep_opset`` refuses instead."""
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    need = needed_opset(options)
+    need = needed_opset(options, model)
     info = {"original": opset, "hardened": opset, "raised": False}
     if opset >= need:
         return model, info
     what = "ABFT" if options.abft != "none" else "duplication"
+    if need > ABFT_MIN_OPSET and options.recurrent:
+        what = "ABFT of recurrent operators (--recurrent: their decomposition)"
     if options.keep_opset:
         raise ValueError(f"the model's opset is {opset}; {what} needs opset {need} or later and --keep-opset "
                          f"forbids raising it")

@@ -67,18 +67,22 @@ def _block_size(text: str):
               help="Arithmetic of the runtime that will serve the model; ABFT thresholds are rounding bounds for it "
                    "(tf32: safe on CPU and on onnxruntime CUDA's defaults; fp32: 30x tighter, for CPU or CUDA with "
                    "use_tf32=0).")
-@click.option("--tolerance", default=1e-5, show_default=True, type=click.FloatRange(min=0),
+@click.option("--tolerance", default=None, type=click.FloatRange(min=0),
               help="Largest fault-free difference (relative to each output's largest magnitude) on held-out "
-                   "items at onnxruntime's default level; harden refuses a model beyond it.")
+                   "items at onnxruntime's default level; harden refuses a model beyond it. Default: 1e-5 for a "
+                   "float32 model, 4 ulps (4 x 2^-10) for one that computes in float16 (2^-7: bfloat16).")
 @click.option("--force", is_flag=True, help="Write the model even when it is outside --tolerance.")
 @click.option("--keep-opset", is_flag=True, help="Refuse, rather than raise the opset, when the protection "
                                                   "needs a newer one (ABFT: 13).")
+@click.option("--recurrent", is_flag=True,
+              help="Also protect LSTM/GRU/RNN: decompose them into MatMuls and a Loop whose products ABFT checks "
+                   "(raises the opset to 18; fault-free outputs then differ by float32 rounding).")
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @clip_options
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def harden(model, output, abft, range_mode, range_ops, calib, calib_limit, ber_text, block_size, gemms, fixed_batch,
            alpha, dmr, select, target_drop, max_overhead, data, limit, trials, select_out, resume, workers,
-           ray_address, precision, tolerance, force, keep_opset,
+           ray_address, precision, tolerance, force, keep_opset, recurrent,
            provider, clip, clip_mode, train, train_limit, epochs, penalty, as_json):
     """Write a hardened MODEL: standard ONNX (opset raised to 13 only where ABFT needs it), runs on stock onnxruntime.
 
@@ -90,7 +94,7 @@ def harden(model, output, abft, range_mode, range_ops, calib, calib_limit, ber_t
     opts = api.HardenOptions(abft=abft, range_mode=range_mode, ber=ber, block_size=_block_size(block_size),
                              range_kinds=kinds, alpha=alpha, gemms=gemms, batch=fixed_batch,
                              dmr=op_types_from(dmr.split(",")), precision=precision, tolerance=tolerance,
-                             force=force, keep_opset=keep_opset,
+                             force=force, keep_opset=keep_opset, recurrent=recurrent,
                              clip=clip_train_options(clip, clip_mode, train_limit, epochs, penalty))
     sel = None
     if select == "auto":
@@ -166,10 +170,11 @@ def plan_summary(plan: dict) -> str:
                      f"max abs difference {v['max_abs_diff']:.3g}, max relative {v['max_rel_diff']:.3g}"
                      + (" (bit-identical)" if v.get("bit_identical") else "")
                      + f"; {v.get('top1_changed', 0)} top-1 changes, {v.get('out_of_range', 0)} items outside the "
-                       f"calibrated ranges" + ("; FORCED past the tolerance" if v.get("forced") else ""))
+                       f"calibrated ranges; tolerance {v.get('tolerance', 0):.3g} ({v.get('tolerance_basis', '')})"
+                     + ("; FORCED past the tolerance" if v.get("forced") else ""))
         if v.get("out_of_range"):
             lines.append(f"  inside the calibrated ranges ({v['in_range_items']} items): max relative difference "
-                         f"{v['in_range_max_rel_diff']:.3g} (tolerance {v['tolerance']:g})"
+                         f"{v['in_range_max_rel_diff']:.3g} (tolerance {v['tolerance']:.3g}: {v.get('tolerance_basis', '')})"
                          + ("; no held-out item stayed inside: calibrate on more data to check the tolerance"
                             if not v["in_range_items"] else ""))
     for node, reason in plan.get("skipped", [])[:20]:

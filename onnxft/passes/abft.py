@@ -581,7 +581,7 @@ def abft(model: onnx.ModelProto, scheme: str = "lb", ber: float = 1e-8, block_si
             result.skipped.append((c.name, c.skip))
             continue
         entry, nb_main, then_nb, raw, fixed, count, cond = protect_conv(c, idx, opset, ber, precision)
-        recovery = {"unit": c.name, "op_type": "Conv", "a": c.x, "b": c.w, "bias": c.b or "", "output": raw}
+        recovery = {"unit": c.name, "op_type": c.op_type, "a": c.x, "b": c.w, "bias": c.b or "", "output": raw}
         outputs = checked_output(nb_main, then_nb, c, raw, f"onnxft.abft.c{idx:03d}", fixed, count,
                                   expose_flags, cond, recovery, dims=_dims(m.vi, c.out),
                                   elem=TensorProto.FLOAT16 if c.fp16 else TensorProto.FLOAT)

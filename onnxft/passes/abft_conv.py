@@ -24,8 +24,10 @@ channel per group); 1-D and 3-D convolutions work the same way; a float16 Conv i
 float32 with the bound at ``thresholds.unit_precision(precision, fp16=True)``. The BatchNorm /
 per-channel Add/Mul / residual chain after a Conv joins its unit for every group count
 (``_absorb_fusable``): scales fold into each channel's filter before the per-group sums.
+A ``ConvTranspose`` (group 1) is checked the same way: summing its output over the channels is a
+ConvTranspose with ``W [Cin, Cout, k...]`` summed over axis 1, with the node's own attributes.
 Skipped (with the reason in the plan): a weight or bias that is not constant, an output that is
-not float32/float16, a weight that does not fit the group.
+not float32/float16, a weight that does not fit the group, a grouped ConvTranspose.
 """
 from __future__ import annotations
 
@@ -67,11 +69,13 @@ class ConvSite:
     residual: str | None = None
     post_roundings: int = 0
     conv_out: str = ""  # the Conv node's own output
+    op_type: str = "Conv"  # or ConvTranspose (group 1): ``weight`` then holds W transposed to [Cout, Cin, k...]
 
 
 def find_convs(m) -> list[ConvSite]:
     """Every Conv of the main graph, described (``m`` is abft's ``_Model``)."""
-    sites = [_describe(m, n) for n in m.inferred.graph.node if n.op_type == "Conv"]
+    sites = [_describe(m, n) for n in m.inferred.graph.node
+             if n.op_type in ("Conv", "ConvTranspose") and n.domain in ("", "ai.onnx")]
     claimed: set = set()
     for c in sites:  # a residual Add of two Convs joins the first one's unit only
         names = {id(n) for n in c.post}
@@ -88,9 +92,12 @@ def _drop_absorbed(c: ConvSite) -> None:
 
 def _describe(m, node) -> ConvSite:
     s = ConvSite(name=node.name or node.output[0], x=node.input[0], out=node.output[0], w=node.input[1],
-                 b=node.input[2] if len(node.input) > 2 else "", conv_out=node.output[0])
+                 b=node.input[2] if len(node.input) > 2 else "", conv_out=node.output[0], op_type=node.op_type)
     s.attrs = tuple(a for a in node.attribute)
     s.group = next((a.i for a in node.attribute if a.name == "group"), 1)
+    if s.op_type == "ConvTranspose" and s.group != 1:
+        s.skip = "grouped ConvTranspose is not protected yet"
+        return s
     vi = m.vi.get(s.out)
     if vi is None or vi.type.tensor_type.elem_type not in (TensorProto.FLOAT, TensorProto.FLOAT16):
         s.skip = "output is not float32 or float16"
@@ -107,6 +114,11 @@ def _describe(m, node) -> ConvSite:
             return s
         s.bias = np.asarray(b, np.float64).reshape(-1)
     s.weight = np.asarray(w, np.float64)
+    if s.op_type == "ConvTranspose" and s.weight.ndim >= 3:
+        # W [Cin, Cout, k...]: each output channel's sum over channels is a ConvTranspose with the
+        # filters summed over axis 1; held as [Cout, Cin, k...] so the sums below read as for a Conv
+        # (K, the terms of one output element, is then bounded by Cin x kernel size)
+        s.weight = np.swapaxes(s.weight, 0, 1)
     if s.weight.ndim < 3 or s.weight.shape[0] % s.group:
         s.skip = f"weight shape {list(s.weight.shape)} does not fit group={s.group}"
         return s
@@ -218,8 +230,10 @@ def protect_conv(s: ConvSite, idx: int, opset: int, ber: float, precision: str =
     w_groups = (s.weight * chan).reshape(g, per, *s.weight.shape[1:])
     ws = w_groups.sum(axis=1).astype(np.float32)  # [g, Cin/g, k...]
     wabs = (tau * np.abs(w_groups).sum(axis=1)).astype(np.float32)
-    ref = main.op("Conv", x, main.const(ws, hint="Wsum"), **conv_attrs)
-    scale = main.op("Conv", main.op("Abs", x), main.const(wabs, hint="AbsWsum"), **conv_attrs)
+    if s.op_type == "ConvTranspose":  # back to ConvTranspose's layout: [Cin, 1, k...]
+        ws, wabs = np.swapaxes(ws, 0, 1).copy(), np.swapaxes(wabs, 0, 1).copy()
+    ref = main.op(s.op_type, x, main.const(ws, hint="Wsum"), **conv_attrs)
+    scale = main.op(s.op_type, main.op("Abs", x), main.const(wabs, hint="AbsWsum"), **conv_attrs)
     if shift is not None:
         ref = main.op("Add", ref, main.const(shift.reshape(g, per).sum(1).reshape(1, g, *spatial)
                                              .astype(np.float32), hint="biasSum"))
@@ -262,7 +276,7 @@ def protect_conv(s: ConvSite, idx: int, opset: int, ber: float, precision: str =
     ins = [nb.op("Gather", x, items, axis=0), w_name]
     if s.bias is not None:
         ins.append(b_name)
-    y_new = nb.op("Conv", *ins, **conv_attrs)
+    y_new = nb.op(s.op_type, *ins, **conv_attrs)
     item_idx = unsqueeze(nb, items, [1])
     mark_recompute(nb, y_new, item_idx, raw)  # (bias included: a Conv site's bias add is one of its operations)
     if s.fp16:  # (the absorbed ops then run in float16, as in the model)
@@ -278,7 +292,7 @@ def protect_conv(s: ConvSite, idx: int, opset: int, ber: float, precision: str =
     per_item_elems = nb.op("Div", nb.op("Size", raw), nb.op("Gather", nb.op("Shape", raw), nb.ints(0), axis=0))
     count = nb.op("Mul", nb.op("Size", items), per_item_elems)
     costs = conv_cost(s.M * s.group, s.N, s.K, ber) if s.M else {}  # (groups: more rows of the GEMM view)
-    entry = {"name": s.name, "op_type": "Conv", "output": s.out, "M": s.M, "N": s.N, "K": s.K, "group": s.group,
+    entry = {"name": s.name, "op_type": s.op_type, "output": s.out, "M": s.M, "N": s.N, "K": s.K, "group": s.group,
              "scheme": "recompute", "tau": tau, "tau_source": "rounding bound" + (" (float16 unit)" if s.fp16 else ""),
              "precision": prec.name, "has_bias": s.bias is not None,
              "absorbed": [n.name or n.output[0] for n in s.post],
