@@ -9,8 +9,9 @@ against the device's ridge point (peak GEMM FLOP/s divided by memory bandwidth, 
 ``runtime.ridge``): a layer with AI at or above the ridge is compute-bound, below it
 memory-bound. The seed's rule: a separate ("global") checksum pass suits compute-bound layers,
 whose few extra operations are cheap next to the GEMM; a memory-bound layer should check inside
-the computation that already holds its data ("fused" here: the checksum column appended to the
-weight).
+the computation that already holds its data (``MEMORY_BOUND_IMPL``: duplicate-and-compare, measured
+cheapest for such GEMMs on onnxruntime's CPU provider; ``fused``, the checksum column appended to the
+weight, is the seed's own form).
 
 Shapes are the ones the model really runs at: ``gemm_intensities`` runs the model once on the given
 feeds with every GEMM/Conv operand as an extra output, so run-time token and sequence axes, and
@@ -66,9 +67,17 @@ def regime(ai: float, ridge: float) -> str:
     return "compute" if ai >= ridge else "memory"
 
 
-def choose_impl(ai: float, ridge: float) -> str:
-    """ABFT implementation by the seed's rule: ``global`` for compute-bound GEMMs, ``fused`` for memory-bound."""
-    return "global" if regime(ai, ridge) == "compute" else "fused"
+# Below the ridge the seed checks inside the computation that already holds the data (its
+# thread-level ABFT). Of onnxft's forms (passes.abft.IMPLS), the one measured cheapest for
+# memory-bound GEMMs on onnxruntime's CPU provider (GEMVs such as a classifier head at batch 1-8)
+# is duplicate-and-compare, ``dup``; see docs/abft.md "Implementations".
+MEMORY_BOUND_IMPL = "dup"
+
+
+def choose_impl(ai: float, ridge: float, memory_impl: str = MEMORY_BOUND_IMPL) -> str:
+    """ABFT implementation by the seed's rule: ``global`` (a separate checksum pass) for compute-bound
+    GEMMs, ``memory_impl`` (a check inside the computation's own data traffic) for memory-bound ones."""
+    return "global" if regime(ai, ridge) == "compute" else memory_impl
 
 
 def _operands(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, list[str]]]:

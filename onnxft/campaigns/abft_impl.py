@@ -21,15 +21,11 @@ import tempfile
 
 import onnx
 
-from ..analysis.intensity import gemm_intensities, regime
+from ..analysis.intensity import MEMORY_BOUND_IMPL, choose_impl, gemm_intensities, regime
 from ..passes.abft import IMPLS, abft
 from .overhead import _named, profile_medians, profiling_session, protection_units
 
 POLICIES = IMPLS + ("ig",)
-# Below the ridge the seed checks inside the computation (its thread-level ABFT; ``fused`` here).
-# On onnxruntime's CPU provider the measured cheaper form for memory-bound GEMMs (GEMVs: the
-# classifier head at batch 1-8) is ``dup``; see docs/abft.md "Implementations".
-MEMORY_BOUND_IMPL = "dup"
 
 
 def ig_choices(model: onnx.ModelProto, feeds: dict, ridge: float, provider: str = "cpu",
@@ -42,8 +38,8 @@ def ig_choices(model: onnx.ModelProto, feeds: dict, ridge: float, provider: str 
     for c in gemm_intensities(model, feeds, provider):
         if c.op_type == "Conv":
             continue
-        r = regime(c.ai, ridge)
-        out[c.name] = {"ai": c.ai, "ridge": ridge, "regime": r, "impl": "global" if r == "compute" else memory_impl,
+        out[c.name] = {"ai": c.ai, "ridge": ridge, "regime": regime(c.ai, ridge),
+                       "impl": choose_impl(c.ai, ridge, memory_impl),
                        "M": c.M, "N": c.N, "K": c.K, "gemms": c.gemms}
     return out
 

@@ -822,7 +822,8 @@ def _protect(m: _Model, s: GemmSite, node, idx: int, scheme: str, ber: float, bl
         n_rows = rows if rows is not None else _dim(then_nb, ctx.Y3, 1)
         fixed, count = _standard_then(ctx, branch_tau(n_rows, True), recompute_multiple=eff_scheme == "standard")
     else:
-        fixed, count = _lb_then(ctx, b_size, branch_tau(b_size, weight is None), weight, bias)
+        fixed, count = _lb_then(ctx, b_size, branch_tau(b_size, weight is None), weight, bias,
+                                elem_ok=ok if impl == "dup" else None)
     if s.fp16:
         fixed = then_nb.op("Cast", fixed, to=TensorProto.FLOAT16)
     # The If returns a scatter (indices, values) rather than the checked tensor: the fault-free
@@ -1082,10 +1083,12 @@ def _pad_last(nb: Nodes, x: str, rank: int, b: int, n: int | None) -> str:
     return nb.op("Pad", x, nb.op("Concat", nb.ints([0] * (2 * rank - 1)), pad, axis=0))
 
 
-def _lb_then(c: _Canon, b: int, tau_blk, weight, bias):
+def _lb_then(c: _Canon, b: int, tau_blk, weight, bias, elem_ok: str | None = None):
     """Block-wise test and recovery on ``b x b`` output blocks. Works at any run-time shape: block
     sums by padding to a multiple of ``b`` and reshaping, block flags aggregated over row blocks the
-    same way, edge indices clamped to the run-time sizes."""
+    same way, edge indices clamped to the run-time sizes. ``elem_ok`` (dup: the main graph's
+    element-wise comparison, Y's shape): the blocks holding a mismatch are recomputed, with no
+    threshold, so every change the comparison saw is recovered."""
     nb, s = c.nb, c.s
     rows, N = s.unit_rows, s.N
 
@@ -1094,6 +1097,10 @@ def _lb_then(c: _Canon, b: int, tau_blk, weight, bias):
         shape = [0] * (rank - 1) + [-1, b]
         return reduce(nb, op_type, nb.op("Reshape", _pad_last(nb, x, rank, b, n), nb.ints(shape)), [-1], keepdims=0)
 
+    if elem_ok is not None:
+        bad_elem = nb.op("Where", nb.op("Reshape", elem_ok, nb.op("Shape", c.Y3)), nb.const(np.float32(0)),
+                         nb.const(np.float32(1)))
+        return _lb_recompute(c, b, block_reduce(bad_elem, 3, N, "ReduceMax"), block_reduce)
     y_blk = block_reduce(c.Y3, 3, N)  # [G, rows, nbc]
     tau_n = None
     if weight is not None:  # (N is static: the weight's)
@@ -1119,6 +1126,14 @@ def _lb_then(c: _Canon, b: int, tau_blk, weight, bias):
             babs_n = nb.op("Mul", babs_n, tau_n)
     ok, _, _ = checksum_test(nb, y_blk, c.A3, be_n, abe_n, tau_n, bs_n, babs_n)
     bad = nb.op("Where", ok, nb.const(np.float32(0)), nb.const(np.float32(1)))  # [G, rows, nbc]
+    return _lb_recompute(c, b, bad, block_reduce)
+
+
+def _lb_recompute(c: _Canon, b: int, bad: str, block_reduce):
+    """Recompute the ``b x b`` blocks flagged in ``bad [G, rows, nbc]`` (1.0 where a row of a column
+    block failed): returns (the fixed ``Y3``, the number of recomputed elements)."""
+    nb, s = c.nb, c.s
+    rows, N = s.unit_rows, s.N
     # aggregate over row blocks: [G, nbc, rows] -> [G, nbc, nbr] -> [G, nbr, nbc]
     per_col = block_reduce(nb.op("Transpose", bad, perm=[0, 2, 1]), 3, rows, "ReduceMax")
     blocks = nb.op("Greater", nb.op("Transpose", per_col, perm=[0, 2, 1]), nb.const(np.float32(0)))
