@@ -163,7 +163,8 @@ def test_harden_with_each_impl_keeps_held_out_equivalence(impl, tmp_path):
         assert all({"ai", "ridge", "regime", "impl_chosen"} <= set(g) for g in gemms)
         head = next(g for g in gemms if g["name"] == "/head/Gemm")
         assert head["regime"] == "memory" and head["impl"] == "dup"
-        assert all(g["impl"] == "global" for g in gemms if g["regime"] == "compute")
+        assert all(g["impl"] == ("fused" if g["name"].endswith("fc2/MatMul") else "global")
+                   for g in gemms if g["regime"] == "compute")
     else:
         assert sum(g["impl"] == impl for g in gemms) >= 13  # every constant-weight GEMM but fallbacks
 
@@ -174,3 +175,35 @@ def test_bad_options_are_rejected():
     with pytest.raises(ValueError, match="--ridge"):
         HardenOptions(abft_impl="ig", ridge=-1.0).validate()
     # (the CLI's one-line errors: tests/test_harden_cli.py::test_harden_user_mistakes)
+
+
+def test_check_bytes_and_the_fused_refinement():
+    """check_bytes by hand (fp32): M = 10 rows, N = 4, K = 16, ridge 2:
+    global, A bounded: 4 (MN + 2 MK) = 4 (40 + 320) = 1440; unbounded: 4 (MN + 4 MK) = 2720;
+    fused, bounded: 4 x 3 MN + 2 M K x 2 / 2 = 480 + 320 = 800; unbounded: 480 + 4 x 3 MK + 160 = 2560."""
+    from onnxft.analysis.intensity import check_bytes
+
+    assert check_bytes(10, 4, 16, 2.0, True) == {"global": 1440.0, "fused": 800.0}
+    assert check_bytes(10, 4, 16, 2.0, False) == {"global": 2720.0, "fused": 2560.0}
+    # a GELU-input Linear (fc2 of an MLP: K = 8 > N... here [6, 8] @ [8, 12]) stays global when N > K,
+    # and an unbounded input keeps global even where K is large relative to N
+    model = gelu_linear_model()
+    feeds = {"x": np.random.default_rng(0).standard_normal((4, 6, 8)).astype(np.float32)}
+    row = ig_choices(model, feeds, 0.01)["fc2"]
+    assert row["regime"] == "compute" and row["check_bytes"]["fused"] > row["check_bytes"]["global"]
+    assert row["impl"] == "global"
+
+
+def test_ig_picks_fused_for_the_mlp_output_linear_of_the_sample_vit():
+    """Sample ViT at batch 8, ridge 2.5: every GEMM is compute-bound but the head ([8, 128] x
+    [128, 10], AI 0.45 at batch 1): dup; fc2 ([50, 512] x [512, 128], input a GELU output): fused by
+    check_bytes; everything else global."""
+    from onnxft import samples
+
+    model = onnx.load(samples.sample_model("vit")["path"])
+    x = np.random.default_rng(0).standard_normal((8, 1, 28, 28)).astype(np.float32)
+    rows = ig_choices(model, {model.graph.input[0].name: x}, 2.5)
+    picks = {n: r["impl"] for n, r in rows.items()}
+    assert picks["/head/Gemm"] == "dup" and rows["/head/Gemm"]["regime"] == "memory"
+    assert all(v == "fused" for n, v in picks.items() if n.endswith("fc2/MatMul"))
+    assert all(v == "global" for n, v in picks.items() if not n.endswith(("fc2/MatMul", "head/Gemm")))

@@ -80,6 +80,23 @@ def choose_impl(ai: float, ridge: float, memory_impl: str = MEMORY_BOUND_IMPL) -
     return "global" if regime(ai, ridge) == "compute" else memory_impl
 
 
+def check_bytes(M: int, N: int, K: int, ridge: float, a_bounded: bool, elem_bytes: int = 4) -> dict[str, float]:
+    """Memory traffic of the main-graph check of ``M`` rows (all GEMMs of the call) of ``[M, K] @ [K, N]``
+    with a constant weight, per implementation, in bytes plus extra FLOPs / ridge (both as time at the
+    device's bandwidth):
+
+    - ``global``: row sums of Y (reads ``MN``), ``A (B e)`` (reads ``MK``) and the scale ``|A| (tau|B|e)``
+      (reads ``MK`` when ``A >= -c``; else ``|A|`` is written and read too: ``3 MK``);
+    - ``fused``: the slice of Y out of the widened product (reads and writes ``MN``), its row sums
+      (``MN``), the scale (nothing when ``A >= -c``: a GEMM column; else ``3 MK``), and the GEMM's
+      ``2 M K`` FLOPs per extra column (2 with a bound, 1 without).
+    """
+    mn, mk = elem_bytes * M * N, elem_bytes * M * K
+    glob = mn + (2 * mk if a_bounded else 4 * mk)
+    fused = 3 * mn + (0 if a_bounded else 3 * mk) + 2 * M * K * (2 if a_bounded else 1) / ridge
+    return {"global": float(glob), "fused": float(fused)}
+
+
 def _operands(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, list[str]]]:
     """Main-graph MatMul/Gemm/Conv nodes and the tensors whose shapes define their work."""
     out = []

@@ -6,7 +6,8 @@ turns the two per-GEMM policies into plain data the pass takes (``{gemm name: im
 - ``ig`` (seed 004's rule): each GEMM's arithmetic intensity at the deployment shapes
   (``analysis.intensity``, one fault-free run) against the device's ridge point
   (``runtime.ridge``): ``global`` at or above the ridge (compute-bound), ``MEMORY_BOUND_IMPL``
-  below it.
+  below it; among compute-bound GEMMs, ``fused`` where its check moves fewer bytes than global's
+  (``analysis.intensity.check_bytes``).
 - ``ig`` with ``autotune``: every candidate is built for every GEMM it fits, the candidate graphs
   are profiled interleaved on the target provider (one run of each per round, medians per node),
   and each GEMM keeps the candidate whose own kernels plus protection nodes cost least.
@@ -21,8 +22,8 @@ import tempfile
 
 import onnx
 
-from ..analysis.intensity import MEMORY_BOUND_IMPL, choose_impl, gemm_intensities, regime
-from ..passes.abft import IMPLS, abft
+from ..analysis.intensity import MEMORY_BOUND_IMPL, check_bytes, choose_impl, gemm_intensities, regime
+from ..passes.abft import IMPLS, abft, input_lower_bounds
 from .overhead import _named, profile_medians, profiling_session, protection_units
 
 POLICIES = IMPLS + ("ig",)
@@ -30,17 +31,25 @@ POLICIES = IMPLS + ("ig",)
 
 def ig_choices(model: onnx.ModelProto, feeds: dict, ridge: float, provider: str = "cpu",
                memory_impl: str = MEMORY_BOUND_IMPL) -> dict[str, dict]:
-    """``{gemm name: {"ai", "ridge", "regime", "impl", "M", "N", "K", "gemms"}}`` by seed 004's rule,
-    at the shapes the model runs at on ``feeds``."""
+    """``{gemm name: {"ai", "ridge", "regime", "impl", "M", "N", "K", "gemms", ...}}`` at the shapes the
+    model runs at on ``feeds``: seed 004's rule (``memory_impl`` below the ridge, ``global`` at or
+    above it), and, for a compute-bound GEMM with a constant weight, ``fused`` instead of ``global``
+    where its check moves fewer bytes (``analysis.intensity.check_bytes``: an MLP's second Linear,
+    whose input, a GELU output, is bounded below and ``K = 4 N`` wide); ``check_bytes`` is recorded."""
     if memory_impl not in IMPLS:
         raise ValueError(f"unknown ABFT implementation {memory_impl!r}")
+    bounds = input_lower_bounds(model)
     out = {}
     for c in gemm_intensities(model, feeds, provider):
         if c.op_type == "Conv":
             continue
-        out[c.name] = {"ai": c.ai, "ridge": ridge, "regime": regime(c.ai, ridge),
-                       "impl": choose_impl(c.ai, ridge, memory_impl),
-                       "M": c.M, "N": c.N, "K": c.K, "gemms": c.gemms}
+        row = {"ai": c.ai, "ridge": ridge, "regime": regime(c.ai, ridge), "impl": choose_impl(c.ai, ridge, memory_impl),
+               "M": c.M, "N": c.N, "K": c.K, "gemms": c.gemms}
+        if c.name in bounds and row["regime"] == "compute":
+            row["check_bytes"] = check_bytes(c.M * c.gemms, c.N, c.K, ridge, bounds[c.name] is not None)
+            if row["check_bytes"]["fused"] < row["check_bytes"]["global"]:
+                row["impl"] = "fused"
+        out[c.name] = row
     return out
 
 

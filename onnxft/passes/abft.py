@@ -302,6 +302,14 @@ def _describe(m: _Model, node) -> GemmSite:
     return s
 
 
+def input_lower_bounds(model: onnx.ModelProto) -> dict[str, float | None]:
+    """``{gemm name: c}`` for every protectable GEMM with a constant weight: ``A >= -c`` on fault-free
+    data (``_lower_bound``), or None where ``A`` is unbounded. (What the fused check's cost depends on:
+    with a bound, its scale is one more column of the GEMM and it needs no pass over ``A``.)"""
+    m = _Model(model)
+    return {s.name: _lower_bound(m, s.a) for s in find_gemms(model) if s.skip is None and s.b_constant}
+
+
 def _feeds_gelu(m: _Model, tensor: str) -> bool:
     """Whether ``tensor`` (a bias Add's output) starts a GELU: a ``Gelu`` node, or the exported Erf
     form ``Div(x, sqrt 2) -> Erf``. onnxruntime fuses that Add with the GELU (BiasGelu, about 5% of a
