@@ -18,6 +18,7 @@ random weights (``benchmarks/vit_graph.py``).
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import statistics
 import sys
@@ -32,7 +33,7 @@ import onnxruntime as ort
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_harden import feeds, load, session  # noqa: E402
-from onnxft.campaigns.abft_impl import resolve  # noqa: E402
+from onnxft.campaigns.abft_impl import autotune, resolve  # noqa: E402
 from onnxft.campaigns.harden import fix_batch  # noqa: E402
 from onnxft.passes.abft import abft  # noqa: E402
 from onnxft.runtime.ridge import ridge_point  # noqa: E402
@@ -51,6 +52,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tune-repeats", type=int, default=4, help="profiled rounds of --autotune")
     ap.add_argument("--alarm-runs", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help="which to time (ViT-B at batch 8 with all six sessions needs about 14 GB: leave dup out)")
+    ap.add_argument("--tune-candidates", default="global,fused,dup")
     ap.add_argument("--ridge", type=float, default=None, help="FLOP/byte (default: measured once, cached)")
     ap.add_argument("--ber", type=float, default=1e-8)
     ap.add_argument("--clock", choices=["wall", "cpu"], default="cpu",
@@ -62,8 +66,9 @@ def main(argv=None) -> int:
     print(f"# onnxruntime {ort.__version__}, CPU, threads {args.threads}, {args.clock} clock, {args.repeats} "
           f"interleaved repeats or more, ridge {point['ridge']:.3g} FLOP/byte ({point['source']}), load average "
           f"{load_avg:.1f} at start")
-    head = f"{'model':<8} {'batch':>5} {'orig ms':>8} " + " ".join(f"{v:>11}" for v in VARIANTS)
-    print(head + f" {'seed':>6} {'ig picks':>18} {'alarms':>6}", flush=True)
+    variants = [v for v in VARIANTS if v in args.variants.split(",")]
+    head = f"{'model':<8} {'batch':>5} {'orig ms':>8} " + " ".join(f"{v:>11}" for v in variants)
+    print(head + f" {'seed':>6} {'ig picks / autotuned':>22} {'alarms':>6}", flush=True)
     with tempfile.TemporaryDirectory() as td:
         tmp = Path(td)
         for name in args.models.split(","):
@@ -73,10 +78,13 @@ def main(argv=None) -> int:
                 x = feeds(model, batch)
                 shapes = {k: [1, *v.shape[1:]] for k, v in x.items()}
                 kw = dict(scheme="lb", ber=args.ber, shapes=shapes)
-                impls = {"global": "global", "fused": "fused", "dup": "dup"}
-                impls["ig"], _ = resolve("ig", model, x, point)
-                impls["ig+autotune"], _ = resolve("ig", model, x, point, tune=True, threads=args.threads,
-                                                  repeats=args.tune_repeats, **kw)
+                impls = {v: v for v in ("global", "fused", "dup") if v in variants}
+                if "ig" in variants:
+                    impls["ig"], _ = resolve("ig", model, x, point)
+                if "ig+autotune" in variants:
+                    impls["ig+autotune"] = {k: r["impl"] for k, r in autotune(
+                        model, x, tuple(args.tune_candidates.split(",")), "cpu", args.threads, args.tune_repeats,
+                        **kw).items()}
                 sessions = {"original": session(model, args.threads, tmp, "orig")}
                 for v, impl in impls.items():
                     sessions[v] = session(abft(model, impl=impl, **kw).model, args.threads, tmp, v)
@@ -94,6 +102,7 @@ def main(argv=None) -> int:
                         s.run(None, x)
                         times[k].append(clock() - t0)
                 del sessions
+                gc.collect()
                 alarms = 0
                 rng = np.random.default_rng(batch)
                 for v, impl in impls.items():
@@ -104,21 +113,20 @@ def main(argv=None) -> int:
                         alarms += sum(bool(o) for n, o in zip(names, s.run(None, xi)) if n.endswith(".detected"))
                 base = statistics.median(times["original"])
                 ratio = {v: statistics.median(times[v]) / base for v in impls}
-                og, oi = ratio["global"] - 1, ratio["ig"] - 1
-                seed = f"{og / oi:6.2f}" if oi > 0.005 else f"{'n/a':>6}"
-                picks = impls["ig+autotune"]
-                tuned = ",".join(f"{picks_of(picks, k)}{k[0]}" for k in ("global", "fused", "dup") if picks_of(picks, k))
-                ig = impls["ig"]
-                tag = f"{picks_of(ig, 'dup') + picks_of(ig, 'fused')}m/{tuned}"
-                print(f"{name:<8} {batch:>5} {base * 1e3:>8.2f} " + " ".join(f"{ratio[v]:>11.3f}" for v in VARIANTS)
-                      + f" {seed} {tag:>18} {alarms:>6}", flush=True)
+                og, oi = ratio.get("global", 0) - 1, ratio.get("ig", 0) - 1
+                seed = f"{og / oi:6.2f}" if oi > 0.005 and og > -1 else f"{'n/a':>6}"
+                tag = "/".join(",".join(f"{picks_of(impls[v], k)}{k[0]}" for k in ("global", "fused", "dup")
+                                        if picks_of(impls[v], k)) for v in ("ig", "ig+autotune") if v in impls)
+                print(f"{name:<8} {batch:>5} {base * 1e3:>8.2f} " + " ".join(f"{ratio[v]:>11.3f}" for v in variants)
+                      + f" {seed} {tag:>22} {alarms:>6}", flush=True)
     print("# ratios: hardened / original (medians); seed = overhead(global) / overhead(ig); ig picks: "
-          "memory-bound GEMMs by the rule / autotune's choice counts (g global, f fused, d dup)")
+          "ig's / ig --autotune's choice counts (g global, f fused, d dup)")
     return 0
 
 
-def picks_of(impl: dict, which: str) -> int:
-    return sum(v == which for v in impl.values())
+def picks_of(impl, which: str) -> int:
+    """GEMMs given ``which``: a fixed implementation (str) counts as all, shown as the GEMM count."""
+    return sum(v == which for v in impl.values()) if isinstance(impl, dict) else 0
 
 
 if __name__ == "__main__":

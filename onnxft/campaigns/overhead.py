@@ -59,9 +59,10 @@ def _profile_ms(model: onnx.ModelProto, feeds: dict, provider: str, threads: int
         return profile_medians(sess.end_profiling())
 
 
-def profiling_session(model: onnx.ModelProto, prefix: str, provider: str = "auto", threads: int | None = None,
+def profiling_session(model, prefix: str, provider: str = "auto", threads: int | None = None,
                       level: str = "all"):
-    """An onnxruntime session that profiles every run into a file starting with ``prefix``."""
+    """An onnxruntime session of ``model`` (a ModelProto or a path) that profiles every run into a
+    file starting with ``prefix``."""
     from ..runtime.session import _ort, providers_for
 
     ort = _ort()
@@ -74,7 +75,8 @@ def profiling_session(model: onnx.ModelProto, prefix: str, provider: str = "auto
     if threads:
         so.intra_op_num_threads = int(threads)
         so.inter_op_num_threads = 1
-    return ort.InferenceSession(model.SerializeToString(), so, providers=providers_for(provider))
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    return ort.InferenceSession(source, so, providers=providers_for(provider))
 
 
 def profile_medians(path: str) -> dict[str, float]:

@@ -578,6 +578,7 @@ def abft(model: onnx.ModelProto, scheme: str = "lb", ber: float = 1e-8, block_si
     new_inits = []
     new_infos = []
     new_outputs = []
+    dropped: set[str] = set()  # initializers replaced by widened ones (fused)
     for idx, s in enumerate(protect):
         node = nodes_by_name[s.name]
         taus = {s.name: "unit"} if unit_scale else (thresholds or {})
@@ -591,10 +592,7 @@ def abft(model: onnx.ModelProto, scheme: str = "lb", ber: float = 1e-8, block_si
         for node_name, position, tensor in built.get("rewire", ()):  # (fused: the widened weight and bias)
             target = next(n for n in out.graph.node if (n.name or n.output[0]) == node_name)
             target.input[position] = tensor
-        if built.get("drop_inits"):
-            keep = [t for t in out.graph.initializer if t.name not in built["drop_inits"]]
-            del out.graph.initializer[:]
-            out.graph.initializer.extend(keep)
+        dropped.update(built.get("drop_inits") or ())
         inserted_after.setdefault(producers[s.out], []).extend(nb_main.nodes)
         new_inits.extend(nb_main.initializers)
         new_infos.extend(nb_main.value_info)
@@ -622,6 +620,9 @@ def abft(model: onnx.ModelProto, scheme: str = "lb", ber: float = 1e-8, block_si
         new_outputs.extend(outputs)
         result.inserted.append(f"{c.name} -> Conv ABFT (recompute flagged items), {len(nb_main.nodes)} nodes")
     insert_after(out.graph, inserted_after)
+    for i in reversed(range(len(out.graph.initializer))):  # (in place: rebuilding the list copies every weight)
+        if out.graph.initializer[i].name in dropped:
+            del out.graph.initializer[i]
     out.graph.initializer.extend(new_inits)
     graph_io = {v.name for v in list(out.graph.input) + list(out.graph.output)}
     new_infos = [v for v in new_infos if v.name not in graph_io]  # (graph outputs carry their own shapes)
