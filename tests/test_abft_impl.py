@@ -207,3 +207,19 @@ def test_ig_picks_fused_for_the_mlp_output_linear_of_the_sample_vit():
     assert picks["/head/Gemm"] == "dup" and rows["/head/Gemm"]["regime"] == "memory"
     assert all(v == "fused" for n, v in picks.items() if n.endswith("fc2/MatMul"))
     assert all(v == "global" for n, v in picks.items() if not n.endswith(("fc2/MatMul", "head/Gemm")))
+
+
+@pytest.mark.parametrize("impl", ["fused", "dup"])
+def test_unnamed_nodes(impl):
+    """Exporters leave nodes unnamed: units are then named by their outputs, and the fused rewiring
+    still finds the MatMul and its bias Add."""
+    model = linear_model()
+    for n in model.graph.node:
+        n.name = ""
+    r = abft(model, scheme="lb", block_size=4, impl=impl, expose_flags=True)
+    assert r.details["gemms"][0]["impl"] == impl
+    onnx.checker.check_model(r.model, full_check=True)
+    feeds = feeds_for(model)
+    got = run(r.model, feeds)
+    np.testing.assert_array_equal(got["out"], run(model, feeds)["out"])
+    assert flags(got) == (False, 0)

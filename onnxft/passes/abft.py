@@ -587,11 +587,11 @@ def abft(model: onnx.ModelProto, scheme: str = "lb", ber: float = 1e-8, block_si
                                 precision, want)
         plan.append(entry)
         nb_main, raw = built["main"], built["raw"]
-        owner = out.graph.node[producers[s.out]]
-        owner.output[list(owner.output).index(s.out)] = built.get("owner_output", raw)
         for node_name, position, tensor in built.get("rewire", ()):  # (fused: the widened weight and bias)
             target = next(n for n in out.graph.node if (n.name or n.output[0]) == node_name)
             target.input[position] = tensor
+        owner = out.graph.node[producers[s.out]]
+        owner.output[list(owner.output).index(s.out)] = built.get("owner_output", raw)
         dropped.update(built.get("drop_inits") or ())
         inserted_after.setdefault(producers[s.out], []).extend(nb_main.nodes)
         new_inits.extend(nb_main.initializers)
