@@ -4,11 +4,17 @@
     python benchmarks/bench_harden.py --models vit --repeats 200 --threads 1
     python benchmarks/bench_harden.py --models vit-s16-dyn --schemes lb --threads 1 --repeats 9 --clock cpu
     python benchmarks/bench_harden.py --models vit-b16 --static --schemes lb --threads 1 --repeats 5 --clock cpu
+    python benchmarks/bench_harden.py --models vit-s16-dyn --schemes lb,lb:ig --threads 1 --repeats 9 --clock cpu
+
+A scheme ``lb:IMPL`` builds LB-ABFT with ``--abft-impl IMPL`` (global, fused, dup, ig: seed 004's
+rule with onnxft's fused refinement, at the benchmark's batch against the cached ridge point;
+``tuned``: ig --autotune, every implementation profiled per GEMM on these inputs).
 
 (``vit-s16-dyn``: ViT-S/16-sized with a dynamic token axis, run at ``--image`` pixels.) The timed
-graphs are the ones ``harden`` ships; after every timed round their twins with the detection flags
-exposed (``abft(expose_flags=True)``, the same checks) run once, untimed, on the same inputs and
-every flag is counted: fault-free inputs, so any flag is a false alarm.
+graphs are the ones ``harden`` ships; after the timed rounds their twins with the detection flags
+exposed (``abft(expose_flags=True)``, the same checks) run ``--alarm-runs`` times, untimed, on the
+same inputs and every flag is counted: fault-free inputs, so any flag is a false alarm. (One
+flagged twin is open at a time: ViT-B-sized sessions take about 1.5 GB each.)
 
 Interleaved runs (original, lb, standard, original, ...) on the same inputs, medians, ratio to the
 original. Sessions at onnxruntime's default level (all optimizations), CPU, batch 8 by default.
@@ -73,6 +79,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--ber", type=float, default=1e-8)
+    ap.add_argument("--alarm-runs", type=int, default=3, help="fault-free runs of each flagged twin")
+    ap.add_argument("--tune-repeats", type=int, default=4, help="profiled rounds of lb:tuned's autotune")
     ap.add_argument("--image", type=int, default=224, help="size of dynamic spatial input axes")
     ap.add_argument("--static", action="store_true",
                     help="fix the batch axis to --batch before hardening (static shapes, as harden --batch)")
@@ -96,11 +104,25 @@ def main(argv=None) -> int:
             with_flags = {}
             shapes = {k: [1, *v.shape[1:]] for k, v in x.items()}  # representative shapes: one item
             for scheme in args.schemes.split(","):
-                r = abft(model, scheme=scheme, ber=args.ber, shapes=shapes)
+                base_scheme, _, impl = scheme.partition(":")
+                impl = impl or "global"
+                if impl in ("ig", "tuned"):
+                    from onnxft.campaigns.abft_impl import resolve
+                    from onnxft.runtime.ridge import ridge_point
+
+                    impl, _ = resolve("ig", model, x, ridge_point("cpu", args.threads), tune=impl == "tuned",
+                                      threads=args.threads, repeats=args.tune_repeats, scheme=base_scheme,
+                                      ber=args.ber, shapes=shapes)
+                kw = dict(scheme=base_scheme, ber=args.ber, shapes=shapes, impl=impl)
+                r = abft(model, **kw)
                 info[scheme] = (len(r.details["gemms"]), len(r.model.graph.node) - len(model.graph.node))
-                variants[scheme] = session(r.model, args.threads, tmp, scheme)
-                flagged = abft(model, scheme=scheme, ber=args.ber, shapes=shapes, expose_flags=True).model
-                with_flags[scheme] = session(flagged, args.threads, tmp, scheme + "_flags")
+                variants[scheme] = session(r.model, args.threads, tmp, scheme.replace(":", "_"))
+                del r
+                flagged = abft(model, expose_flags=True, **kw).model
+                path = tmp / f"{scheme.replace(':', '_')}_flags.onnx"
+                onnx.save(flagged, str(path))
+                with_flags[scheme] = str(path)  # (a session is opened per check, one at a time)
+                del flagged
             for s in variants.values():  # warm up
                 for _ in range(3):
                     s.run(None, x)
@@ -113,10 +135,16 @@ def main(argv=None) -> int:
                     t = clock()
                     s.run(None, x)
                     times[k].append(clock() - t)
-                for k, s in with_flags.items():
-                    names = [o.name for o in s.get_outputs()]
+            del variants
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = args.threads or 0
+            for k, path in with_flags.items():  # every flag of fault-free runs is a false alarm
+                s = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+                names = [o.name for o in s.get_outputs()]
+                for _ in range(args.alarm_runs):
                     outs = s.run(None, x)
                     alarms[k] += sum(bool(v) for n, v in zip(names, outs) if n.endswith(".detected"))
+                del s
             base = statistics.median(times["original"])
             for scheme in args.schemes.split(","):
                 med = statistics.median(times[scheme])

@@ -418,9 +418,10 @@ def compare(model, schemes=("none", "range", "standard", "lb", "lb+range"), bers
             outputs=None, sdc: str = "auto", tol=None, inputs: InputLayout | None = None,
             precision: str = DEFAULT_PRECISION, store=None, workers: int = 1, ray_address: str | None = None,
             train=None, clip_options=None, fault_model: str = "operation", hw: str | None = None,
-            variables=None) -> dict:
+            variables=None, abft_impl: str = "global") -> dict:
     """Accuracy, outcome rates (SDC, DUE, masked) and overhead of protection schemes side by side
-    (``campaigns.compare``). ``precision``: the serving precision of the ABFT thresholds (as ``harden``).
+    (``campaigns.compare``). ``precision``: the serving precision of the ABFT thresholds (as ``harden``);
+    ``abft_impl``: how the LB schemes build each GEMM's check (as ``harden --abft-impl``).
     ``dmr``: what ``lb+range+dmr`` duplicates (``passes.dmr`` names or op types).
     ``range_mode``, ``range_kinds`` and ``alpha`` set the range restriction of ``range`` and ``lb+range``;
     ``inject_protection`` faults each scheme's protection too (checks and ABFT recovery);
@@ -450,7 +451,7 @@ def compare(model, schemes=("none", "range", "standard", "lb", "lb+range"), bers
                         max_overhead=max_overhead, max_trials=max(trials, 4) if max_trials is None else max_trials,
                         ci_width=0.03, inputs=inputs or InputLayout(), precision=precision,
                         fault_model=fault_model, hw=hw, variables=kinds,
-                        int_widths=(32, 32) if fault_model == "variable" else (16, 32))
+                        int_widths=(32, 32) if fault_model == "variable" else (16, 32), abft_impl=abft_impl)
     out = _compare(m, ds, spec, cal, progress, store=store, workers=workers, ray_address=ray_address,
                    train=_train_data(m, train, default), clip_options=clip_options)
     out["model"] = spec.model_name

@@ -106,9 +106,20 @@ def feeds_for(model, batch=2, seed=1, s_len=5):
     return out
 
 
+def head_model(opset=17):
+    """A classifier head as torch exports it: Gemm with transB=1, alpha = beta = 1 (a GEMV per row)."""
+    return make([h.make_node("Gemm", ["a", "w", "c"], ["out"], name="head", transB=1)],
+                [vi("a", ["n", 8])], [vi("out", ["n", 12])],
+                [nh.from_array(W.T.copy(), "w"), nh.from_array(BIAS, "c")], opset)
+
+
 MODELS = {"linear": linear_model, "attention": attention_model, "gemm": gemm_model,
           "dynamic": dynamic_attention_model, "dynamic_av": dynamic_av_model, "dynamic_linear": dynamic_linear_model}
 DYNAMIC = [k for k in MODELS if k.startswith("dynamic")]
+# (kind, impl) pairs where a non-global implementation applies: constant weights (--abft-impl)
+IMPL_CASES = [("linear", "fused"), ("dynamic_linear", "fused"), ("head", "fused"),
+              ("linear", "dup"), ("gemm", "dup"), ("dynamic_linear", "dup"), ("head", "dup")]
+IMPL_MODELS = {**MODELS, "head": head_model}
 
 
 def perturbed(hardened: onnx.ModelProto, unit: int = 0) -> onnx.ModelProto:
@@ -158,11 +169,12 @@ def test_fault_free_identical_and_portable(kind, scheme, opset):
 VALUES = [np.nan, np.inf, -np.inf, 3e38, 1e3, 0.5]
 
 
-@pytest.mark.parametrize("scheme", ["lb", "standard"])
-@pytest.mark.parametrize("kind", list(MODELS))
-def test_single_corrupted_element_is_corrected(kind, scheme):
-    model = MODELS[kind]()
-    r = abft(model, scheme=scheme, block_size=4, expose_flags=True)
+@pytest.mark.parametrize("kind,scheme,impl", [(k, s, "global") for k in MODELS for s in ("lb", "standard")]
+                         + [(k, "lb", i) for k, i in IMPL_CASES])
+def test_single_corrupted_element_is_corrected(kind, scheme, impl):
+    model = IMPL_MODELS[kind]()
+    r = abft(model, scheme=scheme, block_size=4, expose_flags=True, impl=impl)
+    assert r.details["gemms"][0]["impl"] == impl
     bad = perturbed(r.model)
     feeds = feeds_for(model)
     clean = run(model, feeds)
@@ -183,20 +195,22 @@ def test_single_corrupted_element_is_corrected(kind, scheme):
                 assert rec == 16  # one 4 x 4 block
 
 
-@pytest.mark.parametrize("kind", list(MODELS))
-def test_several_errors(kind):
-    model = MODELS[kind]()
+@pytest.mark.parametrize("kind,impl", [(k, "global") for k in MODELS] + IMPL_CASES)
+def test_several_errors(kind, impl):
+    model = IMPL_MODELS[kind]()
     feeds = feeds_for(model)
     clean = run(model, feeds)
     out_name = model.graph.output[0].name
-    lb = abft(model, scheme="lb", block_size=4, expose_flags=True)
+    lb = abft(model, scheme="lb", block_size=4, expose_flags=True, impl=impl)
+    assert lb.details["gemms"][0]["impl"] == impl
     std = abft(model, scheme="standard", expose_flags=True)
     lb_blocks = lb.details["gemms"][0]["scheme"] == "lb"
     y_shape = run(lb.model, feeds)[out_name].shape
     delta = np.zeros(y_shape, np.float32)
     first = (0,) * (len(y_shape) - 2)
-    rows = [0, 0] if kind == "gemm" else [0, 1, 3]  # gemm: every row is its own GEMM
-    cols = [0, 2] if kind == "gemm" else [0, 2, 3]
+    rowwise = kind in ("gemm", "head")  # every row is its own GEMM
+    rows = [0, 0] if rowwise else [0, 1, 3]
+    cols = [0, 2] if rowwise else [0, 2, 3]
     for i, j, v in zip(rows, cols, [7.0, np.inf, -2.0]):
         delta[first + (i, j)] = v
     # LB: all errors in one 4 x 4 block -> that block is recomputed
@@ -211,9 +225,10 @@ def test_several_errors(kind):
     np.testing.assert_allclose(got[out_name], clean[out_name], rtol=1e-5, atol=1e-6)
 
 
-def test_errors_in_two_blocks_and_two_items():
+@pytest.mark.parametrize("impl", ["global", "fused", "dup"])
+def test_errors_in_two_blocks_and_two_items(impl):
     model = linear_model()
-    r = abft(model, scheme="lb", block_size=4, expose_flags=True)
+    r = abft(model, scheme="lb", block_size=4, expose_flags=True, impl=impl)
     feeds = feeds_for(model, batch=3)
     clean = run(model, feeds)
     delta = np.zeros((3, 6, 12), np.float32)

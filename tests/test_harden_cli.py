@@ -144,6 +144,8 @@ def test_compare_inject_protection_faults_recovery_too(files, capsys):
     (["--block-size", "x"], "block-size"),
     (["--ber", "2"], "outside [0, 1]"),
     (["--select", "auto", "--gemms", "fc1"], "--gemms and --select auto"),
+    (["--autotune"], "--autotune chooses per GEMM"),
+    (["--abft-impl", "ig", "--ridge", "-1"], "--ridge must be a positive"),
 ])
 def test_harden_user_mistakes(files, capsys, argv, needle):
     out = files["dir"] / "bad.onnx"

@@ -31,7 +31,8 @@ def test_gemm_ai_by_hand():
 def test_choice_rule():
     assert regime(10.0, 5.0) == "compute" and choose_impl(10.0, 5.0) == "global"
     assert regime(5.0, 5.0) == "compute"  # at the ridge: compute-bound (the seed's >=)
-    assert regime(4.99, 5.0) == "memory" and choose_impl(4.99, 5.0) == "fused"
+    assert regime(4.99, 5.0) == "memory" and choose_impl(4.99, 5.0) == "dup"
+    assert choose_impl(4.99, 5.0, memory_impl="fused") == "fused"
     with pytest.raises(ValueError):
         regime(1.0, 0.0)
 
@@ -104,7 +105,7 @@ def test_cli_intensity_and_per_layer(tmp_path, capsys, monkeypatch):
     code, out, _ = run_cli(["intensity", str(path), "--batch", "2", "--ridge", "4", "--json"], capsys)
     info = json.loads(out)
     assert code == 0 and info["ridge"]["ridge"] == 4.0 and len(info["calls"]) == 8
-    assert all(c["impl"] == ("global" if c["ai"] >= 4 else "fused") for c in info["calls"])
+    assert all(c["impl"] == ("global" if c["ai"] >= 4 else "dup") for c in info["calls"])
     code, _, err = run_cli(["bench", str(path), "--per-layer"], capsys)
     assert code != 0 and "--per-layer needs --baseline" in err
     code, _, err = run_cli(["intensity", str(path), "--ridge", "-3"], capsys)

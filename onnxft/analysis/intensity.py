@@ -9,8 +9,9 @@ against the device's ridge point (peak GEMM FLOP/s divided by memory bandwidth, 
 ``runtime.ridge``): a layer with AI at or above the ridge is compute-bound, below it
 memory-bound. The seed's rule: a separate ("global") checksum pass suits compute-bound layers,
 whose few extra operations are cheap next to the GEMM; a memory-bound layer should check inside
-the computation that already holds its data ("fused" here: the checksum column appended to the
-weight).
+the computation that already holds its data (``MEMORY_BOUND_IMPL``: duplicate-and-compare, measured
+cheapest for such GEMMs on onnxruntime's CPU provider; ``fused``, the checksum column appended to the
+weight, is the seed's own form).
 
 Shapes are the ones the model really runs at: ``gemm_intensities`` runs the model once on the given
 feeds with every GEMM/Conv operand as an extra output, so run-time token and sequence axes, and
@@ -66,9 +67,34 @@ def regime(ai: float, ridge: float) -> str:
     return "compute" if ai >= ridge else "memory"
 
 
-def choose_impl(ai: float, ridge: float) -> str:
-    """ABFT implementation by the seed's rule: ``global`` for compute-bound GEMMs, ``fused`` for memory-bound."""
-    return "global" if regime(ai, ridge) == "compute" else "fused"
+# Below the ridge the seed checks inside the computation that already holds the data (its
+# thread-level ABFT). Of onnxft's forms (passes.abft.IMPLS), the one measured cheapest for
+# memory-bound GEMMs on onnxruntime's CPU provider (GEMVs such as a classifier head at batch 1-8)
+# is duplicate-and-compare, ``dup``; see docs/abft.md "Implementations".
+MEMORY_BOUND_IMPL = "dup"
+
+
+def choose_impl(ai: float, ridge: float, memory_impl: str = MEMORY_BOUND_IMPL) -> str:
+    """ABFT implementation by the seed's rule: ``global`` (a separate checksum pass) for compute-bound
+    GEMMs, ``memory_impl`` (a check inside the computation's own data traffic) for memory-bound ones."""
+    return "global" if regime(ai, ridge) == "compute" else memory_impl
+
+
+def check_bytes(M: int, N: int, K: int, ridge: float, a_bounded: bool, elem_bytes: int = 4) -> dict[str, float]:
+    """Memory traffic of the main-graph check of ``M`` rows (all GEMMs of the call) of ``[M, K] @ [K, N]``
+    with a constant weight, per implementation, in bytes plus extra FLOPs / ridge (both as time at the
+    device's bandwidth):
+
+    - ``global``: row sums of Y (reads ``MN``), ``A (B e)`` (reads ``MK``) and the scale ``|A| (tau|B|e)``
+      (reads ``MK`` when ``A >= -c``; else ``|A|`` is written and read too: ``3 MK``);
+    - ``fused``: the slice of Y out of the widened product (reads and writes ``MN``), its row sums
+      (``MN``), the scale (nothing when ``A >= -c``: a GEMM column; else ``3 MK``), and the GEMM's
+      ``2 M K`` FLOPs per extra column (2 with a bound, 1 without).
+    """
+    mn, mk = elem_bytes * M * N, elem_bytes * M * K
+    glob = mn + (2 * mk if a_bounded else 4 * mk)
+    fused = 3 * mn + (0 if a_bounded else 3 * mk) + 2 * M * K * (2 if a_bounded else 1) / ridge
+    return {"global": float(glob), "fused": float(fused)}
 
 
 def _operands(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, list[str]]]:

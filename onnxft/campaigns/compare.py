@@ -139,6 +139,7 @@ def build_variants(model: onnx.ModelProto, data: Dataset, spec: CampaignSpec, ca
                 out.append(Variant(scheme, model, {b: 0.0 for b in bers}, info))
                 continue
             opts = HardenOptions(abft="lb", range_mode="none", ber=design_ber, precision=spec.precision,
+                                 abft_impl=spec.abft_impl, provider=spec.provider, threads=spec.threads,
                                  gemms="^(" + "|".join(re.escape(c) for c in sel.chosen) + ")$")
         elif scheme in CLIP_SCHEMES:
             from dataclasses import replace as _replace
@@ -151,7 +152,9 @@ def build_variants(model: onnx.ModelProto, data: Dataset, spec: CampaignSpec, ca
             abft_scheme = {"range": "none", "standard": "standard", "sec": "sec"}.get(scheme, "lb")
             opts = HardenOptions(abft=abft_scheme, range_mode=spec.range_mode if "range" in scheme else "none",
                                  range_kinds=tuple(spec.range_kinds), alpha=spec.alpha, ber=design_ber,
-                                 dmr=tuple(spec.dmr) if scheme.endswith("+dmr") else (), precision=spec.precision)
+                                 dmr=tuple(spec.dmr) if scheme.endswith("+dmr") else (), precision=spec.precision,
+                                 abft_impl=spec.abft_impl if abft_scheme == "lb" else "global",
+                                 provider=spec.provider, threads=spec.threads)
         res = harden(model, opts, calib, train=train)
         plan = res.plan
         r_ops = _range_ops(res.model, [r["tensor"] for r in plan.get("ranges", [])])
@@ -207,7 +210,7 @@ def compare(model: onnx.ModelProto, data: Dataset, spec: CampaignSpec, calib: Da
         rows.append(row)
     return {"schemes": rows, "bers": list(spec.bers), "design_ber": spec.design_ber,
             "range": {"mode": spec.range_mode, "ops": list(spec.range_kinds), "alpha": spec.alpha},
-            "dmr": list(spec.dmr), "precision": spec.precision, "items": len(data), "trials": spec.trials,
+            "dmr": list(spec.dmr), "precision": spec.precision, "abft_impl": spec.abft_impl, "items": len(data), "trials": spec.trials,
             "inject_protection": spec.selection.include_protection,
             "outputs": results[0]["outputs"] if results else {}, "spec": spec.to_json(),
             "eval_results": results}

@@ -47,6 +47,7 @@ from ..passes.share_constants import share_constants
 from ..passes.ranges import RangeSites, find_range_sites, restrict_ranges, site_bounds
 from ..runtime.data import Dataset, fixed_batch, input_specs, synthetic
 from ..passes.thresholds import DEFAULT_PRECISION, PRECISIONS
+from .abft_impl import merge_into_plan
 from .calibrate_abft import calibrate_abft
 from .coverage import coverage, gemm_conv_macs
 from .coverage import store as store_coverage
@@ -86,6 +87,13 @@ class HardenOptions:
     # (None: the calibration data's item shapes, or synthetic ones)
     # clipped activations (passes.clip, campaigns.train_clip; docs/proact.md): None, or a ClipTrainOptions
     clip: object = None
+    # how each GEMM's check is built (campaigns.abft_impl): global | fused | dup | ig (by arithmetic
+    # intensity against the ridge point; ``autotune``: by measured cost on ``provider``)
+    abft_impl: str = "global"
+    autotune: bool = False
+    ridge: float | None = None  # FLOP per byte (None: measured once per machine and cached, runtime.ridge)
+    provider: str = "cpu"  # where ig's ridge point and autotune's timings are measured
+    threads: int | None = None
 
     def validate(self) -> None:
         if self.abft not in ABFT_SCHEMES:
@@ -106,6 +114,14 @@ class HardenOptions:
             raise ValueError("nothing to do: --abft none and --range none")
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}; choose from {', '.join(PRECISIONS)}")
+        from .abft_impl import POLICIES
+
+        if self.abft_impl not in POLICIES:
+            raise ValueError(f"unknown ABFT implementation {self.abft_impl!r}; choose from {', '.join(POLICIES)}")
+        if self.autotune and self.abft_impl != "ig":
+            raise ValueError("--autotune chooses per GEMM: use it with --abft-impl ig")
+        if self.ridge is not None and not (self.ridge > 0 and np.isfinite(self.ridge)):
+            raise ValueError(f"--ridge must be a positive number of FLOP per byte, got {self.ridge}")
         if self.tolerance is not None and not self.tolerance >= 0:
             raise ValueError(f"tolerance must be >= 0, got {self.tolerance}")
 
@@ -203,12 +219,15 @@ def harden(model: onnx.ModelProto, options: HardenOptions, calib: Dataset | None
             thresholds = calibrate_abft(m, _batches(calib, m, options.calib_batch), names=options.gemms,
                                         precision=options.precision)
         shapes = options.shapes or representative_shapes(m, calib)
-        res = abft_nested(m, scheme=options.abft, ber=options.ber, block_size=options.block_size,
-                   thresholds=thresholds, names=options.gemms, precision=options.precision, shapes=shapes)
+        pass_options = dict(scheme=options.abft, ber=options.ber, block_size=options.block_size,
+                            thresholds=thresholds, names=options.gemms, precision=options.precision, shapes=shapes)
+        impl, plan["abft_impl"] = choose_impls(m, options, calib, pass_options)
+        res = abft_nested(m, impl=impl, **pass_options)
         plan["representative_shapes"] = {k: list(v) for k, v in shapes.items()}
         m = res.model
         plan["skipped"] += list(res.skipped)
         plan["gemms"] = res.details.get("gemms", [])
+        merge_into_plan(plan["gemms"], plan["abft_impl"])
         plan["convs"] = res.details.get("convs", [])
         plan["abft_totals"] = abft_totals(plan["gemms"] + plan["convs"])
         shared = share_constants(m)  # one copy of checksums derived from a weight many GEMMs share
@@ -242,6 +261,28 @@ def has_recurrent(model: onnx.ModelProto) -> bool:
     from ..graph.edit import walk
 
     return any(n.op_type in RECURRENT_OPS and n.domain in ("", "ai.onnx") for _, n in walk(model.graph))
+
+
+def choose_impls(model: onnx.ModelProto, options: HardenOptions, calib: Dataset | None,
+                 pass_options: dict) -> tuple[object, dict]:
+    """(the pass's ``impl``, the plan's record) for ``options.abft_impl`` (``campaigns.abft_impl``).
+    ``ig`` measures intensities at the deployment batch (``--batch``, else the model's fixed batch,
+    else 1) on calibration items (synthetic without them) and takes the ridge point from
+    ``--ridge`` or the per-machine cache (measured once)."""
+    from .abft_impl import resolve
+
+    if options.abft_impl != "ig":
+        return resolve(options.abft_impl, model, {})
+    from ..runtime.ridge import ridge_point
+
+    batch = options.batch or fixed_batch(input_specs(model)) or 1
+    if calib is not None and len(calib) >= batch:
+        feeds = calib.batch(0, batch)
+    else:
+        feeds = synthetic(input_specs(model), batch, 0)
+    point = ridge_point(options.provider, options.threads, options.ridge)
+    return resolve("ig", model, feeds, point, options.autotune, options.provider, options.threads,
+                   **pass_options)
 
 
 def needed_opset(options: HardenOptions, model: onnx.ModelProto | None = None) -> int:

@@ -48,29 +48,44 @@ def _profile_ms(model: onnx.ModelProto, feeds: dict, provider: str, threads: int
     """Median kernel time (ms) per node name over ``repeats`` runs, from onnxruntime's profile.
     Nodes inside ``If`` branches have events of their own (an ``If``'s event is its dispatch only).
     Medians, because one descheduled kernel on a shared machine would dominate a mean."""
-    import json
     import os
     import tempfile
 
-    from ..runtime.session import _ort, providers_for
-
-    ort = _ort()
     with tempfile.TemporaryDirectory() as tmp:
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        so.enable_profiling = True
-        so.profile_file_prefix = os.path.join(tmp, "profile")
-        so.graph_optimization_level = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-                                       "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC}[level]
-        if threads:
-            so.intra_op_num_threads = int(threads)
-            so.inter_op_num_threads = 1
-        sess = ort.InferenceSession(model.SerializeToString(), so, providers=providers_for(provider))
+        sess = profiling_session(model, os.path.join(tmp, "profile"), provider, threads, level)
         outputs = [o.name for o in sess.get_outputs()]
         for _ in range(repeats + 1):  # the first run (allocations, caches) is dropped below
             sess.run(outputs, feeds)
-        with open(sess.end_profiling()) as f:
-            events = json.load(f)
+        return profile_medians(sess.end_profiling())
+
+
+def profiling_session(model, prefix: str, provider: str = "auto", threads: int | None = None,
+                      level: str = "all"):
+    """An onnxruntime session of ``model`` (a ModelProto or a path) that profiles every run into a
+    file starting with ``prefix``."""
+    from ..runtime.session import _ort, providers_for
+
+    ort = _ort()
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.enable_profiling = True
+    so.profile_file_prefix = prefix
+    so.graph_optimization_level = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+                                   "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC}[level]
+    if threads:
+        so.intra_op_num_threads = int(threads)
+        so.inter_op_num_threads = 1
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    return ort.InferenceSession(source, so, providers=providers_for(provider))
+
+
+def profile_medians(path: str) -> dict[str, float]:
+    """Median kernel time (ms) per node name over the runs of one onnxruntime profile file, the
+    first run (allocations, caches) dropped."""
+    import json
+
+    with open(path) as f:
+        events = json.load(f)
     runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")[1:]
     per_run: dict[str, np.ndarray] = {}
     for e in events:

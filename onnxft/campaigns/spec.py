@@ -55,6 +55,7 @@ class CampaignSpec:
     range_kinds: tuple[str, ...] = ("softmax", "gelu")
     alpha: float = 0.02
     precision: str = DEFAULT_PRECISION  # arithmetic of the serving runtime: ABFT thresholds (passes.thresholds)
+    abft_impl: str = "global"  # how ABFT schemes build each GEMM's check (harden --abft-impl; campaigns.abft_impl)
     dmr: tuple[str, ...] = ("LayerNormalization",)
     latency: bool = False
     # Algorithm 1 (harden --select auto, compare's auto)

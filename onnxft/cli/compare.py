@@ -40,6 +40,8 @@ SCHEMES = ("none", "range", "standard", "sec", "lb", "lb+range", "lb+range+dmr",
               help="What lb+range+dmr duplicates and compares (as harden --dmr).")
 @click.option("--precision", type=click.Choice(["fp32", "tf32", "fp16", "bf16"]), default="tf32", show_default=True,
               help="Serving precision of the ABFT thresholds (as harden --precision; fp32 for CPU serving).")
+@click.option("--abft-impl", "abft_impl", type=click.Choice(["global", "fused", "dup", "ig"]), default="global",
+              show_default=True, help="How the LB schemes build each GEMM's check (as harden --abft-impl).")
 @click.option("--latency", is_flag=True, help="Also measure each scheme's fault-free latency ratio (CPU, batch 8).")
 @click.option("--inject-protection", is_flag=True,
               help="Also fault each scheme's protection: checks, range restriction, voters and ABFT recovery.")
@@ -54,8 +56,8 @@ SCHEMES = ("none", "range", "standard", "sec", "lb", "lb+range", "lb+range+dmr",
 @campaign_run_options
 @click.option("--json", "as_json", is_flag=True)
 def compare(model, schemes, ber_text, design_ber, data, calib, trials, limit, batch, seed, target_drop, max_overhead,
-            range_mode, range_ops, alpha, dmr, precision, latency, inject_protection, provider, clip_mode, train,
-            train_limit, epochs, penalty, threads, outputs, sdc, tol, fault_model, hw, variables, out_dir, resume,
+            range_mode, range_ops, alpha, dmr, precision, abft_impl, latency, inject_protection, provider, clip_mode,
+            train, train_limit, epochs, penalty, threads, outputs, sdc, tol, fault_model, hw, variables, out_dir, resume,
             workers, ray_address, as_json):
     """Accuracy and masked / SDC / DUE rates under injection, and operation overhead, of protection
     schemes for MODEL."""
@@ -78,7 +80,7 @@ def compare(model, schemes, ber_text, design_ber, data, calib, trials, limit, ba
                    threads=threads, range_mode=range_mode,
                    range_kinds=[k.strip() for k in range_ops.split(",") if k.strip()], alpha=alpha,
                    inject_protection=inject_protection, dmr=dmr.split(","), target_drop=target_drop,
-                   max_overhead=max_overhead, outputs=outputs, sdc=sdc, tol=tol, precision=precision, store=store,
+                   max_overhead=max_overhead, outputs=outputs, sdc=sdc, tol=tol, precision=precision, abft_impl=abft_impl, store=store,
                    workers=workers, ray_address=ray_address, train=train,
                    clip_options=clip_train_options("proact", clip_mode, train_limit, epochs, penalty),
                    fault_model=fault_model, hw=hw, variables=variables)

@@ -77,12 +77,23 @@ def _block_size(text: str):
 @click.option("--recurrent", is_flag=True,
               help="Also protect LSTM/GRU/RNN: decompose them into MatMuls and a Loop whose products ABFT checks "
                    "(raises the opset to 18; fault-free outputs then differ by float32 rounding).")
+@click.option("--abft-impl", "abft_impl", type=click.Choice(["global", "fused", "dup", "ig"]), default="global",
+              show_default=True,
+              help="How each GEMM's check is built (docs/abft.md): global (row sums of Y against A(Be), a separate "
+                   "pass), fused (checksum columns appended to the constant weight, one GEMM), dup (the product again "
+                   "with the weight negated, compared), ig (per GEMM by arithmetic intensity against the ridge point).")
+@click.option("--autotune", is_flag=True, help="With --abft-impl ig: time every implementation per GEMM on "
+                                               "--provider and keep the fastest.")
+@click.option("--ridge", default=None, type=float,
+              help="--abft-impl ig: the device's ridge point in FLOP/byte (default: measured once and cached).")
+@click.option("--threads", default=None, type=click.IntRange(min=1),
+              help="--abft-impl ig: onnxruntime threads of the ridge measurement and --autotune timings.")
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @clip_options
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def harden(model, output, abft, range_mode, range_ops, calib, calib_limit, ber_text, block_size, gemms, fixed_batch,
            alpha, dmr, select, target_drop, max_overhead, data, limit, trials, select_out, resume, workers,
-           ray_address, precision, tolerance, force, keep_opset, recurrent,
+           ray_address, precision, tolerance, force, keep_opset, recurrent, abft_impl, autotune, ridge, threads,
            provider, clip, clip_mode, train, train_limit, epochs, penalty, as_json):
     """Write a hardened MODEL: standard ONNX (opset raised to 13 only where ABFT needs it), runs on stock onnxruntime.
 
@@ -94,7 +105,8 @@ def harden(model, output, abft, range_mode, range_ops, calib, calib_limit, ber_t
     opts = api.HardenOptions(abft=abft, range_mode=range_mode, ber=ber, block_size=_block_size(block_size),
                              range_kinds=kinds, alpha=alpha, gemms=gemms, batch=fixed_batch,
                              dmr=op_types_from(dmr.split(",")), precision=precision, tolerance=tolerance,
-                             force=force, keep_opset=keep_opset, recurrent=recurrent,
+                             force=force, keep_opset=keep_opset, recurrent=recurrent, abft_impl=abft_impl,
+                             autotune=autotune, ridge=ridge, provider=provider, threads=threads,
                              clip=clip_train_options(clip, clip_mode, train_limit, epochs, penalty))
     sel = None
     if select == "auto":
@@ -138,12 +150,22 @@ def plan_summary(plan: dict) -> str:
     if plan["abft"] != "none":
         t = plan.get("abft_totals", {})
         convs = plan.get("convs", [])
+        impl = plan.get("abft_impl") or {}
+        if impl.get("policy") == "ig":
+            chosen = [g.get("impl") for g in gemms]
+            lines.append(f"ABFT implementation ig{' (autotuned)' if impl.get('autotune') else ''}: ridge point "
+                         f"{impl['ridge']['ridge']:.3g} FLOP/byte ({impl['ridge'].get('source')}), batch {impl['batch']}; "
+                         + ", ".join(f"{chosen.count(k)} {k}" for k in ("global", "fused", "dup") if chosen.count(k)))
+        elif impl.get("policy", "global") != "global":
+            lines.append(f"ABFT implementation {impl['policy']}: {sum(g.get('impl') == impl['policy'] for g in gemms)} "
+                         f"of {len(gemms)} GEMMs (the others global: see impl_fallback in the plan)")
         lines.append(f"ABFT {plan['abft']}: {len(gemms)} GEMMs" + (f" and {len(convs)} Conv" if convs else "") + " protected"
                      + (f"; expected extra operations at BER {plan['ber']:g}: {100 * t['overhead']:.2f}% "
                         f"of the protected GEMMs' operations" if "overhead" in t else ""))
         for g in gemms[:12]:
             shape = f"M={g.get('M')} N={g.get('N')} K={g.get('K')}"
-            lines.append(f"  {g.get('name', '?'):<40} {shape:<20} {g.get('scheme')} block {g.get('block_size') or '-'}")
+            lines.append(f"  {g.get('name', '?'):<40} {shape:<20} {g.get('scheme')} block {g.get('block_size') or '-'}"
+                         f" {g.get('impl', 'global')}" + (f" (AI {g['ai']:.3g}, {g['regime']}-bound)" if "ai" in g else ""))
         if len(gemms) > 12:
             lines.append(f"  … {len(gemms) - 12} more in the plan")
     if plan.get("clip"):

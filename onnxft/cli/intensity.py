@@ -21,7 +21,7 @@ from .main import _run
 def intensity(model, data, batch, provider, threads, ridge, refresh_ridge, as_json):
     """Arithmetic intensity (2MNK / bytes) of every GEMM and Conv at its run-time shapes, the device's
     ridge point, and each one's regime (compute- or memory-bound) and ABFT implementation by the
-    seed's rule (global when compute-bound, fused when memory-bound)."""
+    seed's rule (global when compute-bound, dup when memory-bound; harden --abft-impl ig applies it)."""
     info = _run(api.intensity, model, data, batch, provider, threads, ridge, refresh_ridge)
     if as_json:
         click.echo(json.dumps(info))

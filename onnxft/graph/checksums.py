@@ -243,3 +243,38 @@ def activation_row_test(nb: Nodes, y: str, a: str, b: str, tau: str, b_shared: b
         scale = nb.op("Add", scale, bias_abs)
     ok = nb.op("LessOrEqual", nb.op("Abs", diff), scale)
     return ok, diff, scale
+
+
+def fused_row_test(nb: Nodes, y: str, z: str, n: int, scale_in_z: bool, a: str | None = None,
+                   abe: np.ndarray | None = None, scale_add: float | None = None,
+                   tau: str | None = None) -> tuple[str, str, str]:
+    """Row-checksum test of a GEMM computed against a widened constant weight ``[B | Be | tau|B|e]``:
+    ``z [..., M, n + 1 (+1)]`` holds ``Y`` in its first ``n`` columns, ``A (B e)`` (+ the bias sum)
+    in column ``n`` and, when ``scale_in_z``, ``A (tau |B| e)`` (+ tau sum|bias|) in column ``n + 1``
+    (exact for the scale only when ``A >= -c``: ``scale_add`` carries ``2 c sum(tau |B| e)``);
+    otherwise the scale is ``|A| @ abe`` (a pass over ``A``). No pass over ``A`` for the reference.
+    Returns ``(ok, diff, scale)``, each ``[..., M, 1]``."""
+    def col(i):
+        return nb.op("Slice", z, nb.ints([i]), nb.ints([i + 1]), nb.ints([-1]))
+
+    ref = col(n)
+    diff = nb.op("Sub", reduce(nb, "ReduceSum", y, [-1], keepdims=1), ref)
+    if scale_in_z:
+        scale = col(n + 1)
+    else:
+        scale = unsqueeze(nb, nb.op("Einsum", nb.op("Abs", a), nb.const(np.asarray(abe, np.float32).reshape(-1),
+                                                                       hint="AbsBe"), equation="...k,k->..."), [-1])
+    if scale_add:
+        scale = nb.op("Add", scale, nb.const(np.float32(scale_add), hint="scaleAdd"))
+    if tau is not None:
+        scale = nb.op("Mul", scale, tau)
+    ok = nb.op("LessOrEqual", nb.op("Abs", diff), scale)
+    return ok, diff, scale
+
+
+def duplicate_test(nb: Nodes, y: str, y_neg: str) -> str:
+    """Duplicate-and-compare: ``ok = (Y == -Y2)`` elementwise, where ``Y2`` is the same product
+    computed with the weight (and bias) negated. Negation is exact and round-to-nearest is
+    symmetric, so a fault-free ``Y2`` is exactly ``-Y`` bit for bit, whatever order the kernel
+    sums in, as long as both products run the same kernel (measured: docs/abft.md). A NaN compares unequal."""
+    return nb.op("Equal", y, nb.op("Neg", y_neg))

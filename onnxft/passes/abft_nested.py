@@ -165,6 +165,8 @@ def abft_nested(model: onnx.ModelProto, _tags: list | None = None, **options) ->
     nested_opts = {k: v for k, v in options.items() if k not in ("thresholds", "gemms", "shapes", "expose_flags")}
     if isinstance(nested_opts.get("block_size"), dict):
         nested_opts["block_size"] = "auto"
+    if isinstance(nested_opts.get("impl"), dict):  # per-GEMM choices name main-graph GEMMs only
+        nested_opts["impl"] = "global"
     types = consts = None
     gemms, convs = list(res.details.get("gemms", [])), list(res.details.get("convs", []))
     inserted = list(res.inserted)
