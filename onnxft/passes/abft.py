@@ -1142,7 +1142,7 @@ def _lb_recompute(c: _Canon, b: int, bad: str, block_reduce):
     """Recompute the ``b x b`` blocks flagged in ``bad [G, rows, nbc]`` (1.0 where a row of a column
     block failed): returns (the fixed ``Y3``, the number of recomputed elements)."""
     nb, s = c.nb, c.s
-    N = s.N
+    rows, N = s.unit_rows, s.N
     # aggregate over row blocks: [G, nbc, rows] -> [G, nbc, nbr] -> [G, nbr, nbc]
     per_col = block_reduce(nb.op("Transpose", bad, perm=[0, 2, 1]), 3, rows, "ReduceMax")
     blocks = nb.op("Greater", nb.op("Transpose", per_col, perm=[0, 2, 1]), nb.const(np.float32(0)))
