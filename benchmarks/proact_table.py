@@ -1,0 +1,262 @@
+"""ProAct's must-show table (docs/proact.md): top-1 against BER of the sample ResNet (ReLU) and ViT
+(GELU) under none / Ranger / layer-wise / neuron-wise / hybrid / ProAct, same seeds, with Wilson
+intervals, as markdown, JSON and a plot.
+
+Three resumable stages, so that no single run takes more than a few minutes on a shared machine;
+every result is kept in ``--work`` (default ``proact_work/``, not committed) and a stage skips what
+is there already:
+
+    # 1. thresholds: one clipped model per method (train_clip.clip_thresholds, default options)
+    python benchmarks/proact_table.py train resnet --methods ranger,layer,neuron,hybrid,proact
+    # 2. injection: each scheme at each BER (one evaluate per (scheme, BER); seeds depend on
+    #    (seed, trial, batch) only, so every scheme and every BER sees the same random streams)
+    python benchmarks/proact_table.py eval resnet --ber 1e-7,1e-6,1e-5,3e-5,1e-4 --limit 500
+    # 3. the table, JSON and plot (and the claims checked, printed and in the JSON)
+    python benchmarks/proact_table.py table resnet vit --out docs/figures/proact_table
+
+``--fault-model variable --hw H --variables weight`` (eval) runs the variable-level weight-fault
+model of the Resiliency Accuracy work where this onnxft has it; its rows are kept apart
+(``<scheme>@variable``).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from onnxft import api
+from onnxft.campaigns.evaluate import evaluate
+from onnxft.campaigns.spec import CampaignSpec
+from onnxft.campaigns.train_clip import ClipTrainOptions, clip_thresholds
+from onnxft.report.outputs import atomic_write
+from onnxft.runtime.model_io import load_model, save_model
+
+SCHEME_OF = {"ranger": "clip-ranger", "ranger-zero": "clip-ranger-zero", "layer": "clip-layer",
+             "neuron": "clip-neuron", "hybrid": "clip-hybrid", "proact": "proact"}
+ORDER = ["none", "clip-ranger", "clip-ranger-zero", "clip-layer", "clip-neuron", "clip-hybrid", "proact"]
+
+
+def _work(args, model_name: str) -> Path:
+    d = Path(args.work) / model_name
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def train(args) -> None:
+    model, _, default = api.load(args.model)
+    data = api._train_data(model, args.train, default)
+    d = _work(args, args.model)
+    for method in args.methods.split(","):
+        scheme = SCHEME_OF[method]
+        if (d / f"{scheme}.json").exists():
+            print(f"{scheme}: done already")
+            continue
+        base = "ranger" if method == "ranger-zero" else method
+        opts = ClipTrainOptions(method=base, mode="zero" if method == "ranger-zero" else None, limit=args.train_limit,
+                                epochs=args.epochs, penalty=args.penalty, threads=args.threads)
+        t = time.perf_counter()
+        res = clip_thresholds(model, data, opts, progress=print)
+        save_model(res.model, d / f"{scheme}.onnx")
+        rep = {k: v for k, v in res.report.items() if k != "log"}
+        rep["wall_seconds"] = time.perf_counter() - t
+        atomic_write(d / f"{scheme}.json", json.dumps(rep, indent=1, default=_plain) + "\n")
+        print(f"{scheme}: {rep['thresholds']} thresholds, {rep['train_seconds']:.0f} s, "
+              f"J={rep.get('objective')}")
+
+
+def _plain(o):
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, np.generic):
+        return o.item()
+    raise TypeError(type(o))
+
+
+def _spec(args, bers) -> CampaignSpec:
+    spec = CampaignSpec(bers=tuple(bers), trials=args.trials, seed=args.seed, batch=args.batch, provider="cpu",
+                        threads=args.threads, metric="top1")
+    if args.fault_model != "operation":
+        # the variable-level model (Resiliency Accuracy issue), where this onnxft has it
+        spec = spec.replace(fault_model=args.fault_model, hw=args.hw, variables=tuple(args.variables.split(",")))
+    return spec
+
+
+def evaluate_schemes(args) -> None:
+    model, _, default = api.load(args.model)
+    data = api._dataset(model, None, default, args.limit)
+    d = _work(args, args.model)
+    out = d / ("eval" if args.fault_model == "operation" else f"eval_{args.fault_model}")
+    out.mkdir(exist_ok=True)
+    schemes = args.schemes.split(",") if args.schemes else [s for s in ORDER if s == "none" or (d / f"{s}.onnx").exists()]
+    bers = [float(b) for b in args.ber.split(",")]
+    for scheme in schemes:
+        m = model if scheme == "none" else load_model(d / f"{scheme}.onnx")
+        for ber in bers:
+            f = out / f"{scheme}_{ber:g}_{args.limit}_{args.trials}_{args.seed}.json"
+            if f.exists():
+                continue
+            t = time.perf_counter()
+            r = evaluate(m, data, _spec(args, [ber]).replace(model_name=scheme))
+            p = r.points[0]
+            row = {"scheme": scheme, "ber": ber, "clean": r.clean, "accuracy": p.value, "ci": list(p.ci),
+                   "sdc": p.sdc, "due": p.due, "items": len(data), "trials": args.trials, "seed": args.seed,
+                   "fault_model": args.fault_model, "seconds": time.perf_counter() - t}
+            atomic_write(f, json.dumps(row) + "\n")
+            print(f"{scheme} BER {ber:g}: {p.value:.3f} [{p.ci[0]:.3f}, {p.ci[1]:.3f}] (clean {r.clean:.3f}, "
+                  f"{row['seconds']:.0f} s)", flush=True)
+
+
+def collect(work: Path, model_name: str, limit: int, trials: int, seed: int) -> dict:
+    d = work / model_name
+    rows = {}
+    for sub in sorted(p for p in d.iterdir() if p.is_dir() and p.name.startswith("eval")):
+        tag = "" if sub.name == "eval" else "@" + sub.name[len("eval_"):]
+        for f in sorted(sub.glob(f"*_{limit}_{trials}_{seed}.json")):
+            r = json.loads(f.read_text())
+            rows.setdefault(r["scheme"] + tag, {"scheme": r["scheme"], "fault_model": r["fault_model"],
+                                                "clean": r["clean"], "points": []})["points"].append(r)
+    for name, row in rows.items():
+        row["points"].sort(key=lambda p: p["ber"])
+        rep = d / f"{row['scheme']}.json"
+        if rep.exists():
+            r = json.loads(rep.read_text())
+            row["clip"] = {"thresholds": r["thresholds"], "bytes": r["bytes"], "mode": r["mode"],
+                           "train_seconds": r["train_seconds"], "peak_rss_mb": r["peak_rss_mb"],
+                           "objective": r.get("objective"),
+                           "layers": [(x["kind"], x["count"]) for x in r["layers"]]}
+    key = {s: i for i, s in enumerate(ORDER)}
+    return {"model": model_name, "items": limit, "trials": trials, "seed": seed,
+            "schemes": [rows[k] for k in sorted(rows, key=lambda k: (k.count("@"), key.get(rows[k]["scheme"], 99)))]}
+
+
+def _overlap(a, b) -> bool:
+    return a[0] <= b[1] and b[0] <= a[1]
+
+
+def claims(res: dict) -> dict:
+    """The issue's must-show, checked on the operation-wise rows (and the variable-level ones apart)."""
+    out = {}
+    for tag in sorted({"@" + r["fault_model"] if r["fault_model"] != "operation" else "" for r in res["schemes"]}):
+        by = {r["scheme"]: r for r in res["schemes"] if (r["scheme"] + tag) in
+              {x["scheme"] + ("" if x["fault_model"] == "operation" else "@" + x["fault_model"]) for x in res["schemes"]}
+              and (tag == "" and r["fault_model"] == "operation" or tag == "@" + r["fault_model"])}
+        if "proact" not in by:
+            continue
+        pa = {p["ber"]: p for p in by["proact"]["points"]}
+        c: dict = {}
+        if "clip-layer" in by:
+            la = {p["ber"]: p for p in by["clip-layer"]["points"]}
+            top = sorted(set(pa) & set(la))[-2:]
+            c["proact_ge_layer_at_two_highest"] = {f"{b:g}": [pa[b]["accuracy"], la[b]["accuracy"],
+                                                               pa[b]["accuracy"] >= la[b]["accuracy"]] for b in top}
+        if "clip-neuron" in by:
+            na = {p["ber"]: p for p in by["clip-neuron"]["points"]}
+            c["proact_in_neuron_ci"] = {f"{b:g}": [pa[b]["accuracy"], na[b]["ci"], na[b]["ci"][0] <= pa[b]["accuracy"]
+                                                   <= na[b]["ci"][1], _overlap(pa[b]["ci"], na[b]["ci"])]
+                                        for b in sorted(set(pa) & set(na))}
+            if by["proact"].get("clip") and by["clip-neuron"].get("clip"):
+                c["thresholds_neuron_over_proact"] = (by["clip-neuron"]["clip"]["thresholds"]
+                                                      / by["proact"]["clip"]["thresholds"])
+        if "none" in by:
+            c["clean_drop_points"] = 100 * (by["none"]["clean"] - by["proact"]["clean"])
+        out[tag or "operation"] = c
+    return out
+
+
+def table(res: dict) -> str:
+    bers = sorted({p["ber"] for r in res["schemes"] for p in r["points"]})
+    lines = ["| scheme | faults | thresholds | bytes | train s | clean | " + " | ".join(f"{b:g}" for b in bers) + " |",
+             "|" + "---|" * (6 + len(bers))]
+    for r in res["schemes"]:
+        c = r.get("clip")
+        at = {p["ber"]: p for p in r["points"]}
+        cells = [f"{at[b]['accuracy']:.3f} [{at[b]['ci'][0]:.3f}, {at[b]['ci'][1]:.3f}]" if b in at else "-"
+                 for b in bers]
+        clip = [str(c["thresholds"]), str(c["bytes"]), f"{c['train_seconds']:.0f}"] if c else ["-"] * 3
+        lines.append(f"| {r['scheme']} | {r['fault_model']} | " + " | ".join(clip) + f" | {r['clean']:.3f} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(6.0 * len(results), 4.0), dpi=120, squeeze=False)
+    for ax, res in zip(axes[0], results):
+        for r in res["schemes"]:
+            b = [p["ber"] for p in r["points"]]
+            a = [p["accuracy"] for p in r["points"]]
+            err = [[p["accuracy"] - p["ci"][0] for p in r["points"]], [p["ci"][1] - p["accuracy"] for p in r["points"]]]
+            label = r["scheme"] + ("" if r["fault_model"] == "operation" else f" ({r['fault_model']})")
+            ax.errorbar(b, a, yerr=err, marker="o", capsize=3, label=label,
+                        linestyle="-" if r["fault_model"] == "operation" else "--")
+        ax.set_xscale("log")
+        ax.set_xlabel("bit error rate")
+        ax.set_ylabel(f"top-1 ({res['items']} items, {res['trials']} trial(s), 95% Wilson CI)")
+        ax.set_title(f"sample {res['model']}: clipped activations")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return atomic_write(path, buf.getvalue())
+
+
+def make_table(args) -> None:
+    results = [collect(Path(args.work), m, args.limit, args.trials, args.seed) for m in args.models]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    md = []
+    for res in results:
+        res["claims"] = claims(res)
+        md += [f"**sample {res['model']}** ({res['items']} items, {res['trials']} trial(s), seed {res['seed']})", "",
+               table(res), "", "claims: `" + json.dumps(res["claims"]) + "`", ""]
+    atomic_write(out / "proact_table.json", json.dumps(results, indent=1) + "\n")
+    atomic_write(out / "proact_table.md", "\n".join(md))
+    plot(results, out / "accuracy_vs_ber.png")
+    print("\n".join(md))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work", default="proact_work", help="where models and per-point results are kept")
+    ap.add_argument("--threads", type=int, default=1)
+    sub = ap.add_subparsers(dest="stage", required=True)
+    t = sub.add_parser("train")
+    t.add_argument("model")
+    t.add_argument("--methods", default="ranger,layer,neuron,hybrid,proact")
+    t.add_argument("--train", default=None)
+    t.add_argument("--train-limit", type=int, default=512)
+    t.add_argument("--epochs", type=int, default=3)
+    t.add_argument("--penalty", type=float, default=0.02)
+    e = sub.add_parser("eval")
+    e.add_argument("model")
+    e.add_argument("--schemes", default=None, help="default: none and every trained scheme")
+    e.add_argument("--fault-model", default="operation")
+    e.add_argument("--hw", default=None)
+    e.add_argument("--variables", default="weight")
+    for p in (e,):
+        p.add_argument("--ber", required=True)
+    tb = sub.add_parser("table")
+    tb.add_argument("models", nargs="+")
+    tb.add_argument("--out", required=True)
+    for p in (e, tb):
+        p.add_argument("--limit", type=int, default=500)
+        p.add_argument("--trials", type=int, default=1)
+        p.add_argument("--seed", type=int, default=0)
+    e.add_argument("--batch", type=int, default=100)
+    args = ap.parse_args()
+    {"train": train, "eval": evaluate_schemes, "table": make_table}[args.stage](args)
+
+
+if __name__ == "__main__":
+    main()
