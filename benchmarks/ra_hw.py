@@ -62,7 +62,8 @@ def main(argv=None):
         r["seconds"] = time.perf_counter() - t0
         rows.append(r)
         print(f"  {r['hw']:>12}  RA_1 {r['ra']:.4f} [{r['ci'][0]:.4f}, {r['ci'][1]:.4f}]  drop {r['clean'] - r['ra']:+.4f}"
-              f"  {r['inferences']} inferences  ESS {r['ess']:.0f}  {r['seconds']:.0f} s", flush=True)
+              f"  SDC {r['sdc']:.4f}  DUE {r['due']:.4f}  {r['inferences']} inferences  ESS {r['ess']:.0f}"
+              f"  {r['seconds']:.0f} s", flush=True)
     print(f"{a.model}: fault-free accuracy {rows[0]['clean']:.4f} on {rows[0]['items']} items")
     if a.out:
         out = Path(a.out)

@@ -188,7 +188,8 @@ def evaluate(model=None, data=None, bers: Iterable[float] = (0.0, 1e-9, 1e-8, 1e
              progress=None, fault_log: str | Path | None = None, threads: int | None = None,
              outputs=None, sdc: str = "auto", tol=None, inputs: InputLayout | None = None,
              max_faults: float | None = DEFAULT_MAX_FAULTS, store=None, workers: int = 1,
-             ray_address: str | None = None) -> EvalResult:
+             ray_address: str | None = None, fault_model: str = "operation", hw: str | None = None,
+             variables=None) -> EvalResult:
     """Top-1 accuracy (``metric="top1"``) or SDC rate (``"sdc"``) against BER, and the masked / SDC /
     DUE rates of every point (``campaigns.evaluate``, ``campaigns.outcomes``).
 
@@ -198,7 +199,18 @@ def evaluate(model=None, data=None, bers: Iterable[float] = (0.0, 1e-9, 1e-8, 1e
     expected flips per batch above which a BER is refused before sampling (None: no limit).
     ``store``: a ``CampaignStore`` (``open_store``) that commits every unit and, opened with
     ``resume=True``, runs only the missing ones; ``workers`` > 1 or ``ray_address``: the units run on
-    Ray workers. Results are identical for any of these."""
+    Ray workers. Results are identical for any of these.
+
+    ``fault_model="variable"`` with ``hw`` (``ws:RxC``, ``os:RxC``, ``is:RxC``, ``gpu:TMxTNxTK``,
+    ``equal``): the BER is per stored bit-cycle of the GEMM/Conv weights, inputs and partial sums
+    under that dataflow (docs/resiliency_accuracy.md); ``variables`` restricts the kinds hit
+    (``"weight"``, ``"activation"``, ``"psum"``, comma-separated, or ``"all"``). int8 products are
+    then 32 bits wide (the accumulator width of ``int_widths`` is kept)."""
+    from .faults.variable import parse_variables
+
+    kinds = parse_variables(variables)
+    if fault_model == "variable":
+        int_widths = (32, int(int_widths[1]))
     m, name, default = load(model)
     ds = _dataset(m, data, default, limit, inputs)
     fixed = fixed_batch(input_specs(m, inputs))
@@ -213,7 +225,8 @@ def evaluate(model=None, data=None, bers: Iterable[float] = (0.0, 1e-9, 1e-8, 1e
                         trials=trials, seed=seed, metric=metric, outcome=outcome_options(outputs, sdc, tol),
                         selection=selection or SiteSelection(), int_widths=tuple(int(w) for w in int_widths),
                         provider=provider, threads=threads, batch=batch, limit=limit,
-                        inputs=inputs or InputLayout(), max_faults=max_faults)
+                        inputs=inputs or InputLayout(), max_faults=max_faults, fault_model=fault_model,
+                        hw=hw, variables=kinds)
     result = _evaluate(m, ds, spec, progress=progress, fault_log=fault_log, store=store, workers=workers,
                        ray_address=ray_address)
     result.extra["int_widths"] = list(int_widths)
@@ -398,7 +411,8 @@ def compare(model, schemes=("none", "range", "standard", "lb", "lb+range"), bers
             dmr=("layernorm",), target_drop: float = 0.02, max_overhead: float = 0.02, max_trials: int | None = None,
             outputs=None, sdc: str = "auto", tol=None, inputs: InputLayout | None = None,
             precision: str = DEFAULT_PRECISION, store=None, workers: int = 1, ray_address: str | None = None,
-            train=None, clip_options=None) -> dict:
+            train=None, clip_options=None, fault_model: str = "operation", hw: str | None = None,
+            variables=None) -> dict:
     """Accuracy, outcome rates (SDC, DUE, masked) and overhead of protection schemes side by side
     (``campaigns.compare``). ``precision``: the serving precision of the ABFT thresholds (as ``harden``).
     ``dmr``: what ``lb+range+dmr`` duplicates (``passes.dmr`` names or op types).
@@ -407,9 +421,13 @@ def compare(model, schemes=("none", "range", "standard", "lb", "lb+range"), bers
     ``target_drop``, ``max_overhead`` and ``max_trials`` (default max(trials, 4)) drive ``auto``
     (Algorithm 1); ``outputs``, ``sdc``, ``tol`` as ``evaluate``. ``train`` (.npz or Dataset, labelled)
     and ``clip_options`` (a ``ClipTrainOptions``; its method is set per scheme) serve the clip
-    schemes; a bundled sample trains on its bundled training subset."""
+    schemes; a bundled sample trains on its bundled training subset. ``fault_model``, ``hw``,
+    ``variables``: the fault model of the accuracy campaigns, as ``evaluate``."""
     from .campaigns.compare import compare as _compare
+    from .faults.variable import parse_variables
     from .passes.dmr import op_types_from
+
+    kinds = parse_variables(variables)
 
     m, name, default = load(model)
     ds = _dataset(m, data, default, limit, inputs)
@@ -424,7 +442,9 @@ def compare(model, schemes=("none", "range", "standard", "lb", "lb+range"), bers
                         design_ber=design_ber, range_mode=range_mode, range_kinds=tuple(range_kinds), alpha=alpha,
                         dmr=tuple(op_types_from(dmr)), latency=latency, target_drop=target_drop,
                         max_overhead=max_overhead, max_trials=max(trials, 4) if max_trials is None else max_trials,
-                        ci_width=0.03, inputs=inputs or InputLayout(), precision=precision)
+                        ci_width=0.03, inputs=inputs or InputLayout(), precision=precision,
+                        fault_model=fault_model, hw=hw, variables=kinds,
+                        int_widths=(32, 32) if fault_model == "variable" else (16, 32))
     out = _compare(m, ds, spec, cal, progress, store=store, workers=workers, ray_address=ray_address,
                    train=_train_data(m, train, default), clip_options=clip_options)
     out["model"] = spec.model_name
@@ -457,15 +477,21 @@ def ra(model=None, data=None, hw: str | None = None, faults: int = 1, method: st
        budget: int | None = 2000, ci_width: float | None = None, seed: int = 0, batch: int = 64,
        limit: int | None = None, provider: str = "auto", threads: int | None = None,
        selection: SiteSelection | None = None, int_widths=(16, 32), curve_bers: Iterable[float] | None = None,
-       k_max: int | None = None, pilot: int | None = None, progress=None) -> dict:
+       k_max: int | None = None, pilot: int | None = None, progress=None, metric: str = "top1", outputs=None,
+       sdc: str = "auto", tol=None) -> dict:
     """Resiliency Accuracy (campaigns.ra): RA_k, accuracy given exactly ``faults`` faults in one
     inference, with a 95% interval. ``hw``: None for the operation-wise model, else a dataflow
     (``ws:RxC``, ``os:RxC``, ``is:RxC``, ``gpu:TMxTNxTK``) or ``equal`` for the variable-level
-    model. ``method``: ``mc`` or ``is`` (importance sampling, RA_1). Stops at ``budget``
+    model. ``method``: ``mc`` or ``is`` (importance sampling, any ``faults``). Stops at ``budget``
     inferences or at a 95% half-width of ``ci_width``.
 
     With ``curve_bers``: accuracy at those BERs from conditional campaigns (operation-wise model),
-    ``budget`` inferences spread over k = 1..k_max; the result has ``points`` as eval's."""
+    ``budget`` inferences spread over k = 1..k_max; the result has ``points`` as eval's.
+
+    Items are classified masked / SDC / DUE by the shared outcome rules (``outputs``, ``sdc``,
+    ``tol`` as ``evaluate``); RA is top-1 accuracy (``metric="top1"``, a DUE item never correct) or
+    ``1 - SDC - DUE`` (``metric="sdc"``, no labels needed). The SDC and DUE rates given the faults
+    are reported with their intervals too."""
     from .campaigns import ra as _ra
 
     m, name, default = load(model)
@@ -483,10 +509,8 @@ def ra(model=None, data=None, hw: str | None = None, faults: int = 1, method: st
                          "drop --ci-width, --method and --faults")
     if method not in _ra.METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(_ra.METHODS)}")
-    if method == "is" and faults != 1:
-        raise ValueError("importance sampling estimates RA_1 (one fault per inference): use --faults 1 or --method mc")
-    if hw is not None and faults != 1:
-        raise ValueError("the variable-level model applies one fault per inference exactly (RA = RA_1): use --faults 1")
+    if method == "is" and faults < 1:
+        raise ValueError("importance sampling needs at least one fault per inference (--faults >= 1)")
     space_for, hw_name = None, "op"
     if hw is not None:
         from .faults import variable as _var
@@ -497,19 +521,19 @@ def ra(model=None, data=None, hw: str | None = None, faults: int = 1, method: st
         space_for = _ra.OpWiseSpace
     if hw is not None:  # int8 operand faults change products by more than 16 bits can hold
         int_widths = (32, int_widths[1])
-    runner = _ra.Runner(m, ds, batch, provider, selection, int_widths, threads)
+    runner = _ra.Runner(m, ds, batch, provider, selection, int_widths, threads, outcome_options(outputs, sdc, tol),
+                        metric)
     if hw is not None:
         graph = _inject(m, selection, int_widths=int_widths, transposed_weights=True).model
         reader = _var.OperandReader(graph, provider, threads)
 
         def space_for(plans):
             return _var.VariableSpace(plans, hardware, reader)
-        space_for.single_fault_only = True
     out = {"model": display_name(model, name), "data": ds.path, "items": len(ds), "seed": seed,
-           "hw": hw_name, "clean": runner.clean}
+           "hw": hw_name, "clean": runner.clean, "metric": metric, "outputs": runner.judge.describe()}
     if curve_bers is not None:
         res = _ra.ra_curve(runner, list(curve_bers), budget, k_max, seed=seed, progress=progress)
-        out.update({"method": "mc", "metric": "top1", "inferences": res["inferences"], "k_max": res["k_max"],
+        out.update({"method": "mc", "inferences": res["inferences"], "k_max": res["k_max"],
                     "bits_per_item": res["bits_per_item"], "per_k": res["per_k"],
                     "points": [{"ber": p.ber, "value": p.value, "ci": list(p.ci), "n": res["inferences"],
                                 "truncation": p.truncation, "faults_per_item": p.faults_per_item}
@@ -518,7 +542,9 @@ def ra(model=None, data=None, hw: str | None = None, faults: int = 1, method: st
     est = _ra.estimate_ra(runner, space_for, faults, method, budget, ci_width, seed, hw_name, pilot,
                           progress=progress)
     out.update({"ra": est.value, "ci": list(est.ci), "inferences": est.inferences, "method": est.method,
-                "ess": est.ess, "k": est.k, "pilot": est.extra.get("pilot", 0)})
+                "ess": est.ess, "k": est.k, "pilot": est.extra.get("pilot", 0),
+                "sdc": est.extra["sdc"], "sdc_ci": est.extra["sdc_ci"], "due": est.extra["due"],
+                "due_ci": est.extra["due_ci"]})
     if hw is not None:
         out["skipped"] = [list(s) for s in space_for(runner.plans[0]).skipped]
     return out

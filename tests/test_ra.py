@@ -83,12 +83,27 @@ def test_binomial_tail_and_k_max():
     assert ra.binomial_tail(n, p, k) <= 1e-3 < ra.binomial_tail(n, p, k - 1)
 
 
-def test_neyman_allocation_is_proportional_and_respects_floor():
-    c, sigma = np.array([4.0, 1.0, 0.0]), np.array([0.5, 0.5, 0.5])
-    n = ra.neyman_allocation(c, sigma, 300, np.zeros(3))
-    assert list(n) == [200, 100, 0]  # sqrt(c) sigma = 1 : 0.5 : 0
-    n = ra.neyman_allocation(c, sigma, 300, np.array([10, 150, 0]))
-    assert list(n) == [150, 150, 0]  # k=2 already has more than its share: keep it, give k=1 the rest
+def test_proposal_over_k_is_neyman_with_a_defensive_share():
+    pmf = np.array([[0.5, 0.3, 0.0], [0.1, 0.2, 0.4]])  # two BERs, k = 1..3
+    rate, weight = np.array([0.1, 0.4, 0.9]), np.array([1.0, 4.0])
+    g = ra.proposal_over_k(pmf, rate, weight, defensive=0.0)
+    score = np.sqrt((weight[:, None] * pmf**2).sum(axis=0) * rate)  # Lagrange: g ∝ sqrt(sum_b w_b P_b^2 E[d^2])
+    assert np.allclose(g, score / score.sum())
+    g = ra.proposal_over_k(pmf, rate, weight, defensive=0.5)
+    avg = (pmf / pmf.sum(axis=1, keepdims=True)).mean(axis=0)
+    assert np.allclose(g, 0.5 * avg + 0.5 * score / score.sum()) and (g >= 0.5 * avg - 1e-15).all()
+    # balanced over BERs: the predicted variance relative to direct eval is (nearly) the same at each
+    pmf = np.array([[0.6, 0.3, 0.1, 0.0], [0.0, 0.1, 0.3, 0.6]])
+    rate, direct = np.array([0.01, 0.02, 0.03, 0.04]), np.array([0.12, 0.2])
+    g = ra.balanced_proposal(pmf, rate, direct)
+    ratio = (pmf**2 * rate / g).sum(axis=1) / direct
+    assert abs(ratio[0] / ratio[1] - 1) < 0.02 and abs(g.sum() - 1) < 1e-12
+    # the pilot's rate model: 1 - (1 - r)^k by maximum likelihood (all moved at k=2, none at k=1 -> 0 < r < 1)
+    rng = np.random.default_rng(0)
+    ks = rng.integers(1, 6, 4000)
+    moved = rng.random(4000) < 1 - (1 - 0.07) ** ks
+    fit = ra.moved_rate_model(ks, moved, 5)
+    assert np.allclose(fit, 1 - (1 - 0.07) ** np.arange(1, 6), atol=0.01)
 
 
 def _toy(labels_from_clean=True, n=16, seed=0):
@@ -167,21 +182,21 @@ def test_mixture_formula_against_direct_simulation():
                   .run(None, {"x": x})[0], axis=1)
     runner = ra.Runner(model, Dataset({"x": x}, y), batch=64, provider="cpu")
     n_bits = ra.OpWiseSpace(runner.plans[0]).bits_per_item()
-    ber = 2.0 / n_bits  # two flips per inference on average
-    curve = ra.ra_curve(runner, [ber], budget=3000, seed=1)
-    point = curve["points"][0]
-    # direct simulation: the eval campaign's law (Binomial count, uniform positions)
-    correct = []
-    for t in range(60):
-        f = sample_faults(runner.plans[0], ber, np.random.default_rng([9, t]))
-        correct.append(runner.run(0, f))
-    correct = np.concatenate(correct).astype(np.float64)
-    direct = correct.mean()
-    se_curve = (point.ci[1] - point.truncation - point.ci[0]) / (2 * ra.Z95)
-    se_direct = correct.std(ddof=1) / math.sqrt(len(correct))
-    z = (point.value - direct) / math.hypot(se_curve, se_direct)
-    assert point.truncation < 1e-3
-    assert abs(z) < Z, f"curve {point.value:.4f} vs direct {direct:.4f} (z={z:.2f})"
+    bers = [0.5 / n_bits, 2.0 / n_bits]  # half a flip and two flips per inference on average
+    curve = ra.ra_curve(runner, bers, budget=3000, seed=1)
+    for ber, point in zip(bers, curve["points"]):
+        # direct simulation: the eval campaign's law (Binomial count, uniform positions)
+        correct = []
+        for t in range(60):
+            f = sample_faults(runner.plans[0], ber, np.random.default_rng([9, t]))
+            correct.append(runner.run(0, f))
+        correct = np.concatenate(correct).astype(np.float64)
+        direct = correct.mean()
+        se_curve = (point.ci[1] - point.truncation - point.ci[0]) / (2 * ra.Z95)
+        se_direct = correct.std(ddof=1) / math.sqrt(len(correct))
+        z = (point.value - direct) / math.hypot(se_curve, se_direct)
+        assert point.truncation < 1e-3
+        assert abs(z) < Z, f"curve {point.value:.4f} vs direct {direct:.4f} at {ber:.3g} (z={z:.2f})"
     assert direct < 0.999  # the faults matter at this BER, so the comparison means something
 
 
@@ -222,8 +237,7 @@ def test_cli_ra_user_errors(capsys):
                       (["ra", "vit", "--curve"], "--curve and --ber"),
                       (["ra", "vit", "--curve", "--ber", "1e-9", "--hw", "equal", "--limit", "8"], "operation-wise"),
                       (["ra", "vit", "--curve", "--ber", "1e-9", "--method", "is", "--limit", "8"], "--budget only"),
-                      (["ra", "vit", "--faults", "2", "--hw", "equal", "--limit", "8"], "one fault per inference"),
-                      (["ra", "vit", "--faults", "2", "--method", "is", "--limit", "8"], "RA_1")):
+                      (["ra", "vit", "--faults", "0", "--method", "is", "--limit", "8"], "at least one fault")):
         code, out, err = run_cli(argv, capsys)
         assert code == 1 and err.startswith("onnxft: error:") and msg in err and "Traceback" not in err, (argv, err)
 
@@ -241,6 +255,147 @@ def test_curve_truncation_is_bounded_and_exact_when_k_max_covers_everything():
     tail = ra.binomial_tail(n_bits, ber, 1)
     assert tail > 0.3 and point.truncation == tail
     pmf = ra.binomial_pmf(n_bits, ber, [0, 1])
-    ra_k = [q["ra"] for q in res["per_k"]]
-    assert abs(point.value - (pmf @ ra_k + tail * ra_k[1])) < 1e-12
+    ra_k = [q["ra"] for q in res["per_k"]]  # with k_max = 1 every inference has k = 1: g(1) = 1
+    inner = pmf @ ra_k
+    assert abs(point.value - (inner + tail * inner / (1 - tail))) < 1e-12
     assert point.ci[1] - point.ci[0] >= tail  # whatever RA_k for k > 1 are, the interval holds them
+
+
+def test_ra_is_scored_by_the_shared_outcome_rules():
+    """Items are classified masked / SDC / DUE against the fault-free run (campaigns.outcomes):
+    checked here against a hand classification of the logits; with --metric sdc RA = 1 - SDC - DUE
+    (no labels needed) for plain MC and for importance sampling, whose SDC and DUE estimates share
+    the draws and weights; --metric top1 needs labels and a DUE item is never correct."""
+    from onnxft.campaigns.outcomes import DUE, MASKED, SDC
+
+    m, data = _toy()
+    top1 = ra.Runner(m, data, batch=16, provider="cpu")
+    rng = np.random.default_rng(4)
+    clean = top1.clean_out[0][0]
+    seen = set()
+    for _ in range(40):
+        f = sample_exact_faults(top1.plans[0], 3, rng)
+        good, codes = top1.run_codes(0, f)
+        out = top1.sess.run(top1.feeds(0), f, top1.plans[0])[0]
+        due = ~np.isfinite(out).all(axis=1)
+        sdc = ~due & (np.argmax(out, axis=1) != np.argmax(clean, axis=1))
+        assert np.array_equal(codes, np.where(due, DUE, np.where(sdc, SDC, MASKED)))
+        assert np.array_equal(good, (np.argmax(out, axis=1) == data.labels) & ~due)
+        seen |= set(codes.tolist())
+    assert seen == {MASKED, SDC, DUE}  # every class occurred, so the comparison means something
+    unlabelled = Dataset({"x": data.batch(0, len(data))["x"]}, None)
+    try:
+        ra.Runner(m, unlabelled, batch=16, provider="cpu")
+        raise AssertionError("top-1 RA without labels accepted")
+    except ValueError as exc:
+        assert "--metric sdc" in str(exc)
+    masked = ra.Runner(m, unlabelled, batch=16, provider="cpu", metric="sdc")
+    assert masked.clean == 1.0
+    for method, space in (("mc", None), ("is", ra.OpWiseSpace)):
+        e = ra.estimate_ra(masked, space, 1, method, budget=160, seed=1, pilot=32)
+        assert e.extra["metric"] == "sdc" and e.extra["sdc"] + e.extra["due"] > 0
+        assert abs(e.value - (1 - e.extra["sdc"] - e.extra["due"])) < 1e-12, method
+        for key in ("sdc", "due"):
+            lo, hi = e.extra[f"{key}_ci"]
+            assert lo <= e.extra[key] <= hi
+
+
+def test_cli_ra_outcome_options(tmp_path, capsys):
+    import json
+
+    from models import run_cli
+
+    m, data = _toy()
+    onnx.save(m, tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", x=data.batch(0, len(data))["x"])  # no labels: --metric sdc needs none
+    base = ["ra", str(tmp_path / "m.onnx"), "--data", str(tmp_path / "d.npz"), "--batch", "16", "--provider", "cpu",
+            "--budget", "32", "--json"]
+    code, out, err = run_cli(base + ["--metric", "sdc", "--sdc", "tol", "--tol", "rel=1e-2,abs=1e-3"], capsys)
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["metric"] == "sdc" and r["outputs"]["sdc_criterion"] == "tol" and r["clean"] == 1.0
+    assert {"ra", "ci", "inferences", "method", "ess", "hw", "sdc", "sdc_ci", "due", "due_ci"} <= set(r)
+    assert abs(r["ra"] - (1 - r["sdc"] - r["due"])) < 1e-12
+    code, out, err = run_cli(base, capsys)
+    assert code == 1 and "--metric sdc" in err and "Traceback" not in err
+    code, out, err = run_cli(base + ["--metric", "sdc", "--output", "nope"], capsys)
+    assert code == 1 and "--output" in err and "Traceback" not in err
+
+
+def _toy2(n=16, seed=5):
+    """x [B, 2] @ W [2, 2]: 2 outputs x (2 products + 1 sum) x 32 bits = 192 positions, so every
+    pair of positions (18,336) can be enumerated."""
+    rng = np.random.default_rng(seed)
+    w = nh.from_array(rng.standard_normal((2, 2)).astype(np.float32), "w")
+    g = h.make_graph([h.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "toy2",
+                     [h.make_tensor_value_info("x", T.FLOAT, ["b", 2])],
+                     [h.make_tensor_value_info("y", T.FLOAT, ["b", 2])], [w])
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
+    x = rng.standard_normal((n, 2)).astype(np.float32)
+    y = np.argmax(x @ nh.to_array(w), axis=1)
+    y[:3] = 1 - y[:3]  # three items wrong without faults
+    return m, x, y
+
+
+def _decode_positions(plan, pos):
+    element, r = np.divmod(pos, plan.per_op_bits)
+    kp = plan.k * 32
+    step = np.where(r < kp, r // 32, plan.k + (r - kp) // 32)
+    bit = np.where(r < kp, r % 32, (r - kp) % 32)
+    return element, step, bit
+
+
+def test_importance_sampling_k2_is_unbiased_against_enumeration():
+    """RA_2 (two distinct faults, operation-wise) of a 2x2 MatMul computed exactly by running every
+    pair of its 192 positions in every item (64 copies of the 16 items per run, one pair each),
+    against 30 independent IS estimates whose proposal is a product of per-fault proposals (weight
+    the product of per-fault ratios, tuples with a repeated position weighing 0, scaled by
+    1 / P(distinct))."""
+    from itertools import combinations
+
+    m, x, y = _toy2()
+    copies = 64
+    big = ra.Runner(m, Dataset({"x": np.tile(x, (copies, 1))}, np.tile(y, copies)), batch=16 * copies, provider="cpu")
+    plan = big.plans[0][0]
+    assert plan.bits_per_item == 192
+    pairs = np.array(list(combinations(range(192), 2)))
+    ok = 0
+    for start in range(0, len(pairs), copies):
+        chunk = pairs[start:start + copies]
+        c = len(chunk)
+        item = np.arange(16 * c)
+        pos = np.repeat(chunk, 16, axis=0)  # item c*16 + b gets pair c
+        pos = pos.reshape(-1)
+        e, st, b = _decode_positions(plan, pos)
+        f = Faults(np.zeros(len(pos), np.int64), np.repeat(item, 2), e, st, b)
+        ok += int(big.run(0, f)[:16 * c].sum())
+    exact = ok / (len(pairs) * 16)
+    small = ra.Runner(m, Dataset({"x": x}, y), batch=16, provider="cpu")
+    assert exact < small.clean
+    ests, covered = [], 0
+    for seed in range(30):
+        e = ra.estimate_ra(small, ra.OpWiseSpace, 2, "is", budget=320, seed=seed, pilot=64)
+        ests.append(e.value)
+        covered += e.ci[0] <= exact <= e.ci[1]
+        assert 0 < e.ess <= e.inferences
+    mean, sd = float(np.mean(ests)), float(np.std(ests, ddof=1))
+    z = (mean - exact) / (sd / math.sqrt(len(ests)))
+    assert abs(z) < Z, f"IS mean {mean:.5f} vs exact RA_2 {exact:.5f} (z={z:.2f})"
+    assert covered >= 22
+    # plain MC (sample_exact_faults) agrees too
+    mc = ra.estimate_ra(small, None, 2, "mc", budget=3200, seed=0)
+    assert mc.ci[0] - 0.01 <= exact <= mc.ci[1] + 0.01
+
+
+def test_distinct_tuples_weigh_by_the_target_law():
+    """A tuple with a repeated position is outside the uniform k-subset law: weight 0; the others
+    are scaled by 1 / P(distinct) = 1 / prod_{i<k} (1 - i/n)."""
+    m, x, y = _toy2()
+    runner = ra.Runner(m, Dataset({"x": x}, y), batch=16, provider="cpu")
+    space = ra.OpWiseSpace(runner.plans[0])
+    assert abs(space.distinct_probability(3) - (1 - 1 / 192) * (1 - 2 / 192)) < 1e-15
+    st = space.strata
+    strata = np.array([[0, 0]] * 16)  # both faults in one stratum of 4 operations: collisions are common
+    f, valid = space.draw_tuples(strata, np.random.default_rng(0))
+    assert 0 < valid.sum() < 16 and set(f.item.tolist()) == set(np.flatnonzero(valid).tolist())
+    assert st.mass[0] > 0

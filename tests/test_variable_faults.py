@@ -314,3 +314,274 @@ def test_int8_operand_faults_match_integer_reference():
                         change = (a - int(zx)) * (b - int(zw[n])) - (qa[m, k] - int(zx)) * (qb[k, n] - int(zw[n]))
                         want[item, m, n] += float(sx) * float(sw[n]) * change
             assert np.allclose(out, want, rtol=1e-5, atol=1e-5), (hw, f)
+
+
+# --------------------------------------------------------------------------------------------
+# eval --fault-model variable: several faults per inference, against a dense reference
+# --------------------------------------------------------------------------------------------
+
+def dense_many(a, b, faults, bias=None):
+    """``dense`` with any number of faults of one product: every operand read XORs the bits of
+    every fault whose copy it reads (a bit flipped twice is restored), partial sums flipped in turn."""
+    G, M, K = a.shape
+    N = b.shape[2]
+    y = np.zeros((G, M, N), np.float32)
+    # sum of |products| (faulty or fault-free, the larger): what rounding of the sum in another
+    # order, or from the fault-free sum's rounding, scales with
+    size = np.zeros((G, M, N))
+    with np.errstate(all="ignore"):
+        for g in range(G):
+            for m in range(M):
+                for n in range(N):
+                    s = np.float32(0)
+                    for k in range(K):
+                        am = bm = 0
+                        for f in faults:
+                            if f.group != g:
+                                continue
+                            if f.kind == "weight" and (k, n) == (f.index0, f.index1) and f.first <= m < f.end:
+                                bm ^= 1 << f.bit
+                            if f.kind == "input" and (m, k) == (f.index0, f.index1) and f.first <= n < f.end:
+                                am ^= 1 << f.bit
+                        av = (np.array(a[g, m, k], np.float32).view(np.uint32) ^ np.uint32(am)).view(np.float32)
+                        bv = (np.array(b[g, k, n], np.float32).view(np.uint32) ^ np.uint32(bm)).view(np.float32)
+                        p = np.float32(av * bv)
+                        size[g, m, n] += max(abs(float(p)), abs(float(a[g, m, k]) * float(b[g, k, n])))
+                        s = p if k == 0 else np.float32(s + p)
+                        for f in faults:
+                            # the fault operators leave a non-finite partial sum as it is when one
+                            # of its bits is flipped (an exponent flip of a NaN or Inf would make it
+                            # finite on hardware): operation-wise behaviour, kept by this model
+                            if f.group == g and f.kind == "psum" and (m, n) == (f.index0, f.index1) and k == f.first \
+                                    and np.isfinite(s):
+                                s = _flip(s, f.bit)
+                    if bias is not None:
+                        s = np.float32(s + bias[g * N + n])
+                    y[g, m, n] = s
+    return y, size
+
+
+def two_layers():
+    """x [b, 3, 4] @ w1 [4, 5] -> h @ w2 [5, 6]: the second product reads what faults in the first
+    changed. Small integers, so that fault-free sums are exact in any order."""
+    rng = np.random.default_rng(11)
+    w1 = rng.integers(-3, 4, (4, 5)).astype(np.float32)
+    w2 = rng.integers(-3, 4, (5, 6)).astype(np.float32)
+    m = _model([h.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+                h.make_node("MatMul", ["h", "w2"], ["y"], name="mm2")],
+               [_vi("x", ["b", 3, 4])], [_vi("y", ["b", 3, 6])], [nh.from_array(w1, "w1"), nh.from_array(w2, "w2")])
+    x = rng.integers(-3, 4, (6, 3, 4)).astype(np.float32)
+    return m, {"x": x}, w1, w2
+
+
+@pytest.mark.parametrize("hw", ["ws:2x2", "gpu:2x2x2", "equal"])
+def test_ber_faults_in_a_chain_match_dense_reference(hw):
+    """Several stored-bit flips per inference in two chained MatMuls (sample_ber at a high BER):
+    the injection graph fed by ``VariableSpace.inject`` equals the dense reference, which runs
+    the first product with its faults and the second on that faulty result with its own; the
+    masks from fault-free operands alone would not (the second product's operands changed)."""
+    model, feeds, w1, w2 = two_layers()
+    sess = InjectionSession(campaign_graph(model), "cpu", threads=1)
+    _, plans = sess.clean(feeds)
+    reader = V.OperandReader(inject(model, transposed_weights=True).model, "cpu", 1)
+    space = V.VariableSpace(plans, V.parse_hw(hw), reader)
+    space.prepare(feeds)
+    site = {plans[i].site.node: i for i in space.products}
+    rng = np.random.default_rng(5)
+    ber = 3e-3 if hw != "equal" else 2e-2
+    drawn = space.sample_ber(ber, 6, rng)
+    assert {f.site for f in drawn} == set(site.values())
+    out = sess.run(feeds, space.inject(drawn, feeds, plans), plans)[0]
+    naive = sess.run(feeds, space.apply_many(drawn), plans)[0]
+    differs = 0
+    for item in range(6):
+        mine = [f for f in drawn if f.item == item]
+        h1 = dense_many(feeds["x"][item][None], w1[None], [f for f in mine if f.site == site["mm1"]])[0][0]
+        want, size = dense_many(h1[None], w2[None], [f for f in mine if f.site == site["mm2"]])
+        want, size = want[0], size[0]
+        # onnxruntime's MatMul sums in another order (and the fault operators start from its
+        # fault-free sums): rounding up to a few ulps of the sum of |products|
+        # non-finite exactly where the reference is (NaN or Inf: which one may differ when several
+        # faults hit one element, as the operators add each fault's change to the output)
+        finite = np.isfinite(want)
+        assert np.array_equal(np.isfinite(out[item]), finite), item
+        err = np.abs(out[item] - want)[finite]
+        bad = err > 1e-6 * np.maximum(size[finite], 1)
+        assert not bad.any(), (item, err[bad], want[finite][bad], size[finite][bad])
+        same_nan = np.isnan(naive[item]) == np.isnan(want)
+        differs += not (same_nan.all() and np.allclose(naive[item][~np.isnan(want)], want[~np.isnan(want)],
+                                                       rtol=RTOL, atol=RTOL))
+    assert differs >= 1  # the fixed point mattered for at least one item
+
+
+def test_ber_flip_counts_follow_bits_times_residency():
+    """At BER b the flips of each kind per item are Binomial(bits x register-cycles, b) (under
+    equal: bits x variables); ``variables`` keeps only the chosen kinds."""
+    model, feeds, _, _ = two_layers()
+    sess = InjectionSession(campaign_graph(model), "cpu", threads=1)
+    _, plans = sess.clean(feeds)
+    reader = V.OperandReader(inject(model, transposed_weights=True).model, "cpu", 1)
+    for hw in ("ws:2x2", "gpu:2x2x2", "equal"):
+        space = V.VariableSpace(plans, V.parse_hw(hw), reader)
+        rng = np.random.default_rng(1)
+        ber, items, reps = 1e-3, 6, 60
+        counts = {k: 0 for k in V.VARIABLE_KINDS}
+        for _ in range(reps):
+            for f in space.sample_ber(ber, items, rng):
+                counts[f.kind] += 1
+        for kind in V.VARIABLE_KINDS:
+            # mm1: M=3, N=5, K=4; mm2: M=3, N=6, K=5, fp32
+            positions = sum(V.exposure(V.parse_hw(hw), m, n, k)[kind] * 32 for m, n, k in ((3, 5, 4), (3, 6, 5)))
+            n = positions * items * reps
+            if n == 0:
+                assert counts[kind] == 0
+                continue
+            z = (counts[kind] - n * ber) / math.sqrt(n * ber * (1 - ber))
+            assert abs(z) < 4.5, (hw, kind, counts[kind], n * ber)
+    only_w = V.VariableSpace(plans, V.parse_hw("ws:2x2"), reader, ("weight",))
+    assert {f.kind for f in only_w.sample_ber(1e-2, items, rng)} == {"weight"}
+    assert V.parse_variables("activation,psum") == ("input", "psum")
+    assert V.parse_variables("all") == V.VARIABLE_KINDS
+    with pytest.raises(ValueError):
+        V.parse_variables("weights,bias")
+
+
+def test_eval_variable_fault_model_end_to_end(tmp_path):
+    """``onnxft eval --fault-model variable``: the spec records the model, BER 0 is fault-free,
+    weight-only faults hit only weights (fewer flips than all kinds at the same BER), bad options
+    are one-line errors."""
+    from click.testing import CliRunner
+
+    from onnxft import api
+    from onnxft.cli.main import cli
+    from onnxft.runtime.data import Dataset
+
+    model, feeds, _, _ = two_layers()
+    x = np.random.default_rng(2).integers(-3, 4, (32, 3, 4)).astype(np.float32)
+    y0 = np.argmax((x @ np.ones((4, 6), np.float32)).reshape(32, -1), axis=1) % 18
+    ds = Dataset({"x": x}, y0)
+    kw = dict(bers=(0.0, 1e-3), trials=2, batch=16, provider="cpu", threads=1, metric="sdc")
+    everything = api.evaluate(model, ds, fault_model="variable", hw="ws:2x2", **kw)
+    weights = api.evaluate(model, ds, fault_model="variable", hw="ws:2x2", variables="weight", **kw)
+    assert everything.spec["fault_model"] == "variable" and everything.spec["hw"] == "ws:2x2"
+    assert weights.spec["variables"] == ["weight"]
+    for r in (everything, weights):
+        assert r.points[0].faults_per_item == 0 and r.points[0].sdc == 0
+        assert r.points[1].faults_per_item > 0
+    # ws: weights are 60 + 90 of the 480 register-cycles per bit (mm1 60/60/45, mm2 90/90/72 with psums)
+    assert weights.points[1].faults_per_item < everything.points[1].faults_per_item
+    assert everything.points[1].sdc > 0
+    path = tmp_path / "m.onnx"
+    import onnx
+
+    onnx.save(model, path)
+    np.savez(tmp_path / "d.npz", x=x, y=y0)
+    run = CliRunner().invoke(cli, ["eval", str(path), "--data", str(tmp_path / "d.npz"), "--metric", "sdc",
+                                   "--fault-model", "variable", "--hw", "ws:2x2", "--ber", "0,1e-3", "--trials", "1",
+                                   "--quiet"])
+    assert run.exit_code == 0, run.output
+    for bad, msg in ((["--hw", "ws:2x2"], "--hw needs --fault-model variable"),
+                     (["--fault-model", "variable", "--hw", "ws:2"], "expected ws:RxC"),
+                     (["--fault-model", "variable", "--hw", "ws:2x2", "--variables", "bias"], "--variables")):
+        run = CliRunner().invoke(cli, ["eval", str(path), "--data", str(tmp_path / "d.npz"), "--metric", "sdc",
+                                       "--quiet"] + bad)
+        assert run.exit_code != 0 and msg in run.output and "Traceback" not in run.output, run.output
+
+
+def test_ra_k2_under_the_variable_model_is_and_mc_agree():
+    """RA_2 (two independent variable-level faults, applied together exactly) of two chained
+    MatMuls, 1 - SDC - DUE: importance sampling with the product proposal and plain Monte Carlo
+    agree within their standard errors."""
+    from onnxft.campaigns import ra
+    from onnxft.runtime.data import Dataset
+
+    model, feeds, _, _ = two_layers()
+    x = np.random.default_rng(8).integers(-3, 4, (32, 3, 4)).astype(np.float32)
+    runner = ra.Runner(model, Dataset({"x": x}, None), batch=32, provider="cpu", metric="sdc")
+    reader = V.OperandReader(inject(model, transposed_weights=True).model, "cpu", 1)
+    hw = V.parse_hw("ws:2x2")
+
+    def space(plans):
+        return V.VariableSpace(plans, hw, reader)
+
+    is_ = ra.estimate_ra(runner, space, 2, "is", budget=640, seed=3, pilot=128)
+    mc = ra.estimate_ra(runner, space, 2, "mc", budget=1280, seed=4)
+    se = [(e.ci[1] - e.ci[0]) / (2 * ra.Z95) for e in (is_, mc)]
+    assert 0.05 < mc.value < 0.95  # faults matter here, so agreement means something
+    assert abs(is_.value - mc.value) < 4.5 * math.hypot(*se), (is_.value, mc.value, se)
+    assert abs(is_.value - (1 - is_.extra["sdc"] - is_.extra["due"])) < 1e-12
+
+
+def test_fp16_operand_faults_match_dense_reference():
+    """fp16 MatMul: stored weights and inputs are 16 bits (strata over bits 0..15, partial sums of
+    the float32 accumulator over 32); a flipped binary16 operand changes each corrupted product,
+    rounded once to binary16, and the change propagates through the float32 sums. Single faults of
+    every kind under ws/gpu/equal, and several per item at a BER, against a dense reference."""
+    rng = np.random.default_rng(21)
+    w = rng.standard_normal((3, 4)).astype(np.float16)
+    m = _model([h.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+               [h.make_tensor_value_info("x", T.FLOAT16, ["b", 2, 3])],
+               [h.make_tensor_value_info("y", T.FLOAT16, ["b", 2, 4])], [nh.from_array(w, "w")])
+    x = rng.standard_normal((4, 2, 3)).astype(np.float16)
+    feeds = {"x": x}
+    sess = InjectionSession(campaign_graph(m), "cpu", threads=1)
+    clean, plans = sess.clean(feeds)
+    assert plans[0].site.format == "fp16"
+    reader = V.OperandReader(inject(m, transposed_weights=True).model, "cpu", 1)
+
+    def ref(item, faults):  # binary16 operands, products rounded to binary16, float32 sums
+        y = np.zeros((2, 4), np.float32)
+        with np.errstate(all="ignore"):
+            for r in range(2):
+                for n in range(4):
+                    s = np.float32(0)
+                    for k in range(3):
+                        am = bm = 0
+                        for f in faults:
+                            if f.kind == "weight" and (k, n) == (f.index0, f.index1) and f.first <= r < f.end:
+                                bm ^= 1 << f.bit
+                            if f.kind == "input" and (r, k) == (f.index0, f.index1) and f.first <= n < f.end:
+                                am ^= 1 << f.bit
+                        av = (np.float16(x[item, r, k]).view(np.uint16) ^ np.uint16(am)).view(np.float16)
+                        bv = (np.float16(w[k, n]).view(np.uint16) ^ np.uint16(bm)).view(np.float16)
+                        p = np.float32(np.float16(np.float32(av) * np.float32(bv)))
+                        s = p if k == 0 else np.float32(s + p)
+                        for f in faults:
+                            if f.kind == "psum" and (r, n) == (f.index0, f.index1) and k == f.first and np.isfinite(s):
+                                s = _flip(s, f.bit)
+                    y[r, n] = s
+        return y
+
+    def check(out, item, faults, hw=None):
+        # ORT's fault-free fp16 MatMul does not round products to binary16: compare the faults'
+        # effect, the clean output plus the reference's change, rounded to binary16 (two ulps)
+        with np.errstate(all="ignore"):
+            want = (clean[0][item].astype(np.float32) + (ref(item, faults) - ref(item, []))).astype(np.float16)
+        got = out[item].astype(np.float64)
+        want = want.astype(np.float64)
+        # non-finite where the reference is (NaN or Inf: which one may differ when several faults
+        # hit one element, as the operators add each fault's change to the output; DUE either way)
+        fin = np.isfinite(want)
+        assert np.array_equal(np.isfinite(got), fin), (faults, got, want)
+        if len(faults) == 1:
+            assert np.array_equal(np.isnan(got), np.isnan(want)) and np.array_equal(got[np.isinf(want)],
+                                                                                   want[np.isinf(want)])
+        assert (np.abs(got - want)[fin] <= 2e-3 * np.maximum(np.abs(want[fin]), 1)).all(), (hw, faults, got, want)
+
+    for hw in ("ws:2x2", "gpu:2x2x2", "equal"):
+        space = V.VariableSpace(plans, V.parse_hw(hw), reader)
+        st = space.strata
+        assert set(st.bit[st.kind == 0].tolist()) == set(range(16))  # 16-bit weights
+        assert set(st.bit[st.kind == 2].tolist()) == (set(range(32)) if hw != "equal" else set())
+        assert (st.floating).all()
+        space.prepare(feeds)
+        draw = np.random.default_rng(3)
+        for s in [s for s in range(len(st)) if st.bit[s] in (15, 14, 11, 2, 30)]:
+            item = int(draw.integers(0, 4))
+            f = space.describe(s, item, draw)
+            check(sess.run(feeds, space.apply(f), plans)[0], item, [f])
+        drawn = space.sample_ber(2e-2, 4, draw)
+        out = sess.run(feeds, space.inject(drawn, feeds, plans), plans)[0]
+        assert len(drawn) > 4
+        for item in range(4):
+            check(out, item, [f for f in drawn if f.item == item], hw)

@@ -28,7 +28,7 @@ from ..runtime.data import Dataset
 from ..runtime.session import InjectionSession, make_session
 from .outcomes import Judge, OutcomeCounts, output_batch_axes
 from .progress import report_phase
-from .spec import METRICS, CampaignSpec
+from .spec import FAULT_MODELS, METRICS, CampaignSpec
 from .stats import wilson_interval
 
 
@@ -97,6 +97,30 @@ def check_spec(spec: CampaignSpec, data: Dataset) -> None:
     if spec.batch < 1:
         raise ValueError("batch must be at least 1")
     spec.outcome.validate()
+    check_fault_model(spec)
+
+
+def check_fault_model(spec: CampaignSpec) -> None:
+    """``fault_model``, ``hw`` and ``variables`` agree (one clear error otherwise)."""
+    from ..faults.variable import VARIABLE_KINDS, parse_hw
+
+    if spec.fault_model not in FAULT_MODELS:
+        raise ValueError(f"unknown fault model {spec.fault_model!r}; choose from {', '.join(FAULT_MODELS)}")
+    if spec.fault_model == "operation":
+        if spec.hw is not None:
+            raise ValueError("--hw needs --fault-model variable")
+        if tuple(spec.variables) != VARIABLE_KINDS:
+            raise ValueError("--variables needs --fault-model variable")
+        return
+    if spec.hw is None:
+        raise ValueError("--fault-model variable needs --hw (ws:RxC, os:RxC, is:RxC, gpu:TMxTNxTK or equal)")
+    parse_hw(spec.hw)
+    bad = sorted(set(spec.variables) - set(VARIABLE_KINDS))
+    if bad or not spec.variables:
+        raise ValueError(f"--variables {','.join(spec.variables)}: choose from weight, activation, psum or all")
+    if spec.int_widths[0] != 32:
+        raise ValueError("--fault-model variable computes int8 operand faults on 32-bit products: "
+                         "use --int-widths 32,ACC")
 
 
 class EvalRunner:
@@ -128,6 +152,7 @@ class EvalRunner:
         out, _ = self.clean(0)
         axes = output_batch_axes(self.sess.outputs_any_shape, self.data, self.sess.output_names)
         self.judge = Judge(self.sess.output_names, out, spec.outcome, items=self.feeds(0).batch_size, axes=axes)
+        self.variable = VariableFaults(model, spec) if spec.fault_model == "variable" else None
 
     def feeds(self, j: int):
         s = self.starts[j]
@@ -148,7 +173,13 @@ class EvalRunner:
         clean, plans = self.clean(j)
         feeds, labels = self.feeds(j), self.labels(j)
         rng = trial_rng(spec.seed, unit.trial, j)
-        faults = sample_faults(plans, unit.ber, rng, spec.max_faults) if unit.ber > 0 else Faults.empty()
+        flips = None
+        if unit.ber <= 0:
+            faults = Faults.empty()
+        elif self.variable is not None:
+            faults, flips = self.variable.sample(j, feeds, plans, unit.ber, rng)
+        else:
+            faults = sample_faults(plans, unit.ber, rng, spec.max_faults)
         if self.log is not None:
             out, logs = self.sess.run(feeds, faults, plans, with_log=True)
         else:
@@ -156,7 +187,9 @@ class EvalRunner:
         codes = self.judge.classify(out, clean, labels)
         counts = OutcomeCounts()
         counts.add(codes)
-        result = {"masked": counts.masked, "sdc": counts.sdc, "due": counts.due, "faults": len(faults)}
+        # faults: flipped bits (operation-wise: of operations; variable-level: of stored variables)
+        result = {"masked": counts.masked, "sdc": counts.sdc, "due": counts.due,
+                  "faults": len(faults) if flips is None else flips}
         if spec.metric == "top1":
             result["correct"] = int(np.sum(self.judge.correct(out, labels, clean)))
         if self.log is not None:
@@ -167,7 +200,43 @@ class EvalRunner:
             rec["selection"] = _selection_dict(spec.selection)
             rec["outcomes"] = codes.tolist()  # per item: 0 masked, 1 SDC, 2 DUE
             self.log.write(json.dumps(rec) + "\n")
-        return {"result": result, "faults": len(faults)}
+        return {"result": result, "faults": result["faults"]}
+
+
+class VariableFaults:
+    """``eval --fault-model variable``: faults of the variable-level model at a BER, per batch
+    (``faults.variable.VariableSpace.sample_ber`` and ``inject``), as product faults for the
+    campaign graph. Operands are read from the plain injection graph (same sites and table)."""
+
+    def __init__(self, model: onnx.ModelProto, spec: CampaignSpec):
+        from ..faults.variable import OperandReader, parse_hw
+
+        self.spec, self.hw = spec, parse_hw(spec.hw)
+        graph = inject(model, spec.selection, int_widths=spec.int_widths, transposed_weights=True).model
+        self.reader = OperandReader(graph, spec.provider, spec.threads)
+        self._space: tuple | None = None  # (batch index, VariableSpace with its fault-free operands)
+
+    def space(self, j: int, feeds, plans):
+        from ..faults.variable import VariableSpace
+
+        if self._space is None or self._space[0] != j:  # units run batch by batch: keep one batch's operands
+            sp = VariableSpace(plans, self.hw, self.reader, tuple(self.spec.variables))
+            sp.prepare(feeds)
+            self._space = (j, sp)
+        return self._space[1]
+
+    def sample(self, j: int, feeds, plans, ber: float, rng: np.random.Generator) -> tuple[Faults, int]:
+        """(product faults to feed, stored-bit flips drawn)."""
+        from ..faults.sampling import FaultBudgetError
+
+        sp = self.space(j, feeds, plans)
+        items = feeds.batch_size if hasattr(feeds, "batch_size") else max(p.items for p in plans)
+        expected = sp.expected_faults(ber, items)
+        if self.spec.max_faults is not None and expected > self.spec.max_faults:
+            raise FaultBudgetError(f"BER {ber:g} means {expected:.3g} stored-bit flips per batch of {items}, over "
+                                   f"the limit of {self.spec.max_faults:.3g} (--max-faults): lower the BER or --batch")
+        drawn = sp.sample_ber(ber, items, rng)
+        return sp.inject(drawn, feeds, plans), len(drawn)
 
 
 def eval_units(spec: CampaignSpec, n_items: int) -> list:

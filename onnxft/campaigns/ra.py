@@ -1,9 +1,9 @@
 """Resiliency Accuracy (RA): accuracy given exactly ``k`` faults in one inference
 (docs/resiliency_accuracy.md).
 
-* ``estimate_ra``: RA_k by plain Monte Carlo (``method="mc"``), or for ``k = 1`` by importance
-  sampling (``method="is"``) over fault *strata* (site, kind, bit) with a proposal learned from a
-  pilot run and likelihood-ratio weights.
+* ``estimate_ra``: RA_k by plain Monte Carlo (``method="mc"``), or by importance sampling
+  (``method="is"``) over fault *strata* (site, kind, bit) with a proposal learned from a pilot run
+  and likelihood-ratio weights (for k faults: a product of per-fault proposals).
 * ``ra_curve``: accuracy against BER under the operation-wise model from conditional campaigns,
   ``acc(BER) = sum_k P(K = k) RA_k`` with ``K ~ Binomial(bits per inference, BER)``.
 
@@ -23,18 +23,14 @@ from ..passes.inject import SiteSelection
 from ..runtime.data import Dataset
 from ..runtime.session import InjectionSession
 from .evaluate import campaign_graph
+from .outcomes import DUE, MASKED, SDC, Judge, OutcomeOptions, output_batch_axes
 from .stats import wilson_interval
 
 Z95 = 1.959963984540054
 METHODS = ("mc", "is")
 
 
-def score_outputs(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Per item: correct (arg-max equals the label and every output value is finite). A row with a
-    NaN or Inf is never correct (a detected error, DUE). The one place that decides what counts
-    as correct; the shared outcome classification (masked / SDC / DUE) can replace it."""
-    flat = logits.reshape(len(logits), -1)
-    return (np.argmax(flat, axis=1) == labels) & np.isfinite(flat).all(axis=1)
+RA_METRICS = ("top1", "sdc")
 
 
 def _rng(seed: int, *stream: int) -> np.random.Generator:
@@ -57,6 +53,7 @@ class Strata:
     mass: np.ndarray
     kinds: tuple[str, ...]
     width: np.ndarray | None = None  # bits of the stratum's value (for the bit-position heuristic)
+    floating: np.ndarray | None = None  # the value is a float (None: the 32-bit ones are)
 
     def __len__(self) -> int:
         return len(self.site)
@@ -76,7 +73,7 @@ class OpWiseSpace:
 
     def __init__(self, plans: list[SitePlan]):
         self.plans = plans
-        site, kind, bit, count, width = [], [], [], [], []
+        site, kind, bit, count, width, floating = [], [], [], [], [], []
         for i, p in enumerate(plans):
             if p.site.scale == 0:
                 continue
@@ -97,16 +94,37 @@ class OpWiseSpace:
                 bit += list(range(w))
                 count += [n] * w
                 width += [w] * w
+                floating += [p.site.format != "int8"] * w
         count = np.array(count, np.float64)
         self.count = count.astype(np.int64)
         self.strata = Strata(np.array(site, np.int64), np.array(kind, np.int64), np.array(bit, np.int64),
-                             count / count.sum(), self.kinds, np.array(width, np.int64))
+                             count / count.sum(), self.kinds, np.array(width, np.int64),
+                             np.array(floating, bool))
 
     def bits_per_item(self) -> int:
         return int(self.count.sum())
 
     def prepare(self, feeds) -> None:
         """Per-batch state (none for this model)."""
+
+    def distinct_probability(self, k: int) -> float:
+        """P(k independent uniform positions are distinct) = prod_{i<k} (1 - i/n)."""
+        n = self.bits_per_item()
+        return float(np.prod(1.0 - np.arange(k) / n))
+
+    def draw_tuples(self, strata: np.ndarray, rng: np.random.Generator, feeds=None, plans=None):
+        """``strata[i]``: the k faults of item i, each drawn in its stratum. Returns (faults, valid):
+        an item whose k positions are not distinct is outside the target law (a uniform k-subset)
+        and is run without faults, with ``valid`` False (its weight is 0)."""
+        items, k = strata.shape
+        f = self.draw(strata.ravel(), np.repeat(np.arange(items), k), rng)
+        valid = np.ones(items, bool)
+        if k > 1:
+            key = np.stack([f.item, f.site, f.element, f.step, f.bit], axis=1)
+            u, counts = np.unique(key, axis=0, return_counts=True)
+            valid[u[counts > 1, 0]] = False
+            f = f.subset(valid[f.item])
+        return f, valid
 
     def draw(self, strata: np.ndarray, items: np.ndarray, rng: np.random.Generator) -> Faults:
         """One fault per entry: uniform over the stratum's operations, for ``items[i]``."""
@@ -125,23 +143,41 @@ class OpWiseSpace:
 # ---------------------------------------------------------------------------------------------
 
 class Runner:
-    """An injection session over a labelled dataset, batch by batch, with each item's fault-free
-    correctness (the baseline that importance sampling's control variate uses)."""
+    """An injection session over a dataset, batch by batch, with each item's fault-free score (the
+    baseline that the control variate uses).
+
+    Every faulty item is classified masked / SDC / DUE against the fault-free run by the shared
+    ``campaigns.outcomes.Judge`` (``outcome``: checked outputs and SDC criterion, as eval's
+    ``--output``/``--sdc``/``--tol``). An item is *good* when, with ``metric="top1"``, its top-1
+    prediction equals the label and it is not DUE (RA = accuracy given the faults), or, with
+    ``metric="sdc"``, it is masked (RA = 1 - SDC - DUE; every fault-free item is good)."""
 
     def __init__(self, model: onnx.ModelProto, data: Dataset, batch: int = 64, provider: str = "auto",
-                 selection: SiteSelection | None = None, int_widths=(16, 32), threads: int | None = None):
-        if data.labels is None:
-            raise ValueError("RA is an accuracy: the data needs labels (array 'y')")
+                 selection: SiteSelection | None = None, int_widths=(16, 32), threads: int | None = None,
+                 outcome: OutcomeOptions | None = None, metric: str = "top1"):
+        if metric not in RA_METRICS:
+            raise ValueError(f"unknown metric {metric!r}; choose from {', '.join(RA_METRICS)}")
+        if metric == "top1" and data.labels is None:
+            raise ValueError("RA as accuracy needs labels (array 'y'): add them, or use --metric sdc (1 - SDC - DUE)")
         self.model = model
         self.data = data
         self.batch = batch
+        self.metric = metric
         self.sess = InjectionSession(campaign_graph(model, selection, int_widths), provider, threads, level="basic")
         self.starts = list(range(0, len(data), batch))
-        self.plans, self.clean_correct = [], []
+        self.plans, self.clean_out, self.clean_correct = [], [], []
         for s in self.starts:
             out, plans = self.sess.clean(self.feeds(s))
             self.plans.append(plans)
-            self.clean_correct.append(score_outputs(out[0], self.labels(s)))
+            self.clean_out.append(out)
+        axes = output_batch_axes(self.sess.outputs_any_shape, data, self.sess.output_names)
+        self.judge = Judge(self.sess.output_names, self.clean_out[0], outcome or OutcomeOptions(),
+                           items=self.feeds(0).batch_size, axes=axes)
+        for j, s in enumerate(self.starts):
+            out = self.clean_out[j]
+            items = min(s + batch, len(data)) - s
+            good = self.judge.correct(out, self.labels(s)) if metric == "top1" else np.ones(items, bool)
+            self.clean_correct.append(np.asarray(good, bool))
         self.clean = float(np.mean(np.concatenate(self.clean_correct)))
         self.inferences = 0
 
@@ -149,13 +185,23 @@ class Runner:
         return self.data.batch(start, start + self.batch)
 
     def labels(self, start: int):
-        return self.data.labels[start:start + self.batch]
+        return None if self.data.labels is None else self.data.labels[start:start + self.batch]
 
     def run(self, j: int, faults: Faults) -> np.ndarray:
+        """Good items (see the class docstring) of batch ``j`` under ``faults``."""
+        return self.run_codes(j, faults)[0]
+
+    def run_codes(self, j: int, faults: Faults) -> tuple[np.ndarray, np.ndarray]:
+        """(good items, outcome codes MASKED / SDC / DUE) of batch ``j`` under ``faults``."""
         s = self.starts[j]
         out = self.sess.run(self.feeds(s), faults, self.plans[j])
         self.inferences += len(self.clean_correct[j])
-        return score_outputs(out[0], self.labels(s))
+        codes = self.judge.classify(out, self.clean_out[j], self.labels(s))
+        if self.metric == "top1":
+            good = self.judge.correct(out, self.labels(s), self.clean_out[j])
+        else:
+            good = codes == MASKED
+        return np.asarray(good, bool), codes
 
     def visits(self, seed: int, stream: int):
         """(pass, batch index) forever: every batch once per pass, in a random order per pass, so
@@ -260,12 +306,11 @@ def estimate_ra(runner: Runner, space_for, k: int = 1, method: str = "mc", budge
         raise ValueError("--ci-width must be positive")
     if k < 0:
         raise ValueError("--faults must be at least 0")
-    if method == "is" and k != 1:
-        raise ValueError("importance sampling estimates RA_1 (one fault per inference): use --faults 1 or --method mc")
-    if k > 1 and space_for is not None and getattr(space_for, "single_fault_only", False):
-        raise ValueError("the variable-level model applies one fault per inference exactly (RA = RA_1): use --faults 1")
+    if method == "is" and k < 1:
+        raise ValueError("importance sampling needs at least one fault per inference (--faults >= 1)")
     start = runner.inferences
     samples = _Samples()
+    outcome_rates = {"sdc": _Samples(), "due": _Samples()}  # SDC and DUE rates given k faults, same draws
     cap = budget if budget is not None else 10**9
     spaces: dict[int, object] = {}
 
@@ -293,12 +338,13 @@ def estimate_ra(runner: Runner, space_for, k: int = 1, method: str = "mc", budge
             break
         rng = _rng(seed, k, t, j)
         items = len(runner.clean_correct[j])
-        if k == 0:
-            correct = runner.run(j, Faults.empty())
-            samples.add(1, correct.astype(np.float64), np.ones(items), correct)
-        elif space_for is None:
-            correct = runner.run(j, sample_exact_faults(runner.plans[j], k, rng))
-            samples.add(1, correct.astype(np.float64), np.ones(items), correct)
+        if k == 0 or space_for is None:
+            faults = Faults.empty() if k == 0 else sample_exact_faults(runner.plans[j], k, rng)
+            correct, codes = runner.run_codes(j, faults)
+            ones = np.ones(items)
+            samples.add(1, correct.astype(np.float64), ones, correct)
+            for name, code in (("sdc", SDC), ("due", DUE)):
+                outcome_rates[name].add(1, (codes == code).astype(np.float64), ones, codes == code)
         else:
             sp = space(j)
             st = sp.strata
@@ -310,26 +356,37 @@ def estimate_ra(runner: Runner, space_for, k: int = 1, method: str = "mc", budge
                 if j not in proposals:
                     proposals[j] = _proposal(st, rates, alpha)
                 q = proposals[j]
-            strata = rng.choice(len(st), size=items, p=q)
-            sp.prepare(runner.feeds(runner.starts[j]))
-            faults = sp.draw(strata, np.arange(items), rng)
-            correct = runner.run(j, faults)
-            w = st.mass[strata] / q[strata]
+            # k faults per item, each from q independently: the likelihood ratio is the product;
+            # a tuple outside the target law (two faults on one position, op-wise) weighs 0 and the
+            # rest are scaled by 1 / P_p(distinct) (``draw_tuples``)
+            strata = rng.choice(len(st), size=(items, k), p=q)
+            feeds = runner.feeds(runner.starts[j])
+            sp.prepare(feeds)
+            faults, valid = sp.draw_tuples(strata, rng, feeds, runner.plans[j])
+            correct, codes = runner.run_codes(j, faults)
+            w = np.prod(st.mass[strata] / q[strata], axis=1) * valid / sp.distinct_probability(k)
             clean = runner.clean_correct[j].astype(np.float64)
             # Control variate: RA = (fault-free accuracy of the items, known exactly) - E_p[clean -
             # faulty], and y = clean accuracy - w (clean - faulty) has E_q[y] = RA for any proposal
             # that covers the law; masked faults contribute no variance.
             y = runner.clean - w * (clean - correct)
             samples.add(stage, y, w, correct)
-            if stage == 0:
-                pilot_log.append((st.classes()[strata], st.site[strata], clean != correct))
+            for name, code in (("sdc", SDC), ("due", DUE)):  # rates are 0 without faults: E_q[w 1{code}]
+                outcome_rates[name].add(stage, w * (codes == code), w, codes == code)
+            if stage == 0:  # with k faults, the tuple's outcome is credited to each of its classes
+                pilot_log.append((st.classes()[strata].ravel(), st.site[strata].ravel(),
+                                  np.repeat(clean != correct, k)))
         if progress:
             progress(runner.inferences - start)
     if samples.n == 0:
         raise ValueError("no inference was run (budget too small?)")
     value, ci, _ = _ci(samples, method)
+    extra = {"pilot": n_pilot if method == "is" else 0, "metric": runner.metric}
+    for name, r in outcome_rates.items():
+        v, c, _ = _ci(r, method)
+        extra[name], extra[f"{name}_ci"] = float(v), [float(c[0]), float(c[1])]
     return RAEstimate(k, float(value), (float(ci[0]), float(ci[1])), runner.inferences - start, method,
-                      samples.ess(), hw, runner.clean, {"pilot": n_pilot if method == "is" else 0})
+                      samples.ess(), hw, runner.clean, extra)
 
 
 HEURISTIC_ALPHA = 0.3
@@ -341,10 +398,13 @@ def bit_prior(st: Strata) -> np.ndarray:
     other exponent bits and the sign move it by powers of two, mantissa bits by less than 2x; for
     integers of width w the top quarter of the bits carries the large changes."""
     width = st.width if st.width is not None else np.full(len(st), 32)
+    fp = st.floating if st.floating is not None else width == 32
     prior = np.ones(len(st))
-    fp = width == 32
-    prior[fp & (st.bit == 30)] = 64.0
-    prior[fp & (((st.bit >= 23) & (st.bit < 30)) | (st.bit == 31))] = 4.0
+    # float32: exponent bits 23..30, sign 31; float16: exponent bits 10..14, sign 15
+    mant = np.where(width == 16, 10, 23)
+    top = width - 2  # the exponent's top bit
+    prior[fp & (st.bit == top)] = 64.0
+    prior[fp & (((st.bit >= mant) & (st.bit < top)) | (st.bit == width - 1))] = 4.0
     prior[~fp & (st.bit >= width - np.maximum(width // 4, 1))] = 8.0
     return prior
 
@@ -433,24 +493,56 @@ def choose_k_max(n_bits: int, bers: list[float], tail: float = 1e-3, cap: int = 
     return cap
 
 
-def neyman_allocation(weights_sq: np.ndarray, sigma: np.ndarray, total: int, floor: np.ndarray) -> np.ndarray:
-    """Trials per k minimising ``sum_k c_k sigma_k^2 / n_k`` for ``sum_k n_k = total`` (Lagrange:
-    ``n_k ∝ sqrt(c_k) sigma_k``), never below ``floor`` (what is already spent)."""
-    score = np.sqrt(weights_sq) * sigma
-    n = np.maximum(floor.astype(np.float64), 0)
-    if score.sum() <= 0 or total <= n.sum():
-        return n.astype(np.int64)
-    # water-filling: raise the ones below their share until the budget is used
-    active = np.ones(len(n), bool)
-    for _ in range(len(n)):
-        budget = total - n[~active].sum()
-        share = budget * score / score[active].sum()
-        below = active & (share < n)
-        if not below.any():
-            n[active] = share[active]
-            break
-        active &= ~below
-    return np.floor(n).astype(np.int64)
+def proposal_over_k(pmf: np.ndarray, moved_rate: np.ndarray, ber_weight: np.ndarray, defensive: float = 0.5
+                    ) -> np.ndarray:
+    """The law ``g`` of k (k = 1..k_max) the curve's inferences draw their fault count from.
+
+    The point at BER ``b`` is estimated by the mean of ``z = P_b(k)/g(k) d`` (``d`` = fault-free
+    minus faulty score of an inference with k faults), whose variance is about
+    ``sum_k P_b(k)^2 E[d^2 | k] / g(k)``. Minimising ``sum_b ber_weight_b x`` that under
+    ``sum_k g(k) = 1`` gives (Lagrange) ``g(k) ∝ sqrt(sum_b ber_weight_b P_b(k)^2 E[d^2 | k])``:
+    Neyman allocation over k, with the BERs' weights squared. ``pmf`` [B, k_max] holds P_b(k),
+    ``moved_rate`` [k_max] estimates E[d^2 | k] (the share of inferences whose outcome changes).
+    Mixed with the average law of K given K >= 1 over the BERs (``defensive``), so that every k
+    any BER weighs keeps a share and the ratios ``P_b(k)/g(k)`` stay bounded."""
+    avg = (pmf / np.maximum(pmf.sum(axis=1, keepdims=True), 1e-300)).mean(axis=0)
+    score = np.sqrt((ber_weight[:, None] * pmf**2).sum(axis=0) * np.maximum(moved_rate, 0))
+    neyman = score / score.sum() if score.sum() > 0 else avg
+    g = defensive * avg + (1 - defensive) * neyman
+    return g / g.sum()
+
+
+def balanced_proposal(pmf: np.ndarray, moved_rate: np.ndarray, direct_var: np.ndarray, rounds: int = 60,
+                      defensive: float = 0.5) -> np.ndarray:
+    """``proposal_over_k`` with the BERs' weights chosen so that the predicted variance of each
+    point relative to ``direct_var`` (the variance of one direct-eval inference there, a (1 - a))
+    is as even as possible: multiplicative weights, each round raising the weight of the BERs whose
+    predicted ratio is above the mean (towards the minimax allocation)."""
+    weight = 1.0 / direct_var
+    g = proposal_over_k(pmf, moved_rate, weight, defensive)
+    for _ in range(rounds):
+        ratio = (pmf**2 * moved_rate[None, :] / g[None, :]).sum(axis=1) / direct_var
+        weight = weight * ratio / ratio.mean()
+        g = proposal_over_k(pmf, moved_rate, weight, defensive)
+    return g
+
+
+def moved_rate_model(ks: np.ndarray, moved: np.ndarray, k_max: int) -> np.ndarray:
+    """E[d^2 | k] for k = 1..k_max from pilot inferences (their k and whether the outcome changed),
+    as ``1 - (1 - r)^k`` (each fault changes the outcome with a chance r, independently), r by
+    maximum likelihood; shrunk towards r = 1/(n+2) when nothing moved. Only the allocation uses it."""
+    ks, moved = np.asarray(ks, np.float64), np.asarray(moved, bool)
+    lo, hi = 1e-9, 1.0 - 1e-9
+    if moved.any():
+        for _ in range(80):  # the log-likelihood is concave in r: bisection on its derivative
+            r = (lo + hi) / 2
+            p = 1 - (1 - r) ** ks
+            grad = np.sum(np.where(moved, ks * (1 - r) ** (ks - 1) / np.maximum(p, 1e-300), -ks / (1 - r)))
+            lo, hi = (r, hi) if grad > 0 else (lo, r)
+        r = (lo + hi) / 2
+    else:
+        r = 1.0 / (np.sum(ks) + 2)
+    return 1 - (1 - r) ** np.arange(1, k_max + 1)
 
 
 @dataclass
@@ -463,75 +555,106 @@ class CurvePoint:
 
 
 def ra_curve(runner: Runner, bers: list[float], budget: int = 2000, k_max: int | None = None,
-             tail: float = 1e-3, seed: int = 0, progress=None) -> dict:
+             tail: float = 1e-3, seed: int = 0, progress=None, pilot: float = 0.2) -> dict:
     """acc(BER) = sum_{k <= k_max} P(K = k) RA_k + (truncation, at most P(K > k_max)) for every BER,
-    from RA_k estimated once (Monte Carlo with ``sample_exact_faults``).
+    from one set of conditional inferences (operation-wise model, ``sample_exact_faults``).
 
-    RA_0 is the fault-free accuracy of the items (measured on all of them, exact for this item
-    set); RA_k = RA_0 - D_k with D_k the mean of (clean - faulty) correctness over k-fault
-    inferences. Budget: ``budget`` inferences over k = 1..k_max: one batch per k first, then Neyman
-    allocation of the rest (``neyman_allocation``) with ``c_k = sum_b P_b(K = k)^2`` and
-    ``sigma_k^2`` = the smoothed share of inferences whose outcome changed (>= Var of the
-    difference). A point's interval is normal with that same conservative variance, widened above by
-    the truncation bound P(K > k_max)."""
+    RA_0 is the fault-free score of the items (measured on all of them, exact for this item set);
+    RA_k = RA_0 - D_k with D_k the mean of ``d`` = fault-free minus faulty score over k-fault
+    inferences (a masked fault adds no variance). Every inference draws its own k from a law ``g``
+    over 1..k_max, so every BER's point uses every inference:
+
+        acc(b) = RA_0 (1 - T_b) - mean_i[P_b(k_i) / g(k_i) d_i]   (+ the truncation, in [0, T_b])
+
+    is unbiased for any ``g`` that is positive wherever some P_b is. A pilot (``pilot`` x budget
+    inferences) draws k from the BERs' average law of K given K >= 1; the rest from the Neyman
+    allocation ``proposal_over_k`` with the pilot's ``E[d^2 | k]`` (``moved_rate_model``) and the
+    BERs weighted so that the predicted widths relative to a direct eval at each BER (variance
+    acc(1 - acc) per inference, from the pilot) are as even as possible (``balanced_proposal``). Interval: normal, variance within each stage (pilot, main) from
+    its own samples, widened above by the truncation bound."""
     for b in bers:
         if not 0.0 <= b <= 1.0:
             raise ValueError(f"BER must be in [0, 1], got {b}")
-    plans0 = runner.plans[0]
-    n_bits = OpWiseSpace(plans0).bits_per_item()
+    n_bits = OpWiseSpace(runner.plans[0]).bits_per_item()
     k_max = choose_k_max(n_bits, bers, tail) if k_max is None else int(k_max)
-    ks = np.arange(1, k_max + 1)
     pmf = np.array([binomial_pmf(n_bits, b, np.arange(k_max + 1)) for b in bers])  # [B, k_max+1]
-    c = (pmf[:, 1:] ** 2).sum(axis=0)
+    live = pmf[:, 1:].sum(axis=0) > 0
+    if not live.any():
+        raise ValueError("no BER puts weight on k >= 1 faults: nothing to estimate (all BERs 0?)")
+    trunc = np.array([binomial_tail(n_bits, b, k_max) for b in bers])
     start = runner.inferences
-    # RA_k = clean - D_k, D_k = E[clean - faulty] (control variate: a masked fault adds no variance)
-    diff = np.zeros(k_max + 1)  # sum of (clean - faulty) per k
-    moved = np.zeros(k_max + 1, np.int64)  # inferences whose outcome changed
-    n = np.zeros(k_max + 1, np.int64)
-    streams = {int(k): runner.visits(seed, int(k)) for k in ks}
-
-    def run_until(k, target):  # whole batches, never past the target (after the first batch)
-        while n[k] == 0 or n[k] + runner.batch <= target:
-            t, j = next(streams[k])
-            correct = runner.run(j, sample_exact_faults(runner.plans[j], int(k), _rng(seed, k, t, j)))
-            d = runner.clean_correct[j].astype(np.int64) - correct
-            diff[k] += d.sum()
-            moved[k] += int(np.count_nonzero(d))
-            n[k] += len(correct)
-            if progress:
-                progress(runner.inferences - start)
-
-    live = [k for k in ks if c[k - 1] > 0]
-    if len(live) * runner.batch > budget:
-        raise ValueError(f"--budget {budget} is less than one batch for each k = 1..{k_max} "
-                         f"({len(live)} x {runner.batch}): lower --batch or --k-max, or raise --budget")
-    first = runner.batch
-    for k in ks:
-        if c[k - 1] > 0:
-            run_until(k, first)
-
-    def second_moment():  # E[d^2] = P(outcome changed), smoothed: an upper bound on Var(d)
-        return (moved + 1) / (n + 2)
-
-    target = neyman_allocation(c, np.sqrt(second_moment()[1:]), budget, n[1:])
-    for k, tk in zip(ks, target):
-        if c[k - 1] > 0:
-            run_until(k, int(tk))
-    ra = runner.clean - np.where(n > 0, diff / np.maximum(n, 1), 0.0)
-    ra[0] = runner.clean
-    m2 = second_moment()
+    n_pilot = max(1, int(budget * pilot))
+    stages: list[dict] = []  # per stage: the law g and the samples (k, d)
+    g = proposal_over_k(pmf[:, 1:], np.ones(k_max), np.ones(len(bers)), defensive=1.0)
+    stage = {"g": g, "k": [], "d": []}
+    stages.append(stage)
+    for t, j in runner.visits(seed, 0xC0):
+        done = runner.inferences - start
+        if done >= budget:
+            break
+        if len(stages) == 1 and done >= n_pilot:
+            ks, d = np.concatenate(stage["k"]), np.concatenate(stage["d"])
+            rate = moved_rate_model(ks, d != 0, k_max)
+            acc = np.clip(runner.clean * (1 - trunc) - _curve_means([stage], pmf)[0], 0.02, 0.98)
+            stage = {"g": balanced_proposal(pmf[:, 1:], rate, acc * (1 - acc)), "k": [], "d": []}
+            stages.append(stage)
+        rng = _rng(seed, 0xC0, t, j)
+        items = len(runner.clean_correct[j])
+        ks = rng.choice(k_max, size=items, p=stage["g"]) + 1
+        faults = sample_exact_faults(runner.plans[j], int(ks.max()), rng)
+        # item i keeps its first k_i faults: a prefix of a uniform ordered k-subset is a uniform k_i-subset
+        column = np.arange(len(faults)) % int(ks.max())
+        faults = faults.subset(column < ks[faults.item])
+        good = runner.run(j, faults)
+        stage["k"].append(ks)
+        stage["d"].append(runner.clean_correct[j].astype(np.float64) - good)
+        if progress:
+            progress(runner.inferences - start)
+    means, ses = _curve_means(stages, pmf)
     points = []
     for bi, b in enumerate(bers):
-        trunc = binomial_tail(n_bits, b, k_max)
-        value = float(pmf[bi] @ ra)
-        var = float(np.sum(pmf[bi, 1:] ** 2 * m2[1:] / np.maximum(n[1:], 1)))
-        half = Z95 * math.sqrt(var)
-        points.append(CurvePoint(float(b), value + trunc * float(ra[k_max]), (max(0.0, value - half),
-                                 min(1.0, value + trunc + half)), trunc, n_bits * float(b)))
-    half_k = Z95 * np.sqrt(m2 / np.maximum(n, 1))
-    per_k = [{"k": 0, "ra": runner.clean, "ci": [runner.clean, runner.clean], "n": len(runner.data),
-              "weight_sq": None}]
-    per_k += [{"k": int(k), "ra": float(ra[k]), "ci": [max(0.0, ra[k] - half_k[k]), min(1.0, ra[k] + half_k[k])],
-               "n": int(n[k]), "weight_sq": float(c[k - 1])} for k in ks]
+        value = runner.clean * (1 - trunc[bi]) - means[bi]
+        half = Z95 * ses[bi]
+        cond = value / (1 - trunc[bi]) if trunc[bi] < 1 else runner.clean
+        points.append(CurvePoint(float(b), float(value + trunc[bi] * cond),
+                                 (max(0.0, value - half), min(1.0, value + trunc[bi] + half)), float(trunc[bi]),
+                                 n_bits * float(b)))
+    ks = np.concatenate([np.concatenate(s["k"]) for s in stages if s["k"]])
+    d = np.concatenate([np.concatenate(s["d"]) for s in stages if s["d"]])
+    per_k = [{"k": 0, "ra": runner.clean, "ci": [runner.clean, runner.clean], "n": len(runner.data)}]
+    for k in range(1, k_max + 1):
+        sel = d[ks == k]
+        n = len(sel)
+        m2 = (np.count_nonzero(sel) + 1) / (n + 2)  # smoothed share of changed outcomes >= Var(d)
+        ra_k = runner.clean - (sel.mean() if n else 0.0)
+        half = Z95 * math.sqrt(m2 / max(n, 1))
+        per_k.append({"k": k, "ra": float(ra_k), "ci": [max(0.0, ra_k - half), min(1.0, ra_k + half)], "n": n,
+                      "moved": int(np.count_nonzero(sel)),
+                      "weight": float(pmf[:, k].max()), "draw_probability": float(stages[-1]["g"][k - 1])})
     return {"points": points, "per_k": per_k, "k_max": k_max, "bits_per_item": n_bits,
-            "inferences": int(runner.inferences - start + len(runner.data)), "clean": runner.clean}
+            "inferences": int(runner.inferences - start + len(runner.data)), "clean": runner.clean,
+            "pilot": int(sum(len(x) for x in stages[0]["k"]))}
+
+
+def _curve_means(stages: list[dict], pmf: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per BER: the estimate of sum_{k>=1} P_b(k) D_k (mean of z = P_b(k)/g(k) d over all samples)
+    and its standard error (variance within each stage, combined as (n_1 v_1 + n_2 v_2) / n^2; a
+    stage where no outcome changed is floored at the half-width Wilson gives no success, z^2/n, in
+    units of the stage's mean ratio)."""
+    total = np.zeros(len(pmf))
+    var = np.zeros(len(pmf))
+    n_all = 0
+    for s in stages:
+        if not s["k"]:
+            continue
+        ks, d = np.concatenate(s["k"]), np.concatenate(s["d"])
+        ratio = pmf[:, ks] / s["g"][ks - 1][None, :]  # [B, n]
+        z = ratio * d[None, :]
+        n = len(d)
+        n_all += n
+        total += z.sum(axis=1)
+        v = z.var(axis=1, ddof=1) if n > 1 else np.zeros(len(pmf))
+        floor = ratio.mean(axis=1) ** 2 * Z95**2 / n
+        var += n * np.maximum(v, floor)
+    n_all = max(n_all, 1)
+    return total / n_all, np.sqrt(var) / n_all

@@ -18,6 +18,7 @@ from ..runtime.data import InputLayout
 from .outcomes import OutcomeOptions
 
 METRICS = ("top1", "sdc")
+FAULT_MODELS = ("operation", "variable")
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,11 @@ class CampaignSpec:
     selection: SiteSelection = field(default_factory=SiteSelection)  # include_protection: --inject-protection
     int_widths: tuple[int, int] = (16, 32)
     max_faults: float | None = DEFAULT_MAX_FAULTS  # expected flips per batch above which a BER is refused
+    # operation: a BER per (operation, bit) (docs/fault_model.md); variable: a BER per stored bit-cycle
+    # of the GEMM/Conv variables under the dataflow ``hw`` (docs/resiliency_accuracy.md)
+    fault_model: str = "operation"
+    hw: str | None = None  # ws:RxC, os:RxC, is:RxC, gpu:TMxTNxTK or equal (fault_model variable)
+    variables: tuple[str, ...] = ("weight", "input", "psum")  # the variable kinds faults may hit
     # how it runs
     provider: str = "auto"
     threads: int | None = None

@@ -7,7 +7,8 @@ import click
 
 from .. import api
 from .clip_options import clip_options, clip_train_options
-from .main import _bers, _one_ber, _run, campaign_out_dir, campaign_run_options, cli, outcome_cli_options
+from .main import (_bers, _one_ber, _run, campaign_out_dir, campaign_run_options, cli, fault_model_options,
+                   outcome_cli_options)
 
 SCHEMES = ("none", "range", "standard", "sec", "lb", "lb+range", "lb+range+dmr", "tmr", "auto",
            "clip-ranger", "clip-layer", "clip-neuron", "proact")
@@ -46,6 +47,7 @@ SCHEMES = ("none", "range", "standard", "sec", "lb", "lb+range", "lb+range+dmr",
 @clip_options(method=False)
 @click.option("--threads", default=None, type=click.IntRange(min=1))
 @outcome_cli_options
+@fault_model_options
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
               help="Write compare.json, compare.csv, accuracy_vs_ber.png, outcomes_vs_ber.png, overhead.png and "
                    "the campaign store (campaign.sqlite, one part per scheme) here.")
@@ -53,7 +55,8 @@ SCHEMES = ("none", "range", "standard", "sec", "lb", "lb+range", "lb+range+dmr",
 @click.option("--json", "as_json", is_flag=True)
 def compare(model, schemes, ber_text, design_ber, data, calib, trials, limit, batch, seed, target_drop, max_overhead,
             range_mode, range_ops, alpha, dmr, precision, latency, inject_protection, provider, clip_mode, train,
-            train_limit, epochs, penalty, threads, outputs, sdc, tol, out_dir, resume, workers, ray_address, as_json):
+            train_limit, epochs, penalty, threads, outputs, sdc, tol, fault_model, hw, variables, out_dir, resume,
+            workers, ray_address, as_json):
     """Accuracy and masked / SDC / DUE rates under injection, and operation overhead, of protection
     schemes for MODEL."""
     names = [s.strip() for s in schemes.split(",") if s.strip()]
@@ -77,7 +80,8 @@ def compare(model, schemes, ber_text, design_ber, data, calib, trials, limit, ba
                    inject_protection=inject_protection, dmr=dmr.split(","), target_drop=target_drop,
                    max_overhead=max_overhead, outputs=outputs, sdc=sdc, tol=tol, precision=precision, store=store,
                    workers=workers, ray_address=ray_address, train=train,
-                   clip_options=clip_train_options("proact", clip_mode, train_limit, epochs, penalty))
+                   clip_options=clip_train_options("proact", clip_mode, train_limit, epochs, penalty),
+                   fault_model=fault_model, hw=hw, variables=variables)
     finally:
         if store is not None:
             store.close()

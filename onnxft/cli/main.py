@@ -112,6 +112,20 @@ def site_options(f):
     return f
 
 
+def fault_model_options(f):
+    """--fault-model, --hw, --variables: which fault model a campaign's BER applies to."""
+    f = click.option("--variables", default=None,
+                     help="--fault-model variable: kinds hit, comma-separated weight,activation,psum or all "
+                          "(default all).")(f)
+    f = click.option("--hw", default=None,
+                     help="--fault-model variable: ws:RxC, os:RxC, is:RxC, gpu:TMxTNxTK or equal.")(f)
+    f = click.option("--fault-model", type=click.Choice(["operation", "variable"]), default="operation",
+                     show_default=True,
+                     help="operation: BER per (operation, bit); variable: BER per stored bit-cycle of GEMM/Conv "
+                          "weights, activations and partial sums under --hw (docs/resiliency_accuracy.md).")(f)
+    return f
+
+
 def outcome_cli_options(f):
     """Shared options choosing the checked outputs and the SDC criterion (campaigns.outcomes)."""
     f = click.option("--tol", default=None,
@@ -244,12 +258,13 @@ def inject(model, output, ber, seed, batch, faults_out, logging, data, shapes, b
 @click.option("--inject-protection", is_flag=True,
               help="Hardened models: also fault what harden inserted (checksums, range restriction, ABFT recovery).")
 @outcome_cli_options
+@fault_model_options
 @input_options(shapes=False)
 @max_faults_option
 @site_options
 def eval_(models, data, ber_text, trials, seed, metric, provider, batch, limit, out_dir, resume, workers, ray_address,
-          title, fault_log, threads, quiet, inject_protection, outputs, sdc, tol, batch_axes, max_faults, names,
-          op_types, formats, scales, int_widths):
+          title, fault_log, threads, quiet, inject_protection, outputs, sdc, tol, fault_model, hw, variables,
+          batch_axes, max_faults, names, op_types, formats, scales, int_widths):
     """Accuracy (or SDC rate) of MODELS against BER, and the masked / SDC / DUE rates, with 95%
     confidence intervals.
 
@@ -276,7 +291,8 @@ def eval_(models, data, ber_text, trials, seed, metric, provider, batch, limit, 
                               provider=provider, batch=batch, selection=sel, int_widths=_widths(int_widths),
                               limit=limit, progress=None if quiet else _progress(bars, model or "vit"),
                               fault_log=fault_log, threads=threads, outputs=outputs, sdc=sdc, tol=tol, inputs=layout,
-                              max_faults=budget, store=store, workers=workers, ray_address=ray_address)
+                              max_faults=budget, store=store, workers=workers, ray_address=ray_address,
+                              fault_model=fault_model, hw=hw, variables=variables)
             finally:
                 for bar in bars:
                     bar.close()

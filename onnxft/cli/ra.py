@@ -8,7 +8,7 @@ import sys
 import click
 
 from .. import api
-from .main import UserError, _bers, _check_out_dir, _run, _selection, _widths, site_options
+from .main import UserError, _bers, _check_out_dir, _run, _selection, _widths, outcome_cli_options, site_options
 
 
 @click.command(name="ra")
@@ -18,7 +18,7 @@ from .main import UserError, _bers, _check_out_dir, _run, _selection, _widths, s
               help="Variable-level model: ws:RxC, os:RxC, is:RxC, gpu:TMxTNxTK or equal (default: operation-wise).")
 @click.option("--faults", default=1, show_default=True, type=click.IntRange(min=0), help="k: faults per inference.")
 @click.option("--method", type=click.Choice(["mc", "is"]), default="mc", show_default=True,
-              help="Plain Monte Carlo, or importance sampling (RA_1).")
+              help="Plain Monte Carlo, or importance sampling (any --faults; product proposal for k > 1).")
 @click.option("--budget", default=None, type=click.IntRange(min=1),
               help="Inferences at most (default 2000 without --ci-width).")
 @click.option("--ci-width", default=None, type=click.FloatRange(min=0, min_open=True),
@@ -35,11 +35,14 @@ from .main import UserError, _bers, _check_out_dir, _run, _selection, _widths, s
               help="Write results.json, results.csv and a plot here.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--metric", type=click.Choice(["top1", "sdc"]), default="top1", show_default=True,
+              help="RA as top-1 accuracy given the faults, or as 1 - SDC - DUE (no labels needed).")
+@outcome_cli_options
 @site_options
 def ra(model, data, hw, faults, method, budget, ci_width, curve, ber_text, k_max, seed, batch, limit, provider, threads,
-       out_dir, as_json, quiet, names, op_types, formats, scales, int_widths):
-    """Resiliency Accuracy of MODEL: top-1 accuracy given exactly --faults faults in one inference,
-    with a 95% interval (RA = RA_1)."""
+       out_dir, as_json, quiet, metric, outputs, sdc, tol, names, op_types, formats, scales, int_widths):
+    """Resiliency Accuracy of MODEL: top-1 accuracy (or 1 - SDC - DUE, --metric sdc) given exactly
+    --faults faults in one inference, with a 95% interval (RA = RA_1), and the SDC and DUE rates."""
     if curve != (ber_text is not None):
         raise UserError("--curve and --ber go together")
     bers = _bers(ber_text) if curve else None
@@ -61,7 +64,7 @@ def ra(model, data, hw, faults, method, budget, ci_width, curve, ber_text, k_max
 
     try:
         result = _run(api.ra, model, data, hw, faults, method, budget, ci_width, seed, batch, limit, provider,
-                      threads, sel, _widths(int_widths), bers, k_max, None, progress)
+                      threads, sel, _widths(int_widths), bers, k_max, None, progress, metric, outputs, sdc, tol)
     finally:
         for b in bar:
             b.close()

@@ -35,6 +35,7 @@ from .sites import SiteTable
 
 HW_KINDS = ("ws", "os", "is", "gpu", "equal")
 VARIABLE_KINDS = ("weight", "input", "psum")
+OPERAND_BITS = {"fp32": 32, "fp16": 16, "int8": 8}  # bits of a stored weight / input by the site's format
 
 
 @dataclass(frozen=True)
@@ -154,8 +155,6 @@ def product_of(index: int, plan: SitePlan) -> tuple[Product | None, str]:
     site = plan.site
     if site.kind == "elementwise":
         return None, "elementwise"
-    if site.format == "fp16":
-        return None, "fp16 operands are not modelled yet (fp32 and int8 are)"
     if site.format == "int8" and site.widths["product"] < 32:
         return None, "int8 products narrower than 32 bits (the variable-level model runs with 32-bit products)"
     if site.recovery_of:
@@ -228,7 +227,10 @@ class OperandReader:
         self._sessions: dict = {}
         self.table = table
 
-    def read(self, feeds: dict[str, np.ndarray]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    def read(self, feeds: dict[str, np.ndarray], fault_feeds: dict[str, np.ndarray] | None = None
+             ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """Every readable site's operands in a run with these inputs: fault-free, or with
+        ``fault_feeds`` (``sampling.fault_feeds``) applied, for operands downstream of other faults."""
         from ..runtime.session import make_session, with_static_inputs
 
         key = tuple((k, np.shape(v)) for k, v in sorted(feeds.items()))
@@ -236,16 +238,14 @@ class OperandReader:
             self._sessions[key] = make_session(with_static_inputs(self.model, feeds), self.provider, self.threads,
                                                level="basic")
         names = sorted(set(self.outputs))
-        values = dict(zip(names, self._sessions[key].run(names, feeds)))
+        full = dict(feeds)
+        full.update(fault_feeds or {})
+        values = dict(zip(names, self._sessions[key].run(names, full)))
         return {i: (values[a], values[b]) for i, (a, b) in self.names.items()}
 
 
 def _bits32(x: np.ndarray) -> np.ndarray:
     return np.asarray(x, np.float32).view(np.uint32)
-
-
-def _flip32(x: np.ndarray, bit: np.ndarray) -> np.ndarray:
-    return (_bits32(x) ^ (np.uint32(1) << bit.astype(np.uint32))).view(np.float32)
 
 
 @dataclass(frozen=True)
@@ -267,20 +267,28 @@ class VariableFault:
 
 
 class VariableSpace:
-    """One fault of the variable-level model, cut into strata (site, kind, bit) for
-    ``campaigns.ra`` (its interface: ``strata``, ``prepare(feeds)``, ``draw(strata, items, rng)``).
+    """The variable-level model of one batch, cut into strata (site, kind, bit): for
+    ``campaigns.ra`` one fault per inference (its interface: ``strata``, ``prepare(feeds)``,
+    ``draw(strata, items, rng)``), for ``eval --fault-model variable`` every stored bit-cycle an
+    independent Bernoulli(BER) event (``sample_ber``, ``inject``).
 
-    Sites the model does not cover (elementwise ops, non-fp32 GEMMs, broadcast operands, GEMMs
-    inside a fused op) are listed in ``skipped``: RA is then conditional on the fault being in a
-    covered site."""
+    ``kinds``: the variable kinds that can be hit (weight, input, psum; default all).
 
-    def __init__(self, plans: list[SitePlan], hw: Hardware, reader: OperandReader):
+    Sites the model does not cover (elementwise ops, int8 GEMMs with products under 32 bits, broadcast
+    operands, GEMMs inside a fused op) are listed in ``skipped``: RA is then conditional on the fault
+    being in a covered site, and eval puts no faults there."""
+
+    def __init__(self, plans: list[SitePlan], hw: Hardware, reader: OperandReader,
+                 kinds: tuple[str, ...] = VARIABLE_KINDS):
         from ..campaigns.ra import Strata
 
+        bad = sorted(set(kinds) - set(VARIABLE_KINDS))
+        if bad or not kinds:
+            raise ValueError(f"variable kinds {', '.join(bad) or '(none)'}: choose from weight, input, psum")
         self.plans, self.hw, self.reader = plans, hw, reader
         self.products: dict[int, Product] = {}
         self.skipped: list[tuple[str, str]] = []
-        site, kind, bit, mass, widths = [], [], [], [], []
+        site, kind, bit, mass, widths, positions, floating = [], [], [], [], [], [], []
         for i, plan in enumerate(plans):
             prod, why = product_of(i, plan)
             if prod is None:
@@ -296,9 +304,9 @@ class VariableSpace:
             self.products[i] = prod
             exp = exposure(hw, prod.m, prod.n, prod.k)
             for kd, name in enumerate(VARIABLE_KINDS):
-                if exp[name] <= 0:
+                if exp[name] <= 0 or name not in kinds:
                     continue
-                width = plan.site.widths["sum"] if name == "psum" else (8 if plan.site.format == "int8" else 32)
+                width = plan.site.widths["sum"] if name == "psum" else OPERAND_BITS[plan.site.format]
                 # equal: every variable equally likely, then a bit of it; else bits x residency
                 per_bit = exp[name] * prod.groups / (width if hw.kind == "equal" else 1)
                 site += [i] * width
@@ -306,11 +314,17 @@ class VariableSpace:
                 bit += list(range(width))
                 mass += [per_bit] * width
                 widths += [width] * width
+                floating += [plan.site.format != "int8"] * width
+                # stored bit-cycles of this bit position per item (equal: stored bits, one per variable)
+                positions += [exp[name] * prod.groups] * width
         if not mass:
-            raise ValueError("the variable-level model found no fp32 GEMM/Conv site whose operands it can read")
+            raise ValueError("the variable-level model found no fp32/fp16/int8 GEMM/Conv site whose operands it can read "
+                             f"(variable kinds: {', '.join(kinds)})")
         mass = np.array(mass, np.float64)
         self.strata = Strata(np.array(site, np.int64), np.array(kind, np.int64), np.array(bit, np.int64),
-                             mass / mass.sum(), VARIABLE_KINDS, np.array(widths, np.int64))
+                             mass / mass.sum(), VARIABLE_KINDS, np.array(widths, np.int64), np.array(floating, bool))
+        self.positions = np.array(positions, np.int64)
+        self.scale = np.array([plans[i].site.scale for i in site], np.float64)
         self.operands: dict | None = None
 
     def prepare(self, feeds) -> None:
@@ -320,9 +334,67 @@ class VariableSpace:
         parts = [self.draw_one(int(s), int(i), rng) for s, i in zip(strata.tolist(), items.tolist())]
         return Faults.concat(parts)
 
+    def distinct_probability(self, k: int) -> float:
+        """RA_k under this model is defined with k independent faults (the law of k upsets of a
+        Poisson process over the stored bit-cycles), so every tuple is in the law: 1."""
+        return 1.0
+
+    def draw_tuples(self, strata: np.ndarray, rng: np.random.Generator, feeds, plans) -> tuple[Faults, np.ndarray]:
+        """``strata[i]``: the k faults of item i, each placed in its stratum (``describe``), applied
+        together exactly (``inject``). Returns (faults, every item valid)."""
+        drawn = [self.describe(int(s), i, rng) for i, row in enumerate(strata.tolist()) for s in row]
+        return self.inject(drawn, feeds, plans), np.ones(len(strata), bool)
+
     def draw_one(self, stratum: int, item: int, rng: np.random.Generator) -> Faults:
         return self.apply(self.describe(stratum, item, rng))
 
+    # eval at a BER ----------------------------------------------------------------------------
+    def expected_faults(self, ber: float, items: int) -> float:
+        """Expected stored-bit flips of one batch at ``ber``."""
+        return float(np.sum(self.positions * np.minimum(ber * self.scale, 1.0)) * items)
+
+    def sample_ber(self, ber: float, items: int, rng: np.random.Generator) -> list["VariableFault"]:
+        """Every stored bit-cycle (under ``equal``: every stored bit) of every item flips
+        independently with probability ``ber`` (times the site's BER scale): per item and stratum
+        ``Binomial(bit-cycles, ber)`` flips, each placed by the stratum's own law (``describe``)."""
+        if ber <= 0:
+            return []
+        p = np.minimum(ber * self.scale, 1.0)
+        counts = rng.binomial(np.broadcast_to(self.positions, (items, len(p))), np.broadcast_to(p, (items, len(p))))
+        faults = []
+        for item, s in zip(*np.nonzero(counts)):
+            faults += [self.describe(int(s), int(item), rng) for _ in range(int(counts[item, s]))]
+        return faults
+
+    def inject(self, faults: list["VariableFault"], feeds, plans: list[SitePlan]) -> Faults:
+        """The product faults that have exactly the effect of ``faults`` (any number per item).
+
+        The masks of a site's corrupted products come from the operands that site sees in the
+        faulted run, which other faults upstream may have changed. So: masks from the fault-free
+        operands; then, while some item has faults at two or more sites, run the graph with the
+        masks, re-read every operand and recompute the masks, until they no longer change (a
+        fixed point: every site's masks are computed from the operands of the very run they are
+        applied in; a site's operands depend only on sites before it, so the masks settle after at
+        most one round per site in a chain)."""
+        from .sampling import fault_feeds
+
+        if self.operands is None:
+            self.prepare(feeds)
+        current = self.apply_many(faults)
+        per_item: dict[int, set] = {}
+        for f in faults:
+            per_item.setdefault(f.item, set()).add(f.site)
+        if all(len(s) < 2 for s in per_item.values()):
+            return current
+        for _ in range(len(self.products) + 1):
+            operands = self.reader.read(feeds, fault_feeds(plans, current))
+            nxt = self.apply_many(faults, operands)
+            if _same_faults(nxt, current):
+                return nxt
+            current = nxt
+        raise RuntimeError("operand masks did not settle (a cycle between fault sites?)")
+
+    # one fault ----------------------------------------------------------------------------------
     def describe(self, stratum: int, item: int, rng: np.random.Generator) -> "VariableFault":
         """Draw one fault within a stratum: which copy, and which of its reads it corrupts."""
         st = self.strata
@@ -337,65 +409,86 @@ class VariableSpace:
 
     def apply(self, f: "VariableFault") -> Faults:
         """The product (or partial-sum) faults that have exactly this fault's effect."""
-        p = self.products[f.site]
-        if f.kind == "psum":  # the operation-wise partial-sum fault on s_j (step K-1+j)
-            e = self._element(p, f.group, np.array([f.index0]), np.array([f.index1]))
-            return Faults(np.array([f.site]), np.array([f.item]), e, np.array([p.k - 1 + f.first]), np.array([f.bit]))
-        if f.end <= f.first:
-            return Faults.empty()  # the flip came after the copy's last read: masked
-        a_op, b_op = self.operands[f.site]
-        bit = np.array(f.bit)
-        if f.site in self.reader.zero_points:
-            return self._apply_int(p, f, a_op, b_op)
-        with np.errstate(all="ignore"):
-            if f.kind == "weight":
-                kk, col = f.index0, f.index1
-                rows = np.arange(f.first, f.end)
-                a = self._a(p, a_op, f.item, f.group, rows, np.full(len(rows), kk))
-                w = self._b(p, b_op, f.item, f.group, kk, col)
-                new, old = a * _flip32(w, bit), a * np.float32(w)
-                elements = self._element(p, f.group, rows, np.full(len(rows), col))
+        return self.apply_many([f])
+
+    def apply_many(self, faults: list["VariableFault"], operands: dict | None = None) -> Faults:
+        """Product and partial-sum faults with the effect of ``faults`` given the operands each site
+        reads (default: the fault-free ones of ``prepare``).
+
+        Reads of one product by several faults are merged first: the operands' flips are XORed (a
+        bit flipped twice in one copy is restored), and the product's mask turns ``a x b`` into
+        ``a' x b'`` with both operands as corrupted, so a weight fault and an input fault on the same
+        product compose exactly."""
+        operands = self.operands if operands is None else operands
+        parts = []
+        reads: dict[tuple[int, int, int], list] = {}
+        psums: dict[tuple, int] = {}
+        for f in faults:
+            p = self.products[f.site]
+            if f.kind == "psum":  # the operation-wise partial-sum fault on s_j (step K-1+j)
+                e = int(self._element(p, f.group, np.array([f.index0]), np.array([f.index1]))[0])
+                key = (f.site, f.item, e, p.k - 1 + f.first, f.bit)
+                psums[key] = psums.get(key, 0) ^ 1  # the same bit flipped twice is restored
+                continue
+            if f.end <= f.first:
+                continue  # the flip came after the copy's last read: masked
+            span = np.arange(f.first, f.end)
+            one = np.ones(len(span), np.int64)
+            flip = np.uint64(1) << np.uint64(f.bit)
+            if f.kind == "weight":  # B[k, col] read by rows first..end-1
+                rows, cols, kk = span, one * f.index1, one * f.index0
+                am, bm = np.zeros(len(span), np.uint64), np.full(len(span), flip)
+            else:  # A[row, k] read by columns first..end-1
+                rows, cols, kk = one * f.index0, span, one * f.index1
+                am, bm = np.full(len(span), flip), np.zeros(len(span), np.uint64)
+            reads.setdefault((f.site, f.item, f.group), []).append((rows, cols, kk, am, bm))
+        kept = [key for key, odd in psums.items() if odd]
+        if kept:
+            parts.append(Faults(*(np.array(c, np.int64) for c in zip(*kept))))
+        for (site, item, g), lst in sorted(reads.items()):
+            p = self.products[site]
+            rows, cols, kk, am, bm = (np.concatenate([r[c] for r in lst]) for c in range(5))
+            key = (rows * p.n + cols) * p.k + kk
+            uniq, first, inv = np.unique(key, return_index=True, return_inverse=True)
+            a_mask, b_mask = np.zeros(len(uniq), np.uint64), np.zeros(len(uniq), np.uint64)
+            np.bitwise_xor.at(a_mask, inv, am)
+            np.bitwise_xor.at(b_mask, inv, bm)
+            rows, cols, kk = rows[first], cols[first], kk[first]
+            a_op, b_op = operands[site]
+            if site in self.reader.zero_points:
+                masks = self._int_masks(p, site, item, g, rows, cols, kk, a_mask, b_mask, a_op, b_op)
+            elif self.plans[site].site.format == "fp16":
+                # binary16 operands; the product is the float32 product rounded once to binary16
+                # (exact before rounding), and the mask is on its 16 bits
+                a = np.float16(self._a(p, a_op, item, g, rows, kk))
+                b = np.float16(self._b(p, b_op, item, g, kk, cols))
+                with np.errstate(all="ignore"):
+                    new = (_xor16(a, a_mask).astype(np.float32) * _xor16(b, b_mask).astype(np.float32)).astype(np.float16)
+                    old = (a.astype(np.float32) * b.astype(np.float32)).astype(np.float16)
+                masks = (new.view(np.uint16) ^ old.view(np.uint16)).astype(np.uint32)
             else:
-                row, kk = f.index0, f.index1
-                cols = np.arange(f.first, f.end)
-                a = self._a(p, a_op, f.item, f.group, np.array([row]), np.array([kk]))[0]
-                w = self._b(p, b_op, f.item, f.group, kk, cols)
-                new, old = _flip32(a, bit) * w, np.float32(a) * w
-                elements = self._element(p, f.group, np.full(len(cols), row), cols)
-        return _mask_rows(f.site, f.item, elements, kk, _bits32(old) ^ _bits32(new))
+                with np.errstate(all="ignore"):
+                    a = self._a(p, a_op, item, g, rows, kk)
+                    b = self._b(p, b_op, item, g, kk, cols)
+                    new = _xor32(a, a_mask) * _xor32(b, b_mask)
+                    old = a * b
+                masks = _bits32(old) ^ _bits32(new)
+            parts.append(_mask_rows(site, item, self._element(p, g, rows, cols), kk, masks))
+        return Faults.concat(parts)
 
-    def _apply_int(self, p: Product, f: "VariableFault", a_op, b_op) -> Faults:
-        """int8: products (qa - za)(qb - zb) of the stored 8-bit values; the flip is on the 8-bit
-        pattern of qa or qb; the mask turns the 32-bit two's complement product into the new one
+    def _int_masks(self, p: Product, site: int, item: int, g: int, rows, cols, kk, a_mask, b_mask, a_op, b_op):
+        """int8: products (qa - za)(qb - zb) of the stored 8-bit values; the flips are on the 8-bit
+        patterns of qa and qb; the mask turns the 32-bit two's complement product into the new one
         (exact: |product| < 2^16)."""
-        za, zb = self.reader.zero_points[f.site]
+        za, zb = self.reader.zero_points[site]
         za = int(np.reshape(za, -1)[0])
-        signed_a, signed_b = a_op.dtype == np.int8, b_op.dtype == np.int8
-
-        def zb_of(cols):
-            z = np.reshape(zb, -1)
-            return z[(f.group * p.n + cols) % len(z)] if p.conv else z[cols % len(z)]
-
-        if f.kind == "weight":
-            kk, col = f.index0, f.index1
-            rows = np.arange(f.first, f.end)
-            qa = self._a(p, a_op, f.item, f.group, rows, np.full(len(rows), kk), pad=za).astype(np.int64)
-            qb = np.int64(self._b(p, b_op, f.item, f.group, kk, col, raw=True))
-            z = zb_of(np.array([col]))[0]
-            old = (qa - za) * (qb - z)
-            new = (qa - za) * (_flip8(qb, f.bit, signed_b) - z)
-            elements = self._element(p, f.group, rows, np.full(len(rows), col))
-        else:
-            row, kk = f.index0, f.index1
-            cols = np.arange(f.first, f.end)
-            qa = np.int64(self._a(p, a_op, f.item, f.group, np.array([row]), np.array([kk]), pad=za)[0])
-            qb = self._b(p, b_op, f.item, f.group, kk, cols, raw=True).astype(np.int64)
-            z = zb_of(cols)
-            old = (qa - za) * (qb - z)
-            new = (_flip8(qa, f.bit, signed_a) - za) * (qb - z)
-            elements = self._element(p, f.group, np.full(len(cols), row), cols)
-        mask = (old.astype(np.int64) & 0xFFFFFFFF) ^ (new.astype(np.int64) & 0xFFFFFFFF)
-        return _mask_rows(f.site, f.item, elements, kk, mask.astype(np.uint32))
+        z = np.reshape(zb, -1)
+        z = z[(g * p.n + cols) % len(z)] if p.conv else z[cols % len(z)]
+        qa = self._a(p, a_op, item, g, rows, kk, pad=za).astype(np.int64)
+        qb = np.asarray(self._b(p, b_op, item, g, kk, cols, raw=True), np.int64)
+        old = (qa - za) * (qb - z)
+        new = (_flip8(qa, a_mask, a_op.dtype == np.int8) - za) * (_flip8(qb, b_mask, b_op.dtype == np.int8) - z)
+        return ((old & 0xFFFFFFFF) ^ (new & 0xFFFFFFFF)).astype(np.uint32)
 
     # operand access per item ----------------------------------------------------------------
     def _element(self, p: Product, g: int, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
@@ -438,18 +531,48 @@ class VariableSpace:
         return dtype(w) if np.ndim(w) == 0 else w.astype(dtype)
 
 
-def _flip8(q, bit: int, signed: bool):
-    """Flip bit ``bit`` of the 8-bit pattern of ``q`` (int8 two's complement or uint8)."""
-    x = (np.asarray(q, np.int64) & 0xFF) ^ (1 << bit)
+def _flip8(q, mask, signed: bool):
+    """XOR ``mask`` into the 8-bit pattern of ``q`` (int8 two's complement or uint8)."""
+    x = (np.asarray(q, np.int64) & 0xFF) ^ np.asarray(mask, np.int64)
     return np.where(x >= 128, x - 256, x) if signed else x
 
 
-def _mask_rows(site: int, item: int, elements: np.ndarray, step: int, masks: np.ndarray) -> Faults:
+def _xor16(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    return (np.asarray(x, np.float16).view(np.uint16) ^ np.asarray(mask, np.uint16)).view(np.float16)
+
+
+def _xor32(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    return (_bits32(x) ^ np.asarray(mask, np.uint32)).view(np.float32)
+
+
+def _same_faults(a: Faults, b: Faults) -> bool:
+    return len(a) == len(b) and all(np.array_equal(getattr(a, f), getattr(b, f))
+                                    for f in ("site", "item", "element", "step", "bit"))
+
+
+def _mask_rows(site: int, item: int, elements: np.ndarray, step, masks: np.ndarray) -> Faults:
     """Product faults with these XOR masks: one row per set bit (the feeds merge a product's bits
-    back into one mask)."""
+    back into one mask); ``step``: the reduction index of each product (or one for all)."""
+    masks = np.asarray(masks, np.uint32)
+    step = np.broadcast_to(np.asarray(step, np.int64), masks.shape)
     bits = np.arange(32, dtype=np.uint32)
     set_ = ((masks[:, None] >> bits[None, :]) & np.uint32(1)).astype(bool)
     row, bit = np.nonzero(set_)
     n = len(row)
     return Faults(np.full(n, site, np.int64), np.full(n, item, np.int64), elements[row].astype(np.int64),
-                  np.full(n, step, np.int64), bit.astype(np.int64))
+                  step[row].astype(np.int64), bit.astype(np.int64))
+
+
+def parse_variables(text) -> tuple[str, ...]:
+    """``--variables``: comma-separated weight, activation (or input), psum, or all; in
+    ``VARIABLE_KINDS`` order."""
+    if text is None:
+        return VARIABLE_KINDS
+    names = [t.strip().lower() for t in (text.split(",") if isinstance(text, str) else text) if t.strip()]
+    if "all" in names:
+        return VARIABLE_KINDS
+    names = ["input" if t in ("activation", "activations", "input", "inputs") else t.rstrip("s") for t in names]
+    bad = [t for t in names if t not in VARIABLE_KINDS]
+    if bad or not names:
+        raise ValueError(f"--variables {text!r}: choose from weight, activation, psum or all (comma-separated)")
+    return tuple(k for k in VARIABLE_KINDS if k in names)

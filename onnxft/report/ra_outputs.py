@@ -9,8 +9,15 @@ from pathlib import Path
 from .outputs import atomic_write
 
 
+def _measure(r: dict) -> str:
+    return "1 - SDC - DUE" if r.get("metric") == "sdc" else "top-1"
+
+
 def ra_table(r: dict) -> str:
-    head = f"{r['model']}  ({r['items']} items, fault model {r['hw']}, clean top-1 {r['clean']:.4f})"
+    head = f"{r['model']}  ({r['items']} items, fault model {r['hw']}, RA = {_measure(r)}, clean {r['clean']:.4f})"
+    if r.get("outputs"):
+        o = r["outputs"]
+        head += f"\n  outputs checked: {', '.join(o['checked'])}; SDC = {o['sdc_criterion']}"
     if "points" in r:
         lines = [head, f"  conditional campaigns: k = 0..{r['k_max']}, {r['inferences']} inferences, "
                        f"{r['bits_per_item']} bits per inference",
@@ -22,8 +29,12 @@ def ra_table(r: dict) -> str:
         for q in r["per_k"]:
             lines.append(f"  {q['k']:>3}  {q['ra']:>7.4f}  [{q['ci'][0]:.4f}, {q['ci'][1]:.4f}]  {q['n']}")
         return "\n".join(lines)
-    return "\n".join([head, f"  RA_{r['k']} = {r['ra']:.4f}  95% CI [{r['ci'][0]:.4f}, {r['ci'][1]:.4f}]  "
-                            f"({r['method']}, {r['inferences']} inferences, ESS {r['ess']:.0f})"])
+    lines = [head, f"  RA_{r['k']} = {r['ra']:.4f}  95% CI [{r['ci'][0]:.4f}, {r['ci'][1]:.4f}]  "
+                   f"({r['method']}, {r['inferences']} inferences, ESS {r['ess']:.0f})"]
+    if "sdc" in r:
+        lines.append(f"  SDC {r['sdc']:.4f} [{r['sdc_ci'][0]:.4f}, {r['sdc_ci'][1]:.4f}]  "
+                     f"DUE {r['due']:.4f} [{r['due_ci'][0]:.4f}, {r['due_ci'][1]:.4f}]  (given {r['k']} fault(s))")
+    return "\n".join(lines)
 
 
 def ra_csv(r: dict) -> str:
@@ -35,9 +46,11 @@ def ra_csv(r: dict) -> str:
             w.writerow([r["model"], r["hw"], p["ber"], p["value"], p["ci"][0], p["ci"][1], p["truncation"],
                         p["faults_per_item"], r["inferences"]])
     else:
-        w.writerow(["model", "hw", "k", "method", "ra", "ci_low", "ci_high", "inferences", "ess", "clean"])
-        w.writerow([r["model"], r["hw"], r["k"], r["method"], r["ra"], r["ci"][0], r["ci"][1], r["inferences"],
-                    r["ess"], r["clean"]])
+        w.writerow(["model", "hw", "k", "method", "metric", "ra", "ci_low", "ci_high", "sdc", "sdc_low", "sdc_high",
+                    "due", "due_low", "due_high", "inferences", "ess", "clean"])
+        w.writerow([r["model"], r["hw"], r["k"], r["method"], r.get("metric", "top1"), r["ra"], r["ci"][0], r["ci"][1],
+                    r.get("sdc"), *(r.get("sdc_ci") or [None, None]), r.get("due"), *(r.get("due_ci") or [None, None]),
+                    r["inferences"], r["ess"], r["clean"]])
     return buf.getvalue()
 
 
@@ -64,12 +77,12 @@ def ra_plot(r: dict, path: str | Path, direct: list[dict] | None = None) -> Path
                         marker="s", capsize=3, ls="none", label=f"direct eval ({sum(p['n'] for p in dp)} inferences)")
         ax.set_xscale("log")
         ax.set_xlabel("bit error rate (per bit of each operation result)")
-        ax.set_ylabel("top-1 accuracy")
+        ax.set_ylabel("top-1 accuracy" if r.get("metric") != "sdc" else "1 - SDC - DUE")
     else:
         ax.bar([0, 1], [r["clean"], r["ra"]], yerr=[[0, r["ra"] - r["ci"][0]], [0, r["ci"][1] - r["ra"]]],
                capsize=4, color=["#999999", "#1f77b4"])
         ax.set_xticks([0, 1], ["fault-free", f"RA_{r['k']} ({r['hw']}, {r['method']})"])
-        ax.set_ylabel("top-1 accuracy")
+        ax.set_ylabel("top-1 accuracy" if r.get("metric") != "sdc" else "1 - SDC - DUE")
     ax.axhline(r["clean"], ls=":", lw=0.8, color="grey")
     ax.set_ylim(0, 1.02)
     ax.grid(True, which="both", alpha=0.3)
