@@ -83,7 +83,8 @@ def _spec(args, bers) -> CampaignSpec:
                         threads=args.threads, metric="top1")
     if args.fault_model != "operation":
         # the variable-level model (Resiliency Accuracy issue), where this onnxft has it
-        spec = spec.replace(fault_model=args.fault_model, hw=args.hw, variables=tuple(args.variables.split(",")))
+        spec = spec.replace(fault_model=args.fault_model, hw=args.hw, variables=tuple(args.variables.split(",")),
+                            int_widths=(32, 32))  # (what eval --fault-model variable sets)
     return spec
 
 
@@ -134,6 +135,40 @@ def clean(args) -> None:
         out[scheme] = {"accuracy": right / len(data), "ci": list(wilson_interval(right, len(data))), "items": len(data)}
         print(f"{scheme}: {right / len(data):.4f} ({right}/{len(data)})")
     atomic_write(d / "clean.json", json.dumps(out, indent=1) + "\n")
+
+
+def count(args) -> None:
+    """Thresholds of neuron-wise everywhere against the hybrid (ProAct's), per channel as onnxft
+    clips, and per element (every value of the activation, batch excluded), from the activation
+    shapes on two items: no training needed, the counts are the architecture's."""
+    from onnxft.campaigns.train_clip import profile_activations
+    from onnxft.passes.clip import find_clip_sites, threshold_shape
+    from onnxft.runtime.data import Dataset
+
+    rows = []
+    for name in args.models:
+        model, _, default = api.load(name)
+        if default is not None:
+            data = api._dataset(model, None, default, 2)
+        else:
+            z = np.load(Path(name).with_suffix(".npz"))
+            data = Dataset({k: z[k][:2] for k in z.files if k != "y"}, None)
+        sites = find_clip_sites(model)
+        shapes = [profile_activations(model, sites, data)[s.tensor]["shape"] for s in sites]
+        per_channel = [int(np.prod(threshold_shape(tuple(sh), "neuron"))) for sh in shapes]
+        per_element = [int(np.prod(sh[1:])) for sh in shapes]
+        n = len(sites)
+        row = {"model": Path(name).stem, "layers": n, "kinds": sorted({s.kind for s in sites}),
+               "last": shapes[-1][1:], "neuron": sum(per_channel), "hybrid": n - 1 + per_channel[-1],
+               "neuron_elements": sum(per_element), "hybrid_elements": n - 1 + per_element[-1]}
+        row["ratio"] = row["neuron"] / row["hybrid"]
+        row["ratio_elements"] = row["neuron_elements"] / row["hybrid_elements"]
+        rows.append(row)
+        print(f"{row['model']}: {n} {'/'.join(row['kinds'])} layers, last {row['last']}; per channel "
+              f"{row['neuron']} vs {row['hybrid']} = {row['ratio']:.1f}x; per element {row['neuron_elements']} vs "
+              f"{row['hybrid_elements']} = {row['ratio_elements']:.1f}x", flush=True)
+    if args.out:
+        atomic_write(Path(args.out), json.dumps(rows, indent=1) + "\n")
 
 
 def collect(work: Path, model_name: str, trials: int, seed: int) -> dict:
@@ -277,6 +312,9 @@ def main() -> None:
     t.add_argument("--penalty", type=float, default=0.02)
     c = sub.add_parser("clean")
     c.add_argument("model")
+    n = sub.add_parser("count")
+    n.add_argument("models", nargs="+", help="sample names, or MODEL.onnx with MODEL.npz beside it")
+    n.add_argument("--out", default=None, help="JSON file")
     e = sub.add_parser("eval")
     e.add_argument("model")
     e.add_argument("--schemes", default=None, help="default: none and every trained scheme")
@@ -294,7 +332,7 @@ def main() -> None:
         p.add_argument("--seed", type=int, default=0)
     e.add_argument("--batch", type=int, default=100)
     args = ap.parse_args()
-    {"train": train, "eval": evaluate_schemes, "clean": clean, "table": make_table}[args.stage](args)
+    {"train": train, "eval": evaluate_schemes, "clean": clean, "count": count, "table": make_table}[args.stage](args)
 
 
 if __name__ == "__main__":
