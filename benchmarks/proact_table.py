@@ -181,11 +181,22 @@ def collect(work: Path, model_name: str, trials: int, seed: int) -> dict:
             r = json.loads(f.read_text())
             key = r["scheme"] if r["fault_model"] == "operation" else f"{r['scheme']}@{r['fault_model']}"
             row = rows.setdefault(key, {"scheme": r["scheme"], "fault_model": r["fault_model"], "points": {}})
-            old = row["points"].get(r["ber"])
-            if old is None or r["items"] > old["items"]:
-                row["points"][r["ber"]] = r
+            row["points"].setdefault(r["ber"], []).append(r)
+    # per (fault model, BER): the item count that most schemes ran (then the larger), so that the
+    # schemes of a column are compared on the same items and seeds
+    runs: dict = {}
     for row in rows.values():
-        row["points"] = [row["points"][b] for b in sorted(row["points"])]
+        for ber, pts in row["points"].items():
+            for p in pts:
+                runs.setdefault((row["fault_model"], ber), []).append(p["items"])
+    pick = {k: max(set(v), key=lambda n: (v.count(n), n)) for k, v in runs.items()}
+    for key_, row in list(rows.items()):
+        row["points"] = [next(p for p in row["points"][b] if p["items"] == pick[(row["fault_model"], b)])
+                         for b in sorted(row["points"]) if any(p["items"] == pick[(row["fault_model"], b)]
+                                                              for p in row["points"][b])]
+        if not row["points"]:
+            del rows[key_]
+            continue
         largest = max(row["points"], key=lambda p: p["items"])
         row["clean"], row["clean_items"] = largest["clean"], largest["items"]
         rep = d / f"{row['scheme']}.json"
@@ -237,45 +248,59 @@ def claims(res: dict) -> dict:
 
 
 def table(res: dict) -> str:
-    bers = sorted({p["ber"] for r in res["schemes"] for p in r["points"]})
-    n = {b: sorted({p["items"] for r in res["schemes"] for p in r["points"] if p["ber"] == b}) for b in bers}
-    lines = ["| scheme | faults | thresholds | bytes | train s | clean | "
-             + " | ".join(f"BER {b:g} ({'/'.join(map(str, n[b]))} items)" for b in bers) + " |",
-             "|" + "---|" * (6 + len(bers))]
-    for r in res["schemes"]:
-        c = r.get("clip")
-        at = {p["ber"]: p for p in r["points"]}
-        cells = [f"{at[b]['accuracy']:.3f} [{at[b]['ci'][0]:.3f}, {at[b]['ci'][1]:.3f}]" if b in at else "-"
-                 for b in bers]
-        clip = [str(c["thresholds"]), str(c["bytes"]), f"{c['train_seconds']:.0f}"] if c else ["-"] * 3
-        full = r.get("clean_full")
-        clean = f"{full['accuracy']:.4f}" if full else f"{r['clean']:.3f}"
-        lines.append(f"| {r['scheme']} | {r['fault_model']} | " + " | ".join(clip) + f" | {clean} | "
-                     + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    """One markdown table per fault model (a BER means a different thing in each)."""
+    out = []
+    for fm in sorted({r["fault_model"] for r in res["schemes"]}, key=lambda f: f != "operation"):
+        rows = [r for r in res["schemes"] if r["fault_model"] == fm]
+        bers = sorted({p["ber"] for r in rows for p in r["points"]})
+        n = {b: sorted({p["items"] for r in rows for p in r["points"] if p["ber"] == b}) for b in bers}
+        what = {"operation": "operation-wise faults", "variable": "variable-level weight faults"}.get(fm, fm)
+        lines = [f"| scheme ({what}) | thresholds | bytes | train s | clean (all items) | "
+                 + " | ".join(f"BER {b:g} ({'/'.join(map(str, n[b]))} items)" for b in bers) + " |",
+                 "|" + "---|" * (5 + len(bers))]
+        for r in rows:
+            c = r.get("clip")
+            at = {p["ber"]: p for p in r["points"]}
+            cells = [f"{at[b]['accuracy']:.3f} [{at[b]['ci'][0]:.3f}, {at[b]['ci'][1]:.3f}]" if b in at else "-"
+                     for b in bers]
+            clip = [str(c["thresholds"]), str(c["bytes"]), f"{c['train_seconds']:.0f}"] if c else ["-"] * 3
+            full = r.get("clean_full")
+            clean = f"{full['accuracy']:.4f}" if full else f"{r['clean']:.3f} ({r['clean_items']} items)"
+            lines.append(f"| {r['scheme']} | " + " | ".join(clip) + f" | {clean} | " + " | ".join(cells) + " |")
+        out.append("\n".join(lines))
+    return "\n\n".join(out)
 
 
 def plot(results: list[dict], path: Path) -> Path:
+    """One panel per model and fault model (a BER means a different thing in each)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(6.0 * len(results), 4.0), dpi=120, squeeze=False)
-    for ax, res in zip(axes[0], results):
+    panels = [(res, fm) for res in results
+              for fm in sorted({r["fault_model"] for r in res["schemes"]}, key=lambda f: f != "operation")]
+    cols = 2 if len(panels) > 1 else 1
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6.0 * cols, 4.0 * rows), dpi=110, squeeze=False)
+    for ax, (res, fm) in zip(axes.flat, panels):
         for r in res["schemes"]:
+            if r["fault_model"] != fm:
+                continue
             b = [p["ber"] for p in r["points"]]
             a = [p["accuracy"] for p in r["points"]]
             err = [[p["accuracy"] - p["ci"][0] for p in r["points"]], [p["ci"][1] - p["accuracy"] for p in r["points"]]]
-            label = r["scheme"] + ("" if r["fault_model"] == "operation" else f" ({r['fault_model']})")
-            ax.errorbar(b, a, yerr=err, marker="o", capsize=3, label=label,
-                        linestyle="-" if r["fault_model"] == "operation" else "--")
+            ax.errorbar(b, a, yerr=err, marker="o", capsize=3, label=r["scheme"],
+                        linewidth=2.5 if r["scheme"] == "proact" else 1.2)
         ax.set_xscale("log")
-        ax.set_xlabel("bit error rate")
-        ax.set_ylabel(f"top-1 ({res['trials']} trial(s), 95% Wilson CI)")
-        ax.set_title(f"sample {res['model']}: clipped activations")
+        ax.set_xlabel("bit error rate (" + ("per operation bit" if fm == "operation" else
+                                            "per stored weight bit, variable-level") + ")")
+        ax.set_ylabel(f"top-1 ({res['trials']} trial, 95% Wilson CI)")
+        ax.set_title(f"sample {res['model']}, {fm} faults")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
