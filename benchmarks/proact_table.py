@@ -53,7 +53,7 @@ def train(args) -> None:
     data = api._train_data(model, args.train, default)
     d = _work(args, args.model)
     for method in args.methods.split(","):
-        scheme = SCHEME_OF[method]
+        scheme = SCHEME_OF[method] + args.suffix
         if (d / f"{scheme}.json").exists():
             print(f"{scheme}: done already")
             continue
@@ -95,6 +95,7 @@ def evaluate_schemes(args) -> None:
     out = d / ("eval" if args.fault_model == "operation" else f"eval_{args.fault_model}")
     out.mkdir(exist_ok=True)
     schemes = args.schemes.split(",") if args.schemes else [s for s in ORDER if s == "none" or (d / f"{s}.onnx").exists()]
+    # a variant (train --suffix) only when named
     bers = [float(b) for b in args.ber.split(",")]
     for scheme in schemes:
         m = model if scheme == "none" else load_model(d / f"{scheme}.onnx")
@@ -214,6 +215,10 @@ def collect(work: Path, model_name: str, trials: int, seed: int) -> dict:
             "schemes": [rows[k] for k in sorted(rows, key=lambda k: ("@" in k, key.get(rows[k]["scheme"], 99), k))]}
 
 
+def _overlap(a, b) -> bool:
+    return a[0] <= b[1] and b[0] <= a[1]
+
+
 def claims(res: dict) -> dict:
     """The issue's must-show, per fault model, at the BERs where both rows ran the same items."""
     out = {}
@@ -231,7 +236,8 @@ def claims(res: dict) -> dict:
         c: dict = {}
         if "clip-layer" in by:
             c["proact_ge_layer_at_two_highest_bers"] = {
-                f"{ber:g}": {"proact": p["accuracy"], "layer": q["accuracy"], "holds": p["accuracy"] >= q["accuracy"]}
+                f"{ber:g}": {"proact": p["accuracy"], "layer": q["accuracy"], "holds": p["accuracy"] >= q["accuracy"],
+                             "intervals_overlap": _overlap(p["ci"], q["ci"])}
                 for ber, p, q in common("clip-layer")[-2:]}
         if "clip-neuron" in by:
             c["proact_inside_neuron_interval"] = {
@@ -244,6 +250,29 @@ def claims(res: dict) -> dict:
             c["clean_drop_points"] = 100 * (by["none"]["clean_full"]["accuracy"] - by["proact"]["clean_full"]["accuracy"])
             c["clean_items"] = by["proact"]["clean_full"]["items"]
         out[fm] = c
+    return out
+
+
+def summary(c: dict) -> list[str]:
+    """The claims in words, one line per fault model."""
+    out = []
+    for fm, x in c.items():
+        parts = []
+        if "proact_ge_layer_at_two_highest_bers" in x:
+            v = x["proact_ge_layer_at_two_highest_bers"]
+            parts.append("ProAct >= layer-wise at the two highest BERs: "
+                         + ", ".join(f"{b}: {d['proact']:.3f} vs {d['layer']:.3f} "
+                                     f"({'yes' if d['holds'] else 'no'}{', intervals overlap' if d['intervals_overlap'] else ''})"
+                                     for b, d in v.items()))
+        if "proact_inside_neuron_interval" in x:
+            v = x["proact_inside_neuron_interval"]
+            bad = [b for b, d in v.items() if not d["holds"]]
+            parts.append("inside neuron-wise's interval: " + ("every BER" if not bad else "not at " + ", ".join(bad)))
+        if "neuron_over_proact_thresholds" in x:
+            parts.append(f"neuron-wise / ProAct thresholds: {x['neuron_over_proact_thresholds']:.1f}x")
+        if "clean_drop_points" in x:
+            parts.append(f"clean drop {x['clean_drop_points']:.2f} points ({x['clean_items']} items)")
+        out.append(f"- {fm}: " + "; ".join(parts))
     return out
 
 
@@ -290,7 +319,7 @@ def plot(results: list[dict], path: Path) -> Path:
             b = [p["ber"] for p in r["points"]]
             a = [p["accuracy"] for p in r["points"]]
             err = [[p["accuracy"] - p["ci"][0] for p in r["points"]], [p["ci"][1] - p["accuracy"] for p in r["points"]]]
-            ax.errorbar(b, a, yerr=err, marker="o", capsize=3, label=r["scheme"],
+            ax.errorbar(b, a, yerr=err, marker="o", capsize=3, label=r["scheme"], color=f"C{ORDER.index(r['scheme']) if r['scheme'] in ORDER else len(ORDER)}",
                         linewidth=2.5 if r["scheme"] == "proact" else 1.2)
         ax.set_xscale("log")
         ax.set_xlabel("bit error rate (" + ("per operation bit" if fm == "operation" else
@@ -316,7 +345,7 @@ def make_table(args) -> None:
     for res in results:
         res["claims"] = claims(res)
         md += [f"**sample {res['model']}** ({res['trials']} trial(s), seed {res['seed']}; clean on the most items run)", "",
-               table(res), "", "claims: `" + json.dumps(res["claims"]) + "`", ""]
+               table(res), "", *summary(res["claims"]), ""]
     atomic_write(out / "proact_table.json", json.dumps(results, indent=1) + "\n")
     atomic_write(out / "proact_table.md", "\n".join(md))
     plot(results, out / "accuracy_vs_ber.png")
@@ -335,6 +364,7 @@ def main() -> None:
     t.add_argument("--train-limit", type=int, default=512)
     t.add_argument("--epochs", type=int, default=3)
     t.add_argument("--penalty", type=float, default=0.02)
+    t.add_argument("--suffix", default="", help="scheme name suffix for a variant (e.g. other --epochs)")
     c = sub.add_parser("clean")
     c.add_argument("model")
     n = sub.add_parser("count")
