@@ -124,7 +124,8 @@ def clean(args) -> None:
     data = api._dataset(model, None, default, None)
     d = _work(args, args.model)
     out = {}
-    for scheme in ["none"] + [s for s in ORDER if (d / f"{s}.onnx").exists()]:
+    trained = sorted((f.stem for f in d.glob("*.onnx")), key=lambda s: (s not in ORDER, ORDER.index(s) if s in ORDER else 0, s))
+    for scheme in ["none"] + trained:
         m = model if scheme == "none" else load_model(d / f"{scheme}.onnx")
         so = ort.SessionOptions()
         so.intra_op_num_threads = args.threads
