@@ -1,22 +1,21 @@
 """ProAct's must-show table (docs/proact.md): top-1 against BER of the sample ResNet (ReLU) and ViT
 (GELU) under none / Ranger / layer-wise / neuron-wise / hybrid / ProAct, same seeds, with Wilson
-intervals, as markdown, JSON and a plot.
+intervals, for operation-wise and variable-level weight faults; markdown, JSON (with the issue's
+claims checked) and a plot.
 
-Three resumable stages, so that no single run takes more than a few minutes on a shared machine;
-every result is kept in ``--work`` (default ``proact_work/``, not committed) and a stage skips what
-is there already:
+Resumable stages, so that no single run takes long on a shared machine: every result is a file in
+``--work`` (default ``proact_work/``, not committed) and a stage skips what is there already.
 
-    # 1. thresholds: one clipped model per method (train_clip.clip_thresholds, default options)
-    python benchmarks/proact_table.py train resnet --methods ranger,layer,neuron,hybrid,proact
-    # 2. injection: each scheme at each BER (one evaluate per (scheme, BER); seeds depend on
-    #    (seed, trial, batch) only, so every scheme and every BER sees the same random streams)
-    python benchmarks/proact_table.py eval resnet --ber 1e-7,1e-6,1e-5,3e-5,1e-4 --limit 500
-    # 3. the table, JSON and plot (and the claims checked, printed and in the JSON)
-    python benchmarks/proact_table.py table resnet vit --out docs/figures/proact_table
+    T="python benchmarks/proact_table.py --work proact_work"
+    $T train resnet --methods ranger,ranger-zero,layer,neuron,hybrid,proact   # clipped models
+    $T clean resnet                                   # fault-free top-1 on the whole test set
+    $T eval resnet --ber 1e-7,1e-6,1e-5 --limit 200   # one point per (scheme, BER)
+    $T eval resnet --fault-model variable --hw equal --variables weight --ber 1e-6,1e-5 --limit 100
+    $T table resnet vit --out docs/figures/proact_table
+    $T count resnet vit model.onnx                    # thresholds per channel / per element
 
-``--fault-model variable --hw H --variables weight`` (eval) runs the variable-level weight-fault
-model of the Resiliency Accuracy work where this onnxft has it; its rows are kept apart
-(``<scheme>@variable``).
+Seeds depend on (seed, trial, batch index) only (``campaigns.evaluate``), so every scheme and BER of
+a column sees the same random streams; docs/proact.md has the commands behind the published table.
 """
 from __future__ import annotations
 
@@ -373,20 +372,19 @@ def main() -> None:
     n.add_argument("--out", default=None, help="JSON file")
     e = sub.add_parser("eval")
     e.add_argument("model")
-    e.add_argument("--schemes", default=None, help="default: none and every trained scheme")
-    e.add_argument("--fault-model", default="operation")
-    e.add_argument("--hw", default=None)
-    e.add_argument("--variables", default="weight")
-    for p in (e,):
-        p.add_argument("--ber", required=True)
+    e.add_argument("--ber", required=True, help="comma-separated BERs")
+    e.add_argument("--schemes", default=None, help="default: none and every trained scheme (variants when named)")
+    e.add_argument("--fault-model", choices=["operation", "variable"], default="operation")
+    e.add_argument("--hw", default=None, help="--fault-model variable: ws:RxC, os:RxC, is:RxC, gpu:… or equal")
+    e.add_argument("--variables", default="weight", help="--fault-model variable: weight, activation, psum")
+    e.add_argument("--limit", type=int, default=200, help="the first N test items")
+    e.add_argument("--batch", type=int, default=100, help="items per batch (the seeds depend on it)")
     tb = sub.add_parser("table")
     tb.add_argument("models", nargs="+")
     tb.add_argument("--out", required=True)
-    e.add_argument("--limit", type=int, default=200)
     for p in (e, tb):
         p.add_argument("--trials", type=int, default=1)
         p.add_argument("--seed", type=int, default=0)
-    e.add_argument("--batch", type=int, default=100)
     args = ap.parse_args()
     {"train": train, "eval": evaluate_schemes, "clean": clean, "count": count, "table": make_table}[args.stage](args)
 
