@@ -274,8 +274,9 @@ def test_clipped_cnn_runs_on_stock_onnxruntime(tmp_path, method, mode):
     want = run(r.model, {"x": x})
     np.testing.assert_array_equal(run_on_stock_onnxruntime(r.model, {"x": x}, tmp_path, level="basic"), want)
     assert np.isfinite(want).all()  # the NaN and the huge value are cut at the first clip
-    # with every graph optimisation (fusions) too; the item whose input is NaN may take another
-    # (finite) value there, as onnxruntime's fused kernels treat NaN their own way
+    # with every graph optimisation too; the item whose input is NaN may take another (finite)
+    # value there: onnxruntime fuses Conv+Relu into one NCHWc kernel, which treats NaN its own way
+    # before the clip sees it
     full = run_on_stock_onnxruntime(r.model, {"x": x}, tmp_path, level="all")
     assert np.isfinite(full).all()
     np.testing.assert_allclose(full[1:], want[1:], rtol=1e-5, atol=1e-6)
