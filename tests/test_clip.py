@@ -237,3 +237,46 @@ def test_compare_clip_schemes_same_sites_and_info():
     assert counts == {"clip-ranger": 2, "clip-layer": 2, "clip-neuron": 10, "proact": 7}
     assert rows["clip-ranger"]["clean"] == rows["none"]["clean"]  # profiled maxima: the data is all inside
     assert all(0 < p["overhead_ops"] for s in counts for p in rows[s]["points"])
+
+
+@pytest.mark.parametrize("mode", ["zero", "clamp"])
+@pytest.mark.parametrize("kind", ["gelu", "silu", "hardswish"])
+def test_clip_semantics_below_zero_lower_bound(mode, kind):
+    """GELU, SiLU and HardSwish dip below 0: values in [low, 0) are kept, below low (and -Inf)
+    become 0 (zero) or low (clamp); NaN gives 0 in both modes."""
+    from onnxft.passes.clip import KNOWN_MIN, ClipSite
+
+    low = KNOWN_MIN[kind] * 1.02
+    site = ClipSite("y", kind, ("act",), low)
+    r = clip_activations(identity_model(["batch", 4]), {"y": 2.0}, mode, [site])
+    assert r.details["layers"][0]["kind"] == kind and r.details["layers"][0]["low"] <= low
+    x = np.array([[KNOWN_MIN[kind], 0.99 * low, 1.5 * low, -np.inf],
+                  [np.nan, 1.9, 2.1, np.inf]], np.float32)
+    got = run(r.model, {"x": x})
+    lo32 = np.float32(r.details["layers"][0]["low"])
+    want = expected(x, lo32, np.float32(2.0), mode)
+    np.testing.assert_array_equal(got, want)
+    assert got[0, 0] == x[0, 0] and got[0, 1] == x[0, 1]  # the function's own minimum is never clipped
+    assert got[1, 0] == 0 and (got[0, 2] == 0 if mode == "zero" else got[0, 2] == lo32)
+
+
+@pytest.mark.parametrize("method,mode", [("neuron", "clamp"), ("proact", "zero")])
+def test_clipped_cnn_runs_on_stock_onnxruntime(tmp_path, method, mode):
+    """Channel-wise thresholds on NCHW activations ([C, 1, 1] initializers) on stock onnxruntime,
+    onnxft unimportable; faulty values (NaN, huge) in the input reach the clip as NaN/Inf."""
+    model = tiny_cnn()
+    data = _data(model, 32)
+    r = clip_thresholds(model, data, ClipTrainOptions(method=method, mode=mode, epochs=1, batch=16))
+    assert any(layer["shape"][1:] == [1, 1] for layer in r.report["layers"])
+    onnx.checker.check_model(r.model, full_check=True)
+    x = data.inputs["x"][:4].copy()
+    x[0, 0, 0, 0], x[1, 0, 0, 0] = np.nan, 1e38
+    want = run(r.model, {"x": x})
+    np.testing.assert_array_equal(run_on_stock_onnxruntime(r.model, {"x": x}, tmp_path, level="basic"), want)
+    assert np.isfinite(want).all()  # the NaN and the huge value are cut at the first clip
+    # with every graph optimisation too; the item whose input is NaN may take another (finite)
+    # value there: onnxruntime fuses Conv+Relu into one NCHWc kernel, which treats NaN its own way
+    # before the clip sees it
+    full = run_on_stock_onnxruntime(r.model, {"x": x}, tmp_path, level="all")
+    assert np.isfinite(full).all()
+    np.testing.assert_allclose(full[1:], want[1:], rtol=1e-5, atol=1e-6)
