@@ -233,8 +233,8 @@ def small_fp16_model():
 
 def test_harden_fp16_model_with_fp16acc32(tmp_path, capsys):
     """``onnxft harden --precision fp16acc32``: equivalence on held-out items passes, both float16
-    GEMMs get fp16acc32 thresholds (8x below the default's at K = 32, 48; 230x at 384), no alarm on fault-free items, and a
-    corrupted product is detected and recovered."""
+    GEMMs get fp16acc32 thresholds (8x below the default's at K = 32, 48; 230x at 384), no alarm on
+    fault-free items, and a corrupted product is detected and recovered."""
     rng = np.random.default_rng(4)
     onnx.save(small_fp16_model(), str(tmp_path / "m.onnx"))
     np.savez(tmp_path / "m.npz", x=(rng.standard_normal((32, 32)) * 2).astype(np.float32))
@@ -246,7 +246,8 @@ def test_harden_fp16_model_with_fp16acc32(tmp_path, capsys):
         assert code == 0, err
         plans[prec] = json.loads((tmp_path / f"h_{prec}.plan.json").read_text())
     plan = plans["fp16acc32"]
-    assert plan["precision"] == "fp16acc32" and plan["verification"]["in_range_max_rel_diff"] <= plan["verification"]["tolerance"]
+    v = plan["verification"]
+    assert plan["precision"] == "fp16acc32" and v["in_range_max_rel_diff"] <= v["tolerance"]
     gemms = plan["gemms"]
     assert [g["precision"] for g in gemms] == ["fp16acc32", "fp16acc32"]
     default_taus = [g["tau"] for g in plans["tf32"]["gemms"]]
@@ -264,3 +265,21 @@ def test_harden_fp16_model_with_fp16acc32(tmp_path, capsys):
         outs = run(perturbed(exposed.model, unit), {"x": x, "delta": delta}, "all")
         assert any(bool(v) for k, v in outs.items() if k.endswith(".detected")), unit
         np.testing.assert_allclose(outs["y"], want, rtol=0, atol=8 * U16 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("precision", ["fp16acc32", "tf32"])
+def test_fp16_gemm_alpha_beta_recovered(precision):
+    """A float16 Gemm with transB, alpha and beta (the recovery scales the float32-cast weight by
+    alpha: a float16 weight times a float32 alpha was a type error): a corrupted output is detected
+    and the recomputed result matches the original's to float16 rounding."""
+    rng = np.random.default_rng(9)
+    model = gemm(rng.standard_normal((64, 32)) * 0.2, rng.standard_normal(32), 0.37, 0.5)
+    x = rng.standard_normal((4, 64)).astype(np.float16)
+    clean = run(model, {"x": x})["y"].astype(np.float32)
+    r = abft(model, scheme="standard", expose_flags=True, precision=precision)
+    onnx.checker.check_model(r.model, full_check=True)
+    delta = np.zeros((4, 32), np.float16)
+    delta[1, 3] = 30.0
+    outs = run(perturbed(r.model), {"x": x, "delta": delta})
+    assert bool(outs["onnxft.abft.g.detected"])
+    np.testing.assert_allclose(outs["y"].astype(np.float32), clean, rtol=0, atol=4 * U16 * np.abs(clean).max())

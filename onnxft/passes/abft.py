@@ -508,7 +508,8 @@ def abft(model: onnx.ModelProto, scheme: str = "lb", ber: float = 1e-8, block_si
     """Protect the model's GEMMs with ABFT (see the module docstring).
 
     ``precision``: the serving runtime's arithmetic (``passes.thresholds.PRECISIONS``: fp32, tf32,
-    fp16, bf16); the rounding bounds hold for it (default tf32: safe on CPU and on CUDA's defaults).
+    fp16, fp16acc32, bf16); the rounding bounds hold for it (default tf32: safe on CPU and on CUDA's
+    defaults; float16 units as ``thresholds.unit_precision`` says).
 
     ``block_size``: ``"auto"`` (Algorithm 2 at ``ber``), an int, or ``{gemm name: int}`` (others
     auto). ``thresholds``: ``{gemm name: tau}`` from ``calibrate_abft`` (others use the rounding
