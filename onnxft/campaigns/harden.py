@@ -214,7 +214,8 @@ def harden(model: onnx.ModelProto, options: HardenOptions, calib: Dataset | None
     before_abft = m
     if options.abft != "none":
         thresholds = None
-        if calib is not None and unit_precision(options.precision).name == "fp32" and any(g.skip is None for g in find_gemms(m)):
+        calibrates = unit_precision(options.precision).name == "fp32"  # (fp16acc32: float32 units are fp32)
+        if calib is not None and calibrates and any(g.skip is None for g in find_gemms(m)):
             # (calibration tightens float32 thresholds only: passes.thresholds.calibrated_tau)
             thresholds = calibrate_abft(m, _batches(calib, m, options.calib_batch), names=options.gemms,
                                         precision=options.precision)

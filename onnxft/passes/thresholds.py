@@ -32,10 +32,10 @@ accumulation, what onnxruntime's x86-64 CPU provider does (it has no float16 Mat
 kernel there and runs them in float32 between Casts) and its CUDA provider with
 ``ORT_CUDA_GEMM_OPTIONS=2`` (cuBLAS compute type 32F, its default, and split-K reductions kept in
 float32): the product of two float16 numbers (11 significant bits each) is exact in float32, so
-``r_in = 0``; the K-term sum rounds in float32 (``K``); the result is stored in float16
-(``r_out = 2^-11 / u = 2^13``); a bias add in float16 (``r_elt = 2^13``). Leading order
-``tau ~ (2K + n_sum + 2^13 (1 + e)) u``: 1.05e-3 at K = n_sum = 384 with a bias, against fp16's
-0.24. ``unit_precision`` says which one a float16 unit gets: ``fp16acc32`` only when asked for.
+``r_in = 0``; the K-term sum rounds in float32 (``2K``: truncating tensor-core accumulators err
+by up to 2^-23); the result is stored in float16 (``r_out = 2^-11 / u = 2^13``); a bias add in
+float16 (``r_elt = 2^13``). Leading order ``tau ~ (3K + n_sum + 2^13 (1 + e)) u``: 1.56e-3 at
+K = n_sum = 384 with a bias (e = 2), against 0.24 with float16 accumulation. ``unit_precision`` says which one a float16 unit gets: ``fp16acc32`` only when asked for.
 """
 from __future__ import annotations
 
@@ -70,11 +70,14 @@ PRECISIONS = {
                       "float32 with GEMM/Conv inputs cut to 10 mantissa bits (rounded or truncated), float32 "
                       "accumulation (onnxruntime CUDA on Ampere and later with its default use_tf32=1)"),
     "fp16": Precision("fp16", 2.0**-11, 2.0**-11, 0.0, 2.0**-11,
-                      "float16 inputs, float16 accumulation (the worst case: onnxruntime's CPU/ARM half kernels)"),
+                      "float16 inputs, float16 accumulation (the worst case: MLAS's ARM64 half GEMM, cuBLAS "
+                      "with ORT_CUDA_GEMM_OPTIONS=1)"),
     # float16 storage, float32 accumulation: float16 x float16 products are exact in float32
     # (22 significant bits), so the inputs add no rounding; the result and the bias add round to
-    # float16. For a float32 unit of the same model this runtime is IEEE float32 (unit_precision)
-    "fp16acc32": Precision("fp16acc32", 0.0, U32, 2.0**-11, 2.0**-11,
+    # float16. Accumulation at 2^-23, not 2^-24: GPU tensor cores' float32 accumulators truncate
+    # rather than round (CPU sums round to nearest; the cost is K u against the output's 2^13 u).
+    # For a float32 unit of the same model this runtime is IEEE float32 (unit_precision)
+    "fp16acc32": Precision("fp16acc32", 0.0, 2 * U32, 2.0**-11, 2.0**-11,
                            "float16 tensors, float32 accumulation and reduction (onnxruntime CPU on x86-64; CUDA "
                            "with ORT_CUDA_GEMM_OPTIONS=2 and use_tf32=0); float32 units as fp32"),
     "bf16": Precision("bf16", 2.0**-8, U32, 2.0**-8, 2.0**-8,
