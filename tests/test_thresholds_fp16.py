@@ -283,3 +283,4 @@ def test_fp16_gemm_alpha_beta_recovered(precision):
     outs = run(perturbed(r.model), {"x": x, "delta": delta})
     assert bool(outs["onnxft.abft.g.detected"])
     np.testing.assert_allclose(outs["y"].astype(np.float32), clean, rtol=0, atol=4 * U16 * np.abs(clean).max())
+
