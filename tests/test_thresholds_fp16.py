@@ -137,9 +137,10 @@ def test_no_false_alarm_at_every_level(label, model, feeds):
 
 
 def test_output_rounding_term_is_needed():
-    """On ``rounding_one_way`` onnxruntime's row sums of ``Y`` (float32 sums of the float16 outputs)
-    leave ``A (B e)`` by more than float32's whole bound and within fp16acc32's: float16 storage,
-    not the accumulation, is what the bound must cover."""
+    """On ``rounding_one_way`` the row sums of onnxruntime's float16 ``Y`` leave ``A (B e)`` by more
+    than float32's whole bound and within fp16acc32's: float16 storage, not the accumulation, is what
+    the bound must cover where the check reads the float16 result (onnxruntime's CPU provider hands
+    the check the float32 result before the rounding: docs/abft.md, float16)."""
     model, feeds = rounding_one_way(K=256)
     w = nh.to_array(model.graph.initializer[0]).astype(np.float64)
     x = feeds["x"].astype(np.float64)
