@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     ap.add_argument("--calibrate", type=int, default=0, metavar="N",
                     help="thresholds calibrated on the last N test images (default: rounding bound)")
     ap.add_argument("--precision", default="fp32",
-                    help="comma-separated serving precisions (fp32, tf32, fp16, bf16): the thresholds are the "
+                    help="comma-separated serving precisions (fp32, tf32, fp16, fp16acc32, bf16): the thresholds are the "
                          "rounding bounds for each (faults are injected into onnxruntime's float32 arithmetic)")
     args = ap.parse_args(argv)
     summary = []

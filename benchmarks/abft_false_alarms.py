@@ -28,7 +28,7 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default="vit,vit_int8")
     ap.add_argument("--calib", type=int, default=500)
     ap.add_argument("--batch", type=int, default=250)
-    ap.add_argument("--precision", default="fp32", help="serving precision of the thresholds (fp32, tf32, fp16, bf16)")
+    ap.add_argument("--precision", default="fp32", help="serving precision of the thresholds (fp32, tf32, fp16, fp16acc32, bf16)")
     ap.add_argument("--level", default="basic", choices=["disabled", "basic", "extended", "all"],
                     help="onnxruntime optimisation level of the sessions")
     args = ap.parse_args(argv)

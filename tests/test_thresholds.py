@@ -246,7 +246,7 @@ def test_graph_bound_equals_tau_bound():
     def f32(name):
         return h.make_tensor_value_info(name, T.FLOAT, [1])
 
-    for prec in ("fp32", "tf32", "fp16", "bf16", unit_precision("tf32", fp16=True)):
+    for prec in ("fp32", "tf32", "fp16", "fp16acc32", "bf16", unit_precision("tf32", fp16=True)):
         p = precision(prec) if isinstance(prec, str) else prec
         for extra, rc in ((0, False), (2, True)):
             nb = Nodes("t", 17)

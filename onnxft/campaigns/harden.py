@@ -46,7 +46,7 @@ from ..passes.ranges import MIN_OPSET as RANGE_MIN_OPSET
 from ..passes.share_constants import share_constants
 from ..passes.ranges import RangeSites, find_range_sites, restrict_ranges, site_bounds
 from ..runtime.data import Dataset, fixed_batch, input_specs, synthetic
-from ..passes.thresholds import DEFAULT_PRECISION, PRECISIONS
+from ..passes.thresholds import DEFAULT_PRECISION, PRECISIONS, unit_precision
 from .abft_impl import merge_into_plan
 from .calibrate_abft import calibrate_abft
 from .coverage import coverage, gemm_conv_macs
@@ -214,7 +214,8 @@ def harden(model: onnx.ModelProto, options: HardenOptions, calib: Dataset | None
     before_abft = m
     if options.abft != "none":
         thresholds = None
-        if calib is not None and options.precision == "fp32" and any(g.skip is None for g in find_gemms(m)):
+        calibrates = unit_precision(options.precision).name == "fp32"  # (fp16acc32: float32 units are fp32)
+        if calib is not None and calibrates and any(g.skip is None for g in find_gemms(m)):
             # (calibration tightens float32 thresholds only: passes.thresholds.calibrated_tau)
             thresholds = calibrate_abft(m, _batches(calib, m, options.calib_batch), names=options.gemms,
                                         precision=options.precision)

@@ -6,6 +6,7 @@ import json
 import click
 
 from .. import api
+from ..passes.thresholds import PRECISIONS
 from .clip_options import clip_options, clip_train_options
 from .main import (_bers, _one_ber, _run, campaign_out_dir, campaign_run_options, cli, fault_model_options,
                    outcome_cli_options)
@@ -38,7 +39,7 @@ SCHEMES = ("none", "range", "standard", "sec", "lb", "lb+range", "lb+range+dmr",
               help="Margin of calibrated range bounds (as harden --alpha; 0.25 suits --range zero).")
 @click.option("--dmr", default="layernorm", show_default=True,
               help="What lb+range+dmr duplicates and compares (as harden --dmr).")
-@click.option("--precision", type=click.Choice(["fp32", "tf32", "fp16", "bf16"]), default="tf32", show_default=True,
+@click.option("--precision", type=click.Choice(list(PRECISIONS)), default="tf32", show_default=True,
               help="Serving precision of the ABFT thresholds (as harden --precision; fp32 for CPU serving).")
 @click.option("--abft-impl", "abft_impl", type=click.Choice(["global", "fused", "dup", "ig"]), default="global",
               show_default=True, help="How the LB schemes build each GEMM's check (as harden --abft-impl).")

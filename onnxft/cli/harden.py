@@ -66,7 +66,8 @@ def _block_size(text: str):
 @click.option("--precision", type=click.Choice(list(PRECISIONS)), default=DEFAULT_PRECISION, show_default=True,
               help="Arithmetic of the runtime that will serve the model; ABFT thresholds are rounding bounds for it "
                    "(tf32: safe on CPU and on onnxruntime CUDA's defaults; fp32: 30x tighter, for CPU or CUDA with "
-                   "use_tf32=0).")
+                   "use_tf32=0). float16 GEMMs/Convs are bounded for float16 accumulation (ARM64, CUDA split-K) "
+                   "unless fp16acc32: float32 accumulation, as onnxruntime CPU on x86-64 runs them (150x tighter at K = 384).")
 @click.option("--tolerance", default=None, type=click.FloatRange(min=0),
               help="Largest fault-free difference (relative to each output's largest magnitude) on held-out "
                    "items at onnxruntime's default level; harden refuses a model beyond it. Default: 1e-5 for a "

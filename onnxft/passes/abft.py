@@ -508,7 +508,8 @@ def abft(model: onnx.ModelProto, scheme: str = "lb", ber: float = 1e-8, block_si
     """Protect the model's GEMMs with ABFT (see the module docstring).
 
     ``precision``: the serving runtime's arithmetic (``passes.thresholds.PRECISIONS``: fp32, tf32,
-    fp16, bf16); the rounding bounds hold for it (default tf32: safe on CPU and on CUDA's defaults).
+    fp16, fp16acc32, bf16); the rounding bounds hold for it (default tf32: safe on CPU and on CUDA's
+    defaults; float16 units as ``thresholds.unit_precision`` says).
 
     ``block_size``: ``"auto"`` (Algorithm 2 at ``ber``), an int, or ``{gemm name: int}`` (others
     auto). ``thresholds``: ``{gemm name: tau}`` from ``calibrate_abft`` (others use the rounding
@@ -733,7 +734,7 @@ def _protect(m: _Model, s: GemmSite, node, idx: int, scheme: str, ber: float, bl
         tau, tau_src = (1.0, "unit (calibration)") if thresholds.get(s.name) == "unit" else (
             tau_bound(K_r, N_r, prec, extra, not s.b_constant), "rounding bound (float16 unit)")
     else:
-        tau, tau_src = _threshold(replace(s, K=K_r), thresholds, N_r, precision, extra)
+        tau, tau_src = _threshold(replace(s, K=K_r), thresholds, N_r, prec, extra)
     a_nonnegative = _nonnegative(m, s.a)
     a_lower = _lower_bound(m, s.a)
     y_check = raw
@@ -812,10 +813,10 @@ def _protect(m: _Model, s: GemmSite, node, idx: int, scheme: str, ber: float, bl
         w_name = built_extra.get("weight", s.b)
         if s.op_type == "Gemm" and _attr(node, "transB", 0):
             w_name = main.op("Transpose", w_name)
-        if s.op_type == "Gemm" and _attr(node, "alpha", 1.0) != 1.0:
-            w_name = main.op("Mul", w_name, main.const(np.float32(_attr(node, "alpha", 1.0)), hint="alpha"))
         if s.fp16:  # (the recovery multiplies in float32; onnxruntime folds this at load)
             w_name = main.op("Cast", w_name, to=TensorProto.FLOAT)
+        if s.op_type == "Gemm" and _attr(node, "alpha", 1.0) != 1.0:  # (after the Cast: a float32 alpha)
+            w_name = main.op("Mul", w_name, main.const(np.float32(_attr(node, "alpha", 1.0)), hint="alpha"))
     ctx = _Canon(then_nb, s, y_check, ok, w_name, bias_name)
 
     def branch_tau(n_sum, runtime_checksums: bool):

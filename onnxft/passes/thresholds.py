@@ -24,6 +24,18 @@ Higham's ``(1 + gamma_j)(1 + gamma_k) <= 1 + gamma_{j+k}``:
     tau   = (1 + u) (gamma_a + gamma_b) / (1 - gamma_c)          (1 + u: the subtraction r - ref)
 
 Leading order (float32, constant B): ``tau ~ (2K + n_sum + e + 2) u``. docs/abft.md derives it.
+
+float16 units (float16 tensors, checked in float32) have two arithmetics. ``fp16`` is the worst
+case, float16 accumulation (``K u_acc = K 2^-11``: 0.19 at K = 384, no finite bound from K = 2048):
+what MLAS's ARM64 half-precision GEMM does. ``fp16acc32`` is float16 storage with float32
+accumulation, what onnxruntime's x86-64 CPU provider does (it has no float16 MatMul/Gemm/Conv
+kernel there and runs them in float32 between Casts) and its CUDA provider with
+``ORT_CUDA_GEMM_OPTIONS=2`` (cuBLAS compute type 32F, its default, and split-K reductions kept in
+float32): the product of two float16 numbers (11 significant bits each) is exact in float32, so
+``r_in = 0``; the K-term sum rounds in float32 (``2K``: truncating tensor-core accumulators err
+by up to 2^-23); the result is stored in float16 (``r_out = 2^-11 / u = 2^13``); a bias add in
+float16 (``r_elt = 2^13``). Leading order ``tau ~ (3K + n_sum + 2^13 (1 + e)) u``: 1.56e-3 at
+K = n_sum = 384 with a bias (e = 2), against 0.24 with float16 accumulation. ``unit_precision`` says which one a float16 unit gets: ``fp16acc32`` only when asked for.
 """
 from __future__ import annotations
 
@@ -58,7 +70,16 @@ PRECISIONS = {
                       "float32 with GEMM/Conv inputs cut to 10 mantissa bits (rounded or truncated), float32 "
                       "accumulation (onnxruntime CUDA on Ampere and later with its default use_tf32=1)"),
     "fp16": Precision("fp16", 2.0**-11, 2.0**-11, 0.0, 2.0**-11,
-                      "float16 inputs, float16 accumulation (the worst case: onnxruntime's CPU/ARM half kernels)"),
+                      "float16 inputs, float16 accumulation (the worst case: MLAS's ARM64 half GEMM, cuBLAS "
+                      "with ORT_CUDA_GEMM_OPTIONS=1)"),
+    # float16 storage, float32 accumulation: float16 x float16 products are exact in float32
+    # (22 significant bits), so the inputs add no rounding; the result and the bias add round to
+    # float16. Accumulation at 2^-23, not 2^-24: GPU tensor cores' float32 accumulators truncate
+    # rather than round (CPU sums round to nearest; the cost is K u against the output's 2^13 u).
+    # For a float32 unit of the same model this runtime is IEEE float32 (unit_precision)
+    "fp16acc32": Precision("fp16acc32", 0.0, 2 * U32, 2.0**-11, 2.0**-11,
+                           "float16 tensors, float32 accumulation and reduction (onnxruntime CPU on x86-64; CUDA "
+                           "with ORT_CUDA_GEMM_OPTIONS=2 and use_tf32=0); float32 units as fp32"),
     "bf16": Precision("bf16", 2.0**-8, U32, 2.0**-8, 2.0**-8,
                       "bfloat16 inputs and outputs, float32 accumulation (bf16 'fast math' GEMMs, bf16 models)"),
 }
@@ -108,11 +129,19 @@ def tau_bound(K: int, n_sum: int, prec: str | Precision = DEFAULT_PRECISION, ext
 
 
 def unit_precision(prec: str | Precision = DEFAULT_PRECISION, fp16: bool = False) -> Precision:
-    """The arithmetic a unit's bound is computed for: ``prec``, and for a float16 unit (float16
-    tensors, checked in float32) every unit roundoff the larger of ``prec``'s and ``fp16``'s. A
-    float16 GEMM/Conv runs at least float16's rounding whatever the runtime's float32 options, and a
-    coarser requested component (TF32's input cut, bfloat16) is kept, so the bound holds for both."""
+    """The arithmetic a unit's bound is computed for.
+
+    ``fp16acc32`` names a runtime (onnxruntime CPU on x86-64) whose float16 GEMMs accumulate in
+    float32 and whose float32 GEMMs are IEEE float32: a float16 unit gets ``fp16acc32``, a float32
+    unit ``fp32``. Any other ``prec`` gives a float32 unit ``prec``, and a float16 unit (float16
+    tensors, checked in float32) every unit roundoff the larger of ``prec``'s and ``fp16``'s: float16
+    accumulation is the default because float32 accumulation is not what every runtime does with
+    float16 (MLAS's ARM64 half GEMM accumulates in float16; cuBLAS under onnxruntime's default
+    options may reduce split-K partial sums in float16), and a coarser requested component (TF32's
+    input cut, bfloat16) is kept, so the bound holds for both."""
     p = prec if isinstance(prec, Precision) else precision(prec)
+    if p.name == "fp16acc32":
+        return p if fp16 else PRECISIONS["fp32"]
     if not fp16 or p.name == "fp16":
         return p
     h = PRECISIONS["fp16"]
@@ -140,8 +169,9 @@ def calibrated_tau(max_ratio: float, bound: float, prec: str | Precision = DEFAU
     """Threshold from a measured worst residual ratio: ``margin x max_ratio``, never below
     ``floor_units`` float32 unit roundoffs, never above the bound. Calibration sessions run
     onnxruntime's CPU kernels, which show none of TF32's rounding nor a GPU's fp16/bf16 kernels',
-    so for any precision but fp32 the result is the bound: calibrating tightens float32 only."""
-    p = prec if isinstance(prec, Precision) else precision(prec)
+    so for any precision but fp32 the result is the bound: calibrating tightens float32 only (a
+    float32 unit under ``fp16acc32`` is fp32: ``unit_precision``)."""
+    p = unit_precision(prec)
     if p.name != "fp32":
         return bound
     return min(max(margin * max_ratio, floor_units * U32), bound)
