@@ -66,7 +66,9 @@ PRECISIONS = {
     # TF32 keeps 10 mantissa bits: rounding to nearest errs by 2^-11, but tensor cores fed float32
     # registers ignore the 13 low bits (truncation, 2^-10), and which one a kernel does is not
     # documented: the bound takes the larger
-    "tf32": Precision("tf32", 2.0**-10, U32, 0.0, U32,
+    # tensor cores' float32 accumulators truncate (Fasi et al., "Numerical behavior of NVIDIA tensor
+    # cores", 2021): each accumulation errs by up to 2^-23, not 2^-24
+    "tf32": Precision("tf32", 2.0**-10, 2.0**-23, 0.0, U32,
                       "float32 with GEMM/Conv inputs cut to 10 mantissa bits (rounded or truncated), float32 "
                       "accumulation (onnxruntime CUDA on Ampere and later with its default use_tf32=1)"),
     "fp16": Precision("fp16", 2.0**-11, 2.0**-11, 0.0, 2.0**-11,
@@ -80,7 +82,7 @@ PRECISIONS = {
     "fp16acc32": Precision("fp16acc32", 0.0, 2 * U32, 2.0**-11, 2.0**-11,
                            "float16 tensors, float32 accumulation and reduction (onnxruntime CPU on x86-64; CUDA "
                            "with ORT_CUDA_GEMM_OPTIONS=2 and use_tf32=0); float32 units as fp32"),
-    "bf16": Precision("bf16", 2.0**-8, U32, 2.0**-8, 2.0**-8,
+    "bf16": Precision("bf16", 2.0**-8, 2.0**-23, 2.0**-8, 2.0**-8,
                       "bfloat16 inputs and outputs, float32 accumulation (bf16 'fast math' GEMMs, bf16 models)"),
 }
 DEFAULT_PRECISION = "tf32"  # safe on CPU (fp32 is finer) and on CUDA with its default options
