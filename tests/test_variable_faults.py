@@ -268,11 +268,9 @@ def test_importance_sampling_unbiased_under_the_variable_model():
     assert abs(z) < 4.5, f"IS mean {mean:.5f} vs exact {exact:.5f} (z={z:.2f})"
 
 
-def test_int8_operand_faults_match_integer_reference():
-    """QDQ MatMul (uint8 activations, int8 per-channel weights with non-zero zero points): a flip of
-    a stored 8-bit operand changes each corrupted product (qa - za)(qb - zb) exactly; the output
-    moves by sa sb[n] times the integer change."""
-    rng = np.random.default_rng(5)
+def _qdq_matmul(rng):
+    """A QDQ MatMul (uint8 activations [b, 2, 3], int8 per-channel weights [3, 4] with non-zero zero
+    points) and its quantisation parameters."""
     wq = rng.integers(-128, 128, (3, 4)).astype(np.int8)
     sw, zw = (rng.random(4) * 0.05 + 0.01).astype(np.float32), rng.integers(-3, 4, 4).astype(np.int8)
     sx, zx = np.float32(0.02), np.uint8(120)
@@ -282,7 +280,15 @@ def test_int8_operand_faults_match_integer_reference():
              h.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"], name="dq"),
              h.make_node("DequantizeLinear", ["wq", "sw", "zw"], ["wd"], axis=1, name="dqw"),
              h.make_node("MatMul", ["xd", "wd"], ["y"], name="mm")]
-    model = _model(nodes, [_vi("x", ["b", 2, 3])], [_vi("y", ["b", 2, 4])], inits)
+    return _model(nodes, [_vi("x", ["b", 2, 3])], [_vi("y", ["b", 2, 4])], inits), wq, sw, zw, sx, zx
+
+
+def test_int8_operand_faults_match_integer_reference():
+    """QDQ MatMul (uint8 activations, int8 per-channel weights with non-zero zero points): a flip of
+    a stored 8-bit operand changes each corrupted product (qa - za)(qb - zb) exactly; the output
+    moves by sa sb[n] times the integer change."""
+    rng = np.random.default_rng(5)
+    model, wq, sw, zw, sx, zx = _qdq_matmul(rng)
     x = rng.standard_normal((3, 2, 3)).astype(np.float32)
     feeds = {"x": x}
     qx = np.clip(np.rint(x / sx) + int(zx), 0, 255).astype(np.int64)
@@ -593,16 +599,7 @@ def test_int8_several_operand_faults_match_integer_reference():
     product by several faults merge (flips XORed on the 8-bit patterns, both operands corrupted at
     once), and the output moves by sa sb[n] times the summed integer change."""
     rng = np.random.default_rng(6)
-    wq = rng.integers(-128, 128, (3, 4)).astype(np.int8)
-    sw, zw = (rng.random(4) * 0.05 + 0.01).astype(np.float32), rng.integers(-3, 4, 4).astype(np.int8)
-    sx, zx = np.float32(0.02), np.uint8(120)
-    inits = [nh.from_array(wq, "wq"), nh.from_array(sw, "sw"), nh.from_array(zw, "zw"),
-             nh.from_array(np.array(sx), "sx"), nh.from_array(np.array(zx), "zx")]
-    nodes = [h.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"], name="q"),
-             h.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"], name="dq"),
-             h.make_node("DequantizeLinear", ["wq", "sw", "zw"], ["wd"], axis=1, name="dqw"),
-             h.make_node("MatMul", ["xd", "wd"], ["y"], name="mm")]
-    model = _model(nodes, [_vi("x", ["b", 2, 3])], [_vi("y", ["b", 2, 4])], inits)
+    model, wq, sw, zw, sx, zx = _qdq_matmul(rng)
     x = rng.standard_normal((6, 2, 3)).astype(np.float32)
     feeds = {"x": x}
     qx = np.clip(np.rint(x / sx) + int(zx), 0, 255).astype(np.int64)
