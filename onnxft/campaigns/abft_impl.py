@@ -6,8 +6,9 @@ turns the two per-GEMM policies into plain data the pass takes (``{gemm name: im
 - ``ig`` (seed 004's rule): each GEMM's arithmetic intensity at the deployment shapes
   (``analysis.intensity``, one fault-free run) against the device's ridge point
   (``runtime.ridge``): ``global`` at or above the ridge (compute-bound), ``MEMORY_BOUND_IMPL``
-  below it; among compute-bound GEMMs, ``fused`` where its check moves fewer bytes than global's
-  (``analysis.intensity.check_bytes``).
+  below it; among compute-bound GEMMs with a constant weight, ``fused`` where its check moves
+  fewer bytes than global's (``analysis.intensity.check_bytes``) or where ``A`` outgrows a core's
+  L2 cache (``FUSED_MIN_A_BYTES``: global's extra pass over ``A`` then goes to memory).
 - ``ig`` with ``autotune``: every candidate is built for every GEMM it fits, the candidate graphs
   are profiled interleaved on the target provider (one run of each per round, medians per node),
   and each GEMM keeps the candidate whose own kernels plus protection nodes cost least.
@@ -22,7 +23,8 @@ import tempfile
 
 import onnx
 
-from ..analysis.intensity import MEMORY_BOUND_IMPL, check_bytes, choose_impl, gemm_intensities, regime
+from ..analysis.intensity import (FUSED_MIN_A_BYTES, MEMORY_BOUND_IMPL, check_bytes, choose_impl, gemm_intensities,
+                                  regime)
 from ..passes.abft import IMPLS, abft, input_lower_bounds
 from .overhead import _named, profile_medians, profiling_session, protection_units
 
@@ -35,7 +37,9 @@ def ig_choices(model: onnx.ModelProto, feeds: dict, ridge: float, provider: str 
     model runs at on ``feeds``: seed 004's rule (``memory_impl`` below the ridge, ``global`` at or
     above it), and, for a compute-bound GEMM with a constant weight, ``fused`` instead of ``global``
     where its check moves fewer bytes (``analysis.intensity.check_bytes``: an MLP's second Linear,
-    whose input, a GELU output, is bounded below and ``K = 4 N`` wide); ``check_bytes`` is recorded."""
+    whose input, a GELU output, is bounded below and ``K = 4 N`` wide) or where ``A`` is at least
+    ``FUSED_MIN_A_BYTES`` (measured: global's extra pass over an ``A`` beyond L2 costs more than
+    fused's extra columns); ``check_bytes`` and ``a_bytes`` are recorded."""
     if memory_impl not in IMPLS:
         raise ValueError(f"unknown ABFT implementation {memory_impl!r}")
     bounds = input_lower_bounds(model)
@@ -47,7 +51,8 @@ def ig_choices(model: onnx.ModelProto, feeds: dict, ridge: float, provider: str 
                "M": c.M, "N": c.N, "K": c.K, "gemms": c.gemms}
         if c.name in bounds and row["regime"] == "compute":
             row["check_bytes"] = check_bytes(c.M * c.gemms, c.N, c.K, ridge, bounds[c.name] is not None)
-            if row["check_bytes"]["fused"] < row["check_bytes"]["global"]:
+            row["a_bytes"] = a_bytes = 4 * c.M * c.gemms * c.K  # (fused is built for float32 weights only)
+            if row["check_bytes"]["fused"] < row["check_bytes"]["global"] or a_bytes >= FUSED_MIN_A_BYTES:
                 row["impl"] = "fused"
         out[c.name] = row
     return out
