@@ -4,7 +4,8 @@
     python benchmarks/abft_impl.py --models vit,resnet --batches 1,8 --repeats 15 --threads 1
 
 For every (model, batch): the original and the LB-ABFT graphs built with ``global``, ``fused``,
-``dup``, ``ig`` (seed 004's rule: AI at this batch against the ridge point) and ``ig --autotune``
+``dup``, ``ig`` (seed 004's rule: AI at this batch against the ridge point, with onnxft's fused
+refinements), ``ig0`` (ig without ``FUSED_MIN_A_BYTES``: the byte rule alone) and ``ig --autotune``
 (candidates profiled per GEMM on this machine), all with static shapes (as ``harden --batch``),
 run interleaved in one process (the order alternates every round), medians, ratio to the
 original. ``seed`` is seed 004's metric overhead(global) / overhead(ig) (n/a when ig's overhead is
@@ -38,7 +39,7 @@ from onnxft.campaigns.harden import fix_batch  # noqa: E402
 from onnxft.passes.abft import abft  # noqa: E402
 from onnxft.runtime.ridge import ridge_point  # noqa: E402
 
-VARIANTS = ("global", "fused", "dup", "ig", "ig+autotune")
+VARIANTS = ("global", "fused", "dup", "ig0", "ig", "ig+autotune")
 NAMES = {"vit-s": "vit-s16", "vit-b": "vit-b16"}
 
 
@@ -79,6 +80,8 @@ def main(argv=None) -> int:
                 shapes = {k: [1, *v.shape[1:]] for k, v in x.items()}
                 kw = dict(scheme="lb", ber=args.ber, shapes=shapes)
                 impls = {v: v for v in ("global", "fused", "dup") if v in variants}
+                if "ig0" in variants:  # ig by the byte rule alone (before FUSED_MIN_A_BYTES)
+                    impls["ig0"], _ = resolve("ig", model, x, point, fused_min_a_bytes=float("inf"))
                 if "ig" in variants:
                     impls["ig"], _ = resolve("ig", model, x, point)
                 if "ig+autotune" in variants:
@@ -119,6 +122,7 @@ def main(argv=None) -> int:
                                         if picks_of(impls[v], k)) for v in ("ig", "ig+autotune") if v in impls)
                 print(f"{name:<8} {batch:>5} {base * 1e3:>8.2f} " + " ".join(f"{ratio[v]:>11.3f}" for v in variants)
                       + f" {seed} {tag:>22} {alarms:>6}", flush=True)
+    print(f"# load average {os.getloadavg()[0]:.1f} at the end")
     print("# ratios: hardened / original (medians); seed = overhead(global) / overhead(ig); ig picks: "
           "ig's / ig --autotune's choice counts (g global, f fused, d dup)")
     return 0

@@ -8,6 +8,7 @@
 
 A scheme ``lb:IMPL`` builds LB-ABFT with ``--abft-impl IMPL`` (global, fused, dup, ig: seed 004's
 rule with onnxft's fused refinement, at the benchmark's batch against the cached ridge point;
+``ig0``: ig by the byte rule alone, without ``FUSED_MIN_A_BYTES``, as before that measurement;
 ``tuned``: ig --autotune, every implementation profiled per GEMM on these inputs).
 
 (``vit-s16-dyn``: ViT-S/16-sized with a dynamic token axis, run at ``--image`` pixels.) The timed
@@ -89,7 +90,7 @@ def main(argv=None) -> int:
                          "steadier on a shared machine")
     args = ap.parse_args(argv)
     print(f"# onnxruntime {ort.__version__}, CPU, batch {args.batch}, {args.repeats} interleaved repeats, "
-          f"threads {args.threads or 'default'}, {args.clock} clock")
+          f"threads {args.threads or 'default'}, {args.clock} clock, load average {os.getloadavg()[0]:.1f} at start")
     print(f"{'model':<12} {'scheme':<9} {'GEMMs':>5} {'nodes+':>6} {'original ms':>11} {'hardened ms':>11} "
           f"{'ratio':>6} {'alarms':>6}")
     with tempfile.TemporaryDirectory() as td:
@@ -106,13 +107,15 @@ def main(argv=None) -> int:
             for scheme in args.schemes.split(","):
                 base_scheme, _, impl = scheme.partition(":")
                 impl = impl or "global"
-                if impl in ("ig", "tuned"):
+                if impl in ("ig", "ig0", "tuned"):
+                    from onnxft.analysis.intensity import FUSED_MIN_A_BYTES
                     from onnxft.campaigns.abft_impl import resolve
                     from onnxft.runtime.ridge import ridge_point
 
                     impl, _ = resolve("ig", model, x, ridge_point("cpu", args.threads), tune=impl == "tuned",
                                       threads=args.threads, repeats=args.tune_repeats, scheme=base_scheme,
-                                      ber=args.ber, shapes=shapes)
+                                      ber=args.ber, shapes=shapes,
+                                      fused_min_a_bytes=float("inf") if impl == "ig0" else FUSED_MIN_A_BYTES)
                 kw = dict(scheme=base_scheme, ber=args.ber, shapes=shapes, impl=impl)
                 r = abft(model, **kw)
                 info[scheme] = (len(r.details["gemms"]), len(r.model.graph.node) - len(model.graph.node))
@@ -151,6 +154,7 @@ def main(argv=None) -> int:
                 g, n = info[scheme]
                 print(f"{name:<12} {scheme:<9} {g:>5} {n:>6} {base * 1e3:>11.2f} {med * 1e3:>11.2f} {med / base:>6.3f} "
                       f"{alarms[scheme]:>6}", flush=True)
+    print(f"# load average {os.getloadavg()[0]:.1f} at the end")
     return 0
 
 

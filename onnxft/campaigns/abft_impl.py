@@ -32,14 +32,15 @@ POLICIES = IMPLS + ("ig",)
 
 
 def ig_choices(model: onnx.ModelProto, feeds: dict, ridge: float, provider: str = "cpu",
-               memory_impl: str = MEMORY_BOUND_IMPL) -> dict[str, dict]:
+               memory_impl: str = MEMORY_BOUND_IMPL, fused_min_a_bytes: float = FUSED_MIN_A_BYTES) -> dict[str, dict]:
     """``{gemm name: {"ai", "ridge", "regime", "impl", "M", "N", "K", "gemms", ...}}`` at the shapes the
     model runs at on ``feeds``: seed 004's rule (``memory_impl`` below the ridge, ``global`` at or
     above it), and, for a compute-bound GEMM with a constant weight, ``fused`` instead of ``global``
     where its check moves fewer bytes (``analysis.intensity.check_bytes``: an MLP's second Linear,
     whose input, a GELU output, is bounded below and ``K = 4 N`` wide) or where ``A`` is at least
-    ``FUSED_MIN_A_BYTES`` (measured: global's extra pass over an ``A`` beyond L2 costs more than
-    fused's extra columns); ``check_bytes`` and ``a_bytes`` are recorded."""
+    ``fused_min_a_bytes`` (measured: global's extra pass over an ``A`` beyond L2 costs more than
+    fused's extra columns; ``inf``: the byte rule alone, ig before that measurement);
+    ``check_bytes`` and ``a_bytes`` are recorded."""
     if memory_impl not in IMPLS:
         raise ValueError(f"unknown ABFT implementation {memory_impl!r}")
     bounds = input_lower_bounds(model)
@@ -52,7 +53,7 @@ def ig_choices(model: onnx.ModelProto, feeds: dict, ridge: float, provider: str 
         if c.name in bounds and row["regime"] == "compute":
             row["check_bytes"] = check_bytes(c.M * c.gemms, c.N, c.K, ridge, bounds[c.name] is not None)
             row["a_bytes"] = a_bytes = 4 * c.M * c.gemms * c.K  # (fused is built for float32 weights only)
-            if row["check_bytes"]["fused"] < row["check_bytes"]["global"] or a_bytes >= FUSED_MIN_A_BYTES:
+            if row["check_bytes"]["fused"] < row["check_bytes"]["global"] or a_bytes >= fused_min_a_bytes:
                 row["impl"] = "fused"
         out[c.name] = row
     return out
@@ -127,7 +128,7 @@ def _without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def resolve(policy: str, model: onnx.ModelProto, feeds: dict, ridge_info: dict | None = None,
             tune: bool = False, provider: str = "cpu", threads: int | None = None, repeats: int = 10,
-            **abft_kwargs) -> tuple[object, dict]:
+            fused_min_a_bytes: float = FUSED_MIN_A_BYTES, **abft_kwargs) -> tuple[object, dict]:
     """(what ``abft(impl=...)`` takes, the plan's ``"abft_impl"`` record) for ``policy``: a fixed
     implementation everywhere, or ``ig`` (by AI; with ``tune``, by measured cost)."""
     if policy not in POLICIES:
@@ -138,7 +139,7 @@ def resolve(policy: str, model: onnx.ModelProto, feeds: dict, ridge_info: dict |
         return policy, {"policy": policy}
     ridge = float(ridge_info["ridge"])
     batch = int(next(iter(feeds.values())).shape[0]) if feeds else None
-    per_gemm = ig_choices(model, feeds, ridge, provider)
+    per_gemm = ig_choices(model, feeds, ridge, provider, fused_min_a_bytes=fused_min_a_bytes)
     record = {"policy": "ig", "autotune": tune, "ridge": ridge_info, "batch": batch, "gemms": per_gemm}
     if tune:
         measured = autotune(model, feeds, IMPLS, provider, threads, repeats, **abft_kwargs)
