@@ -56,6 +56,8 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default=",".join(VARIANTS),
                     help="which to time (ViT-B at batch 8 with all six sessions needs about 14 GB: leave dup out)")
     ap.add_argument("--tune-candidates", default="global,fused,dup")
+    ap.add_argument("--pairwise", action="store_true",
+                    help="one (original, variant) session pair open at a time (ViT-B at batch 8 on a small machine)")
     ap.add_argument("--ridge", type=float, default=None, help="FLOP/byte (default: measured once, cached)")
     ap.add_argument("--ber", type=float, default=1e-8)
     ap.add_argument("--clock", choices=["wall", "cpu"], default="cpu",
@@ -88,24 +90,33 @@ def main(argv=None) -> int:
                     impls["ig+autotune"] = {k: r["impl"] for k, r in autotune(
                         model, x, tuple(args.tune_candidates.split(",")), "cpu", args.threads, args.tune_repeats,
                         **kw).items()}
-                sessions = {"original": session(model, args.threads, tmp, "orig")}
-                for v, impl in impls.items():
-                    sessions[v] = session(abft(model, impl=impl, **kw).model, args.threads, tmp, v)
-                for s in sessions.values():
-                    for _ in range(2):
-                        s.run(None, x)
-                t0 = clock()
-                sessions["original"].run(None, x)
-                repeats = max(args.repeats, min(300, int(args.budget / max(clock() - t0, 1e-6))))
-                times = {k: [] for k in sessions}
-                order = list(sessions.items())
-                for i in range(repeats):
-                    for k, s in (order if i % 2 == 0 else order[::-1]):
-                        t0 = clock()
-                        s.run(None, x)
-                        times[k].append(clock() - t0)
-                del sessions
-                gc.collect()
+                # all variants interleaved with the original in one loop, or (--pairwise, for graphs
+                # too large to hold every session at once) each variant interleaved with its own
+                # original session, one pair open at a time: ratio = variant / that pair's original
+                groups = [list(impls)] if not args.pairwise else [[v] for v in impls]
+                times, ratio = {}, {}
+                for group in groups:
+                    sessions = {"original": session(model, args.threads, tmp, "orig")}
+                    for v in group:
+                        sessions[v] = session(abft(model, impl=impls[v], **kw).model, args.threads, tmp, v)
+                    for s in sessions.values():
+                        for _ in range(2):
+                            s.run(None, x)
+                    t0 = clock()
+                    sessions["original"].run(None, x)
+                    repeats = max(args.repeats, min(300, int(args.budget / max(clock() - t0, 1e-6))))
+                    got = {k: [] for k in sessions}
+                    order = list(sessions.items())
+                    for i in range(repeats):
+                        for k, s in (order if i % 2 == 0 else order[::-1]):
+                            t0 = clock()
+                            s.run(None, x)
+                            got[k].append(clock() - t0)
+                    del sessions, order
+                    gc.collect()
+                    base = statistics.median(got["original"])
+                    times.setdefault("original", []).extend(got["original"])
+                    ratio.update({v: statistics.median(got[v]) / base for v in group})
                 alarms = 0
                 rng = np.random.default_rng(batch)
                 for v, impl in impls.items():
@@ -115,7 +126,6 @@ def main(argv=None) -> int:
                         xi = {k: rng.standard_normal(a.shape).astype(a.dtype) for k, a in x.items()}
                         alarms += sum(bool(o) for n, o in zip(names, s.run(None, xi)) if n.endswith(".detected"))
                 base = statistics.median(times["original"])
-                ratio = {v: statistics.median(times[v]) / base for v in impls}
                 og, oi = ratio.get("global", 0) - 1, ratio.get("ig", 0) - 1
                 seed = f"{og / oi:6.2f}" if oi > 0.005 and og > -1 else f"{'n/a':>6}"
                 tag = "/".join(",".join(f"{picks_of(impls[v], k)}{k[0]}" for k in ("global", "fused", "dup")
