@@ -159,8 +159,8 @@ def main(argv=None) -> int:
             for scheme in args.schemes.split(","):
                 med = statistics.median(times[scheme])
                 g, n = info[scheme]
-                print(f"{name:<12} {scheme:<21} {g:>5} {n:>6} {base * 1e3:>11.2f} {med * 1e3:>11.2f} {med / base:>6.3f} "
-                      f"{alarms[scheme]:>6}", flush=True)
+                print(f"{name:<12} {scheme:<21} {g:>5} {n:>6} {base * 1e3:>11.2f} {med * 1e3:>11.2f} "
+                      f"{med / base:>6.3f} {alarms[scheme]:>6}", flush=True)
     print(f"# load average {os.getloadavg()[0]:.1f} at the end")
     return 0
 
