@@ -5,10 +5,14 @@
     python benchmarks/bench_harden.py --models vit-s16-dyn --schemes lb --threads 1 --repeats 9 --clock cpu
     python benchmarks/bench_harden.py --models vit-b16 --static --schemes lb --threads 1 --repeats 5 --clock cpu
     python benchmarks/bench_harden.py --models vit-s16-dyn --schemes lb,lb:ig --threads 1 --repeats 9 --clock cpu
+    python benchmarks/bench_harden.py --models vit-s16-dyn --threads 1 --repeats 9 --clock cpu \
+        --schemes lb,lb:fused@fc2,lb:fused@fc2+fc1,lb:fused@fc2+fc1+proj,lb:fused
 
 A scheme ``lb:IMPL`` builds LB-ABFT with ``--abft-impl IMPL`` (global, fused, dup, ig: seed 004's
 rule with onnxft's fused refinement, at the benchmark's batch against the cached ridge point;
-``tuned``: ig --autotune, every implementation profiled per GEMM on these inputs).
+``ig0``: ig by the byte rule alone, without ``FUSED_MIN_A_BYTES``, as before that measurement;
+``tuned``: ig --autotune, every implementation profiled per GEMM on these inputs; ``fused@fc1+fc2``:
+fused for the GEMMs whose names contain ``fc1`` or ``fc2``, global elsewhere).
 
 (``vit-s16-dyn``: ViT-S/16-sized with a dynamic token axis, run at ``--image`` pixels.) The timed
 graphs are the ones ``harden`` ships; after the timed rounds their twins with the detection flags
@@ -37,7 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from onnxft import samples as ft_samples  # noqa: E402
 from onnxft.campaigns.harden import fix_batch  # noqa: E402
-from onnxft.passes.abft import abft  # noqa: E402
+from onnxft.passes.abft import abft, find_gemms  # noqa: E402
 from vit_graph import PRESETS, build_vit  # noqa: E402
 
 
@@ -89,8 +93,8 @@ def main(argv=None) -> int:
                          "steadier on a shared machine")
     args = ap.parse_args(argv)
     print(f"# onnxruntime {ort.__version__}, CPU, batch {args.batch}, {args.repeats} interleaved repeats, "
-          f"threads {args.threads or 'default'}, {args.clock} clock")
-    print(f"{'model':<12} {'scheme':<9} {'GEMMs':>5} {'nodes+':>6} {'original ms':>11} {'hardened ms':>11} "
+          f"threads {args.threads or 'default'}, {args.clock} clock, load average {os.getloadavg()[0]:.1f} at start")
+    print(f"{'model':<12} {'scheme':<21} {'GEMMs':>5} {'nodes+':>6} {'original ms':>11} {'hardened ms':>11} "
           f"{'ratio':>6} {'alarms':>6}")
     with tempfile.TemporaryDirectory() as td:
         tmp = Path(td)
@@ -106,13 +110,19 @@ def main(argv=None) -> int:
             for scheme in args.schemes.split(","):
                 base_scheme, _, impl = scheme.partition(":")
                 impl = impl or "global"
-                if impl in ("ig", "tuned"):
+                if impl in ("ig", "ig0", "tuned"):
+                    from onnxft.analysis.intensity import FUSED_MIN_A_BYTES
                     from onnxft.campaigns.abft_impl import resolve
                     from onnxft.runtime.ridge import ridge_point
 
                     impl, _ = resolve("ig", model, x, ridge_point("cpu", args.threads), tune=impl == "tuned",
                                       threads=args.threads, repeats=args.tune_repeats, scheme=base_scheme,
-                                      ber=args.ber, shapes=shapes)
+                                      ber=args.ber, shapes=shapes,
+                                      fused_min_a_bytes=float("inf") if impl == "ig0" else FUSED_MIN_A_BYTES)
+                if "@" in impl:  # IMPL@a+b: IMPL for the GEMMs whose names contain a or b, global elsewhere
+                    which, _, parts = impl.partition("@")
+                    impl = {g.name: which if any(p in g.name for p in parts.split("+")) else "global"
+                            for g in find_gemms(model)}
                 kw = dict(scheme=base_scheme, ber=args.ber, shapes=shapes, impl=impl)
                 r = abft(model, **kw)
                 info[scheme] = (len(r.details["gemms"]), len(r.model.graph.node) - len(model.graph.node))
@@ -149,8 +159,9 @@ def main(argv=None) -> int:
             for scheme in args.schemes.split(","):
                 med = statistics.median(times[scheme])
                 g, n = info[scheme]
-                print(f"{name:<12} {scheme:<9} {g:>5} {n:>6} {base * 1e3:>11.2f} {med * 1e3:>11.2f} {med / base:>6.3f} "
-                      f"{alarms[scheme]:>6}", flush=True)
+                print(f"{name:<12} {scheme:<21} {g:>5} {n:>6} {base * 1e3:>11.2f} {med * 1e3:>11.2f} "
+                      f"{med / base:>6.3f} {alarms[scheme]:>6}", flush=True)
+    print(f"# load average {os.getloadavg()[0]:.1f} at the end")
     return 0
 
 

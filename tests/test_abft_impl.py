@@ -223,3 +223,24 @@ def test_unnamed_nodes(impl):
     got = run(r.model, feeds)
     np.testing.assert_array_equal(got["out"], run(model, feeds)["out"])
     assert flags(got) == (False, 0)
+
+
+def test_ig_picks_fused_where_a_outgrows_l2():
+    """An unbounded-input Linear [T, 256] @ [256, 256] (batch 4, ridge 2.5, AI far above it):
+    check_bytes per row: global 4 (N + 4K) = 5120, fused 4 (3N + 3K) + 2K / 2.5 = 6348.8, so the
+    byte rule alone keeps global; A = 4 T K x 4 bytes reaches FUSED_MIN_A_BYTES (1 MiB) at T = 256:
+    fused there, global at T = 255."""
+    from onnxft.analysis.intensity import FUSED_MIN_A_BYTES
+    from test_abft import make, nh, vi, h
+
+    rng = np.random.default_rng(0)
+    model = make([h.make_node("MatMul", ["a", "w"], ["out"], name="mm")], [vi("a", ["n", "t", 256])],
+                 [vi("out", ["n", "t", 256])], [nh.from_array(rng.standard_normal((256, 256)).astype(np.float32), "w")])
+    assert FUSED_MIN_A_BYTES == 4 * 4 * 256 * 256
+    for tokens, want in ((256, "fused"), (255, "global")):
+        x = rng.standard_normal((4, tokens, 256)).astype(np.float32)
+        row = ig_choices(model, {"a": x}, 2.5)["mm"]
+        assert row["regime"] == "compute" and row["a_bytes"] == 4 * 4 * tokens * 256
+        assert row["check_bytes"]["fused"] / (4 * tokens) == pytest.approx(6348.8)
+        assert row["check_bytes"]["global"] / (4 * tokens) == 5120
+        assert row["impl"] == want

@@ -80,6 +80,18 @@ def choose_impl(ai: float, ridge: float, memory_impl: str = MEMORY_BOUND_IMPL) -
     return "global" if regime(ai, ridge) == "compute" else memory_impl
 
 
+# Above this many bytes of ``A`` per call (all rows of a batch), a compute-bound Linear's ``fused``
+# check beats ``global`` on onnxruntime's CPU provider even without a lower bound on ``A``: ``global``
+# reads ``A`` once more for ``A (B e)``, and once ``A`` no longer fits in a core's L2 cache (1 MiB on
+# the machine measured) that pass goes to L3/DRAM, while ``fused`` gets ``A (B e)`` from the GEMM's
+# own pass. Measured (docs/abft.md "Measured: implementations"): ViT-S-sized at batch 8 (``A`` of
+# the qkv/proj/fc1 Linears 2.4 MB) fused on every Linear 1.02-1.10x vs global 1.10-1.16x, each
+# Linear class moved to fused lowering the total; at batch 1 (0.3 MB) and on the sample ViT at
+# batch 8 (0.2 MB) fused on those Linears is no better or worse (its 1-2 extra GEMM columns and the
+# Slice of ``Y`` cost more than an in-cache pass over ``A``).
+FUSED_MIN_A_BYTES = 1 << 20
+
+
 def check_bytes(M: int, N: int, K: int, ridge: float, a_bounded: bool, elem_bytes: int = 4) -> dict[str, float]:
     """Memory traffic of the main-graph check of ``M`` rows (all GEMMs of the call) of ``[M, K] @ [K, N]``
     with a constant weight, per implementation, in bytes plus extra FLOPs / ridge (both as time at the

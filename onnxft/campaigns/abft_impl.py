@@ -6,8 +6,9 @@ turns the two per-GEMM policies into plain data the pass takes (``{gemm name: im
 - ``ig`` (seed 004's rule): each GEMM's arithmetic intensity at the deployment shapes
   (``analysis.intensity``, one fault-free run) against the device's ridge point
   (``runtime.ridge``): ``global`` at or above the ridge (compute-bound), ``MEMORY_BOUND_IMPL``
-  below it; among compute-bound GEMMs, ``fused`` where its check moves fewer bytes than global's
-  (``analysis.intensity.check_bytes``).
+  below it; among compute-bound GEMMs with a constant weight, ``fused`` where its check moves
+  fewer bytes than global's (``analysis.intensity.check_bytes``) or where ``A`` outgrows a core's
+  L2 cache (``FUSED_MIN_A_BYTES``: global's extra pass over ``A`` then goes to memory).
 - ``ig`` with ``autotune``: every candidate is built for every GEMM it fits, the candidate graphs
   are profiled interleaved on the target provider (one run of each per round, medians per node),
   and each GEMM keeps the candidate whose own kernels plus protection nodes cost least.
@@ -22,7 +23,8 @@ import tempfile
 
 import onnx
 
-from ..analysis.intensity import MEMORY_BOUND_IMPL, check_bytes, choose_impl, gemm_intensities, regime
+from ..analysis.intensity import (FUSED_MIN_A_BYTES, MEMORY_BOUND_IMPL, check_bytes, choose_impl, gemm_intensities,
+                                  regime)
 from ..passes.abft import IMPLS, abft, input_lower_bounds
 from .overhead import _named, profile_medians, profiling_session, protection_units
 
@@ -30,12 +32,15 @@ POLICIES = IMPLS + ("ig",)
 
 
 def ig_choices(model: onnx.ModelProto, feeds: dict, ridge: float, provider: str = "cpu",
-               memory_impl: str = MEMORY_BOUND_IMPL) -> dict[str, dict]:
+               memory_impl: str = MEMORY_BOUND_IMPL, fused_min_a_bytes: float = FUSED_MIN_A_BYTES) -> dict[str, dict]:
     """``{gemm name: {"ai", "ridge", "regime", "impl", "M", "N", "K", "gemms", ...}}`` at the shapes the
     model runs at on ``feeds``: seed 004's rule (``memory_impl`` below the ridge, ``global`` at or
     above it), and, for a compute-bound GEMM with a constant weight, ``fused`` instead of ``global``
     where its check moves fewer bytes (``analysis.intensity.check_bytes``: an MLP's second Linear,
-    whose input, a GELU output, is bounded below and ``K = 4 N`` wide); ``check_bytes`` is recorded."""
+    whose input, a GELU output, is bounded below and ``K = 4 N`` wide) or where ``A`` is at least
+    ``fused_min_a_bytes`` (measured: global's extra pass over an ``A`` beyond L2 costs more than
+    fused's extra columns; ``inf``: the byte rule alone, ig before that measurement);
+    ``check_bytes`` and ``a_bytes`` are recorded."""
     if memory_impl not in IMPLS:
         raise ValueError(f"unknown ABFT implementation {memory_impl!r}")
     bounds = input_lower_bounds(model)
@@ -47,7 +52,8 @@ def ig_choices(model: onnx.ModelProto, feeds: dict, ridge: float, provider: str 
                "M": c.M, "N": c.N, "K": c.K, "gemms": c.gemms}
         if c.name in bounds and row["regime"] == "compute":
             row["check_bytes"] = check_bytes(c.M * c.gemms, c.N, c.K, ridge, bounds[c.name] is not None)
-            if row["check_bytes"]["fused"] < row["check_bytes"]["global"]:
+            row["a_bytes"] = a_bytes = 4 * c.M * c.gemms * c.K  # (fused is built for float32 weights only)
+            if row["check_bytes"]["fused"] < row["check_bytes"]["global"] or a_bytes >= fused_min_a_bytes:
                 row["impl"] = "fused"
         out[c.name] = row
     return out
@@ -122,7 +128,7 @@ def _without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def resolve(policy: str, model: onnx.ModelProto, feeds: dict, ridge_info: dict | None = None,
             tune: bool = False, provider: str = "cpu", threads: int | None = None, repeats: int = 10,
-            **abft_kwargs) -> tuple[object, dict]:
+            fused_min_a_bytes: float = FUSED_MIN_A_BYTES, **abft_kwargs) -> tuple[object, dict]:
     """(what ``abft(impl=...)`` takes, the plan's ``"abft_impl"`` record) for ``policy``: a fixed
     implementation everywhere, or ``ig`` (by AI; with ``tune``, by measured cost)."""
     if policy not in POLICIES:
@@ -133,7 +139,7 @@ def resolve(policy: str, model: onnx.ModelProto, feeds: dict, ridge_info: dict |
         return policy, {"policy": policy}
     ridge = float(ridge_info["ridge"])
     batch = int(next(iter(feeds.values())).shape[0]) if feeds else None
-    per_gemm = ig_choices(model, feeds, ridge, provider)
+    per_gemm = ig_choices(model, feeds, ridge, provider, fused_min_a_bytes=fused_min_a_bytes)
     record = {"policy": "ig", "autotune": tune, "ridge": ridge_info, "batch": batch, "gemms": per_gemm}
     if tune:
         measured = autotune(model, feeds, IMPLS, provider, threads, repeats, **abft_kwargs)
