@@ -1,6 +1,8 @@
 """Tiny models built inline for tests: a one-block transformer classifier and a small CNN."""
 from __future__ import annotations
 
+import signal
+
 import numpy as np
 import onnx
 from onnx import TensorProto as T
@@ -135,3 +137,10 @@ def run_on_stock_onnxruntime(model: onnx.ModelProto, feeds: dict, tmp_path, leve
     subprocess.run([sys.executable, "-I", "-c", _STOCK_ORT, str(path), str(inp), str(out), level], check=True,
                    cwd=str(tmp_path))
     return np.load(out)
+
+
+def default_sigint():
+    """In the child: Ctrl-C's default disposition. A shell without job control starts background
+    commands with SIGINT ignored, which their children inherit and Python then keeps ignoring, so a
+    CI run started with `&` would not see the signal at all."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

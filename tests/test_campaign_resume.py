@@ -11,12 +11,13 @@ import onnx
 import pytest
 
 from onnxft.campaigns.store import STORE_NAME, CampaignStore
-from tests.models import labelled_data, run_cli, tiny_transformer
+from tests.models import default_sigint, labelled_data, run_cli, tiny_transformer
 
 ARGS = ["--ber", "0,1e-6,1e-5", "--trials", "3", "--batch", "4", "--quiet", "--threads", "1"]
 
 
 @pytest.fixture(scope="module")
+
 def model_and_data(tmp_path_factory):
     d = tmp_path_factory.mktemp("campaign")
     model = tiny_transformer()
@@ -123,7 +124,8 @@ def test_ctrl_c_stops_cleanly_and_the_campaign_resumes(model_and_data, tmp_path,
     units = 3 * 8 * 3
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-m", "onnxft", "eval", model, "--data", data, *ARGS,
-                             "--out", str(cut)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--out", str(cut)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_sigint)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)

@@ -15,7 +15,7 @@ import pytest
 
 from onnxft.campaigns.store import CampaignStore
 from onnxft.cli.main import main
-from tests.models import labelled_data, tiny_cnn
+from tests.models import default_sigint, labelled_data, tiny_cnn
 
 # both parts (network: layers and bits; input: patches), a BER search, and trials added until the
 # intervals are narrow enough (1 at least, 3 at most): every kind of decision vuln makes
@@ -89,7 +89,8 @@ def test_killed_midway_and_resumed_equals_an_uninterrupted_run(files, whole, tmp
     killed = tmp_path / "killed"
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-c", _KILLED_AT, str(at), sig, "vuln", model, "--data", data, *ARGS,
-                           "--out", str(killed)], env=env, capture_output=True, text=True, timeout=120)
+                           "--out", str(killed)], env=env, capture_output=True, text=True, timeout=120,
+                          preexec_fn=default_sigint)
     if sig == "SIGKILL":
         assert proc.returncode == -9, proc.stderr[-2000:]
     else:
