@@ -144,3 +144,20 @@ def default_sigint():
     commands with SIGINT ignored, which their children inherit and Python then keeps ignoring, so a
     CI run started with `&` would not see the signal at all."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def perturbed(hardened: onnx.ModelProto, unit="g000", elem_type: int = T.FLOAT) -> onnx.ModelProto:
+    """The hardened model with ``delta`` (a graph input of ``elem_type``) added to ABFT unit
+    ``unit``'s output (``"g000"``, ``"c001"``, or an int for GEMM ``g{unit:03d}``) before its
+    checksum test sees it: a faulty GEMM/Conv result, whatever the fault was."""
+    if isinstance(unit, int):
+        unit = f"g{unit:03d}"
+    m = onnx.ModelProto()
+    m.CopyFrom(hardened)
+    raw = f"onnxft.abft.{unit}/unchecked"
+    producer = next(n for n in m.graph.node if raw in n.output)
+    producer.output[list(producer.output).index(raw)] = raw + "/clean"
+    m.graph.node.insert(list(m.graph.node).index(producer) + 1,
+                        h.make_node("Add", [raw + "/clean", "delta"], [raw], name="test/perturb"))
+    m.graph.input.append(h.make_tensor_value_info("delta", elem_type, None))
+    return m

@@ -18,7 +18,7 @@ from onnxft.passes.abft import AbftError, abft, find_gemms
 from onnxft.passes.blocksize import candidate_sizes, lb_cost, opt_block_size, p_faulty
 from onnxft.passes.inject import SiteSelection, inject
 from onnxft.runtime.session import InjectionSession
-from models import run_on_stock_onnxruntime
+from models import perturbed, run_on_stock_onnxruntime
 
 BASIC = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
 
@@ -120,21 +120,6 @@ DYNAMIC = [k for k in MODELS if k.startswith("dynamic")]
 IMPL_CASES = [("linear", "fused"), ("dynamic_linear", "fused"), ("head", "fused"),
               ("linear", "dup"), ("gemm", "dup"), ("dynamic_linear", "dup"), ("head", "dup")]
 IMPL_MODELS = {**MODELS, "head": head_model}
-
-
-def perturbed(hardened: onnx.ModelProto, unit: int = 0) -> onnx.ModelProto:
-    """The hardened model with ``delta`` (a graph input) added to unit ``unit``'s output before the
-    checksum test sees it: a faulty GEMM result, whatever the fault was."""
-    m = onnx.ModelProto()
-    m.CopyFrom(hardened)
-    raw = f"onnxft.abft.g{unit:03d}/unchecked"
-    producer = next(n for n in m.graph.node if raw in n.output)
-    producer.output[list(producer.output).index(raw)] = raw + "/clean"
-    add = h.make_node("Add", [raw + "/clean", "delta"], [raw], name="test/perturb")
-    idx = list(m.graph.node).index(producer)
-    m.graph.node.insert(idx + 1, add)
-    m.graph.input.append(vi("delta", None))
-    return m
 
 
 def flags(outs):
@@ -445,14 +430,7 @@ def test_conv_fault_free_identical_and_errors_recomputed(opset):
     assert flags(got) == (False, 0)
     # the test sees any corruption of the Conv's result (stand-in for a fault): one element, or
     # several in two items; the flagged items are recomputed, the third is left alone
-    m = onnx.ModelProto()
-    m.CopyFrom(r.model)
-    raw = "onnxft.abft.c000/unchecked"
-    producer = next(n for n in m.graph.node if raw in n.output)
-    producer.output[0] = raw + "/clean"
-    m.graph.node.insert(list(m.graph.node).index(producer) + 1,
-                        h.make_node("Add", [raw + "/clean", "delta"], [raw], name="test/perturb"))
-    m.graph.input.append(vi("delta", None))
+    m = perturbed(r.model, "c000")
     for value in VALUES:
         delta = np.zeros((3, 5, 4, 4), np.float32)
         delta[0, 4, 3, 3] = value
@@ -507,14 +485,7 @@ def test_conv_forms_detect_and_recover(form):
     got = run(r.model, {"x": x})
     np.testing.assert_array_equal(got["out"], clean)
     assert flags(got) == (False, 0)
-    m = onnx.ModelProto()
-    m.CopyFrom(r.model)
-    raw = "onnxft.abft.c000/unchecked"
-    producer = next(n for n in m.graph.node if raw in n.output)
-    producer.output[0] = raw + "/clean"
-    m.graph.node.insert(list(m.graph.node).index(producer) + 1,
-                        h.make_node("Add", [raw + "/clean", "delta"], [raw], name="test/perturb"))
-    m.graph.input.append(vi("delta", None))
+    m = perturbed(r.model, "c000")
     y_shape = (3, cout, *clean.shape[2:])
     for value in (np.nan, -np.inf, 1e3, 0.5):
         delta = np.zeros(y_shape, np.float32)
@@ -546,14 +517,7 @@ def test_nhwc_transpose_conv_transpose_protected():
     np.testing.assert_allclose(clean, ref.transpose(0, 2, 3, 1), rtol=1e-5, atol=1e-5)
     got = run(r.model, {"x": x})
     np.testing.assert_array_equal(got["out"], clean)
-    m = onnx.ModelProto()
-    m.CopyFrom(r.model)
-    raw = "onnxft.abft.c000/unchecked"
-    producer = next(n for n in m.graph.node if raw in n.output)
-    producer.output[0] = raw + "/clean"
-    m.graph.node.insert(list(m.graph.node).index(producer) + 1,
-                        h.make_node("Add", [raw + "/clean", "delta"], [raw], name="test/perturb"))
-    m.graph.input.append(vi("delta", None))
+    m = perturbed(r.model, "c000")
     delta = np.zeros((2, 5, 6, 6), np.float32)
     delta[1, 2, 3, 4] = 1e4
     got = run(m, {"x": x, "delta": delta})
@@ -733,14 +697,7 @@ def test_fp16_conv_protected_without_false_alarms():
         np.testing.assert_array_equal(got["out"], s_clean.run(None, {"x": x})[0])
         assert not bool(got["onnxft.abft.conv.detected"]), trial
     x = rng.standard_normal((2, 4, 5, 5)).astype(np.float16)
-    m = onnx.ModelProto()
-    m.CopyFrom(r.model)
-    raw = "onnxft.abft.c000/unchecked"
-    producer = next(n for n in m.graph.node if raw in n.output)
-    producer.output[0] = raw + "/clean"
-    m.graph.node.insert(list(m.graph.node).index(producer) + 1,
-                        h.make_node("Add", [raw + "/clean", "delta"], [raw], name="test/perturb"))
-    m.graph.input.append(h.make_tensor_value_info("delta", T.FLOAT16, None))
+    m = perturbed(r.model, "c000", T.FLOAT16)
     delta = np.zeros((2, 6, 5, 5), np.float16)
     delta[1, 4, 2, 2] = 100
     got = run(m, {"x": x, "delta": delta})
@@ -785,15 +742,9 @@ def test_grouped_conv_absorbs_batchnorm_scale_and_residual(group, dtype):
         got = dict(zip(names, s_hard.run(None, {"x": x})))
         np.testing.assert_array_equal(got["out"], s_clean.run(None, {"x": x})[0])
         assert flags(got) == (False, 0), trial
-    m = onnx.ModelProto()
-    m.CopyFrom(r.model)
     raw = "onnxft.abft.c000/unchecked"
-    producer = next(n for n in m.graph.node if raw in n.output)
-    assert producer.name == "add"  # the check reads the chain's end
-    producer.output[0] = raw + "/clean"
-    m.graph.node.insert(list(m.graph.node).index(producer) + 1,
-                        h.make_node("Add", [raw + "/clean", "delta"], [raw], name="test/perturb"))
-    m.graph.input.append(tv("delta", None))
+    assert next(n for n in r.model.graph.node if raw in n.output).name == "add"  # the check reads the chain's end
+    m = perturbed(r.model, "c000", elem)
     x = rng.standard_normal((3, c, 6, 6)).astype(dtype)
     want = s_clean.run(None, {"x": x})[0].astype(np.float32)
     for value in (np.nan, np.inf, -50.0):
@@ -829,14 +780,7 @@ def test_conv_chain_with_commuted_operands_recovers_flagged_items(group):
     onnx.checker.check_model(r.model, full_check=True)
     (plan,) = r.details["convs"]
     assert plan["absorbed"] == ["mul", "shift", "add"]
-    m = onnx.ModelProto()
-    m.CopyFrom(r.model)
-    raw = "onnxft.abft.c000/unchecked"
-    producer = next(n for n in m.graph.node if raw in n.output)
-    producer.output[0] = raw + "/clean"
-    m.graph.node.insert(list(m.graph.node).index(producer) + 1,
-                        h.make_node("Add", [raw + "/clean", "delta"], [raw], name="test/perturb"))
-    m.graph.input.append(vi("delta", None))
+    m = perturbed(r.model, "c000")
     s_clean = session(model)
     x = rng.standard_normal((2, c, 5, 5)).astype(np.float32)
     want = s_clean.run(None, {"x": x})[0]

@@ -9,7 +9,7 @@ from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper as nh
 
-from models import labelled_data, run_cli, tiny_cnn, tiny_transformer
+from models import labelled_data, perturbed, run_cli, tiny_cnn, tiny_transformer
 from onnxft.campaigns.coverage import stored
 from onnxft.campaigns.equivalence import split_holdout
 from onnxft.runtime.data import Dataset
@@ -243,14 +243,7 @@ def test_absorbed_chain_is_checked_and_recovered(which):
     shape = (3, 4, 8, 8) if which == "bn" else (3, 16, 8, 8)
     x = np.random.default_rng(5).standard_normal((3,) + ((1, 8, 8) if which == "bn" else (3, 8, 8))).astype(np.float32)
     r = abft(model, expose_flags=True)
-    m = onnx.ModelProto()
-    m.CopyFrom(r.model)
-    raw = f"onnxft.abft.c{unit:03d}/unchecked"
-    producer = next(n for n in m.graph.node if raw in n.output)
-    producer.output[0] = raw + "/clean"
-    m.graph.node.insert(list(m.graph.node).index(producer) + 1,
-                        h.make_node("Add", [raw + "/clean", "delta"], [raw], name="test/perturb"))
-    m.graph.input.append(h.make_tensor_value_info("delta", T.FLOAT, None))
+    m = perturbed(r.model, f"c{unit:03d}")
     import onnxruntime as ort
 
     def run(mm, feeds):

@@ -19,6 +19,7 @@ from onnx import numpy_helper as nh
 from onnxft.passes.abft import abft
 from onnxft.passes.thresholds import PRECISIONS, calibrated_tau, tau_bound, unit_precision
 
+from models import perturbed as perturbed_unit
 from models import run_cli
 
 LEVELS = {"disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -173,15 +174,7 @@ def test_fp16acc32_bound():
 
 def perturbed(hardened: onnx.ModelProto, unit: str = "g000") -> onnx.ModelProto:
     """``delta`` (a float16 graph input) added to the unit's output before its check reads it."""
-    m = onnx.ModelProto()
-    m.CopyFrom(hardened)
-    raw = f"onnxft.abft.{unit}/unchecked"
-    producer = next(n for n in m.graph.node if raw in n.output)
-    producer.output[list(producer.output).index(raw)] = raw + "/clean"
-    m.graph.node.insert(list(m.graph.node).index(producer) + 1,
-                        h.make_node("Add", [raw + "/clean", "delta"], [raw], name="test/perturb"))
-    m.graph.input.append(f16("delta", None))
-    return m
+    return perturbed_unit(hardened, unit, T.FLOAT16)
 
 
 @pytest.mark.parametrize("with_bias", [False, True])
