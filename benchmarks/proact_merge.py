@@ -9,11 +9,10 @@ accuracy-vs-BER plot with the threshold counts and bytes of each clip scheme (do
 from __future__ import annotations
 
 import argparse
-import io
 import json
 from pathlib import Path
 
-from onnxft.report.outputs import atomic_write
+from onnxft.report.outputs import atomic_write, save_figure
 
 
 def merge(paths: list[str]) -> dict:
@@ -58,11 +57,7 @@ def plot(out: dict, path: Path) -> Path:
     ax.set_title(f"{out.get('model')}: clipped activations under injection")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return atomic_write(path, buf.getvalue())
+    return save_figure(fig, path)
 
 
 def main() -> None:

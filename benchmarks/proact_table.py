@@ -20,7 +20,6 @@ a column sees the same random streams; docs/proact.md has the commands behind th
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import time
@@ -33,7 +32,7 @@ from onnxft.campaigns.evaluate import evaluate
 from onnxft.campaigns.spec import CampaignSpec
 from onnxft.campaigns.stats import wilson_interval
 from onnxft.campaigns.train_clip import ClipTrainOptions, clip_thresholds
-from onnxft.report.outputs import atomic_write
+from onnxft.report.outputs import atomic_write, save_figure
 from onnxft.runtime.model_io import load_model, save_model
 
 SCHEME_OF = {"ranger": "clip-ranger", "ranger-zero": "clip-ranger-zero", "layer": "clip-layer",
@@ -330,11 +329,7 @@ def plot(results: list[dict], path: Path) -> Path:
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return atomic_write(path, buf.getvalue())
+    return save_figure(fig, path)
 
 
 def make_table(args) -> None:

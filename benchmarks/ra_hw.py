@@ -11,13 +11,12 @@ results.json and ra_hw.png under --out.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import time
 from pathlib import Path
 
 import onnxft.api as ft
-from onnxft.report.outputs import atomic_write
+from onnxft.report.outputs import atomic_write, save_figure
 
 
 def plot(rows, path, title):
@@ -35,11 +34,7 @@ def plot(rows, path, title):
     ax.set_ylabel("fault-free accuracy - RA_1 (95% CI)")
     ax.set_title(title, fontsize=10)
     ax.grid(True, axis="y", alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write(path, buf.getvalue())
+    save_figure(fig, path)
 
 
 def main(argv=None):

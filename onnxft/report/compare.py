@@ -1,11 +1,10 @@
 """Tables, files and plots of ``onnxft compare``."""
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
-from .outputs import atomic_write, eval_plot, outcomes_plot
+from .outputs import atomic_write, eval_plot, outcomes_plot, save_figure
 
 
 def compare_table(out: dict) -> str:
@@ -60,11 +59,7 @@ def overhead_plot(out: dict, path: str | Path) -> Path:
     ax.set_yscale("symlog", linthresh=0.1)
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return atomic_write(path, buf.getvalue())
+    return save_figure(fig, path)
 
 
 def write_compare_outputs(out: dict, out_dir: str | Path) -> list[Path]:

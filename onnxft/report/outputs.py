@@ -14,6 +14,17 @@ def atomic_write(path: str | Path, data: bytes | str) -> Path:
     return write_atomically(Path(path), lambda tmp: Path(tmp).write_bytes(payload))
 
 
+def save_figure(fig, path: str | Path) -> Path:
+    """Lay out ``fig``, write it to ``path`` as PNG atomically, and close it (campaigns draw many)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return atomic_write(path, buf.getvalue())
+
+
 def eval_table(results: list[dict]) -> str:
     lines = []
     for r in results:
@@ -76,11 +87,7 @@ def outcomes_plot(results: list[dict], path: str | Path, title: str | None = Non
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     ax.set_title(title or "SDC (silent, finite and wrong) and DUE (NaN/Inf)", fontsize=10)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return atomic_write(path, buf.getvalue())
+    return save_figure(fig, path)
 
 
 def eval_plot(results: list[dict], path: str | Path, title: str | None = None) -> Path:
@@ -112,11 +119,7 @@ def eval_plot(results: list[dict], path: str | Path, title: str | None = None) -
     ax.legend(loc="best", fontsize=8)
     if title:
         ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return atomic_write(path, buf.getvalue())
+    return save_figure(fig, path)
 
 
 def write_eval_outputs(results: list[dict], out_dir: str | Path, title: str | None = None) -> list[Path]:

@@ -6,7 +6,7 @@ import io
 import json
 from pathlib import Path
 
-from .outputs import atomic_write
+from .outputs import atomic_write, save_figure
 
 
 def _measure(r: dict) -> str:
@@ -88,11 +88,7 @@ def ra_plot(r: dict, path: str | Path, direct: list[dict] | None = None) -> Path
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="best", fontsize=8) if "points" in r else None
     ax.set_title(r["model"], fontsize=10)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return atomic_write(path, buf.getvalue())
+    return save_figure(fig, path)
 
 
 def write_ra_outputs(r: dict, out_dir: str | Path) -> list[Path]:

@@ -8,7 +8,7 @@ import io
 import json
 from pathlib import Path
 
-from .outputs import atomic_write
+from .outputs import atomic_write, save_figure
 
 _TITLES = {"layer": "layer", "module": "module", "optype": "op type", "patch": "input patch", "bit": "bit position"}
 
@@ -60,14 +60,6 @@ def _plt():
     return plt
 
 
-def _save(fig, path) -> Path:
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png")
-    _plt().close(fig)
-    return atomic_write(path, buf.getvalue())
-
-
 def bars_plot(result: dict, granularity: str, path) -> Path | None:
     """Grouped bars: one group per component, one bar per BER, 95% intervals as error bars."""
     runs = [r for r in result["runs"] if any(f["granularity"] == granularity for f in r["factors"])]
@@ -91,7 +83,7 @@ def bars_plot(result: dict, granularity: str, path) -> Path | None:
     ax.set_title(f"{result['model']}: vulnerability per {_TITLES.get(granularity, granularity)}", fontsize=10)
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def patch_heatmap(result: dict, path) -> Path | None:
@@ -116,7 +108,7 @@ def patch_heatmap(result: dict, path) -> Path | None:
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.suptitle(f"{result['model']}: vulnerability factor per input patch "
                  f"({grid['patch'][0]}x{grid['patch'][1]} px)", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def accuracy_plot(result: dict, path) -> Path | None:
@@ -141,7 +133,7 @@ def accuracy_plot(result: dict, path) -> Path | None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(f"{result['model']}: accuracy vs BER, target BERs marked", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def write_vuln_outputs(result: dict, out_dir) -> list[Path]:
