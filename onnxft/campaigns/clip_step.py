@@ -13,6 +13,7 @@ import onnx
 from ..passes.clip import MIN_OPSET, ClipError
 from ..runtime.data import Dataset
 from .train_clip import clip_thresholds
+from ..graph.edit import default_opset
 
 __all__ = ["apply_clip"]
 
@@ -20,7 +21,7 @@ __all__ = ["apply_clip"]
 def apply_clip(model: onnx.ModelProto, options, data: Dataset | None):
     """(clipped model, plan entry, options with GELU/ReLU left to the clip)."""
     clip = options.clip
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    opset = default_opset(model, 0)
     if opset < MIN_OPSET:
         raise ClipError(f"the model's opset is {opset}; clipped activations need opset {MIN_OPSET} or later")
     if data is None:

@@ -53,6 +53,7 @@ from .coverage import coverage, gemm_conv_macs
 from .coverage import store as store_coverage
 from .equivalence import check_equivalence, default_tolerance, enforce, split_holdout
 from .calibrate_ranges import calibrate_ranges
+from ..graph.edit import default_opset
 
 ABFT_SCHEMES = ("lb", "standard", "sec", "none")
 RANGE_MODES = ("clamp", "zero", "none")
@@ -310,7 +311,7 @@ def raise_opset(model: onnx.ModelProto, options: HardenOptions, data: Dataset | 
     """``(model at the opset the protection needs, plan entry)``: raised by the minimum with
     ``onnx.version_converter`` and verified (fault-free outputs equal, onnxruntime level basic)
     when the model's opset is lower; ``options.keep_opset`` refuses instead."""
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    opset = default_opset(model, 0)
     need = needed_opset(options, model)
     info = {"original": opset, "hardened": opset, "raised": False}
     if opset >= need:

@@ -17,6 +17,7 @@ from .coverage import stored as stored_coverage
 from ..passes.inject import SiteSelection, inject
 from ..runtime.data import InputLayout, fixed_batch, input_specs, synthetic
 from ..runtime.session import InjectionSession
+from ..graph.edit import default_opset
 
 
 def inspect_model(model: onnx.ModelProto, selection: SiteSelection | None = None,
@@ -60,7 +61,7 @@ def inspect_model(model: onnx.ModelProto, selection: SiteSelection | None = None
         "skipped": [{"node": n, "reason": r} for n, r in res.skipped],
         # every node that is not a site, with the reason (data movement, integer arithmetic, ...)
         "non_sites": res.details.get("non_sites", []),
-        "opset": next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
+        "opset": default_opset(model),
         "inputs": [{"name": s.name, "shape": s.shape, "dtype": str(s.dtype.__name__), "batch_axis": s.batch_axis,
                     "run_shape": list(np.shape(feeds[s.name])) if s.name in feeds else None} for s in specs],
         "coverage": stored_coverage(model),  # what ``harden`` protected (None for a model it did not write)

@@ -6,6 +6,14 @@ from typing import Iterator
 import onnx
 
 
+DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+def default_opset(model: onnx.ModelProto, missing=None):
+    """The model's default-domain (ONNX) opset version, or ``missing`` when it imports none."""
+    return next((o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS), missing)
+
+
 def walk(graph: onnx.GraphProto) -> Iterator[tuple[onnx.GraphProto, onnx.NodeProto]]:
     """Every node of ``graph`` and of its subgraphs (If/Loop/Scan bodies, nested), with the graph
     that holds it, in order."""

@@ -50,7 +50,7 @@ from onnx import TensorProto, helper, shape_inference
 from ..graph.checksums import (Nodes, any_false, block_indicator, checksum_test, count_true, duplicate_test,
                                fused_row_test, mark_recompute, reduce, unsqueeze, weight_checksums,
                                weight_row_test, activation_row_test)
-from ..graph.edit import insert_after, producer_index, walk
+from ..graph.edit import default_opset, insert_after, producer_index, walk
 from ..graph.roles import PROTECTION, RECOVERY_KEY, role_of, set_meta
 from ..runtime.model_io import external_data_dir
 from .abft_conv import find_convs, protect_conv
@@ -131,8 +131,8 @@ def _attr(node, name, default):
     return default
 
 
-def default_opset(model: onnx.ModelProto) -> int:
-    v = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+def required_opset(model: onnx.ModelProto) -> int:
+    v = default_opset(model)
     if v is None:
         raise AbftError("the model imports no default ONNX opset")
     return v
@@ -540,7 +540,7 @@ def abft(model: onnx.ModelProto, scheme: str = "lb", ber: float = 1e-8, block_si
         get_precision(precision)
     except ValueError as exc:
         raise AbftError(str(exc)) from None
-    opset = default_opset(model)
+    opset = required_opset(model)
     if opset < MIN_OPSET:
         raise AbftError(f"the model's default opset is {opset}; ABFT needs opset {MIN_OPSET} or later")
     for v in (impl.values() if isinstance(impl, dict) else [impl]):

@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..graph.edit import insert_after, producer_index
+from ..graph.edit import default_opset, insert_after, producer_index
 from ..graph.roles import PROTECTION, set_meta, set_role
 from .ranges import FINDERS as RANGE_FINDERS
 from .ranges import FoundSites
@@ -154,7 +154,7 @@ def clip_activations(model: onnx.ModelProto, thresholds: Mapping[str, np.ndarray
     """
     if mode not in MODES:
         raise ClipError(f"unknown clip mode {mode!r}; choose from {', '.join(MODES)}")
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    opset = default_opset(model)
     if opset is None or opset < MIN_OPSET:
         raise ClipError(f"clipped activations need default opset >= {MIN_OPSET}; the model has {opset}; "
                         "upgrade it with onnx.version_converter first")

@@ -59,6 +59,7 @@ from onnx.external_data_helper import uses_external_data
 
 from ..runtime.model_io import external_data_dir
 from .result import PassResult
+from ..graph.edit import default_opset
 
 __all__ = ["decompose", "HANDLERS", "ORIGIN_KEY", "ORIGIN_NODE_KEY", "MIN_OPSET"]
 
@@ -66,7 +67,7 @@ ORIGIN_KEY = "onnxft.origin"
 ORIGIN_NODE_KEY = "onnxft.origin_node"
 MIN_OPSET = 18
 
-_DEFAULT_DOMAINS = ("", "ai.onnx")
+from ..graph.edit import DEFAULT_DOMAINS as _DEFAULT_DOMAINS  # noqa: E402
 _ROLE_KEY = "onnxft.role"  # graph.roles.ROLE_KEY: nodes that harden inserted
 _FLOAT_NP = {
     TensorProto.FLOAT: np.float32,
@@ -823,13 +824,6 @@ HANDLERS: dict[str, Handler] = {
 
 # ----------------------------------------------------------------------------- the pass
 
-def _default_opset(model: onnx.ModelProto) -> int | None:
-    for o in model.opset_import:
-        if o.domain in _DEFAULT_DOMAINS:
-            return o.version
-    return None
-
-
 def _rewrite_graph(graph: onnx.GraphProto, main: onnx.GraphProto, ctx: RewriteContext, wanted: set,
                    result: PassResult, maybe_dead: set, dropped_outputs: set) -> None:
     """Rewrite the wanted nodes of ``graph``, then of the If/Loop/Scan bodies it holds (nodes that
@@ -884,7 +878,7 @@ def decompose(model: onnx.ModelProto, op_types: Iterable[str] | None = None) -> 
     unknown = wanted - set(HANDLERS)
     if unknown:
         raise ValueError(f"no decomposition for {sorted(unknown)}; supported: {sorted(HANDLERS)}")
-    opset = _default_opset(model)
+    opset = default_opset(model)
     if opset is None or opset < MIN_OPSET:
         raise ValueError(f"default-domain opset {opset} < {MIN_OPSET}; upgrade with onnx.version_converter first")
 

@@ -30,7 +30,7 @@ from typing import Iterable
 import onnx
 
 from ..graph.checksums import Nodes, any_false
-from ..graph.edit import insert_after
+from ..graph.edit import default_opset, insert_after
 from ..graph.roles import PROTECTION, set_role
 from .abft import checked_output
 from .result import PassResult
@@ -62,7 +62,7 @@ def duplicate(model: onnx.ModelProto, op_types: Iterable[str] = DEFAULT_OPS, nam
     op_types = tuple(op_types)
     if not op_types:
         raise DmrError("no op types to duplicate")
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    opset = default_opset(model, 0)
     if opset < MIN_OPSET:
         raise DmrError(f"the model's opset is {opset}; duplication needs opset {MIN_OPSET} or later")
     pattern = None

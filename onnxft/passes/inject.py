@@ -39,7 +39,7 @@ from onnx import TensorProto, helper, numpy_helper, shape_inference, version_con
 
 from ..custom_ops import FAULT_DOMAIN, FAULT_DOMAIN_VERSION, OPSET, all_functions
 from ..custom_ops.functions import op_name
-from ..graph.edit import walk
+from ..graph.edit import default_opset, walk
 from ..graph.roles import INPUT, PROTECTION, RECOMPUTE_KEY, RECOVERY_KEY, meta_of, role_of, set_meta
 from ..faults.sites import PROBE_INPUT, SHAPES_OUTPUT, SITES_KEY, SOURCE_OPSET_KEY, Site, SiteTable
 from ..ops.registry import INPUT_HANDLER, handler_for
@@ -128,7 +128,7 @@ class _Graph:
 def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
     """Upgrade to opset 26 and run shape inference; raises InjectError with one clear line."""
     model = copy.deepcopy(model)
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    opset = default_opset(model)
     if opset is None:
         raise InjectError("the model imports no default ONNX opset")
     if model.ByteSize() > _TWO_GB:
@@ -957,7 +957,7 @@ def inject(model: onnx.ModelProto, selection: SiteSelection | None = None,
     m.opset_import.append(helper.make_opsetid(FAULT_DOMAIN, FAULT_DOMAIN_VERSION))
     table = SiteTable([s for s, _, _ in found], OPSET, tuple(int(w) for w in int_widths), logging)
     set_meta(m, SITES_KEY, table.to_json())
-    source = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), OPSET)
+    source = default_opset(model, OPSET)
     set_meta(m, SOURCE_OPSET_KEY, str(source))
     return result
 

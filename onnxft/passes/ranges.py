@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper, shape_inference
 
-from ..graph.edit import insert_after, producer_index
+from ..graph.edit import default_opset, insert_after, producer_index
 from ..graph.roles import PROTECTION, role_of, set_role
 from ..runtime.model_io import external_data_dir
 from .decompose import _subgraphs, constant_value
@@ -46,7 +46,7 @@ RANGE_KEY = "onnxft.range_site"  # metadata on inserted nodes: the tensor they r
 # min over x of x * Phi(x), at x = -0.75179; the tanh approximation's minimum is -0.17004.
 GELU_MIN = -0.17004
 
-_DEFAULT_DOMAINS = ("", "ai.onnx")
+from ..graph.edit import DEFAULT_DOMAINS as _DEFAULT_DOMAINS  # noqa: E402
 _FLOAT_NP = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16, TensorProto.DOUBLE: np.float64}
 
 
@@ -589,7 +589,7 @@ def restrict_ranges(model: onnx.ModelProto, bounds: Mapping[str, tuple[float, fl
     """
     if mode not in MODES:
         raise RangeError(f"unknown range mode {mode!r}; choose from {', '.join(MODES)}")
-    opset = next((o.version for o in model.opset_import if o.domain in _DEFAULT_DOMAINS), None)
+    opset = default_opset(model)
     if opset is None or opset < MIN_OPSET:
         raise RangeError(f"range restriction needs default opset >= {MIN_OPSET} (IsNaN, Where); the model has "
                          f"{opset}; upgrade it with onnx.version_converter first")
