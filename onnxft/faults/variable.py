@@ -91,6 +91,18 @@ def _tile_end(start: np.ndarray, size: int, tile: int) -> np.ndarray:
     return np.minimum((start // tile + 1) * tile, size)
 
 
+def _register_tile(rng: np.random.Generator, k: int, tk: int, extent: int, tile: int, count: int):
+    """gpu: a copy of an operand is resident in one register tile (``tile`` of the ``extent`` rows or
+    columns) for its K chunk and is read at step ``k mod tk`` of it, so a flip during the chunk
+    corrupts the tile's reads only if it comes first. Returns (k index, first, end of the range)."""
+    lens = _chunks(k, tk)
+    kk = rng.choice(k, count, p=lens / lens.sum())
+    index = rng.integers(0, -(-extent // tile), count)
+    hit = rng.integers(0, lens[kk]) <= kk % tk
+    first = index * tile
+    return kk, first, np.where(hit, np.minimum(first + tile, extent), first)
+
+
 def corrupted_reads(hw: Hardware, kind: str, m: int, n: int, k: int, rng: np.random.Generator, count: int):
     """Draw ``count`` faults of one kind in one product: the fault model's law within the kind.
 
@@ -108,13 +120,8 @@ def corrupted_reads(hw: Hardware, kind: str, m: int, n: int, k: int, rng: np.ran
             tile = d[0] if hw.kind == "os" else d[1]
             start = rng.integers(0, m, count)
             return kk, col, start, _tile_end(start, m, tile)
-        tm, _, tk = d  # gpu: one copy per row tile, resident for its K chunk, read at step k mod TK
-        lens = _chunks(k, tk)
-        kk = rng.choice(k, count, p=lens / lens.sum())
-        tile = rng.integers(0, -(-m // tm), count)
-        hit = rng.integers(0, lens[kk]) <= kk % tk
-        first = tile * tm
-        return kk, col, first, np.where(hit, np.minimum(first + tm, m), first)
+        kk, first, end = _register_tile(rng, k, d[2], m, d[0], count)  # gpu: one copy per row tile
+        return kk, col, first, end
     row, kk = rng.integers(0, m, count), rng.integers(0, k, count)
     if hw.kind in ("equal",):
         return row, kk, np.zeros(count, np.int64), np.full(count, n)
@@ -124,13 +131,8 @@ def corrupted_reads(hw: Hardware, kind: str, m: int, n: int, k: int, rng: np.ran
     if hw.kind in ("ws", "os"):  # passes through the C columns of its column tile
         start = rng.integers(0, n, count)
         return row, kk, start, _tile_end(start, n, d[1])
-    _, tn, tk = d
-    lens = _chunks(k, tk)
-    kk = rng.choice(k, count, p=lens / lens.sum())
-    tile = rng.integers(0, -(-n // tn), count)
-    hit = rng.integers(0, lens[kk]) <= kk % tk
-    first = tile * tn
-    return row, kk, first, np.where(hit, np.minimum(first + tn, n), first)
+    kk, first, end = _register_tile(rng, k, d[2], n, d[1], count)  # gpu: one copy per column tile
+    return row, kk, first, end
 
 
 # ---------------------------------------------------------------------------------------------
