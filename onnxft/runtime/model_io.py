@@ -130,7 +130,10 @@ def write_atomically(path: Path, write) -> Path:
     """``write(tmp)`` a temp file beside ``path``, then rename it onto ``path``: a reader never
     sees a half-written file, and a failure leaves nothing behind."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:  # e.g. a read-only or pseudo file system that os.access calls writable
+        raise ModelError(f"cannot write {path}: {exc.strerror or exc}") from None
     os.close(fd)
     try:
         write(tmp)
