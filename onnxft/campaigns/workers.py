@@ -61,6 +61,7 @@ class UnitPool:
         self.workers, self.ray_address, self.progress = workers, ray_address, progress
         self.results: dict[str, dict] = store.done() if store is not None else {}
         self.done = self.total = 0
+        self._keys: set[str] = set()  # every unit given to run(), for the interrupted count
         self._runner = None
         self._ray = None  # (ray module, actors, payload ref, whether Ray was started here)
 
@@ -73,6 +74,7 @@ class UnitPool:
         units = list(units)
         todo = [u for u in units if u.key not in self.results]
         self.total += len(units)
+        self._keys.update(u.key for u in units)
         self.done += len(units) - len(todo)
         if self.progress:
             self.progress(self.done, self.total)
@@ -86,8 +88,12 @@ class UnitPool:
             elif todo:
                 self._run_on_ray(todo)
         except KeyboardInterrupt:
-            where = f"; continue with --resume {self.store.dir}" if self.store is not None else ""
-            raise CampaignInterrupted(f"interrupted: {self.done} of {self.total} units done{where}") from None
+            if self.store is None:
+                raise CampaignInterrupted(f"interrupted: {self.done} of {self.total} units done") from None
+            # what the store holds, not the in-memory count: the signal may land between the two
+            stored = len(self._keys & self.store.done().keys())
+            raise CampaignInterrupted(f"interrupted: {stored} of {self.total} units done; "
+                                      f"continue with --resume {self.store.dir}") from None
         return {u.key: self.results[u.key] for u in units}
 
     def _commit(self, unit: Unit, out: dict, seconds: float, worker: str | None) -> None:
