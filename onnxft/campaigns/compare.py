@@ -42,7 +42,7 @@ from ..runtime.session import InjectionSession
 from .evaluate import evaluate
 from .harden import HardenOptions, harden
 from .overhead import latency_overhead
-from .select import matrices_per_item, select_gemms
+from .select import check_select, matrices_per_item, register_selection, select_gemms
 from .spec import CampaignSpec
 
 SCHEMES = ("none", "range", "standard", "sec", "lb", "lb+range", "lb+range+dmr", "tmr", "auto",
@@ -98,10 +98,12 @@ def model_ops(model: onnx.ModelProto, data: Dataset) -> tuple[float, list, objec
 
 
 def build_variants(model: onnx.ModelProto, data: Dataset, spec: CampaignSpec, calib: Dataset | None,
-                   progress=None, train: Dataset | None = None, clip_options=None) -> list[Variant]:
+                   progress=None, train: Dataset | None = None, clip_options=None, store=None, workers: int = 1,
+                   ray_address: str | None = None) -> list[Variant]:
     """The hardened graph of each of ``spec.schemes`` with its expected overhead at each of ``spec.bers``
     (block sizes and Algorithm 1 for ``spec.algorithm_ber``); ``train`` and ``clip_options`` serve the
-    clip schemes (``CLIP_SCHEMES``)."""
+    clip schemes (``CLIP_SCHEMES``). ``store``, ``workers``, ``ray_address``: where ``auto`` commits
+    Algorithm 1's units and what runs them (``select.select_gemms``)."""
     schemes, bers, design_ber = list(spec.schemes), list(spec.bers), spec.algorithm_ber
     bad = [s for s in schemes if s not in SCHEMES]
     if bad:
@@ -132,7 +134,8 @@ def build_variants(model: onnx.ModelProto, data: Dataset, spec: CampaignSpec, ca
             out.append(Variant(scheme, m, {b: ops / total for b in bers}, info))
             continue
         if scheme == "auto":
-            sel = select_gemms(model, data, spec, progress=lambda msg: say(f"  {msg}"))
+            sel = select_gemms(model, data, spec, progress=lambda msg: say(f"  {msg}"), store=store,
+                               workers=workers, ray_address=ray_address)
             info = {"chosen": sel.chosen, "estimated_accuracy": sel.accuracy, "reached": sel.reached,
                     "design_overhead": sel.overhead}
             if not sel.chosen:
@@ -183,14 +186,26 @@ def compare(model: onnx.ModelProto, data: Dataset, spec: CampaignSpec, calib: Da
     computation. Every scheme's evaluation uses the spec's site selection, outcome options, trials,
     seed, batch, provider and threads (common random numbers: every scheme sees the same seeds).
     ``store``, ``workers``, ``ray_address``: as ``evaluate`` (each scheme is a part of the stored
-    campaign; a resumed compare rebuilds the schemes and runs only their missing units)."""
+    campaign; a resumed compare rebuilds the schemes and runs only their missing units). ``auto``'s
+    Algorithm 1 is one more part, ``select:MODEL_NAME`` (``select.select_gemms``): its units are
+    committed to the same store and run on the same workers, so a resumed compare measures only the
+    ones it lacks and chooses the same GEMMs."""
     if data.labels is None:
         raise ValueError("compare needs labelled data (an array 'y' in the .npz)")
     if not spec.schemes:
         raise ValueError("compare needs at least one scheme")
     spec = spec.replace(design_ber=spec.algorithm_ber)
-    variants = build_variants(model, data, spec, calib, progress, train=train, clip_options=clip_options)
     eval_spec = spec.replace(metric="top1")
+    if store is not None:
+        # every part before any work: a resume with other options stops at once, and a compare
+        # interrupted before its last scheme (or inside Algorithm 1) finds all its parts on resume
+        for scheme in spec.schemes:
+            store.register(scheme, "eval", eval_spec.replace(model_name=scheme).to_json())
+        if "auto" in spec.schemes:
+            check_select(spec)
+            register_selection(store, spec)
+    variants = build_variants(model, data, spec, calib, progress, train=train, clip_options=clip_options,
+                              store=store, workers=workers, ray_address=ray_address)
     rows, results = [], []
     for v in variants:
         if progress:

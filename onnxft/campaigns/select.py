@@ -196,6 +196,13 @@ def _accuracy_without(pool, name: str, n_batches: int, ber: float, gemms: list[s
     return sum(results[u.key]["ok"] for u in units) / sum(results[u.key]["n"] for u in units)
 
 
+def register_selection(store, spec: CampaignSpec) -> None:
+    """Record (or, resuming, check) Algorithm 1's part ``select:MODEL_NAME`` of ``store`` with its
+    spec: a campaign that holds a selection (harden --select auto, compare's ``auto``) calls it
+    before any of its work, so that a resume with other options stops at once."""
+    store.register(f"select:{spec.model_name}", "select", spec.to_json())
+
+
 def select_gemms(model: onnx.ModelProto, data: Dataset, spec: CampaignSpec,
                  progress: Callable[[str], None] | None = None, store=None, workers: int = 1,
                  ray_address: str | None = None) -> Selection:
@@ -213,7 +220,7 @@ def select_gemms(model: onnx.ModelProto, data: Dataset, spec: CampaignSpec,
     check_select(spec)
     ber = spec.algorithm_ber
     if store is not None:
-        store.register(f"select:{spec.model_name}", "select", spec.to_json())
+        register_selection(store, spec)
     setup = SelectSetup(model, data, spec, spec.threads)
     say = progress or (lambda _msg: None)
     if not setup.units:
