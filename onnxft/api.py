@@ -426,7 +426,10 @@ def compare(model, schemes=("none", "range", "standard", "lb", "lb+range"), bers
     ``range_mode``, ``range_kinds`` and ``alpha`` set the range restriction of ``range`` and ``lb+range``;
     ``inject_protection`` faults each scheme's protection too (checks and ABFT recovery);
     ``target_drop``, ``max_overhead`` and ``max_trials`` (default max(trials, 4)) drive ``auto``
-    (Algorithm 1); ``outputs``, ``sdc``, ``tol`` as ``evaluate``. ``train`` (.npz or Dataset, labelled)
+    (Algorithm 1); ``outputs``, ``sdc``, ``tol`` as ``evaluate``. ``store`` (``open_store``),
+    ``workers``, ``ray_address``: every scheme's units, and ``auto``'s Algorithm 1 units (as
+    ``harden(select=...)``), are committed to the store and run on the workers; a resumed compare
+    runs only the missing ones and returns the uninterrupted result. ``train`` (.npz or Dataset, labelled)
     and ``clip_options`` (a ``ClipTrainOptions``; its method is set per scheme) serve the clip
     schemes; a bundled sample trains on its bundled training subset. ``fault_model``, ``hw``,
     ``variables``: the fault model of the accuracy campaigns, as ``evaluate``."""

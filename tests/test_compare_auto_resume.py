@@ -169,3 +169,22 @@ def test_two_workers_give_the_selection_of_one(files, whole, tmp_path, capsys):
     with CampaignStore(two, resume=True) as store:
         workers = {r["worker"] for r in store.rows() if r["scheme"].startswith("select/")}
     assert len(workers) == 2  # Algorithm 1's units ran on both workers
+
+
+def test_api_twin_resumes_the_selection_from_the_store(files, whole, measured, tmp_path):
+    """api.compare with a store (open_store) stores auto's Algorithm 1 as the CLI does: resumed, it
+    measures nothing and returns the same schemes."""
+    from onnxft import api
+
+    model, data = files
+    kw = dict(schemes=("auto",), bers=(1e-5,), data=data, calib=data, trials=1, batch=100, precision="fp32",
+              provider="cpu", max_overhead=0.15, threads=1)
+    with api.open_store(tmp_path / "api") as store:
+        first = api.compare(model, store=store, **kw)
+    n = len(measured)
+    assert n == len(_select_keys(whole[2]))  # the CLI's Algorithm 1 units, each measured once
+    with api.open_store(tmp_path / "api", resume=True) as store:
+        again = api.compare(model, store=store, **kw)
+    assert len(measured) == n and again["schemes"] == first["schemes"]
+    auto = next(s for s in whole[1]["schemes"] if s["scheme"] == "auto")
+    assert first["schemes"][0]["info"] == auto["info"]

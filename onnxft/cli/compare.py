@@ -53,7 +53,7 @@ SCHEMES = ("none", "range", "standard", "sec", "lb", "lb+range", "lb+range+dmr",
 @fault_model_options
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
               help="Write compare.json, compare.csv, accuracy_vs_ber.png, outcomes_vs_ber.png, overhead.png and "
-                   "the campaign store (campaign.sqlite, one part per scheme) here.")
+                   "the campaign store (campaign.sqlite: one part per scheme, and auto's Algorithm 1) here.")
 @campaign_run_options
 @click.option("--json", "as_json", is_flag=True)
 def compare(model, schemes, ber_text, design_ber, data, calib, trials, limit, batch, seed, target_drop, max_overhead,
