@@ -150,3 +150,38 @@ def test_ctrl_c_stops_cleanly_and_the_campaign_resumes(model_and_data, tmp_path,
     keys = _keys(cut)
     assert len(keys) == len(set(keys)) == units
     assert (cut / "results.json").read_bytes() == (whole / "results.json").read_bytes()
+
+
+
+def test_two_model_eval_killed_in_its_first_model_resumes(model_and_data, tmp_path, capsys):
+    """Every model's part is declared before any work, so a campaign killed before it reached its
+    second model resumes (it used to stop with "'m2.onnx' is not part of the campaign there"), and
+    a resume with another model list is refused in one line."""
+    model, data = model_and_data
+    second = str(tmp_path / "m2.onnx")
+    onnx.save(tiny_transformer(seed=3), second)
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert run_cli(["eval", model, second, "--data", data, *ARGS, "--out", str(whole)], capsys)[0] == 0
+    per_model = 3 * 8 * 3
+    assert len(_keys(whole)) == 2 * per_model
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "onnxft", "eval", model, second, "--data", data, *ARGS,
+                             "--out", str(killed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+        if (killed / STORE_NAME).exists():
+            try:
+                if len(_keys(killed)) >= 10:
+                    break
+            except Exception:  # the store is being created
+                continue
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 10 <= len(_keys(killed)) < per_model, "the campaign must be killed inside its first model"
+    assert run_cli(["eval", model, second, "--data", data, *ARGS, "--resume", str(killed)], capsys)[0] == 0
+    keys = _keys(killed)
+    assert len(keys) == len(set(keys)) == 2 * per_model
+    assert (killed / "results.json").read_bytes() == (whole / "results.json").read_bytes()
+    code, _, err = run_cli(["eval", model, "--data", data, *ARGS, "--resume", str(killed)], capsys)
+    assert code == 1 and err.count("\n") == 1 and "ran m.onnx, m2.onnx, not m.onnx" in err

@@ -95,13 +95,28 @@ class CampaignStore:
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{self.path} is not a readable campaign store ({exc})") from None
 
+    def expect_parts(self, parts: list[str]) -> None:
+        """Declare, before any work, every part the campaign will register (the models of a
+        multi-model ``eval``): a campaign killed before it reached its last part then resumes (the
+        parts it never registered are expected ones), and a resume with other parts is refused. A
+        store written before this existed keeps the stricter rule (only registered parts resume)."""
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'expected_parts'").fetchone()
+        if row is None:
+            if self.resume:
+                return
+            self.db.execute("INSERT INTO meta VALUES (?, ?)", ("expected_parts", json.dumps(sorted(parts))))
+        elif json.loads(row[0]) != sorted(parts):
+            raise StoreError(f"--resume {self.dir}: the campaign there ran {', '.join(json.loads(row[0]))}, "
+                             f"not {', '.join(sorted(parts))}")
+        self._expected = set(parts)
+
     def register(self, part: str, kind: str, spec: dict) -> None:
         """Record (new campaign) or check (resume) the kind and spec of one part of the campaign."""
         key = f"part:{part}"
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         spec = {k: v for k, v in spec.items() if k not in NEUTRAL_FIELDS}
         if row is None:
-            if self.resume:
+            if self.resume and part not in getattr(self, "_expected", ()):
                 raise StoreError(f"--resume {self.dir}: {part!r} is not part of the campaign there")
             self.db.execute("INSERT INTO meta VALUES (?, ?)", (key, _canonical({"kind": kind, "spec": spec})))
             return

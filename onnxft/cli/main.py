@@ -284,6 +284,8 @@ def eval_(models, data, ber_text, trials, seed, metric, provider, batch, limit, 
     results = []
     store = _run(api.open_store, out_dir, bool(resume)) if out_dir is not None else None
     try:
+        if store is not None:  # every model's part up front: a campaign killed before its last model resumes
+            _run(store.expect_parts, [api.display_name(m, str(m)) for m in models or (None,)])
         for model in models or (None,):
             bars = []
             try:
