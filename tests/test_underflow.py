@@ -119,6 +119,25 @@ def test_underflowing_float16_outputs_raise_no_alarm(label, prec):
             assert not outs["y"].any()
 
 
+@pytest.mark.parametrize("prec", ["fp16acc32", "fp16"])
+def test_recovery_tests_keep_eta(prec):
+    """A real fault in one output of the underflowing MatMul (each row of the rank-2 product is a GEMM
+    of its own): the row test fires, and the recovery's own tests (LB's block test, standard's
+    column test), which read the same rounded result, flag only the faulty block (16 index writes;
+    without eta all 8 blocks, 128) or the faulty element (1; without eta every matrix, 32); the
+    output is the clean one."""
+    for scheme, want in (("lb", 16), ("standard", 1)):
+        r = abft(linear(), scheme=scheme, block_size=4, expose_flags=True, precision=prec)
+        m = rounded_first(perturbed(r.model, elem_type=T.FLOAT16))
+        delta = np.zeros((M, N), np.float16)
+        delta[1, 5] = 1.0
+        for level in ("disabled", "all"):
+            outs = run(m, {"x": X, "delta": delta}, level)
+            assert bool(outs["onnxft.abft.fc.detected"]) and int(outs["onnxft.abft.fc.recomputed"]) == want, (
+                scheme, level, int(outs["onnxft.abft.fc.recomputed"]))
+            assert not outs["y"].any()
+
+
 def test_without_eta_the_rounded_check_flags():
     """The same graph with the absolute term taken out of the test (the scale's constant set back
     to tau's part alone) flags the underflowing row: the case is one the term is needed for."""
