@@ -348,3 +348,47 @@ def test_calibration_keeps_eta():
     g = r.details["gemms"][0]
     assert g["tau_source"] == "calibrated" and g["eta"] == underflow_term(K, N, "fp32") > 0
     assert not bool(run(r.model, {"x": x})["onnxft.abft.fc.detected"])
+
+
+def test_nested_bodies_and_convs_carry_eta():
+    """GEMMs inside If/Loop bodies (``abft_nested``) get the same term as main-graph ones, for
+    their own K, N and bias; a Conv's entry records its own."""
+    from onnxft.passes.abft_nested import abft_nested
+    from test_abft_nested import control_flow_model
+
+    r = abft_nested(control_flow_model(), scheme="lb", block_size=4, precision="fp16acc32")
+    nested = {g["name"]: g for g in r.details["gemms"] if g.get("graph")}
+    assert set(nested) == {"then_mm", "else_mm", "loop_mm"}
+    for name, g in nested.items():
+        extra = 2 if name == "then_mm" else 0  # (the bias add and its rounding)
+        assert g["eta"] == underflow_term(g["K"], g["N"], "fp32", extra) > 0  # (float32 units: fp32)
+        assert g["eta_recovery"] == underflow_term(g["K"], g["block_size"], "fp32", extra) > 0
+    c = abft(conv(), precision="fp16acc32").details["convs"][0]
+    assert c["eta"] == underflow_term(K, N, "fp16acc32") > N * TINY16
+
+
+def _fp32_subnormal_products():
+    """x [4, 64] @ W [64, 32] in float32, row 1 of x = +-2^-126 and W of order 2^-23: that row's
+    products are of order 2^-149, where float32's gradual underflow rounds each by up to 2^-150,
+    a third of its size, on onnxruntime's CPU provider too (every operand a normal number)."""
+    rng = np.random.default_rng(5)
+    w = (rng.standard_normal((64, 32)) * 2.0**-23).astype(np.float32)
+    x = rng.standard_normal((4, 64)).astype(np.float32)
+    x[1] = np.sign(rng.standard_normal(64)) * 2.0**-126
+    model = _model([h.make_node("MatMul", ["x", "W"], ["y"], name="fc")], [("x", [4, 64])], [("y", [4, 32])],
+                   [nh.from_array(w, "W")], elem=T.FLOAT)
+    return model, {"x": x}
+
+
+@pytest.mark.parametrize("scheme,impl", [("lb", "global"), ("lb", "fused"), ("standard", "global")])
+def test_float32_subnormal_products_raise_no_alarm(scheme, impl):
+    """Float32 needs the term too (about 1e-35 here): products in the subnormal range leave a
+    residual above fp32's tau |A||B|e (the test case flags without eta), under every
+    implementation that compares against a threshold; the output is untouched."""
+    model, feeds = _fp32_subnormal_products()
+    r = abft(model, scheme=scheme, impl=impl, block_size=8, expose_flags=True, precision="fp32")
+    assert r.details["gemms"][0]["impl"] == impl
+    for level in LEVELS:
+        outs = run(r.model, feeds, level)
+        assert not bool(outs["onnxft.abft.fc.detected"]), level
+        np.testing.assert_array_equal(outs["y"], run(model, feeds, level)["y"])
