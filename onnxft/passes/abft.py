@@ -3,8 +3,11 @@
 For every protected GEMM unit (a MatMul, optionally with the bias Add that follows it, or a Gemm)
 the pass inserts, in the main graph, a row-checksum test and one ``If``:
 
-    r = ReduceSum(Y, -1);  ref = A @ (B e) (+ sum bias);  scale = tau * |A| @ (|B| e) (+ tau sum|bias|)
+    r = ReduceSum(Y, -1);  ref = A @ (B e) (+ sum bias);  scale = tau * |A| @ (|B| e) (+ tau sum|bias|) + eta
     flagged = NOT(|r - ref| <= scale)         (NaN and Inf are flagged)
+
+(``eta``: the absolute term for results that underflow, ``thresholds.underflow_term``, in every
+test the pass builds: row, block, column, Conv, and at run-time sizes.)
     Y' = If(any(flagged), then=recovery, else=Identity(Y))
 
 so the fault-free output is bit-identical to the original. ``B e`` and ``tau |B| e`` are
@@ -33,7 +36,8 @@ float16 products are checked in float32 with the float16 rounding bound. MatMul/
 If/Loop/Scan bodies are listed as skipped.
 
 The pass is pure: it returns a new model and never runs a session. Thresholds come from the
-rounding bound (no false alarm possible) or from ``calibrate_abft`` data. docs/abft.md has the
+rounding bound (no false alarm possible) or from ``calibrate_abft`` data (which tightens tau,
+never eta). docs/abft.md has the
 details.
 """
 from __future__ import annotations

@@ -299,7 +299,8 @@ def protect_conv(s: ConvSite, idx: int, opset: int, ber: float, precision: str =
     count = nb.op("Mul", nb.op("Size", items), per_item_elems)
     costs = conv_cost(s.M * s.group, s.N, s.K, ber) if s.M else {}  # (groups: more rows of the GEMM view)
     entry = {"name": s.name, "op_type": s.op_type, "output": s.out, "M": s.M, "N": s.N, "K": s.K, "group": s.group,
-             "scheme": "recompute", "tau": tau, "eta": eta, "tau_source": "rounding bound" + (" (float16 unit)" if s.fp16 else ""),
+             "scheme": "recompute", "tau": tau, "eta": eta,
+             "tau_source": "rounding bound" + (" (float16 unit)" if s.fp16 else ""),
              "precision": prec.name, "has_bias": s.bias is not None,
              "absorbed": [n.name or n.output[0] for n in s.post],
              "main_graph_nodes": len(main.nodes),
