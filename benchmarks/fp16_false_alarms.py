@@ -61,11 +61,12 @@ def main(argv=None) -> int:
     shapes = {k: list(v.shape) for k, v in items[0].items()}
     print(f"# {args.model}: {n_items} data items ({len(held_out)} held out by harden) + {args.random} random "
           f"sequences (3..{args.max_len} tokens); lb; one item per run")
-    print(f"{'precision':<10} {'level':<9} {'units':>5} {'max tau':>9} {'flagged (item,unit)':>19} "
+    print(f"{'precision':<10} {'level':<9} {'units':>5} {'max tau':>9} {'max eta':>9} {'flagged (item,unit)':>19} "
           f"{'held-out':>8} {'random':>6}")
     for prec in args.precision.split(","):
         r = abft(model, scheme="lb", expose_flags=True, precision=prec, shapes=shapes)
         taus = [g["tau"] for g in r.details["gemms"] + r.details.get("convs", [])]
+        etas = [g["eta"] or 0.0 for g in r.details["gemms"] + r.details.get("convs", [])]
         for level in args.level.split(","):
             so = ort.SessionOptions()
             so.graph_optimization_level = LEVELS[level]
@@ -78,7 +79,8 @@ def main(argv=None) -> int:
                 flagged += hits
                 held += hits if i in held_out else 0
                 rand += hits if i >= n_items else 0
-            print(f"{prec:<10} {level:<9} {len(det):>5} {max(taus):>9.2e} {flagged:>19} {held:>8} {rand:>6}",
+            print(f"{prec:<10} {level:<9} {len(det):>5} {max(taus):>9.2e} {max(etas):>9.2e} {flagged:>19} {held:>8} "
+                  f"{rand:>6}",
                   flush=True)
     return 0
 

@@ -96,6 +96,21 @@ def unsqueeze(nb: Nodes, x: str, axes: list[int]) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
+def weight_checksum_vectors(be: np.ndarray, abe: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``B e`` and ``tau |B| e`` (float64) rounded to the float32 constants the test reads. Where
+    ``B e`` lands below float32's normal range its rounding errs by up to 2^-150 absolutely, not
+    relatively, and ``ref = A (B e)`` carries ``|a_k|`` times that: the matching entry of ``tau |B|
+    e`` (which multiplies the same ``|a_k|`` in the scale) is raised by at least 2^-149 to cover it
+    (``passes.thresholds.underflow_term`` counts every other underflow)."""
+    be64, abe64 = np.asarray(be, np.float64), np.asarray(abe, np.float64)
+    be32, abe32 = be64.astype(np.float32), abe64.astype(np.float32)
+    sub = (np.abs(be64) < 2.0**-126) & (be32.astype(np.float64) != be64)
+    if sub.any():
+        raised = np.maximum((abe64 + 2.0**-148).astype(np.float32), np.nextafter(abe32, np.float32(np.inf)))
+        abe32 = np.where(sub, raised, abe32)
+    return be32, abe32
+
+
 def weight_checksums(b: np.ndarray, tau: float, bias: np.ndarray | None = None,
                      indicator: np.ndarray | None = None):
     """Row checksums of a constant ``B [K, N]``, computed in float64 and rounded once.
@@ -106,8 +121,7 @@ def weight_checksums(b: np.ndarray, tau: float, bias: np.ndarray | None = None,
     """
     b64 = np.asarray(b, np.float64)
     e = np.ones((b64.shape[-1], 1)) if indicator is None else np.asarray(indicator, np.float64)
-    be = (b64 @ e).astype(np.float32)
-    abe = (tau * (np.abs(b64) @ e)).astype(np.float32)
+    be, abe = weight_checksum_vectors(b64 @ e, tau * (np.abs(b64) @ e))
     if bias is None:
         return be, abe, None, None
     bias64 = np.asarray(bias, np.float64).reshape(1, -1)
@@ -136,13 +150,15 @@ def runtime_checksums(nb: Nodes, b: str, indicator: str | None = None) -> tuple[
 
 
 def checksum_test(nb: Nodes, y_sums: str, a: str, be: str, abe: str, tau: str | None = None,
-                  bias_sum: str | None = None, bias_abs: str | None = None) -> tuple[str, str, str]:
+                  bias_sum: str | None = None, bias_abs: str | None = None,
+                  eta: str | None = None) -> tuple[str, str, str]:
     """Compare observed sums of ``Y`` with ``A @ (B e)``.
 
     ``y_sums``: sums of ``Y`` (row sums ``[..., M, 1]`` or block sums ``[..., M, nb]``); ``be``,
     ``abe``: ``B e`` and ``|B| e`` (with tau already folded into ``abe`` when ``tau`` is None).
     Returns ``(ok, diff, scale)``: ``ok = |y_sums - A @ Be| <= tau * |A| @ |B|e`` (+ bias
-    terms), False wherever the difference is NaN or infinite.
+    terms) ``+ eta`` (the absolute underflow term, ``passes.thresholds.underflow_term``), False
+    wherever the difference is NaN or infinite.
     """
     ref = nb.op("MatMul", a, be)
     if bias_sum is not None:
@@ -153,6 +169,8 @@ def checksum_test(nb: Nodes, y_sums: str, a: str, be: str, abe: str, tau: str | 
         scale = nb.op("Mul", scale, tau)
     if bias_abs is not None:
         scale = nb.op("Add", scale, bias_abs)
+    if eta is not None:
+        scale = nb.op("Add", scale, eta)
     ok = nb.op("LessOrEqual", nb.op("Abs", diff), scale)
     return ok, diff, scale
 
@@ -171,14 +189,17 @@ def count_true(nb: Nodes, flags: str, axes: list[int] | None, keepdims: int = 0)
 
 def weight_row_test(nb: Nodes, y: str, a: str, be: np.ndarray, abe: np.ndarray, tau: str | None = None,
                     bias_sum: float | None = None, bias_abs: float | None = None,
-                    a_lower: float | None = None) -> tuple[str, str, str]:
+                    a_lower: float | None = None, eta: float | str | None = None) -> tuple[str, str, str]:
     """Row-checksum test of ``Y [..., M, N] = A [..., M, K] @ B (+ bias)`` for a constant ``B``,
     built for speed on the fault-free path:
 
-        r = ReduceSum(Y, -1);  ref = A @ be (+ bias_sum);  scale = |A| @ abe (+ bias_abs)
+        r = ReduceSum(Y, -1);  ref = A @ be (+ bias_sum);  scale = |A| @ abe (+ bias_abs) (+ eta)
         ok = |r - ref| <= scale          (times ``tau`` when it is a run-time tensor; False for NaN/Inf)
 
-    ``be [K]`` = B e and ``abe [K]`` = tau |B| e (tau folded in when known; ``bias_abs`` likewise).
+    ``be [K]`` = B e and ``abe [K]`` = tau |B| e (tau folded in when known; ``bias_abs`` likewise),
+    float64, rounded here (``weight_checksum_vectors``). ``eta``: the absolute underflow term
+    (``passes.thresholds.underflow_term``), folded into the ``bias_abs`` constant when tau is (one
+    add), else added after the run-time ``tau``'s multiply (a float or a tensor name).
     The two products are Einsum ``...k,k->...``: onnxruntime runs MatMul with a one-column B
     through its GEMM kernel at a tenth of the speed (measured: [8,197,768] x [768]: 76 us with
     Einsum, 767 us with MatMul, one thread). Returns ``(ok, diff, scale)``, each ``[..., M]``.
@@ -187,32 +208,37 @@ def weight_row_test(nb: Nodes, y: str, a: str, be: np.ndarray, abe: np.ndarray, 
     ``|A| @ abe <= A @ abe + 2 c sum(abe)``, so the scale needs no ``Abs`` pass over ``A`` (exact
     for ``c = 0``; for ``c > 0`` only the negative entries, each above ``-c``, are over-counted).
     """
+    be, abe = weight_checksum_vectors(np.asarray(be).reshape(-1), np.asarray(abe).reshape(-1))
     r = reduce(nb, "ReduceSum", y, [-1], keepdims=0)
-    ref = nb.op("Einsum", a, nb.const(np.asarray(be, np.float32).reshape(-1), hint="Be"), equation="...k,k->...")
+    ref = nb.op("Einsum", a, nb.const(be, hint="Be"), equation="...k,k->...")
     if bias_sum is not None:
         ref = nb.op("Add", ref, nb.const(np.float32(bias_sum), hint="biasSum"))
     diff = nb.op("Sub", r, ref)
     abs_a = nb.op("Abs", a) if a_lower is None else a
-    scale = nb.op("Einsum", abs_a, nb.const(np.asarray(abe, np.float32).reshape(-1), hint="AbsBe"),
-                  equation="...k,k->...")
+    scale = nb.op("Einsum", abs_a, nb.const(abe, hint="AbsBe"), equation="...k,k->...")
     if a_lower:
-        bias_abs = (bias_abs or 0.0) + 2.0 * a_lower * float(np.sum(np.asarray(abe, np.float64)))
+        bias_abs = (bias_abs or 0.0) + 2.0 * a_lower * float(np.sum(abe, dtype=np.float64))
+    folded = tau is None and eta is not None and not isinstance(eta, str)
+    if folded:
+        bias_abs = (bias_abs or 0.0) + float(eta)
     if bias_abs is not None:
         scale = nb.op("Add", scale, nb.const(np.float32(bias_abs), hint="biasAbs"))
     if tau is not None:
         scale = nb.op("Mul", scale, tau)
+    if eta is not None and not folded:
+        scale = nb.op("Add", scale, eta if isinstance(eta, str) else nb.const(np.float32(eta), hint="eta"))
     ok = nb.op("LessOrEqual", nb.op("Abs", diff), scale)
     return ok, diff, scale
 
 
 def activation_row_test(nb: Nodes, y: str, a: str, b: str, tau: str, b_shared: bool = False,
                         bias_sum: str | None = None, bias_abs: str | None = None,
-                        a_nonnegative: bool = False) -> tuple[str, str, str]:
+                        a_nonnegative: bool = False, eta: str | None = None) -> tuple[str, str, str]:
     """Row-checksum test of ``Y = A @ B`` for an activation ``B [..., K, N]`` (or ``[K, N]`` shared
     by the batch when ``b_shared``), checksums at run time:
 
         be = ReduceSum(B, -1);  abe = ReduceSum(|B|, -1)                       ([..., K])
-        ok = |ReduceSum(Y, -1) - A @ be (- bias_sum)| <= tau * |A| @ abe (+ bias_abs)
+        ok = |ReduceSum(Y, -1) - A @ be (- bias_sum)| <= tau * |A| @ abe (+ bias_abs) (+ eta)
 
     The products are Einsum with broadcast batch dims (8x faster than MatMul with a one-column
     B for [8,12,197,64] operands). Returns ``(ok, diff, scale)``, each ``[..., M]``.
@@ -229,6 +255,8 @@ def activation_row_test(nb: Nodes, y: str, a: str, b: str, tau: str, b_shared: b
             ref = nb.op("Add", ref, bias_sum)
         if bias_abs is not None:
             scale = nb.op("Add", scale, bias_abs)
+        if eta is not None:
+            scale = nb.op("Add", scale, eta)
         diff = nb.op("Sub", reduce(nb, "ReduceSum", y, [-1], keepdims=0), ref)
         return nb.op("LessOrEqual", nb.op("Abs", diff), scale), diff, scale
     eq = "...k,k->..." if b_shared else "...mk,...k->...m"
@@ -241,6 +269,8 @@ def activation_row_test(nb: Nodes, y: str, a: str, b: str, tau: str, b_shared: b
     scale = nb.op("Mul", nb.op("Einsum", nb.op("Abs", a), abe, equation=eq), tau)
     if bias_abs is not None:
         scale = nb.op("Add", scale, bias_abs)
+    if eta is not None:
+        scale = nb.op("Add", scale, eta)
     ok = nb.op("LessOrEqual", nb.op("Abs", diff), scale)
     return ok, diff, scale
 
@@ -251,7 +281,8 @@ def fused_row_test(nb: Nodes, y: str, z: str, n: int, scale_in_z: bool, a: str |
     """Row-checksum test of a GEMM computed against a widened constant weight ``[B | Be | tau|B|e]``:
     ``z [..., M, n + 1 (+1)]`` holds ``Y`` in its first ``n`` columns, ``A (B e)`` (+ the bias sum)
     in column ``n`` and, when ``scale_in_z``, ``A (tau |B| e)`` (+ tau sum|bias|) in column ``n + 1``
-    (exact for the scale only when ``A >= -c``: ``scale_add`` carries ``2 c sum(tau |B| e)``);
+    (exact for the scale only when ``A >= -c``: ``scale_add`` carries ``2 c sum(tau |B| e)``, and
+    the absolute underflow term ``eta``);
     otherwise the scale is ``|A| @ abe`` (a pass over ``A``). No pass over ``A`` for the reference.
     Returns ``(ok, diff, scale)``, each ``[..., M, 1]``."""
     def col(i):

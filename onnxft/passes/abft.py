@@ -3,8 +3,11 @@
 For every protected GEMM unit (a MatMul, optionally with the bias Add that follows it, or a Gemm)
 the pass inserts, in the main graph, a row-checksum test and one ``If``:
 
-    r = ReduceSum(Y, -1);  ref = A @ (B e) (+ sum bias);  scale = tau * |A| @ (|B| e) (+ tau sum|bias|)
+    r = ReduceSum(Y, -1);  ref = A @ (B e) (+ sum bias);  scale = tau * |A| @ (|B| e) (+ tau sum|bias|) + eta
     flagged = NOT(|r - ref| <= scale)         (NaN and Inf are flagged)
+
+(``eta``: the absolute term for results that underflow, ``thresholds.underflow_term``, in every
+test the pass builds: row, block, column, Conv, and at run-time sizes.)
     Y' = If(any(flagged), then=recovery, else=Identity(Y))
 
 so the fault-free output is bit-identical to the original. ``B e`` and ``tau |B| e`` are
@@ -33,7 +36,8 @@ float16 products are checked in float32 with the float16 rounding bound. MatMul/
 If/Loop/Scan bodies are listed as skipped.
 
 The pass is pure: it returns a new model and never runs a session. Thresholds come from the
-rounding bound (no false alarm possible) or from ``calibrate_abft`` data. docs/abft.md has the
+rounding bound (no false alarm possible) or from ``calibrate_abft`` data (which tightens tau,
+never eta). docs/abft.md has the
 details.
 """
 from __future__ import annotations
@@ -48,14 +52,14 @@ import onnx
 from onnx import TensorProto, helper, shape_inference
 
 from ..graph.checksums import (Nodes, any_false, block_indicator, checksum_test, count_true, duplicate_test,
-                               fused_row_test, mark_recompute, reduce, unsqueeze, weight_checksums,
-                               weight_row_test, activation_row_test)
+                               fused_row_test, mark_recompute, reduce, unsqueeze, weight_checksum_vectors,
+                               weight_checksums, weight_row_test, activation_row_test)
 from ..graph.edit import default_opset, insert_after, producer_index, walk
 from ..graph.roles import PROTECTION, RECOVERY_KEY, role_of, set_meta
 from ..runtime.model_io import external_data_dir
 from .abft_conv import find_convs, protect_conv
 from .thresholds import (DEFAULT_PRECISION, Precision, calibrated_tau, count_coefficients, precision as get_precision,
-                         tau_bound, unit_precision)
+                         tau_bound, underflow_coefficients, underflow_term, unit_precision)
 from .blocksize import lb_cost, opt_block_size, standard_cost
 from .decompose import constant_value
 from .result import PassResult
@@ -690,6 +694,19 @@ def _runtime_tau(nb: Nodes, prec: Precision, extra: int, runtime_checksums: bool
     after them (relative 2^-24 each, Sterbenz's lemma for ``1 - x`` near 1) are covered by a factor
     ``1 + 2^-20``, so the graph's value is never below ``tau_bound``'s. Where a count reaches ``1/u``
     there is no bound, and the result is +inf (nothing is flagged)."""
+    gammas = _runtime_gammas(nb, prec, extra, runtime_checksums, k, n)
+    inf = nb.const(np.float32([np.inf]), hint="inf")
+    # (1 + u)(1 + 2^-20) rounded up to float32
+    slack = nb.const(np.float32([1 + 2.0**-20 + 2.0**-23]), hint="onePlusU")
+    pick = lambda i: nb.op("Gather", gammas, nb.ints([i]), axis=0)  # noqa: E731
+    top = nb.op("Mul", nb.op("Add", pick(0), pick(1)), slack)
+    bottom = nb.op("Sub", nb.const(np.float32([1.0]), hint="one"), pick(2))
+    return nb.op("Where", nb.op("Greater", bottom, nb.const(np.float32([0.0]), hint="zero")),
+                 nb.op("Div", top, bottom), inf)
+
+
+def _runtime_gammas(nb: Nodes, prec: Precision, extra: int, runtime_checksums: bool, k, n) -> str:
+    """``[gamma_a, gamma_b, gamma_c]`` (float32 ``[3]``) of ``tau_bound`` at a run-time ``k``/``n``."""
     const, per_k, per_n = (np.array(v, np.float64) for v in count_coefficients(prec, extra, runtime_checksums))
     static = const + (per_k * k if isinstance(k, int) else 0) + (per_n * n if isinstance(n, int) else 0)
     counts = nb.const(static.astype(np.float32), hint="counts")
@@ -698,16 +715,34 @@ def _runtime_tau(nb: Nodes, prec: Precision, extra: int, runtime_checksums: bool
             counts = nb.op("Add", counts, nb.op("Mul", size, nb.const(coef.astype(np.float32), hint="coef")))
     xu = nb.op("Mul", counts, nb.const(np.float32([2.0**-24]), hint="u"))
     left = nb.op("Sub", nb.const(np.float32([1.0]), hint="one"), xu)
-    inf = nb.const(np.float32([np.inf]), hint="inf")
-    gammas = nb.op("Where", nb.op("Greater", left, nb.const(np.float32([0.0]), hint="zero")),
-                   nb.op("Div", xu, left), inf)  # [gamma_a, gamma_b, gamma_c]
-    # (1 + u)(1 + 2^-20) rounded up to float32
-    slack = nb.const(np.float32([1 + 2.0**-20 + 2.0**-23]), hint="onePlusU")
-    pick = lambda i: nb.op("Gather", gammas, nb.ints([i]), axis=0)  # noqa: E731
-    top = nb.op("Mul", nb.op("Add", pick(0), pick(1)), slack)
-    bottom = nb.op("Sub", nb.const(np.float32([1.0]), hint="one"), pick(2))
-    return nb.op("Where", nb.op("Greater", bottom, nb.const(np.float32([0.0]), hint="zero")),
-                 nb.op("Div", top, bottom), inf)
+    return nb.op("Where", nb.op("Greater", left, nb.const(np.float32([0.0]), hint="zero")),
+                 nb.op("Div", xu, left), nb.const(np.float32([np.inf]), hint="inf"))
+
+
+def _runtime_eta(nb: Nodes, prec: Precision, extra: int, runtime_checksums: bool, k, n) -> str:
+    """``passes.thresholds.underflow_term`` as a graph expression of a run-time ``k`` and/or ``n``
+    (as ``_runtime_tau``): its bracket, bilinear in K and n (``underflow_coefficients``), times
+    ``1 + max gamma`` and a slack ``1 + 2^-19`` that covers the float32 roundings of these few ops
+    and of the bracket (so the graph's value is never below ``underflow_term``'s); +inf where no
+    finite bound exists."""
+    c0, ck, cn, ckn = underflow_coefficients(prec, extra)
+    total = nb.const(np.float32([c0 + (ck * k if isinstance(k, int) else 0) + (cn * n if isinstance(n, int) else 0)
+                                 + (ckn * k * n if isinstance(k, int) and isinstance(n, int) else 0)]), hint="eta0")
+    kn = None  # the K n term when one of them is a tensor
+    if not isinstance(k, int):
+        total = nb.op("Add", total, nb.op("Mul", k, nb.const(np.float32([ck + (ckn * n if isinstance(n, int) else 0)]),
+                                                              hint="etaK")))
+    if not isinstance(n, int):
+        total = nb.op("Add", total, nb.op("Mul", n, nb.const(np.float32([cn + (ckn * k if isinstance(k, int) else 0)]),
+                                                              hint="etaN")))
+        if not isinstance(k, int):
+            kn = nb.op("Mul", nb.op("Mul", k, n), nb.const(np.float32([ckn]), hint="etaKN"))
+    if kn is not None:
+        total = nb.op("Add", total, kn)
+    gmax = reduce(nb, "ReduceMax", _runtime_gammas(nb, prec, extra, runtime_checksums, k, n), None, keepdims=1)
+    factor = nb.op("Mul", nb.op("Add", gmax, nb.const(np.float32([1.0]), hint="one")),
+                   nb.const(np.float32([1 + 2.0**-19]), hint="slack"))
+    return nb.op("Mul", total, factor)
 
 
 def _dim(nb: Nodes, tensor: str, axis: int) -> str:
@@ -759,10 +794,17 @@ def _protect(m: _Model, s: GemmSite, node, idx: int, scheme: str, ber: float, bl
         tau_src = "rounding bound (run time, " + " and ".join(
             d for d, v in (("K", s.K), ("N", s.N)) if v is None) + " dynamic)"
     fold = 1.0 if dynamic else tau  # tau folded into the constants when it is known
+    # the absolute underflow term (thresholds.underflow_term) at the representative shape; kept
+    # under a calibrated tau, left out only of calibration's probe (whose scale is |A| @ |B| e)
+    unit = tau_src.startswith("unit")
+    eta = underflow_term(K_r, N_r, prec, extra, not s.b_constant)
+    eta_test = None if unit else (
+        _runtime_eta(main, prec, extra, not s.b_constant, s.K if s.K is not None else k_rt, n_rt) if dynamic else eta)
     impl, impl_why = _impl_for(m, s, node, impl, scheme, weight, dynamic)
     built_extra: dict = {}
     if impl == "fused":
-        ok, diff, scale, raw_z, built_extra = _fused_detection(m, main, s, node, raw, weight, bias, fold, a_lower)
+        ok, diff, scale, raw_z, built_extra = _fused_detection(m, main, s, node, raw, weight, bias, fold, a_lower,
+                                                               eta_test)
     elif impl == "dup":
         ok, built_extra = _dup_detection(m, main, s, node, raw), {}
         diff = scale = None
@@ -773,7 +815,7 @@ def _protect(m: _Model, s: GemmSite, node, idx: int, scheme: str, ber: float, bl
             bs = float(np.sum(bias, dtype=np.float64))
             babs = fold * float(np.sum(np.abs(bias), dtype=np.float64))
         ok, diff, scale = weight_row_test(main, y_check, a, w64.sum(1), fold * np.abs(w64).sum(1),
-                                          tau_name if dynamic else None, bs, babs, a_lower)
+                                          tau_name if dynamic else None, bs, babs, a_lower, eta_test)
     else:
         if tau_name is None:
             tau_name = main.const(np.float32(tau), hint="tau")
@@ -783,8 +825,10 @@ def _protect(m: _Model, s: GemmSite, node, idx: int, scheme: str, ber: float, bl
             babs_n = main.const(np.float32(fold * np.sum(np.abs(bias), dtype=np.float64)), hint="biasAbs")
             if dynamic:
                 babs_n = main.op("Mul", babs_n, tau_name)
+        if eta_test is not None and not isinstance(eta_test, str):
+            eta_test = main.const(np.float32(eta_test), hint="eta")
         ok, diff, scale = activation_row_test(main, y_check, a, s.b, tau_name, s.b_rank == 2, bs_n, babs_n,
-                                              a_nonnegative=a_nonnegative)
+                                              a_nonnegative=a_nonnegative, eta=eta_test)
     cond = any_false(main, ok)
 
     # --- recovery branch -----------------------------------------------------------------------
@@ -828,12 +872,21 @@ def _protect(m: _Model, s: GemmSite, node, idx: int, scheme: str, ber: float, bl
         return bound if tau_src.startswith("rounding bound") else then_nb.op(
             "Min", bound, then_nb.const(np.float32([tau]), hint="tau"))
 
+    def branch_eta(n_sum, runtime_checksums: bool):
+        """The absolute underflow term of that test (a calibrated tau never drops it)."""
+        if s.K is not None and isinstance(n_sum, int):
+            return then_nb.const(np.float32([underflow_term(s.K, n_sum, prec, extra, runtime_checksums)]), hint="eta")
+        return _runtime_eta(then_nb, prec, extra, runtime_checksums, s.K if s.K is not None else k_rt, n_sum)
+
     if eff_scheme in ("standard", "sec"):
         n_rows = rows if rows is not None else _dim(then_nb, ctx.Y3, 1)
-        fixed, count = _standard_then(ctx, branch_tau(n_rows, True), recompute_multiple=eff_scheme == "standard")
+        eta_recovery = underflow_term(K_r, rows_r, prec, extra, True)
+        fixed, count = _standard_then(ctx, branch_tau(n_rows, True), recompute_multiple=eff_scheme == "standard",
+                                      eta=branch_eta(n_rows, True))
     else:
+        eta_recovery = underflow_term(K_r, b_size, prec, extra, weight is None)
         fixed, count = _lb_then(ctx, b_size, branch_tau(b_size, weight is None), weight, bias,
-                                elem_ok=ok if impl == "dup" else None)
+                                elem_ok=ok if impl == "dup" else None, eta=branch_eta(b_size, weight is None))
     if s.fp16:
         fixed = then_nb.op("Cast", fixed, to=TensorProto.FLOAT16)
     # The If returns a scatter (indices, values) rather than the checked tensor: the fault-free
@@ -856,6 +909,7 @@ def _protect(m: _Model, s: GemmSite, node, idx: int, scheme: str, ber: float, bl
              "impl": impl, "impl_fallback": impl_why,
              "shape_for_costs": {"rows": rows_r, "N": N_r, "K": K_r, "source": rep_source},
              "tau": tau, "tau_bound": tau_bound(K_r, N_r, prec, extra, not s.b_constant), "precision": prec.name,
+             "eta": None if impl == "dup" else eta, "eta_recovery": eta_recovery,
              "post_scale": s.post_node, "tau_source": tau_src,
              "main_graph_nodes": len(main.nodes),
              "ops_gemm": rows_r * N_r * 2 * K_r,
@@ -900,20 +954,20 @@ def _bias_input(m: _Model, s: GemmSite) -> str:
 
 
 def _fused_detection(m: _Model, main: Nodes, s: GemmSite, node, raw: str, weight, bias, fold: float,
-                     a_lower: float | None):
+                     a_lower: float | None, eta: float | None = None):
     """``fused``: the GEMM itself multiplies ``[B | B e | tau |B| e]`` (the last column only when
     ``A`` is bounded below, ``_lower_bound``: otherwise ``|A|`` needs a pass anyway and the scale
     is ``|A| @ tau|B|e``); the bias (MatMul+Add, a Gemm's C) is widened with its sums. ``raw`` (the
     Y every later node reads, and the check reads) is the first N columns of the widened product.
+    ``eta``: the absolute underflow term, added to the scale with the other constant.
     Returns (ok, diff, scale, the widened product's name, rewiring for the main loop)."""
     w64 = weight.astype(np.float64)
-    be = w64.sum(1)
-    abe = fold * np.abs(w64).sum(1)
+    be, abe = weight_checksum_vectors(w64.sum(1), fold * np.abs(w64).sum(1))
     scale_in_z = a_lower is not None
     cols = [be, abe] if scale_in_z else [be]
     trans_b = s.op_type == "Gemm" and bool(_attr(node, "transB", 0))
     orig = onnx.numpy_helper.to_array(m.inits[s.b])
-    extra = np.stack(cols, 1).astype(np.float32)  # [K, 1 or 2]
+    extra = np.stack(cols, 1)  # [K, 1 or 2], float32
     wide = np.concatenate([orig, extra.T], 0) if trans_b else np.concatenate([orig, extra], 1)
     w_wide = main.const(wide, hint="Bwide")
     rewire = [(s.name, 1, w_wide)]
@@ -940,9 +994,11 @@ def _fused_detection(m: _Model, main: Nodes, s: GemmSite, node, raw: str, weight
             out["drop_inits"].append(old_bias)
     z = main.name("wide")
     y = main.op("Slice", z, main.ints([0]), main.ints([s.N]), main.ints([-1]), outputs=[raw])
-    scale_add = 2.0 * a_lower * float(np.sum(abe)) if a_lower else None
+    scale_add = 2.0 * a_lower * float(np.sum(abe, dtype=np.float64)) if a_lower else None
     if not scale_in_z and bias is not None:
         scale_add = widen[1]
+    if eta:
+        scale_add = (scale_add or 0.0) + eta
     ok, diff, scale = fused_row_test(main, y, z, s.N, scale_in_z, s.a, abe, scale_add)
     out["rewire"] = rewire
     return ok, diff, scale, z, out
@@ -1026,9 +1082,10 @@ def _flat_nonzero(nb: Nodes, flags: str) -> str:
     return nb.op("Reshape", nb.op("NonZero", flags), nb.ints([-1]))
 
 
-def _standard_then(c: _Canon, tau_col: float, recompute_multiple: bool = True):
+def _standard_then(c: _Canon, tau_col: float, recompute_multiple: bool = True, eta: str | None = None):
     """Column test, then: one flagged row and one flagged column -> that element recomputed; any
-    other flagged pattern -> the matrix recomputed (``recompute_multiple``) or left as it is."""
+    other flagged pattern -> the matrix recomputed (``recompute_multiple``) or left as it is.
+    ``eta``: the column test's absolute underflow term (a tensor name)."""
     nb = c.nb
     f32 = lambda v: nb.const(np.float32(v))  # noqa: E731
     # column test per matrix: sum over rows of Y vs (e^T A) @ B
@@ -1043,6 +1100,8 @@ def _standard_then(c: _Canon, tau_col: float, recompute_multiple: bool = True):
         rows_f = nb.op("Cast", nb.op("Slice", nb.op("Shape", c.Y3), nb.ints([1]), nb.ints([2])), to=TensorProto.FLOAT)
         ref = nb.op("Add", ref, nb.op("Mul", c.bias, rows_f))
         scale = nb.op("Add", scale, nb.op("Mul", nb.op("Abs", c.bias), nb.op("Mul", rows_f, tau_c)))
+    if eta is not None:
+        scale = nb.op("Add", scale, eta)
     okc = nb.op("LessOrEqual", nb.op("Abs", nb.op("Sub", y_cols, ref)), scale)
     n_only = nb.op("Slice", nb.op("Shape", c.Y3), nb.ints([2]), nb.ints([3]))
     colbad = nb.op("Reshape", nb.op("Not", okc), nb.op("Concat", nb.ints([-1]), n_only, axis=0))  # [G, N]
@@ -1093,12 +1152,13 @@ def _pad_last(nb: Nodes, x: str, rank: int, b: int, n: int | None) -> str:
     return nb.op("Pad", x, nb.op("Concat", nb.ints([0] * (2 * rank - 1)), pad, axis=0))
 
 
-def _lb_then(c: _Canon, b: int, tau_blk, weight, bias, elem_ok: str | None = None):
+def _lb_then(c: _Canon, b: int, tau_blk, weight, bias, elem_ok: str | None = None, eta: str | None = None):
     """Block-wise test and recovery on ``b x b`` output blocks. Works at any run-time shape: block
     sums by padding to a multiple of ``b`` and reshaping, block flags aggregated over row blocks the
     same way, edge indices clamped to the run-time sizes. ``elem_ok`` (dup: the main graph's
     element-wise comparison, Y's shape): the blocks holding a mismatch are recomputed, with no
-    threshold, so every change the comparison saw is recovered."""
+    threshold, so every change the comparison saw is recovered. ``eta``: the block test's absolute
+    underflow term (a tensor name)."""
     nb, s = c.nb, c.s
     N = s.N
 
@@ -1134,7 +1194,7 @@ def _lb_then(c: _Canon, b: int, tau_blk, weight, bias, elem_ok: str | None = Non
         babs_n = nb.const(babs.astype(np.float32))
         if tau_n is not None:
             babs_n = nb.op("Mul", babs_n, tau_n)
-    ok, _, _ = checksum_test(nb, y_blk, c.A3, be_n, abe_n, tau_n, bs_n, babs_n)
+    ok, _, _ = checksum_test(nb, y_blk, c.A3, be_n, abe_n, tau_n, bs_n, babs_n, eta)
     bad = nb.op("Where", ok, nb.const(np.float32(0)), nb.const(np.float32(1)))  # [G, rows, nbc]
     return _lb_recompute(c, b, bad, block_reduce)
 

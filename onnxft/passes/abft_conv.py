@@ -4,7 +4,8 @@ A convolution ``Y = Conv(X, W) + b`` with a constant weight ``W [Cout, Cin, k...
 at every output position, a dot product of the same input patch with each of the Cout filters.
 Summing over the output channels therefore gives one more convolution, with the summed filter:
 
-    r = ReduceSum(Y, axis 1);  ref = Conv(X, sum_c W[c]) + sum(b);  scale = Conv(|X|, tau sum_c |W[c]|) + tau sum|b|
+    r = ReduceSum(Y, axis 1);  ref = Conv(X, sum_c W[c]) + sum(b)
+    scale = Conv(|X|, tau sum_c |W[c]|) + tau sum|b| + eta        (eta: thresholds.underflow_term)
     flagged = NOT(|r - ref| <= scale)     (per item and output position; NaN and Inf are flagged)
     Y' = If(any(flagged), then = Y with the flagged items recomputed, else = Y)
 
@@ -36,9 +37,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from onnx import TensorProto, helper
 
-from ..graph.checksums import Nodes, any_false, mark_recompute, reduce, unsqueeze
+from ..graph.checksums import Nodes, any_false, mark_recompute, reduce, unsqueeze, weight_checksum_vectors
 from .blocksize import p_faulty
-from .thresholds import DEFAULT_PRECISION, tau_bound, unit_precision
+from .thresholds import DEFAULT_PRECISION, tau_bound, underflow_term, unit_precision
 
 
 @dataclass
@@ -210,10 +211,13 @@ def protect_conv(s: ConvSite, idx: int, opset: int, ber: float, precision: str =
     if s.post:  # (a fused kernel adds the bias and the residual as two more terms of the dot product)
         tau = tau_bound(s.K + 2, s.N, prec, extra_roundings=s.post_roundings + 1,
                         runtime_checksums=s.residual is not None)
+        eta = underflow_term(s.K + 2, s.N, prec, extra_roundings=s.post_roundings + 1,
+                             runtime_checksums=s.residual is not None)
         chan = s.scale.reshape((-1,) + (1,) * (s.weight.ndim - 1))
         shift, shift_abs = s.shift, s.shift_abs
     else:
         tau = tau_bound(s.K, s.N, prec, extra_roundings=1 if s.bias is not None else 0)
+        eta = underflow_term(s.K, s.N, prec, extra_roundings=1 if s.bias is not None else 0)
         chan = 1.0
         shift = s.bias if s.bias is not None else None
         shift_abs = np.abs(s.bias) if s.bias is not None else None
@@ -228,8 +232,9 @@ def protect_conv(s: ConvSite, idx: int, opset: int, ber: float, precision: str =
     g, per = s.group, s.N
     spatial = [1] * (s.weight.ndim - 2)
     w_groups = (s.weight * chan).reshape(g, per, *s.weight.shape[1:])
-    ws = w_groups.sum(axis=1).astype(np.float32)  # [g, Cin/g, k...]
-    wabs = (tau * np.abs(w_groups).sum(axis=1)).astype(np.float32)
+    # [g, Cin/g, k...]; a channel sum below float32's normal range raises its scale entry
+    # (weight_checksum_vectors); every other underflow is in eta, added to the scale
+    ws, wabs = weight_checksum_vectors(w_groups.sum(axis=1), tau * np.abs(w_groups).sum(axis=1))
     if s.op_type == "ConvTranspose":  # back to ConvTranspose's layout: [Cin, 1, k...]
         ws, wabs = np.swapaxes(ws, 0, 1).copy(), np.swapaxes(wabs, 0, 1).copy()
     ref = main.op(s.op_type, x, main.const(ws, hint="Wsum"), **conv_attrs)
@@ -256,6 +261,7 @@ def protect_conv(s: ConvSite, idx: int, opset: int, ber: float, precision: str =
         ref = main.op("Add", ref, group_sums(residual))
         scale = main.op("Add", scale, main.op("Mul", group_sums(main.op("Abs", residual)),
                                               main.const(np.float32(tau), hint="tau")))
+    scale = main.op("Add", scale, main.const(np.float32(eta), hint="eta"))
     r = group_sums(y)
     diff = main.op("Sub", r, ref)
     ok = main.op("LessOrEqual", main.op("Abs", diff), scale)
@@ -293,7 +299,8 @@ def protect_conv(s: ConvSite, idx: int, opset: int, ber: float, precision: str =
     count = nb.op("Mul", nb.op("Size", items), per_item_elems)
     costs = conv_cost(s.M * s.group, s.N, s.K, ber) if s.M else {}  # (groups: more rows of the GEMM view)
     entry = {"name": s.name, "op_type": s.op_type, "output": s.out, "M": s.M, "N": s.N, "K": s.K, "group": s.group,
-             "scheme": "recompute", "tau": tau, "tau_source": "rounding bound" + (" (float16 unit)" if s.fp16 else ""),
+             "scheme": "recompute", "tau": tau, "eta": eta,
+             "tau_source": "rounding bound" + (" (float16 unit)" if s.fp16 else ""),
              "precision": prec.name, "has_bias": s.bias is not None,
              "absorbed": [n.name or n.output[0] for n in s.post],
              "main_graph_nodes": len(main.nodes),

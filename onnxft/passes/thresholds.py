@@ -19,11 +19,21 @@ Higham's ``(1 + gamma_j)(1 + gamma_k) <= 1 + gamma_{j+k}``:
     t_c   = 1   (B e offline: float64, rounded once)   or   n_sum - 1 + r_in   (B e at run time)
     b     = 2 r_in + K + t_c + 2                 ref = A @ (B e) (+ sum bias): its own K-term dot
                                                  product, the checksum's error, the bias-sum add
-    c     = 2 r_in + K + t_c + 4                 the computed scale's shortfall below tau |A||B|e
-                                                 (tau fold or multiply, bias add, tau arithmetic)
+    c     = 2 r_in + K + t_c + 5                 the computed scale's shortfall below tau |A||B|e
+                                                 (tau fold or multiply, bias add, tau arithmetic,
+                                                 the add of the absolute term eta)
     tau   = (1 + u) (gamma_a + gamma_b) / (1 - gamma_c)          (1 + u: the subtraction r - ref)
 
 Leading order (float32, constant B): ``tau ~ (2K + n_sum + e + 2) u``. docs/abft.md derives it.
+
+Underflow is absolute, not relative: a result below the smallest normal number ``tiny`` of its
+format errs by up to ``tiny`` when the runtime flushes it to zero (FTZ: GPUs, x86 with FTZ/DAZ
+set) and by half a subnormal ulp, ``tiny u``, with gradual underflow. No ``tau`` covers that (a row
+whose every output underflows leaves a residual of its whole ``|A||B|e``), so every test is
+
+    |fl(r - ref)| <= tau |A| @ (|B| e) + eta,      eta = underflow_term(K, n_sum, ...)
+
+``eta`` counts every rounding of one test that can land below ``tiny`` (``underflow_term``).
 
 float16 units (float16 tensors, checked in float32) have two arithmetics. ``fp16`` is the worst
 case, float16 accumulation (``K u_acc = K 2^-11``: 0.19 at K = 384, no finite bound from K = 2048):
@@ -42,6 +52,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 U32 = 2.0**-24  # float32 unit roundoff: every check is computed in float32
+TINY32 = 2.0**-126  # float32's smallest normal number
+TINY16 = 2.0**-14  # float16's
 
 
 @dataclass(frozen=True)
@@ -59,6 +71,11 @@ class Precision:
     u_out: float
     u_elt: float
     note: str
+    # smallest normal number of the format each rounding lands in (underflow_term): float32,
+    # TF32 and bfloat16 share float32's exponent range (2^-126), float16's is 2^-14
+    tiny_acc: float = 2.0**-126
+    tiny_out: float = 2.0**-126
+    tiny_elt: float = 2.0**-126
 
 
 PRECISIONS = {
@@ -73,7 +90,7 @@ PRECISIONS = {
                       "accumulation (onnxruntime CUDA on Ampere and later with its default use_tf32=1)"),
     "fp16": Precision("fp16", 2.0**-11, 2.0**-11, 0.0, 2.0**-11,
                       "float16 inputs, float16 accumulation (the worst case: MLAS's ARM64 half GEMM, cuBLAS "
-                      "with ORT_CUDA_GEMM_OPTIONS=1)"),
+                      "with ORT_CUDA_GEMM_OPTIONS=1)", TINY16, TINY16, TINY16),
     # float16 storage, float32 accumulation: float16 x float16 products are exact in float32
     # (22 significant bits), so the inputs add no rounding; the result and the bias add round to
     # float16. Accumulation at 2^-23, not 2^-24: GPU tensor cores' float32 accumulators truncate
@@ -81,7 +98,8 @@ PRECISIONS = {
     # For a float32 unit of the same model this runtime is IEEE float32 (unit_precision)
     "fp16acc32": Precision("fp16acc32", 0.0, 2 * U32, 2.0**-11, 2.0**-11,
                            "float16 tensors, float32 accumulation and reduction (onnxruntime CPU on x86-64; CUDA "
-                           "with ORT_CUDA_GEMM_OPTIONS=2 and use_tf32=0); float32 units as fp32"),
+                           "with ORT_CUDA_GEMM_OPTIONS=2 and use_tf32=0); float32 units as fp32",
+                           TINY32, TINY16, TINY16),
     "bf16": Precision("bf16", 2.0**-8, 2.0**-23, 2.0**-8, 2.0**-8,
                       "bfloat16 inputs and outputs, float32 accumulation (bf16 'fast math' GEMMs, bf16 models)"),
 }
@@ -108,7 +126,7 @@ def rounding_counts(K: int, n_sum: int, prec: str | Precision = DEFAULT_PRECISIO
     n = max(int(n_sum), 1)
     t_y = 2 * r_in + K * r_acc + r_out + extra_roundings * r_elt
     t_c = (n - 1 + r_in) if runtime_checksums else 1
-    return n - 1 + t_y, 2 * r_in + K + t_c + 2, 2 * r_in + K + t_c + 4
+    return n - 1 + t_y, 2 * r_in + K + t_c + 2, 2 * r_in + K + t_c + 5
 
 
 def tau_bound(K: int, n_sum: int, prec: str | Precision = DEFAULT_PRECISION, extra_roundings: int = 0,
@@ -150,7 +168,8 @@ def unit_precision(prec: str | Precision = DEFAULT_PRECISION, fp16: bool = False
     if all(getattr(p, f) <= getattr(h, f) for f in ("u_in", "u_acc", "u_out", "u_elt")):
         return h  # (fp32: float16 is coarser in every rounding)
     return Precision(f"fp16+{p.name}", max(p.u_in, h.u_in), max(p.u_acc, h.u_acc), max(p.u_out, h.u_out),
-                     max(p.u_elt, h.u_elt), f"float16 unit under {p.name}: the coarser of the two per rounding")
+                     max(p.u_elt, h.u_elt), f"float16 unit under {p.name}: the coarser of the two per rounding",
+                     max(p.tiny_acc, h.tiny_acc), max(p.tiny_out, h.tiny_out), max(p.tiny_elt, h.tiny_elt))
 
 
 def count_coefficients(prec: str | Precision = DEFAULT_PRECISION, extra_roundings: int = 0,
@@ -177,3 +196,71 @@ def calibrated_tau(max_ratio: float, bound: float, prec: str | Precision = DEFAU
     if p.name != "fp32":
         return bound
     return min(max(margin * max_ratio, floor_units * U32), bound)
+
+
+def _underflow_roundings(K: float, n_sum: float, p: Precision, extra_roundings: int, ftz: bool) -> float:
+    """The sum, over every rounding of one test that can underflow, of its largest absolute error
+    (``underflow_term``'s bracket): with FTZ ``tiny`` each, with gradual underflow ``tiny u`` for
+    products and conversions (a sum that lands in the subnormal range is exact then)."""
+    def per(u: float, tiny: float) -> float:
+        return 0.0 if u == 0 else (tiny if ftz else tiny * u)
+
+    acc, out, elt, f32 = per(p.u_acc, p.tiny_acc), per(p.u_out, p.tiny_out), per(p.u_elt, p.tiny_elt), per(U32, TINY32)
+    if ftz:
+        main = n_sum * (2 * K * acc + out + extra_roundings * elt) + (n_sum - 1) * f32
+        return main + (2 * K + 2) * f32 + (2 * K + 4) * f32
+    return n_sum * (K * acc + out + extra_roundings * elt) + (K + 1) * f32 + (K + 1) * f32
+
+
+def underflow_term(K: int, n_sum: int, prec: str | Precision = DEFAULT_PRECISION, extra_roundings: int = 0,
+                   runtime_checksums: bool = False, ftz: bool = True) -> float:
+    """The absolute term ``eta`` of a test (module docstring): no fault-free input makes
+    ``|fl(r - ref)|`` exceed ``tau_bound(...) |A| @ |B| e + eta``, underflow included.
+
+    Counted, for ``n = n_sum`` outputs of ``K``-term dot products (the arguments of ``tau_bound``),
+    each rounding's largest absolute error in its own format (``tiny`` = the smallest normal
+    number, ``Precision.tiny_*``: float16 2^-14, float32/TF32/bfloat16 2^-126):
+
+        main side    n (2K tiny_acc + tiny_out + e tiny_elt)   K products and K - 1 sums per output
+                                                                (FMA only removes roundings), the
+                                                                output's storage rounding (when the
+                                                                precision has one), e elementwise ops
+                     + (n - 1) tiny_32                          the float32 row sum
+        checksum     (2K + 2) tiny_32                           ref = A (B e): K products, K - 1 sums,
+                                                                the bias-sum constant and its add
+        scale        (2K + 4) tiny_32                           |A| (tau |B| e) flushed low: K products,
+                                                                K - 1 sums, bias add, tau, eta's add
+
+    with FTZ (``ftz=True``, what the passes use: results below ``tiny`` flushed to zero, error up to
+    ``tiny``); with gradual underflow (``ftz=False``) a result rounded into the subnormal range
+    errs by at most ``tiny u`` (half its ulp; a truncating accumulator's ``u`` is already its full
+    ulp) and sums are exact there, so only products and conversions count. An absolute error made
+    early passes through the later roundings of its side, each a factor ``1 + u_x``: the sum is
+    multiplied by ``1 + max(gamma_a, gamma_b, gamma_c) <= (1 + u_x)^count``, and by ``1 + 2^-20``
+    for eta's own rounding to float32 and its add (as ``_runtime_tau``'s slack). Returns ``inf``
+    where ``tau_bound`` does (no finite bound).
+
+    Not counted (docs/abft.md, "Thresholds"): subnormal *inputs* flushed to zero (DAZ) or cut to
+    TF32/bfloat16 below their normal range, and a run-time checksum (``B e`` of an activation, the
+    column sums of ``A``) whose partial sum cancels to below 2^-126 under FTZ: their errors are
+    proportional to the other operand, not absolute. The offline checksums' own underflow is covered
+    where they are rounded (``graph.checksums.weight_checksum_vectors``)."""
+    p = prec if isinstance(prec, Precision) else precision(prec)
+    counts = rounding_counts(K, n_sum, p, extra_roundings, runtime_checksums)
+    gammas = [_gamma(x) for x in counts]
+    if not gammas[2] < 1.0 or float("inf") in gammas:
+        return float("inf")
+    n = max(int(n_sum), 1)
+    return (1.0 + max(gammas)) * (1.0 + 2.0**-20) * _underflow_roundings(K, n, p, extra_roundings, ftz)
+
+
+def underflow_coefficients(prec: str | Precision = DEFAULT_PRECISION, extra_roundings: int = 0,
+                           ftz: bool = True) -> tuple[float, float, float, float]:
+    """``(const, per_K, per_n, per_Kn)`` with ``underflow_term``'s bracket ``== const + K per_K +
+    n per_n + K n per_Kn`` (for ``n >= 1``): the graph evaluates it at a run-time ``K`` or ``n``
+    (``passes.abft._runtime_eta``) and multiplies by the same factor of gammas."""
+    p = prec if isinstance(prec, Precision) else precision(prec)
+    f = lambda K, n: _underflow_roundings(K, n, p, extra_roundings, ftz)  # noqa: E731
+    c0 = f(0, 0)
+    per_k, per_n = f(1, 0) - c0, f(0, 1) - c0
+    return c0, per_k, per_n, f(1, 1) - c0 - per_k - per_n
