@@ -28,7 +28,8 @@ Leading order (float32, constant B): ``tau ~ (2K + n_sum + e + 2) u``. docs/abft
 
 Underflow is absolute, not relative: a result below the smallest normal number ``tiny`` of its
 format errs by up to ``tiny`` when the runtime flushes it to zero (FTZ: GPUs, x86 with FTZ/DAZ
-set) and by half a subnormal ulp, ``tiny u``, with gradual underflow. No ``tau`` covers that (a row
+set; assumed for float32-range formats) and by half a subnormal ulp, ``tiny u``, with gradual
+underflow (assumed for float16, whose subnormals the hardware keeps: ``underflow_term``). No ``tau`` covers that (a row
 whose every output underflows leaves a residual of its whole ``|A||B|e``), so every test is
 
     |fl(r - ref)| <= tau |A| @ (|B| e) + eta,      eta = underflow_term(K, n_sum, ...)
@@ -198,22 +199,32 @@ def calibrated_tau(max_ratio: float, bound: float, prec: str | Precision = DEFAU
     return min(max(margin * max_ratio, floor_units * U32), bound)
 
 
-def _underflow_roundings(K: float, n_sum: float, p: Precision, extra_roundings: int, ftz: bool) -> float:
+def _underflow_roundings(K: float, n_sum: float, p: Precision, extra_roundings: int, ftz: bool,
+                         ftz16: bool = False) -> float:
     """The sum, over every rounding of one test that can underflow, of its largest absolute error
-    (``underflow_term``'s bracket): with FTZ ``tiny`` each, with gradual underflow ``tiny u`` for
-    products and conversions (a sum that lands in the subnormal range is exact then)."""
-    def per(u: float, tiny: float) -> float:
-        return 0.0 if u == 0 else (tiny if ftz else tiny * u)
+    (``underflow_term``'s bracket). A rounding into a flushed format errs by up to ``tiny``; one
+    with gradual underflow by ``tiny u`` for products and conversions, and a sum that lands in the
+    subnormal range is exact. ``ftz``: float32-range formats are flushed (the passes' model);
+    ``ftz16``: float16 is flushed too (off in the passes: float16 keeps its subnormals on the
+    hardware onnxruntime runs on, see ``underflow_term``)."""
+    def per(u: float, tiny: float, is_sum: bool) -> float:
+        if u == 0:
+            return 0.0
+        if (ftz16 if tiny >= TINY16 else ftz):
+            return tiny
+        return 0.0 if is_sum else tiny * u
 
-    acc, out, elt, f32 = per(p.u_acc, p.tiny_acc), per(p.u_out, p.tiny_out), per(p.u_elt, p.tiny_elt), per(U32, TINY32)
-    if ftz:
-        main = n_sum * (2 * K * acc + out + extra_roundings * elt) + (n_sum - 1) * f32
-        return main + (2 * K + 2) * f32 + (2 * K + 4) * f32
-    return n_sum * (K * acc + out + extra_roundings * elt) + (K + 1) * f32 + (K + 1) * f32
+    acc_p, acc_s = per(p.u_acc, p.tiny_acc, False), per(p.u_acc, p.tiny_acc, True)
+    out, elt = per(p.u_out, p.tiny_out, False), per(p.u_elt, p.tiny_elt, False)
+    f32_p, f32_s = per(U32, TINY32, False), per(U32, TINY32, True)
+    main = n_sum * (K * (acc_p + acc_s) + out + extra_roundings * elt) + (n_sum - 1) * f32_s
+    checksum = (K + 1) * (f32_p + f32_s)  # ref = A (B e): K products, K - 1 sums, the bias sum and its add
+    scale = (K + 2) * (f32_p + f32_s)  # |A| (tau |B| e) flushed low: K products, K - 1 sums, bias add, tau, eta's add
+    return main + checksum + scale
 
 
 def underflow_term(K: int, n_sum: int, prec: str | Precision = DEFAULT_PRECISION, extra_roundings: int = 0,
-                   runtime_checksums: bool = False, ftz: bool = True) -> float:
+                   runtime_checksums: bool = False, ftz: bool = True, ftz16: bool = False) -> float:
     """The absolute term ``eta`` of a test (module docstring): no fault-free input makes
     ``|fl(r - ref)|`` exceed ``tau_bound(...) |A| @ |B| e + eta``, underflow included.
 
@@ -231,10 +242,16 @@ def underflow_term(K: int, n_sum: int, prec: str | Precision = DEFAULT_PRECISION
         scale        (2K + 4) tiny_32                           |A| (tau |B| e) flushed low: K products,
                                                                 K - 1 sums, bias add, tau, eta's add
 
-    with FTZ (``ftz=True``, what the passes use: results below ``tiny`` flushed to zero, error up to
-    ``tiny``); with gradual underflow (``ftz=False``) a result rounded into the subnormal range
-    errs by at most ``tiny u`` (half its ulp; a truncating accumulator's ``u`` is already its full
-    ulp) and sums are exact there, so only products and conversions count. An absolute error made
+    with FTZ (``ftz=True``, what the passes use for float32, TF32 and bfloat16: results below
+    ``tiny`` flushed to zero, error up to ``tiny``; GPUs and x86 with FTZ/DAZ set do it, and the
+    term is 4e-31 at K = N = 4096); with gradual underflow (``ftz=False``) a result rounded
+    into the subnormal range errs by at most ``tiny u`` (half its ulp; a truncating accumulator's
+    ``u`` is already its full ulp) and sums are exact there, so only products and conversions count.
+    float16 is counted with gradual underflow unless ``ftz16``: the hardware onnxruntime runs
+    float16 on keeps its subnormals (x86 F16C conversions ignore MXCSR.FTZ/DAZ, ARM's FPCR.FZ16 is
+    off by default on Linux, CUDA's half arithmetic keeps denormals), and flushing would cost
+    ``n 2^-14`` per test (0.047 for a row of 768 float16 outputs: up to 72% of attention x V's scale
+    on the real fp16 MiniLM) where gradual underflow costs ``n 2^-25``. An absolute error made
     early passes through the later roundings of its side, each a factor ``1 + u_x``: the sum is
     multiplied by ``1 + max(gamma_a, gamma_b, gamma_c) <= (1 + u_x)^count``, and by ``1 + 2^-20``
     for eta's own rounding to float32 and its add (as ``_runtime_tau``'s slack). Returns ``inf``
@@ -251,16 +268,16 @@ def underflow_term(K: int, n_sum: int, prec: str | Precision = DEFAULT_PRECISION
     if not gammas[2] < 1.0 or float("inf") in gammas:
         return float("inf")
     n = max(int(n_sum), 1)
-    return (1.0 + max(gammas)) * (1.0 + 2.0**-20) * _underflow_roundings(K, n, p, extra_roundings, ftz)
+    return (1.0 + max(gammas)) * (1.0 + 2.0**-20) * _underflow_roundings(K, n, p, extra_roundings, ftz, ftz16)
 
 
 def underflow_coefficients(prec: str | Precision = DEFAULT_PRECISION, extra_roundings: int = 0,
-                           ftz: bool = True) -> tuple[float, float, float, float]:
+                           ftz: bool = True, ftz16: bool = False) -> tuple[float, float, float, float]:
     """``(const, per_K, per_n, per_Kn)`` with ``underflow_term``'s bracket ``== const + K per_K +
     n per_n + K n per_Kn`` (for ``n >= 1``): the graph evaluates it at a run-time ``K`` or ``n``
     (``passes.abft._runtime_eta``) and multiplies by the same factor of gammas."""
     p = prec if isinstance(prec, Precision) else precision(prec)
-    f = lambda K, n: _underflow_roundings(K, n, p, extra_roundings, ftz)  # noqa: E731
+    f = lambda K, n: _underflow_roundings(K, n, p, extra_roundings, ftz, ftz16)  # noqa: E731
     c0 = f(0, 0)
     per_k, per_n = f(1, 0) - c0, f(0, 1) - c0
     return c0, per_k, per_n, f(1, 1) - c0 - per_k - per_n
