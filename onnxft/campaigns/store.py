@@ -27,6 +27,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .spec import upgraded
+
 STORE_NAME = "campaign.sqlite"
 SCHEMA_VERSION = 1
 
@@ -106,6 +108,7 @@ class CampaignStore:
             self.db.execute("INSERT INTO meta VALUES (?, ?)", (key, _canonical({"kind": kind, "spec": spec})))
             return
         stored = json.loads(row[0])
+        stored["spec"] = upgraded(stored["spec"])  # stored by an older onnxft: as it ran
         if stored["kind"] != kind:
             raise StoreError(f"--resume {self.dir}: that campaign is {stored['kind']!r}, not {kind!r}")
         if _canonical(stored["spec"]) != _canonical(spec):
