@@ -156,3 +156,20 @@ def test_bundled_samples_have_no_constant_arithmetic(name):
     assert not [r for r in res.details["non_sites"] if r["reason"] == CONSTANT]
     assert (SiteTable.from_model(res.model).sites
             == SiteTable.from_model(inject(model, SiteSelection(fault_constants=True)).model).sites)
+
+
+def test_vuln_and_compare_take_the_flag(tmp_path, capsys):
+    path, data = tmp_path / "m.onnx", tmp_path / "d.npz"
+    onnx.save(_dequant_model(), path)
+    x = np.random.default_rng(0).standard_normal((16, 4)).astype(np.float32)
+    np.savez(data, x=x, y=np.argmax(x @ (W_Q.astype(np.float32) * SCALE), 1))
+    for flag, sites in (([], 2), (["--fault-constants"], 3)):
+        code, out, err = run_cli(["vuln", str(path), "--data", str(data), "--ber", "1e-3", "--trials", "1",
+                                  "--max-trials", "1", "--batch", "16", "--json", *flag], capsys)
+        assert code == 0, err
+        res = json.loads(out)
+        assert res["sites"] == sites and res["spec"]["selection"]["fault_constants"] is bool(flag)
+        code, out, err = run_cli(["compare", str(path), "--data", str(data), "--schemes", "none", "--ber", "1e-3",
+                                  "--trials", "1", "--batch", "16", *flag], capsys)
+        assert code == 0, err
+        assert ("arithmetic on constants faulted too" in out) is bool(flag)
