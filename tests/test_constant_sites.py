@@ -173,3 +173,16 @@ def test_vuln_and_compare_take_the_flag(tmp_path, capsys):
                                   "--trials", "1", "--batch", "16", *flag], capsys)
         assert code == 0, err
         assert ("arithmetic on constants faulted too" in out) is bool(flag)
+
+
+def test_arithmetic_after_a_dequantize_linear_stays_a_site():
+    """onnxruntime does not fold DequantizeLinear of a constant (QDQ fusions need it), so a Mul on
+    its output runs per inference."""
+    nodes = [h.make_node("DequantizeLinear", ["w_q", "scale", "zero"], ["w_d"], name="dq"),
+             h.make_node("Mul", ["w_d", "two"], ["w"], name="dq_mul"),
+             h.make_node("MatMul", ["x", "w"], ["y"], name="mm")]
+    inits = [nh.from_array(W_Q, "w_q"), nh.from_array(SCALE, "scale"), nh.from_array(np.int8(0), "zero"),
+             nh.from_array(np.float32(2.0), "two")]
+    model = make_model(nodes, [vi("x", T.FLOAT, ["N", 4])], [vi("y", T.FLOAT, ["N", 3])], inits)
+    assert load_time_nodes(model.graph) == set()
+    assert _site_nodes(model) == ["dq_mul", "mm"]

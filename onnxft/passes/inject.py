@@ -19,6 +19,9 @@ What it inserts, and why:
 5b. With ``SiteSelection(include_protection=True)``, every ABFT unit's recovery (the recompute in
    the then branch of its ``If``) is a virtual site, sampled as a full recompute of the unit and
    applied to the elements a run actually recomputes (``_recovery_site``, ``_recovery_nodes``).
+5c. Main-graph nodes that compute only from constants (in-graph weight dequantisation and the
+   like: ``graph.constants``) are not sites: a runtime folds them once at load, so they are no
+   per-inference arithmetic. ``SiteSelection(fault_constants=True)`` makes them sites.
 6. With ``fault_free_path=True`` (campaigns), the whole graph sits behind ``If(any fault table
    has rows, or probe)`` whose else branch is the original model's nodes: a run without faults
    costs the original model plus a dozen tiny nodes.
