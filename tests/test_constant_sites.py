@@ -72,9 +72,9 @@ def test_a_graph_input_that_shadows_an_initializer_is_not_constant():
     assert _site_nodes(model) == ["dequant_mul", "mm", "bias"]
 
 
-def test_constant_chains_and_nondeterministic_ops():
+def _chain_model() -> onnx.ModelProto:
     """Constant -> Mul, through data movement (Reshape of a constant, ConstantOfShape of a constant
-    shape): constant; a random op's output is not, whatever its inputs."""
+    shape), beside a random op's output times a constant, all feeding x's arithmetic."""
     c = lambda name, v: h.make_node("Constant", [], [name], name=name, value=nh.from_array(np.asarray(v)))  # noqa: E731
     nodes = [c("k1", np.float32(3.0)), c("k2", np.array([[2.0, 4.0]], np.float32)), c("shape", np.array([2], np.int64)),
              h.make_node("Mul", ["k1", "k2"], ["k"], name="const_mul"),
@@ -85,7 +85,13 @@ def test_constant_chains_and_nondeterministic_ops():
              h.make_node("Mul", ["r", "k1"], ["rk"], name="random_mul"),
              h.make_node("Mul", ["x", "k_plus"], ["xk"], name="x_mul"),
              h.make_node("Add", ["xk", "rk"], ["y"], name="out_add")]
-    model = make_model(nodes, [vi("x", T.FLOAT, ["N", 2])], [vi("y", T.FLOAT, ["N", 2])])
+    return make_model(nodes, [vi("x", T.FLOAT, ["N", 2])], [vi("y", T.FLOAT, ["N", 2])])
+
+
+def test_constant_chains_and_nondeterministic_ops():
+    """Constant -> Mul, through data movement: constant; a random op's output is not, whatever its
+    inputs."""
+    model = _chain_model()
     assert load_time_nodes(model.graph) == {"k1", "k2", "shape", "k", "k_flat", "ones", "k_plus"}
     assert _site_nodes(model) == ["random_mul", "x_mul", "out_add"]
     why = _reasons(model)
@@ -186,3 +192,35 @@ def test_arithmetic_after_a_dequantize_linear_stays_a_site():
     model = make_model(nodes, [vi("x", T.FLOAT, ["N", 4])], [vi("y", T.FLOAT, ["N", 3])], inits)
     assert load_time_nodes(model.graph) == set()
     assert _site_nodes(model) == ["dq_mul", "mm"]
+
+
+def test_onnxruntime_folds_the_load_time_arithmetic(tmp_path):
+    """The reference: onnxruntime's own optimised graph (level basic, as campaigns run) holds none
+    of the nodes ``load_time_nodes`` names, and keeps the Mul after a DequantizeLinear."""
+    import onnxruntime as ort
+
+    def nodes_left(model):
+        path, out = tmp_path / "m.onnx", tmp_path / "m.opt.onnx"
+        onnx.save(model, path)
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        so.optimized_model_filepath = str(out)
+        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        return {n.name for n in onnx.load(out).graph.node}
+
+    base = _dequant_model()
+    dq = [h.make_node("DequantizeLinear", ["w_q", "scale", "zero"], ["w_d"], name="dq"),
+          h.make_node("Mul", ["w_d", "scale"], ["w2"], name="dq_mul"),
+          h.make_node("Add", ["y", "w2"], ["z"], name="late_add")]
+    model = make_model(list(base.graph.node) + dq, list(base.graph.input), [vi("z", T.FLOAT, ["N", 3])],
+                       list(base.graph.initializer) + [nh.from_array(np.int8(0), "zero")])
+    load_time = {n.name for n in model.graph.node if n.output[0] in load_time_nodes(model.graph)}
+    assert load_time == {"dequant_cast", "dequant_mul"}
+    left = nodes_left(model)
+    assert not load_time & left
+    assert {"dq", "dq_mul", "late_add"} <= left
+    chain = _chain_model()
+    load_time = {n.name for n in chain.graph.node if n.output[0] in load_time_nodes(chain.graph)}
+    left = nodes_left(chain)
+    assert not load_time & left
+    assert {"random", "random_mul", "x_mul"} <= left
