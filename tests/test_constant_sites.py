@@ -79,7 +79,8 @@ def _chain_model() -> onnx.ModelProto:
     nodes = [c("k1", np.float32(3.0)), c("k2", np.array([[2.0, 4.0]], np.float32)), c("shape", np.array([2], np.int64)),
              h.make_node("Mul", ["k1", "k2"], ["k"], name="const_mul"),
              h.make_node("Reshape", ["k", "shape"], ["k_flat"], name="const_reshape"),
-             h.make_node("ConstantOfShape", ["shape"], ["ones"], name="ones", value=nh.from_array(np.ones(1, np.float32))),
+             h.make_node("ConstantOfShape", ["shape"], ["ones"], name="ones",
+                         value=nh.from_array(np.ones(1, np.float32))),
              h.make_node("Add", ["k_flat", "ones"], ["k_plus"], name="const_add"),
              h.make_node("RandomUniform", [], ["r"], name="random", shape=[2], dtype=T.FLOAT, seed=1.0),
              h.make_node("Mul", ["r", "k1"], ["rk"], name="random_mul"),
@@ -224,3 +225,28 @@ def test_onnxruntime_folds_the_load_time_arithmetic(tmp_path):
     left = nodes_left(chain)
     assert not load_time & left
     assert {"random", "random_mul", "x_mul"} <= left
+
+
+def test_fault_logs_replay_and_older_logs_fault_constants(tmp_path, capsys):
+    """A logged trial replays exactly with or without the flag; a log written before the option
+    existed (no key) is replayed with constant arithmetic faulted, as it ran."""
+    path, data = tmp_path / "m.onnx", tmp_path / "d.npz"
+    onnx.save(_dequant_model(), path)
+    np.savez(data, x=np.random.default_rng(0).standard_normal((4, 4)).astype(np.float32))
+    for flag in ([], ["--fault-constants"]):
+        log = tmp_path / f"log{len(flag)}.jsonl"
+        code, _, err = run_cli(["eval", str(path), "--data", str(data), "--metric", "sdc", "--ber", "1e-2",
+                                "--trials", "2", "--quiet", "--fault-log", str(log), *flag], capsys)
+        assert code == 0, err
+        records = [json.loads(line) for line in log.read_text().splitlines()]
+        assert all(r["selection"]["fault_constants"] is bool(flag) for r in records)
+        sites = {f["site"] for r in records for f in r["faults"]}
+        if flag:  # sites dequant_mul, mm, bias: the dequantisation is hit
+            assert "s0000" in sites
+        else:  # sites mm, bias only
+            assert sites <= {"s0000", "s0001"}
+        assert all(api.replay(str(log), record=i)["identical"] for i in range(len(records)))
+    for r in records:  # the flag's log, as an older onnxft wrote it
+        del r["selection"]["fault_constants"]
+    log.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert all(api.replay(str(log), record=i)["identical"] for i in range(len(records)))
