@@ -150,7 +150,8 @@ def test_spec_round_trip_and_older_specs_fault_constants(tmp_path):
     store = CampaignStore(tmp_path)
     store.register("m", "eval", old)
     store.close()
-    with pytest.raises(StoreError, match="differs in: selection"):
+    with pytest.raises(StoreError, match="differs in: selection.*before --fault-constants existed.*add "
+                                         "--fault-constants to resume it"):
         CampaignStore(tmp_path, resume=True).register("m", "eval", CampaignSpec().to_json())
     CampaignStore(tmp_path, resume=True).register("m", "eval", spec.to_json())  # resumes as it ran
 
