@@ -265,7 +265,9 @@ def replay(log: str | Path, record: int = 0, model=None, data=None, provider: st
     sel_opts = rec.get("selection") or {}
     sel = selection_from_options(sel_opts.get("op_types"), sel_opts.get("names"), sel_opts.get("formats"),
                                  [tuple(x) for x in sel_opts.get("scales", [])],
-                                 bool(sel_opts.get("include_protection"))) if sel_opts else None
+                                 bool(sel_opts.get("include_protection")),
+                                 # a log written before the option existed faulted constant arithmetic
+                                 bool(sel_opts.get("fault_constants", True))) if sel_opts else None
     out = _replay(m, ds, rec, provider, sel, int_widths=tuple(rec.get("int_widths", (16, 32))))
     out.update({"model": name, "record": record, "ber": rec["ber"], "trial": rec["trial"]})
     return out
@@ -414,6 +416,7 @@ def compare(model, schemes=("none", "range", "standard", "lb", "lb+range"), bers
             limit: int | None = None, design_ber: float | None = None, latency: bool = False,
             progress=None, threads: int | None = None, range_mode: str = "clamp",
             range_kinds=("softmax", "gelu"), alpha: float = 0.02, inject_protection: bool = False,
+            fault_constants: bool = False,
             dmr=("layernorm",), target_drop: float = 0.02, max_overhead: float = 0.02, max_trials: int | None = None,
             outputs=None, sdc: str = "auto", tol=None, inputs: InputLayout | None = None,
             precision: str = DEFAULT_PRECISION, store=None, workers: int = 1, ray_address: str | None = None,
@@ -425,6 +428,7 @@ def compare(model, schemes=("none", "range", "standard", "lb", "lb+range"), bers
     ``dmr``: what ``lb+range+dmr`` duplicates (``passes.dmr`` names or op types).
     ``range_mode``, ``range_kinds`` and ``alpha`` set the range restriction of ``range`` and ``lb+range``;
     ``inject_protection`` faults each scheme's protection too (checks and ABFT recovery);
+    ``fault_constants`` faults arithmetic on constants only too (``SiteSelection.fault_constants``);
     ``target_drop``, ``max_overhead`` and ``max_trials`` (default max(trials, 4)) drive ``auto``
     (Algorithm 1); ``outputs``, ``sdc``, ``tol`` as ``evaluate``. ``store`` (``open_store``),
     ``workers``, ``ray_address``: every scheme's units, and ``auto``'s Algorithm 1 units (as
@@ -446,7 +450,8 @@ def compare(model, schemes=("none", "range", "standard", "lb", "lb+range"), bers
         cal = ds.head(min(512, len(ds)))
     spec = CampaignSpec(**_model_fields(model, name), data=ds.path, bers=tuple(float(b) for b in bers),
                         trials=trials, seed=seed, outcome=outcome_options(outputs, sdc, tol),
-                        selection=SiteSelection(include_protection=inject_protection), provider=provider,
+                        selection=SiteSelection(include_protection=inject_protection,
+                                                fault_constants=fault_constants), provider=provider,
                         threads=threads, batch=batch, limit=limit, schemes=tuple(schemes),
                         calib=None if calib is None or isinstance(calib, Dataset) else str(calib),
                         design_ber=design_ber, range_mode=range_mode, range_kinds=tuple(range_kinds), alpha=alpha,
@@ -466,9 +471,10 @@ def vuln(model=None, data=None, granularity: Iterable[str] = ("layer",), ber: fl
          ci_width: float = 0.02, seed: int = 0, batch: int = 250, limit: int | None = None, provider: str = "auto",
          threads: int | None = None, patch: tuple[int, int] | None = None, progress=None, search_trials: int = 1,
          outputs=None, inputs: InputLayout | None = None, store=None, workers: int = 1,
-         ray_address: str | None = None) -> dict:
+         ray_address: str | None = None, fault_constants: bool = False) -> dict:
     """Vulnerability factors per layer/module/op type/input patch/bit (campaigns.vuln.analyse).
     ``outputs``: the scored output (the first named; default the first float output).
+    ``fault_constants``: arithmetic on constants only is a site too (``SiteSelection.fault_constants``).
     ``progress(done, total)``: units done (the total grows with the BER search and the trials).
     ``store``, ``workers``, ``ray_address``: as ``evaluate`` (every unit committed; a resumed
     analysis runs only the missing ones and makes the same decisions; Ray workers)."""
@@ -483,7 +489,8 @@ def vuln(model=None, data=None, granularity: Iterable[str] = ("layer",), ber: fl
                         threads=threads, batch=batch, limit=limit, granularity=tuple(granularity),
                         target_losses=tuple(float(x) for x in target_losses), loss_mode=loss_mode,
                         max_trials=max_trials, ci_width=ci_width, search_trials=search_trials,
-                        patch=None if patch is None else (int(patch[0]), int(patch[1])), inputs=inputs or InputLayout())
+                        patch=None if patch is None else (int(patch[0]), int(patch[1])), inputs=inputs or InputLayout(),
+                        selection=SiteSelection(fault_constants=fault_constants))
     return analyse(m, ds, spec, progress=progress, store=store, workers=workers, ray_address=ray_address).to_dict()
 
 

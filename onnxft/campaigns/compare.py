@@ -227,5 +227,6 @@ def compare(model: onnx.ModelProto, data: Dataset, spec: CampaignSpec, calib: Da
             "range": {"mode": spec.range_mode, "ops": list(spec.range_kinds), "alpha": spec.alpha},
             "dmr": list(spec.dmr), "precision": spec.precision, "abft_impl": spec.abft_impl, "items": len(data), "trials": spec.trials,
             "inject_protection": spec.selection.include_protection,
+            "fault_constants": spec.selection.fault_constants,
             "outputs": results[0]["outputs"] if results else {}, "spec": spec.to_json(),
             "eval_results": results}

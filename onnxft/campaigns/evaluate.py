@@ -319,7 +319,7 @@ def _selection_dict(sel: SiteSelection | None) -> dict:
         return {}
     return {"op_types": sorted(sel.op_types) if sel.op_types else None, "names": sel.names,
             "formats": sorted(sel.formats) if sel.formats else None, "scales": [list(x) for x in sel.scales],
-            "include_protection": sel.include_protection}
+            "include_protection": sel.include_protection, "fault_constants": sel.fault_constants}
 
 
 def output_digest(outs) -> str:

@@ -33,7 +33,8 @@ class CampaignSpec:
     metric: str = "top1"  # top1 (accuracy against labels) | sdc (outcome rates against the clean run)
     outcome: OutcomeOptions = field(default_factory=OutcomeOptions)  # checked outputs, SDC criterion
     # where faults go
-    selection: SiteSelection = field(default_factory=SiteSelection)  # include_protection: --inject-protection
+    # include_protection: --inject-protection; fault_constants: --fault-constants
+    selection: SiteSelection = field(default_factory=SiteSelection)
     int_widths: tuple[int, int] = (16, 32)
     max_faults: float | None = DEFAULT_MAX_FAULTS  # expected flips per batch above which a BER is refused
     # operation: a BER per (operation, bit) (docs/fault_model.md); variable: a BER per stored bit-cycle
@@ -85,7 +86,7 @@ class CampaignSpec:
     @classmethod
     def from_json(cls, data: dict | str) -> "CampaignSpec":
         """The spec ``to_json`` wrote (a dict or its JSON text); unknown keys are an error."""
-        d = json.loads(data) if isinstance(data, str) else dict(data)
+        d = upgraded(json.loads(data) if isinstance(data, str) else dict(data))
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -102,8 +103,20 @@ class CampaignSpec:
                 op_types=None if s.get("op_types") is None else frozenset(s["op_types"]), names=s.get("names"),
                 formats=None if s.get("formats") is None else frozenset(s["formats"]),
                 scales=tuple((p, float(x)) for p, x in s.get("scales", ())),
-                include_protection=bool(s.get("include_protection", False)))
+                include_protection=bool(s.get("include_protection", False)),
+                fault_constants=bool(s.get("fault_constants", False)))
         return cls(**kw)
+
+
+def upgraded(spec: dict) -> dict:
+    """A spec's JSON as an older onnxft wrote it, with the fields added since set to what that
+    version did, so that it rebuilds (and a resumed campaign compares) as the campaign it ran.
+    ``selection.fault_constants``: before it existed every arithmetic node was a site, arithmetic
+    on constants only included."""
+    sel = spec.get("selection")
+    if isinstance(sel, dict) and "fault_constants" not in sel:
+        spec = dict(spec, selection=dict(sel, fault_constants=True))
+    return spec
 
 
 def _plain(v):

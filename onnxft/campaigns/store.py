@@ -27,6 +27,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .spec import upgraded
+
 STORE_NAME = "campaign.sqlite"
 SCHEMA_VERSION = 1
 
@@ -121,11 +123,17 @@ class CampaignStore:
             self.db.execute("INSERT INTO meta VALUES (?, ?)", (key, _canonical({"kind": kind, "spec": spec})))
             return
         stored = json.loads(row[0])
+        old = stored["spec"]
+        stored["spec"] = upgraded(old)  # stored by an older onnxft: as it ran
         if stored["kind"] != kind:
             raise StoreError(f"--resume {self.dir}: that campaign is {stored['kind']!r}, not {kind!r}")
         if _canonical(stored["spec"]) != _canonical(spec):
+            hint, with_flag = "", dict(spec.get("selection") or {}, fault_constants=True)
+            if stored["spec"] != old and with_flag == stored["spec"]["selection"]:
+                hint = ("; it was started before --fault-constants existed, when arithmetic on constants was "
+                        "faulted: add --fault-constants to resume it")
             raise StoreError(f"--resume {self.dir}: the campaign there was started with other options "
-                             f"(differs in: {', '.join(_differences(stored['spec'], spec))})")
+                             f"(differs in: {', '.join(_differences(stored['spec'], spec))}){hint}")
 
     def done(self) -> dict[str, dict]:
         """Finished units: key -> stored result."""

@@ -508,7 +508,7 @@ class VulnSetup:
         prepared = prepare(model)
         if "patch" in grans:
             prepared = add_input_sites(prepared).model
-        inj = inject(prepared, SiteSelection(), prepared=True)
+        inj = inject(prepared, SiteSelection(fault_constants=spec.selection.fault_constants), prepared=True)
         report_phase(progress, "clean pass")
         self.campaign = camp = Campaign(InjectionSession(inj.model, spec.provider, threads, level="basic"), data,
                                         spec.batch, spec.seed, outcome=spec.outcome)

@@ -8,8 +8,8 @@ import click
 from .. import api
 from ..passes.thresholds import PRECISIONS
 from .clip_options import clip_options, clip_train_options
-from .main import (_bers, _one_ber, _run, campaign_out_dir, campaign_run_options, cli, fault_model_options,
-                   outcome_cli_options)
+from .main import (_bers, _one_ber, _run, campaign_out_dir, campaign_run_options, cli, fault_constants_option,
+                   fault_model_options, outcome_cli_options)
 
 SCHEMES = ("none", "range", "standard", "sec", "lb", "lb+range", "lb+range+dmr", "tmr", "auto",
            "clip-ranger", "clip-layer", "clip-neuron", "proact")
@@ -46,6 +46,7 @@ SCHEMES = ("none", "range", "standard", "sec", "lb", "lb+range", "lb+range+dmr",
 @click.option("--latency", is_flag=True, help="Also measure each scheme's fault-free latency ratio (CPU, batch 8).")
 @click.option("--inject-protection", is_flag=True,
               help="Also fault each scheme's protection: checks, range restriction, voters and ABFT recovery.")
+@fault_constants_option
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @clip_options(method=False)
 @click.option("--threads", default=None, type=click.IntRange(min=1))
@@ -57,7 +58,8 @@ SCHEMES = ("none", "range", "standard", "sec", "lb", "lb+range", "lb+range+dmr",
 @campaign_run_options
 @click.option("--json", "as_json", is_flag=True)
 def compare(model, schemes, ber_text, design_ber, data, calib, trials, limit, batch, seed, target_drop, max_overhead,
-            range_mode, range_ops, alpha, dmr, precision, abft_impl, latency, inject_protection, provider, clip_mode,
+            range_mode, range_ops, alpha, dmr, precision, abft_impl, latency, inject_protection, fault_constants,
+            provider, clip_mode,
             train, train_limit, epochs, penalty, threads, outputs, sdc, tol, fault_model, hw, variables, out_dir, resume,
             workers, ray_address, as_json):
     """Accuracy and masked / SDC / DUE rates under injection, and operation overhead, of protection
@@ -80,7 +82,7 @@ def compare(model, schemes, ber_text, design_ber, data, calib, trials, limit, ba
                    provider=provider, limit=limit, design_ber=dber, latency=latency, progress=progress,
                    threads=threads, range_mode=range_mode,
                    range_kinds=[k.strip() for k in range_ops.split(",") if k.strip()], alpha=alpha,
-                   inject_protection=inject_protection, dmr=dmr.split(","), target_drop=target_drop,
+                   inject_protection=inject_protection, fault_constants=fault_constants, dmr=dmr.split(","), target_drop=target_drop,
                    max_overhead=max_overhead, outputs=outputs, sdc=sdc, tol=tol, precision=precision, abft_impl=abft_impl, store=store,
                    workers=workers, ray_address=ray_address, train=train,
                    clip_options=clip_train_options("proact", clip_mode, train_limit, epochs, penalty),

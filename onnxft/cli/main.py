@@ -109,7 +109,15 @@ def site_options(f):
                      help="REGEX=SCALE: multiply the BER of matching sites (0 = perfectly protected). Repeatable.")(f)
     f = click.option("--int-widths", default="16,32", show_default=True,
                      help="Bits of int8 products and accumulators (8,8 mirrors the seed paper).")(f)
+    f = fault_constants_option(f)
     return f
+
+
+def fault_constants_option(f):
+    """--fault-constants: arithmetic on constants only is a site too (SiteSelection.fault_constants)."""
+    return click.option("--fault-constants", is_flag=True,
+                        help="Also fault arithmetic on constants only (weight dequantisation and the like), which "
+                             "a runtime folds at load: by default it is not a site (docs/fault_model.md).")(f)
 
 
 def fault_model_options(f):
@@ -139,12 +147,12 @@ def outcome_cli_options(f):
     return f
 
 
-def _selection(names, op_types, formats, scales, include_protection=False):
+def _selection(names, op_types, formats, scales, include_protection=False, fault_constants=False):
     return _run(
         api.selection_from_options,
         op_types=[t.strip() for t in op_types.split(",")] if op_types else None, names=names,
         formats=[t.strip() for t in formats.split(",")] if formats else None, scales=_scales(scales),
-        include_protection=include_protection)
+        include_protection=include_protection, fault_constants=fault_constants)
 
 
 def _run(fn, *args, **kwargs):
@@ -186,9 +194,9 @@ def samples(as_json):
 @click.option("--data", default=None, help="Count on the first item of this .npz (its shapes).")
 @input_options()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (every site).")
-def inspect(model, names, op_types, formats, scales, int_widths, data, shapes, batch_axes, as_json):
+def inspect(model, names, op_types, formats, scales, int_widths, fault_constants, data, shapes, batch_axes, as_json):
     """Fault sites of MODEL: operation counts, GEMM shapes and totals (for one item)."""
-    sel = _selection(names, op_types, formats, scales)
+    sel = _selection(names, op_types, formats, scales, fault_constants=fault_constants)
     layout = input_layout(shapes, batch_axes)
     _run(_check_inputs, [model], data, layout)
     info = _run(api.inspect, model, sel, _widths(int_widths), data, layout)
@@ -214,14 +222,14 @@ def inspect(model, names, op_types, formats, scales, int_widths, data, shapes, b
 @max_faults_option
 @site_options
 def inject(model, output, ber, seed, batch, faults_out, logging, data, shapes, batch_axes, max_faults, names, op_types,
-           formats, scales, int_widths):
+           formats, scales, int_widths, fault_constants):
     """Write the injection graph of MODEL to OUTPUT (runs on stock onnxruntime).
 
     The graph computes the fault-free model unless fault tables are fed; with --ber, one fault set
     for a batch of --batch items is sampled and saved as an .npz of those inputs.
     """
     b = None if ber is None else _one_ber(ber)
-    sel = _selection(names, op_types, formats, scales)
+    sel = _selection(names, op_types, formats, scales, fault_constants=fault_constants)
     layout = input_layout(shapes, batch_axes)
     if b is None and (data is not None or layout.shapes):
         raise UserError("--data and --shape set the inputs of the fault set: they need --ber")
@@ -264,7 +272,7 @@ def inject(model, output, ber, seed, batch, faults_out, logging, data, shapes, b
 @site_options
 def eval_(models, data, ber_text, trials, seed, metric, provider, batch, limit, out_dir, resume, workers, ray_address,
           title, fault_log, threads, quiet, inject_protection, outputs, sdc, tol, fault_model, hw, variables,
-          batch_axes, max_faults, names, op_types, formats, scales, int_widths):
+          batch_axes, max_faults, names, op_types, formats, scales, int_widths, fault_constants):
     """Accuracy (or SDC rate) of MODELS against BER, and the masked / SDC / DUE rates, with 95%
     confidence intervals.
 
@@ -272,7 +280,7 @@ def eval_(models, data, ber_text, trials, seed, metric, provider, batch, limit, 
     Fashion-MNIST test data. Several models share one table, JSON, CSV and plot.
     """
     bers = _bers(ber_text)
-    sel = _selection(names, op_types, formats, scales, inject_protection)
+    sel = _selection(names, op_types, formats, scales, inject_protection, fault_constants)
     if fault_log is not None and len(models) > 1:
         raise UserError("--fault-log takes one model at a time")
     layout = input_layout((), batch_axes)

@@ -40,7 +40,8 @@ from .main import UserError, _bers, _check_out_dir, _run, _selection, _widths, o
 @outcome_cli_options
 @site_options
 def ra(model, data, hw, faults, method, budget, ci_width, curve, ber_text, k_max, seed, batch, limit, provider, threads,
-       out_dir, as_json, quiet, metric, outputs, sdc, tol, names, op_types, formats, scales, int_widths):
+       out_dir, as_json, quiet, metric, outputs, sdc, tol, names, op_types, formats, scales, int_widths,
+       fault_constants):
     """Resiliency Accuracy of MODEL: top-1 accuracy (or 1 - SDC - DUE, --metric sdc) given exactly
     --faults faults in one inference, with a 95% interval (RA = RA_1), and the SDC and DUE rates."""
     if curve != (ber_text is not None):
@@ -50,7 +51,7 @@ def ra(model, data, hw, faults, method, budget, ci_width, curve, ber_text, k_max
         budget = 2000
     if out_dir is not None:
         _run(_check_out_dir, out_dir)
-    sel = _selection(names, op_types, formats, scales)
+    sel = _selection(names, op_types, formats, scales, fault_constants=fault_constants)
     bar = []
 
     def progress(runs):

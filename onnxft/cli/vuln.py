@@ -6,7 +6,7 @@ import json
 import click
 
 from .. import api
-from .main import UserError, _one_ber, _progress, _run, campaign_out_dir, campaign_run_options
+from .main import UserError, _one_ber, _progress, _run, campaign_out_dir, campaign_run_options, fault_constants_option
 
 GRANULARITIES = ("model", "layer", "module", "optype", "patch", "bit")
 
@@ -45,11 +45,13 @@ def _list(text: str, param: str) -> list[float]:
               help="The output whose arg-max is scored against the labels (default: the first float output).")
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
               help="Write results.json, results.csv, plots and the campaign store (campaign.sqlite) here.")
+@fault_constants_option
 @campaign_run_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def vuln(model, data, granularity, ber, target_loss, loss_mode, trials, ci_width, max_trials, search_trials, patch,
-         limit, batch, seed, provider, threads, outputs, out_dir, resume, workers, ray_address, as_json, quiet):
+         limit, batch, seed, provider, threads, outputs, fault_constants, out_dir, resume, workers, ray_address, as_json,
+         quiet):
     """Vulnerability factor of each component of MODEL: accuracy with the component fault-free
     minus accuracy unprotected, with paired 95% intervals (common random numbers)."""
     grans = [g.strip() for g in granularity.split(",") if g.strip()]
@@ -71,7 +73,8 @@ def vuln(model, data, granularity, ber, target_loss, loss_mode, trials, ci_width
                       batch=batch, limit=limit, provider=provider, threads=threads,
                       patch=(patch, patch) if patch else None,
                       progress=None if quiet or as_json else _progress(bars, model or "vit"),
-                      search_trials=search_trials, outputs=outputs, store=store, workers=workers,
+                      search_trials=search_trials, outputs=outputs, fault_constants=fault_constants, store=store,
+                      workers=workers,
                       ray_address=ray_address)
     finally:
         for b in bars:

@@ -19,6 +19,9 @@ What it inserts, and why:
 5b. With ``SiteSelection(include_protection=True)``, every ABFT unit's recovery (the recompute in
    the then branch of its ``If``) is a virtual site, sampled as a full recompute of the unit and
    applied to the elements a run actually recomputes (``_recovery_site``, ``_recovery_nodes``).
+5c. Main-graph nodes that compute only from constants (in-graph weight dequantisation and the
+   like: ``graph.constants``) are not sites: a runtime folds them once at load, so they are no
+   per-inference arithmetic. ``SiteSelection(fault_constants=True)`` makes them sites.
 6. With ``fault_free_path=True`` (campaigns), the whole graph sits behind ``If(any fault table
    has rows, or probe)`` whose else branch is the original model's nodes: a run without faults
    costs the original model plus a dozen tiny nodes.
@@ -39,13 +42,14 @@ from onnx import TensorProto, helper, numpy_helper, shape_inference, version_con
 
 from ..custom_ops import FAULT_DOMAIN, FAULT_DOMAIN_VERSION, OPSET, all_functions
 from ..custom_ops.functions import op_name
+from ..graph.constants import load_time_nodes
 from ..graph.edit import default_opset, walk
 from ..graph.roles import INPUT, PROTECTION, RECOMPUTE_KEY, RECOVERY_KEY, meta_of, role_of, set_meta
 from ..faults.sites import PROBE_INPUT, SHAPES_OUTPUT, SITES_KEY, SOURCE_OPSET_KEY, Site, SiteTable
 from ..ops.registry import INPUT_HANDLER, handler_for
 from ..runtime.model_io import external_data_dir
 from .decompose import ORIGIN_KEY, ORIGIN_NODE_KEY, constant_value, decompose
-from .non_sites import INTEGER, NOT_SELECTED, non_sites, why_no_sites
+from .non_sites import CONSTANT, INTEGER, NOT_SELECTED, non_sites, why_no_sites
 from .non_sites import PROTECTION as PROTECTION_REASON
 from .result import PassResult
 
@@ -72,6 +76,9 @@ class SiteSelection:
     ``include_protection``: nodes that ``harden`` inserted (checksums, comparisons, clips) are not
     sites unless this is set; with it, each ABFT unit's recovery recompute is a site too (a virtual
     one, see ``_recovery_site``). Other nodes inside ``If`` branches are never sites.
+    ``fault_constants``: main-graph nodes that compute only from constants (weight dequantisation
+    and the like, ``graph.constants``) run once, when a runtime folds them at load, not per
+    inference: they are not sites unless this is set (docs/fault_model.md).
     """
 
     op_types: frozenset[str] | None = None
@@ -79,6 +86,7 @@ class SiteSelection:
     formats: frozenset[str] | None = None
     scales: tuple[tuple[str, float], ...] = ()
     include_protection: bool = False  # also fault nodes that harden inserted (role "protection")
+    fault_constants: bool = False  # also fault arithmetic on constants only (folded at load)
 
     def scale_for(self, label: str) -> float:
         scale = 1.0
@@ -100,6 +108,7 @@ class _Graph:
     claimed_quantizers: set = field(default_factory=set)  # QuantizeLinear outputs already a site's
     reasons: dict = field(default_factory=dict)  # first output -> why that candidate is not a site
     covered: set = field(default_factory=set)  # first outputs of the nodes that are (or a site wraps)
+    load_time: set = field(default_factory=set)  # first outputs of the nodes folded at load (graph.constants)
 
     def __post_init__(self):
         g = self.model.graph
@@ -109,6 +118,7 @@ class _Graph:
             for i in n.input:
                 self.consumers.setdefault(i, []).append(n)
         self.inits = {t.name: t for t in g.initializer}
+        self.load_time = load_time_nodes(g)
         for v in list(g.input) + list(g.output) + list(g.value_info):
             t = v.type.tensor_type
             rank = len(t.shape.dim) if t.HasField("shape") else None
@@ -303,6 +313,9 @@ def _node_site(g: _Graph, node: onnx.NodeProto, sel: SiteSelection, int_widths, 
         return None
     if handler.kind == "elementwise" and g.types.get(node.output[0], (None,))[0] in _INTEGER_TYPES:
         g.reasons[node.output[0]] = INTEGER  # never a site, whatever the selection
+        return None
+    if node.output[0] in g.load_time and not sel.fault_constants:
+        g.reasons[node.output[0]] = CONSTANT  # computed once at load: a weight, not per-inference arithmetic
         return None
     label = node.name or node.output[0]
     origin, origin_node = _origin(node)
@@ -1232,7 +1245,7 @@ def _all_inputs(node: onnx.NodeProto):
 def selection_from_options(op_types: Iterable[str] | None = None, names: str | None = None,
                            formats: Iterable[str] | None = None,
                            scales: Iterable[tuple[str, float]] = (),
-                           include_protection: bool = False) -> SiteSelection:
+                           include_protection: bool = False, fault_constants: bool = False) -> SiteSelection:
     fmts = None
     if formats:
         fmts = frozenset(formats)
@@ -1245,4 +1258,5 @@ def selection_from_options(op_types: Iterable[str] | None = None, names: str | N
         except re.error as exc:
             raise InjectError(f"bad --sites pattern {names!r}: {exc}") from None
     return SiteSelection(op_types=frozenset(op_types) if op_types else None, names=names,
-                         formats=fmts, scales=tuple(scales), include_protection=include_protection)
+                         formats=fmts, scales=tuple(scales), include_protection=include_protection,
+                         fault_constants=fault_constants)

@@ -2,7 +2,8 @@
 with one reason each, for ``onnxft inspect`` and for the "no fault sites" error.
 
 Reasons come from three places: what the inject pass decided about a candidate it looked at
-(``reasons`` by output name: integer arithmetic, not selected, protection; ``skipped``: the
+(``reasons`` by output name: integer arithmetic, arithmetic on constants only, not selected,
+protection; ``skipped``: the
 problems it reported), where the node sits (inside an If/Loop/Scan body), and otherwise the op
 type's nature (data movement, comparison, quantization...)."""
 from __future__ import annotations
@@ -31,6 +32,7 @@ _BODY = {"If": "an If branch", "Loop": "a Loop body", "Scan": "a Scan body"}
 NOT_SELECTED = "not selected (--sites / --op-types / --format)"
 INTEGER = "integer arithmetic (shape or index computation)"
 PROTECTION = "inserted by harden (a site only with --inject-protection)"
+CONSTANT = "constant arithmetic (folded at load: runs once, not per inference; --fault-constants to fault it)"
 
 
 def _label(node: onnx.NodeProto) -> str:
@@ -92,10 +94,16 @@ def why_no_sites(rows: list[dict]) -> str:
         return "no fault sites: the model has no nodes"
     counts = Counter(r["reason"] for r in rows)
     filtered = counts.pop(NOT_SELECTED, 0)
+    constant = counts.pop(CONSTANT, 0)
     top = "; ".join(f"{n} x {reason}" for reason, n in counts.most_common(3))
+    folded = (f"{constant} arithmetic node(s) compute only from constants (folded at load, not per inference; "
+              f"--fault-constants makes them sites)")
+    others = f"; other nodes: {top}" if top else ""
     if filtered:
         return (f"no fault sites match the selection: it filtered out all {filtered} candidate site(s) "
-                f"(check --sites / --op-types / --format); other nodes: {top}")
+                f"(check --sites / --op-types / --format)" + (f"; {folded}" if constant else "") + others)
+    if constant:
+        return f"no fault sites: {folded}{others}"
     arithmetic = [r for r in rows if handler_for(r["op_type"]) is not None or r["op_type"] in ("Conv", "Gemm")]
     if not arithmetic:
         return f"no fault sites: the model has no arithmetic op that onnxft faults ({len(rows)} nodes: {top})"

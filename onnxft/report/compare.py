@@ -14,7 +14,8 @@ def compare_table(out: dict) -> str:
     lines = [f"{out.get('model', 'model')}: {out['items']} items x {out['trials']} trials; block sizes for BER "
              f"{out['design_ber']:g}; ops+ = expected extra operations / the model's operations; SDC/DUE = rates "
              "of silent / NaN-Inf outcomes"
-             + ("; protection faulted too (checks and recovery)" if out.get("inject_protection") else ""), head]
+             + ("; protection faulted too (checks and recovery)" if out.get("inject_protection") else "")
+             + ("; arithmetic on constants faulted too" if out.get("fault_constants") else ""), head]
     for row in out["schemes"]:
         cells = []
         for p in row["points"]:
