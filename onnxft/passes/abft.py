@@ -861,7 +861,11 @@ def _protect(m: _Model, s: GemmSite, node, idx: int, scheme: str, ber: float, bl
             w_name = main.op("Cast", w_name, to=TensorProto.FLOAT)
         if s.op_type == "Gemm" and _attr(node, "alpha", 1.0) != 1.0:  # (after the Cast: a float32 alpha)
             w_name = main.op("Mul", w_name, main.const(np.float32(_attr(node, "alpha", 1.0)), hint="alpha"))
-    ctx = _Canon(then_nb, s, y_check, ok, w_name, bias_name)
+    # (a float16 unit's branch casts Y itself: were it to read the main graph's Cast, onnxruntime's
+    # cast elimination, which renames that Cast's readers to the float32 tensor its CPU kernel
+    # computed, could not rename the branch's implicit input and warns once per GEMM at load)
+    y_branch = then_nb.op("Cast", raw, to=TensorProto.FLOAT) if s.fp16 else y_check
+    ctx = _Canon(then_nb, s, y_branch, ok, w_name, bias_name)
 
     def branch_tau(n_sum, runtime_checksums: bool):
         """min(the rounding bound of a test summing ``n_sum`` terms, tau): a constant when every
