@@ -48,7 +48,7 @@ import onnx
 from onnx import TensorProto, helper, shape_inference
 
 from ..graph.checksums import (Nodes, any_false, block_indicator, checksum_test, count_true, duplicate_test,
-                               fused_row_test, mark_recompute, reduce, unsqueeze, weight_checksums,
+                               fused_row_test, mark_recompute, reduce, unsqueeze,
                                weight_row_test, activation_row_test)
 from ..graph.edit import default_opset, insert_after, producer_index, walk
 from ..graph.roles import PROTECTION, RECOVERY_KEY, role_of, set_meta
@@ -832,7 +832,11 @@ def _protect(m: _Model, s: GemmSite, node, idx: int, scheme: str, ber: float, bl
         n_rows = rows if rows is not None else _dim(then_nb, ctx.Y3, 1)
         fixed, count = _standard_then(ctx, branch_tau(n_rows, True), recompute_multiple=eff_scheme == "standard")
     else:
-        fixed, count = _lb_then(ctx, b_size, branch_tau(b_size, weight is None), weight, bias,
+        # the block checksums are summed in the branch from B as it reads it (runtime_checksums), a
+        # Gemm's alpha already multiplied in: that rounding of each element is one more term of the
+        # sums' error (b_size + 1 counts it in the reference and in the scale)
+        scaled_b = weight is not None and s.op_type == "Gemm" and _attr(node, "alpha", 1.0) != 1.0
+        fixed, count = _lb_then(ctx, b_size, branch_tau(b_size + scaled_b, True), bias,
                                 elem_ok=ok if impl == "dup" else None)
     if s.fp16:
         fixed = then_nb.op("Cast", fixed, to=TensorProto.FLOAT16)
@@ -1093,12 +1097,15 @@ def _pad_last(nb: Nodes, x: str, rank: int, b: int, n: int | None) -> str:
     return nb.op("Pad", x, nb.op("Concat", nb.ints([0] * (2 * rank - 1)), pad, axis=0))
 
 
-def _lb_then(c: _Canon, b: int, tau_blk, weight, bias, elem_ok: str | None = None):
+def _lb_then(c: _Canon, b: int, tau_blk, bias, elem_ok: str | None = None):
     """Block-wise test and recovery on ``b x b`` output blocks. Works at any run-time shape: block
     sums by padding to a multiple of ``b`` and reshaping, block flags aggregated over row blocks the
-    same way, edge indices clamped to the run-time sizes. ``elem_ok`` (dup: the main graph's
-    element-wise comparison, Y's shape): the blocks holding a mismatch are recomputed, with no
-    threshold, so every change the comparison saw is recovered."""
+    same way, edge indices clamped to the run-time sizes. B's column-block sums ``B E``, ``|B| E``
+    are computed here from B as the recompute reads it (a constant weight by its main-graph name),
+    never stored: a ``[K, N/b]`` pair per GEMM would be 2/b of the weight in the file, and the branch
+    runs only after a detection. ``tau_blk`` is therefore the bound with run-time checksums.
+    ``elem_ok`` (dup: the main graph's element-wise comparison, Y's shape): the blocks holding a
+    mismatch are recomputed, with no threshold, so every change the comparison saw is recovered."""
     nb, s = c.nb, c.s
     N = s.N
 
@@ -1112,28 +1119,16 @@ def _lb_then(c: _Canon, b: int, tau_blk, weight, bias, elem_ok: str | None = Non
                          nb.const(np.float32(1)))
         return _lb_recompute(c, b, block_reduce(bad_elem, 3, N, "ReduceMax"), block_reduce)
     y_blk = block_reduce(c.Y3, 3, N)  # [G, rows, nbc]
-    tau_n = None
-    if weight is not None:  # (N is static: the weight's)
-        ind = block_indicator(N, b)  # [N, nbc]
-        be, abe, bs, babs = weight_checksums(weight, tau_blk, bias, ind)
-        be_n, abe_n = nb.const(be), nb.const(abe)
-    else:
-        bmat, rank = (c.B, 2) if c.B3 is None else (c.B3, 3)
-        be_n = block_reduce(bmat, rank, N)  # [..., K, nbc]
-        abe_n = block_reduce(nb.op("Abs", bmat), rank, N)
-        tau_n = tau_blk if isinstance(tau_blk, str) else nb.const(np.float32(tau_blk))
-        bs = babs = None
-        if bias is not None:  # (a bias fixes N)
-            ind = block_indicator(N, b)
-            b64 = bias.astype(np.float64).reshape(1, -1)
-            bs = (b64 @ ind).astype(np.float32)
-            babs = (np.abs(b64) @ ind).astype(np.float32)
-    bs_n = nb.const(bs.astype(np.float32)) if bs is not None else None
-    babs_n = None
-    if babs is not None:
-        babs_n = nb.const(babs.astype(np.float32))
-        if tau_n is not None:
-            babs_n = nb.op("Mul", babs_n, tau_n)
+    bmat, rank = (c.B, 2) if c.B3 is None else (c.B3, 3)
+    be_n = block_reduce(bmat, rank, N)  # [..., K, nbc]
+    abe_n = block_reduce(nb.op("Abs", bmat), rank, N)
+    tau_n = tau_blk if isinstance(tau_blk, str) else nb.const(np.float32(tau_blk))
+    bs_n = babs_n = None
+    if bias is not None:  # (a bias fixes N; its block sums are vectors [1, nbc], offline in float64)
+        ind = block_indicator(N, b)
+        b64 = bias.astype(np.float64).reshape(1, -1)
+        bs_n = nb.const((b64 @ ind).astype(np.float32))
+        babs_n = nb.op("Mul", nb.const((np.abs(b64) @ ind).astype(np.float32)), tau_n)
     ok, _, _ = checksum_test(nb, y_blk, c.A3, be_n, abe_n, tau_n, bs_n, babs_n)
     bad = nb.op("Where", ok, nb.const(np.float32(0)), nb.const(np.float32(1)))  # [G, rows, nbc]
     return _lb_recompute(c, b, bad, block_reduce)

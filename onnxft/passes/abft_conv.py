@@ -70,6 +70,7 @@ class ConvSite:
     post_roundings: int = 0
     conv_out: str = ""  # the Conv node's own output
     op_type: str = "Conv"  # or ConvTranspose (group 1): ``weight`` then holds W transposed to [Cout, Cin, k...]
+    w_folds: bool = False  # W is an initializer or Constant (through Identity/Transpose): nodes on it fold at load
 
 
 def find_convs(m) -> list[ConvSite]:
@@ -114,6 +115,7 @@ def _describe(m, node) -> ConvSite:
             return s
         s.bias = np.asarray(b, np.float64).reshape(-1)
     s.weight = np.asarray(w, np.float64)
+    s.w_folds = _folds_at_load(m, s.w)
     if s.op_type == "ConvTranspose" and s.weight.ndim >= 3:
         # W [Cin, Cout, k...]: each output channel's sum over channels is a ConvTranspose with the
         # filters summed over axis 1; held as [Cout, Cin, k...] so the sums below read as for a Conv
@@ -129,6 +131,18 @@ def _describe(m, node) -> ConvSite:
         s.M = int(np.prod(dims[2:]))
     _absorb_fusable(m, s, len(dims))
     return s
+
+
+def _folds_at_load(m, name: str, depth: int = 0) -> bool:
+    """``name`` is an initializer or a ``Constant`` output, through Identity and Transpose nodes
+    (tf2onnx's HWIO -> OIHW): onnxruntime constant-folds nodes computed from it at load. (Not a
+    DequantizeLinear output: onnxruntime keeps those unfolded for its QDQ fusions.)"""
+    n = m.producers.get(name)
+    if n is None:
+        return name in m.inits
+    if n.op_type == "Constant":
+        return True
+    return n.op_type in ("Identity", "Transpose") and depth < 8 and _folds_at_load(m, n.input[0], depth + 1)
 
 
 def _channel_vector(c, n: int, rank: int):
@@ -227,13 +241,17 @@ def protect_conv(s: ConvSite, idx: int, opset: int, ber: float, precision: str =
     # channel per group (for group 1 the sum over all channels; for depthwise it is the channel itself)
     g, per = s.group, s.N
     spatial = [1] * (s.weight.ndim - 2)
-    w_groups = (s.weight * chan).reshape(g, per, *s.weight.shape[1:])
-    ws = w_groups.sum(axis=1).astype(np.float32)  # [g, Cin/g, k...]
-    wabs = (tau * np.abs(w_groups).sum(axis=1)).astype(np.float32)
-    if s.op_type == "ConvTranspose":  # back to ConvTranspose's layout: [Cin, 1, k...]
-        ws, wabs = np.swapaxes(ws, 0, 1).copy(), np.swapaxes(wabs, 0, 1).copy()
-    ref = main.op(s.op_type, x, main.const(ws, hint="Wsum"), **conv_attrs)
-    scale = main.op(s.op_type, main.op("Abs", x), main.const(wabs, hint="AbsWsum"), **conv_attrs)
+    if per == 1 and g > 1 and s.w_folds:
+        ws, wabs = _depthwise_sums(main, s.w, chan, tau)
+    else:
+        w_groups = (s.weight * chan).reshape(g, per, *s.weight.shape[1:])
+        ws = w_groups.sum(axis=1).astype(np.float32)  # [g, Cin/g, k...]
+        wabs = (tau * np.abs(w_groups).sum(axis=1)).astype(np.float32)
+        if s.op_type == "ConvTranspose":  # back to ConvTranspose's layout: [Cin, 1, k...]
+            ws, wabs = np.swapaxes(ws, 0, 1).copy(), np.swapaxes(wabs, 0, 1).copy()
+        ws, wabs = main.const(ws, hint="Wsum"), main.const(wabs, hint="AbsWsum")
+    ref = main.op(s.op_type, x, ws, **conv_attrs)
+    scale = main.op(s.op_type, main.op("Abs", x), wabs, **conv_attrs)
     if shift is not None:
         ref = main.op("Add", ref, main.const(shift.reshape(g, per).sum(1).reshape(1, g, *spatial)
                                              .astype(np.float32), hint="biasSum"))
@@ -301,6 +319,24 @@ def protect_conv(s: ConvSite, idx: int, opset: int, ber: float, precision: str =
              "ops_detection": costs.get("detection"), "ops_expected_recovery": costs.get("recovery"),
              "p_gemm_faulty": costs.get("p_faulty")}
     return entry, main, nb, raw, fixed, count, cond
+
+
+def _depthwise_sums(main: Nodes, w: str, chan, tau: float) -> tuple[str, str]:
+    """A depthwise Conv's channel "sums" (one channel per group: the scaled filter itself) as
+    main-graph nodes on its weight ``w``, which onnxruntime constant-folds at load, so the file
+    holds no second and third copy of the filter. The arithmetic is numpy's for the other convs,
+    in float64 and rounded once to float32, so the values are bit for bit those it would store:
+    ``Wsum = float32(W chan)``, ``AbsWsum = float32(tau |W chan|)`` (``chan``: the absorbed
+    per-channel scales, or 1)."""
+    w64 = main.op("Cast", w, to=TensorProto.DOUBLE)
+    if not np.all(np.asarray(chan) == 1.0):
+        w64 = main.op("Mul", w64, main.const(np.asarray(chan, np.float64), hint="chan"))
+    # (a folded tensor of its own even when it equals W: a check Conv(X, W) reading the model's own
+    # weight could be merged with the model's Conv by common-subexpression elimination)
+    ws = main.op("Cast", w64, to=TensorProto.FLOAT)
+    wabs = main.op("Cast", main.op("Mul", main.op("Abs", w64), main.const(np.float64(tau), hint="tau")),
+                   to=TensorProto.FLOAT)
+    return ws, wabs
 
 
 def conv_cost(M: int, N: int, K: int, ber: float, bits: int = 32) -> dict:
