@@ -95,14 +95,18 @@ def _gemm_model(kind: str, n: int, k: int = 16):
     return make(nodes, [vi("a", ["m", k])], [vi("out", ["m", n])], inits)
 
 
-@pytest.mark.parametrize("kind,n,b", [("matmul_bias", 12, 4), ("matmul_bias", 10, 4), ("gemm", 10, 3)])
-def test_lb_constant_weight_recovers_with_runtime_block_checksums(kind, n, b):
+@pytest.mark.parametrize("kind,n,b,impl", [("matmul_bias", 12, 4, "global"), ("matmul_bias", 10, 4, "global"),
+                                          ("gemm", 10, 3, "global"), ("matmul_bias", 10, 4, "fused")])
+def test_lb_constant_weight_recovers_with_runtime_block_checksums(kind, n, b, impl):
     """A constant-weight GEMM under LB, N a multiple of b and not: the branch's block tau is the
     bound for run-time block sums (one more term for Gemm's alpha), no weight-derived matrix is
-    stored, fault-free outputs are bit-identical with no alarm, and corrupted outputs (one block,
-    two blocks including the partial edge one, a NaN) are detected and recomputed exactly."""
+    stored (fused: the widened weight replaces the model's, and the recovery reads its first N
+    columns and the widened bias's first N entries), no copy of the bias either, fault-free outputs
+    are bit-identical with no alarm, and corrupted outputs (one block, two blocks including the
+    partial edge one, a NaN) are detected and recomputed exactly."""
     model = _gemm_model(kind, n)
-    r = abft(model, scheme="lb", block_size=b, expose_flags=True, precision="fp32")
+    r = abft(model, scheme="lb", block_size=b, expose_flags=True, precision="fp32", impl=impl)
+    assert r.details["gemms"][0]["impl"] == impl
     onnx.checker.check_model(r.model, full_check=True)
     (plan,) = r.details["gemms"]
     assert plan["scheme"] == "lb" and plan["block_size"] == b and plan["b_constant"]
@@ -114,8 +118,9 @@ def test_lb_constant_weight_recovers_with_runtime_block_checksums(kind, n, b):
     then_g = next(a.g for a in then if a.name == "then_branch")
     scalars = [v for _, _, v in constants(then_g) if v.dtype == np.float32 and v.size == 1]
     assert any(v.reshape(()) == want_tau for v in scalars), (want_tau, scalars)
-    assert not [v.shape for _, name, v in constants(r.model.graph) if name != "w" and v.ndim == 2 and min(v.shape) > 1
-                and v.size >= k], "a weight-derived matrix is stored"
+    assert not [v.shape for _, name, v in constants(r.model.graph) if name != "w" and "Bwide" not in name
+                and v.ndim == 2 and min(v.shape) > 1 and v.size >= k], "a weight-derived matrix is stored"
+    assert not [name for _, name, v in constants(r.model.graph) if v.size == n and name != "bias"], "a bias copy"
     rng = np.random.default_rng(1)
     shape = (3, 7, k) if kind == "matmul_bias" else (5, k)
     s_clean = session(model)

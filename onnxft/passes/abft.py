@@ -360,6 +360,21 @@ def _bias_vector(m: _Model, s: GemmSite, node) -> np.ndarray | None:
     return m.const(other).reshape(-1).astype(np.float32)
 
 
+def _recovery_bias(m: _Model, main: Nodes, s: GemmSite, node) -> str:
+    """``_bias_vector`` as main-graph nodes on the model's own bias (onnxruntime folds them at load):
+    the recovery adds it without a copy in the file. Bit for bit the same float32 values: a float32
+    (or float16) C times beta is exact in float64, so rounding it once equals float32's Mul."""
+    t = main.op("Reshape", node.input[2] if s.op_type == "Gemm" else _bias_input(m, s), main.ints([-1]))
+    if s.fp16:
+        t = main.op("Cast", t, to=TensorProto.FLOAT)
+    if s.op_type == "Gemm":
+        beta = float(_attr(node, "beta", 1.0))
+        if beta != 1.0:
+            t = main.op("Mul", t, main.const(np.float32(beta), hint="beta"))
+        t = main.op("Expand", t, main.ints([s.N]))  # (C may be a scalar or [1] broadcast over N)
+    return t
+
+
 def _weight(m: _Model, s: GemmSite, node) -> np.ndarray | None:
     """Constant B as the [K, N] float64 matrix the GEMM multiplies by (transB and alpha folded)."""
     if not s.b_constant:
@@ -805,7 +820,7 @@ def _protect(m: _Model, s: GemmSite, node, idx: int, scheme: str, ber: float, bl
     w_name = None
     bias_name = None
     if bias is not None:
-        bias_name = main.const(bias.astype(np.float32), hint="bias")
+        bias_name = built_extra.get("bias") or _recovery_bias(m, main, s, node)
     if weight is not None:
         # the recompute multiplies the model's own weight (never a copy in the file): a Gemm's
         # transB and alpha become main-graph nodes, which onnxruntime constant-folds at load
@@ -941,7 +956,8 @@ def _fused_detection(m: _Model, main: Nodes, s: GemmSite, node, raw: str, weight
             rewire.append((add.name or add.output[0], list(add.input).index(old_bias),
                            main.const(c_wide, hint="biasWide")))
         if old_bias in m.inits and _only_use(m, old_bias):
-            out["drop_inits"].append(old_bias)
+            out["drop_inits"].append(old_bias)  # (the recovery then reads the widened bias's first N)
+            out["bias"] = main.op("Slice", rewire[-1][2], main.ints([0]), main.ints([s.N]), main.ints([0]))
     z = main.name("wide")
     y = main.op("Slice", z, main.ints([0]), main.ints([s.N]), main.ints([-1]), outputs=[raw])
     scale_add = 2.0 * a_lower * float(np.sum(abe)) if a_lower else None
