@@ -20,7 +20,8 @@ recovery of a convolution would need an im2col gather. A Conv is therefore prote
 way under ``lb``, ``standard`` and ``sec``, and the plan records it as ``recompute``.
 
 Grouped and depthwise convolutions get one channel sum per group (a grouped Conv with one output
-channel per group); 1-D and 3-D convolutions work the same way; a float16 Conv is checked in
+channel per group; for a depthwise Conv that "sum" is its own scaled filter, computed by main-graph
+nodes on the weight that onnxruntime folds at load rather than stored again: ``_depthwise_sums``); 1-D and 3-D convolutions work the same way; a float16 Conv is checked in
 float32 with the bound at ``thresholds.unit_precision(precision, fp16=True)``. The BatchNorm /
 per-channel Add/Mul / residual chain after a Conv joins its unit for every group count
 (``_absorb_fusable``): scales fold into each channel's filter before the per-group sums.
@@ -138,8 +139,8 @@ def _folds_at_load(m, name: str, depth: int = 0) -> bool:
     (tf2onnx's HWIO -> OIHW): onnxruntime constant-folds nodes computed from it at load. (Not a
     DequantizeLinear output: onnxruntime keeps those unfolded for its QDQ fusions.)"""
     n = m.producers.get(name)
-    if n is None:
-        return name in m.inits
+    if n is None:  # (an initializer that is also a graph input can be overridden: not constant)
+        return name in m.inits and name not in {i.name for i in m.inferred.graph.input}
     if n.op_type == "Constant":
         return True
     return n.op_type in ("Identity", "Transpose") and depth < 8 and _folds_at_load(m, n.input[0], depth + 1)
