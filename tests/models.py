@@ -116,7 +116,8 @@ except ImportError:
 import numpy as np, onnxruntime as ort
 model, feeds, out, level = sys.argv[1:5]
 so = ort.SessionOptions()
-so.graph_optimization_level = {'basic': ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+so.graph_optimization_level = {'disable': ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+                               'basic': ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
                                'all': ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[level]
 s = ort.InferenceSession(model, so, providers=['CPUExecutionProvider'])
 np.save(out, s.run(None, dict(np.load(feeds)))[0])

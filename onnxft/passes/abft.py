@@ -53,7 +53,7 @@ from onnx import TensorProto, helper, shape_inference
 
 from ..graph.checksums import (Nodes, any_false, block_indicator, checksum_test, count_true, duplicate_test,
                                fused_row_test, mark_recompute, reduce, unsqueeze, weight_checksum_vectors,
-                               weight_checksums, weight_row_test, activation_row_test)
+                               weight_row_test, activation_row_test)
 from ..graph.edit import default_opset, insert_after, producer_index, walk
 from ..graph.roles import PROTECTION, RECOVERY_KEY, role_of, set_meta
 from ..runtime.model_io import external_data_dir
@@ -362,6 +362,21 @@ def _bias_vector(m: _Model, s: GemmSite, node) -> np.ndarray | None:
     add = m.consumers[s.y][0]
     other = add.input[1] if add.input[0] == s.y else add.input[0]
     return m.const(other).reshape(-1).astype(np.float32)
+
+
+def _recovery_bias(m: _Model, main: Nodes, s: GemmSite, node) -> str:
+    """``_bias_vector`` as main-graph nodes on the model's own bias (onnxruntime folds them at load):
+    the recovery adds it without a copy in the file. Bit for bit the same float32 values: a float32
+    (or float16) C times beta is exact in float64, so rounding it once equals float32's Mul."""
+    t = main.op("Reshape", node.input[2] if s.op_type == "Gemm" else _bias_input(m, s), main.ints([-1]))
+    if s.fp16:
+        t = main.op("Cast", t, to=TensorProto.FLOAT)
+    if s.op_type == "Gemm":
+        beta = float(_attr(node, "beta", 1.0))
+        if beta != 1.0:
+            t = main.op("Mul", t, main.const(np.float32(beta), hint="beta"))
+        t = main.op("Expand", t, main.ints([s.N]))  # (C may be a scalar or [1] broadcast over N)
+    return t
 
 
 def _weight(m: _Model, s: GemmSite, node) -> np.ndarray | None:
@@ -849,7 +864,7 @@ def _protect(m: _Model, s: GemmSite, node, idx: int, scheme: str, ber: float, bl
     w_name = None
     bias_name = None
     if bias is not None:
-        bias_name = main.const(bias.astype(np.float32), hint="bias")
+        bias_name = built_extra.get("bias") or _recovery_bias(m, main, s, node)
     if weight is not None:
         # the recompute multiplies the model's own weight (never a copy in the file): a Gemm's
         # transB and alpha become main-graph nodes, which onnxruntime constant-folds at load
@@ -888,9 +903,13 @@ def _protect(m: _Model, s: GemmSite, node, idx: int, scheme: str, ber: float, bl
         fixed, count = _standard_then(ctx, branch_tau(n_rows, True), recompute_multiple=eff_scheme == "standard",
                                       eta=branch_eta(n_rows, True))
     else:
-        eta_recovery = underflow_term(K_r, b_size, prec, extra, weight is None)
-        fixed, count = _lb_then(ctx, b_size, branch_tau(b_size, weight is None), weight, bias,
-                                elem_ok=ok if impl == "dup" else None, eta=branch_eta(b_size, weight is None))
+        # the block checksums are summed in the branch from B as it reads it (runtime_checksums), a
+        # Gemm's alpha already multiplied in: that rounding of each element is one more term of the
+        # sums' error (b_size + 1 counts it in the reference and in the scale)
+        scaled_b = weight is not None and s.op_type == "Gemm" and _attr(node, "alpha", 1.0) != 1.0
+        eta_recovery = underflow_term(K_r, b_size + scaled_b, prec, extra, True)
+        fixed, count = _lb_then(ctx, b_size, branch_tau(b_size + scaled_b, True), bias,
+                                elem_ok=ok if impl == "dup" else None, eta=branch_eta(b_size + scaled_b, True))
     if s.fp16:
         fixed = then_nb.op("Cast", fixed, to=TensorProto.FLOAT16)
     # The If returns a scatter (indices, values) rather than the checked tensor: the fault-free
@@ -995,7 +1014,8 @@ def _fused_detection(m: _Model, main: Nodes, s: GemmSite, node, raw: str, weight
             rewire.append((add.name or add.output[0], list(add.input).index(old_bias),
                            main.const(c_wide, hint="biasWide")))
         if old_bias in m.inits and _only_use(m, old_bias):
-            out["drop_inits"].append(old_bias)
+            out["drop_inits"].append(old_bias)  # (the recovery then reads the widened bias's first N)
+            out["bias"] = main.op("Slice", rewire[-1][2], main.ints([0]), main.ints([s.N]), main.ints([0]))
     z = main.name("wide")
     y = main.op("Slice", z, main.ints([0]), main.ints([s.N]), main.ints([-1]), outputs=[raw])
     scale_add = 2.0 * a_lower * float(np.sum(abe, dtype=np.float64)) if a_lower else None
@@ -1156,13 +1176,16 @@ def _pad_last(nb: Nodes, x: str, rank: int, b: int, n: int | None) -> str:
     return nb.op("Pad", x, nb.op("Concat", nb.ints([0] * (2 * rank - 1)), pad, axis=0))
 
 
-def _lb_then(c: _Canon, b: int, tau_blk, weight, bias, elem_ok: str | None = None, eta: str | None = None):
+def _lb_then(c: _Canon, b: int, tau_blk, bias, elem_ok: str | None = None, eta: str | None = None):
     """Block-wise test and recovery on ``b x b`` output blocks. Works at any run-time shape: block
     sums by padding to a multiple of ``b`` and reshaping, block flags aggregated over row blocks the
-    same way, edge indices clamped to the run-time sizes. ``elem_ok`` (dup: the main graph's
-    element-wise comparison, Y's shape): the blocks holding a mismatch are recomputed, with no
-    threshold, so every change the comparison saw is recovered. ``eta``: the block test's absolute
-    underflow term (a tensor name)."""
+    same way, edge indices clamped to the run-time sizes. B's column-block sums ``B E``, ``|B| E``
+    are computed here from B as the recompute reads it (a constant weight by its main-graph name),
+    never stored: a ``[K, N/b]`` pair per GEMM would be 2/b of the weight in the file, and the branch
+    runs only after a detection. ``tau_blk`` is therefore the bound with run-time checksums.
+    ``elem_ok`` (dup: the main graph's element-wise comparison, Y's shape): the blocks holding a
+    mismatch are recomputed, with no threshold, so every change the comparison saw is recovered.
+    ``eta``: the block test's absolute underflow term (a tensor name)."""
     nb, s = c.nb, c.s
     N = s.N
 
@@ -1176,28 +1199,16 @@ def _lb_then(c: _Canon, b: int, tau_blk, weight, bias, elem_ok: str | None = Non
                          nb.const(np.float32(1)))
         return _lb_recompute(c, b, block_reduce(bad_elem, 3, N, "ReduceMax"), block_reduce)
     y_blk = block_reduce(c.Y3, 3, N)  # [G, rows, nbc]
-    tau_n = None
-    if weight is not None:  # (N is static: the weight's)
-        ind = block_indicator(N, b)  # [N, nbc]
-        be, abe, bs, babs = weight_checksums(weight, tau_blk, bias, ind)
-        be_n, abe_n = nb.const(be), nb.const(abe)
-    else:
-        bmat, rank = (c.B, 2) if c.B3 is None else (c.B3, 3)
-        be_n = block_reduce(bmat, rank, N)  # [..., K, nbc]
-        abe_n = block_reduce(nb.op("Abs", bmat), rank, N)
-        tau_n = tau_blk if isinstance(tau_blk, str) else nb.const(np.float32(tau_blk))
-        bs = babs = None
-        if bias is not None:  # (a bias fixes N)
-            ind = block_indicator(N, b)
-            b64 = bias.astype(np.float64).reshape(1, -1)
-            bs = (b64 @ ind).astype(np.float32)
-            babs = (np.abs(b64) @ ind).astype(np.float32)
-    bs_n = nb.const(bs.astype(np.float32)) if bs is not None else None
-    babs_n = None
-    if babs is not None:
-        babs_n = nb.const(babs.astype(np.float32))
-        if tau_n is not None:
-            babs_n = nb.op("Mul", babs_n, tau_n)
+    bmat, rank = (c.B, 2) if c.B3 is None else (c.B3, 3)
+    be_n = block_reduce(bmat, rank, N)  # [..., K, nbc]
+    abe_n = block_reduce(nb.op("Abs", bmat), rank, N)
+    tau_n = tau_blk if isinstance(tau_blk, str) else nb.const(np.float32(tau_blk))
+    bs_n = babs_n = None
+    if bias is not None:  # (a bias fixes N; its block sums are vectors [1, nbc], offline in float64)
+        ind = block_indicator(N, b)
+        b64 = bias.astype(np.float64).reshape(1, -1)
+        bs_n = nb.const((b64 @ ind).astype(np.float32))
+        babs_n = nb.op("Mul", nb.const((np.abs(b64) @ ind).astype(np.float32)), tau_n)
     ok, _, _ = checksum_test(nb, y_blk, c.A3, be_n, abe_n, tau_n, bs_n, babs_n, eta)
     bad = nb.op("Where", ok, nb.const(np.float32(0)), nb.const(np.float32(1)))  # [G, rows, nbc]
     return _lb_recompute(c, b, bad, block_reduce)

@@ -21,7 +21,8 @@ recovery of a convolution would need an im2col gather. A Conv is therefore prote
 way under ``lb``, ``standard`` and ``sec``, and the plan records it as ``recompute``.
 
 Grouped and depthwise convolutions get one channel sum per group (a grouped Conv with one output
-channel per group); 1-D and 3-D convolutions work the same way; a float16 Conv is checked in
+channel per group; for a depthwise Conv that "sum" is its own scaled filter, computed by main-graph
+nodes on the weight that onnxruntime folds at load rather than stored again: ``_depthwise_sums``); 1-D and 3-D convolutions work the same way; a float16 Conv is checked in
 float32 with the bound at ``thresholds.unit_precision(precision, fp16=True)``. The BatchNorm /
 per-channel Add/Mul / residual chain after a Conv joins its unit for every group count
 (``_absorb_fusable``): scales fold into each channel's filter before the per-group sums.
@@ -71,6 +72,7 @@ class ConvSite:
     post_roundings: int = 0
     conv_out: str = ""  # the Conv node's own output
     op_type: str = "Conv"  # or ConvTranspose (group 1): ``weight`` then holds W transposed to [Cout, Cin, k...]
+    w_folds: bool = False  # W is an initializer or Constant (through Identity/Transpose): nodes on it fold at load
 
 
 def find_convs(m) -> list[ConvSite]:
@@ -115,6 +117,7 @@ def _describe(m, node) -> ConvSite:
             return s
         s.bias = np.asarray(b, np.float64).reshape(-1)
     s.weight = np.asarray(w, np.float64)
+    s.w_folds = _folds_at_load(m, s.w)
     if s.op_type == "ConvTranspose" and s.weight.ndim >= 3:
         # W [Cin, Cout, k...]: each output channel's sum over channels is a ConvTranspose with the
         # filters summed over axis 1; held as [Cout, Cin, k...] so the sums below read as for a Conv
@@ -130,6 +133,18 @@ def _describe(m, node) -> ConvSite:
         s.M = int(np.prod(dims[2:]))
     _absorb_fusable(m, s, len(dims))
     return s
+
+
+def _folds_at_load(m, name: str, depth: int = 0) -> bool:
+    """``name`` is an initializer or a ``Constant`` output, through Identity and Transpose nodes
+    (tf2onnx's HWIO -> OIHW): onnxruntime constant-folds nodes computed from it at load. (Not a
+    DequantizeLinear output: onnxruntime keeps those unfolded for its QDQ fusions.)"""
+    n = m.producers.get(name)
+    if n is None:  # (an initializer that is also a graph input can be overridden: not constant)
+        return name in m.inits and name not in {i.name for i in m.inferred.graph.input}
+    if n.op_type == "Constant":
+        return True
+    return n.op_type in ("Identity", "Transpose") and depth < 8 and _folds_at_load(m, n.input[0], depth + 1)
 
 
 def _channel_vector(c, n: int, rank: int):
@@ -234,11 +249,17 @@ def protect_conv(s: ConvSite, idx: int, opset: int, ber: float, precision: str =
     w_groups = (s.weight * chan).reshape(g, per, *s.weight.shape[1:])
     # [g, Cin/g, k...]; a channel sum below float32's normal range raises its scale entry
     # (weight_checksum_vectors); every other underflow is in eta, added to the scale
-    ws, wabs = weight_checksum_vectors(w_groups.sum(axis=1), tau * np.abs(w_groups).sum(axis=1))
-    if s.op_type == "ConvTranspose":  # back to ConvTranspose's layout: [Cin, 1, k...]
-        ws, wabs = np.swapaxes(ws, 0, 1).copy(), np.swapaxes(wabs, 0, 1).copy()
-    ref = main.op(s.op_type, x, main.const(ws, hint="Wsum"), **conv_attrs)
-    scale = main.op(s.op_type, main.op("Abs", x), main.const(wabs, hint="AbsWsum"), **conv_attrs)
+    abs_sums = tau * np.abs(w_groups).sum(axis=1)
+    ws, wabs = weight_checksum_vectors(w_groups.sum(axis=1), abs_sums)
+    if per == 1 and g > 1 and s.w_folds and np.array_equal(wabs, abs_sums.astype(np.float32)):
+        # depthwise: the "sums" are the scaled filter itself, folded at load from the weight (no copy)
+        ws, wabs = _depthwise_sums(main, s.w, chan, tau)
+    else:
+        if s.op_type == "ConvTranspose":  # back to ConvTranspose's layout: [Cin, 1, k...]
+            ws, wabs = np.swapaxes(ws, 0, 1).copy(), np.swapaxes(wabs, 0, 1).copy()
+        ws, wabs = main.const(ws, hint="Wsum"), main.const(wabs, hint="AbsWsum")
+    ref = main.op(s.op_type, x, ws, **conv_attrs)
+    scale = main.op(s.op_type, main.op("Abs", x), wabs, **conv_attrs)
     if shift is not None:
         ref = main.op("Add", ref, main.const(shift.reshape(g, per).sum(1).reshape(1, g, *spatial)
                                              .astype(np.float32), hint="biasSum"))
@@ -308,6 +329,24 @@ def protect_conv(s: ConvSite, idx: int, opset: int, ber: float, precision: str =
              "ops_detection": costs.get("detection"), "ops_expected_recovery": costs.get("recovery"),
              "p_gemm_faulty": costs.get("p_faulty")}
     return entry, main, nb, raw, fixed, count, cond
+
+
+def _depthwise_sums(main: Nodes, w: str, chan, tau: float) -> tuple[str, str]:
+    """A depthwise Conv's channel "sums" (one channel per group: the scaled filter itself) as
+    main-graph nodes on its weight ``w``, which onnxruntime constant-folds at load, so the file
+    holds no second and third copy of the filter. The arithmetic is numpy's for the other convs,
+    in float64 and rounded once to float32, so the values are bit for bit those it would store:
+    ``Wsum = float32(W chan)``, ``AbsWsum = float32(tau |W chan|)`` (``chan``: the absorbed
+    per-channel scales, or 1)."""
+    w64 = main.op("Cast", w, to=TensorProto.DOUBLE)
+    if not np.all(np.asarray(chan) == 1.0):
+        w64 = main.op("Mul", w64, main.const(np.asarray(chan, np.float64), hint="chan"))
+    # (a folded tensor of its own even when it equals W: a check Conv(X, W) reading the model's own
+    # weight could be merged with the model's Conv by common-subexpression elimination)
+    ws = main.op("Cast", w64, to=TensorProto.FLOAT)
+    wabs = main.op("Cast", main.op("Mul", main.op("Abs", w64), main.const(np.float64(tau), hint="tau")),
+                   to=TensorProto.FLOAT)
+    return ws, wabs
 
 
 def conv_cost(M: int, N: int, K: int, ber: float, bits: int = 32) -> dict:

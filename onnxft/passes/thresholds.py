@@ -259,7 +259,7 @@ def underflow_term(K: int, n_sum: int, prec: str | Precision = DEFAULT_PRECISION
 
     Not counted (docs/abft.md, "Thresholds"): subnormal *inputs* flushed to zero (DAZ) or cut to
     TF32/bfloat16 below their normal range, and a run-time checksum (``B e`` of an activation, the
-    column sums of ``A``) whose partial sum cancels to below 2^-126 under FTZ: their errors are
+    LB recovery's block sums of a weight, the column sums of ``A``) whose partial sum cancels to below 2^-126 under FTZ: their errors are
     proportional to the other operand, not absolute. The offline checksums' own underflow is covered
     where they are rounded (``graph.checksums.weight_checksum_vectors``)."""
     p = prec if isinstance(prec, Precision) else precision(prec)
