@@ -92,6 +92,21 @@ def test_due_counts_only_elements_finite_in_the_clean_run():
     np.testing.assert_array_equal(_judge(clean, OutcomeOptions(sdc="tol")).classify(faulty, clean), [MASKED, DUE])
 
 
+@pytest.mark.parametrize("criterion", ["tol", "cosine", "top1"])
+def test_a_signalling_nan_is_due_without_numpy_warnings(criterion):
+    """A flipped bit can clear a NaN's quiet bit (0x7f800001): casting such a value is an "invalid"
+    operation, which numpy reported as a RuntimeWarning in every eval of a real model that met one."""
+    import warnings
+
+    clean = [np.array([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]], np.float32)]
+    faulty = [clean[0].copy()]
+    faulty[0][0, 1] = np.array([0x7F800001], np.uint32).view(np.float32)[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = _judge(clean, outcome_options(sdc=criterion)).classify(faulty, clean)
+    np.testing.assert_array_equal(out, [DUE, MASKED])
+
+
 def test_tol_cosine_and_top1_criteria():
     clean = [np.array([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0], [1.0, 2.0, 3.0]], np.float32)]
     faulty = [np.array([[1.0, 2.0, 3.000001], [2.0, 4.0, 6.0], [1.0, 2.0, 3.5]], np.float32)]

@@ -223,8 +223,8 @@ class Judge:
             if self.criterion == "top1":
                 sdc |= (_per_item(np.argmax(f, axis=-1)) != _per_item(np.argmax(c, axis=-1))).any(axis=1)
             elif self.criterion == "tol":
-                f64, c64 = _per_item(f).astype(np.float64), _per_item(c).astype(np.float64)
-                with np.errstate(invalid="ignore"):
+                with np.errstate(invalid="ignore"):  # (a flipped bit can make a signalling NaN: casting it is "invalid")
+                    f64, c64 = _per_item(f).astype(np.float64), _per_item(c).astype(np.float64)
                     sdc |= (np.abs(f64 - c64) > o.abs + o.rel * np.abs(c64)).any(axis=1)
             else:  # cosine
                 sdc |= cosine_similarity(f, c) < o.cos
@@ -270,8 +270,8 @@ def _batch_size(outs: list[np.ndarray]) -> int | None:
 
 def cosine_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Per-item cosine similarity (two all-zero items are similar: 1)."""
-    a, b = _per_item(np.asarray(a)).astype(np.float64), _per_item(np.asarray(b)).astype(np.float64)
-    with np.errstate(invalid="ignore", over="ignore"):
+    with np.errstate(invalid="ignore", over="ignore"):  # (signalling NaNs from flipped bits, overflow)
+        a, b = _per_item(np.asarray(a)).astype(np.float64), _per_item(np.asarray(b)).astype(np.float64)
         dot = np.sum(a * b, axis=1)
         na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
         sim = dot / (na * nb)
