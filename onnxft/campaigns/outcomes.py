@@ -232,7 +232,8 @@ class Judge:
 
     def _run_hook(self, faulty, clean, labels) -> np.ndarray:
         n = len(faulty[0])
-        got = np.asarray(self.hook(dict(zip(self.names, faulty)), dict(zip(self.names, clean)), labels))
+        with np.errstate(invalid="ignore", over="ignore"):  # (signalling NaNs and huge values from flipped bits)
+            got = np.asarray(self.hook(dict(zip(self.names, faulty)), dict(zip(self.names, clean)), labels))
         if got.shape != (n,):
             raise OutcomeError(f"the --sdc hook {self.criterion} returned shape {list(got.shape)}; "
                                f"expected one value per item ({n})")
