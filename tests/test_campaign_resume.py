@@ -35,27 +35,33 @@ def _keys(out: Path) -> list[str]:
         store.close()
 
 
+def _signal_midway(args: list, out: Path, sig: int, units: int = 10, **popen) -> subprocess.Popen:
+    """Start ``onnxft ARGS --out OUT`` in a child process and send it ``sig`` once its store holds
+    ``units`` units (or after 120 s); returns the process (stdout/stderr discarded unless ``popen``
+    says otherwise)."""
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS="1")
+    popen = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, **popen}
+    proc = subprocess.Popen([sys.executable, "-m", "onnxft", *args, "--out", str(out)], env=env, **popen)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+        if (out / STORE_NAME).exists():
+            try:
+                if len(_keys(out)) >= units:
+                    break
+            except Exception:  # the store is being created
+                continue
+    proc.send_signal(sig)
+    return proc
+
+
 def test_sigkill_midway_and_resume_equals_an_uninterrupted_run(model_and_data, tmp_path, capsys):
     model, data = model_and_data
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     assert run_cli(["eval", model, "--data", data, *ARGS, "--out", str(whole)], capsys)[0] == 0
     units = 3 * 8 * 3  # trials x batches x BERs
     assert len(_keys(whole)) == units
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "onnxft", "eval", model, "--data", data, *ARGS,
-                             "--out", str(killed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    done = 0
-    while time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-        if (killed / STORE_NAME).exists():
-            try:
-                done = len(_keys(killed))
-            except Exception:  # the store is being created
-                continue
-            if done >= 10:
-                break
-    proc.send_signal(signal.SIGKILL)
+    proc = _signal_midway(["eval", model, "--data", data, *ARGS], killed, signal.SIGKILL)
     proc.wait()
     before = len(_keys(killed))
     assert 10 <= before < units, "the campaign must be killed midway"
@@ -122,20 +128,8 @@ def test_ctrl_c_stops_cleanly_and_the_campaign_resumes(model_and_data, tmp_path,
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     assert run_cli(["eval", model, "--data", data, *ARGS, "--out", str(whole)], capsys)[0] == 0
     units = 3 * 8 * 3
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "onnxft", "eval", model, "--data", data, *ARGS,
-                             "--out", str(cut)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=default_sigint)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-        if (cut / STORE_NAME).exists():
-            try:
-                if len(_keys(cut)) >= 10:
-                    break
-            except Exception:  # the store is being created
-                continue
-    proc.send_signal(signal.SIGINT)
+    proc = _signal_midway(["eval", model, "--data", data, *ARGS], cut, signal.SIGINT, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     _, err = proc.communicate(timeout=60)
     before = len(_keys(cut))
     assert 10 <= before < units, "the campaign must be interrupted midway"
@@ -164,19 +158,7 @@ def test_two_model_eval_killed_in_its_first_model_resumes(model_and_data, tmp_pa
     assert run_cli(["eval", model, second, "--data", data, *ARGS, "--out", str(whole)], capsys)[0] == 0
     per_model = 3 * 8 * 3
     assert len(_keys(whole)) == 2 * per_model
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "onnxft", "eval", model, second, "--data", data, *ARGS,
-                             "--out", str(killed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-        if (killed / STORE_NAME).exists():
-            try:
-                if len(_keys(killed)) >= 10:
-                    break
-            except Exception:  # the store is being created
-                continue
-    proc.send_signal(signal.SIGKILL)
+    proc = _signal_midway(["eval", model, second, "--data", data, *ARGS], killed, signal.SIGKILL)
     proc.wait()
     assert 10 <= len(_keys(killed)) < per_model, "the campaign must be killed inside its first model"
     assert run_cli(["eval", model, second, "--data", data, *ARGS, "--resume", str(killed)], capsys)[0] == 0
