@@ -75,6 +75,7 @@ class CampaignStore:
         self.dir = Path(out_dir)
         self.path = self.dir / STORE_NAME
         self.resume = resume
+        self._expected: set[str] = set()  # parts declared by expect_parts (may register on resume)
         if resume and not self.path.is_file():
             raise StoreError(f"--resume {out_dir}: no campaign there (no {STORE_NAME})")
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -118,7 +119,7 @@ class CampaignStore:
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         spec = {k: v for k, v in spec.items() if k not in NEUTRAL_FIELDS}
         if row is None:
-            if self.resume and part not in getattr(self, "_expected", ()):
+            if self.resume and part not in self._expected:
                 raise StoreError(f"--resume {self.dir}: {part!r} is not part of the campaign there")
             self.db.execute("INSERT INTO meta VALUES (?, ?)", (key, _canonical({"kind": kind, "spec": spec})))
             return
