@@ -263,8 +263,12 @@ def protect_conv(s: ConvSite, idx: int, opset: int, ber: float, precision: str =
     if shift is not None:
         ref = main.op("Add", ref, main.const(shift.reshape(g, per).sum(1).reshape(1, g, *spatial)
                                              .astype(np.float32), hint="biasSum"))
-        scale = main.op("Add", scale, main.const((tau * shift_abs.reshape(g, per).sum(1)).reshape(1, g, *spatial)
-                                                 .astype(np.float32), hint="biasAbs"))
+        # (eta folded into the per-channel constant, rounded once: onnxruntime fuses the Add into
+        # the check Conv's bias, so no pass over the output runs for it)
+        scale = main.op("Add", scale, main.const((tau * shift_abs.reshape(g, per).sum(1) + eta)
+                                                 .reshape(1, g, *spatial).astype(np.float32), hint="biasAbs"))
+    else:  # (a per-channel constant, not a scalar: the same fusion applies)
+        scale = main.op("Add", scale, main.const(np.full((1, g, *spatial), eta, np.float32), hint="eta"))
 
     def group_sums(t: str) -> str:
         """[n, g * per, ...] -> the channel sum of each group: [n, 1, ...] (g = 1), the tensor itself
@@ -282,7 +286,6 @@ def protect_conv(s: ConvSite, idx: int, opset: int, ber: float, precision: str =
         ref = main.op("Add", ref, group_sums(residual))
         scale = main.op("Add", scale, main.op("Mul", group_sums(main.op("Abs", residual)),
                                               main.const(np.float32(tau), hint="tau")))
-    scale = main.op("Add", scale, main.const(np.float32(eta), hint="eta"))
     r = group_sums(y)
     diff = main.op("Sub", r, ref)
     ok = main.op("LessOrEqual", main.op("Abs", diff), scale)
