@@ -57,7 +57,7 @@ from ..graph.checksums import (Nodes, any_false, block_indicator, checksum_test,
 from ..graph.edit import default_opset, insert_after, producer_index, walk
 from ..graph.roles import PROTECTION, RECOVERY_KEY, role_of, set_meta
 from ..runtime.model_io import external_data_dir
-from .abft_conv import find_convs, protect_conv
+from .abft_conv import folds_at_load, find_convs, protect_conv
 from .thresholds import (DEFAULT_PRECISION, Precision, calibrated_tau, count_coefficients, precision as get_precision,
                          tau_bound, underflow_coefficients, underflow_term, unit_precision)
 from .blocksize import lb_cost, opt_block_size, standard_cost
@@ -364,11 +364,11 @@ def _bias_vector(m: _Model, s: GemmSite, node) -> np.ndarray | None:
     return m.const(other).reshape(-1).astype(np.float32)
 
 
-def _recovery_bias(m: _Model, main: Nodes, s: GemmSite, node) -> str:
+def _recovery_bias(main: Nodes, s: GemmSite, node, bias_input: str) -> str:
     """``_bias_vector`` as main-graph nodes on the model's own bias (onnxruntime folds them at load):
     the recovery adds it without a copy in the file. Bit for bit the same float32 values: a float32
     (or float16) C times beta is exact in float64, so rounding it once equals float32's Mul."""
-    t = main.op("Reshape", node.input[2] if s.op_type == "Gemm" else _bias_input(m, s), main.ints([-1]))
+    t = main.op("Reshape", bias_input, main.ints([-1]))
     if s.fp16:
         t = main.op("Cast", t, to=TensorProto.FLOAT)
     if s.op_type == "Gemm":
@@ -864,7 +864,11 @@ def _protect(m: _Model, s: GemmSite, node, idx: int, scheme: str, ber: float, bl
     w_name = None
     bias_name = None
     if bias is not None:
-        bias_name = built_extra.get("bias") or _recovery_bias(m, main, s, node)
+        bias_input = node.input[2] if s.op_type == "Gemm" else _bias_input(m, s)
+        # (a bias onnxruntime does not fold at load, a DequantizeLinear output, is stored: the
+        # nodes reading it would otherwise run on every inference)
+        bias_name = built_extra.get("bias") or (_recovery_bias(main, s, node, bias_input)
+                                                if folds_at_load(m, bias_input) else main.const(bias, hint="bias"))
     if weight is not None:
         # the recompute multiplies the model's own weight (never a copy in the file): a Gemm's
         # transB and alpha become main-graph nodes, which onnxruntime constant-folds at load

@@ -117,7 +117,7 @@ def _describe(m, node) -> ConvSite:
             return s
         s.bias = np.asarray(b, np.float64).reshape(-1)
     s.weight = np.asarray(w, np.float64)
-    s.w_folds = _folds_at_load(m, s.w)
+    s.w_folds = folds_at_load(m, s.w)
     if s.op_type == "ConvTranspose" and s.weight.ndim >= 3:
         # W [Cin, Cout, k...]: each output channel's sum over channels is a ConvTranspose with the
         # filters summed over axis 1; held as [Cout, Cin, k...] so the sums below read as for a Conv
@@ -135,7 +135,7 @@ def _describe(m, node) -> ConvSite:
     return s
 
 
-def _folds_at_load(m, name: str, depth: int = 0) -> bool:
+def folds_at_load(m, name: str, depth: int = 0) -> bool:
     """``name`` is an initializer or a ``Constant`` output, through Identity and Transpose nodes
     (tf2onnx's HWIO -> OIHW): onnxruntime constant-folds nodes computed from it at load. (Not a
     DequantizeLinear output: onnxruntime keeps those unfolded for its QDQ fusions.)"""
@@ -144,7 +144,7 @@ def _folds_at_load(m, name: str, depth: int = 0) -> bool:
         return name in m.inits and name not in {i.name for i in m.inferred.graph.input}
     if n.op_type == "Constant":
         return True
-    return n.op_type in ("Identity", "Transpose") and depth < 8 and _folds_at_load(m, n.input[0], depth + 1)
+    return n.op_type in ("Identity", "Transpose") and depth < 8 and folds_at_load(m, n.input[0], depth + 1)
 
 
 def _channel_vector(c, n: int, rank: int):
