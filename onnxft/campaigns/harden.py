@@ -47,13 +47,13 @@ from ..passes.share_constants import share_constants
 from ..passes.ranges import RangeSites, find_range_sites, restrict_ranges, site_bounds
 from ..runtime.data import Dataset, fixed_batch, input_specs, synthetic
 from ..passes.thresholds import DEFAULT_PRECISION, PRECISIONS, unit_precision
-from .abft_impl import merge_into_plan
+from .abft_impl import POLICIES, merge_into_plan, resolve
 from .calibrate_abft import calibrate_abft
 from .coverage import coverage, gemm_conv_macs
 from .coverage import store as store_coverage
 from .equivalence import check_equivalence, default_tolerance, enforce, split_holdout
 from .calibrate_ranges import calibrate_ranges
-from ..graph.edit import default_opset
+from ..graph.edit import default_opset, walk
 
 ABFT_SCHEMES = ("lb", "standard", "sec", "none")
 RANGE_MODES = ("clamp", "zero", "none")
@@ -115,8 +115,6 @@ class HardenOptions:
             raise ValueError("nothing to do: --abft none and --range none")
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}; choose from {', '.join(PRECISIONS)}")
-        from .abft_impl import POLICIES
-
         if self.abft_impl not in POLICIES:
             raise ValueError(f"unknown ABFT implementation {self.abft_impl!r}; choose from {', '.join(POLICIES)}")
         if self.autotune and self.abft_impl != "ig":
@@ -260,8 +258,6 @@ RECURRENT_OPS = ("LSTM", "GRU", "RNN")
 
 
 def has_recurrent(model: onnx.ModelProto) -> bool:
-    from ..graph.edit import walk
-
     return any(n.op_type in RECURRENT_OPS and n.domain in ("", "ai.onnx") for _, n in walk(model.graph))
 
 
@@ -271,8 +267,6 @@ def choose_impls(model: onnx.ModelProto, options: HardenOptions, calib: Dataset 
     ``ig`` measures intensities at the deployment batch (``--batch``, else the model's fixed batch,
     else 1) on calibration items (synthetic without them) and takes the ridge point from
     ``--ridge`` or the per-machine cache (measured once)."""
-    from .abft_impl import resolve
-
     if options.abft_impl != "ig":
         return resolve(options.abft_impl, model, {})
     from ..runtime.ridge import ridge_point

@@ -271,8 +271,7 @@ class LocalRunner:
 
 
 def factor_run(pool, model_name: str, part: str, n_batches: int, ber: float, components: list[Component],
-               trials: int = 2, max_trials: int = 10, ci_width: float = 0.02, kind: str = "factors",
-               protect: tuple = ()) -> FactorRun:
+               trials: int = 2, max_trials: int = 10, ci_width: float = 0.02, kind: str = "factors") -> FactorRun:
     """Factors of ``components`` at ``ber`` from the units ``PART/KIND`` run on ``pool``
     (``workers.UnitPool``), trial by trial: the first ``trials`` trials in one round, then one trial
     a round until every factor's 95% half-width is at most ``ci_width`` or ``max_trials`` are done.
@@ -286,7 +285,7 @@ def factor_run(pool, model_name: str, part: str, n_batches: int, ber: float, com
     t = 0
     while True:
         rounds = range(t, max(trials, t + 1))
-        units = [VulnUnit(model_name, f"{part}/{kind}", float(ber), tt, j, protect) for tt in rounds
+        units = [VulnUnit(model_name, f"{part}/{kind}", float(ber), tt, j) for tt in rounds
                  for j in range(n_batches)]
         results = pool.run(units)
         for u in units:

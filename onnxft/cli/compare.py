@@ -6,6 +6,7 @@ import json
 import click
 
 from .. import api
+from ..campaigns.abft_impl import POLICIES
 from ..passes.thresholds import PRECISIONS
 from .clip_options import clip_options, clip_train_options
 from .main import (_bers, _one_ber, _run, campaign_out_dir, campaign_run_options, cli, fault_constants_option,
@@ -41,7 +42,7 @@ SCHEMES = ("none", "range", "standard", "sec", "lb", "lb+range", "lb+range+dmr",
               help="What lb+range+dmr duplicates and compares (as harden --dmr).")
 @click.option("--precision", type=click.Choice(list(PRECISIONS)), default="tf32", show_default=True,
               help="Serving precision of the ABFT thresholds (as harden --precision; fp32 for CPU serving).")
-@click.option("--abft-impl", "abft_impl", type=click.Choice(["global", "fused", "dup", "ig"]), default="global",
+@click.option("--abft-impl", "abft_impl", type=click.Choice(list(POLICIES)), default="global",
               show_default=True, help="How the LB schemes build each GEMM's check (as harden --abft-impl).")
 @click.option("--latency", is_flag=True, help="Also measure each scheme's fault-free latency ratio (CPU, batch 8).")
 @click.option("--inject-protection", is_flag=True,

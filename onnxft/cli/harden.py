@@ -6,7 +6,9 @@ import json
 import click
 
 from .. import api
+from ..campaigns.abft_impl import POLICIES
 from ..campaigns.coverage import coverage_line
+from ..passes.abft import IMPLS
 from ..passes.dmr import op_types_from
 from ..passes.thresholds import DEFAULT_PRECISION, PRECISIONS
 from .clip_options import clip_options, clip_train_options
@@ -78,7 +80,7 @@ def _block_size(text: str):
 @click.option("--recurrent", is_flag=True,
               help="Also protect LSTM/GRU/RNN: decompose them into MatMuls and a Loop whose products ABFT checks "
                    "(raises the opset to 18; fault-free outputs then differ by float32 rounding).")
-@click.option("--abft-impl", "abft_impl", type=click.Choice(["global", "fused", "dup", "ig"]), default="global",
+@click.option("--abft-impl", "abft_impl", type=click.Choice(list(POLICIES)), default="global",
               show_default=True,
               help="How each GEMM's check is built (docs/abft.md): global (row sums of Y against A(Be), a separate "
                    "pass), fused (checksum columns appended to the constant weight, one GEMM), dup (the product again "
@@ -156,7 +158,7 @@ def plan_summary(plan: dict) -> str:
             chosen = [g.get("impl") for g in gemms]
             lines.append(f"ABFT implementation ig{' (autotuned)' if impl.get('autotune') else ''}: ridge point "
                          f"{impl['ridge']['ridge']:.3g} FLOP/byte ({impl['ridge'].get('source')}), batch {impl['batch']}; "
-                         + ", ".join(f"{chosen.count(k)} {k}" for k in ("global", "fused", "dup") if chosen.count(k)))
+                         + ", ".join(f"{chosen.count(k)} {k}" for k in IMPLS if chosen.count(k)))
         elif impl.get("policy", "global") != "global":
             lines.append(f"ABFT implementation {impl['policy']}: {sum(g.get('impl') == impl['policy'] for g in gemms)} "
                          f"of {len(gemms)} GEMMs (the others global: see impl_fallback in the plan)")

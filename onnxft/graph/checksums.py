@@ -276,8 +276,7 @@ def activation_row_test(nb: Nodes, y: str, a: str, b: str, tau: str, b_shared: b
 
 
 def fused_row_test(nb: Nodes, y: str, z: str, n: int, scale_in_z: bool, a: str | None = None,
-                   abe: np.ndarray | None = None, scale_add: float | None = None,
-                   tau: str | None = None) -> tuple[str, str, str]:
+                   abe: np.ndarray | None = None, scale_add: float | None = None) -> tuple[str, str, str]:
     """Row-checksum test of a GEMM computed against a widened constant weight ``[B | Be | tau|B|e]``:
     ``z [..., M, n + 1 (+1)]`` holds ``Y`` in its first ``n`` columns, ``A (B e)`` (+ the bias sum)
     in column ``n`` and, when ``scale_in_z``, ``A (tau |B| e)`` (+ tau sum|bias|) in column ``n + 1``
@@ -297,8 +296,6 @@ def fused_row_test(nb: Nodes, y: str, z: str, n: int, scale_in_z: bool, a: str |
                                                                        hint="AbsBe"), equation="...k,k->..."), [-1])
     if scale_add:
         scale = nb.op("Add", scale, nb.const(np.float32(scale_add), hint="scaleAdd"))
-    if tau is not None:
-        scale = nb.op("Mul", scale, tau)
     ok = nb.op("LessOrEqual", nb.op("Abs", diff), scale)
     return ok, diff, scale
 
