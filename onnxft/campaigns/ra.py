@@ -104,9 +104,6 @@ class OpWiseSpace:
     def bits_per_item(self) -> int:
         return int(self.count.sum())
 
-    def prepare(self, feeds) -> None:
-        """Per-batch state (none for this model)."""
-
     def distinct_probability(self, k: int) -> float:
         """P(k independent uniform positions are distinct) = prod_{i<k} (1 - i/n)."""
         n = self.bits_per_item()
@@ -360,8 +357,8 @@ def estimate_ra(runner: Runner, space_for, k: int = 1, method: str = "mc", budge
             # a tuple outside the target law (two faults on one position, op-wise) weighs 0 and the
             # rest are scaled by 1 / P_p(distinct) (``draw_tuples``)
             strata = rng.choice(len(st), size=(items, k), p=q)
+            # (a space reads its batch's fault-free operands once, on its first draw: spaces are per batch)
             feeds = runner.feeds(runner.starts[j])
-            sp.prepare(feeds)
             faults, valid = sp.draw_tuples(strata, rng, feeds, runner.plans[j])
             correct, codes = runner.run_codes(j, faults)
             w = np.prod(st.mass[strata] / q[strata], axis=1) * valid / sp.distinct_probability(k)

@@ -270,9 +270,10 @@ class VariableFault:
 
 class VariableSpace:
     """The variable-level model of one batch, cut into strata (site, kind, bit): for
-    ``campaigns.ra`` one fault per inference (its interface: ``strata``, ``prepare(feeds)``,
-    ``draw(strata, items, rng)``), for ``eval --fault-model variable`` every stored bit-cycle an
-    independent Bernoulli(BER) event (``sample_ber``, ``inject``).
+    ``campaigns.ra`` k faults per inference (its interface: ``strata``, ``draw_tuples``; the batch's
+    fault-free operands are read once, on the first draw, or by ``prepare(feeds)``), for ``eval
+    --fault-model variable`` every stored bit-cycle an independent Bernoulli(BER) event
+    (``sample_ber``, ``inject``).
 
     ``kinds``: the variable kinds that can be hit (weight, input, psum; default all).
 
