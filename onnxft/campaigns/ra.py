@@ -194,8 +194,8 @@ class Runner:
         out = self.sess.run(self.feeds(s), faults, self.plans[j])
         self.inferences += len(self.clean_correct[j])
         codes = self.judge.classify(out, self.clean_out[j], self.labels(s))
-        if self.metric == "top1":
-            good = self.judge.correct(out, self.labels(s), self.clean_out[j])
+        if self.metric == "top1":  # (Judge.correct, with the DUE test classify has just made)
+            good = (self.judge.predictions(out) == np.asarray(self.labels(s))) & (codes != DUE)
         else:
             good = codes == MASKED
         return np.asarray(good, bool), codes
