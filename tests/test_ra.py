@@ -106,19 +106,25 @@ def test_proposal_over_k_is_neyman_with_a_defensive_share():
     assert np.allclose(fit, 1 - (1 - 0.07) ** np.arange(1, 6), atol=0.01)
 
 
-def _toy(labels_from_clean=True, n=16, seed=0):
-    """x [B, 3] @ W [3, 4] -> logits: 4 outputs x (3 products + 2 sums) x 32 bits = 640 positions."""
+def _matmul_toy(k: int, classes: int, n: int, seed: int):
+    """(model, x, labels) of ``x [B, k] @ W [k, classes] -> logits``, labels the fault-free argmax
+    except three items (one class on), so that a fault can also make an item right."""
     rng = np.random.default_rng(seed)
-    w = nh.from_array(rng.standard_normal((3, 4)).astype(np.float32), "w")
+    w = nh.from_array(rng.standard_normal((k, classes)).astype(np.float32), "w")
     g = h.make_graph([h.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "toy",
-                     [h.make_tensor_value_info("x", T.FLOAT, ["b", 3])],
-                     [h.make_tensor_value_info("y", T.FLOAT, ["b", 4])], [w])
+                     [h.make_tensor_value_info("x", T.FLOAT, ["b", k])],
+                     [h.make_tensor_value_info("y", T.FLOAT, ["b", classes])], [w])
     m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
-    x = rng.standard_normal((n, 3)).astype(np.float32)
+    x = rng.standard_normal((n, k)).astype(np.float32)
     y = np.argmax(x @ nh.to_array(w), axis=1)
-    y[:3] = (y[:3] + 1) % 4  # three items wrong without faults: a fault can make them right
-    return m, Dataset({"x": x}, y)
+    y[:3] = (y[:3] + 1) % classes
+    return m, x, y
 
+
+def _toy(n=16, seed=0):
+    """x [B, 3] @ W [3, 4] -> logits: 4 outputs x (3 products + 2 sums) x 32 bits = 640 positions."""
+    m, x, y = _matmul_toy(3, 4, n, seed)
+    return m, Dataset({"x": x}, y)
 
 def _exact_ra1(runner: ra.Runner) -> float:
     """RA_1 by enumeration: every (operation, bit) position, in every item."""
@@ -325,17 +331,7 @@ def test_cli_ra_outcome_options(tmp_path, capsys):
 def _toy2(n=16, seed=5):
     """x [B, 2] @ W [2, 2]: 2 outputs x (2 products + 1 sum) x 32 bits = 192 positions, so every
     pair of positions (18,336) can be enumerated."""
-    rng = np.random.default_rng(seed)
-    w = nh.from_array(rng.standard_normal((2, 2)).astype(np.float32), "w")
-    g = h.make_graph([h.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "toy2",
-                     [h.make_tensor_value_info("x", T.FLOAT, ["b", 2])],
-                     [h.make_tensor_value_info("y", T.FLOAT, ["b", 2])], [w])
-    m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
-    x = rng.standard_normal((n, 2)).astype(np.float32)
-    y = np.argmax(x @ nh.to_array(w), axis=1)
-    y[:3] = 1 - y[:3]  # three items wrong without faults
-    return m, x, y
-
+    return _matmul_toy(2, 2, n, seed)
 
 def _decode_positions(plan, pos):
     element, r = np.divmod(pos, plan.per_op_bits)
