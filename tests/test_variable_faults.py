@@ -19,6 +19,21 @@ from onnxft.runtime.session import InjectionSession
 RTOL = 1e-5
 
 
+
+def _read_masks(faults, m: int, n: int, k: int, group=None) -> tuple[int, int]:
+    """XOR masks of the input ``A[m, k]`` and the weight ``B[k, n]`` as the product ``(m, n, k)``
+    reads them under ``faults`` (the reference's rule: a corrupted copy is read by the products
+    ``first <= n < end`` (input) or ``first <= m < end`` (weight); a bit flipped twice is restored)."""
+    am = bm = 0
+    for f in faults:
+        if group is not None and f.group != group:
+            continue
+        if f.kind == "weight" and (k, n) == (f.index0, f.index1) and f.first <= m < f.end:
+            bm ^= 1 << f.bit
+        if f.kind == "input" and (m, k) == (f.index0, f.index1) and f.first <= n < f.end:
+            am ^= 1 << f.bit
+    return am, bm
+
 def test_parse_hw():
     assert str(V.parse_hw("ws:128x128")) == "ws:128x128"
     assert V.parse_hw("gpu:64x64x8").dims == (64, 64, 8)
@@ -341,14 +356,7 @@ def dense_many(a, b, faults, bias=None):
                 for n in range(N):
                     s = np.float32(0)
                     for k in range(K):
-                        am = bm = 0
-                        for f in faults:
-                            if f.group != g:
-                                continue
-                            if f.kind == "weight" and (k, n) == (f.index0, f.index1) and f.first <= m < f.end:
-                                bm ^= 1 << f.bit
-                            if f.kind == "input" and (m, k) == (f.index0, f.index1) and f.first <= n < f.end:
-                                am ^= 1 << f.bit
+                        am, bm = _read_masks(faults, m, n, k, group=g)
                         av = (np.array(a[g, m, k], np.float32).view(np.uint32) ^ np.uint32(am)).view(np.float32)
                         bv = (np.array(b[g, k, n], np.float32).view(np.uint32) ^ np.uint32(bm)).view(np.float32)
                         p = np.float32(av * bv)
@@ -542,12 +550,7 @@ def test_fp16_operand_faults_match_dense_reference():
                 for n in range(4):
                     s = np.float32(0)
                     for k in range(3):
-                        am = bm = 0
-                        for f in faults:
-                            if f.kind == "weight" and (k, n) == (f.index0, f.index1) and f.first <= r < f.end:
-                                bm ^= 1 << f.bit
-                            if f.kind == "input" and (r, k) == (f.index0, f.index1) and f.first <= n < f.end:
-                                am ^= 1 << f.bit
+                        am, bm = _read_masks(faults, r, n, k)
                         av = (np.float16(x[item, r, k]).view(np.uint16) ^ np.uint16(am)).view(np.float16)
                         bv = (np.float16(w[k, n]).view(np.uint16) ^ np.uint16(bm)).view(np.float16)
                         p = np.float32(np.float16(np.float32(av) * np.float32(bv)))
@@ -618,12 +621,7 @@ def test_int8_several_operand_faults_match_integer_reference():
             for m in range(2):
                 for n in range(4):
                     for k in range(3):
-                        am = bm = 0
-                        for f in mine:
-                            if f.kind == "weight" and (k, n) == (f.index0, f.index1) and f.first <= m < f.end:
-                                bm ^= 1 << f.bit
-                            if f.kind == "input" and (m, k) == (f.index0, f.index1) and f.first <= n < f.end:
-                                am ^= 1 << f.bit
+                        am, bm = _read_masks(mine, m, n, k)
                         merged += bool(am and bm)
                         a = (int(qx[item, m, k]) & 0xFF) ^ am
                         b = (int(wq[k, n]) & 0xFF) ^ bm
