@@ -1005,10 +1005,15 @@ def _fused_detection(m: _Model, main: Nodes, s: GemmSite, node, raw: str, weight
         out["drop_inits"].append(s.b)
         axis = 0 if trans_b else 1
         out["weight"] = main.op("Slice", w_wide, main.ints([0]), main.ints([s.N]), main.ints([axis]))
-    widen = [0.0, fold * float(np.sum(np.abs(bias), dtype=np.float64))] if bias is not None else None
+    scale_add = 2.0 * a_lower * float(np.sum(abe, dtype=np.float64)) if a_lower else 0.0
+    scale_add += eta or 0.0
     if bias is not None:
-        widen[0] = float(np.sum(bias, dtype=np.float64))
-        c_wide = np.concatenate([bias.astype(np.float32), np.float32(widen[: len(cols)])])
+        bias_abs = fold * float(np.sum(np.abs(bias), dtype=np.float64))
+        if scale_in_z:  # the scale column's bias entry carries the constant terms too: no Add per inference
+            widen, scale_add = [float(np.sum(bias, dtype=np.float64)), bias_abs + scale_add], 0.0
+        else:
+            widen, scale_add = [float(np.sum(bias, dtype=np.float64))], scale_add + bias_abs
+        c_wide = np.concatenate([bias.astype(np.float32), np.float32(widen)])
         if s.op_type == "Gemm":
             rewire.append((s.name, 2, main.const(c_wide, hint="Cwide")))
             old_bias = node.input[2]
@@ -1022,12 +1027,7 @@ def _fused_detection(m: _Model, main: Nodes, s: GemmSite, node, raw: str, weight
             out["bias"] = main.op("Slice", rewire[-1][2], main.ints([0]), main.ints([s.N]), main.ints([0]))
     z = main.name("wide")
     y = main.op("Slice", z, main.ints([0]), main.ints([s.N]), main.ints([-1]), outputs=[raw])
-    scale_add = 2.0 * a_lower * float(np.sum(abe, dtype=np.float64)) if a_lower else None
-    if not scale_in_z and bias is not None:
-        scale_add = widen[1]
-    if eta:
-        scale_add = (scale_add or 0.0) + eta
-    ok, diff, scale = fused_row_test(main, y, z, s.N, scale_in_z, s.a, abe, scale_add)
+    ok, diff, scale = fused_row_test(main, y, z, s.N, scale_in_z, s.a, abe, scale_add or None)
     out["rewire"] = rewire
     return ok, diff, scale, z, out
 
